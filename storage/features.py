@@ -1,0 +1,377 @@
+"""HDF5 feature files: create, append, resume, complete, verify, read, lock.
+
+Layout of ``<key>.h5`` (readable with plain h5py):
+
+    /features/<layer>  (N, D) float16|float32, chunked (~1 MiB), no compression
+    /labels            (N,) int64
+    /paths             (N,) utf-8 strings, relative to the dataset root
+    attrs: key, spec, classes, rows_done, complete, checksums, created_at,
+           versions, skipped, batch_size
+
+A file is written as ``<key>.h5.partial``: features are preallocated and filled
+batch by batch, each batch flushed and followed by ``rows_done``/``skipped``.
+Chunks are uncompressed so rewriting a chunk never moves it, which keeps rows
+below ``rows_done`` intact when a writer is killed. ``labels`` and ``paths``
+follow from the manifest and are written once, at completion; then checksums,
+then ``complete`` (last), then an atomic rename to ``<key>.h5``. A complete file
+is never modified again; readers only ever open complete files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from filelock import FileLock
+
+from storage.keys import FEATURE_FORMAT_VERSION, canonical_json, short
+
+log = logging.getLogger("transferpipe.storage")
+
+CHUNK_BYTES = 1 << 20
+DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature file could not be written or read."""
+
+
+class CorruptFeatureFile(FeatureStoreError):
+    """A file failed its invariants or checksums; it is never served."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A complete feature file loaded into memory."""
+
+    key: str
+    path: Path
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    spec: dict[str, Any]
+    skipped: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One row of ``transferpipe cache ls``."""
+
+    key: str
+    path: Path
+    complete: bool
+    spec: dict[str, Any]
+    rows: int
+    dims: dict[str, int]
+    size_bytes: int
+    created_at: str
+    error: str = ""
+
+
+def _json_attr(attrs: h5py.AttributeManager, name: str, default: Any) -> Any:
+    raw = attrs.get(name)
+    return default if raw is None else json.loads(raw)
+
+
+def chunk_rows(dim: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, dim * itemsize))
+
+
+def dataset_checksum(ds: h5py.Dataset, block_rows: int = 65536) -> str:
+    """sha256 of a dataset's values: raw little-endian bytes, or canonical JSON for strings."""
+    digest = hashlib.sha256()
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        digest.update(canonical_json(list(ds.asstr()[()])).encode("utf-8"))
+    else:
+        for start in range(0, ds.shape[0], block_rows):
+            digest.update(np.ascontiguousarray(ds[start : start + block_rows]).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_checksums(fh: h5py.File) -> dict[str, str]:
+    names = [f"features/{layer}" for layer in sorted(fh["features"])] + ["labels", "paths"]
+    return {name: dataset_checksum(fh[name]) for name in names}
+
+
+def check_invariants(fh: h5py.File, key: str | None = None) -> None:
+    """Cheap checks done on every open of a complete file; raises CorruptFeatureFile."""
+    name = fh.filename
+    attrs = fh.attrs
+    if not attrs.get("complete", False):
+        raise CorruptFeatureFile(f"{name}: not marked complete")
+    spec = _json_attr(attrs, "spec", {})
+    version = spec.get("format_version")
+    if version != FEATURE_FORMAT_VERSION:
+        raise CorruptFeatureFile(f"{name}: format version {version!r}, this transferpipe reads {FEATURE_FORMAT_VERSION}")
+    if key is not None and attrs.get("key") != key:
+        raise CorruptFeatureFile(f"{name}: holds key {attrs.get('key')!r}, expected {key!r}")
+    rows = int(attrs["rows_done"])
+    shapes = {f"features/{layer}": fh["features"][layer].shape for layer in fh["features"]}
+    shapes.update(labels=fh["labels"].shape, paths=fh["paths"].shape)
+    bad = {n: s for n, s in shapes.items() if s[0] != rows}
+    if bad or set(spec.get("layers", [])) != set(fh["features"]):
+        raise CorruptFeatureFile(f"{name}: rows_done={rows} but shapes are {shapes}")
+    if "checksums" not in attrs:
+        raise CorruptFeatureFile(f"{name}: no checksums")
+
+
+class FeatureWriter:
+    """Appends batches to ``<key>.h5.partial`` and completes it atomically.
+
+    Resumes an existing partial file when its key and layer shapes match;
+    a partial that cannot be opened is set aside (renamed, never deleted).
+    Use through :meth:`FeatureStore.writer`, under the key's lock.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        key: str,
+        *,
+        spec: dict[str, Any],
+        classes: list[str],
+        dims: dict[str, int],
+        total: int,
+        batch_size: int,
+        versions: dict[str, str],
+        attrs: dict[str, str] | None = None,
+    ) -> None:
+        self.store, self.key, self.total = store, key, total
+        self.partial = store.partial_path(key)
+        self.final = store.path(key)
+        dtype = np.dtype(spec["dtype"])
+        self.fh = self._open_existing(spec, dims) if self.partial.exists() else None
+        if self.fh is None:
+            self.fh = h5py.File(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+            group = self.fh.create_group("features")
+            for layer, dim in dims.items():
+                rows = chunk_rows(dim, dtype.itemsize)
+                group.create_dataset(
+                    layer, shape=(total, dim), maxshape=(None, dim), dtype=dtype,
+                    chunks=(min(rows, max(total, 1)), dim),
+                )
+            attrs = self.fh.attrs
+            attrs.update(
+                key=key, spec=canonical_json(spec), classes=canonical_json(classes),
+                versions=canonical_json(versions), batch_size=batch_size,
+                rows_done=0, skipped="[]", complete=False, **(attrs or {}),
+            )
+            self.fh.flush()
+        self.rows_done = int(self.fh.attrs["rows_done"])
+        self.skipped = self.read_skipped(self.fh)
+        self.batch_size = int(self.fh.attrs["batch_size"])
+        self.dims = {layer: int(ds.shape[1]) for layer, ds in self.fh["features"].items()}
+
+    @staticmethod
+    def read_skipped(fh: h5py.File) -> list[dict[str, str]]:
+        """Items left out (undecodable images), as ``[{path, error}]``."""
+        return _json_attr(fh.attrs, "skipped", [])
+
+    def _open_existing(self, spec: dict[str, Any], dims: dict[str, int]) -> h5py.File | None:
+        try:
+            fh = h5py.File(self.partial, "a", rdcc_nbytes=4 * CHUNK_BYTES)
+        except OSError as exc:
+            self.store.quarantine(self.partial, "torn", f"cannot be opened ({exc})")
+            return None
+        try:
+            found = {layer: fh["features"][layer].shape for layer in fh["features"]}
+            wanted = {layer: (self.total, dim) for layer, dim in dims.items()}
+            int(fh.attrs["rows_done"]), json.loads(fh.attrs["skipped"])
+            same = fh.attrs.get("key") == self.key and json.loads(fh.attrs["spec"]) == spec and found == wanted
+            why = f"its key, spec or shapes {found} do not match this run's {wanted}"
+        except (KeyError, ValueError, OSError) as exc:
+            same, why = False, f"unreadable attributes ({exc})"
+        if not same:
+            fh.close()
+            self.store.quarantine(self.partial, "mismatch", why)
+            return None
+        log.info("resuming %s at row %d", self.partial.name, int(fh.attrs["rows_done"]))
+        return fh
+
+    @property
+    def position(self) -> int:
+        """How many manifest items are done: written rows plus skipped items."""
+        return self.rows_done + len(self.skipped)
+
+    def append(self, features: dict[str, np.ndarray], skipped: list[dict[str, str]] = ()) -> None:
+        """Write one batch of rows (and the items skipped in it), then flush."""
+        n = len(next(iter(features.values()))) if features else 0
+        try:
+            start = self.rows_done
+            for layer, block in features.items():
+                self.fh["features"][layer][start : start + n] = block
+            self.fh.flush()
+            self.rows_done += n
+            self.skipped.extend(skipped)
+            self.fh.attrs["rows_done"] = self.rows_done
+            self.fh.attrs["skipped"] = canonical_json(self.skipped)
+            self.fh.flush()
+        except OSError as exc:
+            raise FeatureStoreError(
+                f"writing {self.partial} failed ({exc}); the partial file is kept and the next run resumes "
+                f"from its last flushed batch (row {int(self.fh.attrs['rows_done'])})"
+            ) from exc
+
+    def complete(self, labels: np.ndarray, paths: list[str]) -> Path:
+        """Write labels and paths, checksums, ``complete``; rename into place."""
+        if len(labels) != self.rows_done or len(paths) != self.rows_done:
+            raise FeatureStoreError(
+                f"{self.partial}: {self.rows_done} rows written but {len(labels)} labels / {len(paths)} paths given"
+            )
+        fh = self.fh
+        try:
+            for layer in fh["features"]:
+                fh["features"][layer].resize(self.rows_done, axis=0)
+            for name in ("labels", "paths"):
+                if name in fh:
+                    del fh[name]
+            fh.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            fh.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
+            fh.attrs["checksums"] = canonical_json(_file_checksums(fh))
+            fh.attrs["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            fh.attrs["complete"] = True
+            fh.flush()
+        except OSError as exc:
+            raise FeatureStoreError(f"completing {self.partial} failed ({exc}); the partial file is kept") from exc
+        finally:
+            self.close()
+        _fsync(self.partial)
+        os.replace(self.partial, self.final)
+        _fsync(self.final.parent)
+        return self.final
+
+    def close(self) -> None:
+        if self.fh is not None and self.fh.id.valid:
+            self.fh.close()
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeatureStore:
+    """The feature files under ``<cache_dir>/features``; the source of truth for extraction."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.root = Path(cache_dir).expanduser() / "features"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.h5"
+
+    def partial_path(self, key: str) -> Path:
+        return self.root / f"{key}.h5.partial"
+
+    def lock(self, key: str, timeout: float = -1) -> FileLock:
+        """One writer per key: an OS lock (flock) that dies with its holder."""
+        return FileLock(str(self.root / f"{key}.h5.lock"), timeout=timeout)
+
+    def writer(self, key: str, **kwargs: Any) -> FeatureWriter:
+        return FeatureWriter(self, key, **kwargs)
+
+    def quarantine(self, path: Path, reason: str, why: str) -> Path:
+        """Set a bad file aside (never delete it) and say so."""
+        target_dir = self.root / "quarantine"
+        target_dir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = target_dir / f"{path.name}.{reason}-{stamp}"
+        os.replace(path, target)
+        log.warning("%s: %s; moved to %s", path, why, target)
+        return target
+
+    def lookup(self, key: str) -> Path | None:
+        """The complete file for ``key`` if it exists and passes its cheap invariants.
+
+        A file that fails them is quarantined and ``None`` is returned, so the
+        caller recomputes: a cache hit never points at a bad file.
+        """
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            with h5py.File(path, "r") as fh:
+                check_invariants(fh, key)
+        except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            self.quarantine(path, "corrupt", str(exc))
+            return None
+        return path
+
+    def read(self, key: str, layers: list[str] | None = None) -> FeatureSet:
+        path = self.path(key)
+        try:
+            with h5py.File(path, "r") as fh:
+                check_invariants(fh, key)
+                wanted = layers or list(fh["features"])
+                return FeatureSet(
+                    key=key,
+                    path=path,
+                    features={layer: fh["features"][layer][()] for layer in wanted},
+                    labels=fh["labels"][()],
+                    paths=list(fh["paths"].asstr()[()]),
+                    classes=_json_attr(fh.attrs, "classes", []),
+                    spec=_json_attr(fh.attrs, "spec", {}),
+                    skipped=_json_attr(fh.attrs, "skipped", []),
+                )
+        except FileNotFoundError:
+            raise FeatureStoreError(f"no feature file for key {short(key)} at {path}") from None
+        except (OSError, KeyError) as exc:
+            raise CorruptFeatureFile(f"{path}: {exc}") from exc
+
+    def verify(self, key: str) -> list[str]:
+        """Recompute the checksums of a complete file; return the problems found."""
+        path = self.path(key)
+        try:
+            with h5py.File(path, "r") as fh:
+                check_invariants(fh, key)
+                stored = _json_attr(fh.attrs, "checksums", {})
+                actual = _file_checksums(fh)
+        except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            return [f"{path}: {exc}"]
+        return [f"{path}: {name} checksum mismatch" for name in sorted(actual) if stored.get(name) != actual[name]]
+
+    def keys(self) -> Iterator[str]:
+        for path in sorted(self.root.glob("*.h5")):
+            yield path.name[: -len(".h5")]
+
+    def info(self, path: Path) -> FeatureInfo:
+        """Describe a complete or partial file without trusting it."""
+        complete = path.suffix == ".h5"
+        key = path.name.split(".")[0]
+        size = path.stat().st_size
+        try:
+            with h5py.File(path, "r") as fh:
+                feats = fh["features"]
+                return FeatureInfo(
+                    key=key, path=path, complete=complete and bool(fh.attrs.get("complete", False)),
+                    spec=_json_attr(fh.attrs, "spec", {}),
+                    rows=int(fh.attrs.get("rows_done", 0)),
+                    dims={layer: int(feats[layer].shape[1]) for layer in feats},
+                    size_bytes=size, created_at=str(fh.attrs.get("created_at", "")),
+                )
+        except (OSError, KeyError, ValueError) as exc:
+            return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))
+
+    def entries(self) -> list[FeatureInfo]:
+        files = sorted(self.root.glob("*.h5")) + sorted(self.root.glob("*.h5.partial"))
+        return [self.info(p) for p in files]

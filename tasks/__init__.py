@@ -1,0 +1,1 @@
+"""Stages: plain functions over paths and a typed stage config."""

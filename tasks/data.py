@@ -1,0 +1,311 @@
+"""Datasets (imagefolder, csv, digits), manifests, splits and image decoding.
+
+The output of this layer is a :class:`Manifest`: the dataset root, class names,
+and per split the sorted ``(relative path, label)`` pairs plus a fingerprint.
+Everything is checked before any compute: unreadable roots, empty classes, a
+single class and empty splits are errors that name the folder or field.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from storage.keys import fingerprint, manifest_fingerprint
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+DIGITS_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad dataset input: the message names the file, folder or field."""
+
+
+class BadImageError(DataError):
+    """Images that cannot be decoded, with ``on_bad_image: error``."""
+
+    def __init__(self, bad: list[dict[str, str]], where: str) -> None:
+        self.bad = bad
+        shown = "; ".join(f"{b['path']} ({b['error']})" for b in bad[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        super().__init__(
+            f"{len(bad)} image(s) in {where} cannot be decoded: {shown}{more}. "
+            "Fix or remove them, or set data.on_bad_image: skip to leave them out"
+        )
+
+
+def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths in a config file are relative to that file's folder."""
+    if value is None:
+        return None
+    value = Path(os.path.expanduser(str(value)))
+    base = (info.context or {}).get("base_dir")
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
+class DataConfig(BaseModel):
+    """``data:`` section of an experiment config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["digits", "imagefolder", "csv"] = "digits"
+    root: Path | None = Field(None, description="imagefolder: the folder; csv: the CSV file")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+    on_bad_image: Literal["error", "skip"] = "error"
+    fingerprint: Literal["stat", "content"] = "stat"
+
+    _resolve_root = field_validator("root")(resolve_path)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 to leave images for training, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.source != "digits" and self.root is None:
+            raise ValueError(f"source {self.source!r} needs data.root")
+        return self
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Which images form each split; small, saved as JSON beside the cache."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        payload = {
+            "root": str(self.root), "classes": self.classes,
+            "splits": self.splits, "fingerprints": self.fingerprints,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+            json.dump(payload, fh)
+        os.replace(fh.name, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        raw = json.loads(Path(path).read_text())
+        splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
+        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"])
+
+    @property
+    def dataset_id(self) -> str:
+        return fingerprint(self.fingerprints)
+
+
+def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
+    """Scan the configured source and split it; raises DataError before any compute."""
+    if cfg.source == "digits":
+        root = write_digits(Path(cache_dir).expanduser() / "datasets")
+        classes, splits = _scan_imagefolder(root)
+    elif cfg.source == "imagefolder":
+        root = cfg.root
+        classes, splits = _scan_imagefolder(root)
+    else:
+        root = cfg.root.parent
+        classes, splits = _read_csv(cfg.root)
+    if "all" in splits:
+        splits = split_by_fraction(splits.pop("all"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        for name, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+            if frac > 0 and not splits[name]:
+                raise DataError(
+                    f"data.{name}_fraction={frac} gives no {name} images in {root}; "
+                    f"raise it, add images, or set it to 0"
+                )
+        splits = {s: items for s, items in splits.items() if items}
+    if "train" not in splits:
+        raise DataError(f"{root}: no train images found")
+    fps = {
+        s: manifest_fingerprint(root, items, classes, content=cfg.fingerprint == "content")
+        for s, items in splits.items()
+    }
+    return Manifest(root, classes, splits, fps)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """``root/<split>/<class>/<img>`` when a ``train`` folder exists, else ``root/<class>/<img>``."""
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"data.root {root} is not a readable folder")
+    split_dirs = {d.name: d for d in _subdirs(root) if d.name in SPLITS}
+    if "train" in split_dirs:
+        class_dirs = _subdirs(split_dirs["train"])
+        folders = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
+    else:
+        class_dirs = _subdirs(root)
+        folders = {"all": root}
+    classes = [d.name for d in class_dirs]
+    if len(classes) < 2:
+        raise DataError(
+            f"{class_dirs[0].parent if class_dirs else root}: found {len(classes)} class folder(s) "
+            f"{classes}; a classifier needs at least 2"
+        )
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for split, folder in folders.items():
+        unknown = sorted({d.name for d in _subdirs(folder)} - set(classes))
+        if unknown:
+            raise DataError(f"{folder}: class folder(s) {unknown} are not in the train split {classes}")
+        items = []
+        for label, name in enumerate(classes):
+            class_dir = folder / name
+            images = _list_images(class_dir) if class_dir.is_dir() else []
+            if not images and split in ("train", "all"):
+                raise DataError(
+                    f"class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            items += [(p.relative_to(root).as_posix(), label) for p in images]
+        if not items:
+            raise DataError(f"split folder {folder} has no images")
+        splits[split] = sorted(items)
+    return classes, splits
+
+
+def _read_csv(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """``path,label[,split]`` with a header; image paths relative to the CSV's folder."""
+    if not path.is_file():
+        raise DataError(f"data.root {path} is not a readable CSV file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if not {"path", "label"} <= set(columns):
+            raise DataError(f"{path}: header must have columns path,label[,split]; found {columns}")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    has_split = "split" in columns
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise DataError(f"{path}: found {len(classes)} label(s) {classes}; a classifier needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for line, r in enumerate(rows, start=2):
+        split = r["split"] if has_split else "all"
+        if has_split and split not in SPLITS:
+            raise DataError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
+        if not r["path"]:
+            raise DataError(f"{path}:{line}: empty path")
+        splits.setdefault(split, []).append((r["path"], index[r["label"]]))
+    missing = [p for items in splits.values() for p, _ in items if not (path.parent / p).is_file()]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:5]}")
+    return classes, {s: sorted(items) for s, items in splits.items()}
+
+
+def split_by_fraction(
+    items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[tuple[str, int]]]:
+    """Stratified, seeded split: each class is shuffled and cut by the fractions."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for label in sorted({y for _, y in items}):
+        members = sorted(p for p, y in items if y == label)
+        order = rng.permutation(len(members))
+        n = len(members)  # each class keeps at least one training image
+        n_test = min(round(n * test_fraction), n - 1)
+        n_val = min(round(n * val_fraction), n - 1 - n_test)
+        cut = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+        for split, idx in cut.items():
+            out[split] += [(members[i], label) for i in idx]
+    return {s: sorted(v) for s, v in out.items()}
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def write_digits(parent: Path) -> Path:
+    """scikit-learn's bundled 8x8 digits as a PNG image folder, written once (no download)."""
+    root = parent / f"digits-v{DIGITS_VERSION}"
+    if (root / ".complete").exists():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".digits-"))
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i, (img, label) in enumerate(zip(pixels, digits.target)):
+        folder = tmp / str(label)
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+    (tmp / ".complete").write_text("")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# --------------------------------------------------------------------------- decoding
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; 16-bit and float images are rescaled, alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode fully (so truncated files fail here) and convert to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def header_error(path: Path) -> str | None:
+    """Cheap check (reads the header only): why the file is not an image, or None."""
+    try:
+        with Image.open(path) as img:
+            img.size
+    except _DECODE_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_headers(root: Path, items: Iterable[tuple[str, int]], threads: int = 8) -> dict[str, str]:
+    """``{relative path: error}`` for files that are not images at all (zero bytes, garbage)."""
+    paths = [p for p, _ in items]
+    with ThreadPoolExecutor(threads) as pool:
+        errors = pool.map(lambda p: header_error(root / p), paths)
+    return {p: e for p, e in zip(paths, errors) if e}

@@ -1,0 +1,301 @@
+"""The extraction stage: frozen backbone over one split → one HDF5 feature file.
+
+:func:`plan_extraction` is cheap (scan, fingerprint, key); :func:`extract_split`
+is the stage. The store is the source of truth: a complete file for the key is
+reused with no forward pass; otherwise, under the key's lock, the partial file
+is resumed (or started) and completed. Batches are decoded by DataLoader
+workers, run under ``inference_mode`` (AMP and channels_last on CUDA), and
+written by a background thread while the next batch computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+from filelock import Timeout
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from storage.features import FeatureStore, FeatureWriter
+from storage.keys import feature_key, feature_spec, short
+from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
+from tasks.data import _DECODE_ERRORS, BadImageError, DataConfig, Manifest, build_manifest, check_headers, load_rgb
+
+log = logging.getLogger("transferpipe.extract")
+
+
+class ExtractConfig(BaseModel):
+    """``extract:`` section. Nothing here changes the features, so nothing here is in the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(128, ge=1, le=65536)
+    dtype: Literal["float16", "float32"] = "float16"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int | Literal["auto"] = "auto"
+    amp: bool = Field(True, description="autocast (bf16 where supported, else fp16) on CUDA")
+    channels_last: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"num_workers must be >= 0 or 'auto', got {v}")
+        return v
+
+
+class SplitPlan(BaseModel):
+    """Everything the stage needs for one split; small, so it can cross a task boundary."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    split: str
+    spec: dict[str, Any]
+    manifest: Path
+    cache_dir: Path
+    backbone: BackboneSpec
+    extract: ExtractConfig
+    on_bad_image: Literal["error", "skip"]
+
+
+class ExtractResult(BaseModel):
+    """What the stage returns: where the features are, and what it cost."""
+
+    key: str
+    split: str
+    path: Path
+    rows: int
+    dims: dict[str, int]
+    skipped: int
+    cache_hit: bool
+    forward_batches: int
+    seconds: float
+
+
+def plan_extraction(
+    data: DataConfig, backbone: BackboneConfig, extract: ExtractConfig, cache_dir: Path
+) -> list[SplitPlan]:
+    """Scan the dataset, resolve the backbone, and compute one feature key per split."""
+    manifest = build_manifest(data, cache_dir)
+    manifest_path = manifest.save(Path(cache_dir) / "manifests" / f"{manifest.dataset_id}.json")
+    spec = resolve(backbone)
+    plans = []
+    for split, fp in manifest.fingerprints.items():
+        fspec = feature_spec(**spec.key_fields(), dataset=fp, split=split, dtype=extract.dtype)
+        plans.append(
+            SplitPlan(
+                key=feature_key(fspec), split=split, spec=fspec, manifest=manifest_path,
+                cache_dir=Path(cache_dir), backbone=spec, extract=extract, on_bad_image=data.on_bad_image,
+            )
+        )
+    return plans
+
+
+def extract_split(plan: SplitPlan) -> ExtractResult:
+    """The stage: reuse the complete file for ``plan.key`` or compute (resume) it."""
+    started = time.perf_counter()
+    store = FeatureStore(plan.cache_dir)
+    path = store.lookup(plan.key)
+    if path is None:
+        lock = store.lock(plan.key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another run is extracting %s; waiting for it", short(plan.key))
+            lock.acquire()
+        try:
+            path = store.lookup(plan.key)  # the run we waited for may have finished it
+            if path is None:
+                return _compute(plan, store, started)
+        finally:
+            lock.release()
+    return _reuse(plan, path, started)
+
+
+def _reuse(plan: SplitPlan, path: Path, started: float) -> ExtractResult:
+    with h5py.File(path, "r") as fh:
+        rows = int(fh.attrs["rows_done"])
+        dims = {layer: int(ds.shape[1]) for layer, ds in fh["features"].items()}
+        skipped = FeatureWriter.read_skipped(fh)
+    if skipped and plan.on_bad_image == "error":
+        raise BadImageError(skipped, f"the {plan.split} split (cached as {path.name})")
+    log.info("%s features for %s: cache hit %s", plan.split, plan.backbone.name, path)
+    return ExtractResult(
+        key=plan.key, split=plan.split, path=path, rows=rows, dims=dims, skipped=len(skipped),
+        cache_hit=True, forward_batches=0, seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------- compute
+
+
+class _Images(Dataset):
+    """Decodes one image to a uint8 (3, crop, crop) tensor; a failure is returned, not raised."""
+
+    def __init__(self, root: Path, items: list[tuple[str, int]], preprocess: Preprocess, bad: dict[str, str]):
+        self.root, self.items, self.preprocess, self.bad = root, items, preprocess, bad
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        rel = self.items[i][0]
+        if rel in self.bad:
+            return i, None, self.bad[rel]
+        try:
+            return i, self.preprocess(load_rgb(self.root / rel)), None
+        except _DECODE_ERRORS as exc:
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [x for _, x, _ in samples if x is not None]
+    bad = [(i, err) for i, x, err in samples if x is None]
+    return (torch.stack(good) if good else None), len(samples), bad
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"extract.device is {name!r} but torch sees no CUDA device; use auto or cpu")
+    return device
+
+
+def _num_workers(setting: int | str, n_batches: int) -> int:
+    if setting != "auto":
+        return int(setting)
+    if n_batches < 4:  # starting workers costs more than it saves
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) - 1))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("transferpipe")
+    except PackageNotFoundError:
+        own = "dev"
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "h5py": h5py.__version__, "transferpipe": own,
+    }
+
+
+class _Runner:
+    """The frozen model on its device, with the CUDA speed-ups when they apply."""
+
+    def __init__(self, spec: BackboneSpec, cfg: ExtractConfig) -> None:
+        self.device = pick_device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        self.channels_last = self.cuda and cfg.channels_last
+        self.preprocess = spec.preprocess
+        model: FeatureExtractor = build(spec).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.amp_dtype = None
+        if self.cuda and cfg.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.dtype = getattr(torch, cfg.dtype)
+        self.batches = 0
+
+    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        autocast = (
+            torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self.model(self.preprocess.normalize(x))
+            out = {layer: t.float().to(self.dtype) for layer, t in out.items()}
+        self.batches += 1
+        for layer, t in out.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"features of layer {layer!r} are not finite when stored as {self.dtype}; "
+                    "set extract.dtype: float32, or check the backbone weights"
+                )
+        return {layer: t.cpu().numpy() for layer, t in out.items()}
+
+    def dims(self) -> dict[str, int]:
+        crop = self.preprocess.crop
+        probe = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
+        out = self(probe)
+        self.batches -= 1
+        return {layer: int(a.shape[1]) for layer, a in out.items()}
+
+
+def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractResult:
+    manifest = Manifest.load(plan.manifest)
+    items = manifest.splits[plan.split]
+    where = f"the {plan.split} split of {manifest.root}"
+    bad = check_headers(manifest.root, items)
+    if bad and plan.on_bad_image == "error":
+        raise BadImageError([{"path": p, "error": e} for p, e in bad.items()], where)
+    runner = _Runner(plan.backbone, plan.extract)
+    cfg = plan.extract
+    with store.writer(
+        plan.key, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),
+        batch_size=cfg.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root)},
+    ) as writer:
+        first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
+        batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
+        loader = DataLoader(
+            _Images(manifest.root, items, plan.backbone.preprocess, bad), batch_sampler=batches,
+            num_workers=_num_workers(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
+        )
+        empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
+        desc = f"extract {plan.backbone.name} {plan.split}"
+        with ThreadPoolExecutor(1, thread_name_prefix="h5-writer") as io, tqdm(
+            total=len(items), initial=first, unit="img", desc=desc, disable=None
+        ) as bar:
+            pending = None
+            for x, n, failed in loader:
+                skipped = [{"path": items[i][0], "error": err} for i, err in failed]
+                if skipped and plan.on_bad_image == "error":
+                    raise BadImageError(skipped, where)
+                feats = runner(x) if x is not None else empty
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(writer.append, feats, skipped)
+                bar.update(n)
+            if pending is not None:
+                pending.result()
+        dropped = {s["path"] for s in writer.skipped}
+        kept = [(p, y) for p, y in items if p not in dropped]
+        path = writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])
+    seconds = time.perf_counter() - started
+    computed = len(items) - first
+    log.info(
+        "%s features for %s: %d images in %.1fs (%.0f img/s)%s → %s", plan.split, plan.backbone.name, computed,
+        seconds, computed / max(seconds, 1e-9), f", {len(dropped)} skipped" if dropped else "", path,
+    )
+    for s in writer.skipped:
+        log.warning("skipped %s: %s", s["path"], s["error"])
+    return ExtractResult(
+        key=plan.key, split=plan.split, path=path, rows=len(kept), dims=writer.dims, skipped=len(dropped),
+        cache_hit=False, forward_batches=runner.batches, seconds=seconds,
+    )
