@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from storage.features import FeatureStore, FeatureWriter
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
+from tasks.stage import StageResult
 from tasks.data import _DECODE_ERRORS, BadImageError, DataConfig, Manifest, build_manifest, check_headers, load_rgb
 
 log = logging.getLogger("transferpipe.extract")
@@ -77,18 +78,17 @@ class SplitPlan(BaseModel):
     on_bad_image: Literal["error", "skip"]
 
 
-class ExtractResult(BaseModel):
+class ExtractResult(StageResult):
     """What the stage returns: where the features are, and what it cost."""
 
+    work_fields: tuple[str, ...] = ("forward_batches",)
     key: str
     split: str
     path: Path
     rows: int
     dims: dict[str, int]
     skipped: int
-    cache_hit: bool
     forward_batches: int
-    seconds: float
 
 
 def plan_extraction(
@@ -108,6 +108,11 @@ def plan_extraction(
             )
         )
     return plans
+
+
+def is_stored(plan: SplitPlan) -> bool:
+    """Whether the store holds a complete, sound file for this plan (a bad one is quarantined)."""
+    return FeatureStore(plan.cache_dir).lookup(plan.key) is not None
 
 
 def extract_split(plan: SplitPlan) -> ExtractResult:
@@ -171,6 +176,20 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
     good = [x for _, x, _ in samples if x is not None]
     bad = [(i, err) for i, x, err in samples if x is None]
     return (torch.stack(good) if good else None), len(samples), bad
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Drop the parent's thread-exit hooks in a forked DataLoader worker.
+
+    Prefect 3.8 registers one per service; after fork it resets the service but
+    the hook stays and fails an assert at exit, so the worker exits with code 1
+    and the DataLoader reports it as crashed. A worker never needs them.
+    """
+    import threading
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,6 +285,7 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
         loader = DataLoader(
             _Images(manifest.root, items, plan.backbone.preprocess, bad), batch_sampler=batches,
             num_workers=_num_workers(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
+            worker_init_fn=_worker_init,
         )
         empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
         desc = f"extract {plan.backbone.name} {plan.split}"

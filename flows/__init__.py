@@ -1,0 +1,15 @@
+"""Prefect flows, the CLI and the experiment config: wiring only, no maths, no file formats.
+
+Prefect reads these settings from the environment, so they are set (as
+defaults a user can override) before Prefect is first imported.
+"""
+import os
+
+for _name, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no analytics heartbeat from the server
+    "DO_NOT_TRACK": "1",  # no client telemetry
+    # a fresh ephemeral server took 16-17 s to start on 2 cores; Prefect's default timeout is 20 s
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "transferpipe",  # stage logs appear in flow-run logs
+}.items():
+    os.environ.setdefault(_name, _value)

@@ -1,0 +1,101 @@
+"""The ``transferpipe`` command."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG = CONFIGS / "digits-resnet18.yaml"
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Batch transfer learning on images: run the frozen backbone once, cache features, train heads in seconds.",
+)
+out = Console()
+err = Console(stderr=True)
+
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Cache folder; beats $TRANSFERPIPE_CACHE_DIR and the config's cache_dir."),
+]
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One line on stderr instead of a traceback: exit 2 for bad input, 1 for a failed run.
+
+    ``TRANSFERPIPE_DEBUG=1`` shows the traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary of the program
+            if os.environ.get("TRANSFERPIPE_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+
+    return wrapper
+
+
+def _setup_logging() -> None:
+    """Stage logs at INFO; Prefect gives the ``transferpipe`` logger its handlers inside runs."""
+    logging.getLogger("transferpipe").setLevel(logging.INFO)
+
+
+def _extract(config_path: Path, cache_dir: Path | None) -> None:
+    from flows.config import load_config
+
+    cfg = load_config(config_path, cache_dir=cache_dir)  # bad config fails here, before Prefect starts
+    from flows.extract import extract_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        results = extract_flow(cfg)
+    table = Table(title=f"features of {cfg.name} ({cfg.backbone.name}, weights {cfg.backbone.weights})")
+    for col in ("split", "rows", "dims", "skipped", "cache", "seconds", "key"):
+        table.add_column(col)
+    for split, r in results.items():
+        dims = " ".join(f"{k}={v}" for k, v in r.dims.items())
+        cache = "hit" if r.cache_hit else "computed"
+        table.add_row(split, str(r.rows), dims, str(r.skipped), cache, f"{r.seconds:.1f}", r.key[:12])
+    out.print(table)
+    out.print(f"feature files: {next(iter(results.values())).path.parent}/<key>.h5", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """Extract frozen-backbone features of every split into the HDF5 cache (a Prefect flow)."""
+    _extract(config, cache_dir)
+
+
+@app.command()
+@friendly_errors
+def demo(cache_dir: CacheDir = None) -> None:
+    """Run the built-in experiment (configs/digits-resnet18.yaml): digits, no download."""
+    if not DEMO_CONFIG.is_file():
+        raise FileNotFoundError(f"the demo config {DEMO_CONFIG} is missing; run from a source checkout (pip install -e .)")
+    _extract(DEMO_CONFIG, cache_dir)
+
+
+def main() -> None:
+    _setup_logging()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The ``extract`` flow: one cached, retryable task per split."""
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows.config import ExperimentConfig
+from flows.stages import STAGE_TASK_OPTIONS, run_stage
+from tasks.extract import ExtractResult, SplitPlan, extract_split, is_stored, plan_extraction
+
+
+@task(name="extract-split", **STAGE_TASK_OPTIONS)
+def extract_split_task(plan: SplitPlan) -> ExtractResult:
+    return extract_split(plan)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    cfg = flow_run.parameters["config"]
+    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.model_validate(cfg)
+    return f"extract-{cfg.name}"
+
+
+@flow(name="extract", flow_run_name=_run_name, validate_parameters=False)
+def extract_flow(config: ExperimentConfig) -> dict[str, ExtractResult]:
+    """Frozen-backbone features of every split, cached in HDF5 by content key."""
+    plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
+    return {
+        plan.split: run_stage(
+            extract_split_task, plan, stored=is_stored(plan),
+            name=f"extract-{config.backbone.name}-{plan.split}",
+            retries=config.retries, retry_delay_s=config.retry_delay_s,
+        )
+        for plan in plans
+    }
