@@ -330,5 +330,4 @@ def build(spec: BackboneSpec) -> FeatureExtractor:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise BackboneError(f"weights {spec.weights} do not fit {spec.name}: {exc}") from exc
-    model.eval().requires_grad_(False)
-    return FeatureExtractor(model, spec.layers)
+    return FeatureExtractor(model, spec.layers).eval().requires_grad_(False)

@@ -259,7 +259,7 @@ def write_digits(parent: Path) -> Path:
     for i, (img, label) in enumerate(zip(pixels, digits.target)):
         folder = tmp / str(label)
         folder.mkdir(exist_ok=True)
-        Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
     try:
         os.rename(tmp, root)
@@ -280,7 +280,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             top = 1.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

@@ -272,8 +272,6 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
     items = manifest.splits[plan.split]
     where = f"the {plan.split} split of {manifest.root}"
     bad = check_headers(manifest.root, items)
-    if bad and plan.on_bad_image == "error":
-        raise BadImageError([{"path": p, "error": e} for p, e in bad.items()], where)
     runner = _Runner(plan.backbone, plan.extract)
     cfg = plan.extract
     with store.writer(
@@ -292,18 +290,21 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
         with ThreadPoolExecutor(1, thread_name_prefix="h5-writer") as io, tqdm(
             total=len(items), initial=first, unit="img", desc=desc, disable=None
         ) as bar:
-            pending = None
+            pending, undecodable = None, []
             for x, n, failed in loader:
+                bar.update(n)
                 skipped = [{"path": items[i][0], "error": err} for i, err in failed]
-                if skipped and plan.on_bad_image == "error":
-                    raise BadImageError(skipped, where)
+                if plan.on_bad_image == "error" and (skipped or undecodable):
+                    undecodable += skipped  # stop computing, keep decoding: the error lists every bad file
+                    continue
                 feats = runner(x) if x is not None else empty
                 if pending is not None:
                     pending.result()
                 pending = io.submit(writer.append, feats, skipped)
-                bar.update(n)
             if pending is not None:
                 pending.result()
+        if undecodable:
+            raise BadImageError(undecodable, where)
         dropped = {s["path"] for s in writer.skipped}
         kept = [(p, y) for p, y in items if p not in dropped]
         path = writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny synthetic images, an isolated Prefect home, RNG restore."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+# Before anything imports Prefect: a private home (its SQLite database and result
+# records) for the whole session, no telemetry, and no user cache dir leaking in.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="transferpipe-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("TRANSFERPIPE_CACHE_DIR", None)
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 30)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng():
+    """Tests may seed freely; the next test sees the RNG state it would have seen."""
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+def make_image(path: Path, label: int, index: int, size: int = 20, mode: str = "RGB") -> Path:
+    """A small image whose colour says its class and whose noise makes it unique."""
+    rng = np.random.default_rng(1000 * label + index)
+    base = np.array(COLORS[label % len(COLORS)], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_imagefolder(root: Path, n_per_class: int = 6, classes: int = 3, splits: tuple[str, ...] = ()) -> Path:
+    """``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``."""
+    for s, split in enumerate(splits or ("",)):
+        for c in range(classes):
+            for i in range(n_per_class):
+                make_image(root / split / f"class{c}" / f"{i:03d}.png", c, 100 * s + i)
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "images")
+
+
+TINY_BACKBONE = {"name": "resnet18", "weights": "none", "preprocess": {"resize": 32, "crop": 32}}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, imagefolder: Path):
+    """An experiment on 18 tiny images through a random resnet18 at 32 px."""
+    from flows.config import parse_config
+
+    def make(**over):
+        raw = {
+            "name": "tiny",
+            "data": {"source": "imagefolder", "root": str(imagefolder), "val_fraction": 0.2, "test_fraction": 0.2},
+            "backbone": TINY_BACKBONE,
+            "extract": {"batch_size": 4, "num_workers": 0},
+            "cache_dir": str(tmp_path / "cache"),
+            "retries": 0,
+        }
+        for section, value in over.items():
+            raw[section] = {**raw[section], **value} if isinstance(value, dict) else value
+        return parse_config(raw)
+
+    return make
