@@ -78,3 +78,20 @@ def tiny_config(tmp_path: Path, imagefolder: Path):
         return parse_config(raw)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ephemeral_prefect_server():
+    """Stop Prefect's ephemeral server while pytest's streams are still open.
+
+    Otherwise it stops at interpreter exit and logs to closed streams.
+    """
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
