@@ -11,5 +11,6 @@ for _name, _value in {
     # a fresh ephemeral server took 16-17 s to start on 2 cores; Prefect's default timeout is 20 s
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "transferpipe",  # stage logs appear in flow-run logs
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages also run (and log) outside flows
 }.items():
     os.environ.setdefault(_name, _value)

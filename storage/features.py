@@ -31,8 +31,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from storage.faults import fault_point
 from storage.keys import FEATURE_FORMAT_VERSION, canonical_json, short
 
 log = logging.getLogger("transferpipe.storage")
@@ -77,6 +78,8 @@ class FeatureInfo:
     size_bytes: int
     created_at: str
     error: str = ""
+    dataset_root: str = ""
+    last_used: float | None = None
 
 
 def _json_attr(attrs: h5py.AttributeManager, name: str, default: Any) -> Any:
@@ -90,13 +93,21 @@ def chunk_rows(dim: int, itemsize: int) -> int:
 
 def dataset_checksum(ds: h5py.Dataset, block_rows: int = 65536) -> str:
     """sha256 of a dataset's values: raw little-endian bytes, or canonical JSON for strings."""
-    digest = hashlib.sha256()
     if h5py.check_string_dtype(ds.dtype) is not None:
-        digest.update(canonical_json(list(ds.asstr()[()])).encode("utf-8"))
-    else:
-        for start in range(0, ds.shape[0], block_rows):
-            digest.update(np.ascontiguousarray(ds[start : start + block_rows]).tobytes())
+        return values_checksum(list(ds.asstr()[()]))
+    digest = hashlib.sha256()
+    for start in range(0, ds.shape[0], block_rows):
+        digest.update(np.ascontiguousarray(ds[start : start + block_rows]).tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+def values_checksum(values: np.ndarray | list[str]) -> str:
+    """The same digest as :func:`dataset_checksum`, of values already in memory."""
+    if isinstance(values, list):
+        data = canonical_json(values).encode("utf-8")
+    else:
+        data = np.ascontiguousarray(values).tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _file_checksums(fh: h5py.File) -> dict[str, str]:
@@ -212,6 +223,7 @@ class FeatureWriter:
             for layer, block in features.items():
                 self.fh["features"][layer][start : start + n] = block
             self.fh.flush()
+            fault_point("store.append")
             self.rows_done += n
             self.skipped.extend(skipped)
             self.fh.attrs["rows_done"] = self.rows_done
@@ -240,6 +252,8 @@ class FeatureWriter:
             fh.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
             fh.attrs["checksums"] = canonical_json(_file_checksums(fh))
             fh.attrs["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            fh.flush()
+            fault_point("store.complete")
             fh.attrs["complete"] = True
             fh.flush()
         except OSError as exc:
@@ -315,28 +329,36 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
             self.quarantine(path, "corrupt", str(exc))
             return None
+        self.mark_used(key)
         return path
 
     def read(self, key: str, layers: list[str] | None = None) -> FeatureSet:
+        """Load a complete file, checking every checksum of what is read (a bad file is quarantined)."""
         path = self.path(key)
         try:
             with h5py.File(path, "r") as fh:
                 check_invariants(fh, key)
-                wanted = layers or list(fh["features"])
-                return FeatureSet(
-                    key=key,
-                    path=path,
-                    features={layer: fh["features"][layer][()] for layer in wanted},
-                    labels=fh["labels"][()],
-                    paths=list(fh["paths"].asstr()[()]),
-                    classes=_json_attr(fh.attrs, "classes", []),
-                    spec=_json_attr(fh.attrs, "spec", {}),
-                    skipped=_json_attr(fh.attrs, "skipped", []),
-                )
+                wanted = layers or sorted(fh["features"])
+                values: dict[str, Any] = {f"features/{layer}": fh["features"][layer][()] for layer in wanted}
+                values["labels"] = fh["labels"][()]
+                values["paths"] = list(fh["paths"].asstr()[()])
+                stored = _json_attr(fh.attrs, "checksums", {})
+                attrs = {name: _json_attr(fh.attrs, name, []) for name in ("classes", "spec", "skipped")}
+            bad = [name for name, v in values.items() if stored.get(name) != values_checksum(v)]
+            if bad:
+                raise CorruptFeatureFile(f"{path}: checksum mismatch in {', '.join(bad)}")
         except FileNotFoundError:
             raise FeatureStoreError(f"no feature file for key {short(key)} at {path}") from None
-        except (OSError, KeyError) as exc:
-            raise CorruptFeatureFile(f"{path}: {exc}") from exc
+        except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            if path.exists():
+                self.quarantine(path, "corrupt", str(exc))
+            raise CorruptFeatureFile(f"{exc}; it was quarantined and the next extraction recomputes it") from exc
+        self.mark_used(key)
+        return FeatureSet(
+            key=key, path=path, labels=values.pop("labels"), paths=values.pop("paths"),
+            features={name.removeprefix("features/"): v for name, v in values.items()},
+            classes=attrs["classes"], spec=attrs["spec"], skipped=attrs["skipped"],
+        )
 
     def verify(self, key: str) -> list[str]:
         """Recompute the checksums of a complete file; return the problems found."""
@@ -354,6 +376,84 @@ class FeatureStore:
         for path in sorted(self.root.glob("*.h5")):
             yield path.name[: -len(".h5")]
 
+    def all_keys(self) -> list[str]:
+        """Keys with a complete or a partial file."""
+        names = {p.name.split(".")[0] for p in self.root.glob("*.h5")} | {
+            p.name.split(".")[0] for p in self.root.glob("*.h5.partial")
+        }
+        return sorted(names)
+
+    def resolve_keys(self, prefixes: list[str]) -> list[str]:
+        """Full keys from (short) prefixes; unknown or ambiguous prefixes are an error naming them."""
+        known = self.all_keys()
+        out, problems = [], []
+        for prefix in prefixes:
+            matches = [k for k in known if k.startswith(prefix.lower())]
+            if len(matches) == 1:
+                out.append(matches[0])
+            else:
+                problems.append(f"{prefix!r} matches {'no' if not matches else len(matches)} cached keys")
+        if problems:
+            raise KeyError(f"in {self.root}: " + "; ".join(problems))
+        return out
+
+    # ------------------------------------------------------------------ use and removal
+
+    def _used_marker(self, key: str) -> Path:
+        return self.root / f"{key}.used"
+
+    def mark_used(self, key: str) -> None:
+        """Touch ``<key>.used``: ``cache gc --unused-days`` reads it (a complete file is never touched)."""
+        self._used_marker(key).touch()
+
+    def last_used(self, key: str) -> float | None:
+        marker = self._used_marker(key)
+        return marker.stat().st_mtime if marker.exists() else None
+
+    def remove(self, key: str, dry_run: bool = False) -> list[Path]:
+        """Delete a key's files (complete, partial, marker) under its lock; raises if a run holds it."""
+        lock = self.lock(key, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise FeatureStoreError(f"{short(key)} is being written by another run; try again when it ends") from None
+        try:
+            paths = [p for p in (self.path(key), self.partial_path(key), self._used_marker(key)) if p.exists()]
+            if not dry_run:
+                for path in paths:
+                    path.unlink()
+            return paths
+        finally:
+            lock.release()
+
+    def gc(
+        self, partial_older_than_s: float, unused_older_than_s: float | None = None, dry_run: bool = False
+    ) -> list[tuple[Path, str]]:
+        """Remove stale partial files and, optionally, complete files unused for a while.
+
+        A partial file whose writer still runs (its lock is held) is kept.
+        """
+        now = time.time()
+        removed: list[tuple[Path, str]] = []
+        for path in sorted(self.root.glob("*.h5.partial")):
+            age = now - path.stat().st_mtime
+            if age >= partial_older_than_s:
+                key = path.name.split(".")[0]
+                try:
+                    if self.remove(key, dry_run=dry_run):
+                        removed.append((path, f"partial, untouched for {age / 3600:.1f} h"))
+                except FeatureStoreError:
+                    continue
+        if unused_older_than_s is not None:
+            for key in list(self.keys()):
+                used = self.last_used(key) or self.path(key).stat().st_mtime
+                if now - used >= unused_older_than_s:
+                    self.remove(key, dry_run=dry_run)
+                    removed.append((self.path(key), f"unused for {(now - used) / 86400:.1f} days"))
+        return removed
+
+    # ------------------------------------------------------------------ listing
+
     def info(self, path: Path) -> FeatureInfo:
         """Describe a complete or partial file without trusting it."""
         complete = path.suffix == ".h5"
@@ -368,6 +468,7 @@ class FeatureStore:
                     rows=int(fh.attrs.get("rows_done", 0)),
                     dims={layer: int(feats[layer].shape[1]) for layer in feats},
                     size_bytes=size, created_at=str(fh.attrs.get("created_at", "")),
+                    dataset_root=str(fh.attrs.get("dataset_root", "")), last_used=self.last_used(key),
                 )
         except (OSError, KeyError, ValueError) as exc:
             return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from storage.faults import fault_point
 from storage.features import FeatureStore, FeatureWriter
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
@@ -298,6 +299,7 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
                     undecodable += skipped  # stop computing, keep decoding: the error lists every bad file
                     continue
                 feats = runner(x) if x is not None else empty
+                fault_point("extract.batch")
                 if pending is not None:
                     pending.result()
                 pending = io.submit(writer.append, feats, skipped)

@@ -1,0 +1,96 @@
+"""Extraction throughput: the full stage against a bare forward loop, same images, same run.
+
+(a) bare: ``model(x)`` over tensors decoded and transformed beforehand (the ceiling);
+(b) stage: ``tasks.extract.extract_split`` — decode → transform → forward → HDF5,
+    with ``num_workers`` 0 and auto.
+
+Prints images/s and the ratio b/a (1.0 = the stage costs nothing beyond the model).
+Not a test: nothing here asserts a time.
+
+    python benchmarks/extract.py [--images 512] [--size 256] [--backbone resnet18] [--crop 224]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tasks.backbones import BackboneConfig, build, resolve
+from tasks.data import DataConfig, Manifest, load_rgb
+from tasks.extract import ExtractConfig, extract_split, plan_extraction
+
+
+def make_images(root: Path, n: int, size: int, classes: int = 4) -> None:
+    """JPEGs with smooth structure (they compress and decode like photos, not like noise)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        c = i % classes
+        f = rng.uniform(2, 8, 3)
+        img = np.stack([np.sin(f[k] * (xx + yy * (c + 1)) + k) for k in range(3)], -1)
+        img = ((img + 1) * 127.5 + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        path = root / f"class{c}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, quality=90)
+
+
+def bare_loop(plan, batch_size: int) -> float:
+    manifest = Manifest.load(plan.manifest)
+    pre = plan.backbone.preprocess
+    xs = torch.stack([pre(load_rgb(manifest.root / p)) for p, _ in manifest.splits["train"]])
+    model = build(plan.backbone)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(xs), batch_size):
+            model(pre.normalize(xs[i : i + batch_size]))
+    return len(xs) / (time.perf_counter() - started)
+
+
+def stage(cfg_kwargs: dict, cache: Path, workers: int | str) -> float:
+    data, backbone, extract = cfg_kwargs["data"], cfg_kwargs["backbone"], cfg_kwargs["extract"]
+    extract = extract.model_copy(update={"num_workers": workers})
+    plan = next(p for p in plan_extraction(data, backbone, extract, cache) if p.split == "train")
+    result = extract_split(plan)
+    assert not result.cache_hit
+    return result.rows / result.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--size", type=int, default=256, help="side of the generated JPEGs")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_images(tmp / "images", args.images, args.size)
+        cfg = {
+            "data": DataConfig(source="imagefolder", root=tmp / "images", val_fraction=0, test_fraction=0),
+            "backbone": BackboneConfig(
+                name=args.backbone, weights="none", preprocess={"resize": args.crop * 8 // 7, "crop": args.crop}
+            ),
+            "extract": ExtractConfig(batch_size=args.batch_size),
+        }
+        plan = next(p for p in plan_extraction(cfg["data"], cfg["backbone"], cfg["extract"], tmp / "c0"))
+        stage(cfg, tmp / "warmup", 0)  # first-touch costs (allocator, page cache) paid outside the timings
+        a = bare_loop(plan, args.batch_size)
+        b0 = stage(cfg, tmp / "c1", 0)
+        b_auto = stage(cfg, tmp / "c2", "auto")
+
+    print(f"extract benchmark: {args.images} JPEGs {args.size}px → {args.backbone} @ {args.crop}px, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads, device cpu")
+    print(f"  (a) bare model(x) on pre-decoded tensors   {a:8.1f} img/s   1.00")
+    print(f"  (b) full stage, num_workers=0              {b0:8.1f} img/s   {b0 / a:.2f}  (b/a)")
+    print(f"  (b) full stage, num_workers=auto           {b_auto:8.1f} img/s   {b_auto / a:.2f}  (b/a)")
+
+
+if __name__ == "__main__":
+    main()

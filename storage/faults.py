@@ -1,0 +1,44 @@
+"""Documented fault injection for tests and drills: ``TRANSFERPIPE_FAULTS``.
+
+Comma-separated ``point:n[:action]`` entries. At the n-th time (1-based) the
+code passes ``point``, the process either dies on the spot (``kill``: SIGKILL,
+as a crash or OOM kill would) or raises ``InjectedFault`` (``raise``, the
+default). Unset, :func:`fault_point` costs one dictionary lookup.
+
+Points: ``extract.batch`` (after a batch is computed, before it is written),
+``store.append`` (features written, ``rows_done`` not yet), ``store.complete``
+(labels, paths and checksums written, ``complete`` not yet, no rename).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "TRANSFERPIPE_FAULTS"
+_seen: dict[str, int] = {}
+
+
+class InjectedFault(RuntimeError):
+    """A failure asked for through TRANSFERPIPE_FAULTS."""
+
+
+def _plan() -> dict[str, tuple[int, str]]:
+    plan = {}
+    for entry in filter(None, os.environ.get(ENV, "").split(",")):
+        point, n, *action = entry.strip().split(":")
+        plan[point] = (int(n), action[0] if action else "raise")
+    return plan
+
+
+def fault_point(point: str) -> None:
+    if ENV not in os.environ:
+        return
+    wanted = _plan().get(point)
+    if wanted is None:
+        return
+    _seen[point] = _seen.get(point, 0) + 1
+    if _seen[point] != wanted[0]:
+        return
+    if wanted[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault at {point} (pass {wanted[0]}, {ENV})")
