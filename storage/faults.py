@@ -1,9 +1,10 @@
 """Documented fault injection for tests and drills: ``TRANSFERPIPE_FAULTS``.
 
 Comma-separated ``point:n[:action]`` entries. At the n-th time (1-based) the
-code passes ``point``, the process either dies on the spot (``kill``: SIGKILL,
-as a crash or OOM kill would) or raises ``InjectedFault`` (``raise``, the
-default). Unset, :func:`fault_point` costs one dictionary lookup.
+code passes ``point``, the process dies on the spot (``kill``: SIGKILL, as a
+crash or OOM kill would), raises ``InjectedFault`` (``raise``, the default), or
+sleeps (``delay=SECONDS``, to hold a lock in concurrency tests). Unset,
+:func:`fault_point` costs one dictionary lookup.
 
 Points: ``extract.batch`` (after a batch is computed, before it is written),
 ``store.append`` (features written, ``rows_done`` not yet), ``store.complete``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "TRANSFERPIPE_FAULTS"
 _seen: dict[str, int] = {}
@@ -39,6 +41,10 @@ def fault_point(point: str) -> None:
     _seen[point] = _seen.get(point, 0) + 1
     if _seen[point] != wanted[0]:
         return
-    if wanted[1] == "kill":
+    action = wanted[1]
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("delay="):
+        time.sleep(float(action.removeprefix("delay=")))
+        return
     raise InjectedFault(f"injected fault at {point} (pass {wanted[0]}, {ENV})")

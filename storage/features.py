@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from storage.keys import FEATURE_FORMAT_VERSION, canonical_json, short
 log = logging.getLogger("transferpipe.storage")
 
 CHUNK_BYTES = 1 << 20
+SPACE_MARGIN = 1 << 20  # for HDF5 metadata growth
 DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
 
@@ -164,7 +166,11 @@ class FeatureWriter:
         dtype = np.dtype(spec["dtype"])
         self.fh = self._open_existing(spec, dims) if self.partial.exists() else None
         if self.fh is None:
-            self.fh = h5py.File(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+            self._check_space(total * sum(dims.values()) * dtype.itemsize, "the whole file", "nothing was written")
+            try:
+                self.fh = h5py.File(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+            except OSError as exc:
+                raise FeatureStoreError(f"cannot create {self.partial}: {exc}") from exc
             group = self.fh.create_group("features")
             for layer, dim in dims.items():
                 rows = chunk_rows(dim, dtype.itemsize)
@@ -196,18 +202,21 @@ class FeatureWriter:
             self.store.quarantine(self.partial, "torn", f"cannot be opened ({exc})")
             return None
         try:
-            found = {layer: fh["features"][layer].shape for layer in fh["features"]}
-            wanted = {layer: (self.total, dim) for layer, dim in dims.items()}
-            int(fh.attrs["rows_done"]), json.loads(fh.attrs["skipped"])
-            same = fh.attrs.get("key") == self.key and json.loads(fh.attrs["spec"]) == spec and found == wanted
-            why = f"its key, spec or shapes {found} do not match this run's {wanted}"
+            found = {layer: fh["features"][layer].shape[1] for layer in fh["features"]}
+            rows_done = int(fh.attrs["rows_done"])
+            json.loads(fh.attrs["skipped"])
+            same = fh.attrs.get("key") == self.key and json.loads(fh.attrs["spec"]) == spec and found == dims
+            why = f"its key, spec or widths {found} do not match this run's {dims}"
         except (KeyError, ValueError, OSError) as exc:
             same, why = False, f"unreadable attributes ({exc})"
         if not same:
             fh.close()
             self.store.quarantine(self.partial, "mismatch", why)
             return None
-        log.info("resuming %s at row %d", self.partial.name, int(fh.attrs["rows_done"]))
+        for ds in fh["features"].values():  # a run killed inside complete() had shrunk them
+            if ds.shape[0] != self.total:
+                ds.resize(self.total, axis=0)
+        log.info("resuming %s at row %d", self.partial.name, rows_done)
         return fh
 
     @property
@@ -218,8 +227,12 @@ class FeatureWriter:
     def append(self, features: dict[str, np.ndarray], skipped: list[dict[str, str]] = ()) -> None:
         """Write one batch of rows (and the items skipped in it), then flush."""
         n = len(next(iter(features.values()))) if features else 0
+        start = self.rows_done
+        self._check_space(
+            sum(block.nbytes for block in features.values()) + len(features) * CHUNK_BYTES,
+            "the next batch", f"{self.partial.name} is kept at row {start} and resumes from there",
+        )
         try:
-            start = self.rows_done
             for layer, block in features.items():
                 self.fh["features"][layer][start : start + n] = block
             self.fh.flush()
@@ -229,10 +242,10 @@ class FeatureWriter:
             self.fh.attrs["rows_done"] = self.rows_done
             self.fh.attrs["skipped"] = canonical_json(self.skipped)
             self.fh.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for failed flushes
             raise FeatureStoreError(
                 f"writing {self.partial} failed ({exc}); the partial file is kept and the next run resumes "
-                f"from its last flushed batch (row {int(self.fh.attrs['rows_done'])})"
+                f"from its last flushed batch (row {start} or earlier)"
             ) from exc
 
     def complete(self, labels: np.ndarray, paths: list[str]) -> Path:
@@ -256,14 +269,27 @@ class FeatureWriter:
             fault_point("store.complete")
             fh.attrs["complete"] = True
             fh.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise FeatureStoreError(f"completing {self.partial} failed ({exc}); the partial file is kept") from exc
-        finally:
-            self.close()
+        self.close()
         _fsync(self.partial)
         os.replace(self.partial, self.final)
         _fsync(self.final.parent)
         return self.final
+
+    def _check_space(self, needed: int, what: str, then: str) -> None:
+        """Fail before HDF5 writes on a full disk: a failed HDF5 flush cannot be recovered in-process.
+
+        Checked before the file is created and before every batch, so the
+        partial file always stays at its last complete flush and resumes.
+        """
+        needed += SPACE_MARGIN
+        free = shutil.disk_usage(self.partial.parent).free
+        if free < needed:
+            raise FeatureStoreError(
+                f"not enough disk space in {self.partial.parent} for {what}: {free / 2**20:.1f} MiB free, "
+                f"{needed / 2**20:.1f} MiB needed; {then}. Free some space (transferpipe cache gc) and rerun"
+            )
 
     def close(self) -> None:
         if self.fh is not None and self.fh.id.valid:
@@ -272,8 +298,12 @@ class FeatureWriter:
     def __enter__(self) -> FeatureWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self.close()
+        except (OSError, RuntimeError):
+            if exc_type is None:
+                raise  # otherwise keep the error that got us here (say, an I/O error)
 
 
 def _fsync(path: Path) -> None:
