@@ -1,17 +1,16 @@
 """The ``transferpipe`` command."""
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from flows import cache_cli
+from flows.console import friendly_errors, out
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "digits-resnet18.yaml"
@@ -20,35 +19,11 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Batch transfer learning on images: run the frozen backbone once, cache features, train heads in seconds.",
 )
-out = Console()
-err = Console(stderr=True)
-
 CacheDir = Annotated[
     Optional[Path],
     typer.Option("--cache-dir", help="Cache folder; beats $TRANSFERPIPE_CACHE_DIR and the config's cache_dir."),
 ]
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One line on stderr instead of a traceback: exit 2 for bad input, 1 for a failed run.
-
-    ``TRANSFERPIPE_DEBUG=1`` shows the traceback.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary of the program
-            if os.environ.get("TRANSFERPIPE_DEBUG"):
-                raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
-
-    return wrapper
 
 
 def _setup_logging() -> None:
@@ -90,6 +65,9 @@ def demo(cache_dir: CacheDir = None) -> None:
     if not DEMO_CONFIG.is_file():
         raise FileNotFoundError(f"the demo config {DEMO_CONFIG} is missing; run from a source checkout (pip install -e .)")
     _extract(DEMO_CONFIG, cache_dir)
+
+
+app.add_typer(cache_cli.app, name="cache")
 
 
 def main() -> None:

@@ -44,6 +44,12 @@ class ExperimentConfig(BaseModel):
         return resolve_path(v, info)
 
 
+def default_cache_dir(flag: str | Path | None = None) -> Path:
+    """The cache folder when no config is given: ``--cache-dir``, else ``$TRANSFERPIPE_CACHE_DIR``, else the default."""
+    chosen = flag or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser().absolute()
+
+
 def load_config(path: str | Path, cache_dir: str | Path | None = None) -> ExperimentConfig:
     """Read and validate a YAML config. ``cache_dir`` (the CLI flag) beats ``$TRANSFERPIPE_CACHE_DIR``, which beats the file."""
     path = Path(path)

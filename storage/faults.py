@@ -3,8 +3,9 @@
 Comma-separated ``point:n[:action]`` entries. At the n-th time (1-based) the
 code passes ``point``, the process dies on the spot (``kill``: SIGKILL, as a
 crash or OOM kill would), raises ``InjectedFault`` (``raise``, the default), or
-sleeps (``delay=SECONDS``, to hold a lock in concurrency tests). Unset,
-:func:`fault_point` costs one dictionary lookup.
+sleeps (``delay=SECONDS``, to hold a lock in concurrency tests). Counting
+starts afresh whenever the variable changes. Unset, :func:`fault_point` costs
+one dictionary lookup.
 
 Points: ``extract.batch`` (after a batch is computed, before it is written),
 ``store.append`` (features written, ``rows_done`` not yet), ``store.complete``
@@ -17,7 +18,8 @@ import signal
 import time
 
 ENV = "TRANSFERPIPE_FAULTS"
-_seen: dict[str, int] = {}
+_seen: dict[str, int] = {}  # passes per point, counted afresh whenever the variable changes
+_seen_for = ""
 
 
 class InjectedFault(RuntimeError):
@@ -33,7 +35,12 @@ def _plan() -> dict[str, tuple[int, str]]:
 
 
 def fault_point(point: str) -> None:
-    if ENV not in os.environ:
+    global _seen_for
+    spec = os.environ.get(ENV, "")
+    if spec != _seen_for:
+        _seen.clear()
+        _seen_for = spec
+    if not spec:
         return
     wanted = _plan().get(point)
     if wanted is None:

@@ -178,8 +178,7 @@ class FeatureWriter:
                     layer, shape=(total, dim), maxshape=(None, dim), dtype=dtype,
                     chunks=(min(rows, max(total, 1)), dim),
                 )
-            attrs = self.fh.attrs
-            attrs.update(
+            self.fh.attrs.update(
                 key=key, spec=canonical_json(spec), classes=canonical_json(classes),
                 versions=canonical_json(versions), batch_size=batch_size,
                 rows_done=0, skipped="[]", complete=False, **(attrs or {}),
@@ -275,6 +274,7 @@ class FeatureWriter:
         _fsync(self.partial)
         os.replace(self.partial, self.final)
         _fsync(self.final.parent)
+        self.store.mark_used(self.key)
         return self.final
 
     def _check_space(self, needed: int, what: str, then: str) -> None:

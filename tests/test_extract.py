@@ -38,6 +38,7 @@ def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_confi
         assert set(json.loads(attrs["checksums"])) == {"features/layer2", "features/penultimate", "labels", "paths"}
         assert set(json.loads(attrs["versions"])) == {"python", "torch", "torchvision", "h5py", "transferpipe"}
         assert json.loads(attrs["skipped"]) == [] and attrs["created_at"]
+        assert attrs["dataset_root"] == str(manifest.root) and attrs["batch_size"] == 4
     assert not list((cfg.cache_dir / "features").glob("*.partial"))
     assert FeatureStore(cfg.cache_dir).verify(plan.key) == []
 

@@ -33,6 +33,11 @@ def test_flow_extracts_every_split_then_hits_the_cache_and_trusts_the_store(tiny
     assert third["val"].path.exists()
     assert third["train"].cache_hit and third["test"].cache_hit
 
+    removed = CliRunner().invoke(app, ["cache", "rm", third["test"].key[:12], "--cache-dir", str(cfg.cache_dir)])
+    assert removed.exit_code == 0, removed.output
+    fourth = run(cfg)  # `cache rm` too: no stale Prefect hit
+    assert not fourth["test"].cache_hit and fourth["train"].cache_hit
+
 
 def test_flow_fails_on_bad_data_naming_the_problem(tiny_config, tmp_path):
     cfg = tiny_config(data={"root": str(tmp_path / "nowhere")})

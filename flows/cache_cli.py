@@ -1,0 +1,123 @@
+"""``transferpipe cache``: list, verify, remove and collect feature files.
+
+Exit codes a script can rely on: 0 success; 1 a problem found (verify: a corrupt
+file; rm: a key is being written); 2 bad input (unknown or ambiguous key).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from flows.config import default_cache_dir
+from flows.console import friendly_errors, out
+from storage.features import FeatureStore
+from storage.keys import short
+
+app = typer.Typer(no_args_is_help=True, help="Inspect and manage the feature cache (HDF5 files by content key).")
+
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Cache folder; default $TRANSFERPIPE_CACHE_DIR, else ~/.cache/transferpipe."),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")]
+
+
+def _store(cache_dir: Path | None) -> FeatureStore:
+    return FeatureStore(default_cache_dir(cache_dir))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _keys(store: FeatureStore, prefixes: list[str]) -> list[str]:
+    try:
+        return store.resolve_keys(prefixes)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+@app.command("ls")
+@friendly_errors
+def ls(cache_dir: CacheDir = None) -> None:
+    """One row per feature file: key, backbone, weights, dataset, split, rows x dims, dtype, size, dates, state."""
+    store = _store(cache_dir)
+    entries = store.entries()
+    table = Table(title=f"{len(entries)} feature file(s) in {store.root}")
+    for col in ("key", "backbone", "weights", "dataset", "split", "rows x dims", "dtype", "size", "created", "used", "state"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        spec = e.spec
+        used = datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M") if e.last_used else "-"
+        state = "complete" if e.complete else ("unreadable" if e.error else "partial")
+        dims = "+".join(str(d) for d in e.dims.values())
+        table.add_row(
+            short(e.key), spec.get("backbone", "?"), spec.get("weights", "?"), Path(e.dataset_root).name or "?",
+            spec.get("split", "?"), f"{e.rows} x {dims}", spec.get("dtype", "?"), _size(e.size_bytes),
+            e.created_at[:16].replace("T", " ") or "-", used, state,
+        )
+    out.print(table)
+
+@app.command()
+@friendly_errors
+def verify(
+    keys: Annotated[Optional[list[str]], typer.Argument(help="Keys or unique prefixes; default all.")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Recompute every checksum. A corrupt file is reported and quarantined (exit 1), so no run uses it."""
+    store = _store(cache_dir)
+    chosen = _keys(store, keys) if keys else list(store.keys())
+    bad = 0
+    for key in chosen:
+        if not store.path(key).exists():
+            out.print(f"{short(key)}  partial (not verified: an extraction in progress or interrupted)")
+            continue
+        problems = store.verify(key)
+        if not problems:
+            out.print(f"{short(key)}  ok  {store.path(key)}", highlight=False)
+            continue
+        bad += 1
+        moved = store.quarantine(store.path(key), "corrupt", "; ".join(problems))
+        out.print(f"[red]{short(key)}  CORRUPT[/]  {'; '.join(problems)} -> moved to {moved}", highlight=False)
+    out.print(f"{len(chosen)} checked, {bad} corrupt")
+    if bad:
+        raise typer.Exit(1)
+
+@app.command()
+@friendly_errors
+def rm(
+    keys: Annotated[list[str], typer.Argument(help="Keys or unique prefixes.", show_default=False)],
+    cache_dir: CacheDir = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Remove feature files (complete and partial); the next run that needs them recomputes them."""
+    store = _store(cache_dir)
+    for key in _keys(store, keys):
+        for path in store.remove(key, dry_run=dry_run):
+            out.print(f"{'would remove' if dry_run else 'removed'} {path}", highlight=False)
+
+@app.command()
+@friendly_errors
+def gc(
+    partial_hours: Annotated[float, typer.Option("--partial-hours", help="Remove partial files untouched this long.")] = 24.0,
+    unused_days: Annotated[
+        Optional[float], typer.Option("--unused-days", help="Also remove complete files not used for this many days.")
+    ] = None,
+    cache_dir: CacheDir = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Remove stale partial files (never one whose writer still runs) and, optionally, unused complete files."""
+    store = _store(cache_dir)
+    unused = unused_days * 86400 if unused_days is not None else None
+    removed = store.gc(partial_hours * 3600, unused, dry_run=dry_run)
+    for path, why in removed:
+        out.print(f"{'would remove' if dry_run else 'removed'} {path} ({why})", highlight=False)
+    out.print(f"{len(removed)} file(s) {'would be ' if dry_run else ''}removed")

@@ -1,0 +1,34 @@
+"""Console output and the CLI's error boundary, shared by every command module."""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One line on stderr instead of a traceback: exit 2 for bad input, 1 for a failed run.
+
+    ``TRANSFERPIPE_DEBUG=1`` shows the traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary of the program
+            if os.environ.get("TRANSFERPIPE_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+
+    return wrapper

@@ -1,0 +1,116 @@
+"""``transferpipe cache ls|verify|rm|gc`` on real feature files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage.faults import ENV, InjectedFault
+from storage.features import FeatureStore
+from tasks.extract import extract_split, plan_extraction
+from tests.test_store import flip_a_feature_byte
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cache(tiny_config, monkeypatch):
+    """A cache with two complete files (train, test) and one partial (val, interrupted)."""
+    cfg = tiny_config()
+    plans = {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    done = {s: extract_split(plans[s]) for s in ("train", "test")}
+    monkeypatch.setenv(ENV, "extract.batch:1:raise")
+    with pytest.raises(InjectedFault):
+        extract_split(plans["val"])
+    monkeypatch.delenv(ENV)
+    return cfg.cache_dir, plans, done
+
+
+def cli(*args: str):
+    result = runner.invoke(app, ["cache", *args])
+    result.text = " ".join(result.output.split())  # rich wraps long lines
+    return result
+
+
+def test_ls_shows_complete_and_partial_files(cache):
+    cache_dir, plans, _ = cache
+    result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "3 feature file(s)" in result.output
+    for split, state in (("train", "complete"), ("test", "complete"), ("val", "partial")):
+        line = next(ln for ln in result.output.splitlines() if plans[split].key[:12] in ln)
+        assert split in line and state in line and "resnet18" in line and "none(seed=0)" in line
+    assert "12 x 512" in result.output and "images" in result.output
+
+
+def test_verify_reports_and_quarantines_a_corrupt_file(cache):
+    cache_dir, plans, done = cache
+    ok = cli("verify", "--cache-dir", str(cache_dir))
+    assert ok.exit_code == 0 and "2 checked, 0 corrupt" in ok.text
+    flip_a_feature_byte(done["train"].path)
+    bad = cli("verify", plans["train"].key[:8], "--cache-dir", str(cache_dir))
+    assert bad.exit_code == 1
+    text = bad.output.replace("\n", "")
+    assert plans["train"].key[:12] in text and "CORRUPT" in text and "checksum mismatch" in text
+    assert not done["train"].path.exists()
+    again = extract_split(plans["train"])  # the next run recomputes instead of using it
+    assert not again.cache_hit
+    assert cli("verify", "nope", "--cache-dir", str(cache_dir)).exit_code == 2
+
+
+def test_rm_dry_run_then_rm_then_recompute(cache):
+    cache_dir, plans, done = cache
+    key = plans["test"].key
+    dry = cli("rm", key[:10], "--dry-run", "--cache-dir", str(cache_dir))
+    assert dry.exit_code == 0 and "would remove" in dry.output and done["test"].path.exists()
+    gone = cli("rm", key[:10], plans["val"].key[:10], "--cache-dir", str(cache_dir))
+    assert gone.exit_code == 0, gone.output
+    assert not done["test"].path.exists() and not FeatureStore(cache_dir).partial_path(plans["val"].key).exists()
+    assert not extract_split(plans["test"]).cache_hit
+    assert cli("rm", "ffffffff", "--cache-dir", str(cache_dir)).exit_code == 2
+
+
+def test_rm_refuses_a_key_another_process_is_writing(cache):
+    cache_dir, plans, _ = cache
+    lock = FeatureStore(cache_dir).lock(plans["train"].key).lock_file
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from filelock import FileLock; l = FileLock({lock!r}); l.acquire(); print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        result = cli("rm", plans["train"].key, "--cache-dir", str(cache_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1 and "being written by another run" in result.output
+
+
+def test_gc_removes_stale_partials_and_optionally_unused_files(cache):
+    cache_dir, plans, done = cache
+    store = FeatureStore(cache_dir)
+    partial = store.partial_path(plans["val"].key)
+    fresh = cli("gc", "--cache-dir", str(cache_dir))
+    assert fresh.exit_code == 0 and "0 file(s) removed" in fresh.output and partial.exists()
+    old = time.time() - 2 * 86400
+    os.utime(partial, (old, old))
+    dry = cli("gc", "--dry-run", "--cache-dir", str(cache_dir))
+    assert "would remove" in dry.output and partial.exists()
+    assert "1 file(s) removed" in cli("gc", "--cache-dir", str(cache_dir)).output
+    assert not partial.exists() and done["train"].path.exists()
+    marker = cache_dir / "features" / f"{plans['train'].key}.used"
+    os.utime(marker, (old, old))
+    result = cli("gc", "--unused-days", "1", "--cache-dir", str(cache_dir))
+    assert result.exit_code == 0 and "unused for 2.0 days" in result.text
+    assert not done["train"].path.exists() and done["test"].path.exists()
+
+
+def test_every_cache_command_has_help():
+    for sub in ("ls", "verify", "rm", "gc"):
+        result = cli(sub, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
