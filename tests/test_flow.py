@@ -74,3 +74,39 @@ def test_every_command_has_help():
     for args in (["--help"], ["extract", "--help"], ["demo", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def _task_runs(flow_state) -> dict[str, object]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def test_transient_failure_is_retried_and_resumes(tiny_config, monkeypatch):
+    monkeypatch.setenv("TRANSFERPIPE_FAULTS", "extract.batch:2:raise")  # one failure, in the first split
+    cfg = tiny_config(retries=2, retry_delay_s=0)
+    with local_run_settings():
+        state = extract_flow(cfg, return_state=True)
+    assert state.is_completed()
+    runs = _task_runs(state)
+    assert runs["extract-resnet18-train"].run_count == 2
+    results = state.result()
+    assert results["train"].forward_batches == 2  # batch 1 was flushed before the fault: 3 - 1
+    assert runs["extract-resnet18-val"].run_count == 1
+
+
+def test_bad_input_is_not_retried(tiny_config):
+    cfg = tiny_config(retries=3, retry_delay_s=0)
+    root = cfg.data.root
+    (root / "class1" / "000.png").write_bytes(b"")
+    with local_run_settings():
+        state = extract_flow(cfg, return_state=True)
+    assert state.is_failed()
+    failed = [run for run in _task_runs(state).values() if run.state.is_failed()]
+    assert len(failed) == 1 and failed[0].run_count == 1
+    with pytest.raises(ValueError, match="cannot be decoded: class1/000.png"):
+        state.result()
