@@ -60,6 +60,36 @@ def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 @app.command()
 @friendly_errors
+def heads(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """Train every head of the config on its cached features (extracting them first if needed)."""
+    from flows.config import load_config
+
+    cfg = load_config(config, cache_dir=cache_dir)
+    from flows.heads import heads_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        results = heads_flow(cfg)
+    _print_heads(results)
+
+
+def _print_heads(results) -> None:
+    table = Table(title="heads (validation accuracy; mean ± std over few-shot seeds)")
+    for col in ("head", "kind", "layer", "shots", "val acc", "best", "fits", "seconds"):
+        table.add_column(col)
+    for r in results:
+        for shot, s in r.summary().items():
+            best = [rec.best_param for rec in r.records if str(rec.shot) == shot]
+            spread = f" ± {s['std']:.3f}" if s["n"] > 1 else ""
+            table.add_row(
+                r.name, r.kind, r.layer, shot, f"{s['mean']:.3f}{spread}", ", ".join(f"{b:g}" for b in best[:3]),
+                "cached" if r.cache_hit else str(r.fits), f"{r.seconds:.1f}",
+            )
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
 def demo(cache_dir: CacheDir = None) -> None:
     """Run the built-in experiment (configs/digits-resnet18.yaml): digits, no download."""
     if not DEMO_CONFIG.is_file():

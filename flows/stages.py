@@ -42,14 +42,25 @@ STAGE_TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-def run_stage(task: Task, plan: Any, *, stored: bool, name: str, retries: int, retry_delay_s: float) -> Any:
-    """Call a stage task on ``plan``; ``stored`` says whether the store already holds its output."""
+def _configured(task: Task, *, stored: bool, name: str, retries: int, retry_delay_s: float) -> Task:
     delays = exponential_backoff(backoff_factor=retry_delay_s)(retries) if retries and retry_delay_s else 0
-    state = task.with_options(
-        task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored
-    )(plan, return_state=True)
-    result = state.result()  # raises the stage's exception when it failed
+    return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored)
+
+
+def stage_result(state: Any) -> Any:
+    """The stage's result from its final state; raises the stage's exception when it failed."""
+    result = state.result()
     return result.cached() if state.name == "Cached" else result
+
+
+def run_stage(task: Task, plan: Any, **options: Any) -> Any:
+    """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
+    return stage_result(_configured(task, **options)(plan, return_state=True))
+
+
+def submit_stage(task: Task, plan: Any, **options: Any) -> Any:
+    """Like :func:`run_stage`, concurrently: returns a future; pass ``future.wait()`` state to stage_result."""
+    return _configured(task, **options).submit(plan)
 
 
 def local_run_settings():

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
@@ -209,8 +209,8 @@ class LogisticHead(SweepHead):
     def _fit_candidates(self, grid, X, y, warm=None):
         grid = list(grid)
         order = np.argsort(grid)
-        n_jobs = min(len(grid), self.n_jobs or 1) if (self.n_jobs or 1) > 0 else len(grid)
-        runs = [r for r in np.array_split(order, n_jobs) if len(r)]
+        n_runs = min(len(grid), effective_n_jobs(self.n_jobs))  # -1: one warm-started run per core
+        runs = [r for r in np.array_split(order, n_runs) if len(r)]
         fitted = Parallel(n_jobs=len(runs), prefer="threads")(
             delayed(self._warm_run)([grid[i] for i in run], X, y, warm) for run in runs
         )
@@ -261,7 +261,7 @@ class SVMHead(SweepHead):
     grid_param = "C"
     has_proba = False
 
-    def __init__(self, C=tuple(np.logspace(-4, 2, 7)), preprocess="standardize", refit="train", max_iter=5000,
+    def __init__(self, C=tuple(np.logspace(-4, 0, 5)), preprocess="standardize", refit="train", max_iter=2000,
                  random_state=0):
         self.C, self.preprocess, self.refit, self.max_iter, self.random_state = C, preprocess, refit, max_iter, random_state
 
@@ -270,7 +270,9 @@ class SVMHead(SweepHead):
         for value in grid:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                model = LinearSVC(C=float(value), max_iter=self.max_iter, random_state=self.random_state).fit(X, y)
+                # the dual solver: on 1259 x 512 features it took < 2 s at every C, the primal 28 s at C=1
+                model = LinearSVC(C=float(value), dual=True, max_iter=self.max_iter, random_state=self.random_state)
+                model.fit(X, y)
             coef, intercept = _two_class(model.coef_.astype(X.dtype), model.intercept_.astype(X.dtype))
             states.append({"coef_": coef, "intercept_": intercept, "n_iter_": np.array([int(model.n_iter_)])})
         return states

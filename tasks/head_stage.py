@@ -1,0 +1,266 @@
+"""The heads stage: train each configured head on cached features, few-shot subsets included.
+
+One :class:`HeadPlan` per entry of ``heads:`` in the experiment config. The
+stage trains one estimator per (shot, seed) on the training features (a
+stratified, seeded k-per-class subset, or all), sweeps its hyperparameter on
+the validation split, and saves it under a content key: feature keys + head
+config + shot + seed. Existing artifacts are reused, so adding a shot or a
+head trains only what is new. Features are read from HDF5 once per process.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
+from storage.features import FeatureStore
+from storage.keys import fingerprint
+from tasks.heads import HEADS, SweepHead
+from tasks.stage import StageResult
+
+Shot = Union[int, Literal["all"]]
+
+
+class _HeadBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="label in reports; default: the kind")
+    layer: str = "penultimate"
+    preprocess: Literal["none", "standardize", "l2"] = "standardize"
+    shots: list[Shot] = Field(default_factory=lambda: ["all"], min_length=1)
+    seeds: int = Field(3, ge=1, le=100, description="few-shot subsets drawn per shot count (averaged)")
+    seed: int = 0
+    refit: Literal["train", "train+val"] = "train"
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: list[Shot]) -> list[Shot]:
+        bad = [s for s in v if s != "all" and (not isinstance(s, int) or s < 1)]
+        if bad:
+            raise ValueError(f"shots must be positive integers or 'all', got {bad}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+    def estimator_params(self) -> dict[str, Any]:
+        """Constructor arguments of the estimator: this config minus the stage's own fields."""
+        stage = {"name", "layer", "shots", "seeds", "seed", "kind"}
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.model_dump().items() if k not in stage}
+        return {**params, "random_state": self.seed}
+
+    def estimator(self) -> SweepHead:
+        return HEADS[self.kind](**self.estimator_params())  # type: ignore[attr-defined]
+
+
+def _positive(values: list[float], name: str, allow_zero: bool = False) -> list[float]:
+    bad = [v for v in values if v < 0 or (v == 0 and not allow_zero)]
+    if bad or not values:
+        raise ValueError(f"{name} needs values {'>=' if allow_zero else '>'} 0, got {values}")
+    return values
+
+
+class LogisticConfig(_HeadBase):
+    kind: Literal["logistic"]
+    C: list[float] = Field(default_factory=lambda: [float(c) for c in np.logspace(-6, 6, 13)])
+    max_iter: int = Field(1000, ge=1)
+    n_jobs: int = Field(-1, description="parallel warm-start runs over the grid; -1 = one per grid chunk")
+
+    _check = field_validator("C")(lambda v: _positive(v, "C"))
+
+
+class LinearConfig(_HeadBase):
+    kind: Literal["linear"]
+    weight_decay: list[float] = Field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    optimizer: Literal["lbfgs", "adamw"] = "lbfgs"
+    max_iter: int = Field(200, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    device: str = "auto"
+
+    _check = field_validator("weight_decay")(lambda v: _positive(v, "weight_decay", allow_zero=True))
+
+
+class KNNConfig(_HeadBase):
+    kind: Literal["knn"]
+    preprocess: Literal["none", "standardize", "l2"] = "l2"
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 50, 100])
+    temperature: float = Field(0.07, gt=0)
+    chunk_size: int = Field(4096, ge=1)
+    device: str = "auto"
+
+    _check = field_validator("k")(lambda v: [int(x) for x in _positive(v, "k")])
+
+
+class RidgeConfig(_HeadBase):
+    kind: Literal["ridge"]
+    alpha: list[float] = Field(default_factory=lambda: [float(a) for a in np.logspace(-2, 4, 7)])
+
+    _check = field_validator("alpha")(lambda v: _positive(v, "alpha"))
+
+
+class SVMConfig(_HeadBase):
+    kind: Literal["svm"]
+    C: list[float] = Field(default_factory=lambda: [float(c) for c in np.logspace(-4, 0, 5)])
+    max_iter: int = Field(2000, ge=1)
+
+    _check = field_validator("C")(lambda v: _positive(v, "C"))
+
+
+HeadConfig = Annotated[
+    Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig], Field(discriminator="kind")
+]
+
+
+class HeadPlan(BaseModel):
+    """One head config on one set of features; small enough to cross a task boundary."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    head: HeadConfig
+    train_key: str
+    val_key: str | None
+    cache_dir: Path
+
+
+class FitRecord(BaseModel):
+    shot: Shot
+    seed: int
+    key: str
+    n_train: int
+    val_accuracy: float
+    best_param: Any
+    sweep: list[dict[str, Any]]
+    fitted: bool
+    seconds: float
+
+
+class HeadResult(StageResult):
+    """Every (shot, seed) of one head config, and the mean val accuracy per shot count."""
+
+    work_fields: tuple[str, ...] = ("fits",)
+    key: str
+    name: str
+    kind: str
+    layer: str
+    records: list[FitRecord]
+    fits: int
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for shot in dict.fromkeys(r.shot for r in self.records):
+            accs = [r.val_accuracy for r in self.records if r.shot == shot]
+            out[str(shot)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
+        return out
+
+
+def plan_heads(heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path) -> list[HeadPlan]:
+    names = [h.label for h in heads]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
+    return [
+        HeadPlan(
+            key=fingerprint({"kind": "heads", "head": h.model_dump(), "train": train_key, "val": val_key}),
+            head=h, train_key=train_key, val_key=val_key, cache_dir=Path(cache_dir),
+        )
+        for h in heads
+    ]
+
+
+def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
+    head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
+    return fingerprint({"kind": "head", "head": head, "train": plan.train_key, "val": plan.val_key,
+                        "shot": shot, "seed": seed})
+
+
+def _fits(plan: HeadPlan) -> list[tuple[Shot, int]]:
+    h = plan.head
+    return [(shot, h.seed + i) for shot in h.shots for i in range(1 if shot == "all" else h.seeds)]
+
+
+def is_stored(plan: HeadPlan) -> bool:
+    return all(head_exists(plan.cache_dir, fit_key(plan, shot, seed)) for shot, seed in _fits(plan))
+
+
+# --------------------------------------------------------------------------- features
+
+
+_load_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=16)
+def _load(cache_dir: str, key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    fs = FeatureStore(cache_dir).read(key, layers=[layer])
+    return fs.features[layer].astype(np.float32), fs.labels
+
+
+def load_split(cache_dir: Path, key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32) and labels of one split, read from HDF5 once per process."""
+    with _load_lock:  # heads running in threads wait for one read instead of each reading
+        try:
+            return _load(str(cache_dir), key, layer)
+        except KeyError:
+            raise ValueError(f"layer {layer!r} is not in feature file {key[:12]}; extract it (backbone.layers)") from None
+
+
+def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int) -> np.ndarray:
+    """``shot`` examples per class (all of a smaller class), stratified and seeded; sorted."""
+    if shot == "all":
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:shot] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def train_head(plan: HeadPlan) -> HeadResult:
+    """Train (or reuse) every (shot, seed) fit of one head config."""
+    started = time.perf_counter()
+    h = plan.head
+    X, y = load_split(plan.cache_dir, plan.train_key, h.layer)
+    Xv, yv = load_split(plan.cache_dir, plan.val_key, h.layer) if plan.val_key else (None, None)
+    records = []
+    for shot, seed in _fits(plan):
+        key = fit_key(plan, shot, seed)
+        t0 = time.perf_counter()
+        if head_exists(plan.cache_dir, key):
+            meta = read_meta(plan.cache_dir, key)
+            records.append(FitRecord(shot=shot, seed=seed, key=key, n_train=meta["n_train"], fitted=False,
+                                     val_accuracy=meta["val_accuracy"], best_param=meta["best_param"],
+                                     sweep=meta["sweep"], seconds=0.0))
+            continue
+        idx = few_shot_indices(y, shot, seed)
+        est = h.estimator().set_params(random_state=seed)
+        est.fit(X[idx], y[idx], Xv, yv)
+        meta = {
+            "kind": h.kind, "name": h.label, "params": est.get_params(), "classes": est.classes_.tolist(),
+            "train_key": plan.train_key, "val_key": plan.val_key, "layer": h.layer, "shot": shot, "seed": seed,
+            "n_train": int(len(idx)), "val_accuracy": est.val_accuracy_, "best_param": est.best_param_,
+            "sweep": est.sweep_,
+        }
+        save_head(plan.cache_dir, key, est.to_arrays(), meta)
+        records.append(FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
+                                 val_accuracy=est.val_accuracy_, best_param=est.best_param_, sweep=est.sweep_,
+                                 seconds=time.perf_counter() - t0))
+    fits = sum(r.fitted for r in records)
+    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, records=records, fits=fits,
+                      cache_hit=fits == 0, seconds=time.perf_counter() - started)
+
+
+def load_head(cache_dir: Path, key: str) -> SweepHead:
+    """A saved head, ready to predict (checksum-verified; never unpickled)."""
+    meta, arrays = load_head_arrays(cache_dir, key)
+    extra = {"best_param": meta["best_param"], "val_accuracy": meta["val_accuracy"], "sweep": meta["sweep"]}
+    return HEADS[meta["kind"]].from_arrays(meta["params"], arrays, meta["classes"], extra)
