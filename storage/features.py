@@ -53,6 +53,10 @@ class CorruptFeatureFile(FeatureStoreError):
     """A file failed its invariants or checksums; it is never served."""
 
 
+class LayerNotStored(ValueError):
+    """A sound file asked for a layer it does not hold."""
+
+
 @dataclass(frozen=True)
 class FeatureSet:
     """A complete feature file loaded into memory."""
@@ -374,6 +378,12 @@ class FeatureStore:
             with h5py.File(path, "r") as fh:
                 check_invariants(fh, key)
                 wanted = layers or sorted(fh["features"])
+                missing = sorted(set(wanted) - set(fh["features"]))
+                if missing:
+                    raise LayerNotStored(
+                        f"feature file {short(key)} has no layer(s) {missing}, only {sorted(fh['features'])}; "
+                        "add them to backbone.layers to extract them"
+                    )
                 values: dict[str, Any] = {f"features/{layer}": fh["features"][layer][()] for layer in wanted}
                 values["labels"] = fh["labels"][()]
                 values["paths"] = list(fh["paths"].asstr()[()])
@@ -384,6 +394,8 @@ class FeatureStore:
                 raise CorruptFeatureFile(f"{path}: checksum mismatch in {', '.join(bad)}")
         except FileNotFoundError:
             raise FeatureStoreError(f"no feature file for key {short(key)} at {path}") from None
+        except LayerNotStored:
+            raise  # a question about the file, not a fault in it
         except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
             if path.exists():
                 self.quarantine(path, "corrupt", str(exc))

@@ -207,10 +207,7 @@ def _load(cache_dir: str, key: str, layer: str) -> tuple[np.ndarray, np.ndarray]
 def load_split(cache_dir: Path, key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32) and labels of one split, read from HDF5 once per process."""
     with _load_lock:  # heads running in threads wait for one read instead of each reading
-        try:
-            return _load(str(cache_dir), key, layer)
-        except KeyError:
-            raise ValueError(f"layer {layer!r} is not in feature file {key[:12]}; extract it (backbone.layers)") from None
+        return _load(str(cache_dir), key, layer)
 
 
 def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int) -> np.ndarray:

@@ -71,7 +71,7 @@ def test_cli_extract_and_its_errors(tiny_config, tmp_path):
 
 def test_every_command_has_help():
     runner = CliRunner()
-    for args in (["--help"], ["extract", "--help"], ["demo", "--help"]):
+    for args in (["--help"], ["extract", "--help"], ["heads", "--help"], ["demo", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -110,3 +110,25 @@ def test_bad_input_is_not_retried(tiny_config):
     assert len(failed) == 1 and failed[0].run_count == 1
     with pytest.raises(ValueError, match="cannot be decoded: class1/000.png"):
         state.result()
+
+
+def test_heads_flow_trains_each_head_once_and_only_the_changed_one_again(tiny_config):
+    from flows.heads import heads_flow
+
+    heads = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "knn", "k": [1, 3]}]
+    cfg = tiny_config(heads=heads)
+    with local_run_settings():
+        first = {r.name: r for r in heads_flow(cfg)}
+        assert first["logistic"].fits == 3 and first["knn"].fits == 1
+        second = {r.name: r for r in heads_flow(cfg)}
+        assert all(r.cache_hit and r.fits == 0 for r in second.values())
+        changed = tiny_config(heads=[heads[0], {"kind": "knn", "k": [1, 3, 5]}])
+        third = {r.name: r for r in heads_flow(changed)}
+    assert third["logistic"].cache_hit and not third["knn"].cache_hit and third["knn"].fits == 1
+
+
+def test_heads_flow_without_heads_says_so(tiny_config):
+    from flows.heads import heads_flow
+
+    with pytest.raises(ValueError, match="has no heads: add a heads: list"):
+        heads_flow(tiny_config())

@@ -1,0 +1,171 @@
+"""Heads: the scikit-learn contract, known rules recovered, sweeps, few-shot subsets, artifacts."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from storage.artifacts import CorruptArtifact, head_dir, save_head
+from tasks.head_stage import KNNConfig, LogisticConfig, few_shot_indices, load_head, load_split, plan_heads, train_head
+from tasks.heads import HEADS, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
+
+CPU = {"linear": {"device": "cpu"}, "knn": {"device": "cpu"}}
+
+
+def all_heads():
+    return [cls(**CPU.get(kind, {})) for kind, cls in HEADS.items()]
+
+
+@parametrize_with_checks(all_heads())
+def test_sklearn_estimator_contract(estimator, check):
+    """Every head passes scikit-learn's estimator checks, with no check skipped."""
+    check(estimator)
+
+
+def linear_rule(n: int, seed: int = 0, d: int = 20, classes: int = 4):
+    rng = np.random.default_rng(seed)
+    W = np.random.default_rng(99).normal(size=(classes, d))
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    return X, (X @ W.T).argmax(1)
+
+
+@pytest.mark.parametrize(("kind", "floor"), [("logistic", 0.9), ("linear", 0.9), ("ridge", 0.85), ("svm", 0.9), ("knn", 0.65)])
+def test_heads_recover_a_known_linear_rule(kind, floor):
+    X, y = linear_rule(800)
+    Xv, yv = linear_rule(200, seed=1)
+    Xt, yt = linear_rule(500, seed=2)
+    head = HEADS[kind](**CPU.get(kind, {})).fit(X, y, Xv, yv)
+    assert head.score(Xt, yt) > floor
+    assert head.best_param_ == head.sweep_[int(np.argmax([s["val_accuracy"] for s in head.sweep_]))][head.grid_param]
+    assert head.val_accuracy_ == max(s["val_accuracy"] for s in head.sweep_)
+
+
+def test_the_sweep_follows_the_validation_split():
+    """Noisy training labels: the weak-regularisation end overfits them; val picks a stronger C."""
+    X, y = linear_rule(300, d=50)
+    noisy = y.copy()
+    noisy[::3] = (noisy[::3] + 1) % 4
+    Xv, yv = linear_rule(300, seed=1, d=50)
+    head = LogisticHead(C=(1e-3, 1e-2, 1e-1, 1e2, 1e4)).fit(X, noisy, Xv, yv)
+    accs = {s["C"]: s["val_accuracy"] for s in head.sweep_}
+    assert head.best_param_ < 1e2 and accs[head.best_param_] > accs[1e4]
+
+
+def test_knn_is_exact_when_chunked_smaller_than_the_data():
+    X, y = linear_rule(300)
+    Xq, _ = linear_rule(50, seed=3)
+    full = knn_search(Xq, X, 7, chunk_size=10_000, device="cpu")
+    chunked = knn_search(Xq, X, 7, chunk_size=16, device="cpu")
+    np.testing.assert_array_equal(full[1], chunked[1])
+    np.testing.assert_allclose(full[0], chunked[0], rtol=1e-6)
+    brute = np.argsort(-(Xq @ X.T), axis=1)[:, :7]
+    np.testing.assert_array_equal(full[1], brute)
+
+
+def test_few_shot_subsets_are_stratified_and_deterministic():
+    labels = np.repeat([0, 1, 2], [10, 10, 3])
+    a = few_shot_indices(labels, 5, seed=0)
+    assert np.bincount(labels[a]).tolist() == [5, 5, 3]  # a class smaller than k gives all it has
+    assert np.array_equal(a, few_shot_indices(labels, 5, seed=0))
+    assert not np.array_equal(a, few_shot_indices(labels, 5, seed=1))
+    assert np.array_equal(few_shot_indices(labels, "all", 0), np.arange(23))
+    assert np.all(np.diff(a) > 0)
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_saved_heads_predict_bit_for_bit_the_same(tmp_path, kind):
+    X, y = linear_rule(300)
+    Xv, yv = linear_rule(100, seed=1)
+    head = HEADS[kind](**CPU.get(kind, {})).fit(X, y, Xv, yv)
+    meta = {"kind": kind, "params": head.get_params(), "classes": head.classes_.tolist(), "best_param": head.best_param_,
+            "val_accuracy": head.val_accuracy_, "sweep": head.sweep_}
+    save_head(tmp_path, "k" * 64, head.to_arrays(), meta)
+    loaded = load_head(tmp_path, "k" * 64)
+    Xt, _ = linear_rule(200, seed=2)
+    assert np.array_equal(loaded.predict(Xt), head.predict(Xt))
+    if head.has_proba:
+        assert np.array_equal(loaded.predict_proba(Xt), head.predict_proba(Xt))
+    assert np.array_equal(loaded.decision_function(Xt), head.decision_function(Xt))
+
+
+def test_a_corrupt_head_is_detected_not_loaded(tmp_path):
+    X, y = linear_rule(200)
+    head = RidgeHead().fit(X, y)
+    meta = {"kind": "ridge", "params": head.get_params(), "classes": head.classes_.tolist(),
+            "best_param": head.best_param_, "val_accuracy": head.val_accuracy_, "sweep": head.sweep_}
+    folder = save_head(tmp_path, "c" * 64, head.to_arrays(), meta)
+    arrays = folder / "arrays.safetensors"
+    data = bytearray(arrays.read_bytes())
+    data[-5] ^= 0xFF
+    arrays.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifact, match="arrays.safetensors: checksum mismatch"):
+        load_head(tmp_path, "c" * 64)
+    (folder / "head.json").write_text("{not json")
+    with pytest.raises(CorruptArtifact, match="head.json: unreadable"):
+        load_head(tmp_path, "c" * 64)
+
+
+def test_bad_hyperparameters_are_value_errors():
+    X, y = linear_rule(100)
+    with pytest.raises(ValueError, match="preprocess='whiten' is not one of"):
+        LogisticHead(preprocess="whiten").fit(X, y)
+    with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
+        TorchLinearHead(optimizer="sgd", device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        KNNHead(k=(0,), device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SVMHead().fit(X, np.zeros(len(X)))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture
+def features(tiny_config):
+    from tasks.extract import extract_split, plan_extraction
+
+    cfg = tiny_config()
+    plans = {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    return cfg.cache_dir, extract_split(plans["train"]).key, extract_split(plans["val"]).key
+
+
+def test_stage_trains_every_shot_and_seed_then_reuses_them(features):
+    cache_dir, train_key, val_key = features
+    heads = [LogisticConfig(kind="logistic", shots=[1, 2, "all"], seeds=2, C=[0.1, 1.0])]
+    plan = plan_heads(heads, train_key, val_key, cache_dir)[0]
+    first = train_head(plan)
+    assert [(r.shot, r.seed, r.n_train) for r in first.records] == [(1, 0, 3), (1, 1, 3), (2, 0, 6), (2, 1, 6), ("all", 0, 12)]
+    assert first.fits == 5 and not first.cache_hit
+    assert set(first.summary()) == {"1", "2", "all"}
+    for r in first.records:
+        meta = json.loads((head_dir(cache_dir, r.key) / "head.json").read_text())
+        assert meta["train_key"] == train_key and meta["shot"] == r.shot and meta["format"] == "transferpipe-head"
+    again = train_head(plan)
+    assert again.cache_hit and again.fits == 0
+    assert [r.val_accuracy for r in again.records] == [r.val_accuracy for r in first.records]
+    more = plan_heads([heads[0].model_copy(update={"shots": [1, 2, 3, "all"]})], train_key, val_key, cache_dir)[0]
+    grown = train_head(more)
+    assert grown.fits == 2  # only shot 3 (two seeds) is new
+
+
+def test_features_are_read_once_per_process(features):
+    from tasks.head_stage import _load
+
+    cache_dir, train_key, _ = features
+    load_split(cache_dir, train_key, "penultimate")
+    hits = _load.cache_info().hits
+    plan = plan_heads([KNNConfig(kind="knn", k=[1, 3], device="cpu")], train_key, None, cache_dir)[0]
+    train_head(plan)
+    assert _load.cache_info().hits == hits + 1
+
+
+def test_unique_head_names_and_missing_layers(features):
+    cache_dir, train_key, val_key = features
+    with pytest.raises(ValueError, match=r"names must be unique, \['logistic'\] repeat"):
+        plan_heads([LogisticConfig(kind="logistic"), LogisticConfig(kind="logistic", C=[1.0])], train_key, val_key, cache_dir)
+    plan = plan_heads([LogisticConfig(kind="logistic", layer="layer3")], train_key, val_key, cache_dir)[0]
+    with pytest.raises(ValueError, match=r"has no layer\(s\) \['layer3'\], only \['penultimate'\]"):
+        train_head(plan)
+    assert (cache_dir / "features" / f"{train_key}.h5").exists()  # a sound file is never quarantined for this
