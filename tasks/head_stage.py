@@ -71,7 +71,7 @@ class LogisticConfig(_HeadBase):
     kind: Literal["logistic"]
     C: list[float] = Field(default_factory=lambda: [float(c) for c in np.logspace(-6, 6, 13)])
     max_iter: int = Field(1000, ge=1)
-    n_jobs: int = Field(-1, description="parallel warm-start runs over the grid; -1 = one per grid chunk")
+    n_jobs: int = Field(1, description="parallel warm-started runs over the grid (-1: one per core)")
 
     _check = field_validator("C")(lambda v: _positive(v, "C"))
 
