@@ -40,6 +40,10 @@ def _extract(config_path: Path, cache_dir: Path | None) -> None:
 
     with local_run_settings():
         results = extract_flow(cfg)
+    _print_features(cfg, results)
+
+
+def _print_features(cfg, results) -> None:
     table = Table(title=f"features of {cfg.name} ({cfg.backbone.name}, weights {cfg.backbone.weights})")
     for col in ("split", "rows", "dims", "skipped", "cache", "seconds", "key"):
         table.add_column(col)
@@ -62,14 +66,21 @@ def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 @friendly_errors
 def heads(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Train every head of the config on its cached features (extracting them first if needed)."""
+    _heads(config, cache_dir)
+
+
+def _heads(config_path: Path, cache_dir: Path | None) -> None:
     from flows.config import load_config
 
-    cfg = load_config(config, cache_dir=cache_dir)
+    cfg = load_config(config_path, cache_dir=cache_dir)
+    from flows.extract import extract_flow
     from flows.heads import heads_flow
     from flows.stages import local_run_settings
 
     with local_run_settings():
-        results = heads_flow(cfg)
+        features = extract_flow(cfg)
+        results = heads_flow(cfg, features)
+    _print_features(cfg, features)
     _print_heads(results)
 
 
@@ -91,10 +102,10 @@ def _print_heads(results) -> None:
 @app.command()
 @friendly_errors
 def demo(cache_dir: CacheDir = None) -> None:
-    """Run the built-in experiment (configs/digits-resnet18.yaml): digits, no download."""
+    """Run the built-in experiment (configs/digits-resnet18.yaml): digits, no download; features, then heads."""
     if not DEMO_CONFIG.is_file():
         raise FileNotFoundError(f"the demo config {DEMO_CONFIG} is missing; run from a source checkout (pip install -e .)")
-    _extract(DEMO_CONFIG, cache_dir)
+    _heads(DEMO_CONFIG, cache_dir)
 
 
 app.add_typer(cache_cli.app, name="cache")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
+from scipy.linalg import LinAlgWarning
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
@@ -251,7 +252,9 @@ class RidgeHead(SweepHead):
     def _fit_candidates(self, grid, X, y, warm=None):
         states = []
         for value in grid:
-            model = RidgeClassifier(alpha=float(value)).fit(X, y)
+            with warnings.catch_warnings():  # small alpha on collinear features: expected, val decides
+                warnings.simplefilter("ignore", LinAlgWarning)
+                model = RidgeClassifier(alpha=float(value)).fit(X, y)
             coef = np.atleast_2d(model.coef_).astype(X.dtype)  # binary: (D,) in some versions, (1, D) in others
             coef, intercept = _two_class(coef, np.atleast_1d(model.intercept_).astype(X.dtype))
             states.append({"coef_": coef, "intercept_": intercept})
