@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
 from tasks.extract import ExtractConfig
+from tasks.finetune import FinetuneConfig
 from tasks.head_stage import HeadConfig
 
 CACHE_ENV = "TRANSFERPIPE_CACHE_DIR"
@@ -36,6 +37,7 @@ class ExperimentConfig(BaseModel):
     backbone: BackboneConfig = BackboneConfig()
     extract: ExtractConfig = ExtractConfig()
     heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
+    finetune: FinetuneConfig = FinetuneConfig()
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")
     retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
     retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")

@@ -313,21 +313,34 @@ def pool(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1)
 
 
-def build(spec: BackboneSpec) -> FeatureExtractor:
-    """The frozen feature extractor, in eval mode, weights loaded, on the CPU."""
+def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
+    """The torchvision model with the spec's weights on the CPU.
+
+    Its classifier (the last ``nn.Linear``) is dropped from the weights and
+    replaced: by ``Identity`` (features), or by a fresh, seeded
+    ``Linear(in, num_classes)`` (fine-tuning).
+    """
     state, kwargs = _state_dict(spec)
     with torch.random.fork_rng(devices=[]):  # random init is part of the key: make it reproducible
         torch.manual_seed(spec.init_seed)
         model = _build_empty(spec.name, **kwargs)
-    head = final_linear(model)
-    if head is None and PENULTIMATE in spec.layers:
-        raise BackboneError(f"{spec.name} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
-    if head is not None:
-        model.set_submodule(head, nn.Identity())
-    if state is not None:
-        state = {k: v for k, v in state.items() if not (head and k.startswith(head + "."))}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BackboneError(f"weights {spec.weights} do not fit {spec.name}: {exc}") from exc
-    return FeatureExtractor(model, spec.layers).eval().requires_grad_(False)
+        head = final_linear(model)
+        if head is None and (num_classes or PENULTIMATE in spec.layers):
+            raise BackboneError(f"{spec.name} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
+        in_features = model.get_submodule(head).in_features if head else 0
+        if head is not None:
+            model.set_submodule(head, nn.Identity())
+        if state is not None:
+            state = {k: v for k, v in state.items() if not (head and k.startswith(head + "."))}
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise BackboneError(f"weights {spec.weights} do not fit {spec.name}: {exc}") from exc
+        if num_classes is not None:
+            model.set_submodule(head, nn.Linear(in_features, num_classes))
+    return model
+
+
+def build(spec: BackboneSpec) -> FeatureExtractor:
+    """The frozen feature extractor, in eval mode, weights loaded, on the CPU."""
+    return FeatureExtractor(load_model(spec), spec.layers).eval().requires_grad_(False)

@@ -86,6 +86,7 @@ class ExtractResult(StageResult):
     key: str
     split: str
     path: Path
+    manifest: Path
     rows: int
     dims: dict[str, int]
     skipped: int
@@ -146,7 +147,7 @@ def _reuse(plan: SplitPlan, path: Path, started: float) -> ExtractResult:
         raise BadImageError(skipped, f"the {plan.split} split (cached as {path.name})")
     log.info("%s features for %s: cache hit %s", plan.split, plan.backbone.name, path)
     return ExtractResult(
-        key=plan.key, split=plan.split, path=path, rows=rows, dims=dims, skipped=len(skipped),
+        key=plan.key, split=plan.split, path=path, manifest=plan.manifest, rows=rows, dims=dims, skipped=len(skipped),
         cache_hit=True, forward_batches=0, seconds=time.perf_counter() - started,
     )
 
@@ -319,6 +320,7 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
     for s in writer.skipped:
         log.warning("skipped %s: %s", s["path"], s["error"])
     return ExtractResult(
-        key=plan.key, split=plan.split, path=path, rows=len(kept), dims=writer.dims, skipped=len(dropped),
+        key=plan.key, split=plan.split, path=path, manifest=plan.manifest, rows=len(kept), dims=writer.dims,
+        skipped=len(dropped),
         cache_hit=False, forward_batches=runner.batches, seconds=seconds,
     )

@@ -256,6 +256,19 @@ def train_head(plan: HeadPlan) -> HeadResult:
                       cache_hit=fits == 0, seconds=time.perf_counter() - started)
 
 
+LINEAR_PROBES = ("logistic", "linear")
+
+
+def best_probe(results: list[HeadResult], cache_dir: Path) -> str | None:
+    """Artifact key of the best linear probe on the penultimate layer, all labels (for LP-FT)."""
+    candidates = [
+        rec for r in results if r.kind in LINEAR_PROBES and r.layer == "penultimate"
+        for rec in r.records if rec.shot == "all"
+        and read_meta(cache_dir, rec.key)["params"]["preprocess"] in ("none", "standardize")
+    ]
+    return max(candidates, key=lambda rec: rec.val_accuracy).key if candidates else None
+
+
 def load_head(cache_dir: Path, key: str) -> SweepHead:
     """A saved head, ready to predict (checksum-verified; never unpickled)."""
     meta, arrays = load_head_arrays(cache_dir, key)
