@@ -99,6 +99,34 @@ def _print_heads(results) -> None:
     out.print(table)
 
 
+@app.command("finetune")
+@friendly_errors
+def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """Fine-tune the unfrozen blocks end to end (LP-FT from the best probe); resumes an interrupted run."""
+    from flows.config import load_config
+
+    cfg = load_config(config, cache_dir=cache_dir)
+    from flows.extract import extract_flow
+    from flows.finetune import finetune_flow
+    from flows.heads import heads_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        features = extract_flow(cfg)
+        heads = heads_flow(cfg, features) if cfg.heads else []
+        result = finetune_flow(cfg, features, heads)
+    table = Table(title=f"fine-tuning {cfg.backbone.name} ({'cached' if result.cache_hit else 'trained'})")
+    for col in ("epoch", "train loss", "val loss", "val acc", "img/s", "lr backbone", "lr head"):
+        table.add_column(col)
+    for h in result.history:
+        mark = " *" if h.epoch == result.best_epoch else ""
+        table.add_row(f"{h.epoch}{mark}", f"{h.train_loss:.4f}", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}",
+                      f"{h.images_per_s:.0f}", f"{h.lr_backbone:.2e}", f"{h.lr_head:.2e}")
+    out.print(table)
+    out.print(f"best (epoch {result.best_epoch}, val acc {result.best_val_accuracy:.4f}): {result.best_checkpoint}\n"
+              f"use it as another experiment's backbone.weights", highlight=False)
+
+
 @app.command()
 @friendly_errors
 def demo(cache_dir: CacheDir = None) -> None:

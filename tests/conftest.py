@@ -74,7 +74,7 @@ def tiny_config(tmp_path: Path, imagefolder: Path):
             "retries": 0,
         }
         for section, value in over.items():
-            raw[section] = {**raw[section], **value} if isinstance(value, dict) else value
+            raw[section] = {**raw.get(section, {}), **value} if isinstance(value, dict) else value
         return parse_config(raw)
 
     return make

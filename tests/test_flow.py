@@ -71,7 +71,7 @@ def test_cli_extract_and_its_errors(tiny_config, tmp_path):
 
 def test_every_command_has_help():
     runner = CliRunner()
-    for args in (["--help"], ["extract", "--help"], ["heads", "--help"], ["demo", "--help"]):
+    for args in (["--help"], ["extract", "--help"], ["heads", "--help"], ["finetune", "--help"], ["demo", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -132,3 +132,17 @@ def test_heads_flow_without_heads_says_so(tiny_config):
 
     with pytest.raises(ValueError, match="has no heads: add a heads: list"):
         heads_flow(tiny_config())
+
+
+def test_finetune_flow_runs_lp_ft_then_is_a_cache_hit(tiny_config):
+    from flows.finetune import finetune_flow
+
+    cfg = tiny_config(
+        heads=[{"kind": "logistic", "C": [0.1, 1.0]}],
+        finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0, "augment": "none"},
+    )
+    with local_run_settings():
+        first = finetune_flow(cfg)
+        second = finetune_flow(cfg)
+    assert not first.cache_hit and first.epochs_run == 2 and first.best_checkpoint.exists()
+    assert second.cache_hit and second.epochs_run == 0 and second.best_checkpoint == first.best_checkpoint

@@ -1,0 +1,161 @@
+"""Partial fine-tuning: what is frozen stays frozen, LP-FT starts at the probe, kill -9 resumes exactly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.backbones import BackboneConfig, build, load_model, resolve
+from tasks.data import Manifest
+from tasks.extract import extract_split, plan_extraction
+from tasks.finetune import (
+    FinetuneConfig, FinetunePlan, build_optimizer, build_schedule, finetune, freeze, init_head_from_probe,
+    plan_finetune, run_dir, unfrozen_modules,
+)
+from tasks.head_stage import best_probe, load_head, plan_heads, train_head
+
+REPO = Path(__file__).resolve().parent.parent
+FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment": "crop", "warmup_epochs": 0.5,
+      "early_stopping": None}
+
+
+@pytest.fixture
+def staged(tiny_config):
+    """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
+    feats = {p.split: extract_split(p) for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    heads = [train_head(p) for p in plan_heads(cfg.heads, feats["train"].key, feats["val"].key, cfg.cache_dir)]
+    probe = best_probe(heads, cfg.cache_dir)
+
+    def plan(cache_dir=None, **over) -> FinetunePlan:
+        ft = FinetuneConfig(**{**FT, **over})
+        return plan_finetune(ft, resolve(cfg.backbone), feats["train"].manifest, Path(cache_dir or cfg.cache_dir),
+                             {s: r.key for s, r in feats.items()}, probe)
+
+    return cfg, feats, probe, plan
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_only_unfrozen_blocks_change_and_frozen_batchnorm_keeps_its_statistics(staged):
+    cfg, _, _, plan = staged
+    p = plan(unfreeze=["layer4"])
+    before = load_model(p.backbone, num_classes=3).state_dict()
+    result = finetune(p)
+    after = state_of(run_dir(p) / "last.pt")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("layer4.", "fc.")) for k in changed)
+    assert any(k.startswith("layer4.") for k in changed)
+    assert torch.equal(before["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
+    assert result.trainable_params == sum(v.numel() for k, v in before.items() if k.startswith(("layer4.", "fc.")) and "running" not in k and "num_batches" not in k)
+
+
+def test_discriminative_learning_rates_and_warmup(staged):
+    _, _, _, plan = staged
+    p = plan(unfreeze=["layer3", "layer4"], lr_head=1e-2, lr_backbone=1e-4)
+    model = load_model(p.backbone, num_classes=3)
+    params, _ = freeze(model, unfrozen_modules(model, p.finetune, "fc"))
+    opt = build_optimizer(model, "fc", p.finetune)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["head"]["lr"] == 1e-2 and groups["backbone"]["lr"] == 1e-4
+    assert {id(q) for q in groups["head"]["params"]} == {id(q) for q in model.fc.parameters()}
+    backbone_ids = {id(q) for q in groups["backbone"]["params"]}
+    assert backbone_ids == {id(q) for n, q in model.named_parameters() if n.startswith(("layer3.", "layer4."))}
+    assert len(params) == len(groups["head"]["params"]) + len(groups["backbone"]["params"])
+    schedule = build_schedule(opt, p.finetune, steps_per_epoch=4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 2)  # step 0 of a 2-step warmup
+    for _ in range(2):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0 / 10)))
+
+
+def test_last_n_and_unknown_modules(staged):
+    _, _, _, plan = staged
+    p = plan(last_n=2)
+    model = load_model(p.backbone, num_classes=3)
+    assert unfrozen_modules(model, p.finetune, "fc") == ["layer3", "layer4", "fc"]
+    with pytest.raises(ValueError, match=r"unknown module\(s\) \['layer9'\]; top-level modules of this backbone: conv1, bn1"):
+        unfrozen_modules(model, plan(unfreeze=["layer9"]).finetune, "fc")
+    from flows.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="finetune.lr_backbone: Input should be greater than 0"):
+        parse_config({"name": "x", "finetune": {"lr_backbone": -1e-4}})
+
+
+def test_lp_ft_head_starts_as_the_probe(staged):
+    cfg, feats, probe, plan = staged
+    p = plan()
+    model = load_model(p.backbone, num_classes=3).eval()
+    init_head_from_probe(model, "fc", p.cache_dir, probe)
+    manifest = Manifest.load(p.manifest)
+    pre = p.backbone.preprocess
+    from tasks.data import load_rgb
+
+    x = torch.stack([pre(load_rgb(manifest.root / path)) for path, _ in manifest.splits["val"]])
+    with torch.no_grad():
+        logits = model(pre.normalize(x)).numpy()
+        features = build(p.backbone)(pre.normalize(x))["penultimate"].numpy()
+    expected = load_head(p.cache_dir, probe).decision_function(features)
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_config):
+    cfg, _, _, plan = staged
+    p = plan()
+    result = finetune(p)
+    assert result.best_checkpoint.exists() and 1 <= result.best_epoch <= 3
+    assert finetune(p).cache_hit
+    nxt = tiny_config(backbone={"weights": str(result.best_checkpoint)}, cache_dir=str(cfg.cache_dir / "next"))
+    spec = resolve(nxt.backbone)
+    model = load_model(p.backbone, num_classes=3)
+    model.load_state_dict(state_of(result.best_checkpoint))
+    model.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(build(spec)(x)["penultimate"], model.eval()(x), rtol=0, atol=0)
+
+
+def test_fine_tuning_needs_a_probe_or_random_init(staged):
+    _, _, _, plan = staged
+    p = plan().model_copy(update={"probe_key": None})
+    with pytest.raises(ValueError, match="init_head is best_probe but no linear probe was trained"):
+        finetune(p)
+
+
+CHILD = """
+import sys
+from tasks.finetune import FinetunePlan, finetune
+finetune(FinetunePlan.model_validate_json(open(sys.argv[1]).read()))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_reaches_the_same_weights(staged, tmp_path):
+    _, _, _, plan = staged
+    reference = plan(cache_dir=tmp_path / "reference")
+    crashy = plan(cache_dir=tmp_path / "crashy")
+    assert reference.key == crashy.key
+    for p in (reference, crashy):  # both need the probe artifact in their own cache
+        src = staged[0].cache_dir / "heads" / p.probe_key
+        (p.cache_dir / "heads").mkdir(parents=True, exist_ok=True)
+        os.symlink(src, p.cache_dir / "heads" / p.probe_key)
+    finetune(reference)
+    spec = tmp_path / "plan.json"
+    spec.write_text(crashy.model_dump_json())
+    env = {**os.environ, "TRANSFERPIPE_FAULTS": "finetune.batch:5:kill"}  # epoch 2 of 3 (3 batches per epoch)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(spec)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert (run_dir(crashy) / "last.pt").exists() and not (run_dir(crashy) / "result.json").exists()
+    resumed = finetune(crashy)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
+    a, b = state_of(run_dir(reference) / "last.pt"), state_of(run_dir(crashy) / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h.val_accuracy for h in resumed.history] == [h.val_accuracy for h in finetune(reference).history]
