@@ -7,7 +7,7 @@
 Prints images/s and the ratio b/a (1.0 = the stage costs nothing beyond the model).
 Not a test: nothing here asserts a time.
 
-    python benchmarks/extract.py [--images 512] [--size 256] [--backbone resnet18] [--crop 224]
+    python -m benchmarks.extract [--images 512] [--size 256] [--backbone resnet18] [--crop 224]
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Part 2: this project's logistic sweep (warm starts, parallel runs) against a
 plain LogisticRegression loop over the same C grid, on the same features:
 time ratio and both best validation accuracies.
 
-    python benchmarks/heads.py [--epochs 10]
+    python -m benchmarks.heads [--epochs 10]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ everything read) versus ``np.load``. Prints MB/s and store/numpy ratios, and
 rows/s of the write path: compare it with the images/s of benchmarks/extract.py
 to see that the store does not limit extraction. Not a test.
 
-    python benchmarks/store.py [--rows 50000] [--dim 2048] [--batch 256]
+    python -m benchmarks.store [--rows 50000] [--dim 2048] [--batch 256]
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ one dictionary lookup.
 
 Points: ``extract.batch`` (after a batch is computed, before it is written),
 ``store.append`` (features written, ``rows_done`` not yet), ``store.complete``
-(labels, paths and checksums written, ``complete`` not yet, no rename).
+(labels, paths and checksums written, ``complete`` not yet, no rename),
+``finetune.batch`` (after an optimiser step), ``finetune.epoch`` (after the
+epoch's checkpoint is written).
 """
 from __future__ import annotations
 
