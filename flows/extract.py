@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows.config import ExperimentConfig
-from flows.stages import STAGE_TASK_OPTIONS, run_stage
+from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage
 from tasks.extract import ExtractResult, SplitPlan, extract_split, is_stored, plan_extraction
 
 
@@ -13,15 +13,7 @@ def extract_split_task(plan: SplitPlan) -> ExtractResult:
     return extract_split(plan)
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters["config"]
-    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.model_validate(cfg)
-    return f"extract-{cfg.name}"
-
-
-@flow(name="extract", flow_run_name=_run_name, validate_parameters=False)
+@flow(name="extract", flow_run_name=experiment_run_name("extract"), validate_parameters=False)
 def extract_flow(config: ExperimentConfig) -> dict[str, ExtractResult]:
     """Frozen-backbone features of every split, cached in HDF5 by content key."""
     plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)

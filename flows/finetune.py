@@ -6,7 +6,7 @@ from prefect import flow, task
 from flows.config import ExperimentConfig
 from flows.extract import extract_flow
 from flows.heads import heads_flow
-from flows.stages import STAGE_TASK_OPTIONS, run_stage
+from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage
 from tasks.extract import ExtractResult
 from tasks.finetune import FinetunePlan, FinetuneResult, finetune, is_stored, plan_finetune
 from tasks.head_stage import HeadResult, best_probe
@@ -17,15 +17,7 @@ def finetune_task(plan: FinetunePlan) -> FinetuneResult:
     return finetune(plan)
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters["config"]
-    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.model_validate(cfg)
-    return f"finetune-{cfg.name}"
-
-
-@flow(name="finetune", flow_run_name=_run_name, validate_parameters=False)
+@flow(name="finetune", flow_run_name=experiment_run_name("finetune"), validate_parameters=False)
 def finetune_flow(
     config: ExperimentConfig,
     features: dict[str, ExtractResult] | None = None,

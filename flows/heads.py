@@ -8,7 +8,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ExperimentConfig
 from flows.extract import extract_flow
-from flows.stages import STAGE_TASK_OPTIONS, stage_result, submit_stage
+from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, stage_result, submit_stage
 from tasks.extract import ExtractResult
 from tasks.head_stage import HeadPlan, HeadResult, is_stored, plan_heads, train_head
 
@@ -18,16 +18,8 @@ def train_head_task(plan: HeadPlan) -> HeadResult:
     return train_head(plan)
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters["config"]
-    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.model_validate(cfg)
-    return f"heads-{cfg.name}"
-
-
 @flow(
-    name="heads", flow_run_name=_run_name, validate_parameters=False,
+    name="heads", flow_run_name=experiment_run_name("heads"), validate_parameters=False,
     task_runner=ThreadPoolTaskRunner(max_workers=max(1, min(4, os.cpu_count() or 1))),
 )
 def heads_flow(config: ExperimentConfig, features: dict[str, ExtractResult] | None = None) -> list[HeadResult]:

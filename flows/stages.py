@@ -63,6 +63,18 @@ def submit_stage(task: Task, plan: Any, **options: Any) -> Any:
     return _configured(task, **options).submit(plan)
 
 
+def experiment_run_name(prefix: str):
+    """A ``flow_run_name`` callable: ``<prefix>-<experiment name>``, read from the run's ``config`` parameter."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        cfg = flow_run.parameters["config"]
+        return f"{prefix}-{cfg['name'] if isinstance(cfg, dict) else cfg.name}"
+
+    return name
+
+
 def local_run_settings():
     """Settings for a run without a Prefect server (ephemeral mode).
 

@@ -270,7 +270,7 @@ def write_digits(parent: Path) -> Path:
 
 # --------------------------------------------------------------------------- decoding
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -298,7 +298,7 @@ def header_error(path: Path) -> str | None:
     try:
         with Image.open(path) as img:
             img.size
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 

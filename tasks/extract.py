@@ -31,8 +31,9 @@ from storage.faults import fault_point
 from storage.features import FeatureStore, FeatureWriter
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
+from tasks.devices import pick_device
 from tasks.stage import StageResult
-from tasks.data import _DECODE_ERRORS, BadImageError, DataConfig, Manifest, build_manifest, check_headers, load_rgb
+from tasks.data import DECODE_ERRORS, BadImageError, DataConfig, Manifest, build_manifest, check_headers, load_rgb
 
 log = logging.getLogger("transferpipe.extract")
 
@@ -170,7 +171,7 @@ class _Images(Dataset):
             return i, None, self.bad[rel]
         try:
             return i, self.preprocess(load_rgb(self.root / rel)), None
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             return i, None, f"{type(exc).__name__}: {exc}"
 
 
@@ -180,7 +181,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
     return (torch.stack(good) if good else None), len(samples), bad
 
 
-def _worker_init(_worker_id: int) -> None:
+def worker_init(_worker_id: int) -> None:
     """Drop the parent's thread-exit hooks in a forked DataLoader worker.
 
     Prefect 3.8 registers one per service; after fork it resets the service but
@@ -194,16 +195,7 @@ def _worker_init(_worker_id: int) -> None:
         hooks.clear()
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"extract.device is {name!r} but torch sees no CUDA device; use auto or cpu")
-    return device
-
-
-def _num_workers(setting: int | str, n_batches: int) -> int:
+def num_workers_for(setting: int | str, n_batches: int) -> int:
     if setting != "auto":
         return int(setting)
     if n_batches < 4:  # starting workers costs more than it saves
@@ -284,8 +276,8 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
         batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
         loader = DataLoader(
             _Images(manifest.root, items, plan.backbone.preprocess, bad), batch_sampler=batches,
-            num_workers=_num_workers(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
-            worker_init_fn=_worker_init,
+            num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
+            worker_init_fn=worker_init,
         )
         empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
         desc = f"extract {plan.backbone.name} {plan.split}"

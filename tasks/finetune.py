@@ -36,7 +36,8 @@ from storage.faults import fault_point
 from storage.keys import canonical_json, fingerprint
 from tasks.backbones import CHECKPOINT_FORMAT, BackboneSpec, Preprocess, final_linear, load_model
 from tasks.data import Manifest, load_rgb
-from tasks.extract import _num_workers, _worker_init, pick_device
+from tasks.devices import pick_device
+from tasks.extract import num_workers_for, worker_init
 from tasks.head_stage import LINEAR_PROBES
 from tasks.stage import StageResult
 
@@ -250,7 +251,7 @@ class _TrainImages(Dataset):
 def _loader(dataset, batch_size, shuffle_seed, workers, pin) -> DataLoader:
     generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                      num_workers=workers, pin_memory=pin, worker_init_fn=_worker_init)
+                      num_workers=workers, pin_memory=pin, worker_init_fn=worker_init)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -325,7 +326,7 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
         state = json.loads(ckpt["state"])
         resumed_from = state["epoch"]
         log.info("resuming fine-tuning %s after epoch %d", plan.key[:12], resumed_from)
-    workers = _num_workers(cfg.num_workers, steps)
+    workers = num_workers_for(cfg.num_workers, steps)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     metric = cfg.early_stopping.metric if cfg.early_stopping else "val_accuracy"
     stopped = False

@@ -29,6 +29,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tasks.devices import pick_device
+
 PREPROCESS = ("none", "standardize", "l2")
 
 
@@ -282,12 +284,6 @@ class SVMHead(SweepHead):
             coef, intercept = _two_class(model.coef_.astype(X.dtype), model.intercept_.astype(X.dtype))
             states.append({"coef_": coef, "intercept_": intercept, "n_iter_": np.array([int(model.n_iter_)])})
         return states
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TorchLinearHead(SweepHead):

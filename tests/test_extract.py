@@ -128,5 +128,5 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tiny_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     plan = plans(tiny_config(extract={"device": "cuda"}))["val"]
-    with pytest.raises(ValueError, match="extract.device is 'cuda' but torch sees no CUDA device"):
+    with pytest.raises(ValueError, match="device 'cuda' is requested but torch sees no CUDA device"):
         extract_split(plan)
