@@ -99,6 +99,57 @@ def _print_heads(results) -> None:
     out.print(table)
 
 
+@app.command()
+@friendly_errors
+def run(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report."""
+    from flows.config import load_config
+
+    cfg = load_config(config, cache_dir=cache_dir)
+    from flows.pipeline import pipeline_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        result = pipeline_flow(cfg)
+    _print_run(result)
+
+
+def _print_run(result) -> None:
+    table = Table(title=f"{result.experiment}: test results (best first)")
+    for col in ("model", "kind", "shots", "top-1", "macro-F1", "ECE", "NLL"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result.models:
+        m = r.metrics
+        table.add_row(r.name, r.kind, str(r.shot), fmt(m["top1"]), fmt(m["macro_f1"]), fmt(m["ece"]), fmt(m["nll"]))
+    out.print(table)
+    stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
+    out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def results(
+    experiment: Annotated[Optional[str], typer.Option("--experiment", help="Only this experiment.")] = None,
+    sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece")] = "top1",
+    cache_dir: CacheDir = None,
+) -> None:
+    """Compare every evaluated model across experiments (the results registry)."""
+    from flows.config import default_cache_dir
+    from storage.results import query, registry_path
+
+    root = default_cache_dir(cache_dir)
+    rows = query(root, experiment, sort)
+    table = Table(title=f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}")
+    for col in ("experiment", "model", "shots", "backbone", "weights", "top1", "macro_f1", "ece", "features", "when"):
+        table.add_column(col, overflow="fold")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["experiment"], r["model"], r["shots"], r["backbone"], Path(r["weights"]).name, fmt(r["top1"]),
+                      fmt(r["macro_f1"]), fmt(r["ece"]), r["features_key"][:12], r["created_at"][:16])
+    out.print(table)
+
+
 @app.command("finetune")
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:

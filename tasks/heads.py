@@ -137,16 +137,18 @@ class SweepHead(ClassifierMixin, BaseEstimator):
         return X
 
     # ------------------------------------------------------------------ predict
-    def decision_function(self, X: Any) -> np.ndarray:
+    def class_scores(self, X: Any) -> np.ndarray:
+        """(N, n_classes) scores whose argmax is the prediction (also for two classes)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        scores = self._scores_with(self._get_state(), self._transform(X))
+        return self._scores_with(self._get_state(), self._transform(X))
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        scores = self.class_scores(X)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        return self.classes_[self._scores_with(self._get_state(), self._transform(X)).argmax(axis=1)]
+        return self.classes_[self.class_scores(X).argmax(axis=1)]
 
     @available_if(lambda self: self.has_proba)
     def predict_proba(self, X: Any) -> np.ndarray:
