@@ -146,3 +146,24 @@ def test_finetune_flow_runs_lp_ft_then_is_a_cache_hit(tiny_config):
         second = finetune_flow(cfg)
     assert not first.cache_hit and first.epochs_run == 2 and first.best_checkpoint.exists()
     assert second.cache_hit and second.epochs_run == 0 and second.best_checkpoint == first.best_checkpoint
+
+
+def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_config):
+    from flows.pipeline import pipeline_flow
+    from storage.results import query
+
+    heads = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "ridge"}]
+    cfg = tiny_config(heads=heads, finetune={"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0})
+    with local_run_settings():
+        first = pipeline_flow(cfg)
+        second = pipeline_flow(cfg)
+        changed = pipeline_flow(tiny_config(heads=[heads[0], {"kind": "ridge", "alpha": [1.0]}],
+                                            finetune={"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0}))
+    assert {(m.name, str(m.shot)) for m in first.models} == {("logistic", "1"), ("logistic", "all"), ("ridge", "all"), ("finetuned", "all")}
+    assert first.report.exists() and (first.report.parent / "report.json").exists()
+    assert not any(s["cache_hit"] for s in first.stages.values())
+    assert all(s["cache_hit"] for s in second.stages.values()) and second.report == first.report
+    assert changed.stages["extract"]["cache_hit"] and changed.stages["finetune"]["cache_hit"]
+    assert not changed.stages["heads"]["cache_hit"] and not changed.stages["evaluate"]["cache_hit"]
+    rows = query(cfg.cache_dir, experiment="tiny")
+    assert len(rows) == 8  # 4 models, evaluated twice (the rerun was a cache hit and added none)
