@@ -10,10 +10,9 @@ import typer
 from rich.table import Table
 
 from flows import cache_cli
+from flows.config import default_cache_dir
 from flows.console import friendly_errors, out
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEMO_CONFIG = CONFIGS / "digits-resnet18.yaml"
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -181,10 +180,24 @@ def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 @app.command()
 @friendly_errors
 def demo(cache_dir: CacheDir = None) -> None:
-    """Run the built-in experiment (configs/digits-resnet18.yaml): digits, no download; features, then heads."""
-    if not DEMO_CONFIG.is_file():
-        raise FileNotFoundError(f"the demo config {DEMO_CONFIG} is missing; run from a source checkout (pip install -e .)")
-    _heads(DEMO_CONFIG, cache_dir)
+    """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
+    from flows.demo import comparison, demo_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        result = demo_flow(default_cache_dir(cache_dir))
+    table = Table(title="second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init")
+    for col in ("model", "labels per class", "pretrained", "random", "gain"):
+        table.add_column(col)
+    for row in comparison(result):
+        table.add_row(row["model"], row["shots"], row["pretrained"], row["random"], row["gain"])
+    out.print(table)
+    src = next(m for m in result.source.models if m.name == "finetuned")
+    out.print(
+        f"source model (scanner 1, own test split): top-1 {src.metrics['top1']:.3f}; checkpoint {result.checkpoint}\n"
+        f"reports: {result.source.report}\n         {result.pretrained.report}\n         {result.random.report}",
+        highlight=False,
+    )
 
 
 app.add_typer(cache_cli.app, name="cache")

@@ -29,6 +29,7 @@ class PipelineResult(BaseModel):
     report: Path
     models: list[ModelReport]
     stages: dict[str, dict[str, float | bool]]
+    finetune_checkpoint: Path | None = None
 
 
 def _stage(results) -> dict[str, float | bool]:
@@ -78,7 +79,8 @@ def pipeline_flow(config: ExperimentConfig) -> PipelineResult:
     _publish(config.name, paths["md"].read_text(), summary_rows(ranked))
     if not result.cache_hit:
         registry.append(config.cache_dir, _registry_rows(config, features, plan.key, ranked, paths["json"]))
-    return PipelineResult(experiment=config.name, report=paths["md"], models=ranked, stages=stages)
+    return PipelineResult(experiment=config.name, report=paths["md"], models=ranked, stages=stages,
+                          finetune_checkpoint=tuned.best_checkpoint if tuned else None)
 
 
 def _publish(name: str, markdown: str, rows: list[dict]) -> None:

@@ -57,6 +57,21 @@ def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
+class DigitsConfig(BaseModel):
+    """Which digits, rendered how (``source: digits`` only).
+
+    ``half`` splits the 1,797 images into two disjoint, class-balanced halves
+    (the demo pretrains on one and transfers to the other). ``style: scanner2``
+    renders them as a second scanner would: thicker strokes, blur, a tinted
+    background and ink, sensor noise. Variants are written at 32 px.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    half: Literal["all", "first", "second"] = "all"
+    style: Literal["clean", "scanner2"] = "clean"
+
+
 class DataConfig(BaseModel):
     """``data:`` section of an experiment config."""
 
@@ -69,6 +84,7 @@ class DataConfig(BaseModel):
     seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
     fingerprint: Literal["stat", "content"] = "stat"
+    digits: DigitsConfig = DigitsConfig()
 
     _resolve_root = field_validator("root")(resolve_path)
 
@@ -81,6 +97,8 @@ class DataConfig(BaseModel):
             )
         if self.source != "digits" and self.root is None:
             raise ValueError(f"source {self.source!r} needs data.root")
+        if self.source != "digits" and self.digits != DigitsConfig():
+            raise ValueError("data.digits applies to source: digits only")
         return self
 
 
@@ -118,7 +136,7 @@ class Manifest:
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     """Scan the configured source and split it; raises DataError before any compute."""
     if cfg.source == "digits":
-        root = write_digits(Path(cache_dir).expanduser() / "datasets")
+        root = write_digits(Path(cache_dir).expanduser() / "datasets", cfg.digits)
         classes, splits = _scan_imagefolder(root)
     elif cfg.source == "imagefolder":
         root = cfg.root
@@ -245,9 +263,11 @@ def split_by_fraction(
 # --------------------------------------------------------------------------- digits
 
 
-def write_digits(parent: Path) -> Path:
+def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
     """scikit-learn's bundled 8x8 digits as a PNG image folder, written once (no download)."""
-    root = parent / f"digits-v{DIGITS_VERSION}"
+    default = variant == DigitsConfig()
+    name = f"digits-v{DIGITS_VERSION}" + ("" if default else f"-{variant.half}-{variant.style}")
+    root = parent / name
     if (root / ".complete").exists():
         return root
     from sklearn.datasets import load_digits
@@ -256,16 +276,44 @@ def write_digits(parent: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".digits-"))
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    keep = _half(digits.target, variant.half)
     for i, (img, label) in enumerate(zip(pixels, digits.target)):
+        if not keep[i]:
+            continue
         folder = tmp / str(label)
         folder.mkdir(exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:04d}.png")
+        picture = Image.fromarray(img) if default else _render(img, variant.style, seed=i)
+        picture.save(folder / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
     try:
         os.rename(tmp, root)
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _half(labels: np.ndarray, half: str) -> np.ndarray:
+    """Alternate images of each class go to the first and second half: disjoint and class-balanced."""
+    if half == "all":
+        return np.ones(len(labels), dtype=bool)
+    rank = np.zeros(len(labels), dtype=int)
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange((labels == c).sum())
+    return (rank % 2 == 0) if half == "first" else (rank % 2 == 1)
+
+
+def _render(img: np.ndarray, style: str, seed: int, size: int = 32) -> Image.Image:
+    """Upscale an 8x8 digit; ``scanner2`` adds thick strokes, blur, tint and noise (seeded per image)."""
+    from PIL import ImageFilter
+
+    big = Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC)
+    if style == "clean":
+        return big.convert("RGB")
+    ink = np.asarray(big.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float64) / 255
+    background, colour = np.array([40.0, 45.0, 75.0]), np.array([235.0, 205.0, 120.0])  # blue-grey paper, amber ink
+    rgb = background * (1 - ink[..., None]) + colour * ink[..., None]
+    rgb += np.random.default_rng(seed).normal(0, 18, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------- decoding

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
 from storage.features import FeatureStore
 from storage.keys import fingerprint
-from tasks.heads import HEADS, SweepHead
+from tasks.heads import HEADS, HEADS_VERSION, SweepHead
 from tasks.stage import StageResult
 
 Shot = Union[int, Literal["all"]]
@@ -170,7 +170,8 @@ def plan_heads(heads: list[Any], train_key: str, val_key: str | None, cache_dir:
         raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
     return [
         HeadPlan(
-            key=fingerprint({"kind": "heads", "head": h.model_dump(), "train": train_key, "val": val_key}),
+            key=fingerprint({"kind": "heads", "version": HEADS_VERSION, "head": h.model_dump(), "train": train_key,
+                             "val": val_key}),
             head=h, train_key=train_key, val_key=val_key, cache_dir=Path(cache_dir),
         )
         for h in heads
@@ -179,8 +180,8 @@ def plan_heads(heads: list[Any], train_key: str, val_key: str | None, cache_dir:
 
 def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
     head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
-    return fingerprint({"kind": "head", "head": head, "train": plan.train_key, "val": plan.val_key,
-                        "shot": shot, "seed": seed})
+    return fingerprint({"kind": "head", "version": HEADS_VERSION, "head": head, "train": plan.train_key,
+                        "val": plan.val_key, "shot": shot, "seed": seed})
 
 
 def _fits(plan: HeadPlan) -> list[tuple[Shot, int]]:
