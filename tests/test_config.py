@@ -89,3 +89,9 @@ def test_config_is_frozen(tmp_path):
     cfg = load_config(write(tmp_path, "name: x\n"))
     with pytest.raises(Exception, match="frozen"):
         cfg.name = "y"
+
+
+@pytest.mark.parametrize("name", ["digits-resnet18.yaml", "demo-source.yaml", "demo-target.yaml"])
+def test_every_shipped_config_is_valid(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.name

@@ -138,3 +138,23 @@ def test_bad_image_error_lists_paths():
     err = BadImageError([{"path": "a.png", "error": "truncated"}, {"path": "b.png", "error": "empty"}], "train")
     assert "2 image(s) in train cannot be decoded: a.png (truncated); b.png (empty)" in str(err)
     assert "on_bad_image: skip" in str(err)
+
+
+def test_digits_halves_are_disjoint_balanced_and_the_second_scanner_looks_different(tmp_path):
+    from tasks.data import DigitsConfig
+
+    first = manifest(tmp_path, source="digits", digits=DigitsConfig(half="first", style="clean"))
+    second = manifest(tmp_path, source="digits", digits=DigitsConfig(half="second", style="scanner2"))
+    names = lambda m: {p.rsplit("/", 1)[1] for items in m.splits.values() for p, _ in items}  # noqa: E731
+    assert names(first).isdisjoint(names(second)) and len(names(first)) + len(names(second)) == 1797
+    counts = np.bincount([y for items in first.splits.values() for _, y in items])
+    assert counts.max() - counts.min() <= 10  # each class split in two
+    clean = np.asarray(load_rgb(first.root / first.splits["train"][0][0]), dtype=np.float64)
+    scanned = np.asarray(load_rgb(second.root / second.splits["train"][0][0]), dtype=np.float64)
+    assert clean.shape == scanned.shape == (32, 32, 3)
+    assert np.allclose(clean[..., 0], clean[..., 2])  # grey
+    assert scanned[..., 0].mean() > scanned[..., 2].mean() + 10  # amber ink on blue-grey paper: tinted
+    again = manifest(tmp_path, source="digits", digits=DigitsConfig(half="second", style="scanner2"))
+    assert again.fingerprints == second.fingerprints  # written once, deterministic
+    with pytest.raises(ValueError, match="data.digits applies to source: digits only"):
+        DataConfig(source="imagefolder", root=tmp_path, digits=DigitsConfig(half="first"))

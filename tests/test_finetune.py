@@ -159,3 +159,26 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_same_weights(staged, tmp_path)
     a, b = state_of(run_dir(reference) / "last.pt"), state_of(run_dir(crashy) / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h.val_accuracy for h in resumed.history] == [h.val_accuracy for h in finetune(reference).history]
+
+
+def test_freeze_bn_all_keeps_every_batchnorm_statistic(staged):
+    _, _, _, plan = staged
+    p = plan(unfreeze=["layer4"], freeze_bn="all", epochs=1)
+    before = load_model(p.backbone, num_classes=3).state_dict()
+    finetune(p)
+    after = state_of(run_dir(p) / "last.pt")
+    stats = [k for k in before if "running_" in k]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
+
+
+def test_standardisation_does_not_amplify_dead_features():
+    from tasks.heads import LogisticHead
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 8)).astype(np.float32)
+    X[:, 3] = 1.0 + rng.normal(0, 1e-6, 200)  # a dead unit with float noise
+    y = (X[:, 0] > 0).astype(int)
+    head = LogisticHead(C=(1.0,)).fit(X, y)
+    assert head.scale_[3] >= 1e-2 * np.median(X.std(axis=0)) * 0.99
+    assert np.abs(head.coef_ / head.scale_).max() < 1e3
