@@ -155,7 +155,8 @@ class SweepHead(ClassifierMixin, BaseEstimator):
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[self.class_scores(X).argmax(axis=1)]
+        best = self.class_scores(X).argmax(axis=1)  # checks fitted first
+        return self.classes_[best]
 
     @available_if(lambda self: self.has_proba)
     def predict_proba(self, X: Any) -> np.ndarray:
