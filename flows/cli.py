@@ -115,12 +115,13 @@ def run(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 def _print_run(result) -> None:
     table = Table(title=f"{result.experiment}: test results (best first)")
-    for col in ("model", "kind", "shots", "top-1", "macro-F1", "ECE", "NLL"):
+    for col in ("model", "kind", "shots", "top-1", "macro-F1", "ECE", "NLL", "train s"):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in result.models:
         m = r.metrics
-        table.add_row(r.name, r.kind, str(r.shot), fmt(m["top1"]), fmt(m["macro_f1"]), fmt(m["ece"]), fmt(m["nll"]))
+        table.add_row(r.name, r.kind, str(r.shot), fmt(m["top1"]), fmt(m["macro_f1"]), fmt(m["ece"]), fmt(m["nll"]),
+                      f"{r.train_seconds:.1f}")
     out.print(table)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
     out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)

@@ -51,11 +51,13 @@ def pipeline_flow(config: ExperimentConfig) -> PipelineResult:
     if tuned:
         stages["finetune"] = _stage(tuned)
     models = [
-        ModelToEvaluate(name=h.name, kind=h.kind, layer=h.layer, shot=r.shot, seed=r.seed, head_key=r.key)
+        ModelToEvaluate(name=h.name, kind=h.kind, layer=h.layer, shot=r.shot, seed=r.seed, head_key=r.key,
+                        train_seconds=r.seconds)
         for h in heads for r in h.records
     ]
     if tuned:
-        models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=tuned.best_checkpoint))
+        models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=tuned.best_checkpoint,
+                                      train_seconds=tuned.train_seconds))
     if not models:
         raise ValueError(f"experiment {config.name!r} has nothing to evaluate: add heads or enable finetune")
     from tasks.data import Manifest

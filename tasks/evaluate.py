@@ -82,6 +82,7 @@ class ModelToEvaluate(BaseModel):
     seed: int = 0
     head_key: str | None = None
     checkpoint: Path | None = None
+    train_seconds: float = 0.0
 
 
 class EvalPlan(BaseModel):
@@ -104,6 +105,7 @@ class ModelReport(BaseModel):
     shot: int | str
     seeds: int
     metrics: dict[str, Any]
+    train_seconds: float = 0.0  # summed over seeds
 
 
 class EvalResult(StageResult):
@@ -113,8 +115,8 @@ class EvalResult(StageResult):
 
 def plan_evaluation(test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec, classes: list[str],
                     models: list[ModelToEvaluate], device: str = "auto") -> EvalPlan:
-    key = fingerprint({"kind": "evaluate", "test": test_key,
-                       "models": [m.model_dump(mode="json", exclude={"checkpoint"}) | {"ckpt": _ckpt_id(m)} for m in models]})
+    key = fingerprint({"kind": "evaluate", "test": test_key, "models": [
+        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models]})
     return EvalPlan(key=key, test_key=test_key, manifest=manifest, cache_dir=cache_dir, backbone=backbone,
                     classes=classes, models=models, device=device)
 
@@ -129,6 +131,7 @@ def evaluate(plan: EvalPlan) -> EvalResult:
     n_classes = len(plan.classes)
     per_fit: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     kinds: dict[tuple[str, str, str], tuple[str, str]] = {}
+    seconds: dict[tuple[str, str, str], float] = {}
     for m in plan.models:
         if m.head_key:
             X, y = load_split(plan.cache_dir, plan.test_key, m.layer)
@@ -141,9 +144,10 @@ def evaluate(plan: EvalPlan) -> EvalResult:
         group = (m.name, str(m.shot), m.layer)
         per_fit.setdefault(group, []).append(classification_metrics(y, scores, proba, n_classes))
         kinds[group] = (m.kind, m.shot)
+        seconds[group] = seconds.get(group, 0.0) + m.train_seconds
     reports = [
         ModelReport(name=name, kind=kinds[(name, shot, layer)][0], layer=layer, shot=kinds[(name, shot, layer)][1],
-                    seeds=len(fits), metrics=_average(fits))
+                    seeds=len(fits), metrics=_average(fits), train_seconds=seconds[(name, shot, layer)])
         for (name, shot, layer), fits in per_fit.items()
     ]
     return EvalResult(key=plan.key, models=reports, cache_hit=False, seconds=time.perf_counter() - started)
@@ -196,7 +200,7 @@ def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
     return [
         {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]), "top5": fmt(r.metrics["top5"]),
          "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
-         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"])}
+         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
         for r in ranked
     ]
 

@@ -105,6 +105,7 @@ class EpochLog(BaseModel):
     val_loss: float
     val_accuracy: float
     images_per_s: float
+    seconds: float
     lr_backbone: float
     lr_head: float
 
@@ -120,6 +121,7 @@ class FinetuneResult(StageResult):
     history: list[EpochLog]
     trainable_params: int
     frozen_params: int
+    train_seconds: float = 0.0  # all epochs, resumed ones included; kept on cache hits
 
 
 def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, cache_dir: Path,
@@ -362,11 +364,13 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
             total_loss += batch_loss * len(y)
             bar.set_postfix(loss=f"{batch_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
             fault_point("finetune.batch")
-        rate = seen / (time.perf_counter() - t0)
+        epoch_seconds = time.perf_counter() - t0
+        rate = seen / epoch_seconds
         val_loss, val_acc = evaluate(model, val_set, cfg.batch_size, device, workers, autocast)
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
         entry = EpochLog(epoch=epoch, train_loss=total_loss / seen, val_loss=val_loss, val_accuracy=val_acc,
-                         images_per_s=rate, lr_backbone=lrs.get("backbone", 0.0), lr_head=lrs["head"])
+                         images_per_s=rate, seconds=epoch_seconds, lr_backbone=lrs.get("backbone", 0.0),
+                         lr_head=lrs["head"])
         state["history"].append(entry.model_dump())
         log.info("epoch %d: loss %.4f, val acc %.4f, val loss %.4f, %.0f img/s", epoch, entry.train_loss, val_acc, val_loss, rate)
         score = val_acc if metric == "val_accuracy" else -val_loss
@@ -390,6 +394,7 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
     result = FinetuneResult(
         key=plan.key, best_checkpoint=folder / "best.pt", best_epoch=state["best_epoch"], best_val_accuracy=best_acc,
         epochs_run=len(history) - resumed_from, resumed_from=resumed_from, history=history,
+        train_seconds=sum(h.seconds for h in history),
         trainable_params=sum(p.numel() for p in params),
         frozen_params=sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params),
         cache_hit=False, seconds=time.perf_counter() - started,

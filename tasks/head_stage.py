@@ -133,6 +133,8 @@ class HeadPlan(BaseModel):
 
 
 class FitRecord(BaseModel):
+    """One trained (shot, seed); ``seconds`` is what its fit took, also when it is reused."""
+
     shot: Shot
     seed: int
     key: str
@@ -237,21 +239,22 @@ def train_head(plan: HeadPlan) -> HeadResult:
             meta = read_meta(plan.cache_dir, key)
             records.append(FitRecord(shot=shot, seed=seed, key=key, n_train=meta["n_train"], fitted=False,
                                      val_accuracy=meta["val_accuracy"], best_param=meta["best_param"],
-                                     sweep=meta["sweep"], seconds=0.0))
+                                     sweep=meta["sweep"], seconds=meta.get("fit_seconds", 0.0)))
             continue
         idx = few_shot_indices(y, shot, seed)
         est = h.estimator().set_params(random_state=seed)
         est.fit(X[idx], y[idx], Xv, yv)
+        fit_seconds = time.perf_counter() - t0
         meta = {
             "kind": h.kind, "name": h.label, "params": est.get_params(), "classes": est.classes_.tolist(),
             "train_key": plan.train_key, "val_key": plan.val_key, "layer": h.layer, "shot": shot, "seed": seed,
             "n_train": int(len(idx)), "val_accuracy": est.val_accuracy_, "best_param": est.best_param_,
-            "sweep": est.sweep_,
+            "sweep": est.sweep_, "fit_seconds": fit_seconds,
         }
         save_head(plan.cache_dir, key, est.to_arrays(), meta)
         records.append(FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
                                  val_accuracy=est.val_accuracy_, best_param=est.best_param_, sweep=est.sweep_,
-                                 seconds=time.perf_counter() - t0))
+                                 seconds=fit_seconds))
     fits = sum(r.fitted for r in records)
     return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, records=records, fits=fits,
                       cache_hit=fits == 0, seconds=time.perf_counter() - started)

@@ -84,3 +84,24 @@ def test_registry_rows_sorting_and_filters(tmp_path):
     with pytest.raises(ValueError, match="--sort 'speed' is not one of top1"):
         registry.query(tmp_path, sort="speed")
     assert registry.query(tmp_path / "empty") == []
+
+
+def test_results_command_prints_the_registry(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    registry.append(tmp_path, [
+        {"experiment": "exp-a", "model": "logistic", "shots": "all", "backbone": "resnet18", "weights": "none",
+         "top1": 0.91, "macro_f1": 0.9, "ece": 0.05, "features_key": "f" * 64, "created_at": "2026-11-22T08:00:00"},
+        {"experiment": "exp-b", "model": "knn", "shots": "5", "backbone": "resnet18", "weights": "/w/best.pt",
+         "top1": 0.7, "macro_f1": 0.69, "ece": None, "features_key": "f" * 64, "created_at": "2026-11-22T08:01:00"},
+    ])
+    runner = CliRunner()
+    result = runner.invoke(app, ["results", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.index("exp-a") < result.output.index("exp-b") and "best.pt" in result.output
+    only_b = runner.invoke(app, ["results", "--experiment", "exp-b", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert "exp-a" not in only_b.output and "1 evaluated model(s)" in only_b.output
+    bad = runner.invoke(app, ["results", "--sort", "speed", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "is not one of" in bad.output
