@@ -150,6 +150,30 @@ def results(
     out.print(table)
 
 
+@app.command()
+@friendly_errors
+def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """Rank the config's candidate backbones (select:) by LogME, H-score, NCE, LEEP and probe accuracy."""
+    from flows.config import load_config
+
+    cfg = load_config(config, cache_dir=cache_dir)
+    from flows.select import SCORES, select_flow
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        result = select_flow(cfg)
+    table = Table(title=f"{cfg.name}: candidate backbones, ranked by LogME")
+    for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in result.rows:
+        table.add_row(r["candidate"], *(fmt(r[s]) for s in SCORES), fmt(r["knn_val_acc"]), fmt(r["logistic_val_acc"]),
+                      f"{r['logme_s']:.3f}", f"{r['logistic_s']:.2f}")
+    out.print(table)
+    taus = ", ".join(f"{k} {fmt(v)}" for k, v in result.kendall_tau.items())
+    out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False)
+
+
 @app.command("finetune")
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:

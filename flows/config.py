@@ -18,6 +18,7 @@ from tasks.data import DataConfig, resolve_path
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
 from tasks.head_stage import HeadConfig
+from tasks.select import SelectConfig
 
 CACHE_ENV = "TRANSFERPIPE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/transferpipe")
@@ -38,6 +39,7 @@ class ExperimentConfig(BaseModel):
     extract: ExtractConfig = ExtractConfig()
     heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
     finetune: FinetuneConfig = FinetuneConfig()
+    select: SelectConfig | None = Field(None, description="candidate backbones for transferpipe select")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")
     retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
     retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")

@@ -14,7 +14,18 @@ Higher is better for every score.
 """
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.keys import fingerprint
+from tasks.backbones import BackboneConfig, BackboneSpec, _build_empty, _state_dict, final_linear
+from tasks.head_stage import load_split
+from tasks.stage import StageResult
 
 SCORES_VERSION = 1
 
@@ -82,3 +93,118 @@ def leep(source_proba: np.ndarray, labels: np.ndarray) -> float:
     cond = joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-300)  # P(y | z)
     eep = np.einsum("nz,zy,ny->n", theta, cond, onehot)
     return float(np.mean(np.log(np.maximum(eep, 1e-300))))
+
+
+# --------------------------------------------------------------------------- the stage
+
+class Candidate(BaseModel):
+    """One backbone to score: a label and a backbone section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str
+    backbone: BackboneConfig
+
+
+class SelectConfig(BaseModel):
+    """``select:`` section: candidate backbones ranked on this experiment's data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidates: list[Candidate] = Field(min_length=2)
+    layer: str = "penultimate"
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique(cls, v: list[Candidate]) -> list[Candidate]:
+        labels = [c.label for c in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"candidate labels must be unique, got {labels}")
+        return v
+
+
+def is_stored(plan: ScorePlan) -> bool:
+    return (plan.cache_dir / "scores" / f"{plan.key}.json").is_file()
+
+
+def kendall_tau(scores: list[float | None], probe: list[float]) -> float | None:
+    """Rank agreement between a cheap score and probe accuracy over the candidates (None if undefined)."""
+    from scipy.stats import kendalltau
+
+    pairs = [(s, p) for s, p in zip(scores, probe) if s is not None]
+    if len(pairs) < 2:
+        return None
+    tau = kendalltau(*zip(*pairs)).statistic
+    return None if np.isnan(tau) else float(tau)
+
+
+class ScorePlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    label: str
+    train_key: str
+    layer: str
+    cache_dir: Path
+    backbone: BackboneSpec
+
+
+class Score(BaseModel):
+    value: float | None
+    seconds: float
+    skipped: str | None = None
+
+
+class ScoreResult(StageResult):
+    key: str
+    label: str
+    scores: dict[str, Score]
+
+
+def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbone: BackboneSpec) -> ScorePlan:
+    key = fingerprint({"kind": "scores", "version": SCORES_VERSION, "features": train_key, "layer": layer,
+                       "classifier": backbone.weights_id})
+    return ScorePlan(key=key, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
+
+
+def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
+    """The source model's classifier (weight, bias) from its weights, or why there is none."""
+    if spec.weights == "none":
+        return "random initialisation: no source classifier"
+    state, _ = _state_dict(spec)
+    with torch.device("meta"):
+        head = final_linear(_build_empty(spec.name))
+    w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
+    if w is None or b is None:
+        return f"the weights hold no classifier ({head}.weight)"
+    return w.double().numpy(), b.double().numpy()
+
+
+def score_candidate(plan: ScorePlan) -> ScoreResult:
+    """Every score of one candidate's training features (cached as JSON under scores/<key>.json)."""
+    started = time.perf_counter()
+    path = plan.cache_dir / "scores" / f"{plan.key}.json"
+    if path.exists():
+        return ScoreResult.model_validate({**json.loads(path.read_text()), "cache_hit": True, "seconds": 0.0})
+    X, y = load_split(plan.cache_dir, plan.train_key, plan.layer)
+    scores: dict[str, Score] = {}
+    for name, fn in (("logme", logme), ("h_score", h_score)):
+        t0 = time.perf_counter()
+        scores[name] = Score(value=fn(X, y), seconds=time.perf_counter() - t0)
+    classifier = source_classifier(plan.backbone) if plan.layer == "penultimate" else "scores need the penultimate layer"
+    if isinstance(classifier, str):
+        scores["nce"] = scores["leep"] = Score(value=None, seconds=0.0, skipped=classifier)
+    else:
+        t0 = time.perf_counter()
+        logits = X.astype(np.float64) @ classifier[0].T + classifier[1]
+        proba = np.exp(logits - logits.max(axis=1, keepdims=True))
+        proba /= proba.sum(axis=1, keepdims=True)
+        shared = time.perf_counter() - t0
+        for name, fn, arg in (("nce", nce, logits.argmax(axis=1)), ("leep", leep, proba)):
+            t0 = time.perf_counter()
+            scores[name] = Score(value=fn(arg, y), seconds=shared + time.perf_counter() - t0)
+    result = ScoreResult(key=plan.key, label=plan.label, scores=scores, cache_hit=False,
+                         seconds=time.perf_counter() - started)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    return result

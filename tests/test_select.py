@@ -68,3 +68,55 @@ def test_nce_and_leep_by_hand():
     cond = joint / joint.sum(axis=1, keepdims=True)
     expected = np.mean([np.log(theta[i] @ cond[:, y[i]]) for i in range(4)])
     assert leep(theta, y) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_select_flow_ranks_candidates_and_explains_skipped_scores(tiny_config, tmp_path):
+    import json
+
+    import torch
+    from torchvision.models import get_model
+
+    from flows.select import select_flow
+    from flows.stages import local_run_settings
+
+    torch.manual_seed(3)
+    weights = tmp_path / "source.pt"
+    torch.save(get_model("resnet18", weights=None, num_classes=5).state_dict(), weights)  # a 5-class source model
+    pre = {"resize": 32, "crop": 32}
+    cfg = tiny_config(select={"candidates": [
+        {"label": "random", "backbone": {"name": "resnet18", "weights": "none", "preprocess": pre}},
+        {"label": "random-1", "backbone": {"name": "resnet18", "weights": "none", "init_seed": 1, "preprocess": pre}},
+        {"label": "source", "backbone": {"name": "resnet18", "weights": str(weights), "preprocess": pre}},
+    ]})
+    with local_run_settings():
+        result = select_flow(cfg)
+        again = select_flow(cfg)
+    rows = {r["candidate"]: r for r in result.rows}
+    assert [r["logme"] for r in result.rows] == sorted((r["logme"] for r in result.rows), reverse=True)
+    assert rows["random"]["nce"] is None and "no source classifier" in rows["random"]["nce_skipped"]
+    assert rows["source"]["nce"] is not None and rows["source"]["leep"] <= 0 and rows["source"]["nce"] <= 0
+    assert set(result.kendall_tau) == {"logme", "h_score", "nce", "leep", "knn_val_acc"}
+    saved = json.loads((cfg.cache_dir / "select" / "tiny" / "select.json").read_text())
+    assert [r["candidate"] for r in saved["rows"]] == [r["candidate"] for r in result.rows]
+    assert "Kendall τ" in (cfg.cache_dir / "select" / "tiny" / "select.md").read_text()
+    assert again.rows == result.rows  # scores and probes come from the cache the second time
+
+
+def test_kendall_tau_ignores_skipped_scores():
+    from tasks.select import kendall_tau
+
+    assert kendall_tau([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
+    assert kendall_tau([0.3, 0.2, 0.1], [0.5, 0.6, 0.7]) == pytest.approx(-1.0)
+    assert kendall_tau([None, None, 0.1], [0.5, 0.6, 0.7]) is None
+
+
+def test_select_config_needs_two_unique_candidates():
+    from flows.config import ConfigError, parse_config
+
+    one = {"name": "x", "select": {"candidates": [{"label": "a", "backbone": {"weights": "none"}}]}}
+    with pytest.raises(ConfigError, match="select.candidates: List should have at least 2 items"):
+        parse_config(one)
+    dup = {"name": "x", "select": {"candidates": [{"label": "a", "backbone": {"weights": "none"}}] * 2}}
+    with pytest.raises(ConfigError, match="candidate labels must be unique"):
+        parse_config(dup)
