@@ -27,8 +27,9 @@ def heads_flow(config: ExperimentConfig, features: dict[str, ExtractResult] | No
     if not config.heads:
         raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
     features = features or extract_flow(config)
-    val = features.get("val")
-    plans = plan_heads(config.heads, features["train"].key, val.key if val else None, config.cache_dir)
+    val, test = features.get("val"), features.get("test")
+    plans = plan_heads(config.heads, features["train"].key, val.key if val else None, config.cache_dir,
+                       target_key=test.key if test else None)
     futures = [
         submit_stage(
             train_head_task, plan, stored=is_stored(plan), name=f"head-{plan.head.label}-{plan.head.layer}",

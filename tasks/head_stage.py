@@ -37,6 +37,9 @@ class _HeadBase(BaseModel):
     seeds: int = Field(3, ge=1, le=100, description="few-shot subsets drawn per shot count (averaged)")
     seed: int = 0
     refit: Literal["train", "train+val"] = "train"
+    align: Literal["none", "coral"] = Field(
+        "none", description="coral: map training features to the test split's feature statistics (no test labels used)"
+    )
 
     @field_validator("shots")
     @classmethod
@@ -129,6 +132,7 @@ class HeadPlan(BaseModel):
     head: HeadConfig
     train_key: str
     val_key: str | None
+    target_key: str | None = None
     cache_dir: Path
 
 
@@ -165,25 +169,30 @@ class HeadResult(StageResult):
         return out
 
 
-def plan_heads(heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path) -> list[HeadPlan]:
+def plan_heads(
+    heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path, target_key: str | None = None
+) -> list[HeadPlan]:
     names = [h.label for h in heads]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
-    return [
-        HeadPlan(
-            key=fingerprint({"kind": "heads", "version": HEADS_VERSION, "head": h.model_dump(), "train": train_key,
-                             "val": val_key}),
-            head=h, train_key=train_key, val_key=val_key, cache_dir=Path(cache_dir),
-        )
-        for h in heads
-    ]
+    aligned = [h.label for h in heads if h.align == "coral"]
+    if aligned and target_key is None:
+        raise ValueError(f"heads {aligned} use align: coral, which needs a test split as the target domain")
+    plans = []
+    for h in heads:
+        target = target_key if h.align == "coral" else None
+        key = fingerprint({"kind": "heads", "version": HEADS_VERSION, "head": h.model_dump(), "train": train_key,
+                           "val": val_key, "target": target})
+        plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
+                              cache_dir=Path(cache_dir)))
+    return plans
 
 
 def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
     head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
     return fingerprint({"kind": "head", "version": HEADS_VERSION, "head": head, "train": plan.train_key,
-                        "val": plan.val_key, "shot": shot, "seed": seed})
+                        "val": plan.val_key, "target": plan.target_key, "shot": shot, "seed": seed})
 
 
 def _fits(plan: HeadPlan) -> list[tuple[Shot, int]]:
@@ -231,6 +240,7 @@ def train_head(plan: HeadPlan) -> HeadResult:
     h = plan.head
     X, y = load_split(plan.cache_dir, plan.train_key, h.layer)
     Xv, yv = load_split(plan.cache_dir, plan.val_key, h.layer) if plan.val_key else (None, None)
+    Xt = load_split(plan.cache_dir, plan.target_key, h.layer)[0] if plan.target_key else None
     records = []
     for shot, seed in _fits(plan):
         key = fit_key(plan, shot, seed)
@@ -243,7 +253,7 @@ def train_head(plan: HeadPlan) -> HeadResult:
             continue
         idx = few_shot_indices(y, shot, seed)
         est = h.estimator().set_params(random_state=seed)
-        est.fit(X[idx], y[idx], Xv, yv)
+        est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
         fit_seconds = time.perf_counter() - t0
         meta = {
             "kind": h.kind, "name": h.label, "params": est.get_params(), "classes": est.classes_.tolist(),

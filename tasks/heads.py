@@ -32,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tasks.devices import pick_device
 
 PREPROCESS = ("none", "standardize", "l2")
+ALIGN = ("none", "coral")
 STD_FLOOR = 1e-2  # standardisation divides by at least this fraction of the median feature std
 
 #: bump when a change alters what a head learns from the same inputs: it is part of every head key
@@ -58,6 +59,26 @@ def _one_row(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.nd
     return coef, intercept
 
 
+def _sym_power(C: np.ndarray, power: float) -> np.ndarray:
+    w, v = np.linalg.eigh(C)
+    return (v * np.clip(w, 1e-12, None) ** power) @ v.T
+
+
+def coral_map(source: np.ndarray, target: np.ndarray, eps: float = 1.0):
+    """CORAL (Sun et al., 2016): whiten the source covariance, re-colour with the target's, move the mean.
+
+    Fitted on features only (no target labels). ``eps`` regularises both
+    covariances (the paper's + I). Returns the map to apply to source-domain data.
+    """
+    s64, t64 = source.astype(np.float64), target.astype(np.float64)
+    d = s64.shape[1]
+    cs = np.cov(s64, rowvar=False) + eps * np.eye(d)
+    ct = np.cov(t64, rowvar=False) + eps * np.eye(d)
+    A = _sym_power(cs, -0.5) @ _sym_power(ct, 0.5)
+    mu_s, mu_t = s64.mean(axis=0), t64.mean(axis=0)
+    return lambda X: ((X.astype(np.float64) - mu_s) @ A + mu_t).astype(source.dtype)
+
+
 class SweepHead(ClassifierMixin, BaseEstimator):
     """Base class: checks, label encoding, preprocessing, the validation sweep, arrays.
 
@@ -71,10 +92,18 @@ class SweepHead(ClassifierMixin, BaseEstimator):
     has_proba: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> SweepHead:
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, X_target: Any = None) -> SweepHead:
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"preprocess={self.preprocess!r} is not one of {PREPROCESS}")
+        if self.align not in ALIGN:
+            raise ValueError(f"align={self.align!r} is not one of {ALIGN}")
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        if self.align == "coral":
+            if X_target is None:
+                raise ValueError("align='coral' needs X_target: unlabelled features of the target domain")
+            to_target = coral_map(X, np.asarray(X_target, dtype=X.dtype))
+            X = to_target(X)
+            X_val = None if X_val is None else to_target(np.asarray(X_val, dtype=X.dtype))
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -217,9 +246,10 @@ class LogisticHead(SweepHead):
 
     grid_param = "C"
 
-    def __init__(self, C=tuple(np.logspace(-6, 6, 13)), preprocess="standardize", refit="train", max_iter=1000,
+    def __init__(self, C=tuple(np.logspace(-6, 6, 13)), preprocess="standardize", refit="train", align="none", max_iter=1000,
                  n_jobs=1, random_state=0):
         self.C, self.preprocess, self.refit = C, preprocess, refit
+        self.align = align
         self.max_iter, self.n_jobs, self.random_state = max_iter, n_jobs, random_state
 
     def _fit_candidates(self, grid, X, y, warm=None):
@@ -258,8 +288,9 @@ class RidgeHead(SweepHead):
     has_proba = False
     state_keys = ("coef_", "intercept_")
 
-    def __init__(self, alpha=tuple(np.logspace(-2, 4, 7)), preprocess="standardize", refit="train", random_state=0):
+    def __init__(self, alpha=tuple(np.logspace(-2, 4, 7)), preprocess="standardize", refit="train", align="none", random_state=0):
         self.alpha, self.preprocess, self.refit, self.random_state = alpha, preprocess, refit, random_state
+        self.align = align
 
     def _fit_candidates(self, grid, X, y, warm=None):
         states = []
@@ -279,9 +310,10 @@ class SVMHead(SweepHead):
     grid_param = "C"
     has_proba = False
 
-    def __init__(self, C=tuple(np.logspace(-4, 0, 5)), preprocess="standardize", refit="train", max_iter=2000,
+    def __init__(self, C=tuple(np.logspace(-4, 0, 5)), preprocess="standardize", refit="train", align="none", max_iter=2000,
                  random_state=0):
         self.C, self.preprocess, self.refit, self.max_iter, self.random_state = C, preprocess, refit, max_iter, random_state
+        self.align = align
 
     def _fit_candidates(self, grid, X, y, warm=None):
         states = []
@@ -306,9 +338,10 @@ class TorchLinearHead(SweepHead):
 
     grid_param = "weight_decay"
 
-    def __init__(self, weight_decay=(0.0, 1e-4, 1e-3, 1e-2, 1e-1), preprocess="standardize", refit="train",
+    def __init__(self, weight_decay=(0.0, 1e-4, 1e-3, 1e-2, 1e-1), preprocess="standardize", refit="train", align="none",
                  optimizer="lbfgs", max_iter=200, epochs=10, batch_size=32, lr=1e-3, device="auto", random_state=0):
         self.weight_decay, self.preprocess, self.refit = weight_decay, preprocess, refit
+        self.align = align
         self.optimizer, self.max_iter, self.epochs, self.batch_size, self.lr = optimizer, max_iter, epochs, batch_size, lr
         self.device, self.random_state = device, random_state
 
@@ -377,9 +410,10 @@ class KNNHead(SweepHead):
     grid_param = "k"
     state_keys = ("bank_", "bank_labels_", "k_", "n_classes_", "temperature_")
 
-    def __init__(self, k=(1, 5, 10, 20, 50, 100), temperature=0.07, preprocess="l2", refit="train",
+    def __init__(self, k=(1, 5, 10, 20, 50, 100), temperature=0.07, preprocess="l2", refit="train", align="none",
                  chunk_size=4096, device="auto", random_state=0):
         self.k, self.temperature, self.preprocess, self.refit = k, temperature, preprocess, refit
+        self.align = align
         self.chunk_size, self.device, self.random_state = chunk_size, device, random_state
 
     def _transform(self, X):

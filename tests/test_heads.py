@@ -169,3 +169,36 @@ def test_unique_head_names_and_missing_layers(features):
     with pytest.raises(ValueError, match=r"has no layer\(s\) \['layer3'\], only \['penultimate'\]"):
         train_head(plan)
     assert (cache_dir / "features" / f"{train_key}.h5").exists()  # a sound file is never quarantined for this
+
+
+def test_coral_recovers_most_of_the_accuracy_lost_to_a_feature_shift():
+    """Target = source features under a per-feature gain and offset (a sensor-like shift)."""
+    rng = np.random.default_rng(0)
+    d = 10
+    W, mix = rng.normal(size=(3, d)), rng.normal(size=(d, d)) / np.sqrt(d)
+
+    def sample(n):
+        Z = rng.normal(size=(n, d))
+        return Z @ mix + Z * 0.5
+
+    Xs, Xc = sample(800), sample(800)
+    ys, yt = (Xs @ W.T).argmax(1), (Xc @ W.T).argmax(1)
+    Xt = Xc * rng.uniform(0.3, 3.0, d) + rng.normal(0, 2, d)
+    plain = LogisticHead(C=(1.0,)).fit(Xs, ys)
+    aligned = LogisticHead(C=(1.0,), align="coral").fit(Xs, ys, X_target=Xt)
+    in_domain, shifted, recovered = plain.score(Xc, yt), plain.score(Xt, yt), aligned.score(Xt, yt)
+    assert in_domain - shifted > 0.1  # the shift costs accuracy
+    assert recovered - shifted > 0.5 * (in_domain - shifted)  # CORAL wins most of it back, without target labels
+    with pytest.raises(ValueError, match="align='coral' needs X_target"):
+        LogisticHead(align="coral").fit(Xs, ys)
+
+
+def test_coral_heads_are_keyed_by_their_target(features):
+    cache_dir, train_key, val_key = features
+    heads = [LogisticConfig(kind="logistic", C=[1.0]), LogisticConfig(kind="logistic", name="aligned", C=[1.0], align="coral")]
+    with pytest.raises(ValueError, match=r"\['aligned'\] use align: coral, which needs a test split"):
+        plan_heads(heads, train_key, val_key, cache_dir)
+    plain, aligned = plan_heads(heads, train_key, val_key, cache_dir, target_key=val_key)
+    assert plain.target_key is None and aligned.target_key == val_key
+    result = train_head(aligned)
+    assert result.fits == 1 and load_head(cache_dir, result.records[0].key).align == "coral"
