@@ -157,12 +157,18 @@ def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     from flows.config import load_config
 
     cfg = load_config(config, cache_dir=cache_dir)
-    from flows.select import SCORES, select_flow
+    from flows.select import select_flow
     from flows.stages import local_run_settings
 
     with local_run_settings():
         result = select_flow(cfg)
-    table = Table(title=f"{cfg.name}: candidate backbones, ranked by LogME")
+    _print_select(f"{cfg.name}: candidate backbones, ranked by LogME", result)
+
+
+def _print_select(title: str, result) -> None:
+    from flows.select import SCORES
+
+    table = Table(title=title)
     for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
@@ -204,7 +210,10 @@ def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 @app.command()
 @friendly_errors
-def demo(cache_dir: CacheDir = None) -> None:
+def demo(
+    cache_dir: CacheDir = None,
+    select_check: Annotated[bool, typer.Option("--select", help="Also rank backbones by cheap scores vs probes.")] = False,
+) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
     from flows.demo import comparison, demo_flow
     from flows.stages import local_run_settings
@@ -223,6 +232,12 @@ def demo(cache_dir: CacheDir = None) -> None:
         f"reports: {result.source.report}\n         {result.pretrained.report}\n         {result.random.report}",
         highlight=False,
     )
+    if select_check:
+        from flows.demo import selection_check_flow
+
+        with local_run_settings():
+            ranked = selection_check_flow(default_cache_dir(cache_dir))
+        _print_select("second-scanner digits: which backbone to pick?", ranked)
 
 
 app.add_typer(cache_cli.app, name="cache")

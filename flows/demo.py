@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
+from flows.select import SelectResult, select_flow
+from tasks.select import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,3 +62,23 @@ def comparison(result: DemoResult) -> list[dict[str, str]]:
                      "gain": "-" if other is None else f"{100 * (acc - other):+.1f} pts"})
     order = {"1": 0, "5": 1, "10": 2, "all": 3}
     return sorted(rows, key=lambda r: (r["model"], order.get(r["shots"], 9)))
+
+
+@flow(name="demo-select", flow_run_name="demo-select")
+def selection_check_flow(cache_dir: Path | None = None) -> SelectResult:
+    """Rank three backbones on the second-scanner target by cheap scores and by probe accuracy.
+
+    Candidates: pretrained on scanner-1 digits (the demo's source), pretrained
+    on digits 0-4 only (a known negative-transfer case), random initialisation.
+    """
+    sources = {name: pipeline_flow(load_config(CONFIGS / f"{name}.yaml", cache_dir=cache_dir)).finetune_checkpoint
+               for name in ("demo-source", "demo-source-digits0to4")}
+    target = load_config(CONFIGS / "demo-target.yaml", cache_dir=cache_dir)
+    base = target.backbone
+    candidates = [
+        {"label": "scanner1-pretrained", "backbone": base.model_copy(update={"weights": str(sources["demo-source"])})},
+        {"label": "digits0-4-pretrained",
+         "backbone": base.model_copy(update={"weights": str(sources["demo-source-digits0to4"])})},
+        {"label": "random-init", "backbone": base},
+    ]
+    return select_flow(target.model_copy(update={"name": "demo-select", "select": SelectConfig(candidates=candidates)}))

@@ -70,6 +70,14 @@ class DigitsConfig(BaseModel):
 
     half: Literal["all", "first", "second"] = "all"
     style: Literal["clean", "scanner2"] = "clean"
+    classes: list[int] | None = Field(None, description="only these digits (default all ten)")
+
+    @field_validator("classes")
+    @classmethod
+    def _digits(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) < 2 or not set(v) <= set(range(10))):
+            raise ValueError(f"classes must be two or more distinct digits 0-9, got {v}")
+        return sorted(set(v)) if v is not None else None
 
 
 class DataConfig(BaseModel):
@@ -266,7 +274,8 @@ def split_by_fraction(
 def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
     """scikit-learn's bundled 8x8 digits as a PNG image folder, written once (no download)."""
     default = variant == DigitsConfig()
-    name = f"digits-v{DIGITS_VERSION}" + ("" if default else f"-{variant.half}-{variant.style}")
+    subset = "" if variant.classes is None else "-c" + "".join(map(str, variant.classes))
+    name = f"digits-v{DIGITS_VERSION}" + ("" if default else f"-{variant.half}-{variant.style}{subset}")
     root = parent / name
     if (root / ".complete").exists():
         return root
@@ -276,7 +285,7 @@ def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".digits-"))
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    keep = _half(digits.target, variant.half)
+    keep = _half(digits.target, variant.half) & np.isin(digits.target, variant.classes or range(10))
     for i, (img, label) in enumerate(zip(pixels, digits.target)):
         if not keep[i]:
             continue

@@ -105,7 +105,7 @@ class EpochLog(BaseModel):
     val_loss: float
     val_accuracy: float
     images_per_s: float
-    seconds: float
+    seconds: float = 0.0  # absent in results written before it was recorded
     lr_backbone: float
     lr_head: float
 

@@ -91,7 +91,7 @@ def test_config_is_frozen(tmp_path):
         cfg.name = "y"
 
 
-@pytest.mark.parametrize("name", ["digits-resnet18.yaml", "demo-source.yaml", "demo-target.yaml"])
+@pytest.mark.parametrize("name", ["digits-resnet18.yaml", "demo-source.yaml", "demo-source-digits0to4.yaml", "demo-target.yaml"])
 def test_every_shipped_config_is_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.name

@@ -158,3 +158,12 @@ def test_digits_halves_are_disjoint_balanced_and_the_second_scanner_looks_differ
     assert again.fingerprints == second.fingerprints  # written once, deterministic
     with pytest.raises(ValueError, match="data.digits applies to source: digits only"):
         DataConfig(source="imagefolder", root=tmp_path, digits=DigitsConfig(half="first"))
+
+
+def test_digits_class_subset(tmp_path):
+    from tasks.data import DigitsConfig
+
+    m = manifest(tmp_path, source="digits", digits=DigitsConfig(half="first", classes=[4, 0, 2]))
+    assert m.classes == ["0", "2", "4"]
+    with pytest.raises(ValueError, match="classes must be two or more distinct digits 0-9"):
+        DigitsConfig(classes=[3])
