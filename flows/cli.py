@@ -25,21 +25,35 @@ CacheDir = Annotated[
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
 
 
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _run_local(flow_fn, *args):
+    """Run a flow in this process (Prefect's ephemeral mode unless PREFECT_API_URL names a server)."""
+    from flows.stages import local_run_settings
+
+    with local_run_settings():
+        return flow_fn(*args)
+
+
+def _load(config: Path, cache_dir: Path | None):
+    """Validate the config before Prefect starts: bad input fails fast with one line."""
+    from flows.config import load_config
+
+    return load_config(config, cache_dir=cache_dir)
+
+
 def _setup_logging() -> None:
     """Stage logs at INFO; Prefect gives the ``transferpipe`` logger its handlers inside runs."""
     logging.getLogger("transferpipe").setLevel(logging.INFO)
 
 
 def _extract(config_path: Path, cache_dir: Path | None) -> None:
-    from flows.config import load_config
-
-    cfg = load_config(config_path, cache_dir=cache_dir)  # bad config fails here, before Prefect starts
+    cfg = _load(config_path, cache_dir)
     from flows.extract import extract_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        results = extract_flow(cfg)
-    _print_features(cfg, results)
+    _print_features(cfg, _run_local(extract_flow, cfg))
 
 
 def _print_features(cfg, results) -> None:
@@ -69,18 +83,13 @@ def heads(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 
 def _heads(config_path: Path, cache_dir: Path | None) -> None:
-    from flows.config import load_config
-
-    cfg = load_config(config_path, cache_dir=cache_dir)
+    cfg = _load(config_path, cache_dir)
     from flows.extract import extract_flow
     from flows.heads import heads_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        features = extract_flow(cfg)
-        results = heads_flow(cfg, features)
+    features = _run_local(extract_flow, cfg)
     _print_features(cfg, features)
-    _print_heads(results)
+    _print_heads(_run_local(heads_flow, cfg, features))
 
 
 def _print_heads(results) -> None:
@@ -102,25 +111,19 @@ def _print_heads(results) -> None:
 @friendly_errors
 def run(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report."""
-    from flows.config import load_config
-
-    cfg = load_config(config, cache_dir=cache_dir)
+    cfg = _load(config, cache_dir)
     from flows.pipeline import pipeline_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        result = pipeline_flow(cfg)
-    _print_run(result)
+    _print_run(_run_local(pipeline_flow, cfg))
 
 
 def _print_run(result) -> None:
     table = Table(title=f"{result.experiment}: test results (best first)")
     for col in ("model", "kind", "shots", "top-1", "macro-F1", "ECE", "NLL", "train s"):
         table.add_column(col)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in result.models:
         m = r.metrics
-        table.add_row(r.name, r.kind, str(r.shot), fmt(m["top1"]), fmt(m["macro_f1"]), fmt(m["ece"]), fmt(m["nll"]),
+        table.add_row(r.name, r.kind, str(r.shot), _fmt(m["top1"]), _fmt(m["macro_f1"]), _fmt(m["ece"]), _fmt(m["nll"]),
                       f"{r.train_seconds:.1f}")
     out.print(table)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
@@ -143,10 +146,9 @@ def results(
     table = Table(title=f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}")
     for col in ("experiment", "model", "shots", "backbone", "weights", "top1", "macro_f1", "ece", "features", "when"):
         table.add_column(col, overflow="fold")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
-        table.add_row(r["experiment"], r["model"], r["shots"], r["backbone"], Path(r["weights"]).name, fmt(r["top1"]),
-                      fmt(r["macro_f1"]), fmt(r["ece"]), r["features_key"][:12], r["created_at"][:16])
+        table.add_row(r["experiment"], r["model"], r["shots"], r["backbone"], Path(r["weights"]).name, _fmt(r["top1"]),
+                      _fmt(r["macro_f1"]), _fmt(r["ece"]), r["features_key"][:12], r["created_at"][:16])
     out.print(table)
 
 
@@ -154,15 +156,10 @@ def results(
 @friendly_errors
 def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Rank the config's candidate backbones (select:) by LogME, H-score, NCE, LEEP and probe accuracy."""
-    from flows.config import load_config
-
-    cfg = load_config(config, cache_dir=cache_dir)
+    cfg = _load(config, cache_dir)
     from flows.select import select_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        result = select_flow(cfg)
-    _print_select(f"{cfg.name}: candidate backbones, ranked by LogME", result)
+    _print_select(f"{cfg.name}: candidate backbones, ranked by LogME", _run_local(select_flow, cfg))
 
 
 def _print_select(title: str, result) -> None:
@@ -171,12 +168,11 @@ def _print_select(title: str, result) -> None:
     table = Table(title=title)
     for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
         table.add_column(col)
-    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     for r in result.rows:
-        table.add_row(r["candidate"], *(fmt(r[s]) for s in SCORES), fmt(r["knn_val_acc"]), fmt(r["logistic_val_acc"]),
-                      f"{r['logme_s']:.3f}", f"{r['logistic_s']:.2f}")
+        table.add_row(r["candidate"], *(_fmt(r[s], ".4g") for s in SCORES), _fmt(r["knn_val_acc"], ".4g"),
+                      _fmt(r["logistic_val_acc"], ".4g"), f"{r['logme_s']:.3f}", f"{r['logistic_s']:.2f}")
     out.print(table)
-    taus = ", ".join(f"{k} {fmt(v)}" for k, v in result.kendall_tau.items())
+    taus = ", ".join(f"{k} {_fmt(v, '.4g')}" for k, v in result.kendall_tau.items())
     out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False)
 
 
@@ -184,18 +180,14 @@ def _print_select(title: str, result) -> None:
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Fine-tune the unfrozen blocks end to end (LP-FT from the best probe); resumes an interrupted run."""
-    from flows.config import load_config
-
-    cfg = load_config(config, cache_dir=cache_dir)
+    cfg = _load(config, cache_dir)
     from flows.extract import extract_flow
     from flows.finetune import finetune_flow
     from flows.heads import heads_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        features = extract_flow(cfg)
-        heads = heads_flow(cfg, features) if cfg.heads else []
-        result = finetune_flow(cfg, features, heads)
+    features = _run_local(extract_flow, cfg)
+    heads = _run_local(heads_flow, cfg, features) if cfg.heads else []
+    result = _run_local(finetune_flow, cfg, features, heads)
     table = Table(title=f"fine-tuning {cfg.backbone.name} ({'cached' if result.cache_hit else 'trained'})")
     for col in ("epoch", "train loss", "val loss", "val acc", "img/s", "lr backbone", "lr head"):
         table.add_column(col)
@@ -216,10 +208,8 @@ def demo(
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
     from flows.demo import comparison, demo_flow
-    from flows.stages import local_run_settings
 
-    with local_run_settings():
-        result = demo_flow(default_cache_dir(cache_dir))
+    result = _run_local(demo_flow, default_cache_dir(cache_dir))
     table = Table(title="second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init")
     for col in ("model", "labels per class", "pretrained", "random", "gain"):
         table.add_column(col)
@@ -235,8 +225,7 @@ def demo(
     if select_check:
         from flows.demo import selection_check_flow
 
-        with local_run_settings():
-            ranked = selection_check_flow(default_cache_dir(cache_dir))
+        ranked = _run_local(selection_check_flow, default_cache_dir(cache_dir))
         _print_select("second-scanner digits: which backbone to pick?", ranked)
 
 
