@@ -167,3 +167,30 @@ def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_confi
     assert not changed.stages["heads"]["cache_hit"] and not changed.stages["evaluate"]["cache_hit"]
     rows = query(cfg.cache_dir, experiment="tiny")
     assert len(rows) == 8  # 4 models, evaluated twice (the rerun was a cache hit and added none)
+
+
+def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follows(tiny_config, monkeypatch):
+    """A real failure (injected through the documented fault hook) in fine-tuning; then a clean rerun."""
+    import json
+
+    from flows.pipeline import pipeline_flow
+    from storage.faults import InjectedFault
+    from tasks.finetune import FinetuneResult
+
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}],
+                      finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0})
+    monkeypatch.setenv("TRANSFERPIPE_FAULTS", "finetune.epoch:1:raise")  # right after epoch 1 is checkpointed
+    with local_run_settings():
+        state = pipeline_flow(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InjectedFault, match="finetune.epoch"):
+        state.result()
+    monkeypatch.delenv("TRANSFERPIPE_FAULTS")
+    with local_run_settings():
+        rerun = pipeline_flow(cfg)
+    assert rerun.stages["extract"]["cache_hit"] and rerun.stages["heads"]["cache_hit"]
+    assert not rerun.stages["finetune"]["cache_hit"] and not rerun.stages["evaluate"]["cache_hit"]
+    # fine-tuning resumed after epoch 1 instead of restarting
+    saved = FinetuneResult.model_validate({**json.loads(next(cfg.cache_dir.glob("finetune/*/result.json")).read_text()),
+                                           "cache_hit": False, "seconds": 0})
+    assert saved.resumed_from == 1 and saved.epochs_run == 1
