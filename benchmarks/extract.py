@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.backbones import BackboneConfig, build, resolve
+from tasks.backbones import BackboneConfig, build
 from tasks.data import DataConfig, Manifest, load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 

@@ -86,6 +86,7 @@ class FeatureInfo:
     error: str = ""
     dataset_root: str = ""
     last_used: float | None = None
+    skipped: tuple[dict[str, str], ...] = ()
 
 
 def _json_attr(attrs: h5py.AttributeManager, name: str, default: Any) -> Any:
@@ -407,6 +408,12 @@ class FeatureStore:
             classes=attrs["classes"], spec=attrs["spec"], skipped=attrs["skipped"],
         )
 
+    def paths(self, key: str) -> list[str]:
+        """Only the row paths of a complete file (cheap checks; no feature is read)."""
+        with h5py.File(self.path(key), "r") as fh:
+            check_invariants(fh, key)
+            return list(fh["paths"].asstr()[()])
+
     def verify(self, key: str) -> list[str]:
         """Recompute the checksums of a complete file; return the problems found."""
         path = self.path(key)
@@ -516,6 +523,7 @@ class FeatureStore:
                     dims={layer: int(feats[layer].shape[1]) for layer in feats},
                     size_bytes=size, created_at=str(fh.attrs.get("created_at", "")),
                     dataset_root=str(fh.attrs.get("dataset_root", "")), last_used=self.last_used(key),
+                    skipped=tuple(_json_attr(fh.attrs, "skipped", [])),
                 )
         except (OSError, KeyError, ValueError) as exc:
             return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -132,12 +133,16 @@ def enum_weights(name: str, value: str) -> torchvision.models.WeightsEnum:
 @functools.cache
 def module_names(name: str) -> tuple[str, ...]:
     """Module names of a model, built on the meta device (no memory, no weights)."""
+    return tuple(n for n, _ in _skeleton(name).named_modules())
+
+
+def _skeleton(name: str) -> nn.Module:
+    """The architecture without memory (meta device), for names and shapes."""
     try:
         with torch.device("meta"):
-            model = _build_empty(name)
+            return _build_empty(name)
     except (RuntimeError, NotImplementedError):  # a few builders touch data at init
-        model = _build_empty(name)
-    return tuple(n for n, _ in model.named_modules())
+        return _build_empty(name)
 
 
 def _build_empty(name: str, **kwargs: Any) -> nn.Module:
@@ -266,6 +271,18 @@ def _state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor] | None, dic
     if spec.name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=True, transform_input=True)
     return load_weights_file(path), kwargs
+
+
+def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
+    """The source model's classifier (weight, bias) from its weights, or why there is none."""
+    if spec.weights == "none":
+        return "random initialisation: no source classifier"
+    state, _ = _state_dict(spec)
+    head = final_linear(_skeleton(spec.name))
+    w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
+    if w is None or b is None:
+        return f"the weights hold no classifier ({head}.weight)"
+    return w.double().numpy(), b.double().numpy()
 
 
 def final_linear(model: nn.Module) -> str | None:

@@ -179,7 +179,7 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
             x = torch.stack([pre(load_rgb(manifest.root / p)) for p, _ in items[start : start + 64]]).to(device)
             out.append(model(pre.normalize(x)).float().cpu().numpy())
     # skipped images are absent from the test feature file: score the same rows the heads see
-    keep = set(FeatureStore(plan.cache_dir).read(plan.test_key).paths)
+    keep = set(FeatureStore(plan.cache_dir).paths(plan.test_key))
     rows = [i for i, (p, _) in enumerate(items) if p in keep]
     return np.concatenate(out)[rows], np.array([items[i][1] for i in rows])
 

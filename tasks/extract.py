@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from storage.faults import fault_point
-from storage.features import FeatureStore, FeatureWriter
+from storage.features import FeatureStore
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
 from tasks.devices import pick_device
@@ -140,10 +140,8 @@ def extract_split(plan: SplitPlan) -> ExtractResult:
 
 
 def _reuse(plan: SplitPlan, path: Path, started: float) -> ExtractResult:
-    with h5py.File(path, "r") as fh:
-        rows = int(fh.attrs["rows_done"])
-        dims = {layer: int(ds.shape[1]) for layer, ds in fh["features"].items()}
-        skipped = FeatureWriter.read_skipped(fh)
+    info = FeatureStore(plan.cache_dir).info(path)
+    rows, dims, skipped = info.rows, info.dims, list(info.skipped)
     if skipped and plan.on_bad_image == "error":
         raise BadImageError(skipped, f"the {plan.split} split (cached as {path.name})")
     log.info("%s features for %s: cache hit %s", plan.split, plan.backbone.name, path)

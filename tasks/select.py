@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.keys import fingerprint
-from tasks.backbones import BackboneConfig, BackboneSpec, _build_empty, _state_dict, final_linear
+from tasks.backbones import BackboneConfig, BackboneSpec, source_classifier
 from tasks.head_stage import load_split
 from tasks.stage import StageResult
 
@@ -165,19 +164,6 @@ def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbon
     key = fingerprint({"kind": "scores", "version": SCORES_VERSION, "features": train_key, "layer": layer,
                        "classifier": backbone.weights_id})
     return ScorePlan(key=key, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
-
-
-def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
-    """The source model's classifier (weight, bias) from its weights, or why there is none."""
-    if spec.weights == "none":
-        return "random initialisation: no source classifier"
-    state, _ = _state_dict(spec)
-    with torch.device("meta"):
-        head = final_linear(_build_empty(spec.name))
-    w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
-    if w is None or b is None:
-        return f"the weights hold no classifier ({head}.weight)"
-    return w.double().numpy(), b.double().numpy()
 
 
 def score_candidate(plan: ScorePlan) -> ScoreResult:

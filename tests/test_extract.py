@@ -46,7 +46,7 @@ def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_confi
 def test_features_equal_a_direct_forward_pass(tiny_config):
     cfg = tiny_config(extract={"dtype": "float32"})
     plan = plans(cfg)["val"]
-    result = extract_split(plan)
+    extract_split(plan)
     manifest = Manifest.load(plan.manifest)
     pre = plan.backbone.preprocess
     x = torch.stack([pre(load_rgb(manifest.root / p)) for p, _ in manifest.splits["val"]])

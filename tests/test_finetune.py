@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.backbones import BackboneConfig, build, load_model, resolve
+from tasks.backbones import build, load_model, resolve
 from tasks.data import Manifest
 from tasks.extract import extract_split, plan_extraction
 from tasks.finetune import (
