@@ -132,6 +132,28 @@ def _print_run(result) -> None:
 
 @app.command()
 @friendly_errors
+def serve(
+    config: ConfigArg,
+    cron: Annotated[list[str], typer.Option("--cron", help="Cron schedule, e.g. '0 3 * * *' (repeatable).")] = [],
+    interval: Annotated[list[float], typer.Option("--interval", help="Run every N seconds (repeatable).")] = [],
+    timezone: Annotated[Optional[str], typer.Option("--timezone", help="Schedule time zone, e.g. Europe/Berlin (UTC).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Deployment name (default: the experiment name).")] = None,
+    paused: Annotated[bool, typer.Option("--paused", help="Register the schedule paused.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Deploy the pipeline on a Prefect server with a schedule and run its flow runs until Ctrl-C.
+
+    Needs a server (PREFECT_API_URL); trigger a run by hand with
+    `prefect deployment run pipeline-from-config/NAME`.
+    """
+    from flows.serve import serve as serve_config
+
+    serve_config(config, name=name, cron=cron, interval=interval, timezone=timezone, cache_dir=cache_dir,
+                 paused=paused)
+
+
+@app.command()
+@friendly_errors
 def results(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="Only this experiment.")] = None,
     sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece")] = "top1",

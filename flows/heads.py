@@ -8,7 +8,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ExperimentConfig
 from flows.extract import extract_flow
-from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, stage_result, submit_stage
+from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, submit_stage
 from tasks.extract import ExtractResult
 from tasks.head_stage import HeadPlan, HeadResult, is_stored, plan_heads, train_head
 
@@ -37,4 +37,4 @@ def heads_flow(config: ExperimentConfig, features: dict[str, ExtractResult] | No
         )
         for plan in plans
     ]
-    return [stage_result(future.wait() or future.state) for future in futures]
+    return [future.result() for future in futures]

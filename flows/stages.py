@@ -47,20 +47,43 @@ def _configured(task: Task, *, stored: bool, name: str, retries: int, retry_dela
     return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored)
 
 
-def stage_result(state: Any) -> Any:
-    """The stage's result from its final state; raises the stage's exception when it failed."""
-    result = state.result()
+class StageFailed(RuntimeError):
+    """A stage's task failed (after its retries); the message names the stage, ``__cause__`` is the error."""
+
+
+class StageInputError(StageFailed, ValueError):
+    """A stage failed on bad input (config or data): not retried, exit code 2 at the CLI."""
+
+
+def stage_result(state: Any, name: str) -> Any:
+    """The stage's result from its final state; a failure is raised as StageFailed naming the stage."""
+    try:
+        result = state.result()
+    except Exception as exc:
+        kind = StageInputError if isinstance(exc, ValueError) else StageFailed
+        raise kind(f"stage {name} failed: {exc}") from exc
     return result.cached() if state.name == "Cached" else result
 
 
 def run_stage(task: Task, plan: Any, **options: Any) -> Any:
     """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
-    return stage_result(_configured(task, **options)(plan, return_state=True))
+    return stage_result(_configured(task, **options)(plan, return_state=True), options["name"])
 
 
-def submit_stage(task: Task, plan: Any, **options: Any) -> Any:
-    """Like :func:`run_stage`, concurrently: returns a future; pass ``future.wait()`` state to stage_result."""
-    return _configured(task, **options).submit(plan)
+class StageFuture:
+    """A stage running concurrently: :meth:`result` waits and returns (or raises) like :func:`run_stage`."""
+
+    def __init__(self, future: Any, name: str) -> None:
+        self.future, self.name = future, name
+
+    def result(self) -> Any:
+        self.future.wait()
+        return stage_result(self.future.state, self.name)
+
+
+def submit_stage(task: Task, plan: Any, **options: Any) -> StageFuture:
+    """Like :func:`run_stage`, concurrently."""
+    return StageFuture(_configured(task, **options).submit(plan), options["name"])
 
 
 def experiment_run_name(prefix: str):

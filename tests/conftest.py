@@ -95,3 +95,23 @@ def _stop_ephemeral_prefect_server():
     EventsWorker.drain_all(timeout=10)
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real ``prefect server start`` on loopback (own home, SQLite), shared by the tests that need one."""
+    from prefect_server import start_server, stop_server
+
+    server, proc = start_server()
+    try:
+        yield server
+    finally:
+        stop_server(server, proc)
+
+
+def write_config(cfg, path: Path) -> Path:
+    """An ExperimentConfig as the YAML file a user would write."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -174,6 +174,7 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
     import json
 
     from flows.pipeline import pipeline_flow
+    from flows.stages import StageFailed
     from storage.faults import InjectedFault
     from tasks.finetune import FinetuneResult
 
@@ -182,9 +183,10 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
     monkeypatch.setenv("TRANSFERPIPE_FAULTS", "finetune.epoch:1:raise")  # right after epoch 1 is checkpointed
     with local_run_settings():
         state = pipeline_flow(cfg, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(InjectedFault, match="finetune.epoch"):
+    assert state.is_failed() and "stage finetune-resnet18 failed: injected fault at finetune.epoch" in state.message
+    with pytest.raises(StageFailed, match="stage finetune-resnet18 failed") as failed:
         state.result()
+    assert isinstance(failed.value.__cause__, InjectedFault)
     monkeypatch.delenv("TRANSFERPIPE_FAULTS")
     with local_run_settings():
         rerun = pipeline_flow(cfg)

@@ -1,0 +1,88 @@
+"""Scheduled pipelines: a Prefect deployment of one config, served from this process.
+
+A deployment's parameters must be JSON, so the deployed flow takes the config
+*file* and reads it when a run starts: edit the YAML and the next scheduled
+run uses it (unchanged stages stay cache hits, since keys are content).
+
+Schedules live on a Prefect server. Ephemeral mode (no ``PREFECT_API_URL``)
+cannot schedule, so :func:`serve` refuses to start without a server.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import flow
+
+from flows.config import ConfigError, load_config
+from flows.pipeline import PipelineResult, pipeline_flow
+
+DEPLOYED_FLOW = "pipeline-from-config"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"scheduled-{Path(flow_run.parameters['config']).stem}"
+
+
+@flow(name=DEPLOYED_FLOW, flow_run_name=_run_name)
+def pipeline_from_config(config: str, cache_dir: str | None = None) -> PipelineResult:
+    """The whole pipeline for the experiment config at ``config`` (a YAML path), read at run time."""
+    return pipeline_flow(load_config(config, cache_dir))
+
+
+def schedules(cron: list[str], interval: list[float], timezone: str | None = None) -> list:
+    """Prefect schedules from ``--cron`` and ``--interval`` values; a bad one is a ConfigError naming it."""
+    from prefect.schedules import Cron, Interval, validate_cron_string
+
+    out = []
+    for expr in cron:
+        try:
+            validate_cron_string(expr)
+        except ValueError as exc:
+            raise ConfigError(f"--cron {expr!r}: {exc}; expected five fields, e.g. '0 3 * * *' (03:00 daily)") from None
+        out.append(Cron(expr, timezone=timezone or "UTC"))
+    for seconds in interval:
+        if not seconds > 0:
+            raise ConfigError(f"--interval {seconds!r}: must be a positive number of seconds")
+        out.append(Interval(timedelta(seconds=seconds), timezone=timezone or "UTC"))
+    return out
+
+
+def require_server() -> str:
+    """The Prefect API URL; schedules cannot live in ephemeral mode, so without one this says how to start one."""
+    url = os.environ.get("PREFECT_API_URL") or _configured_url()
+    if not url:
+        raise ConfigError(
+            "transferpipe serve needs a Prefect server (ephemeral mode cannot schedule runs): start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url
+
+
+def _configured_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def serve(
+    config: Path, *, name: str | None = None, cron: list[str] = (), interval: list[float] = (),
+    timezone: str | None = None, cache_dir: Path | None = None, paused: bool = False,
+) -> None:
+    """Register ``pipeline-from-config/<name>`` with its schedules and run its flow runs until interrupted."""
+    from prefect.deployments.runner import EntrypointType
+
+    cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
+    plan = schedules(list(cron), list(interval), timezone)
+    require_server()
+    parameters = {"config": str(Path(config).resolve())}
+    if cache_dir is not None:
+        parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    pipeline_from_config.serve(
+        name=name or cfg.name, schedules=plan or None, paused=paused, parameters=parameters,
+        description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )

@@ -1,0 +1,116 @@
+"""Scheduling and reruns against a real ``prefect server start`` on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS = [{"kind": "logistic", "C": [1.0]}, {"kind": "knn", "k": [1, 3]}]
+
+
+def _cli(server, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=server.env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _wait(what: str, check, timeout: float, logs: list[Path] = ()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    tails = "\n".join(f"--- {p}:\n{p.read_text()[-4000:]}" for p in logs if p.exists())
+    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
+
+
+def _flow_run(server, run_id: str) -> dict:
+    return server.api("GET", f"/flow_runs/{run_id}")
+
+
+def _task_runs(server, run_id: str) -> list[dict]:
+    """Task runs of a flow run and of its subflow runs, at any depth."""
+    ids, frontier = [run_id], [run_id]
+    while frontier:
+        children = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
+        frontier = [f["id"] for f in children]
+        ids += frontier
+    return server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": ids}}})
+
+
+def _deployment_runs(server, deployment_id: str, auto_scheduled: bool) -> list[dict]:
+    runs = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+    return [r for r in runs if r["auto_scheduled"] == auto_scheduled]
+
+
+def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tiny_config, tmp_path):
+    cfg = tiny_config(heads=HEADS)
+    config = write_config(cfg, tmp_path / "tiny.yaml")
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", str(config), "--cron", "0 3 * * *", "--name", "nightly"],
+        cwd=REPO, env=prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2"), stdout=log.open("wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        def deployment():
+            try:
+                return prefect_server.api("GET", "/deployments/name/pipeline-from-config/nightly")
+            except Exception:  # noqa: BLE001 - not registered yet
+                return None
+
+        dep = _wait("the deployment to be registered", deployment, 120, [log])
+        schedules = [s["schedule"] for s in dep["schedules"]]
+        assert [(s.get("cron"), s.get("timezone")) for s in schedules] == [("0 3 * * *", "UTC")]
+        assert dep["parameters"] == {"config": str(config)}
+
+        triggered = _cli(prefect_server, "prefect", "deployment", "run", "pipeline-from-config/nightly", timeout=60)
+        assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+        runs = _deployment_runs(prefect_server, dep["id"], auto_scheduled=False)
+        assert len(runs) == 1
+        run_id = runs[0]["id"]
+
+        def finished():
+            state = _flow_run(prefect_server, run_id)["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait("the triggered run to finish", finished, 300, [log])
+        assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
+        names = {t["name"] for t in _task_runs(prefect_server, run_id)}
+        assert {"extract-resnet18-train", "head-logistic-penultimate", "evaluate-tiny"} <= names
+        assert list((cfg.cache_dir / "runs" / "tiny").glob("*/report.md"))
+        upcoming = _wait("the scheduler to create the nightly runs",
+                         lambda: _deployment_runs(prefect_server, dep["id"], auto_scheduled=True), 60)
+        assert all(r["expected_start_time"][11:16] == "03:00" for r in upcoming)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+
+
+def test_serve_refuses_without_a_server_and_names_bad_schedules(tiny_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config = write_config(tiny_config(heads=HEADS), tmp_path / "tiny.yaml")
+    runner = CliRunner()
+    no_server = runner.invoke(app, ["serve", str(config), "--interval", "60"], env={"PREFECT_API_URL": ""})
+    assert no_server.exit_code == 2 and "needs a Prefect server" in no_server.output
+    assert "prefect server start" in no_server.output
+    bad_cron = runner.invoke(app, ["serve", str(config), "--cron", "0 3 * *"])
+    assert bad_cron.exit_code == 2 and "--cron '0 3 * *'" in bad_cron.output
+    bad_interval = runner.invoke(app, ["serve", str(config), "--interval", "0"])
+    assert bad_interval.exit_code == 2 and "--interval 0.0: must be a positive" in bad_interval.output
