@@ -13,7 +13,7 @@ def extract_split_task(plan: SplitPlan) -> ExtractResult:
     return extract_split(plan)
 
 
-@flow(name="extract", flow_run_name=experiment_run_name("extract"), validate_parameters=False)
+@flow(name="extract", flow_run_name=experiment_run_name("extract"))
 def extract_flow(config: ExperimentConfig) -> dict[str, ExtractResult]:
     """Frozen-backbone features of every split, cached in HDF5 by content key."""
     plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)

@@ -17,7 +17,7 @@ def finetune_task(plan: FinetunePlan) -> FinetuneResult:
     return finetune(plan)
 
 
-@flow(name="finetune", flow_run_name=experiment_run_name("finetune"), validate_parameters=False)
+@flow(name="finetune", flow_run_name=experiment_run_name("finetune"))
 def finetune_flow(
     config: ExperimentConfig,
     features: dict[str, ExtractResult] | None = None,

@@ -19,7 +19,7 @@ def train_head_task(plan: HeadPlan) -> HeadResult:
 
 
 @flow(
-    name="heads", flow_run_name=experiment_run_name("heads"), validate_parameters=False,
+    name="heads", flow_run_name=experiment_run_name("heads"),
     task_runner=ThreadPoolTaskRunner(max_workers=max(1, min(4, os.cpu_count() or 1))),
 )
 def heads_flow(config: ExperimentConfig, features: dict[str, ExtractResult] | None = None) -> list[HeadResult]:

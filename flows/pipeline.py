@@ -37,7 +37,7 @@ def _stage(results) -> dict[str, float | bool]:
     return {"seconds": sum(r.seconds for r in results), "cache_hit": all(r.cache_hit for r in results)}
 
 
-@flow(name="pipeline", flow_run_name=experiment_run_name("run"), validate_parameters=False)
+@flow(name="pipeline", flow_run_name=experiment_run_name("run"))
 def pipeline_flow(config: ExperimentConfig) -> PipelineResult:
     """Images to a ranked comparison of every head and the fine-tuned model on the test split."""
     features = extract_flow(config)

@@ -30,7 +30,7 @@ class SelectResult(BaseModel):
     report: str
 
 
-@flow(name="select", flow_run_name=experiment_run_name("select"), validate_parameters=False)
+@flow(name="select", flow_run_name=experiment_run_name("select"))
 def select_flow(config: ExperimentConfig) -> SelectResult:
     """Every candidate: features (cached), cheap scores, and the kNN and logistic probes' val accuracy."""
     if config.select is None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from storage.faults import fault_point
 from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
 from storage.features import FeatureStore
 from storage.keys import fingerprint
@@ -251,6 +252,7 @@ def train_head(plan: HeadPlan) -> HeadResult:
                                      val_accuracy=meta["val_accuracy"], best_param=meta["best_param"],
                                      sweep=meta["sweep"], seconds=meta.get("fit_seconds", 0.0)))
             continue
+        fault_point("heads.fit")
         idx = few_shot_indices(y, shot, seed)
         est = h.estimator().set_params(random_state=seed)
         est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)

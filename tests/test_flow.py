@@ -196,3 +196,33 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
     saved = FinetuneResult.model_validate({**json.loads(next(cfg.cache_dir.glob("finetune/*/result.json")).read_text()),
                                            "cache_hit": False, "seconds": 0})
     assert saved.resumed_from == 1 and saved.epochs_run == 1
+
+
+def test_random_transient_faults_are_retried_to_the_same_results_as_a_clean_run(tiny_config, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline_flow
+    from storage import faults
+    from storage.features import FeatureStore
+
+    heads = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "knn", "k": [1, 3]}]
+    tune = {"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0}
+    clean_cfg = tiny_config(heads=heads, finetune=tune)
+    faulty_cfg = tiny_config(heads=heads, finetune=tune, cache_dir=str(tmp_path / "faulty"), retries=10,
+                             retry_delay_s=0)
+    with local_run_settings():
+        clean = pipeline_flow(clean_cfg)
+    monkeypatch.setenv(faults.ENV, "extract.batch:p=0.3,heads.fit:p=0.3,finetune.batch:p=0.2")
+    monkeypatch.setenv(faults.SEED_ENV, "7")
+    monkeypatch.setattr(faults, "fired", {})
+    with local_run_settings():
+        faulty = pipeline_flow(faulty_cfg)
+    assert sum(faults.fired.values()) >= 3 and len(faults.fired) == 3, faults.fired  # every stage was hit
+
+    def outcome(result):
+        return [(m.name, str(m.shot), m.metrics) for m in result.models]
+
+    assert outcome(faulty) == outcome(clean)  # every metric of every model, exactly
+    from tasks.extract import plan_extraction
+
+    for plan in plan_extraction(clean_cfg.data, clean_cfg.backbone, clean_cfg.extract, clean_cfg.cache_dir):
+        clean_set, faulty_set = (FeatureStore(c.cache_dir).read(plan.key) for c in (clean_cfg, faulty_cfg))
+        assert (clean_set.features["penultimate"] == faulty_set.features["penultimate"]).all()

@@ -114,3 +114,44 @@ def test_serve_refuses_without_a_server_and_names_bad_schedules(tiny_config, tmp
     assert bad_cron.exit_code == 2 and "--cron '0 3 * *'" in bad_cron.output
     bad_interval = runner.invoke(app, ["serve", str(config), "--interval", "0"])
     assert bad_interval.exit_code == 2 and "--interval 0.0: must be a positive" in bad_interval.output
+
+
+def test_prefect_yaml_deploys_the_same_pipeline_to_a_process_pool(prefect_server):
+    pool = _cli(prefect_server, "prefect", "work-pool", "create", "transferpipe", "--type", "process", timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deployed = _cli(prefect_server, "prefect", "--no-prompt", "deploy", "--all", timeout=120)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    dep = prefect_server.api("GET", "/deployments/name/pipeline-from-config/digits-nightly")
+    assert dep["entrypoint"] == "flows/serve.py:pipeline_from_config" and dep["work_pool_name"] == "transferpipe"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    assert (REPO / dep["parameters"]["config"]).exists()
+
+
+def test_prefect_flow_run_retry_reruns_only_the_failed_stage_and_what_follows(prefect_server, tiny_config, tmp_path):
+    """`transferpipe run` fails in fine-tuning (injected fault); `prefect flow-run retry` finishes the same run."""
+    import json
+
+    cfg = tiny_config(name="retried", heads=[{"kind": "logistic", "C": [1.0]}],
+                      finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0})
+    config = write_config(cfg, tmp_path / "retried.yaml")
+    failed = _cli(prefect_server, "flows.cli", "run", str(config), TRANSFERPIPE_FAULTS="finetune.epoch:1:raise")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "stage finetune-resnet18 failed: injected fault at finetune.epoch" in failed.stderr
+    runs = [r for r in prefect_server.api("POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["pipeline"]}}})
+            if r["name"] == "run-retried"]
+    assert len(runs) == 1 and runs[0]["state"]["type"] == "FAILED"
+    assert "stage finetune-resnet18 failed" in runs[0]["state"]["message"]
+
+    retried = _cli(prefect_server, "prefect", "flow-run", "retry", runs[0]["id"],
+                   "--entrypoint", "flows/pipeline.py:pipeline_flow")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert _flow_run(prefect_server, runs[0]["id"])["state"]["type"] == "COMPLETED"
+    states: dict[str, list[str]] = {}
+    for t in sorted(_task_runs(prefect_server, runs[0]["id"]), key=lambda t: t["start_time"] or ""):
+        states.setdefault(t["name"], []).append(t["state"]["name"])
+    assert states["extract-resnet18-train"] == ["Completed", "Cached"]  # no forward pass on the retry
+    assert states["head-logistic-penultimate"] == ["Completed", "Cached"]  # no head fit on the retry
+    assert states["finetune-resnet18"] == ["Failed", "Completed"]
+    assert states["evaluate-retried"] == ["Completed"]
+    saved = json.loads(next(cfg.cache_dir.glob("finetune/*/result.json")).read_text())
+    assert saved["resumed_from"] == 1  # the retry resumed fine-tuning after the checkpointed epoch
