@@ -11,7 +11,7 @@ from rich.table import Table
 
 from flows import cache_cli
 from flows.config import default_cache_dir
-from flows.console import friendly_errors, out
+from flows.console import err, friendly_errors, out
 
 
 app = typer.Typer(
@@ -109,12 +109,49 @@ def _print_heads(results) -> None:
 
 @app.command()
 @friendly_errors
-def run(config: ConfigArg, cache_dir: CacheDir = None) -> None:
-    """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report."""
+def run(
+    config: ConfigArg,
+    sweep: Annotated[Optional[Path], typer.Option(
+        "--sweep", help="Sweep file (grid or list of overrides); the config's own sweep: section otherwise.")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report.
+
+    With --sweep (or a sweep: section) it runs every experiment of the sweep,
+    concurrently, each distinct feature key extracted once, and compares them.
+    """
     cfg = _load(config, cache_dir)
+    if sweep is not None or cfg.sweep is not None:
+        _sweep(config, sweep, cache_dir)
+        return
     from flows.pipeline import pipeline_flow
 
     _print_run(_run_local(pipeline_flow, cfg))
+
+
+def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
+    from flows.config import load_sweep
+    from flows.sweep import run_sweep
+
+    plan, configs = load_sweep(config, sweep, cache_dir)
+    name = plan.name or _load(config, cache_dir).name
+    out.print(f"sweep {name}: {len(configs)} experiment(s), {plan.concurrency} at a time", highlight=False)
+    state = _run_local(run_sweep, plan, name, configs)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    table = Table(title=f"sweep {name}: experiments by their best model's test top-1")
+    for col in ("experiment", "best model", "shots", "top-1", "macro-F1", "forward batches", "head fits"):
+        table.add_column(col, overflow="fold")
+    for r in result.rows():
+        table.add_row(r["experiment"], r["best model"], r["shots"], _fmt(r["top1"]), _fmt(r["macro_f1"]),
+                      str(r["forward batches"]), str(r["head fits"]))
+    out.print(table)
+    out.print(f"every model: transferpipe results --experiment '{name}-*'", highlight=False)
+    if result.failed:
+        for experiment, why in result.failed.items():
+            err.print(f"[bold red]failed:[/] {experiment}: {why}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _print_run(result) -> None:
@@ -155,7 +192,8 @@ def serve(
 @app.command()
 @friendly_errors
 def results(
-    experiment: Annotated[Optional[str], typer.Option("--experiment", help="Only this experiment.")] = None,
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", help="Only this experiment; * and ? match any text (a sweep: 'NAME-*').")] = None,
     sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece")] = "top1",
     cache_dir: CacheDir = None,
 ) -> None:

@@ -5,13 +5,18 @@ them. Errors name the file, the field path, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import copy
+import json
+import itertools
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
@@ -21,6 +26,8 @@ from tasks.head_stage import HeadConfig
 from tasks.select import SelectConfig
 
 CACHE_ENV = "TRANSFERPIPE_CACHE_DIR"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_SWEEP = 1000
 DEFAULT_CACHE_DIR = Path("~/.cache/transferpipe")
 
 
@@ -28,12 +35,54 @@ class ConfigError(ValueError):
     """An invalid experiment config; the message lists every problem."""
 
 
+class SweepConfig(BaseModel):
+    """``sweep:`` section (or a ``--sweep`` file): many experiments from one base config.
+
+    Overrides are dotted paths into the base config (``finetune.lr_backbone``,
+    ``backbone.name``, ``heads``); a value replaces what is there. ``grid``
+    runs every combination; ``experiments`` lists override sets, one
+    experiment each (an optional ``name`` names it). Both may be given.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, max_length=60,
+                             description="prefix of the experiment names (default: the base config's name)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    experiments: list[dict[str, Any]] = Field(default_factory=list)
+    concurrency: int = Field(2, ge=1, le=64, description="experiments run at once")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [path for path, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"grid values must be non-empty lists; empty: {', '.join(empty)}")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> SweepConfig:
+        if not self.grid and not self.experiments:
+            raise ValueError("a sweep needs a grid: mapping of dotted paths to value lists, or an experiments: list")
+        if self.size() > MAX_SWEEP:
+            raise ValueError(f"this sweep expands to {self.size()} experiments; at most {MAX_SWEEP}")
+        return self
+
+    def size(self) -> int:
+        return len(self.experiments) + (math.prod(len(v) for v in self.grid.values()) if self.grid else 0)
+
+    def override_sets(self) -> list[dict[str, Any]]:
+        """One dict of dotted-path overrides per experiment: the listed ones, then the grid's combinations."""
+        combos = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid else []
+        return [dict(entry) for entry in self.experiments] + combos
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: data, backbone and stage settings. Frozen: never mutated after loading."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     extract: ExtractConfig = ExtractConfig()
@@ -43,6 +92,7 @@ class ExperimentConfig(BaseModel):
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")
     retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
     retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")
+    sweep: SweepConfig | None = Field(None, description="run many experiments from this one (transferpipe run)")
 
     @field_validator("cache_dir")
     @classmethod
@@ -56,20 +106,96 @@ def default_cache_dir(flag: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().absolute()
 
 
-def load_config(path: str | Path, cache_dir: str | Path | None = None) -> ExperimentConfig:
-    """Read and validate a YAML config. ``cache_dir`` (the CLI flag) beats ``$TRANSFERPIPE_CACHE_DIR``, which beats the file."""
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML mapping from ``path`` (``yaml.safe_load``); errors name the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, cache_dir=cache_dir)
+    return raw
+
+
+def load_config(path: str | Path, cache_dir: str | Path | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config. ``cache_dir`` (the CLI flag) beats ``$TRANSFERPIPE_CACHE_DIR``, which beats the file."""
+    path = Path(path)
+    return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent, cache_dir=cache_dir)
+
+
+def load_sweep(
+    config: str | Path, sweep: str | Path | None = None, cache_dir: str | Path | None = None
+) -> tuple[SweepConfig, list[ExperimentConfig]]:
+    """The experiments of a sweep: the base config with each override set applied, all validated up front.
+
+    The sweep comes from the ``--sweep`` file when given, else from the config's
+    ``sweep:`` section. Errors name the file, the experiment and the field.
+    """
+    config = Path(config)
+    base = read_yaml(config)
+    section = base.pop("sweep", None)
+    source = str(sweep) if sweep is not None else f"{config}: sweep"
+    raw_sweep = read_yaml(sweep, "sweep file") if sweep is not None else section
+    if raw_sweep is None:
+        raise ConfigError(f"{config} has no sweep: section; add one or pass --sweep SWEEP.yaml")
+    try:
+        plan = SweepConfig.model_validate(raw_sweep)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source, model=SweepConfig)) from None
+    prefix = plan.name or str(base.get("name", "sweep"))
+    experiments, problems, names = [], [], set()
+    for i, overrides in enumerate(plan.override_sets()):
+        label = overrides.pop("name", None)
+        name = _experiment_name(prefix, i, label, overrides)
+        where = f"{source}: experiment {i + 1} ({name})"
+        if name in names:
+            problems.append(f"{where}: duplicate experiment name")
+            continue
+        names.add(name)
+        raw = copy.deepcopy(base)
+        try:
+            for path, value in overrides.items():
+                _set_path(raw, path, value)
+            raw["name"] = name
+            experiments.append(parse_config(raw, source=where, base_dir=config.resolve().parent, cache_dir=cache_dir))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return plan, experiments
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``path = "a.b.c"``, creating mappings on the way."""
+    parts = path.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {path!r}: {'.'.join(parts[: depth + 1])} is a {type(child).__name__}, not a mapping; "
+                "override the whole value instead"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _experiment_name(prefix: str, index: int, label: str | None, overrides: dict[str, Any]) -> str:
+    """``<prefix>-<label>`` or ``<prefix>-NN-<leaf>-<value>...``: readable, unique, a valid experiment name."""
+    if label is not None:
+        return f"{prefix}-{label}"
+    parts = [f"{path.split('.')[-1]}-{_slug(value)}" for path, value in overrides.items()]
+    return f"{prefix}-{index + 1:02d}" + "".join(f"-{p}" for p in parts)[: 100 - len(prefix) - 6]
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")[:24] or "x"
 
 
 def parse_config(
@@ -84,25 +210,24 @@ def parse_config(
         raise ConfigError(format_errors(exc, source)) from None
 
 
-def format_errors(exc: ValidationError, source: str) -> str:
+def format_errors(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(err["loc"][:-1])
+            allowed = _allowed_keys(err["loc"][:-1], model or ExperimentConfig)
             lines.append(f"{loc}: unknown key; allowed here: {', '.join(allowed)}")
             continue
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, (str, int, float, bool, type(None))) and err["type"] != "missing" else ""
         lines.append(f"{loc}: {msg}{shown}")
-    head = f"{source}: {len(lines)} problem(s) in the experiment config"
+    head = f"{source}: {len(lines)} problem(s) in the {'sweep' if model is SweepConfig else 'experiment config'}"
     return "\n".join([head, *(f"  - {line}" for line in lines)])
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
     """Field names of the model at ``loc`` (walks nested models, lists and optionals)."""
-    model: type[BaseModel] = ExperimentConfig
     for part in loc:
         if isinstance(part, int):
             continue

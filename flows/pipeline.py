@@ -33,8 +33,10 @@ class PipelineResult(BaseModel):
 
 
 def _stage(results) -> dict[str, float | bool]:
+    """Time, cache status and work done (forward batches, fits, epochs) of one stage."""
     results = results if isinstance(results, list) else [results]
-    return {"seconds": sum(r.seconds for r in results), "cache_hit": all(r.cache_hit for r in results)}
+    work = {f: sum(getattr(r, f) for r in results) for f in results[0].work_fields}
+    return {"seconds": sum(r.seconds for r in results), "cache_hit": all(r.cache_hit for r in results), **work}
 
 
 @flow(name="pipeline", flow_run_name=experiment_run_name("run"))

@@ -44,14 +44,15 @@ def append(cache_dir: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def query(cache_dir: str | Path, experiment: str | None = None, sort: str = "top1") -> list[dict[str, Any]]:
-    """Rows, best first by ``sort`` (lower is better for nll and ece)."""
+    """Rows, best first by ``sort`` (lower is better for nll and ece); ``experiment`` may be a glob (``sweep-*``)."""
     if sort not in METRICS:
         raise ValueError(f"--sort {sort!r} is not one of {', '.join(METRICS)}")
     path = registry_path(cache_dir)
     if not path.exists():
         return []
     order = "ASC" if sort in ("nll", "ece") else "DESC"
-    where, args = ("WHERE experiment = ?", (experiment,)) if experiment else ("", ())
+    op = "GLOB" if experiment and any(c in experiment for c in "*?[") else "="
+    where, args = (f"WHERE experiment {op} ?", (experiment,)) if experiment else ("", ())
     with closing(_connect(path)) as conn:
         conn.row_factory = sqlite3.Row
         sql = f"SELECT * FROM results {where} ORDER BY {sort} IS NULL, {sort} {order}, id"

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -286,14 +288,26 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- the stage
 
 
+#: torch's RNG is global to a process, so fine-tunes in threads of one process (a sweep) take turns;
+#: separate processes and machines run in parallel. A run's determinism is worth more than that overlap.
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def finetune(plan: FinetunePlan) -> FinetuneResult:
-    """Fine-tune (or resume, or reuse) the run for ``plan.key``."""
+    """Fine-tune (or resume, or reuse) the run for ``plan.key``; one writer per key (a lock that dies with it)."""
     started = time.perf_counter()
-    cfg, folder = plan.finetune, run_dir(plan)
-    if is_stored(plan):
-        saved = json.loads((folder / "result.json").read_text())
-        return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_dir(plan)
+    if not is_stored(plan):
+        folder.mkdir(parents=True, exist_ok=True)
+        with _ONE_AT_A_TIME, FileLock(str(folder / ".lock")):
+            if not is_stored(plan):  # the run we waited for may have finished it
+                return _train(plan, folder, started)
+    saved = json.loads((folder / "result.json").read_text())
+    return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
+
+
+def _train(plan: FinetunePlan, folder: Path, started: float) -> FinetuneResult:
+    cfg = plan.finetune
     manifest = Manifest.load(plan.manifest)
     if "val" not in manifest.splits:
         raise ValueError("fine-tuning needs a val split for model selection and early stopping; set data.val_fraction > 0")
