@@ -35,6 +35,31 @@ class ConfigError(ValueError):
     """An invalid experiment config; the message lists every problem."""
 
 
+class DaskConfig(BaseModel):
+    """``dask:`` section: extraction sharded over Dask workers (prefect-dask). Absent: one process.
+
+    Workers need the cache folder on a shared file system (one machine: nothing
+    to do) and a Prefect server (``PREFECT_API_URL``): in ephemeral mode every
+    worker process would start its own.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="an existing scheduler, e.g. tcp://10.0.0.5:8786; "
+                                                  "none: a LocalCluster on this machine")
+    workers: int = Field(2, ge=1, le=1024, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    gpus_per_worker: int = Field(0, ge=0, le=16, description="GPUs each shard task needs (Dask resource GPU)")
+    shards: int | None = Field(None, ge=1, le=4096, description="shards per split (default: workers)")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^\s/]+$", v):
+            raise ValueError(f"address {v!r} is not a Dask scheduler address like tcp://HOST:8786")
+        return v
+
+
 class SweepConfig(BaseModel):
     """``sweep:`` section (or a ``--sweep`` file): many experiments from one base config.
 
@@ -93,6 +118,7 @@ class ExperimentConfig(BaseModel):
     retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
     retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")
     sweep: SweepConfig | None = Field(None, description="run many experiments from this one (transferpipe run)")
+    dask: DaskConfig | None = Field(None, description="shard extraction over Dask workers")
 
     @field_validator("cache_dir")
     @classmethod

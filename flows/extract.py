@@ -17,6 +17,10 @@ def extract_split_task(plan: SplitPlan) -> ExtractResult:
 def extract_flow(config: ExperimentConfig) -> dict[str, ExtractResult]:
     """Frozen-backbone features of every split, cached in HDF5 by content key."""
     plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
+    if config.dask is not None and not all(is_stored(plan) for plan in plans):
+        from flows.scale_out import sharded_extract
+
+        return sharded_extract(config, plans)
     return {
         plan.split: run_stage(
             extract_split_task, plan, stored=is_stored(plan),

@@ -15,9 +15,16 @@ below ``rows_done`` intact when a writer is killed. ``labels`` and ``paths``
 follow from the manifest and are written once, at completion; then checksums,
 then ``complete`` (last), then an atomic rename to ``<key>.h5``. A complete file
 is never modified again; readers only ever open complete files.
+
+A split extracted in shards (scale-out workers) has one complete file per shard
+under ``shards/<key>/``; :meth:`FeatureStore.join` then writes ``<key>.h5`` whose
+``features/<layer>`` are HDF5 virtual datasets over the shards (no copy; source
+paths relative to this folder, so the cache can move), with the same checksums
+a single-process file would have. Readers see no difference.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -147,6 +154,14 @@ def check_invariants(fh: h5py.File, key: str | None = None) -> None:
         raise CorruptFeatureFile(f"{name}: rows_done={rows} but shapes are {shapes}")
     if "checksums" not in attrs:
         raise CorruptFeatureFile(f"{name}: no checksums")
+    folder = Path(name).parent
+    for layer in fh["features"]:
+        ds = fh["features"][layer]
+        if ds.is_virtual:  # a missing shard would read as fill values, silently
+            missing = sorted({vs.file_name for vs in ds.virtual_sources()
+                              if vs.file_name != "." and not (folder / vs.file_name).exists()})
+            if missing:
+                raise CorruptFeatureFile(f"{name}: shard file(s) {', '.join(missing)} of features/{layer} are missing")
 
 
 class FeatureWriter:
@@ -327,9 +342,14 @@ def _fsync(path: Path) -> None:
 class FeatureStore:
     """The feature files under ``<cache_dir>/features``; the source of truth for extraction."""
 
-    def __init__(self, cache_dir: str | Path) -> None:
-        self.root = Path(cache_dir).expanduser() / "features"
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cache_dir: str | Path | None, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else Path(cache_dir).expanduser() / "features"
+        if root is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def shards(self, key: str) -> FeatureStore:
+        """The store of ``key``'s shard files, ``shards/<key>/`` (made by the first writer's lock)."""
+        return FeatureStore(None, root=self.root / "shards" / key)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.h5"
@@ -339,6 +359,7 @@ class FeatureStore:
 
     def lock(self, key: str, timeout: float = -1) -> FileLock:
         """One writer per key: an OS lock (flock) that dies with its holder."""
+        self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / f"{key}.h5.lock"), timeout=timeout)
 
     def writer(self, key: str, **kwargs: Any) -> FeatureWriter:
@@ -451,6 +472,92 @@ class FeatureStore:
             raise KeyError(f"in {self.root}: " + "; ".join(problems))
         return out
 
+    def join(
+        self, key: str, parts: list[str], *, spec: dict[str, Any], classes: list[str], versions: dict[str, str],
+        batch_size: int, attrs: dict[str, str] | None = None,
+    ) -> Path:
+        """Join complete shard files (in order) into ``<key>.h5`` without copying features.
+
+        Features become virtual datasets over the shards. Each shard's checksums
+        are verified in the same single read that computes the joined file's
+        checksums (equal to those of one file written in one process); a bad
+        shard is quarantined and the join fails, so a retry recomputes it.
+        Use under the key's lock.
+        """
+        shard_store = self.shards(key)
+        paths = [shard_store.path(part) for part in parts]
+        partial = self.partial_path(key)
+        if partial.exists():  # left by a single-process run: keep it aside, never delete work
+            self.quarantine(partial, "replaced", "a sharded extraction is joining this key")
+        with contextlib.ExitStack() as stack:
+            shards = []
+            for part, path in zip(parts, paths):
+                try:
+                    fh = stack.enter_context(h5py.File(path, "r"))
+                    check_invariants(fh, part)
+                except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+                    raise CorruptFeatureFile(f"shard {path} of {short(key)} cannot be joined: {exc}") from exc
+                shards.append(fh)
+            rows = [int(fh.attrs["rows_done"]) for fh in shards]
+            total = sum(rows)
+            stored = [_json_attr(fh.attrs, "checksums", {}) for fh in shards]
+            labels = np.concatenate([fh["labels"][()] for fh in shards]).astype(np.int64)
+            row_paths = [p for fh in shards for p in fh["paths"].asstr()[()]]
+            skipped = [s for fh in shards for s in _json_attr(fh.attrs, "skipped", [])]
+            bad = [str(path) for path, fh, sums in zip(paths, shards, stored)
+                   if sums.get("labels") != values_checksum(fh["labels"][()])]
+            checksums = {}
+            with h5py.File(partial, "w") as out:
+                group = out.create_group("features")
+                for layer in sorted(shards[0]["features"]):
+                    first = shards[0]["features"][layer]
+                    dim, dtype = first.shape[1], first.dtype
+                    layout = h5py.VirtualLayout(shape=(total, dim), dtype=dtype)
+                    joint, offset = hashlib.sha256(), 0
+                    for path, fh, n, sums in zip(paths, shards, rows, stored):
+                        ds, own = fh["features"][layer], hashlib.sha256()
+                        for start in range(0, n, 65536):
+                            block = _bytes_view(ds[start : start + 65536])
+                            own.update(block)
+                            joint.update(block)
+                        if sums.get(f"features/{layer}") != "sha256:" + own.hexdigest():
+                            bad.append(str(path))
+                        if n:
+                            source = h5py.VirtualSource(os.path.relpath(path, self.root), f"features/{layer}",
+                                                        shape=(n, dim), dtype=dtype)
+                            layout[offset : offset + n] = source
+                        offset += n
+                    if total:
+                        group.create_virtual_dataset(layer, layout)
+                    else:
+                        group.create_dataset(layer, shape=(0, dim), dtype=dtype)
+                    checksums[f"features/{layer}"] = "sha256:" + joint.hexdigest()
+                if not bad:
+                    out.create_dataset("labels", data=labels)
+                    out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=_STR)
+                    checksums.update(labels=values_checksum(labels), paths=values_checksum(row_paths))
+                    out.attrs.update(
+                        key=key, spec=canonical_json(spec), classes=canonical_json(classes),
+                        versions=canonical_json(versions), batch_size=batch_size, rows_done=total,
+                        skipped=canonical_json(skipped), checksums=canonical_json(checksums), shards=canonical_json(parts),
+                        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **(attrs or {}),
+                    )
+                    out.flush()
+                    out.attrs["complete"] = True
+        if bad:  # the partial holds only metadata: drop it; set the bad shards aside so a rerun recomputes them
+            partial.unlink()
+            for path in sorted(set(bad)):
+                shard_store.quarantine(Path(path), "corrupt", "checksum mismatch found while joining")
+            raise CorruptFeatureFile(
+                f"shard(s) {', '.join(sorted(set(bad)))} of {short(key)} failed their checksums and were quarantined; "
+                "rerun to recompute them"
+            )
+        _fsync(partial)
+        os.replace(partial, self.path(key))
+        _fsync(self.root)
+        self.mark_used(key)
+        return self.path(key)
+
     # ------------------------------------------------------------------ use and removal
 
     def _used_marker(self, key: str) -> Path:
@@ -473,9 +580,12 @@ class FeatureStore:
             raise FeatureStoreError(f"{short(key)} is being written by another run; try again when it ends") from None
         try:
             paths = [p for p in (self.path(key), self.partial_path(key), self._used_marker(key)) if p.exists()]
+            shards = self.root / "shards" / key
+            if shards.is_dir():
+                paths.append(shards)
             if not dry_run:
                 for path in paths:
-                    path.unlink()
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             return paths
         finally:
             lock.release()
@@ -512,7 +622,7 @@ class FeatureStore:
         """Describe a complete or partial file without trusting it."""
         complete = path.suffix == ".h5"
         key = path.name.split(".")[0]
-        size = path.stat().st_size
+        size = path.stat().st_size + sum(p.stat().st_size for p in (self.root / "shards" / key).glob("*.h5"))
         try:
             with h5py.File(path, "r") as fh:
                 feats = fh["features"]

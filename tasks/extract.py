@@ -120,35 +120,131 @@ def is_stored(plan: SplitPlan) -> bool:
 
 def extract_split(plan: SplitPlan) -> ExtractResult:
     """The stage: reuse the complete file for ``plan.key`` or compute (resume) it."""
+    return _extract(plan, FeatureStore(plan.cache_dir), plan.key, plan.key, (0, None))
+
+
+def _extract(plan: SplitPlan, store: FeatureStore, name: str, key: str, span: tuple[int, int | None]) -> ExtractResult:
+    """Under ``name``'s lock in ``store``: reuse its complete file or compute rows ``span`` of the split."""
     started = time.perf_counter()
-    store = FeatureStore(plan.cache_dir)
-    path = store.lookup(plan.key)
+    path = store.lookup(name)
     if path is None:
-        lock = store.lock(plan.key)
+        lock = store.lock(name)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.info("another run is extracting %s; waiting for it", short(plan.key))
+            log.info("another run is extracting %s; waiting for it", short(key))
             lock.acquire()
         try:
-            path = store.lookup(plan.key)  # the run we waited for may have finished it
+            path = store.lookup(name)  # the run we waited for may have finished it
             if path is None:
-                return _compute(plan, store, started)
+                return _compute(plan, store, started, name, key, span)
         finally:
             lock.release()
-    return _reuse(plan, path, started)
+    return _reuse(plan, store, path, started, key)
 
 
-def _reuse(plan: SplitPlan, path: Path, started: float) -> ExtractResult:
-    info = FeatureStore(plan.cache_dir).info(path)
+def _reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key: str, hit: bool = True) -> ExtractResult:
+    info = store.info(path)
     rows, dims, skipped = info.rows, info.dims, list(info.skipped)
     if skipped and plan.on_bad_image == "error":
         raise BadImageError(skipped, f"the {plan.split} split (cached as {path.name})")
-    log.info("%s features for %s: cache hit %s", plan.split, plan.backbone.name, path)
+    log.info("%s features for %s: %s %s", plan.split, plan.backbone.name, "cache hit" if hit else "joined", path)
     return ExtractResult(
-        key=plan.key, split=plan.split, path=path, manifest=plan.manifest, rows=rows, dims=dims, skipped=len(skipped),
-        cache_hit=True, forward_batches=0, seconds=time.perf_counter() - started,
+        key=key, split=plan.split, path=path, manifest=plan.manifest, rows=rows, dims=dims, skipped=len(skipped),
+        cache_hit=hit, forward_batches=0, seconds=time.perf_counter() - started,
     )
+
+
+# --------------------------------------------------------------------------- shards (scale-out)
+
+
+class ShardPlan(BaseModel):
+    """Rows ``[start, stop)`` of one split, whole batches, extracted by one worker to its own file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    split: SplitPlan
+    index: int
+    count: int
+    start: int
+    stop: int
+
+    @property
+    def part(self) -> str:
+        """The shard's name in ``shards/<feature key>/``."""
+        return f"{self.start:08d}-{self.stop:08d}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.split.key}-{self.part}"
+
+
+class JoinPlan(BaseModel):
+    """Shards to join, in order, into the split's feature file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    split: SplitPlan
+    parts: list[str]
+
+    @property
+    def key(self) -> str:
+        return self.split.key
+
+
+def plan_shards(plan: SplitPlan, count: int) -> list[ShardPlan]:
+    """Up to ``count`` shards of whole batches, so every batch is the one a single process would run."""
+    n = len(Manifest.load(plan.manifest).splits[plan.split])
+    size = plan.extract.batch_size
+    batches = -(-n // size)
+    count = max(1, min(count, batches))
+    bounds = [round(i * batches / count) for i in range(count + 1)]
+    return [
+        ShardPlan(split=plan, index=i, count=count, start=bounds[i] * size, stop=min(bounds[i + 1] * size, n))
+        for i in range(count)
+    ]
+
+
+def extract_shard(shard: ShardPlan) -> ExtractResult:
+    """One shard to ``shards/<key>/<start>-<stop>.h5``: resumable and locked like a whole split."""
+    plan = _worker_device(shard.split)
+    store = FeatureStore(plan.cache_dir).shards(plan.key)
+    return _extract(plan, store, shard.part, shard.key, (shard.start, shard.stop))
+
+
+def _worker_device(plan: SplitPlan) -> SplitPlan:
+    """On a Dask worker of a machine with several GPUs, worker N uses GPU N mod count.
+
+    (Workers started one per GPU with their own CUDA_VISIBLE_DEVICES, as dask-cuda
+    does, each see one device and keep ``cuda``.)
+    """
+    if plan.extract.device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        return plan
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return plan
+    index = name if isinstance(name, int) else 0
+    device = f"cuda:{index % torch.cuda.device_count()}"
+    return plan.model_copy(update={"extract": plan.extract.model_copy(update={"device": device})})
+
+
+def join_shards(plan: JoinPlan) -> ExtractResult:
+    """The split's feature file from its shards (HDF5 virtual datasets, no copy), under the split's lock."""
+    started = time.perf_counter()
+    split = plan.split
+    store = FeatureStore(split.cache_dir)
+    with store.lock(split.key):
+        path = store.lookup(split.key)
+        if path is None:
+            manifest = Manifest.load(split.manifest)
+            path = store.join(
+                split.key, plan.parts, spec=split.spec, classes=manifest.classes, versions=versions(),
+                batch_size=split.extract.batch_size, attrs={"dataset_root": str(manifest.root)},
+            )
+    return _reuse(split, store, path, started, split.key, hit=False)
 
 
 # --------------------------------------------------------------------------- compute
@@ -259,16 +355,19 @@ class _Runner:
         return {layer: int(a.shape[1]) for layer, a in out.items()}
 
 
-def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractResult:
+def _compute(
+    plan: SplitPlan, store: FeatureStore, started: float, name: str, key: str, span: tuple[int, int | None]
+) -> ExtractResult:
     manifest = Manifest.load(plan.manifest)
-    items = manifest.splits[plan.split]
+    items = manifest.splits[plan.split][span[0] : span[1]]
     where = f"the {plan.split} split of {manifest.root}"
     bad = check_headers(manifest.root, items)
     runner = _Runner(plan.backbone, plan.extract)
     cfg = plan.extract
+    rows = {} if span == (0, None) else {"rows": f"{span[0]}:{span[0] + len(items)}"}
     with store.writer(
-        plan.key, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),
-        batch_size=cfg.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root)},
+        name, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),
+        batch_size=cfg.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root), **rows},
     ) as writer:
         first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
         batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
@@ -310,7 +409,7 @@ def _compute(plan: SplitPlan, store: FeatureStore, started: float) -> ExtractRes
     for s in writer.skipped:
         log.warning("skipped %s: %s", s["path"], s["error"])
     return ExtractResult(
-        key=plan.key, split=plan.split, path=path, manifest=plan.manifest, rows=len(kept), dims=writer.dims,
+        key=key, split=plan.split, path=path, manifest=plan.manifest, rows=len(kept), dims=writer.dims,
         skipped=len(dropped),
         cache_hit=False, forward_batches=runner.batches, seconds=seconds,
     )

@@ -106,6 +106,11 @@ def prefect_server():
     try:
         yield server
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # logs of runs this process sent to the server, before it goes
+        EventsWorker.drain_all(timeout=10)
         stop_server(server, proc)
 
 

@@ -1,0 +1,95 @@
+"""Extraction sharded over Dask workers with Prefect's Dask task runner (prefect-dask).
+
+Each split that is not stored yet is cut into shards of whole batches; every
+shard is a cached, retryable task that a worker extracts to its own file
+(``features/shards/<key>/``), one GPU per task where ``gpus_per_worker`` asks
+for it (a Dask resource). The flow then joins each split's shards into the
+usual ``<key>.h5`` with HDF5 virtual datasets (no copy), so heads, fine-tuning
+and evaluation read it like any other feature file, and the features are the
+ones a single process computes (same batches, same checksums).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from prefect import flow, task
+
+from flows.config import DaskConfig, ExperimentConfig
+from flows.extract import extract_split_task
+from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage, submit_stage
+from tasks.extract import (
+    ExtractResult, JoinPlan, ShardPlan, SplitPlan, extract_shard, is_stored, join_shards, plan_shards,
+)
+
+log = logging.getLogger("transferpipe.scale_out")
+
+
+@task(name="extract-shard", **STAGE_TASK_OPTIONS)
+def extract_shard_task(plan: ShardPlan) -> ExtractResult:
+    return extract_shard(plan)
+
+
+@task(name="join-shards", **STAGE_TASK_OPTIONS)
+def join_shards_task(plan: JoinPlan) -> ExtractResult:
+    return join_shards(plan)
+
+
+def task_runner(cfg: DaskConfig):
+    """A DaskTaskRunner on an existing scheduler, or on a LocalCluster of ``workers`` processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    cluster = {"n_workers": cfg.workers, "threads_per_worker": cfg.threads_per_worker, "processes": True,
+               "dashboard_address": None}
+    if cfg.gpus_per_worker:
+        cluster["resources"] = {"GPU": cfg.gpus_per_worker}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def _shard_resources(cfg: DaskConfig):
+    if not cfg.gpus_per_worker:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": cfg.gpus_per_worker})
+
+
+@flow(name="extract-sharded", flow_run_name=experiment_run_name("extract-sharded"))
+def sharded_extract_flow(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[str, ExtractResult]:
+    """Shards of every unstored split on the Dask workers, then one join per split here."""
+    cfg = config.dask
+    options = {"retries": config.retries, "retry_delay_s": config.retry_delay_s}
+    name = f"extract-{config.backbone.name}"
+    todo = {p.split: plan_shards(p, cfg.shards or cfg.workers) for p in plans if not is_stored(p)}
+    with _shard_resources(cfg):
+        futures = {
+            split: [submit_stage(extract_shard_task, s, stored=False, name=f"{name}-{split}-shard{s.index + 1}of{s.count}",
+                                 **options) for s in shards]
+            for split, shards in todo.items()
+        }
+    results = {}
+    for plan in plans:
+        if plan.split not in todo:
+            results[plan.split] = run_stage(extract_split_task, plan, stored=True, name=f"{name}-{plan.split}",
+                                            **options)
+            continue
+        shards = [future.result() for future in futures[plan.split]]
+        joined = run_stage(join_shards_task, JoinPlan(split=plan, parts=[s.part for s in todo[plan.split]]),
+                           stored=False, name=f"join-{config.backbone.name}-{plan.split}", **options)
+        results[plan.split] = joined.model_copy(update={
+            "forward_batches": sum(s.forward_batches for s in shards),
+            "seconds": joined.seconds + sum(s.seconds for s in shards),
+            "cache_hit": all(s.cache_hit for s in shards),
+        })
+    return results
+
+
+def sharded_extract(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[str, ExtractResult]:
+    """Run :func:`sharded_extract_flow` on the Dask task runner the config's ``dask:`` section describes."""
+    if not os.environ.get("PREFECT_API_URL"):
+        log.warning("dask: no PREFECT_API_URL, so every Dask worker starts its own ephemeral Prefect server "
+                    "(~10-20 s each); start `prefect server start` and set PREFECT_API_URL")
+    return sharded_extract_flow.with_options(task_runner=task_runner(config.dask))(config, plans)
