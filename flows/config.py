@@ -126,6 +126,11 @@ class ExperimentConfig(BaseModel):
         return resolve_path(v, info)
 
 
+def as_config(value: ExperimentConfig | dict[str, Any]) -> ExperimentConfig:
+    """Flows take an ExperimentConfig; Prefect re-running a flow run (``flow-run retry``) passes its JSON form."""
+    return value if isinstance(value, ExperimentConfig) else ExperimentConfig.model_validate(value)
+
+
 def default_cache_dir(flag: str | Path | None = None) -> Path:
     """The cache folder when no config is given: ``--cache-dir``, else ``$TRANSFERPIPE_CACHE_DIR``, else the default."""
     chosen = flag or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.config import ExperimentConfig
+from flows.config import ExperimentConfig, as_config
 from flows.extract import extract_flow
 from flows.heads import heads_flow
 from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage
@@ -17,7 +17,7 @@ def finetune_task(plan: FinetunePlan) -> FinetuneResult:
     return finetune(plan)
 
 
-@flow(name="finetune", flow_run_name=experiment_run_name("finetune"))
+@flow(name="finetune", flow_run_name=experiment_run_name("finetune"), validate_parameters=False)
 def finetune_flow(
     config: ExperimentConfig,
     features: dict[str, ExtractResult] | None = None,
@@ -26,6 +26,7 @@ def finetune_flow(
     """Fine-tune the backbone's unfrozen blocks; LP-FT starts from the best probe of the heads stage."""
     from tasks.backbones import resolve
 
+    config = as_config(config)
     features = features or extract_flow(config)
     probe = None
     if config.finetune.init_head == "best_probe":

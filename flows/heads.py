@@ -6,7 +6,7 @@ import os
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import ExperimentConfig
+from flows.config import ExperimentConfig, as_config
 from flows.extract import extract_flow
 from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, submit_stage
 from tasks.extract import ExtractResult
@@ -19,11 +19,12 @@ def train_head_task(plan: HeadPlan) -> HeadResult:
 
 
 @flow(
-    name="heads", flow_run_name=experiment_run_name("heads"),
+    name="heads", flow_run_name=experiment_run_name("heads"), validate_parameters=False,
     task_runner=ThreadPoolTaskRunner(max_workers=max(1, min(4, os.cpu_count() or 1))),
 )
 def heads_flow(config: ExperimentConfig, features: dict[str, ExtractResult] | None = None) -> list[HeadResult]:
     """Train every head of the config; extracts (or reuses) the features first when not given them."""
+    config = as_config(config)
     if not config.heads:
         raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
     features = features or extract_flow(config)

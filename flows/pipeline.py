@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from flows.config import ExperimentConfig
+from flows.config import ExperimentConfig, as_config
 from flows.extract import extract_flow
 from flows.finetune import finetune_flow
 from flows.heads import heads_flow
@@ -39,9 +39,10 @@ def _stage(results) -> dict[str, float | bool]:
     return {"seconds": sum(r.seconds for r in results), "cache_hit": all(r.cache_hit for r in results), **work}
 
 
-@flow(name="pipeline", flow_run_name=experiment_run_name("run"))
+@flow(name="pipeline", flow_run_name=experiment_run_name("run"), validate_parameters=False)
 def pipeline_flow(config: ExperimentConfig) -> PipelineResult:
     """Images to a ranked comparison of every head and the fine-tuned model on the test split."""
+    config = as_config(config)
     features = extract_flow(config)
     if "test" not in features:
         raise ValueError("the pipeline evaluates on a test split: set data.test_fraction > 0 or add a test folder")

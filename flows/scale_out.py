@@ -57,7 +57,7 @@ def _shard_resources(cfg: DaskConfig):
     return dask.annotate(resources={"GPU": cfg.gpus_per_worker})
 
 
-@flow(name="extract-sharded", flow_run_name=experiment_run_name("extract-sharded"))
+@flow(name="extract-sharded", flow_run_name=experiment_run_name("extract-sharded"), validate_parameters=False)
 def sharded_extract_flow(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[str, ExtractResult]:
     """Shards of every unstored split on the Dask workers, then one join per split here."""
     cfg = config.dask

@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from flows.config import ExperimentConfig
+from flows.config import ExperimentConfig, as_config
 from flows.extract import extract_flow
 from flows.heads import heads_flow
 from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage
@@ -30,9 +30,10 @@ class SelectResult(BaseModel):
     report: str
 
 
-@flow(name="select", flow_run_name=experiment_run_name("select"))
+@flow(name="select", flow_run_name=experiment_run_name("select"), validate_parameters=False)
 def select_flow(config: ExperimentConfig) -> SelectResult:
     """Every candidate: features (cached), cheap scores, and the kNN and logistic probes' val accuracy."""
+    config = as_config(config)
     if config.select is None:
         raise ValueError(f"experiment {config.name!r} has no select: section listing candidate backbones")
     layer = config.select.layer

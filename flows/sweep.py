@@ -44,7 +44,7 @@ def experiment_task(config: ExperimentConfig) -> PipelineResult:
     return pipeline_flow(config)
 
 
-@flow(name="sweep", flow_run_name="sweep-{name}")
+@flow(name="sweep", flow_run_name="sweep-{name}", validate_parameters=False)
 def sweep_flow(name: str, configs: list[ExperimentConfig]) -> SweepResult:
     """Run every experiment of a sweep; the caller sets the concurrency (see :func:`run_sweep`)."""
     futures = [experiment_task.with_options(task_run_name=f"experiment-{c.name}").submit(c) for c in configs]

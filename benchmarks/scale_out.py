@@ -1,0 +1,80 @@
+"""Extraction in one process versus sharded over a 2-worker Dask LocalCluster (prefect-dask).
+
+Both runs extract the same digits splits (resnet18 @ 64 px, random init) into
+separate caches, against one real Prefect server (started here unless
+PREFECT_API_URL names one). The sharded figure includes starting the cluster
+and joining the shards. Prints sharded/single, the join's share, and checks
+the features are identical. Not a test.
+
+    python -m benchmarks.scale_out [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from tests.prefect_server import start_server
+
+        server = start_server()
+        os.environ.update(server[0].env())
+    try:
+        run(args.workers)
+    finally:
+        if server:
+            from tests.prefect_server import stop_server
+
+            stop_server(*server)
+
+
+def run(workers: int) -> None:
+    from flows.config import parse_config
+    from flows.extract import extract_flow
+    from storage.features import FeatureStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = {"name": "scale-bench", "data": {"source": "digits"}, "extract": {"batch_size": 64},
+               "backbone": {"name": "resnet18", "weights": "none", "preprocess": {"resize": 64, "crop": 64}}}
+        single = parse_config({**raw, "cache_dir": f"{tmp}/single"})
+        sharded = parse_config({**raw, "cache_dir": f"{tmp}/sharded", "dask": {"workers": workers}})
+        t0 = time.perf_counter()
+        one = extract_flow(single)
+        t_single = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        many = extract_flow(sharded)
+        t_sharded = time.perf_counter() - t0
+        same = all(
+            np.array_equal(FeatureStore(single.cache_dir).read(r.key).features["penultimate"],
+                           FeatureStore(sharded.cache_dir).read(many[s].key).features["penultimate"])
+            for s, r in one.items()
+        )
+        t0 = time.perf_counter()
+        for r in many.values():
+            FeatureStore(sharded.cache_dir).read(r.key)
+        t_read_vds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for r in one.values():
+            FeatureStore(single.cache_dir).read(r.key)
+        t_read = time.perf_counter() - t0
+    rows = sum(r.rows for r in one.values())
+    print(f"scale-out benchmark: digits ({rows} images), resnet18 @ 64 px, {os.cpu_count()} cores, same run")
+    print(f"  one process (torch threads {__import__('torch').get_num_threads()})  {t_single:7.2f} s   1.00")
+    print(f"  {workers} Dask workers x 1 thread, incl. cluster start + join  {t_sharded:7.2f} s   "
+          f"sharded/single {t_sharded / t_single:.2f}")
+    print(f"  read all splits: virtual datasets {t_read_vds:.3f} s vs plain files {t_read:.3f} s   "
+          f"ratio {t_read_vds / max(t_read, 1e-9):.2f}")
+    print(f"  features identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
