@@ -339,6 +339,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _virtual_layer(group: h5py.Group, layer: str, sources: list, root: Path, bad: list[str]) -> str:
+    """``group[layer]`` as a virtual dataset over ``(shard path, dataset, stored checksum)`` in order.
+
+    One read of every shard both verifies it (a mismatch appends its path to
+    ``bad``) and feeds the joined dataset's checksum, which is returned.
+    """
+    first = sources[0][1]
+    dim, dtype = first.shape[1], first.dtype
+    total = sum(ds.shape[0] for _, ds, _ in sources)
+    if not total:
+        group.create_dataset(layer, shape=(0, dim), dtype=dtype)
+        return values_checksum(np.empty((0, dim), dtype=dtype))
+    layout = h5py.VirtualLayout(shape=(total, dim), dtype=dtype)
+    joint, offset = hashlib.sha256(), 0
+    for path, ds, stored in sources:
+        n, own = ds.shape[0], hashlib.sha256()
+        for start in range(0, n, 65536):
+            block = _bytes_view(ds[start : start + 65536])
+            own.update(block)
+            joint.update(block)
+        if stored != "sha256:" + own.hexdigest():
+            bad.append(str(path))
+        if n:
+            layout[offset : offset + n] = h5py.VirtualSource(
+                os.path.relpath(path, root), ds.name, shape=(n, dim), dtype=dtype)
+        offset += n
+    group.create_virtual_dataset(layer, layout)
+    return "sha256:" + joint.hexdigest()
+
+
 class FeatureStore:
     """The feature files under ``<cache_dir>/features``; the source of truth for extraction."""
 
@@ -498,8 +528,7 @@ class FeatureStore:
                 except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
                     raise CorruptFeatureFile(f"shard {path} of {short(key)} cannot be joined: {exc}") from exc
                 shards.append(fh)
-            rows = [int(fh.attrs["rows_done"]) for fh in shards]
-            total = sum(rows)
+            total = sum(int(fh.attrs["rows_done"]) for fh in shards)
             stored = [_json_attr(fh.attrs, "checksums", {}) for fh in shards]
             labels = np.concatenate([fh["labels"][()] for fh in shards]).astype(np.int64)
             row_paths = [p for fh in shards for p in fh["paths"].asstr()[()]]
@@ -510,28 +539,9 @@ class FeatureStore:
             with h5py.File(partial, "w") as out:
                 group = out.create_group("features")
                 for layer in sorted(shards[0]["features"]):
-                    first = shards[0]["features"][layer]
-                    dim, dtype = first.shape[1], first.dtype
-                    layout = h5py.VirtualLayout(shape=(total, dim), dtype=dtype)
-                    joint, offset = hashlib.sha256(), 0
-                    for path, fh, n, sums in zip(paths, shards, rows, stored):
-                        ds, own = fh["features"][layer], hashlib.sha256()
-                        for start in range(0, n, 65536):
-                            block = _bytes_view(ds[start : start + 65536])
-                            own.update(block)
-                            joint.update(block)
-                        if sums.get(f"features/{layer}") != "sha256:" + own.hexdigest():
-                            bad.append(str(path))
-                        if n:
-                            source = h5py.VirtualSource(os.path.relpath(path, self.root), f"features/{layer}",
-                                                        shape=(n, dim), dtype=dtype)
-                            layout[offset : offset + n] = source
-                        offset += n
-                    if total:
-                        group.create_virtual_dataset(layer, layout)
-                    else:
-                        group.create_dataset(layer, shape=(0, dim), dtype=dtype)
-                    checksums[f"features/{layer}"] = "sha256:" + joint.hexdigest()
+                    sources = [(path, fh["features"][layer], sums.get(f"features/{layer}"))
+                               for path, fh, sums in zip(paths, shards, stored)]
+                    checksums[f"features/{layer}"] = _virtual_layer(group, layer, sources, self.root, bad)
                 if not bad:
                     out.create_dataset("labels", data=labels)
                     out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=_STR)

@@ -106,5 +106,19 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
             assert len(fh["features/penultimate"].virtual_sources()) == min(2, -(-result.rows // 4))
     assert all(r.cache_hit for r in again.values())
     assert trained[0].records[0].val_accuracy >= 0
+    # an existing scheduler, by address: the same features again
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        by_address = tiny_config(heads=heads, cache_dir=str(tmp_path / "address"),
+                                 dask={"address": cluster.scheduler_address, "shards": 3})
+        with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+            remote = extract_flow(by_address)
+    train = FeatureStore(by_address.cache_dir).read(remote["train"].key)
+    assert np.array_equal(train.features["penultimate"],
+                          FeatureStore(single.cache_dir).read(expected["train"].key).features["penultimate"])
+    with h5py.File(remote["train"].path) as fh:
+        assert len(fh["features/penultimate"].virtual_sources()) == 3
     runs = prefect_server.api("POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "extract-resnet18-train-shard"}}})
-    assert sorted(r["name"] for r in runs) == ["extract-resnet18-train-shard1of2", "extract-resnet18-train-shard2of2"]
+    assert sorted(r["name"].removeprefix("extract-resnet18-train-") for r in runs) == [
+        "shard1of2", "shard1of3", "shard2of2", "shard2of3", "shard3of3"]

@@ -71,9 +71,8 @@ def test_a_config_without_a_sweep_says_how_to_add_one(tiny_config, tmp_path):
 @pytest.mark.slow
 def test_concurrent_experiments_extract_each_feature_key_once_and_land_in_the_registry(tiny_config, tmp_path,
                                                                                        monkeypatch):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
+    from flows.stages import local_run_settings
+    from flows.sweep import run_sweep
     from storage.results import query
     from tasks.data import Manifest
 
@@ -87,19 +86,20 @@ def test_concurrent_experiments_extract_each_feature_key_once_and_land_in_the_re
     }
     cfg = tiny_config(heads=HEADS)
     config, path = _files(tmp_path, cfg, sweep)
+    plan, configs = load_sweep(config, path)
     # the first batch computed holds its key's lock a little longer, so the experiments surely overlap
     monkeypatch.setenv("TRANSFERPIPE_FAULTS", "extract.batch:1:delay=2")
-    result = CliRunner().invoke(app, ["run", str(config), "--sweep", str(path)])
-    assert result.exit_code == 0, result.output
-    assert "sweep cmp: 3 experiment(s), 3 at a time" in result.output
-    for name in ("cmp-logistic", "cmp-knn", "cmp-small-crop"):
-        assert name in result.output
+    with local_run_settings():
+        state = run_sweep(plan, "cmp", configs)
+    assert state.is_completed()
+    rows = {r["experiment"]: r for r in state.result().rows()}
+    assert set(rows) == {"cmp-logistic", "cmp-knn", "cmp-small-crop"}
 
     manifest = Manifest.load(next((cfg.cache_dir / "manifests").glob("*.json")))
     per_key = sum(math.ceil(len(items) / 4) for items in manifest.splits.values())
-    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines() if "│ cmp-" in line]
-    batches = [int(cells[5]) for cells in rows]
-    assert sorted(batches) == [0, per_key, per_key]  # two distinct feature keys, each extracted once
+    batches = sorted(r["forward batches"] for r in rows.values())
+    assert batches == [0, per_key, per_key]  # two distinct feature keys, each extracted once
+    assert rows["cmp-small-crop"]["forward batches"] == per_key
     registry = query(cfg.cache_dir, experiment="cmp-*")
     assert {r["experiment"] for r in registry} == {"cmp-logistic", "cmp-knn", "cmp-small-crop"}
 
@@ -115,5 +115,5 @@ def test_a_failed_experiment_fails_the_sweep_by_name_and_the_others_finish(tiny_
     config, path = _files(tmp_path, tiny_config(heads=HEADS), sweep)
     result = CliRunner().invoke(app, ["run", str(config), "--sweep", str(path)])
     assert result.exit_code == 1
-    assert "mixed-ok" in result.output
+    assert "sweep mixed: 2 experiment(s), 2 at a time" in result.output and "mixed-ok" in result.output
     assert "failed: mixed-no-test: " in result.output and "evaluates on a test split" in result.output
