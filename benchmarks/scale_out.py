@@ -71,6 +71,10 @@ def run(workers: int) -> None:
     print(f"  one process (torch threads {__import__('torch').get_num_threads()})  {t_single:7.2f} s   1.00")
     print(f"  {workers} Dask workers x 1 thread, incl. cluster start + join  {t_sharded:7.2f} s   "
           f"sharded/single {t_sharded / t_single:.2f}")
+    compute_one = sum(r.seconds for r in one.values())
+    compute_many = sum(r.seconds for r in many.values())
+    print(f"  stage seconds (sum over splits; sharded = every shard + join)  single {compute_one:.2f} s, "
+          f"sharded {compute_many:.2f} s; cluster start and scheduling ≈ {t_sharded - compute_many / workers:.1f} s")
     print(f"  read all splits: virtual datasets {t_read_vds:.3f} s vs plain files {t_read:.3f} s   "
           f"ratio {t_read_vds / max(t_read, 1e-9):.2f}")
     print(f"  features identical: {same}")

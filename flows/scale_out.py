@@ -92,4 +92,8 @@ def sharded_extract(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[st
     if not os.environ.get("PREFECT_API_URL"):
         log.warning("dask: no PREFECT_API_URL, so every Dask worker starts its own ephemeral Prefect server "
                     "(~10-20 s each); start `prefect server start` and set PREFECT_API_URL")
-    return sharded_extract_flow.with_options(task_runner=task_runner(config.dask))(config, plans)
+    import dask
+
+    # non-daemonic LocalCluster workers, so each can run DataLoader decode workers of its own
+    with dask.config.set({"distributed.worker.daemon": False}):
+        return sharded_extract_flow.with_options(task_runner=task_runner(config.dask))(config, plans)

@@ -290,6 +290,19 @@ def worker_init(_worker_id: int) -> None:
 
 
 def num_workers_for(setting: int | str, n_batches: int) -> int:
+    """DataLoader workers: ``auto`` is 0 for tiny jobs, else cores - 1 (at most 8).
+
+    A daemonic process (a Dask worker started with its default settings) may not
+    have children, so it decodes in-process whatever the setting.
+    """
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        if setting not in ("auto", 0):
+            log.warning("num_workers=%s ignored: this process is daemonic (a Dask worker?) and cannot start "
+                        "DataLoader workers; start the Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False",
+                        setting)
+        return 0
     if setting != "auto":
         return int(setting)
     if n_batches < 4:  # starting workers costs more than it saves
