@@ -130,3 +130,23 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tiny_config):
     plan = plans(tiny_config(extract={"device": "cuda"}))["val"]
     with pytest.raises(ValueError, match="device 'cuda' is requested but torch sees no CUDA device"):
         extract_split(plan)
+
+
+def _workers_in_child(queue) -> None:
+    from tasks.extract import num_workers_for
+
+    queue.put((num_workers_for("auto", 100), num_workers_for(3, 100)))
+
+
+def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_process():
+    import multiprocessing
+
+    from tasks.extract import num_workers_for
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_workers_in_child, args=(queue,), daemon=True)
+    child.start()
+    assert queue.get(timeout=120) == (0, 0)  # a daemonic process may not start DataLoader workers
+    child.join(timeout=60)
+    assert num_workers_for(3, 100) == 3 and num_workers_for("auto", 2) == 0
