@@ -93,6 +93,7 @@ def sharded_extract(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[st
         log.warning("dask: no PREFECT_API_URL, so every Dask worker starts its own ephemeral Prefect server "
                     "(~10-20 s each); start `prefect server start` and set PREFECT_API_URL")
     import dask
+    import distributed  # noqa: F401 - load its config defaults first: leaving a set() would drop them otherwise
 
     # non-daemonic LocalCluster workers, so each can run DataLoader decode workers of its own
     with dask.config.set({"distributed.worker.daemon": False}):
