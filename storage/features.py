@@ -618,6 +618,10 @@ class FeatureStore:
                         removed.append((path, f"partial, untouched for {age / 3600:.1f} h"))
                 except FeatureStoreError:
                     continue
+        shards = self.root / "shards"
+        for folder in sorted(shards.iterdir() if shards.is_dir() else []):  # partial shards of stopped workers
+            if folder.is_dir():
+                removed += self.shards(folder.name).gc(partial_older_than_s, dry_run=dry_run)
         if unused_older_than_s is not None:
             for key in list(self.keys()):
                 used = self.last_used(key) or self.path(key).stat().st_mtime

@@ -95,3 +95,11 @@ def test_config_is_frozen(tmp_path):
 def test_every_shipped_config_is_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.name
+
+
+def test_the_shipped_sweep_expands_against_the_shipped_config():
+    from flows.config import load_sweep
+
+    plan, configs = load_sweep(REPO / "configs" / "digits-resnet18.yaml", REPO / "configs" / "sweep-digits.yaml")
+    assert [c.name for c in configs] == ["digits-probes", "digits-lp-ft", "digits-px48", "digits-04-heads-kind_ridge"]
+    assert configs[1].finetune.enabled and configs[2].backbone.preprocess.crop == 48

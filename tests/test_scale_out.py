@@ -122,3 +122,27 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     runs = prefect_server.api("POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "extract-resnet18-train-shard"}}})
     assert sorted(r["name"].removeprefix("extract-resnet18-train-") for r in runs) == [
         "shard1of2", "shard1of3", "shard2of2", "shard2of3", "shard3of3"]
+
+
+def test_gc_removes_stale_partial_shards_and_keeps_complete_ones(tiny_config, monkeypatch):
+    import os
+    import time
+
+    from storage.faults import ENV, InjectedFault
+
+    plan = _plans(tiny_config())["train"]
+    second, first = plan_shards(plan, 2)  # rows 0-8 (two batches), 8-12
+    extract_shard(first)
+    monkeypatch.setenv(ENV, "extract.batch:2:raise")  # the other shard stops after one flushed batch
+    with pytest.raises(InjectedFault):
+        extract_shard(second)
+    monkeypatch.delenv(ENV)
+    store = FeatureStore(plan.cache_dir)
+    partial = store.shards(plan.key).partial_path(second.part)
+    assert partial.exists()
+    assert store.gc(partial_older_than_s=3600) == []  # fresh: kept
+    old = time.time() - 2 * 3600
+    os.utime(partial, (old, old))
+    removed = store.gc(partial_older_than_s=3600)
+    assert [p for p, _ in removed] == [partial] and not partial.exists()
+    assert store.shards(plan.key).lookup(first.part) is not None  # the complete shard stays
