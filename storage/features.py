@@ -25,6 +25,7 @@ a single-process file would have. Readers see no difference.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -94,6 +95,27 @@ class FeatureInfo:
     dataset_root: str = ""
     last_used: float | None = None
     skipped: tuple[dict[str, str], ...] = ()
+
+
+def _h5(path: str | Path, mode: str, **kwargs: Any) -> h5py.File:
+    """Open with HDF5's own file locking off.
+
+    Writers are serialised by the per-key lock and complete files never change,
+    so HDF5's flock adds nothing, and it breaks readers: a DataLoader worker
+    forked while another thread had a partial file open inherits that flock and
+    keeps it after the writer closes, so every later open of the completed file
+    fails with EAGAIN ("unable to lock file") until the worker exits (seen in a
+    sweep: a sound file was quarantined).
+    """
+    return h5py.File(path, mode, locking=False, **kwargs)
+
+
+_TRANSIENT = {errno.EAGAIN, errno.EACCES, errno.EBUSY, errno.EINTR, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def _transient(exc: BaseException) -> bool:
+    """An error about opening the file now (permissions, limits, locks), not a fault in its bytes."""
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT
 
 
 def _json_attr(attrs: h5py.AttributeManager, name: str, default: Any) -> Any:
@@ -193,7 +215,7 @@ class FeatureWriter:
         if self.fh is None:
             self._check_space(total * sum(dims.values()) * dtype.itemsize, "the whole file", "nothing was written")
             try:
-                self.fh = h5py.File(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+                self.fh = _h5(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
             except OSError as exc:
                 raise FeatureStoreError(f"cannot create {self.partial}: {exc}") from exc
             group = self.fh.create_group("features")
@@ -221,7 +243,7 @@ class FeatureWriter:
 
     def _open_existing(self, spec: dict[str, Any], dims: dict[str, int]) -> h5py.File | None:
         try:
-            fh = h5py.File(self.partial, "a", rdcc_nbytes=4 * CHUNK_BYTES)
+            fh = _h5(self.partial, "a", rdcc_nbytes=4 * CHUNK_BYTES)
         except OSError as exc:
             self.store.quarantine(self.partial, "torn", f"cannot be opened ({exc})")
             return None
@@ -415,9 +437,11 @@ class FeatureStore:
         if not path.exists():
             return None
         try:
-            with h5py.File(path, "r") as fh:
+            with _h5(path, "r") as fh:
                 check_invariants(fh, key)
         except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            if _transient(exc):
+                raise FeatureStoreError(f"cannot open {path} now ({exc}); the file is kept, retry") from exc
             self.quarantine(path, "corrupt", str(exc))
             return None
         self.mark_used(key)
@@ -427,7 +451,7 @@ class FeatureStore:
         """Load a complete file, checking every checksum of what is read (a bad file is quarantined)."""
         path = self.path(key)
         try:
-            with h5py.File(path, "r") as fh:
+            with _h5(path, "r") as fh:
                 check_invariants(fh, key)
                 wanted = layers or sorted(fh["features"])
                 missing = sorted(set(wanted) - set(fh["features"]))
@@ -449,6 +473,8 @@ class FeatureStore:
         except LayerNotStored:
             raise  # a question about the file, not a fault in it
         except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            if _transient(exc):
+                raise FeatureStoreError(f"cannot read {path} now ({exc}); the file is kept, retry") from exc
             if path.exists():
                 self.quarantine(path, "corrupt", str(exc))
             raise CorruptFeatureFile(f"{exc}; it was quarantined and the next extraction recomputes it") from exc
@@ -461,7 +487,7 @@ class FeatureStore:
 
     def paths(self, key: str) -> list[str]:
         """Only the row paths of a complete file (cheap checks; no feature is read)."""
-        with h5py.File(self.path(key), "r") as fh:
+        with _h5(self.path(key), "r") as fh:
             check_invariants(fh, key)
             return list(fh["paths"].asstr()[()])
 
@@ -469,7 +495,7 @@ class FeatureStore:
         """Recompute the checksums of a complete file; return the problems found."""
         path = self.path(key)
         try:
-            with h5py.File(path, "r") as fh:
+            with _h5(path, "r") as fh:
                 check_invariants(fh, key)
                 stored = _json_attr(fh.attrs, "checksums", {})
                 actual = _file_checksums(fh)
@@ -523,7 +549,7 @@ class FeatureStore:
             shards = []
             for part, path in zip(parts, paths):
                 try:
-                    fh = stack.enter_context(h5py.File(path, "r"))
+                    fh = stack.enter_context(_h5(path, "r"))
                     check_invariants(fh, part)
                 except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
                     raise CorruptFeatureFile(f"shard {path} of {short(key)} cannot be joined: {exc}") from exc
@@ -536,7 +562,7 @@ class FeatureStore:
             bad = [str(path) for path, fh, sums in zip(paths, shards, stored)
                    if sums.get("labels") != values_checksum(fh["labels"][()])]
             checksums = {}
-            with h5py.File(partial, "w") as out:
+            with _h5(partial, "w") as out:
                 group = out.create_group("features")
                 for layer in sorted(shards[0]["features"]):
                     sources = [(path, fh["features"][layer], sums.get(f"features/{layer}"))
@@ -638,7 +664,7 @@ class FeatureStore:
         key = path.name.split(".")[0]
         size = path.stat().st_size + sum(p.stat().st_size for p in (self.root / "shards" / key).glob("*.h5"))
         try:
-            with h5py.File(path, "r") as fh:
+            with _h5(path, "r") as fh:
                 feats = fh["features"]
                 return FeatureInfo(
                     key=key, path=path, complete=complete and bool(fh.attrs.get("complete", False)),

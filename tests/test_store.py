@@ -230,3 +230,20 @@ def test_truncated_complete_file_is_never_served(experiment):
     assert store.verify(plan.key)[0].startswith(str(first.path))
     again = extract_split(plan)  # lookup's cheap checks quarantine it; the stage recomputes
     assert not again.cache_hit and store.verify(plan.key) == []
+
+
+def test_a_file_lock_inherited_elsewhere_does_not_make_a_sound_file_unreadable(experiment):
+    """A DataLoader worker forked while a writer had the file open keeps HDF5's flock on it."""
+    import fcntl
+
+    plan = experiment("locked")
+    result = extract_split(plan)
+    store = FeatureStore(plan.cache_dir)
+    fd = os.open(result.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what the forked child holds
+        assert store.lookup(plan.key) == result.path
+        assert len(store.read(plan.key).labels) == result.rows
+    finally:
+        os.close(fd)
+    assert not (store.root / "quarantine").exists()
