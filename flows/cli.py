@@ -141,7 +141,8 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
     if isinstance(result, BaseException):
         raise result
     table = Table(title=f"sweep {name}: experiments by their best model's test top-1")
-    for col in ("experiment", "best model", "shots", "top-1", "macro-F1", "forward batches", "head fits"):
+    table.add_column("experiment", no_wrap=True)
+    for col in ("best model", "shots", "top-1", "macro-F1", "forward batches", "head fits"):
         table.add_column(col, overflow="fold")
     for r in result.rows():
         table.add_row(r["experiment"], r["best model"], r["shots"], _fmt(r["top1"]), _fmt(r["macro_f1"]),

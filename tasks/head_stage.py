@@ -235,8 +235,29 @@ def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- stage
 
 
+def _single_threaded_blas() -> None:
+    """One BLAS thread per caller, for the whole process (idempotent).
+
+    Heads train concurrently, one per thread (and sweeps run experiments in
+    threads). OpenBLAS called from several threads at once while using its own
+    thread pool spins in ``inner_thread``: in a sweep a 3 s logistic fit ran for
+    over 7 minutes. With one BLAS thread per call the concurrency comes from
+    our threads instead.
+    """
+    global _BLAS_LIMITED
+    if not _BLAS_LIMITED:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+        _BLAS_LIMITED = True
+
+
+_BLAS_LIMITED = False
+
+
 def train_head(plan: HeadPlan) -> HeadResult:
     """Train (or reuse) every (shot, seed) fit of one head config."""
+    _single_threaded_blas()
     started = time.perf_counter()
     h = plan.head
     X, y = load_split(plan.cache_dir, plan.train_key, h.layer)
