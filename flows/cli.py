@@ -134,7 +134,7 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
     from flows.sweep import run_sweep
 
     plan, configs = load_sweep(config, sweep, cache_dir)
-    name = plan.name or _load(config, cache_dir).name
+    name = plan.name
     out.print(f"sweep {name}: {len(configs)} experiment(s), {plan.concurrency} at a time", highlight=False)
     state = _run_local(run_sweep, plan, name, configs)
     result = state.result(raise_on_failure=False)

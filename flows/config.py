@@ -86,7 +86,7 @@ class SweepConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _something(self) -> SweepConfig:
+    def _not_empty(self) -> SweepConfig:
         if not self.grid and not self.experiments:
             raise ValueError("a sweep needs a grid: mapping of dotted paths to value lists, or an experiments: list")
         if self.size() > MAX_SWEEP:
@@ -165,7 +165,8 @@ def load_sweep(
     """The experiments of a sweep: the base config with each override set applied, all validated up front.
 
     The sweep comes from the ``--sweep`` file when given, else from the config's
-    ``sweep:`` section. Errors name the file, the experiment and the field.
+    ``sweep:`` section; its ``name`` defaults to the base config's. Errors name
+    the file, the experiment and the field.
     """
     config = Path(config)
     base = read_yaml(config)
@@ -178,7 +179,8 @@ def load_sweep(
         plan = SweepConfig.model_validate(raw_sweep)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source, model=SweepConfig)) from None
-    prefix = plan.name or str(base.get("name", "sweep"))
+    plan = plan.model_copy(update={"name": plan.name or str(base.get("name", "sweep"))})
+    prefix = plan.name
     experiments, problems, names = [], [], set()
     for i, overrides in enumerate(plan.override_sets()):
         label = overrides.pop("name", None)

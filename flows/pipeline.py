@@ -88,9 +88,14 @@ def pipeline_flow(config: ExperimentConfig) -> PipelineResult:
                           finetune_checkpoint=tuned.best_checkpoint if tuned else None)
 
 
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for an experiment or sweep name."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
+
+
 def _publish(name: str, markdown: str, rows: list[dict]) -> None:
     """The report as Prefect artifacts: visible on the flow run in the Prefect UI."""
-    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
+    key = artifact_key(name)
     create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=f"{name}: test results")
     create_table_artifact(table=rows, key=f"{key}-models", description=f"{name}: models ranked by top-1")
 

@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.config import ExperimentConfig, SweepConfig
-from flows.pipeline import PipelineResult, pipeline_flow
+from flows.pipeline import PipelineResult, artifact_key, pipeline_flow
 
 
 class SweepResult(BaseModel):
@@ -57,18 +57,12 @@ def sweep_flow(name: str, configs: list[ExperimentConfig]) -> SweepResult:
             failed[config.name] = f"{type(exc).__name__}: {exc}"
     result = SweepResult(name=name, experiments=done, failed=failed)
     if done:
-        create_table_artifact(table=result.rows(), key=_artifact_key(name),
+        create_table_artifact(table=result.rows(), key=f"sweep-{artifact_key(name)}",
                               description=f"sweep {name}: experiments ranked by their best model's top-1")
     if failed:
         names = ", ".join(failed)
         return Failed(message=f"{len(failed)} of {len(configs)} experiment(s) failed: {names}", data=result)
     return result
-
-
-def _artifact_key(name: str) -> str:
-    import re
-
-    return "sweep-" + (re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "sweep")
 
 
 def run_sweep(plan: SweepConfig, name: str, configs: list[ExperimentConfig]):

@@ -37,8 +37,8 @@ class InjectedFault(RuntimeError):
 def _plan() -> dict[str, tuple[str, str]]:
     plan = {}
     for entry in filter(None, os.environ.get(ENV, "").split(",")):
-        point, when, *action = [*entry.strip().split(":"), "", ""][:3]
-        action = action[0] or "raise"
+        point, when, action = [*entry.strip().split(":"), "", ""][:3]
+        action = action or "raise"
         ok = (when.isdigit() or (when.startswith("p=") and _is_float(when[2:]))) and (
             action in ("raise", "kill") or (action.startswith("delay=") and _is_float(action[6:])))
         if not ok:

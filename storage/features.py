@@ -556,11 +556,13 @@ class FeatureStore:
                 shards.append(fh)
             total = sum(int(fh.attrs["rows_done"]) for fh in shards)
             stored = [_json_attr(fh.attrs, "checksums", {}) for fh in shards]
-            labels = np.concatenate([fh["labels"][()] for fh in shards]).astype(np.int64)
-            row_paths = [p for fh in shards for p in fh["paths"].asstr()[()]]
+            shard_labels = [fh["labels"][()] for fh in shards]
+            shard_paths = [list(fh["paths"].asstr()[()]) for fh in shards]
+            bad = [str(path) for path, sums, y, p in zip(paths, stored, shard_labels, shard_paths)
+                   if sums.get("labels") != values_checksum(y) or sums.get("paths") != values_checksum(p)]
+            labels = np.concatenate(shard_labels).astype(np.int64)
+            row_paths = [p for rows in shard_paths for p in rows]
             skipped = [s for fh in shards for s in _json_attr(fh.attrs, "skipped", [])]
-            bad = [str(path) for path, fh, sums in zip(paths, shards, stored)
-                   if sums.get("labels") != values_checksum(fh["labels"][()])]
             checksums = {}
             with _h5(partial, "w") as out:
                 group = out.create_group("features")
