@@ -39,7 +39,7 @@ def main() -> None:
         make_images(tmp / "images", args.images, 128)
         data = DataConfig(source="imagefolder", root=tmp / "images", val_fraction=0.1, test_fraction=0)
         backbone = BackboneConfig(name=args.backbone, weights="none")
-        manifest = plan_extraction(data, backbone, ExtractConfig(), tmp / "c")[0].manifest
+        manifest = plan_extraction(data, backbone, ExtractConfig(), tmp / "c")["train"].manifest
         one_epoch(manifest, tmp / "warmup", args, unfreeze=["layer4"])  # first-touch costs outside the timings
         partial = one_epoch(manifest, tmp / "partial", args, unfreeze=["layer4"])
         full = one_epoch(manifest, tmp / "full", args, unfreeze="all")

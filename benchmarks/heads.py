@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from tasks.backbones import BackboneConfig, build
 from tasks.data import DataConfig, Manifest, load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
-from tasks.head_stage import load_split
-from tasks.heads import KNNHead, LogisticHead, RidgeHead, TorchLinearHead
+from tasks.heads import load_split
+from tasks.estimators import KNNHead, LogisticHead, RidgeHead, TorchLinearHead
 
 BACKBONE = BackboneConfig(name="resnet18", weights="none", preprocess={"resize": 32, "crop": 32})
 
@@ -105,7 +105,7 @@ def main() -> None:
         cache = Path(tmp)
         data = DataConfig(source="digits")
         plans = plan_extraction(data, BACKBONE, ExtractConfig(dtype="float32", num_workers=0), cache)
-        train_plan = next(p for p in plans if p.split == "train")
+        train_plan = plans["train"]
         t_a = tutorial(train_plan, args.epochs, args.batch_size)
         t_b, accuracy = pipeline(plans, cache, args.epochs, args.batch_size)
         n = len(Manifest.load(train_plan.manifest).splits["train"])

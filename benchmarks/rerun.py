@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.config import parse_config
 from flows.pipeline import pipeline_flow
-from flows.stages import local_run_settings
+from flows.runtime import local_run_settings
 
 
 @flow(name="trivial")

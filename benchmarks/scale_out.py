@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        from tests.prefect_server import start_server
+        from flows.server import start_server
 
         server = start_server()
         os.environ.update(server[0].env())
@@ -32,7 +32,7 @@ def main() -> None:
         run(args.workers)
     finally:
         if server:
-            from tests.prefect_server import stop_server
+            from flows.server import stop_server
 
             stop_server(*server)
 

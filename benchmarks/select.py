@@ -17,8 +17,8 @@ from pathlib import Path
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
-from tasks.head_stage import load_split
-from tasks.heads import LogisticHead
+from tasks.heads import load_split
+from tasks.estimators import LogisticHead
 from tasks.select import h_score, logme
 
 
@@ -31,7 +31,7 @@ def main() -> None:
         cache = Path(tmp)
         for seed in range(args.candidates):
             backbone = BackboneConfig(name="resnet18", weights="none", init_seed=seed, preprocess={"resize": 32, "crop": 32})
-            plans = {p.split: p for p in plan_extraction(DataConfig(source="digits"), backbone, ExtractConfig(), cache)}
+            plans = plan_extraction(DataConfig(source="digits"), backbone, ExtractConfig(), cache)
             X, y = load_split(cache, extract_split(plans["train"]).key, "penultimate")
             Xv, yv = load_split(cache, extract_split(plans["val"]).key, "penultimate")
             started = time.perf_counter()

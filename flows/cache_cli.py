@@ -14,6 +14,7 @@ from rich.table import Table
 
 from flows.config import default_cache_dir
 from flows.console import friendly_errors, out
+from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import short
 
@@ -50,7 +51,7 @@ def _keys(store: FeatureStore, prefixes: list[str]) -> list[str]:
 def ls(cache_dir: CacheDir = None) -> None:
     """One row per feature file: key, backbone, weights, dataset, split, rows x dims, dtype, size, dates, state."""
     store = _store(cache_dir)
-    entries = store.entries()
+    entries = inventory.entries(store)
     table = Table(title=f"{len(entries)} feature file(s) in {store.root}")
     for col in ("key", "backbone", "weights", "dataset", "split", "rows x dims", "dtype", "size", "created", "used", "state"):
         table.add_column(col, overflow="fold")
@@ -117,7 +118,7 @@ def gc(
     """Remove stale partial files (never one whose writer still runs) and, optionally, unused complete files."""
     store = _store(cache_dir)
     unused = unused_days * 86400 if unused_days is not None else None
-    removed = store.gc(partial_hours * 3600, unused, dry_run=dry_run)
+    removed = inventory.collect(store, partial_hours * 3600, unused, dry_run=dry_run)
     for path, why in removed:
         out.print(f"{'would remove' if dry_run else 'removed'} {path} ({why})", highlight=False)
     out.print(f"{len(removed)} file(s) {'would be ' if dry_run else ''}removed")

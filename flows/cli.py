@@ -12,6 +12,7 @@ from rich.table import Table
 from flows import cache_cli
 from flows.config import default_cache_dir
 from flows.console import err, friendly_errors, out
+from storage.keys import short
 
 
 app = typer.Typer(
@@ -29,12 +30,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _run_local(flow_fn, *args):
-    """Run a flow in this process (Prefect's ephemeral mode unless PREFECT_API_URL names a server)."""
-    from flows.stages import local_run_settings
+def _run_local(flow_fn, *args, **kwargs):
+    from flows.runtime import run_local
 
-    with local_run_settings():
-        return flow_fn(*args)
+    return run_local(flow_fn, *args, **kwargs)
+
+
+def _pipeline(config: Path, cache_dir: Path | None, stop_after: str):
+    """The pipeline flow for a config, up to a stage."""
+    cfg = _load(config, cache_dir)
+    from flows.pipeline import pipeline_flow
+
+    return cfg, _run_local(pipeline_flow, cfg, stop_after=stop_after)
 
 
 def _load(config: Path, cache_dir: Path | None):
@@ -49,13 +56,6 @@ def _setup_logging() -> None:
     logging.getLogger("transferpipe").setLevel(logging.INFO)
 
 
-def _extract(config_path: Path, cache_dir: Path | None) -> None:
-    cfg = _load(config_path, cache_dir)
-    from flows.extract import extract_flow
-
-    _print_features(cfg, _run_local(extract_flow, cfg))
-
-
 def _print_features(cfg, results) -> None:
     table = Table(title=f"features of {cfg.name} ({cfg.backbone.name}, weights {cfg.backbone.weights})")
     for col in ("split", "rows", "dims", "skipped", "cache", "seconds", "key"):
@@ -63,7 +63,7 @@ def _print_features(cfg, results) -> None:
     for split, r in results.items():
         dims = " ".join(f"{k}={v}" for k, v in r.dims.items())
         cache = "hit" if r.cache_hit else "computed"
-        table.add_row(split, str(r.rows), dims, str(r.skipped), cache, f"{r.seconds:.1f}", r.key[:12])
+        table.add_row(split, str(r.rows), dims, str(r.skipped), cache, f"{r.seconds:.1f}", short(r.key))
     out.print(table)
     out.print(f"feature files: {next(iter(results.values())).path.parent}/<key>.h5", highlight=False)
 
@@ -71,25 +71,18 @@ def _print_features(cfg, results) -> None:
 @app.command()
 @friendly_errors
 def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
-    """Extract frozen-backbone features of every split into the HDF5 cache (a Prefect flow)."""
-    _extract(config, cache_dir)
+    """Extract frozen-backbone features of every split into the HDF5 cache (the pipeline up to extract)."""
+    cfg, result = _pipeline(config, cache_dir, "extract")
+    _print_features(cfg, result.features)
 
 
 @app.command()
 @friendly_errors
 def heads(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Train every head of the config on its cached features (extracting them first if needed)."""
-    _heads(config, cache_dir)
-
-
-def _heads(config_path: Path, cache_dir: Path | None) -> None:
-    cfg = _load(config_path, cache_dir)
-    from flows.extract import extract_flow
-    from flows.heads import heads_flow
-
-    features = _run_local(extract_flow, cfg)
-    _print_features(cfg, features)
-    _print_heads(_run_local(heads_flow, cfg, features))
+    cfg, result = _pipeline(config, cache_dir, "heads")
+    _print_features(cfg, result.features)
+    _print_heads(result.heads)
 
 
 def _print_heads(results) -> None:
@@ -120,23 +113,20 @@ def run(
     With --sweep (or a sweep: section) it runs every experiment of the sweep,
     concurrently, each distinct feature key extracted once, and compares them.
     """
-    cfg = _load(config, cache_dir)
-    if sweep is not None or cfg.sweep is not None:
+    if sweep is not None or _load(config, cache_dir).sweep is not None:
         _sweep(config, sweep, cache_dir)
         return
-    from flows.pipeline import pipeline_flow
-
-    _print_run(_run_local(pipeline_flow, cfg))
+    _print_run(_pipeline(config, cache_dir, "evaluate")[1])
 
 
 def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
     from flows.config import load_sweep
     from flows.sweep import run_sweep
 
-    plan, configs = load_sweep(config, sweep, cache_dir)
-    name = plan.name
-    out.print(f"sweep {name}: {len(configs)} experiment(s), {plan.concurrency} at a time", highlight=False)
-    state = _run_local(run_sweep, plan, name, configs)
+    spec, configs = load_sweep(config, sweep, cache_dir)
+    name = spec.name
+    out.print(f"sweep {name}: {len(configs)} experiment(s), {spec.concurrency} at a time", highlight=False)
+    state = _run_local(run_sweep, spec, name, configs)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
@@ -209,7 +199,7 @@ def results(
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["experiment"], r["model"], r["shots"], r["backbone"], Path(r["weights"]).name, _fmt(r["top1"]),
-                      _fmt(r["macro_f1"]), _fmt(r["ece"]), r["features_key"][:12], r["created_at"][:16])
+                      _fmt(r["macro_f1"]), _fmt(r["ece"]), short(r["features_key"]), r["created_at"][:16])
     out.print(table)
 
 
@@ -224,7 +214,7 @@ def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 
 def _print_select(title: str, result) -> None:
-    from flows.select import SCORES
+    from tasks.select import SCORES
 
     table = Table(title=title)
     for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
@@ -241,14 +231,8 @@ def _print_select(title: str, result) -> None:
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Fine-tune the unfrozen blocks end to end (LP-FT from the best probe); resumes an interrupted run."""
-    cfg = _load(config, cache_dir)
-    from flows.extract import extract_flow
-    from flows.finetune import finetune_flow
-    from flows.heads import heads_flow
-
-    features = _run_local(extract_flow, cfg)
-    heads = _run_local(heads_flow, cfg, features) if cfg.heads else []
-    result = _run_local(finetune_flow, cfg, features, heads)
+    cfg, run = _pipeline(config, cache_dir, "finetune")
+    result = run.finetune
     table = Table(title=f"fine-tuning {cfg.backbone.name} ({'cached' if result.cache_hit else 'trained'})")
     for col in ("epoch", "train loss", "val loss", "val acc", "img/s", "lr backbone", "lr head"):
         table.add_column(col)
@@ -268,13 +252,14 @@ def demo(
     select_check: Annotated[bool, typer.Option("--select", help="Also rank backbones by cheap scores vs probes.")] = False,
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
-    from flows.demo import comparison, demo_flow
+    from flows.demo import demo_flow
+    from tasks.report import compare_runs
 
     result = _run_local(demo_flow, default_cache_dir(cache_dir))
     table = Table(title="second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init")
     for col in ("model", "labels per class", "pretrained", "random", "gain"):
         table.add_column(col)
-    for row in comparison(result):
+    for row in compare_runs(result.pretrained.models, result.random.models):
         table.add_row(row["model"], row["shots"], row["pretrained"], row["random"], row["gain"])
     out.print(table)
     src = next(m for m in result.source.models if m.name == "finetuned")

@@ -22,7 +22,7 @@ from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
-from tasks.head_stage import HeadConfig
+from tasks.heads import HeadConfig
 from tasks.select import SelectConfig
 
 CACHE_ENV = "TRANSFERPIPE_CACHE_DIR"
@@ -176,13 +176,13 @@ def load_sweep(
     if raw_sweep is None:
         raise ConfigError(f"{config} has no sweep: section; add one or pass --sweep SWEEP.yaml")
     try:
-        plan = SweepConfig.model_validate(raw_sweep)
+        sweep_cfg = SweepConfig.model_validate(raw_sweep)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source, model=SweepConfig)) from None
-    plan = plan.model_copy(update={"name": plan.name or str(base.get("name", "sweep"))})
-    prefix = plan.name
+    sweep_cfg = sweep_cfg.model_copy(update={"name": sweep_cfg.name or str(base.get("name", "sweep"))})
+    prefix = sweep_cfg.name
     experiments, problems, names = [], [], set()
-    for i, overrides in enumerate(plan.override_sets()):
+    for i, overrides in enumerate(sweep_cfg.override_sets()):
         label = overrides.pop("name", None)
         name = _experiment_name(prefix, i, label, overrides)
         where = f"{source}: experiment {i + 1} ({name})"
@@ -200,7 +200,7 @@ def load_sweep(
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
-    return plan, experiments
+    return sweep_cfg, experiments
 
 
 def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:

@@ -47,23 +47,6 @@ def demo_flow(cache_dir: Path | None = None) -> DemoResult:
     )
 
 
-def comparison(result: DemoResult) -> list[dict[str, str]]:
-    """Test top-1 per head and shot count: source-pretrained backbone vs random init."""
-    def table(run: PipelineResult) -> dict[tuple[str, str], float]:
-        return {(m.name, str(m.shot)): m.metrics["top1"] for m in run.models}
-
-    pre, rnd = table(result.pretrained), table(result.random)
-    rows = []
-    for (name, shot), acc in pre.items():
-        other = rnd.get((name, shot))
-        label = "LP-FT (fine-tuned)" if name == "finetuned" else name
-        rows.append({"model": label, "shots": shot, "pretrained": f"{acc:.3f}",
-                     "random": "-" if other is None else f"{other:.3f}",
-                     "gain": "-" if other is None else f"{100 * (acc - other):+.1f} pts"})
-    order = {"1": 0, "5": 1, "10": 2, "all": 3}
-    return sorted(rows, key=lambda r: (r["model"], order.get(r["shots"], 9)))
-
-
 @flow(name="demo-select", flow_run_name="demo-select")
 def selection_check_flow(cache_dir: Path | None = None) -> SelectResult:
     """Rank three backbones on the second-scanner target by cheap scores and by probe accuracy.

@@ -14,26 +14,15 @@ import contextlib
 import logging
 import os
 
-from prefect import flow, task
+from prefect import flow
 
 from flows.config import DaskConfig, ExperimentConfig
-from flows.extract import extract_split_task
-from flows.stages import STAGE_TASK_OPTIONS, experiment_run_name, run_stage, submit_stage
-from tasks.extract import (
-    ExtractResult, JoinPlan, ShardPlan, SplitPlan, extract_shard, is_stored, join_shards, plan_shards,
-)
+from flows.runtime import experiment_run_name
+from flows.stage_tasks import extract_shard_task, extract_split_task, join_shards_task, run_stage, submit_stage
+from tasks.extract import ExtractResult, SplitPlan, is_stored
+from tasks.shards import JoinPlan, plan_shards
 
 log = logging.getLogger("transferpipe.scale_out")
-
-
-@task(name="extract-shard", **STAGE_TASK_OPTIONS)
-def extract_shard_task(plan: ShardPlan) -> ExtractResult:
-    return extract_shard(plan)
-
-
-@task(name="join-shards", **STAGE_TASK_OPTIONS)
-def join_shards_task(plan: JoinPlan) -> ExtractResult:
-    return join_shards(plan)
 
 
 def task_runner(cfg: DaskConfig):
@@ -61,24 +50,22 @@ def _shard_resources(cfg: DaskConfig):
 def sharded_extract_flow(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[str, ExtractResult]:
     """Shards of every unstored split on the Dask workers, then one join per split here."""
     cfg = config.dask
-    options = {"retries": config.retries, "retry_delay_s": config.retry_delay_s}
     name = f"extract-{config.backbone.name}"
     todo = {p.split: plan_shards(p, cfg.shards or cfg.workers) for p in plans if not is_stored(p)}
     with _shard_resources(cfg):
         futures = {
-            split: [submit_stage(extract_shard_task, s, stored=False, name=f"{name}-{split}-shard{s.index + 1}of{s.count}",
-                                 **options) for s in shards]
+            split: [submit_stage(extract_shard_task, s, config, stored=False,
+                                 name=f"{name}-{split}-shard{s.index + 1}of{s.count}") for s in shards]
             for split, shards in todo.items()
         }
     results = {}
     for plan in plans:
         if plan.split not in todo:
-            results[plan.split] = run_stage(extract_split_task, plan, stored=True, name=f"{name}-{plan.split}",
-                                            **options)
+            results[plan.split] = run_stage(extract_split_task, plan, config, stored=True, name=f"{name}-{plan.split}")
             continue
         shards = [future.result() for future in futures[plan.split]]
-        joined = run_stage(join_shards_task, JoinPlan(split=plan, parts=[s.part for s in todo[plan.split]]),
-                           stored=False, name=f"join-{config.backbone.name}-{plan.split}", **options)
+        joined = run_stage(join_shards_task, JoinPlan(split=plan, parts=[s.part for s in todo[plan.split]]), config,
+                           stored=False, name=f"join-{config.backbone.name}-{plan.split}")
         results[plan.split] = joined.model_copy(update={
             "forward_batches": sum(s.forward_batches for s in shards),
             "seconds": joined.seconds + sum(s.seconds for s in shards),
@@ -93,7 +80,7 @@ def sharded_extract(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[st
         log.warning("dask: no PREFECT_API_URL, so every Dask worker starts its own ephemeral Prefect server "
                     "(~10-20 s each); start `prefect server start` and set PREFECT_API_URL")
     import dask
-    import distributed  # noqa: F401 - load its config defaults first: leaving a set() would drop them otherwise
+    import distributed  # noqa: F401 - load its config defaults first: a set() before would drop them
 
     # non-daemonic LocalCluster workers, so each can run DataLoader decode workers of its own
     with dask.config.set({"distributed.worker.daemon": False}):

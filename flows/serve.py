@@ -76,13 +76,13 @@ def serve(
     from prefect.deployments.runner import EntrypointType
 
     cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
-    plan = schedules(list(cron), list(interval), timezone)
+    wanted = schedules(list(cron), list(interval), timezone)
     require_server()
     parameters = {"config": str(Path(config).resolve())}
     if cache_dir is not None:
         parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
     pipeline_from_config.serve(
-        name=name or cfg.name, schedules=plan or None, paused=paused, parameters=parameters,
+        name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
         description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -1,115 +1,90 @@
-"""How a stage becomes a Prefect task: retries, content cache keys, trust in the store.
+"""The stages of an experiment as the Prefect tasks they run: plain functions that a flow calls in order.
 
-Every stage task gets the same treatment:
-
-* its Prefect cache key is ``<task name>-<content key>`` (namespaced: a bare
-  ``INPUTS`` policy lets two tasks with equal inputs return each other's results);
-* results are persisted as JSON (never pickle) and stay small (paths, keys, metrics);
-* when the store does not hold the stage's output, ``refresh_cache`` forces a
-  recompute, so a Prefect cache hit never points at a deleted or corrupt file;
-* retries back off exponentially and are not spent on bad input (``ValueError``).
+Each takes the config and, explicitly, the results of the stages it needs; none
+calls another, so only the flow decides the order.
 """
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import Task
-from prefect.context import TaskRunContext
-from prefect.tasks import exponential_backoff
-
-
-def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The stage's own key, namespaced by task name; every stage takes a ``plan`` with a ``key``."""
-    return f"{context.task.name}-{parameters['plan'].key}"
-
-
-def retry_unless_bad_input(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry crashes and I/O errors; a ValueError (bad config or data) fails at once."""
-    try:
-        state.result()
-    except ValueError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
-    return True
+from flows.config import ExperimentConfig
+from flows.stage_tasks import (
+    evaluate_task, extract_split_task, finetune_task, run_stage, submit_stage, train_head_task,
+)
+from tasks import evaluate as evaluation
+from tasks import extract, finetune, heads
+from tasks.backbones import resolve
+from tasks.data import Manifest
+from tasks.evaluate import EvalResult, ModelToEvaluate
+from tasks.extract import ExtractResult
+from tasks.finetune import FinetuneResult
+from tasks.heads import HeadResult
 
 
-STAGE_TASK_OPTIONS: dict[str, Any] = {
-    "cache_key_fn": content_cache_key,
-    "persist_result": True,
-    "result_serializer": "json",
-    "retry_condition_fn": retry_unless_bad_input,
-}
+def extract_features(config: ExperimentConfig) -> dict[str, ExtractResult]:
+    """Features of every split: one task per split, or shards on Dask workers (``dask:``) for splits not cached."""
+    plans = extract.plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
+    stored = {split: extract.is_stored(plan) for split, plan in plans.items()}
+    if config.dask is not None and not all(stored.values()):
+        from flows.scale_out import sharded_extract
+
+        return sharded_extract(config, list(plans.values()))
+    return {
+        split: run_stage(extract_split_task, plan, config, stored=stored[split],
+                         name=f"extract-{config.backbone.name}-{split}")
+        for split, plan in plans.items()
+    }
 
 
-def _configured(task: Task, *, stored: bool, name: str, retries: int, retry_delay_s: float) -> Task:
-    delays = exponential_backoff(backoff_factor=retry_delay_s)(retries) if retries and retry_delay_s else 0
-    return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored)
+def require_test_split(features: dict[str, ExtractResult]) -> None:
+    if "test" not in features:
+        raise ValueError("the pipeline evaluates on a test split: set data.test_fraction > 0 or add a test folder")
 
 
-class StageFailed(RuntimeError):
-    """A stage's task failed (after its retries); the message names the stage, ``__cause__`` is the error."""
+def train_heads(config: ExperimentConfig, features: dict[str, ExtractResult]) -> list[HeadResult]:
+    """Every head of the config on the cached features, one task each, concurrently."""
+    if not config.heads:
+        raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
+    val, test = features.get("val"), features.get("test")
+    plans = heads.plan_heads(config.heads, features["train"].key, val.key if val else None, config.cache_dir,
+                             target_key=test.key if test else None)
+    futures = [submit_stage(train_head_task, plan, config, stored=heads.is_stored(plan),
+                            name=f"head-{plan.head.label}-{plan.head.layer}") for plan in plans]
+    return [future.result() for future in futures]
 
 
-class StageInputError(StageFailed, ValueError):
-    """A stage failed on bad input (config or data): not retried, exit code 2 at the CLI."""
+def finetune_backbone(
+    config: ExperimentConfig, features: dict[str, ExtractResult], trained: list[HeadResult]
+) -> FinetuneResult:
+    """Fine-tune the unfrozen blocks; LP-FT starts from the best probe among ``trained``."""
+    probe = heads.best_probe(trained, config.cache_dir) if config.finetune.init_head == "best_probe" else None
+    plan = finetune.plan_finetune(config.finetune, resolve(config.backbone), features["train"].manifest,
+                                  config.cache_dir, {split: r.key for split, r in features.items()}, probe)
+    return run_stage(finetune_task, plan, config, stored=finetune.is_stored(plan),
+                     name=f"finetune-{config.backbone.name}")
 
 
-def stage_result(state: Any, name: str) -> Any:
-    """The stage's result from its final state; a failure is raised as StageFailed naming the stage."""
-    try:
-        result = state.result()
-    except Exception as exc:
-        kind = StageInputError if isinstance(exc, ValueError) else StageFailed
-        raise kind(f"stage {name} failed: {exc}") from exc
-    return result.cached() if state.name == "Cached" else result
-
-
-def run_stage(task: Task, plan: Any, **options: Any) -> Any:
-    """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
-    return stage_result(_configured(task, **options)(plan, return_state=True), options["name"])
-
-
-class StageFuture:
-    """A stage running concurrently: :meth:`result` waits and returns (or raises) like :func:`run_stage`."""
-
-    def __init__(self, future: Any, name: str) -> None:
-        self.future, self.name = future, name
-
-    def result(self) -> Any:
-        self.future.wait()
-        return stage_result(self.future.state, self.name)
-
-
-def submit_stage(task: Task, plan: Any, **options: Any) -> StageFuture:
-    """Like :func:`run_stage`, concurrently."""
-    return StageFuture(_configured(task, **options).submit(plan), options["name"])
-
-
-def experiment_run_name(prefix: str):
-    """A ``flow_run_name`` callable: ``<prefix>-<experiment name>``, read from the run's ``config`` parameter."""
-
-    def name() -> str:
-        from prefect.runtime import flow_run
-
-        cfg = flow_run.parameters["config"]
-        return f"{prefix}-{cfg['name'] if isinstance(cfg, dict) else cfg.name}"
-
-    return name
-
-
-def local_run_settings():
-    """Settings for a run without a Prefect server (ephemeral mode).
-
-    The flow heartbeat exists to detect crashed runs on a server; locally it
-    only cost ~0.8 s per flow run (measured), so it is off unless
-    ``PREFECT_API_URL`` points at a server.
-    """
-    import contextlib
-    import os
-
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    if os.environ.get("PREFECT_API_URL"):
-        return contextlib.nullcontext()
-    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+def evaluate_models(
+    config: ExperimentConfig, features: dict[str, ExtractResult], trained: list[HeadResult],
+    tuned: FinetuneResult | None, stages: dict[str, dict[str, float | bool]],
+) -> EvalResult:
+    """Every head fit and the fine-tuned model on the test split; the report and registry rows with it."""
+    models = [
+        ModelToEvaluate(name=h.name, kind=h.kind, layer=h.layer, shot=r.shot, seed=r.seed, head_key=r.key,
+                        train_seconds=r.seconds)
+        for h in trained for r in h.records
+    ]
+    if tuned:
+        models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=tuned.best_checkpoint,
+                                      train_seconds=tuned.train_seconds))
+    if not models:
+        raise ValueError(f"experiment {config.name!r} has nothing to evaluate: add heads or enable finetune")
+    test = features["test"]
+    context = {
+        "config": config.model_dump(mode="json"), "stages": stages,
+        "keys": {"features": {s: r.key for s, r in features.items()}, "heads": {m.name: m.head_key for m in models},
+                 "finetune": tuned.key if tuned else None},
+    }
+    plan = evaluation.plan_evaluation(
+        config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone),
+        Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
+    )
+    return run_stage(evaluate_task, plan, config, stored=evaluation.is_stored(plan), name=f"evaluate-{config.name}")

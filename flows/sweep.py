@@ -11,13 +11,13 @@ then ends Failed, naming it.
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.config import ExperimentConfig, SweepConfig
-from flows.pipeline import PipelineResult, artifact_key, pipeline_flow
+from flows.artifacts import publish_table
+from flows.pipeline import PipelineResult, pipeline_flow
 
 
 class SweepResult(BaseModel):
@@ -57,15 +57,14 @@ def sweep_flow(name: str, configs: list[ExperimentConfig]) -> SweepResult:
             failed[config.name] = f"{type(exc).__name__}: {exc}"
     result = SweepResult(name=name, experiments=done, failed=failed)
     if done:
-        create_table_artifact(table=result.rows(), key=f"sweep-{artifact_key(name)}",
-                              description=f"sweep {name}: experiments ranked by their best model's top-1")
+        publish_table(f"sweep-{name}", result.rows(), f"sweep {name}: experiments ranked by their best model's top-1")
     if failed:
         names = ", ".join(failed)
         return Failed(message=f"{len(failed)} of {len(configs)} experiment(s) failed: {names}", data=result)
     return result
 
 
-def run_sweep(plan: SweepConfig, name: str, configs: list[ExperimentConfig]):
+def run_sweep(sweep: SweepConfig, name: str, configs: list[ExperimentConfig]):
     """The sweep flow's final state (Completed, or Failed naming the failed experiments)."""
-    runner = ThreadPoolTaskRunner(max_workers=min(plan.concurrency, len(configs)))
+    runner = ThreadPoolTaskRunner(max_workers=min(sweep.concurrency, len(configs)))
     return sweep_flow.with_options(task_runner=runner)(name, configs, return_state=True)

@@ -1,4 +1,4 @@
-"""Everything on disk: cache keys, the HDF5 feature store, artifacts, results.
+"""Everything on disk: cache layout and keys, the HDF5 feature store, artifacts, results.
 
-Knows nothing of torch models or Prefect (see DESIGN.md, "Layers").
+Knows nothing of torch models or Prefect (docs/ARCHITECTURE.md, "Layers").
 """

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from storage.keys import canonical_json, file_sha256
+from storage.keys import canonical_json, file_sha256, short
+from storage.layout import CacheLayout
 
 HEAD_FORMAT = "transferpipe-head"
 HEAD_FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ class CorruptArtifact(RuntimeError):
 
 
 def head_dir(cache_dir: str | Path, key: str) -> Path:
-    return Path(cache_dir).expanduser() / "heads" / key
+    return CacheLayout(cache_dir).head(key)
 
 
 def head_exists(cache_dir: str | Path, key: str) -> bool:
@@ -41,7 +42,7 @@ def save_head(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray], me
     """Write a head atomically; if another run wrote the same key first, keep theirs (same content)."""
     target = head_dir(cache_dir, key)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key[:12]}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{short(key)}-"))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "arrays.safetensors"))
         description = {
@@ -64,7 +65,7 @@ def read_meta(cache_dir: str | Path, key: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CorruptArtifact(f"{path}: unreadable ({exc})") from exc
     if meta.get("format") != HEAD_FORMAT or meta.get("format_version") != HEAD_FORMAT_VERSION or meta.get("key") != key:
-        raise CorruptArtifact(f"{path}: not a transferpipe head v{HEAD_FORMAT_VERSION} for key {key[:12]}")
+        raise CorruptArtifact(f"{path}: not a transferpipe head v{HEAD_FORMAT_VERSION} for key {short(key)}")
     return meta
 
 
@@ -77,5 +78,5 @@ def load_head_arrays(cache_dir: str | Path, key: str) -> tuple[dict[str, Any], d
     except OSError as exc:
         raise CorruptArtifact(f"{path}: unreadable ({exc})") from exc
     if actual != meta["arrays_sha256"]:
-        raise CorruptArtifact(f"{path}: checksum mismatch (stored {meta['arrays_sha256'][:12]}, actual {actual[:12]})")
+        raise CorruptArtifact(f"{path}: checksum mismatch (stored {short(meta['arrays_sha256'])}, actual {short(actual)})")
     return meta, load_file(str(path))

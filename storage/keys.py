@@ -1,8 +1,10 @@
-"""Content fingerprints: the one place where cache keys are computed.
+"""Content fingerprints: the one place where every cache key is computed.
 
-A key is the sha256 of the canonical JSON of everything that changes the bytes a
-stage produces (DESIGN.md, "Cache keys"). Prefect's cache keys are derived from
-these, never from hashing arrays or file handles.
+A key is the sha256 of the canonical JSON of a *spec*: everything that changes
+what a stage produces, including the code version of that stage. Each
+``*_spec`` function below builds one stage's spec; :func:`key` hashes it.
+Prefect's cache keys are derived from these, never from hashing arrays or file
+handles (docs/ARCHITECTURE.md, "Keys").
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# Bump when the layout of a feature file changes: old files then get new keys.
-FEATURE_FORMAT_VERSION = 1
+#: Bump a stage's version when a change alters what it computes from the same inputs
+#: (or, for features, the file layout): its old results then get new keys and are recomputed.
+CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 2, "evaluate": 2, "scores": 1}
+FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
 
 
 def canonical_json(obj: Any) -> str:
@@ -86,6 +90,45 @@ def feature_spec(
 
 def feature_key(spec: dict[str, Any]) -> str:
     return fingerprint({"kind": "features", **spec})
+
+
+def key(spec: dict[str, Any]) -> str:
+    """The key of any spec built below (feature specs: :func:`feature_key`)."""
+    return fingerprint(spec)
+
+
+def head_spec(head: dict[str, Any], train: str, val: str | None, target: str | None) -> dict[str, Any]:
+    """One head config (every shot and seed) on one set of feature keys."""
+    return {"kind": "heads", "version": CODE_VERSIONS["heads"], "head": head, "train": train, "val": val,
+            "target": target}
+
+
+def fit_spec(
+    head: dict[str, Any], train: str, val: str | None, target: str | None, shot: int | str, seed: int
+) -> dict[str, Any]:
+    """One fitted head: ``head`` without the fields that only label it or list its fits (name, shots, seeds)."""
+    return {"kind": "head", "version": CODE_VERSIONS["heads"], "head": head, "train": train, "val": val,
+            "target": target, "shot": shot, "seed": seed}
+
+
+def finetune_spec(
+    backbone: dict[str, Any], features: dict[str, str], finetune: dict[str, Any], probe: str | None
+) -> dict[str, Any]:
+    """A fine-tuning run: backbone identity, the splits' feature keys, its settings, the LP-FT probe."""
+    return {"kind": "finetune", "version": CODE_VERSIONS["finetune"], "backbone": backbone, "features": features,
+            "finetune": finetune, "probe": probe}
+
+
+def evaluation_spec(experiment: str, test: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """An experiment's evaluation: the test features and the identity of every model scored on them."""
+    return {"kind": "evaluate", "version": CODE_VERSIONS["evaluate"], "experiment": experiment, "test": test,
+            "models": models}
+
+
+def scores_spec(features: str, layer: str, classifier: str) -> dict[str, Any]:
+    """Transferability scores of one candidate's training features (``classifier``: its weights identity)."""
+    return {"kind": "scores", "version": CODE_VERSIONS["scores"], "features": features, "layer": layer,
+            "classifier": classifier}
 
 
 def short(key: str) -> str:

@@ -13,6 +13,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from storage.layout import CacheLayout
+
 COLUMNS = {
     "created_at": "TEXT", "experiment": "TEXT", "run_key": "TEXT", "model": "TEXT", "kind": "TEXT", "layer": "TEXT",
     "shots": "TEXT", "seeds": "INTEGER", "backbone": "TEXT", "weights": "TEXT", "features_key": "TEXT",
@@ -31,7 +33,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def registry_path(cache_dir: str | Path) -> Path:
-    return Path(cache_dir).expanduser() / "results.sqlite"
+    return CacheLayout(cache_dir).registry()
 
 
 def append(cache_dir: str | Path, rows: Iterable[dict[str, Any]]) -> int:

@@ -26,11 +26,12 @@ from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from storage import checkpoints
+from storage.checkpoints import WeightsFileError
 from storage.keys import file_sha256
 
 PENULTIMATE = "penultimate"
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-CHECKPOINT_FORMAT = "transferpipe-checkpoint"
 
 
 class BackboneError(ValueError):
@@ -233,22 +234,11 @@ def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict or a transferpipe checkpoint; never unpickles arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+    """The state dict in a local weights file (never unpickled); a bad file is a BackboneError naming it."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
-        raise BackboneError(f"cannot load weights file {path}: {exc}") from exc
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"weights file {path} holds no state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        return checkpoints.load_weights_file(path)
+    except WeightsFileError as exc:
+        raise BackboneError(str(exc)) from None
 
 
 def _state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:

@@ -4,6 +4,8 @@ Metrics come from scikit-learn where it has them (accuracy, top-k, balanced
 accuracy, macro-F1, confusion matrix, log loss); expected calibration error is
 the standard 15-bin estimate over the top-class confidence. Few-shot heads are
 evaluated per (shot, seed) and averaged per shot into a label-efficiency curve.
+The stage writes the experiment's report (:mod:`tasks.report`) and its rows in
+the results registry once, when it computes; a finished evaluation is reused.
 """
 from __future__ import annotations
 
@@ -14,20 +16,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import (
     accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss, top_k_accuracy_score,
 )
 
+from storage import checkpoints, keys
+from storage import results as registry
 from storage.features import FeatureStore
-from storage.keys import fingerprint
+from storage.layout import CacheLayout
 from tasks.backbones import BackboneSpec, load_model
 from tasks.data import Manifest, load_rgb
-from tasks.devices import pick_device
-from tasks.head_stage import load_head, load_split
-from tasks.stage import StageResult
+from tasks.runtime import pick_device
+from tasks.heads import load_head, load_split
+from tasks.report import ranked, registry_rows, write_report
+from tasks.result import StageResult
 
 ECE_BINS = 15
+RESULT = "result.json"  # in the report folder, written last
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
@@ -86,9 +92,13 @@ class ModelToEvaluate(BaseModel):
 
 
 class EvalPlan(BaseModel):
+    """Every model to score on the test split, and what the experiment's report says besides the scores."""
+
     model_config = ConfigDict(frozen=True)
 
     key: str
+    spec: dict[str, Any]
+    experiment: str
     test_key: str
     manifest: Path
     cache_dir: Path
@@ -96,6 +106,12 @@ class EvalPlan(BaseModel):
     classes: list[str]
     models: list[ModelToEvaluate]
     device: str = "auto"
+    context: dict[str, Any] = Field(default_factory=dict, description="report context (config, stage timings, keys); "
+                                                                      "not in the key")
+
+    @property
+    def folder(self) -> Path:
+        return CacheLayout(self.cache_dir).report(self.experiment, self.key)
 
 
 class ModelReport(BaseModel):
@@ -110,24 +126,45 @@ class ModelReport(BaseModel):
 
 class EvalResult(StageResult):
     key: str
-    models: list[ModelReport]
+    models: list[ModelReport]  # best first (test top-1)
+    report: Path
 
 
-def plan_evaluation(test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec, classes: list[str],
-                    models: list[ModelToEvaluate], device: str = "auto") -> EvalPlan:
-    key = fingerprint({"kind": "evaluate", "test": test_key, "models": [
-        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models]})
-    return EvalPlan(key=key, test_key=test_key, manifest=manifest, cache_dir=cache_dir, backbone=backbone,
-                    classes=classes, models=models, device=device)
+def plan_evaluation(experiment: str, test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec,
+                    classes: list[str], models: list[ModelToEvaluate], device: str = "auto",
+                    context: dict[str, Any] | None = None) -> EvalPlan:
+    spec = keys.evaluation_spec(experiment, test_key, [
+        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models])
+    return EvalPlan(key=keys.key(spec), spec=spec, experiment=experiment, test_key=test_key, manifest=manifest,
+                    cache_dir=cache_dir, backbone=backbone, classes=classes, models=models, device=device,
+                    context=context or {})
 
 
 def _ckpt_id(m: ModelToEvaluate) -> str | None:
     return m.checkpoint.parent.name if m.checkpoint else None  # finetune/<key>/best.pt: the key says it all
 
 
+def is_stored(plan: EvalPlan) -> bool:
+    return (plan.folder / RESULT).is_file()
+
+
 def evaluate(plan: EvalPlan) -> EvalResult:
-    """Metrics of every model on the test split; few-shot seeds averaged per (name, shot)."""
+    """Score every model on the test split, write the report and the registry rows; reuse a finished one."""
     started = time.perf_counter()
+    if is_stored(plan):
+        saved = json.loads((plan.folder / RESULT).read_text())
+        return EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
+    reports = ranked(score_models(plan))
+    paths = write_report(plan, reports, seconds=time.perf_counter() - started)
+    registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
+    result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
+                        seconds=time.perf_counter() - started)
+    (plan.folder / RESULT).write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
+    return result
+
+
+def score_models(plan: EvalPlan) -> list[ModelReport]:
+    """Metrics of every model on the test split; few-shot seeds averaged per (name, shot)."""
     n_classes = len(plan.classes)
     per_fit: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     kinds: dict[tuple[str, str, str], tuple[str, str]] = {}
@@ -145,12 +182,11 @@ def evaluate(plan: EvalPlan) -> EvalResult:
         per_fit.setdefault(group, []).append(classification_metrics(y, scores, proba, n_classes))
         kinds[group] = (m.kind, m.shot)
         seconds[group] = seconds.get(group, 0.0) + m.train_seconds
-    reports = [
+    return [
         ModelReport(name=name, kind=kinds[(name, shot, layer)][0], layer=layer, shot=kinds[(name, shot, layer)][1],
                     seeds=len(fits), metrics=_average(fits), train_seconds=seconds[(name, shot, layer)])
         for (name, shot, layer), fits in per_fit.items()
     ]
-    return EvalResult(key=plan.key, models=reports, cache_hit=False, seconds=time.perf_counter() - started)
 
 
 def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,7 +205,7 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits["test"]
     model = load_model(plan.backbone, num_classes=len(plan.classes))
-    model.load_state_dict(torch.load(m.checkpoint, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(checkpoints.load(m.checkpoint)["model"])
     device = pick_device(plan.device)
     model.eval().to(device)
     pre = plan.backbone.preprocess
@@ -182,110 +218,3 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
     keep = set(FeatureStore(plan.cache_dir).paths(plan.test_key))
     rows = [i for i, (p, _) in enumerate(items) if p in keep]
     return np.concatenate(out)[rows], np.array([items[i][1] for i in rows])
-
-
-def write_report(folder: Path, result: EvalResult, context: dict[str, Any]) -> dict[str, Path]:
-    """report.json, report.md and PNG plots in ``folder``; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ranked = sorted(result.models, key=lambda r: -r.metrics["top1"])
-    payload = {**context, "models": [r.model_dump() for r in ranked]}
-    (folder / "report.json").write_text(json.dumps(payload, indent=1, default=str))
-    plots = _plots(folder, ranked, context.get("classes", []))
-    (folder / "report.md").write_text(report_markdown(ranked, context, plots))
-    return {"json": folder / "report.json", "md": folder / "report.md", **plots}
-
-
-def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
-    fmt = lambda v: "" if v is None else round(v, 4)  # noqa: E731
-    return [
-        {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]), "top5": fmt(r.metrics["top5"]),
-         "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
-         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
-        for r in ranked
-    ]
-
-
-def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: dict[str, Path]) -> str:
-    rows = summary_rows(ranked)
-    header = list(rows[0]) if rows else []
-    lines = [f"# {context.get('experiment', 'experiment')}: test results", "",
-             f"Backbone `{context.get('backbone')}` (weights `{context.get('weights')}`), "
-             f"{ranked[0].metrics['n'] if ranked else 0} test images. Models ranked by top-1 accuracy.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
-    curve = _few_shot_curve(ranked)
-    if curve:
-        shots = sorted({s for points in curve.values() for s in points}, key=lambda s: (s == "all", s if s != "all" else 0))
-        lines += ["", "## Few-shot curve (test top-1, mean over seeds)", "",
-                  "| model | " + " | ".join(str(s) for s in shots) + " |", "|---|" + "---|" * len(shots)]
-        lines += [f"| {name} | " + " | ".join(f"{points[s]:.3f}" if s in points else "" for s in shots) + " |"
-                  for name, points in curve.items()]
-    lines += ["", *(f"![{name}]({path.name})" for name, path in plots.items())]
-    timings = context.get("stages", {})
-    if timings:
-        lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | {'hit' if v['cache_hit'] else 'computed'} |" for k, v in timings.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
-    curve: dict[str, dict[Any, float]] = {}
-    for r in ranked:
-        curve.setdefault(r.name, {})[r.shot] = r.metrics["top1"]
-    return {name: points for name, points in curve.items() if len(points) > 1}
-
-
-def _plots(folder: Path, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots: dict[str, Path] = {}
-    if not ranked:
-        return plots
-    best = ranked[0]
-    cm = np.asarray(best.metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(title=f"confusion matrix: {best.name} ({best.shot})", xlabel="predicted", ylabel="true",
-           xticks=range(len(cm)), yticks=range(len(cm)))
-    if classes and len(classes) <= 20:
-        ax.set_xticklabels(classes, rotation=90)
-        ax.set_yticklabels(classes)
-    for (i, j), v in np.ndenumerate(cm):
-        if len(cm) <= 20:
-            ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
-    plots["confusion_matrix"] = _save(fig, folder / "confusion_matrix.png")
-    calibrated = next((r for r in ranked if r.metrics["reliability"]), None)
-    if calibrated:
-        bins = [b for b in calibrated.metrics["reliability"] if b["count"]]
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / ECE_BINS, alpha=0.7,
-               edgecolor="black", label="accuracy per confidence bin")
-        ax.set(title=f"reliability: {calibrated.name} (ECE {calibrated.metrics['ece']:.3f})", xlabel="confidence",
-               ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-        ax.legend(loc="upper left")
-        plots["reliability"] = _save(fig, folder / "reliability.png")
-    curve = _few_shot_curve(ranked)
-    if curve:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for name, points in curve.items():
-            shots = sorted((s for s in points if s != "all"))
-            xs = [*shots, *(["all"] if "all" in points else [])]
-            ax.plot(range(len(xs)), [points[s] for s in xs], marker="o", label=name)
-            ax.set_xticks(range(len(xs)), [str(s) for s in xs])
-        ax.set(title="few-shot curve (test)", xlabel="labelled images per class", ylabel="top-1 accuracy")
-        ax.legend()
-        plots["few_shot"] = _save(fig, folder / "few_shot.png")
-    return plots
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path

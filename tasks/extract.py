@@ -12,27 +12,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import h5py
 import numpy as np
 import torch
-import torchvision
 from filelock import Timeout
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from storage.faults import fault_point
+from storage import inventory
 from storage.features import FeatureStore
+from storage.layout import CacheLayout
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, FeatureExtractor, Preprocess, build, resolve
-from tasks.devices import pick_device
-from tasks.stage import StageResult
+from tasks.runtime import pick_device, versions
+from tasks.result import StageResult
 from tasks.data import DECODE_ERRORS, BadImageError, DataConfig, Manifest, build_manifest, check_headers, load_rgb
 
 log = logging.getLogger("transferpipe.extract")
@@ -96,19 +95,17 @@ class ExtractResult(StageResult):
 
 def plan_extraction(
     data: DataConfig, backbone: BackboneConfig, extract: ExtractConfig, cache_dir: Path
-) -> list[SplitPlan]:
-    """Scan the dataset, resolve the backbone, and compute one feature key per split."""
+) -> dict[str, SplitPlan]:
+    """Scan the dataset, resolve the backbone, and compute one feature key per split (by split name)."""
     manifest = build_manifest(data, cache_dir)
-    manifest_path = manifest.save(Path(cache_dir) / "manifests" / f"{manifest.dataset_id}.json")
+    manifest_path = manifest.save(CacheLayout(cache_dir).manifest(manifest.dataset_id))
     spec = resolve(backbone)
-    plans = []
+    plans = {}
     for split, fp in manifest.fingerprints.items():
         fspec = feature_spec(**spec.key_fields(), dataset=fp, split=split, dtype=extract.dtype)
-        plans.append(
-            SplitPlan(
-                key=feature_key(fspec), split=split, spec=fspec, manifest=manifest_path,
-                cache_dir=Path(cache_dir), backbone=spec, extract=extract, on_bad_image=data.on_bad_image,
-            )
+        plans[split] = SplitPlan(
+            key=feature_key(fspec), split=split, spec=fspec, manifest=manifest_path,
+            cache_dir=Path(cache_dir), backbone=spec, extract=extract, on_bad_image=data.on_bad_image,
         )
     return plans
 
@@ -120,10 +117,10 @@ def is_stored(plan: SplitPlan) -> bool:
 
 def extract_split(plan: SplitPlan) -> ExtractResult:
     """The stage: reuse the complete file for ``plan.key`` or compute (resume) it."""
-    return _extract(plan, FeatureStore(plan.cache_dir), plan.key, plan.key, (0, None))
+    return extract_rows(plan, FeatureStore(plan.cache_dir), plan.key, plan.key, (0, None))
 
 
-def _extract(plan: SplitPlan, store: FeatureStore, name: str, key: str, span: tuple[int, int | None]) -> ExtractResult:
+def extract_rows(plan: SplitPlan, store: FeatureStore, name: str, key: str, span: tuple[int, int | None]) -> ExtractResult:
     """Under ``name``'s lock in ``store``: reuse its complete file or compute rows ``span`` of the split."""
     started = time.perf_counter()
     path = store.lookup(name)
@@ -140,11 +137,12 @@ def _extract(plan: SplitPlan, store: FeatureStore, name: str, key: str, span: tu
                 return _compute(plan, store, started, name, key, span)
         finally:
             lock.release()
-    return _reuse(plan, store, path, started, key)
+    return reuse(plan, store, path, started, key)
 
 
-def _reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key: str, hit: bool = True) -> ExtractResult:
-    info = store.info(path)
+def reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key: str, hit: bool = True) -> ExtractResult:
+    """The result for a complete file: its rows and widths, and the images it left out."""
+    info = inventory.info(store, path)
     rows, dims, skipped = info.rows, info.dims, list(info.skipped)
     if skipped and plan.on_bad_image == "error":
         raise BadImageError(skipped, f"the {plan.split} split (cached as {path.name})")
@@ -153,98 +151,6 @@ def _reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key
         key=key, split=plan.split, path=path, manifest=plan.manifest, rows=rows, dims=dims, skipped=len(skipped),
         cache_hit=hit, forward_batches=0, seconds=time.perf_counter() - started,
     )
-
-
-# --------------------------------------------------------------------------- shards (scale-out)
-
-
-class ShardPlan(BaseModel):
-    """Rows ``[start, stop)`` of one split, whole batches, extracted by one worker to its own file."""
-
-    model_config = ConfigDict(frozen=True)
-
-    split: SplitPlan
-    index: int
-    count: int
-    start: int
-    stop: int
-
-    @property
-    def part(self) -> str:
-        """The shard's name in ``shards/<feature key>/``."""
-        return f"{self.start:08d}-{self.stop:08d}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.split.key}-{self.part}"
-
-
-class JoinPlan(BaseModel):
-    """Shards to join, in order, into the split's feature file."""
-
-    model_config = ConfigDict(frozen=True)
-
-    split: SplitPlan
-    parts: list[str]
-
-    @property
-    def key(self) -> str:
-        return self.split.key
-
-
-def plan_shards(plan: SplitPlan, count: int) -> list[ShardPlan]:
-    """Up to ``count`` shards of whole batches, so every batch is the one a single process would run."""
-    n = len(Manifest.load(plan.manifest).splits[plan.split])
-    size = plan.extract.batch_size
-    batches = -(-n // size)
-    count = max(1, min(count, batches))
-    bounds = [round(i * batches / count) for i in range(count + 1)]
-    return [
-        ShardPlan(split=plan, index=i, count=count, start=bounds[i] * size, stop=min(bounds[i + 1] * size, n))
-        for i in range(count)
-    ]
-
-
-def extract_shard(shard: ShardPlan) -> ExtractResult:
-    """One shard to ``shards/<key>/<start>-<stop>.h5``: resumable and locked like a whole split."""
-    plan = _worker_device(shard.split)
-    store = FeatureStore(plan.cache_dir).shards(plan.key)
-    return _extract(plan, store, shard.part, shard.key, (shard.start, shard.stop))
-
-
-def _worker_device(plan: SplitPlan) -> SplitPlan:
-    """On a Dask worker of a machine with several GPUs, worker N uses GPU N mod count.
-
-    (Workers started one per GPU with their own CUDA_VISIBLE_DEVICES, as dask-cuda
-    does, each see one device and keep ``cuda``.)
-    """
-    if plan.extract.device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
-        return plan
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):
-        return plan
-    index = name if isinstance(name, int) else 0
-    device = f"cuda:{index % torch.cuda.device_count()}"
-    return plan.model_copy(update={"extract": plan.extract.model_copy(update={"device": device})})
-
-
-def join_shards(plan: JoinPlan) -> ExtractResult:
-    """The split's feature file from its shards (HDF5 virtual datasets, no copy), under the split's lock."""
-    started = time.perf_counter()
-    split = plan.split
-    store = FeatureStore(split.cache_dir)
-    with store.lock(split.key):
-        path = store.lookup(split.key)
-        if path is None:
-            manifest = Manifest.load(split.manifest)
-            path = store.join(
-                split.key, plan.parts, spec=split.spec, classes=manifest.classes, versions=versions(),
-                batch_size=split.extract.batch_size, attrs={"dataset_root": str(manifest.root)},
-            )
-    return _reuse(split, store, path, started, split.key, hit=False)
 
 
 # --------------------------------------------------------------------------- compute
@@ -310,19 +216,6 @@ def num_workers_for(setting: int | str, n_batches: int) -> int:
     return min(8, max(1, (os.cpu_count() or 1) - 1))
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        own = version("transferpipe")
-    except PackageNotFoundError:
-        own = "dev"
-    return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "h5py": h5py.__version__, "transferpipe": own,
-    }
-
-
 class _Runner:
     """The frozen model on its device, with the CUDA speed-ups when they apply."""
 
@@ -373,43 +266,16 @@ def _compute(
 ) -> ExtractResult:
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits[plan.split][span[0] : span[1]]
-    where = f"the {plan.split} split of {manifest.root}"
-    bad = check_headers(manifest.root, items)
     runner = _Runner(plan.backbone, plan.extract)
-    cfg = plan.extract
     rows = {} if span == (0, None) else {"rows": f"{span[0]}:{span[0] + len(items)}"}
     with store.writer(
         name, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),
-        batch_size=cfg.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root), **rows},
+        batch_size=plan.extract.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root), **rows},
     ) as writer:
-        first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
-        batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
-        loader = DataLoader(
-            _Images(manifest.root, items, plan.backbone.preprocess, bad), batch_sampler=batches,
-            num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
-            worker_init_fn=worker_init,
-        )
-        empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
-        desc = f"extract {plan.backbone.name} {plan.split}"
-        with ThreadPoolExecutor(1, thread_name_prefix="h5-writer") as io, tqdm(
-            total=len(items), initial=first, unit="img", desc=desc, disable=None
-        ) as bar:
-            pending, undecodable = None, []
-            for x, n, failed in loader:
-                bar.update(n)
-                skipped = [{"path": items[i][0], "error": err} for i, err in failed]
-                if plan.on_bad_image == "error" and (skipped or undecodable):
-                    undecodable += skipped  # stop computing, keep decoding: the error lists every bad file
-                    continue
-                feats = runner(x) if x is not None else empty
-                fault_point("extract.batch")
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(writer.append, feats, skipped)
-            if pending is not None:
-                pending.result()
+        first = writer.position
+        undecodable = _write_batches(plan, manifest.root, items, runner, writer)
         if undecodable:
-            raise BadImageError(undecodable, where)
+            raise BadImageError(undecodable, f"the {plan.split} split of {manifest.root}")
         dropped = {s["path"] for s in writer.skipped}
         kept = [(p, y) for p, y in items if p not in dropped]
         path = writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])
@@ -423,6 +289,40 @@ def _compute(
         log.warning("skipped %s: %s", s["path"], s["error"])
     return ExtractResult(
         key=key, split=plan.split, path=path, manifest=plan.manifest, rows=len(kept), dims=writer.dims,
-        skipped=len(dropped),
-        cache_hit=False, forward_batches=runner.batches, seconds=seconds,
+        skipped=len(dropped), cache_hit=False, forward_batches=runner.batches, seconds=seconds,
     )
+
+
+def _write_batches(plan: SplitPlan, root: Path, items: list[tuple[str, int]], runner: _Runner, writer) -> list:
+    """Decode (workers), forward and append (a writer thread) every batch from the writer's position on.
+
+    Returns the undecodable images with ``on_bad_image: error`` (then nothing after the first is computed).
+    """
+    cfg = plan.extract
+    first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
+    batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
+    loader = DataLoader(
+        _Images(root, items, plan.backbone.preprocess, check_headers(root, items)), batch_sampler=batches,
+        num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
+        worker_init_fn=worker_init,
+    )
+    empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
+    desc = f"extract {plan.backbone.name} {plan.split}"
+    with ThreadPoolExecutor(1, thread_name_prefix="h5-writer") as io, tqdm(
+        total=len(items), initial=first, unit="img", desc=desc, disable=None
+    ) as bar:
+        pending, undecodable = None, []
+        for x, n, failed in loader:
+            bar.update(n)
+            skipped = [{"path": items[i][0], "error": err} for i, err in failed]
+            if plan.on_bad_image == "error" and (skipped or undecodable):
+                undecodable += skipped  # stop computing, keep decoding: the error lists every bad file
+                continue
+            feats = runner(x) if x is not None else empty
+            fault_point("extract.batch")
+            if pending is not None:
+                pending.result()
+            pending = io.submit(writer.append, feats, skipped)
+        if pending is not None:
+            pending.result()
+    return undecodable

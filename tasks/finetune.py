@@ -3,7 +3,7 @@
 The only stage that trains the backbone, so the one made resumable: a
 checkpoint (model, optimiser, schedule, scaler, epoch, RNG, best so far,
 history) is written atomically after every epoch to
-``<cache_dir>/finetune/<key>/last.pt``; a retried or rerun stage continues
+``finetune/<key>/last.pt`` (:class:`storage.checkpoints.RunFiles`); a retried or rerun stage continues
 from it, and with deterministic settings reaches the same weights as an
 uninterrupted run (per-epoch seeded shuffles, per-sample seeded augmentation).
 The best epoch (by the validation metric) is saved as ``best.pt`` in the
@@ -16,9 +16,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,15 +33,18 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2 import RandomResizedCrop
 from tqdm.auto import tqdm
 
+from storage import checkpoints, keys
 from storage.artifacts import load_head_arrays
+from storage.checkpoints import RunFiles
 from storage.faults import fault_point
-from storage.keys import canonical_json, fingerprint
-from tasks.backbones import CHECKPOINT_FORMAT, BackboneSpec, Preprocess, final_linear, load_model
+from storage.keys import canonical_json, short
+from storage.layout import CacheLayout
+from tasks.backbones import BackboneSpec, Preprocess, final_linear, load_model
 from tasks.data import Manifest, load_rgb
-from tasks.devices import pick_device
+from tasks.runtime import pick_device
 from tasks.extract import num_workers_for, worker_init
-from tasks.head_stage import LINEAR_PROBES
-from tasks.stage import StageResult
+from tasks.heads import LINEAR_PROBES
+from tasks.result import StageResult
 
 log = logging.getLogger("transferpipe.finetune")
 
@@ -94,6 +97,7 @@ class FinetunePlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key: str
+    spec: dict[str, Any]
     backbone: BackboneSpec
     manifest: Path
     cache_dir: Path
@@ -130,18 +134,18 @@ def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, c
                   feature_keys: dict[str, str], probe_key: str | None) -> FinetunePlan:
     """Key: feature inputs (backbone + split fingerprints) + finetune config + LP-FT head identity."""
     probe_key = probe_key if cfg.init_head == "best_probe" else None
-    key = fingerprint({"kind": "finetune", "backbone": backbone.key_fields(), "features": feature_keys,
-                       "finetune": cfg.model_dump(exclude={"enabled", "device", "num_workers"}), "probe": probe_key})
-    return FinetunePlan(key=key, backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir), finetune=cfg,
+    spec = keys.finetune_spec(backbone.key_fields(), feature_keys,
+                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probe_key)
+    return FinetunePlan(spec=spec, key=keys.key(spec), backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir), finetune=cfg,
                         probe_key=probe_key)
 
 
-def run_dir(plan: FinetunePlan) -> Path:
-    return plan.cache_dir / "finetune" / plan.key
+def run_files(plan: FinetunePlan) -> RunFiles:
+    return RunFiles(CacheLayout(plan.cache_dir).finetune_run(plan.key))
 
 
 def is_stored(plan: FinetunePlan) -> bool:
-    return (run_dir(plan) / "result.json").is_file() and (run_dir(plan) / "best.pt").is_file()
+    return run_files(plan).finished()
 
 
 # --------------------------------------------------------------------------- model surgery
@@ -222,7 +226,7 @@ def init_head_from_probe(model: nn.Module, head: str, cache_dir: Path, probe_key
     """
     meta, arrays = load_head_arrays(cache_dir, probe_key)
     if meta["kind"] not in LINEAR_PROBES or meta["params"]["preprocess"] == "l2":
-        raise ValueError(f"head {probe_key[:12]} ({meta['kind']}, {meta['params']['preprocess']}) is not a linear probe")
+        raise ValueError(f"head {short(probe_key)} ({meta['kind']}, {meta['params']['preprocess']}) is not a linear probe")
     layer = model.get_submodule(head)
     W = arrays["coef_"].astype(np.float64) / arrays["scale_"].astype(np.float64)
     b = arrays["intercept_"].astype(np.float64) - W @ arrays["mean_"].astype(np.float64)
@@ -267,24 +271,6 @@ def _loader(dataset, batch_size, shuffle_seed, workers, pin) -> DataLoader:
                       num_workers=workers, pin_memory=pin, worker_init_fn=worker_init)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -296,17 +282,56 @@ _ONE_AT_A_TIME = threading.Lock()
 def finetune(plan: FinetunePlan) -> FinetuneResult:
     """Fine-tune (or resume, or reuse) the run for ``plan.key``; one writer per key (a lock that dies with it)."""
     started = time.perf_counter()
-    folder = run_dir(plan)
-    if not is_stored(plan):
-        folder.mkdir(parents=True, exist_ok=True)
-        with _ONE_AT_A_TIME, FileLock(str(folder / ".lock")):
-            if not is_stored(plan):  # the run we waited for may have finished it
-                return _train(plan, folder, started)
-    saved = json.loads((folder / "result.json").read_text())
+    files = run_files(plan)
+    if not files.finished():
+        files.folder.mkdir(parents=True, exist_ok=True)
+        with _ONE_AT_A_TIME, FileLock(str(files.lock)):
+            if not files.finished():  # the run we waited for may have finished it
+                return _train(plan, files, started)
+    saved = json.loads(files.result.read_text())
     return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
 
 
-def _train(plan: FinetunePlan, folder: Path, started: float) -> FinetuneResult:
+def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResult:
+    run = _setup(plan)
+    resumed_from = _resume(run, files.last)
+    for epoch in range(run.state["epoch"] + 1, plan.finetune.epochs + 1):
+        entry = _train_epoch(run, epoch)
+        if _end_epoch(run, files, entry):
+            break
+    return _finish(run, files, resumed_from, started)
+
+
+@dataclass
+class _Run:
+    """One fine-tuning run while it trains: model, data, optimiser and the progress that a checkpoint saves."""
+
+    plan: FinetunePlan
+    classes: list[str]
+    device: torch.device
+    model: nn.Module
+    params: list[nn.Parameter]
+    frozen_bn: list[str]
+    train_set: _TrainImages
+    val_set: _TrainImages
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    workers: int
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []})
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+
+def _setup(plan: FinetunePlan) -> _Run:
+    """The model (probe head for LP-FT, frozen blocks), data, optimiser, schedule and AMP of a fresh run."""
     cfg = plan.finetune
     manifest = Manifest.load(plan.manifest)
     if "val" not in manifest.splits:
@@ -322,102 +347,131 @@ def _train(plan: FinetunePlan, folder: Path, started: float) -> FinetuneResult:
                 "(penultimate layer, shots including all, preprocess none or standardize), or set init_head: random"
             )
         init_head_from_probe(model, head, plan.cache_dir, plan.probe_key)
-    trainable_names = unfrozen_modules(model, cfg, head)
-    params, frozen_bn = freeze(model, trainable_names)
+    params, frozen_bn = freeze(model, unfrozen_modules(model, cfg, head))
     model.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     pre = plan.backbone.preprocess
     train_set = _TrainImages(manifest.root, manifest.splits["train"], pre, cfg.augment, cfg.seed)
-    val_set = _TrainImages(manifest.root, manifest.splits["val"], pre, "none", cfg.seed)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     opt = build_optimizer(model, head, cfg)
-    sched = build_schedule(opt, cfg, steps)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda and cfg.amp else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    last = folder / "last.pt"
-    resumed_from = 0
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["schedule"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if cuda and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        state = json.loads(ckpt["state"])
-        resumed_from = state["epoch"]
-        log.info("resuming fine-tuning %s after epoch %d", plan.key[:12], resumed_from)
-    workers = num_workers_for(cfg.num_workers, steps)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    metric = cfg.early_stopping.metric if cfg.early_stopping else "val_accuracy"
-    stopped = False
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        train_set.epoch = epoch
-        loader = _loader(train_set, cfg.batch_size, hash((cfg.seed, epoch)) & 0x7FFFFFFF, workers, cuda)
-        set_train_mode(model, frozen_bn, cfg.freeze_bn)
-        t0, seen, total_loss = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="batch", disable=None, leave=False)
-        for x, y in bar:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                loss = nn.functional.cross_entropy(model(pre.normalize(x)), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(y)
-            batch_loss = loss.item()
-            total_loss += batch_loss * len(y)
-            bar.set_postfix(loss=f"{batch_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            fault_point("finetune.batch")
-        epoch_seconds = time.perf_counter() - t0
-        rate = seen / epoch_seconds
-        val_loss, val_acc = evaluate(model, val_set, cfg.batch_size, device, workers, autocast)
-        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-        entry = EpochLog(epoch=epoch, train_loss=total_loss / seen, val_loss=val_loss, val_accuracy=val_acc,
-                         images_per_s=rate, seconds=epoch_seconds, lr_backbone=lrs.get("backbone", 0.0),
-                         lr_head=lrs["head"])
-        state["history"].append(entry.model_dump())
-        log.info("epoch %d: loss %.4f, val acc %.4f, val loss %.4f, %.0f img/s", epoch, entry.train_loss, val_acc, val_loss, rate)
-        score = val_acc if metric == "val_accuracy" else -val_loss
-        if state["best"] is None or score > state["best"]:
-            state.update(best=score, best_epoch=epoch, bad_epochs=0)
-            _save_atomic({"format": CHECKPOINT_FORMAT, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                          "backbone": plan.backbone.name, "classes": canonical_json(manifest.classes),
-                          "epoch": epoch, "val_accuracy": val_acc}, folder / "best.pt")
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        stopped = bool(cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping.patience)
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                      "scaler": scaler.state_dict(), "rng": _rng_state(device), "state": json.dumps(state)}, last)
-        fault_point("finetune.epoch")
-        if stopped:
-            log.info("early stopping after epoch %d (no %s improvement for %d epochs)", epoch, metric, state["bad_epochs"])
-            break
-    history = [EpochLog(**h) for h in state["history"]]
-    best_acc = next(h.val_accuracy for h in history if h.epoch == state["best_epoch"])
+    amp_dtype = None
+    if device.type == "cuda" and cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _Run(
+        plan=plan, classes=manifest.classes, device=device, model=model, params=params, frozen_bn=frozen_bn,
+        train_set=train_set, val_set=_TrainImages(manifest.root, manifest.splits["val"], pre, "none", cfg.seed),
+        opt=opt, sched=build_schedule(opt, cfg, steps), amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        workers=num_workers_for(cfg.num_workers, steps),
+    )
+
+
+def _resume(run: _Run, last: Path) -> int:
+    """Continue from ``last.pt`` if an earlier attempt left one; returns the epochs it had done."""
+    if not last.exists():
+        return 0
+    ckpt = checkpoints.load(last)
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["schedule"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if run.cuda and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    run.state = json.loads(ckpt["state"])
+    log.info("resuming fine-tuning %s after epoch %d", short(run.plan.key), run.state["epoch"])
+    return run.state["epoch"]
+
+
+def _train_epoch(run: _Run, epoch: int) -> EpochLog:
+    """One pass over the training split, then validation."""
+    cfg, model, pre = run.plan.finetune, run.model, run.plan.backbone.preprocess
+    run.train_set.epoch = epoch
+    loader = _loader(run.train_set, cfg.batch_size, hash((cfg.seed, epoch)) & 0x7FFFFFFF, run.workers, run.cuda)
+    set_train_mode(model, run.frozen_bn, cfg.freeze_bn)
+    t0, seen, total_loss = time.perf_counter(), 0, 0.0
+    bar = tqdm(loader, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="batch", disable=None, leave=False)
+    for x, y in bar:
+        x = x.to(run.device, non_blocking=True)
+        y = y.to(run.device, non_blocking=True)
+        if run.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run.autocast():
+            loss = nn.functional.cross_entropy(model(pre.normalize(x)), y)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        seen += len(y)
+        batch_loss = loss.item()
+        total_loss += batch_loss * len(y)
+        bar.set_postfix(loss=f"{batch_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        fault_point("finetune.batch")
+    seconds = time.perf_counter() - t0
+    val_loss, val_acc = validate(model, run.val_set, cfg.batch_size, run.device, run.workers, run.autocast)
+    lrs = {g["name"]: g["lr"] for g in run.opt.param_groups}
+    entry = EpochLog(epoch=epoch, train_loss=total_loss / seen, val_loss=val_loss, val_accuracy=val_acc,
+                     images_per_s=seen / seconds, seconds=seconds, lr_backbone=lrs.get("backbone", 0.0),
+                     lr_head=lrs["head"])
+    log.info("epoch %d: loss %.4f, val acc %.4f, val loss %.4f, %.0f img/s", epoch, entry.train_loss, val_acc,
+             val_loss, entry.images_per_s)
+    return entry
+
+
+def _end_epoch(run: _Run, files: RunFiles, entry: EpochLog) -> bool:
+    """Record the epoch, save ``best.pt`` if it is the best so far and ``last.pt`` always; True: stop early."""
+    cfg, state = run.plan.finetune, run.state
+    state["history"].append(entry.model_dump())
+    score = entry.val_accuracy if _metric(cfg) == "val_accuracy" else -entry.val_loss
+    if state["best"] is None or score > state["best"]:
+        state.update(best=score, best_epoch=entry.epoch, bad_epochs=0)
+        checkpoints.save_best(files.best, run.model.state_dict(), backbone=run.plan.backbone.name,
+                              classes=canonical_json(run.classes), epoch=entry.epoch, val_accuracy=entry.val_accuracy)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = entry.epoch
+    checkpoints.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                      "schedule": run.sched.state_dict(), "scaler": run.scaler.state_dict(),
+                      "rng": _rng_state(run.device), "state": json.dumps(state)}, files.last)
+    fault_point("finetune.epoch")
+    stop = bool(cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping.patience)
+    if stop:
+        log.info("early stopping after epoch %d (no %s improvement for %d epochs)", entry.epoch, _metric(cfg),
+                 state["bad_epochs"])
+    return stop
+
+
+def _metric(cfg: FinetuneConfig) -> str:
+    return cfg.early_stopping.metric if cfg.early_stopping else "val_accuracy"
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _finish(run: _Run, files: RunFiles, resumed_from: int, started: float) -> FinetuneResult:
+    """The result, written last as ``result.json`` (it marks the run finished)."""
+    history = [EpochLog(**h) for h in run.state["history"]]
+    best_epoch = run.state["best_epoch"]
+    trainable = sum(p.numel() for p in run.params)
     result = FinetuneResult(
-        key=plan.key, best_checkpoint=folder / "best.pt", best_epoch=state["best_epoch"], best_val_accuracy=best_acc,
+        key=run.plan.key, best_checkpoint=files.best, best_epoch=best_epoch,
+        best_val_accuracy=next(h.val_accuracy for h in history if h.epoch == best_epoch),
         epochs_run=len(history) - resumed_from, resumed_from=resumed_from, history=history,
-        train_seconds=sum(h.seconds for h in history),
-        trainable_params=sum(p.numel() for p in params),
-        frozen_params=sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params),
+        train_seconds=sum(h.seconds for h in history), trainable_params=trainable,
+        frozen_params=sum(p.numel() for p in run.model.parameters()) - trainable,
         cache_hit=False, seconds=time.perf_counter() - started,
     )
-    (folder / "result.json").write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    files.result.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
     return result
 
 
-def evaluate(model, dataset, batch_size, device, workers, autocast) -> tuple[float, float]:
+def validate(model, dataset, batch_size, device, workers, autocast) -> tuple[float, float]:
     """Validation loss and accuracy (eval mode, no augmentation)."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0

@@ -17,16 +17,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage.keys import fingerprint
+from storage import keys
+from storage.layout import CacheLayout
 from tasks.backbones import BackboneConfig, BackboneSpec, source_classifier
-from tasks.head_stage import load_split
-from tasks.stage import StageResult
+from tasks.heads import load_split
+from tasks.result import StageResult
 
-SCORES_VERSION = 1
+SCORES = ("logme", "h_score", "nce", "leep")
 
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11, tol: float = 1e-3) -> float:
@@ -123,7 +125,7 @@ class SelectConfig(BaseModel):
 
 
 def is_stored(plan: ScorePlan) -> bool:
-    return (plan.cache_dir / "scores" / f"{plan.key}.json").is_file()
+    return CacheLayout(plan.cache_dir).scores(plan.key).is_file()
 
 
 def kendall_tau(scores: list[float | None], probe: list[float]) -> float | None:
@@ -161,15 +163,14 @@ class ScoreResult(StageResult):
 
 
 def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbone: BackboneSpec) -> ScorePlan:
-    key = fingerprint({"kind": "scores", "version": SCORES_VERSION, "features": train_key, "layer": layer,
-                       "classifier": backbone.weights_id})
+    key = keys.key(keys.scores_spec(train_key, layer, backbone.weights_id))
     return ScorePlan(key=key, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
 
 
 def score_candidate(plan: ScorePlan) -> ScoreResult:
     """Every score of one candidate's training features (cached as JSON under scores/<key>.json)."""
     started = time.perf_counter()
-    path = plan.cache_dir / "scores" / f"{plan.key}.json"
+    path = CacheLayout(plan.cache_dir).scores(plan.key)
     if path.exists():
         return ScoreResult.model_validate({**json.loads(path.read_text()), "cache_hit": True, "seconds": 0.0})
     X, y = load_split(plan.cache_dir, plan.train_key, plan.layer)
@@ -194,3 +195,45 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
     return result
+
+
+# --------------------------------------------------------------------------- the selection report
+
+
+def candidate_row(label: str, backbone: BackboneConfig, scored: ScoreResult, probes: dict[str, Any]) -> dict[str, Any]:
+    """One candidate: its scores (value, seconds, why skipped) and the kNN and logistic probes' val accuracy."""
+    row: dict[str, Any] = {"candidate": label, "backbone": backbone.name, "weights": backbone.weights}
+    for name in SCORES:
+        s = scored.scores[name]
+        row[name], row[f"{name}_s"], row[f"{name}_skipped"] = s.value, s.seconds, s.skipped
+    for kind in ("logistic", "knn"):
+        rec = probes[kind].records[0]
+        row[f"{kind}_val_acc"], row[f"{kind}_s"] = rec.val_accuracy, rec.seconds
+    return row
+
+
+def rank_candidates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """Rows by LogME, best first, and each score's Kendall tau against the logistic probe's accuracy."""
+    rows = sorted(rows, key=lambda r: -r["logme"])
+    probe = [r["logistic_val_acc"] for r in rows]
+    return rows, {name: kendall_tau([r[name] for r in rows], probe) for name in (*SCORES, "knn_val_acc")}
+
+
+def write_selection(folder: Path, name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> Path:
+    """select.json and select.md in ``folder``; returns the markdown's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "select.json").write_text(json.dumps({"rows": rows, "kendall_tau_vs_logistic_probe": taus}, indent=1))
+    (folder / "select.md").write_text(_markdown(name, rows, taus))
+    return folder / "select.md"
+
+
+def _markdown(name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+    cols = [*SCORES, "knn_val_acc", "logistic_val_acc"]
+    lines = [f"# {name}: candidate backbones, ranked by LogME", "",
+             "| candidate | " + " | ".join(cols) + " | LogME s | probe s |", "|---|" + "---|" * (len(cols) + 2)]
+    lines += [f"| {r['candidate']} | " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['logme_s']:.3f} | {r['logistic_s']:.2f} |"
+              for r in rows]
+    lines += ["", "Kendall τ of each score against the logistic probe's val accuracy (1 = same order):", ""]
+    lines += [f"- {name}: {fmt(tau)}" for name, tau in taus.items()]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic images, an isolated Prefect home, RNG restore."""
+"""Shared fixtures: tiny synthetic images, an isolated Prefect home, RNG restore (helpers: helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -17,10 +17,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 30)]
-
+from helpers import make_imagefolder  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _restore_rng():
@@ -30,25 +27,6 @@ def _restore_rng():
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
-
-
-def make_image(path: Path, label: int, index: int, size: int = 20, mode: str = "RGB") -> Path:
-    """A small image whose colour says its class and whose noise makes it unique."""
-    rng = np.random.default_rng(1000 * label + index)
-    base = np.array(COLORS[label % len(COLORS)], dtype=np.float64)
-    pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGB").convert(mode).save(path)
-    return path
-
-
-def make_imagefolder(root: Path, n_per_class: int = 6, classes: int = 3, splits: tuple[str, ...] = ()) -> Path:
-    """``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``."""
-    for s, split in enumerate(splits or ("",)):
-        for c in range(classes):
-            for i in range(n_per_class):
-                make_image(root / split / f"class{c}" / f"{i:03d}.png", c, 100 * s + i)
-    return root
 
 
 @pytest.fixture
@@ -100,7 +78,7 @@ def _stop_ephemeral_prefect_server():
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real ``prefect server start`` on loopback (own home, SQLite), shared by the tests that need one."""
-    from prefect_server import start_server, stop_server
+    from flows.server import start_server, stop_server
 
     server, proc = start_server()
     try:
@@ -112,11 +90,3 @@ def prefect_server():
         APILogWorker.drain_all(timeout=10)  # logs of runs this process sent to the server, before it goes
         EventsWorker.drain_all(timeout=10)
         stop_server(server, proc)
-
-
-def write_config(cfg, path: Path) -> Path:
-    """An ExperimentConfig as the YAML file a user would write."""
-    import yaml
-
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return path

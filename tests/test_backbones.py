@@ -6,8 +6,9 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, get_model
 
+from storage.checkpoints import CHECKPOINT_FORMAT
 from tasks.backbones import (
-    CHECKPOINT_FORMAT, BackboneConfig, BackboneError, WeightsNotFoundError, build, hub_file, resolve,
+    BackboneConfig, BackboneError, WeightsNotFoundError, build, hub_file, resolve,
 )
 
 

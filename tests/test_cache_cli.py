@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from storage.faults import ENV, InjectedFault
 from storage.features import FeatureStore
-from tasks.extract import extract_split, plan_extraction
-from tests.test_store import flip_a_feature_byte
+from tasks.extract import extract_split
+from helpers import flip_a_feature_byte, split_plans
 
 runner = CliRunner()
 
@@ -22,7 +22,7 @@ runner = CliRunner()
 def cache(tiny_config, monkeypatch):
     """A cache with two complete files (train, test) and one partial (val, interrupted)."""
     cfg = tiny_config()
-    plans = {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    plans = split_plans(cfg)
     done = {s: extract_split(plans[s]) for s in ("train", "test")}
     monkeypatch.setenv(ENV, "extract.batch:1:raise")
     with pytest.raises(InjectedFault):

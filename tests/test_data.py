@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tasks.data import BadImageError, DataConfig, DataError, build_manifest, load_rgb, split_by_fraction, to_rgb
-from tests.conftest import make_image, make_imagefolder
+from helpers import make_image, make_imagefolder
 
 
 def manifest(tmp_path, **cfg):

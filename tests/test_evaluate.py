@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from storage import results as registry
-from tasks.evaluate import EvalResult, ModelReport, classification_metrics, expected_calibration_error, write_report
+from tasks.evaluate import ModelReport, classification_metrics, expected_calibration_error
+from tasks.report import write_report
 
 
 def test_metrics_on_a_hand_checked_case():
@@ -53,17 +54,27 @@ def test_top5_and_scores_without_probabilities():
     assert m["nll"] is None and m["ece"] is None and m["reliability"] is None
 
 
+def _plan(cache_dir, context):
+    from tasks.backbones import BackboneConfig, resolve
+    from tasks.evaluate import ModelToEvaluate, plan_evaluation
+
+    models = [ModelToEvaluate(name="m", kind="logistic", head_key="h" * 64)]
+    return plan_evaluation("exp", "t" * 64, cache_dir / "m.json", cache_dir, resolve(BackboneConfig(weights="none")),
+                           ["a", "b"], models, context=context)
+
+
 def test_report_files_hold_what_they_claim(tmp_path):
     y = np.array([0, 1, 1, 0])
     good = classification_metrics(y, np.eye(2)[y] * 0.9 + 0.05, np.eye(2)[y] * 0.9 + 0.05, 2)
     bad = classification_metrics(y, np.eye(2)[1 - y], None, 2)
-    result = EvalResult(key="k" * 64, cache_hit=False, seconds=0.1, models=[
+    models = [
         ModelReport(name="worse", kind="ridge", layer="penultimate", shot="all", seeds=1, metrics=bad),
         ModelReport(name="better", kind="logistic", layer="penultimate", shot="all", seeds=1, metrics=good),
         ModelReport(name="better", kind="logistic", layer="penultimate", shot=1, seeds=3, metrics=bad),
-    ])
-    paths = write_report(tmp_path, result, {"experiment": "exp", "classes": ["a", "b"], "stages": {
-        "extract": {"seconds": 1.0, "cache_hit": True}}})
+    ]
+    plan = _plan(tmp_path, {"stages": {"extract": {"seconds": 1.0, "cache_hit": True}}})
+    paths = write_report(plan, models, seconds=0.5)
+    assert paths["json"].parent == tmp_path / "runs" / "exp" / plan.key[:12]
     report = json.loads(paths["json"].read_text())
     assert [m["name"] for m in report["models"]] == ["better", "worse", "better"]  # ranked by top-1
     md = paths["md"].read_text()

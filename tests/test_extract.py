@@ -10,16 +10,13 @@ import torch
 from storage.features import FeatureStore
 from tasks.backbones import build
 from tasks.data import BadImageError, Manifest, load_rgb
-from tasks.extract import extract_split, plan_extraction
-
-
-def plans(cfg):
-    return {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+from helpers import split_plans
+from tasks.extract import extract_split
 
 
 def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_config):
     cfg = tiny_config(backbone={"layers": ["penultimate", "layer2"]})
-    plan = plans(cfg)["train"]
+    plan = split_plans(cfg)["train"]
     result = extract_split(plan)
     manifest = Manifest.load(plan.manifest)
     assert result.path == cfg.cache_dir / "features" / f"{plan.key}.h5"
@@ -45,7 +42,7 @@ def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_confi
 
 def test_features_equal_a_direct_forward_pass(tiny_config):
     cfg = tiny_config(extract={"dtype": "float32"})
-    plan = plans(cfg)["val"]
+    plan = split_plans(cfg)["val"]
     extract_split(plan)
     manifest = Manifest.load(plan.manifest)
     pre = plan.backbone.preprocess
@@ -57,7 +54,7 @@ def test_features_equal_a_direct_forward_pass(tiny_config):
 
 
 def test_second_run_is_a_store_hit_with_no_forward_pass(tiny_config):
-    plan = plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     first = extract_split(plan)
     assert first.forward_batches == 3  # 12 images in batches of 4
     mtime = first.path.stat().st_mtime_ns
@@ -67,9 +64,9 @@ def test_second_run_is_a_store_hit_with_no_forward_pass(tiny_config):
 
 
 def test_workers_and_batch_size_do_not_change_the_bytes(tiny_config):
-    a = extract_split(plans(tiny_config(extract={"num_workers": 0}))["train"])
+    a = extract_split(split_plans(tiny_config(extract={"num_workers": 0}))["train"])
     b_cfg = tiny_config(extract={"num_workers": 2}, cache_dir=str(a.path.parent.parent.parent / "other"))
-    b = extract_split(plans(b_cfg)["train"])
+    b = extract_split(split_plans(b_cfg)["train"])
     assert a.key == b.key
     with h5py.File(a.path) as fa, h5py.File(b.path) as fb:
         assert np.array_equal(fa["features/penultimate"][()], fb["features/penultimate"][()])
@@ -84,10 +81,10 @@ def _break_images(root, items):
 
 
 def test_bad_images_fail_the_run_listing_every_path(tiny_config):
-    plan = plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     manifest = Manifest.load(plan.manifest)
     bad = _break_images(manifest.root, manifest.splits["train"])
-    plan = plans(tiny_config())["train"]  # the edit changed the fingerprint
+    plan = split_plans(tiny_config())["train"]  # the edit changed the fingerprint
     with pytest.raises(BadImageError) as exc:
         extract_split(plan)
     assert all(p in str(exc.value) for p in bad)
@@ -95,10 +92,10 @@ def test_bad_images_fail_the_run_listing_every_path(tiny_config):
 
 
 def test_bad_images_are_skipped_and_recorded(tiny_config):
-    plan = plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     manifest = Manifest.load(plan.manifest)
     bad = _break_images(manifest.root, manifest.splits["train"])
-    plan = plans(tiny_config(data={"on_bad_image": "skip"}))["train"]
+    plan = split_plans(tiny_config(data={"on_bad_image": "skip"}))["train"]
     result = extract_split(plan)
     assert (result.rows, result.skipped) == (10, 2)
     with h5py.File(result.path) as fh:
@@ -108,7 +105,7 @@ def test_bad_images_are_skipped_and_recorded(tiny_config):
         assert fh["features/penultimate"].shape == (10, 512)
     # the cached file holds skipped images: a run that asks for `error` must not use it silently
     with pytest.raises(BadImageError, match="cached as"):
-        extract_split(plans(tiny_config())["train"])
+        extract_split(split_plans(tiny_config())["train"])
 
 
 def test_float16_overflow_is_reported(tiny_config, tmp_path):
@@ -119,7 +116,7 @@ def test_float16_overflow_is_reported(tiny_config, tmp_path):
         model.layer4[1].bn2.bias.fill_(1e6)  # activations far beyond float16's range
     path = tmp_path / "huge.pt"
     torch.save(model.state_dict(), path)
-    plan = plans(tiny_config(backbone={"weights": str(path)}))["val"]
+    plan = split_plans(tiny_config(backbone={"weights": str(path)}))["val"]
     with pytest.raises(ValueError, match="not finite when stored as torch.float16; set extract.dtype: float32"):
         extract_split(plan)
 
@@ -127,7 +124,7 @@ def test_float16_overflow_is_reported(tiny_config, tmp_path):
 def test_cuda_requested_without_cuda_is_a_clear_error(tiny_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    plan = plans(tiny_config(extract={"device": "cuda"}))["val"]
+    plan = split_plans(tiny_config(extract={"device": "cuda"}))["val"]
     with pytest.raises(ValueError, match="device 'cuda' is requested but torch sees no CUDA device"):
         extract_split(plan)
 

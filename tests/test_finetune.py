@@ -12,12 +12,13 @@ import torch
 
 from tasks.backbones import build, load_model, resolve
 from tasks.data import Manifest
-from tasks.extract import extract_split, plan_extraction
+from helpers import split_plans
+from tasks.extract import extract_split
 from tasks.finetune import (
     FinetuneConfig, FinetunePlan, build_optimizer, build_schedule, finetune, freeze, init_head_from_probe,
-    plan_finetune, run_dir, unfrozen_modules,
+    plan_finetune, run_files, unfrozen_modules,
 )
-from tasks.head_stage import best_probe, load_head, plan_heads, train_head
+from tasks.heads import best_probe, load_head, plan_heads, train_head
 
 REPO = Path(__file__).resolve().parent.parent
 FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment": "crop", "warmup_epochs": 0.5,
@@ -28,7 +29,7 @@ FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment"
 def staged(tiny_config):
     """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
-    feats = {p.split: extract_split(p) for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}
     heads = [train_head(p) for p in plan_heads(cfg.heads, feats["train"].key, feats["val"].key, cfg.cache_dir)]
     probe = best_probe(heads, cfg.cache_dir)
 
@@ -49,7 +50,7 @@ def test_only_unfrozen_blocks_change_and_frozen_batchnorm_keeps_its_statistics(s
     p = plan(unfreeze=["layer4"])
     before = load_model(p.backbone, num_classes=3).state_dict()
     result = finetune(p)
-    after = state_of(run_dir(p) / "last.pt")
+    after = state_of(run_files(p).last)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("layer4.", "fc.")) for k in changed)
     assert any(k.startswith("layer4.") for k in changed)
@@ -153,10 +154,10 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_same_weights(staged, tmp_path)
     env = {**os.environ, "TRANSFERPIPE_FAULTS": "finetune.batch:5:kill"}  # epoch 2 of 3 (3 batches per epoch)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(spec)], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    assert (run_dir(crashy) / "last.pt").exists() and not (run_dir(crashy) / "result.json").exists()
+    assert (run_files(crashy).last).exists() and not (run_files(crashy).result).exists()
     resumed = finetune(crashy)
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2
-    a, b = state_of(run_dir(reference) / "last.pt"), state_of(run_dir(crashy) / "last.pt")
+    a, b = state_of(run_files(reference).last), state_of(run_files(crashy).last)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h.val_accuracy for h in resumed.history] == [h.val_accuracy for h in finetune(reference).history]
 
@@ -166,14 +167,14 @@ def test_freeze_bn_all_keeps_every_batchnorm_statistic(staged):
     p = plan(unfreeze=["layer4"], freeze_bn="all", epochs=1)
     before = load_model(p.backbone, num_classes=3).state_dict()
     finetune(p)
-    after = state_of(run_dir(p) / "last.pt")
+    after = state_of(run_files(p).last)
     stats = [k for k in before if "running_" in k]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
 
 
 def test_standardisation_does_not_amplify_dead_features():
-    from tasks.heads import LogisticHead
+    from tasks.estimators import LogisticHead
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 8)).astype(np.float32)

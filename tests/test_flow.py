@@ -1,19 +1,20 @@
-"""The extract flow in Prefect's ephemeral mode, and the CLI around it."""
+"""The pipeline flow in Prefect's ephemeral mode, stage by stage, and the CLI around it."""
 from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.extract import extract_flow
-from flows.stages import local_run_settings
+from flows.pipeline import pipeline_flow
+from flows.runtime import local_run_settings
+from helpers import split_plans, task_runs
 
 pytestmark = pytest.mark.slow
 
 
 def run(cfg):
     with local_run_settings():
-        return extract_flow(cfg)
+        return pipeline_flow(cfg, stop_after="extract").features
 
 
 def test_flow_extracts_every_split_then_hits_the_cache_and_trusts_the_store(tiny_config):
@@ -76,25 +77,15 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "Usage" in result.output
 
 
-def _task_runs(flow_state) -> dict[str, object]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run for run in runs}
-
-
 def test_transient_failure_is_retried_and_resumes(tiny_config, monkeypatch):
     monkeypatch.setenv("TRANSFERPIPE_FAULTS", "extract.batch:2:raise")  # one failure, in the first split
     cfg = tiny_config(retries=2, retry_delay_s=0)
     with local_run_settings():
-        state = extract_flow(cfg, return_state=True)
+        state = pipeline_flow(cfg, stop_after="extract", return_state=True)
     assert state.is_completed()
-    runs = _task_runs(state)
+    runs = task_runs(state)
     assert runs["extract-resnet18-train"].run_count == 2
-    results = state.result()
+    results = state.result().features
     assert results["train"].forward_batches == 2  # batch 1 was flushed before the fault: 3 - 1
     assert runs["extract-resnet18-val"].run_count == 1
 
@@ -104,17 +95,19 @@ def test_bad_input_is_not_retried(tiny_config):
     root = cfg.data.root
     (root / "class1" / "000.png").write_bytes(b"")
     with local_run_settings():
-        state = extract_flow(cfg, return_state=True)
+        state = pipeline_flow(cfg, stop_after="extract", return_state=True)
     assert state.is_failed()
-    failed = [run for run in _task_runs(state).values() if run.state.is_failed()]
+    failed = [run for run in task_runs(state).values() if run.state.is_failed()]
     assert len(failed) == 1 and failed[0].run_count == 1
     with pytest.raises(ValueError, match="cannot be decoded: class1/000.png"):
         state.result()
 
 
-def test_heads_flow_trains_each_head_once_and_only_the_changed_one_again(tiny_config):
-    from flows.heads import heads_flow
+def heads_flow(cfg):
+    return pipeline_flow(cfg, stop_after="heads").heads
 
+
+def test_heads_stage_trains_each_head_once_and_only_the_changed_one_again(tiny_config):
     heads = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "knn", "k": [1, 3]}]
     cfg = tiny_config(heads=heads)
     with local_run_settings():
@@ -127,29 +120,24 @@ def test_heads_flow_trains_each_head_once_and_only_the_changed_one_again(tiny_co
     assert third["logistic"].cache_hit and not third["knn"].cache_hit and third["knn"].fits == 1
 
 
-def test_heads_flow_without_heads_says_so(tiny_config):
-    from flows.heads import heads_flow
-
-    with pytest.raises(ValueError, match="has no heads: add a heads: list"):
+def test_heads_stage_without_heads_says_so(tiny_config):
+    with pytest.raises(ValueError, match="has no heads: add a heads: list"), local_run_settings():
         heads_flow(tiny_config())
 
 
-def test_finetune_flow_runs_lp_ft_then_is_a_cache_hit(tiny_config):
-    from flows.finetune import finetune_flow
-
+def test_finetune_stage_runs_lp_ft_then_is_a_cache_hit(tiny_config):
     cfg = tiny_config(
         heads=[{"kind": "logistic", "C": [0.1, 1.0]}],
         finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0, "augment": "none"},
     )
     with local_run_settings():
-        first = finetune_flow(cfg)
-        second = finetune_flow(cfg)
+        first = pipeline_flow(cfg, stop_after="finetune").finetune
+        second = pipeline_flow(cfg, stop_after="finetune").finetune
     assert not first.cache_hit and first.epochs_run == 2 and first.best_checkpoint.exists()
     assert second.cache_hit and second.epochs_run == 0 and second.best_checkpoint == first.best_checkpoint
 
 
 def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_config):
-    from flows.pipeline import pipeline_flow
     from storage.results import query
 
     heads = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "ridge"}]
@@ -173,8 +161,7 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
     """A real failure (injected through the documented fault hook) in fine-tuning; then a clean rerun."""
     import json
 
-    from flows.pipeline import pipeline_flow
-    from flows.stages import StageFailed
+    from flows.stage_tasks import StageFailed
     from storage.faults import InjectedFault
     from tasks.finetune import FinetuneResult
 
@@ -199,7 +186,6 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
 
 
 def test_random_transient_faults_are_retried_to_the_same_results_as_a_clean_run(tiny_config, tmp_path, monkeypatch):
-    from flows.pipeline import pipeline_flow
     from storage import faults
     from storage.features import FeatureStore
 
@@ -221,8 +207,6 @@ def test_random_transient_faults_are_retried_to_the_same_results_as_a_clean_run(
         return [(m.name, str(m.shot), m.metrics) for m in result.models]
 
     assert outcome(faulty) == outcome(clean)  # every metric of every model, exactly
-    from tasks.extract import plan_extraction
-
-    for plan in plan_extraction(clean_cfg.data, clean_cfg.backbone, clean_cfg.extract, clean_cfg.cache_dir):
+    for plan in split_plans(clean_cfg).values():
         clean_set, faulty_set = (FeatureStore(c.cache_dir).read(plan.key) for c in (clean_cfg, faulty_cfg))
         assert (clean_set.features["penultimate"] == faulty_set.features["penultimate"]).all()

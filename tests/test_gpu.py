@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from storage.features import FeatureStore
-from tasks.extract import extract_split, plan_extraction
+from helpers import split_plans
+from tasks.extract import extract_split
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +19,7 @@ pytestmark = [
 def test_cuda_extraction_matches_cpu(tiny_config, tmp_path, amp):
     def features(device: str, cache: str):
         cfg = tiny_config(extract={"device": device, "amp": amp, "dtype": "float32"}, cache_dir=str(tmp_path / cache))
-        plan = next(p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir) if p.split == "train")
+        plan = split_plans(cfg)["train"]
         result = extract_split(plan)
         return result, FeatureStore(cfg.cache_dir).read(plan.key).features["penultimate"]
 

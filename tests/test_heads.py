@@ -8,8 +8,9 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from storage.artifacts import CorruptArtifact, head_dir, save_head
-from tasks.head_stage import KNNConfig, LogisticConfig, few_shot_indices, load_head, load_split, plan_heads, train_head
-from tasks.heads import HEADS, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
+from helpers import split_plans
+from tasks.heads import KNNConfig, LogisticConfig, few_shot_indices, load_head, load_split, plan_heads, train_head
+from tasks.estimators import HEADS, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
 
 CPU = {"linear": {"device": "cpu"}, "knn": {"device": "cpu"}}
 
@@ -38,8 +39,8 @@ def test_heads_recover_a_known_linear_rule(kind, floor):
     Xt, yt = linear_rule(500, seed=2)
     head = HEADS[kind](**CPU.get(kind, {})).fit(X, y, Xv, yv)
     assert head.score(Xt, yt) > floor
-    assert head.best_param_ == head.sweep_[int(np.argmax([s["val_accuracy"] for s in head.sweep_]))][head.grid_param]
-    assert head.val_accuracy_ == max(s["val_accuracy"] for s in head.sweep_)
+    assert head.best_param_ == head.grid_[int(np.argmax([s["val_accuracy"] for s in head.grid_]))][head.grid_param]
+    assert head.val_accuracy_ == max(s["val_accuracy"] for s in head.grid_)
 
 
 def test_the_sweep_follows_the_validation_split():
@@ -49,7 +50,7 @@ def test_the_sweep_follows_the_validation_split():
     noisy[::3] = (noisy[::3] + 1) % 4
     Xv, yv = linear_rule(300, seed=1, d=50)
     head = LogisticHead(C=(1e-3, 1e-2, 1e-1, 1e2, 1e4)).fit(X, noisy, Xv, yv)
-    accs = {s["C"]: s["val_accuracy"] for s in head.sweep_}
+    accs = {s["C"]: s["val_accuracy"] for s in head.grid_}
     assert head.best_param_ < 1e2 and accs[head.best_param_] > accs[1e4]
 
 
@@ -80,7 +81,7 @@ def test_saved_heads_predict_bit_for_bit_the_same(tmp_path, kind):
     Xv, yv = linear_rule(100, seed=1)
     head = HEADS[kind](**CPU.get(kind, {})).fit(X, y, Xv, yv)
     meta = {"kind": kind, "params": head.get_params(), "classes": head.classes_.tolist(), "best_param": head.best_param_,
-            "val_accuracy": head.val_accuracy_, "sweep": head.sweep_}
+            "val_accuracy": head.val_accuracy_, "grid": head.grid_}
     save_head(tmp_path, "k" * 64, head.to_arrays(), meta)
     loaded = load_head(tmp_path, "k" * 64)
     Xt, _ = linear_rule(200, seed=2)
@@ -94,7 +95,7 @@ def test_a_corrupt_head_is_detected_not_loaded(tmp_path):
     X, y = linear_rule(200)
     head = RidgeHead().fit(X, y)
     meta = {"kind": "ridge", "params": head.get_params(), "classes": head.classes_.tolist(),
-            "best_param": head.best_param_, "val_accuracy": head.val_accuracy_, "sweep": head.sweep_}
+            "best_param": head.best_param_, "val_accuracy": head.val_accuracy_, "grid": head.grid_}
     folder = save_head(tmp_path, "c" * 64, head.to_arrays(), meta)
     arrays = folder / "arrays.safetensors"
     data = bytearray(arrays.read_bytes())
@@ -124,10 +125,10 @@ def test_bad_hyperparameters_are_value_errors():
 
 @pytest.fixture
 def features(tiny_config):
-    from tasks.extract import extract_split, plan_extraction
+    from tasks.extract import extract_split
 
     cfg = tiny_config()
-    plans = {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    plans = split_plans(cfg)
     return cfg.cache_dir, extract_split(plans["train"]).key, extract_split(plans["val"]).key
 
 
@@ -151,7 +152,7 @@ def test_stage_trains_every_shot_and_seed_then_reuses_them(features):
 
 
 def test_features_are_read_once_per_process(features):
-    from tasks.head_stage import _load
+    from tasks.heads import _load
 
     cache_dir, train_key, _ = features
     load_split(cache_dir, train_key, "penultimate")

@@ -6,11 +6,11 @@ import os
 import pytest
 
 from storage.keys import canonical_json, fingerprint
-from tasks.extract import plan_extraction
+from helpers import split_plans
 
 
 def keys(cfg) -> dict[str, str]:
-    return {p.split: p.key for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+    return {s: p.key for s, p in split_plans(cfg).items()}
 
 
 def test_canonical_json_ignores_key_order_and_whitespace():
@@ -70,11 +70,11 @@ def test_weights_file_is_keyed_by_content(tiny_config, tmp_path):
 
 def test_editing_one_image_changes_only_its_split(tiny_config):
     cfg = tiny_config()
-    plans = plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
-    before = {p.split: p.key for p in plans}
+    plans = split_plans(cfg)
+    before = {s: p.key for s, p in plans.items()}
     from tasks.data import Manifest
 
-    manifest = Manifest.load(plans[0].manifest)
+    manifest = Manifest.load(plans["train"].manifest)
     touched = manifest.root / manifest.splits["test"][0][0]
     st = touched.stat()
     os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))

@@ -5,16 +5,15 @@ import h5py
 import numpy as np
 import pytest
 
+from storage import inventory
 from storage.features import CorruptFeatureFile, FeatureStore
-from tasks.extract import JoinPlan, extract_shard, extract_split, join_shards, plan_extraction, plan_shards
-
-
-def _plans(cfg):
-    return {p.split: p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)}
+from helpers import split_plans
+from tasks.extract import extract_split
+from tasks.shards import JoinPlan, extract_shard, join_shards, plan_shards
 
 
 def test_shards_are_whole_batches_covering_the_split_once(tiny_config):
-    train = _plans(tiny_config())["train"]  # 12 rows, batches of 4
+    train = split_plans(tiny_config())["train"]  # 12 rows, batches of 4
     assert [(s.start, s.stop) for s in plan_shards(train, 2)] == [(0, 8), (8, 12)]
     assert [(s.start, s.stop) for s in plan_shards(train, 3)] == [(0, 4), (4, 8), (8, 12)]
     assert [(s.start, s.stop) for s in plan_shards(train, 99)] == [(0, 4), (4, 8), (8, 12)]  # no empty shard
@@ -23,8 +22,8 @@ def test_shards_are_whole_batches_covering_the_split_once(tiny_config):
 
 
 def test_joined_shards_read_exactly_like_a_single_process_file(tiny_config, tmp_path):
-    one = _plans(tiny_config())["train"]
-    sharded = _plans(tiny_config(cache_dir=str(tmp_path / "sharded")))["train"]
+    one = split_plans(tiny_config())["train"]
+    sharded = split_plans(tiny_config(cache_dir=str(tmp_path / "sharded")))["train"]
     whole = extract_split(one)
     shards = plan_shards(sharded, 3)
     assert sum(extract_shard(s).forward_batches for s in shards) == whole.forward_batches
@@ -47,7 +46,7 @@ def test_joined_shards_read_exactly_like_a_single_process_file(tiny_config, tmp_
 
 
 def test_a_missing_shard_is_never_read_as_zeros(tiny_config):
-    plan = _plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     shards = plan_shards(plan, 2)
     for s in shards:
         extract_shard(s)
@@ -61,7 +60,7 @@ def test_a_missing_shard_is_never_read_as_zeros(tiny_config):
 
 
 def test_a_corrupt_shard_fails_the_join_by_name_and_is_recomputed_on_rerun(tiny_config):
-    plan = _plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     shards = plan_shards(plan, 2)
     for s in shards:
         extract_shard(s)
@@ -84,8 +83,10 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     """prefect-dask on a real LocalCluster (2 worker processes) against a real Prefect server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.extract import extract_flow
-    from flows.heads import heads_flow
+    from flows.pipeline import pipeline_flow
+
+    def extract_flow(cfg):
+        return pipeline_flow(cfg, stop_after="extract").features
 
     heads = [{"kind": "knn", "k": [1, 3]}]
     single = tiny_config(heads=heads)
@@ -95,7 +96,7 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
         expected = extract_flow(single)
         got = extract_flow(sharded)
         again = extract_flow(sharded)  # all stored: no cluster is started, plain cache hits
-        trained = heads_flow(sharded, got)
+        trained = pipeline_flow(sharded, stop_after="heads").heads
     for split, result in expected.items():
         a = FeatureStore(single.cache_dir).read(result.key)
         b = FeatureStore(sharded.cache_dir).read(got[split].key)
@@ -130,7 +131,7 @@ def test_gc_removes_stale_partial_shards_and_keeps_complete_ones(tiny_config, mo
 
     from storage.faults import ENV, InjectedFault
 
-    plan = _plans(tiny_config())["train"]
+    plan = split_plans(tiny_config())["train"]
     second, first = plan_shards(plan, 2)  # rows 0-8 (two batches), 8-12
     extract_shard(first)
     monkeypatch.setenv(ENV, "extract.batch:2:raise")  # the other shard stops after one flushed batch
@@ -140,9 +141,9 @@ def test_gc_removes_stale_partial_shards_and_keeps_complete_ones(tiny_config, mo
     store = FeatureStore(plan.cache_dir)
     partial = store.shards(plan.key).partial_path(second.part)
     assert partial.exists()
-    assert store.gc(partial_older_than_s=3600) == []  # fresh: kept
+    assert inventory.collect(store, partial_older_than_s=3600) == []  # fresh: kept
     old = time.time() - 2 * 3600
     os.utime(partial, (old, old))
-    removed = store.gc(partial_older_than_s=3600)
+    removed = inventory.collect(store, partial_older_than_s=3600)
     assert [p for p, _ in removed] == [partial] and not partial.exists()
     assert store.shards(plan.key).lookup(first.part) is not None  # the complete shard stays

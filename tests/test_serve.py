@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from helpers import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from storage.features import CorruptFeatureFile, FeatureStore
-from tasks.extract import SplitPlan, extract_split, plan_extraction
-from tests.conftest import make_imagefolder
+from tasks.extract import SplitPlan, extract_split
+from helpers import flip_a_feature_byte, make_imagefolder, split_plans
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def experiment(tmp_path, tiny_config):
         cfg = tiny_config(
             data={"root": str(root), "val_fraction": 0, "test_fraction": 0.25, **data}, cache_dir=str(tmp_path / cache)
         )
-        return next(p for p in plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir) if p.split == split)
+        return split_plans(cfg)[split]
 
     return plan
 
@@ -194,16 +194,6 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     resumed = extract_split(plan)  # room again: the next run finishes the job
     assert resumed.forward_batches == 7 - kept // 4
     assert_identical(resumed.path, reference.path)
-
-
-def flip_a_feature_byte(path: Path) -> None:
-    with h5py.File(path) as fh:
-        offset = fh["features/penultimate"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:
-        fh.seek(offset + 100)
-        byte = fh.read(1)
-        fh.seek(offset + 100)
-        fh.write(bytes([byte[0] ^ 0x10]))
 
 
 def test_bit_flip_is_caught_on_read_quarantined_and_recomputed(experiment):

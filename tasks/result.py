@@ -18,3 +18,10 @@ class StageResult(BaseModel):
     def cached(self) -> Any:
         """This result as served from a cache: no work, no time."""
         return self.model_copy(update={"cache_hit": True, "seconds": 0.0, **{f: 0 for f in self.work_fields}})
+
+
+def summarize(results: StageResult | list[StageResult]) -> dict[str, float | bool]:
+    """One stage's time, cache status and work done (forward batches, fits, epochs), over its results."""
+    results = results if isinstance(results, list) else [results]
+    work = {f: sum(getattr(r, f) for r in results) for f in results[0].work_fields}
+    return {"seconds": sum(r.seconds for r in results), "cache_hit": all(r.cache_hit for r in results), **work}

@@ -1,4 +1,7 @@
-"""A real ``prefect server start`` on loopback, with its own home and SQLite, for tests that need a server."""
+"""A real ``prefect server start`` on loopback, with its own home and SQLite.
+
+Used by the tests and benchmarks that need a server, and by ``transferpipe server``.
+"""
 from __future__ import annotations
 
 import os
@@ -44,13 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server() -> tuple[PrefectServer, subprocess.Popen]:
-    home = Path(tempfile.mkdtemp(prefix="transferpipe-server-"))
-    port = _free_port()
+def start_server(home: Path | None = None, port: int | None = None,
+                 scheduler_loop_s: float = 2) -> tuple[PrefectServer, subprocess.Popen]:
+    """Start a server in its own process group and wait until it is healthy.
+
+    ``home``: its PREFECT_HOME (default: a new temporary folder); ``scheduler_loop_s``:
+    how often its scheduler creates runs (Prefect's default is 60 s).
+    """
+    home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="transferpipe-server-"))
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
     server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=home, log=home / "server.log")
     env = server.env()
     env.pop("PREFECT_API_URL")
-    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"  # default 60: tests see scheduled runs soon
+    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_s)
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--analytics-off", "--no-ui"],
@@ -71,7 +81,7 @@ def start_server() -> tuple[PrefectServer, subprocess.Popen]:
 
 
 def stop_server(server: PrefectServer, proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group (uvicorn and its services), then remove its home."""
+    """Stop the server's whole process group (uvicorn and its services), then remove its (temporary) home."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

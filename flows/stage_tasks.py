@@ -1,0 +1,131 @@
+"""Every stage as a Prefect task, in one place: retries, content cache keys, trust in the store.
+
+Every stage task gets the same treatment:
+
+* its Prefect cache key is ``<task name>-<content key>`` (namespaced: a bare
+  ``INPUTS`` policy lets two tasks with equal inputs return each other's results);
+* results are persisted as JSON (never pickle) and stay small (paths, keys, metrics);
+* when the store does not hold the stage's output, ``refresh_cache`` forces a
+  recompute, so a Prefect cache hit never points at a deleted or corrupt file;
+* retries back off exponentially and are not spent on bad input (``ValueError``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task, task
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+
+from flows.config import ExperimentConfig
+from tasks.evaluate import EvalPlan, EvalResult, evaluate
+from tasks.extract import ExtractResult, SplitPlan, extract_split
+from tasks.finetune import FinetunePlan, FinetuneResult, finetune
+from tasks.heads import HeadPlan, HeadResult, train_head
+from tasks.select import ScorePlan, ScoreResult, score_candidate
+from tasks.shards import JoinPlan, ShardPlan, extract_shard, join_shards
+
+
+def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage's own key, namespaced by task name; every stage takes a ``plan`` with a ``key``."""
+    return f"{context.task.name}-{parameters['plan'].key}"
+
+
+def retry_unless_bad_input(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry crashes and I/O errors; a ValueError (bad config or data) fails at once."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "cache_key_fn": content_cache_key,
+    "persist_result": True,
+    "result_serializer": "json",
+    "retry_condition_fn": retry_unless_bad_input,
+}
+
+
+@task(name="extract-split", **STAGE_TASK_OPTIONS)
+def extract_split_task(plan: SplitPlan) -> ExtractResult:
+    return extract_split(plan)
+
+
+@task(name="extract-shard", **STAGE_TASK_OPTIONS)
+def extract_shard_task(plan: ShardPlan) -> ExtractResult:
+    return extract_shard(plan)
+
+
+@task(name="join-shards", **STAGE_TASK_OPTIONS)
+def join_shards_task(plan: JoinPlan) -> ExtractResult:
+    return join_shards(plan)
+
+
+@task(name="train-head", **STAGE_TASK_OPTIONS)
+def train_head_task(plan: HeadPlan) -> HeadResult:
+    return train_head(plan)
+
+
+@task(name="finetune", **STAGE_TASK_OPTIONS)
+def finetune_task(plan: FinetunePlan) -> FinetuneResult:
+    return finetune(plan)
+
+
+@task(name="evaluate", **STAGE_TASK_OPTIONS)
+def evaluate_task(plan: EvalPlan) -> EvalResult:
+    return evaluate(plan)
+
+
+@task(name="score-candidate", **STAGE_TASK_OPTIONS)
+def score_task(plan: ScorePlan) -> ScoreResult:
+    return score_candidate(plan)
+
+
+def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:
+    """The task with this run's name, the config's retries, and a forced recompute when the store lacks its output."""
+    retries, delay = config.retries, config.retry_delay_s
+    delays = exponential_backoff(backoff_factor=delay)(retries) if retries and delay else 0
+    return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored)
+
+
+class StageFailed(RuntimeError):
+    """A stage's task failed (after its retries); the message names the stage, ``__cause__`` is the error."""
+
+
+class StageInputError(StageFailed, ValueError):
+    """A stage failed on bad input (config or data): not retried, exit code 2 at the CLI."""
+
+
+def stage_result(state: Any, name: str) -> Any:
+    """The stage's result from its final state; a failure is raised as StageFailed naming the stage."""
+    try:
+        result = state.result()
+    except Exception as exc:
+        kind = StageInputError if isinstance(exc, ValueError) else StageFailed
+        raise kind(f"stage {name} failed: {exc}") from exc
+    return result.cached() if state.name == "Cached" else result
+
+
+def run_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> Any:
+    """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
+    return stage_result(_configured(task, config, stored=stored, name=name)(plan, return_state=True), name)
+
+
+class StageFuture:
+    """A stage running concurrently: :meth:`result` waits and returns (or raises) like :func:`run_stage`."""
+
+    def __init__(self, future: Any, name: str) -> None:
+        self.future, self.name = future, name
+
+    def result(self) -> Any:
+        self.future.wait()
+        return stage_result(self.future.state, self.name)
+
+
+def submit_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> StageFuture:
+    """Like :func:`run_stage`, concurrently."""
+    return StageFuture(_configured(task, config, stored=stored, name=name).submit(plan), name)

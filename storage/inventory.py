@@ -1,0 +1,85 @@
+"""What the feature cache holds (``transferpipe cache ls``) and removing what is stale (``cache gc``)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.features import FeatureStore
+from storage.h5file import FeatureStoreError, json_attr, open_h5
+from storage.layout import FeatureFiles
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One row of ``transferpipe cache ls``."""
+
+    key: str
+    path: Path
+    complete: bool
+    spec: dict[str, Any]
+    rows: int
+    dims: dict[str, int]
+    size_bytes: int
+    created_at: str
+    error: str = ""
+    dataset_root: str = ""
+    last_used: float | None = None
+    skipped: tuple[dict[str, str], ...] = ()
+
+
+def info(store: FeatureStore, path: Path) -> FeatureInfo:
+    """Describe a complete or partial file without trusting it."""
+    complete = path.suffix == ".h5"
+    key = FeatureFiles.key_of(path)
+    size = path.stat().st_size + sum(p.stat().st_size for p in store.files.shards(key).folder.glob("*.h5"))
+    try:
+        with open_h5(path, "r") as fh:
+            feats = fh["features"]
+            return FeatureInfo(
+                key=key, path=path, complete=complete and bool(fh.attrs.get("complete", False)),
+                spec=json_attr(fh.attrs, "spec", {}),
+                rows=int(fh.attrs.get("rows_done", 0)),
+                dims={layer: int(feats[layer].shape[1]) for layer in feats},
+                size_bytes=size, created_at=str(fh.attrs.get("created_at", "")),
+                dataset_root=str(fh.attrs.get("dataset_root", "")), last_used=store.last_used(key),
+                skipped=tuple(json_attr(fh.attrs, "skipped", [])),
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))
+
+
+def entries(store: FeatureStore) -> list[FeatureInfo]:
+    folder = store.files.folder
+    return [info(store, p) for p in sorted(folder.glob("*.h5")) + sorted(folder.glob("*.h5.partial"))]
+
+
+def collect(
+    store: FeatureStore, partial_older_than_s: float, unused_older_than_s: float | None = None, dry_run: bool = False
+) -> list[tuple[Path, str]]:
+    """Remove stale partial files (shards included) and, optionally, complete files unused for a while.
+
+    A partial file whose writer still runs (its lock is held) is kept.
+    """
+    now = time.time()
+    removed: list[tuple[Path, str]] = []
+    for path in sorted(store.files.folder.glob("*.h5.partial")):
+        age = now - path.stat().st_mtime
+        if age >= partial_older_than_s:
+            try:
+                if store.remove(FeatureFiles.key_of(path), dry_run=dry_run):
+                    removed.append((path, f"partial, untouched for {age / 3600:.1f} h"))
+            except FeatureStoreError:
+                continue
+    shards = store.files.folder / "shards"
+    for folder in sorted(shards.iterdir() if shards.is_dir() else []):  # partial shards of stopped workers
+        if folder.is_dir():
+            removed += collect(store.shards(folder.name), partial_older_than_s, dry_run=dry_run)
+    if unused_older_than_s is not None:
+        for key in list(store.keys()):
+            used = store.last_used(key) or store.path(key).stat().st_mtime
+            if now - used >= unused_older_than_s:
+                store.remove(key, dry_run=dry_run)
+                removed.append((store.path(key), f"unused for {(now - used) / 86400:.1f} days"))
+    return removed

@@ -1,0 +1,107 @@
+"""The cache folder layout: one method per artifact. No other module spells a cache subfolder.
+
+```
+<cache_dir>/
+  features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
+  features/shards/<key>/<start>-<stop>.h5      shards of a split   storage/shards.py
+  features/quarantine/                         files set aside     storage/h5file.py
+  manifests/<dataset id>.json                  images per split    tasks/data.py
+  datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
+  backbones/<key>.json                         resolved backbones  tasks/backbones.py
+  heads/<key>/                                 trained heads       storage/artifacts.py
+  finetune/<key>/                              fine-tuning runs    storage/checkpoints.py
+  scores/<key>.json                            selection scores    tasks/select.py
+  select/<experiment>/                         select.md/json      tasks/select.py
+  runs/<experiment>/<key>/                     reports             tasks/report.py
+  results.sqlite                               results registry    storage/results.py
+```
+
+Inside a folder of feature files (the cache's ``features/`` or a split's
+shard folder) the names follow :class:`FeatureFiles`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.keys import short
+
+
+@dataclass(frozen=True)
+class FeatureFiles:
+    """File names inside one folder of feature files."""
+
+    folder: Path
+
+    def complete(self, key: str) -> Path:
+        return self.folder / f"{key}.h5"
+
+    def partial(self, key: str) -> Path:
+        return self.folder / f"{key}.h5.partial"
+
+    def lock(self, key: str) -> Path:
+        return self.folder / f"{key}.h5.lock"
+
+    def used_marker(self, key: str) -> Path:
+        return self.folder / f"{key}.used"
+
+    def quarantine(self) -> Path:
+        return self.folder / "quarantine"
+
+    def shards(self, key: str) -> FeatureFiles:
+        return FeatureFiles(self.folder / "shards" / key)
+
+    @staticmethod
+    def key_of(path: Path) -> str:
+        """The key a feature file (complete or partial) is named after."""
+        return path.name.split(".")[0]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where each artifact lives under one cache folder."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser())
+
+    @property
+    def features(self) -> FeatureFiles:
+        return FeatureFiles(self.root / "features")
+
+    def manifest(self, dataset_id: str) -> Path:
+        return self.root / "manifests" / f"{dataset_id}.json"
+
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    def backbone(self, key: str) -> Path:
+        return self.root / "backbones" / f"{key}.json"
+
+    def heads(self) -> Path:
+        return self.root / "heads"
+
+    def head(self, key: str) -> Path:
+        return self.heads() / key
+
+    def finetune_runs(self) -> Path:
+        return self.root / "finetune"
+
+    def finetune_run(self, key: str) -> Path:
+        return self.finetune_runs() / key
+
+    def scores(self, key: str) -> Path:
+        return self.root / "scores" / f"{key}.json"
+
+    def selection(self, experiment: str) -> Path:
+        return self.root / "select" / experiment
+
+    def reports(self, experiment: str) -> Path:
+        return self.root / "runs" / experiment
+
+    def report(self, experiment: str, key: str) -> Path:
+        return self.reports(experiment) / short(key)
+
+    def registry(self) -> Path:
+        return self.root / "results.sqlite"

@@ -1,0 +1,177 @@
+"""The experiment report: report.json, report.md and PNG plots in the report folder, and registry rows."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from storage import results as registry
+
+if TYPE_CHECKING:
+    from tasks.evaluate import EvalPlan, ModelReport
+
+
+def ranked(models: list[ModelReport]) -> list[ModelReport]:
+    """Best first by test top-1 (ties keep their order)."""
+    return sorted(models, key=lambda r: -r.metrics["top1"])
+
+
+def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> dict[str, Path]:
+    """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths."""
+    from tasks.runtime import versions
+
+    models = ranked(models)
+    folder = plan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = {**plan.context.get("stages", {}), "evaluate": {"seconds": seconds, "cache_hit": False}}
+    context = {
+        "experiment": plan.experiment, "backbone": plan.backbone.name, "weights": plan.backbone.weights,
+        "classes": plan.classes, **plan.context, "stages": stages,
+        "keys": {**plan.context.get("keys", {}), "evaluation": plan.key}, "versions": versions(),
+    }
+    payload = {**context, "models": [r.model_dump() for r in models]}
+    (folder / "report.json").write_text(json.dumps(payload, indent=1, default=str))
+    plots = _plots(folder, models, plan.classes)
+    (folder / "report.md").write_text(report_markdown(models, context, plots))
+    return {"json": folder / "report.json", "md": folder / "report.md", **plots}
+
+
+def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> list[dict[str, Any]]:
+    """One results-registry row per model."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    features = plan.context.get("keys", {}).get("features", {})
+    return [
+        {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": r.name, "kind": r.kind,
+         "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds, "backbone": plan.backbone.name,
+         "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
+         "n_test": r.metrics["n"], "report": str(report), **{m: r.metrics.get(m) for m in registry.METRICS}}
+        for r in models
+    ]
+
+
+def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
+    fmt = lambda v: "" if v is None else round(v, 4)  # noqa: E731
+    return [
+        {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]), "top5": fmt(r.metrics["top5"]),
+         "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
+         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
+        for r in ranked
+    ]
+
+
+def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: dict[str, Path]) -> str:
+    rows = summary_rows(ranked)
+    header = list(rows[0]) if rows else []
+    lines = [f"# {context.get('experiment', 'experiment')}: test results", "",
+             f"Backbone `{context.get('backbone')}` (weights `{context.get('weights')}`), "
+             f"{ranked[0].metrics['n'] if ranked else 0} test images. Models ranked by top-1 accuracy.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    curve = _few_shot_curve(ranked)
+    if curve:
+        shots = sorted({s for points in curve.values() for s in points}, key=lambda s: (s == "all", s if s != "all" else 0))
+        lines += ["", "## Few-shot curve (test top-1, mean over seeds)", "",
+                  "| model | " + " | ".join(str(s) for s in shots) + " |", "|---|" + "---|" * len(shots)]
+        lines += [f"| {name} | " + " | ".join(f"{points[s]:.3f}" if s in points else "" for s in shots) + " |"
+                  for name, points in curve.items()]
+    lines += ["", *(f"![{name}]({path.name})" for name, path in plots.items())]
+    timings = context.get("stages", {})
+    if timings:
+        lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | {'hit' if v['cache_hit'] else 'computed'} |" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
+    curve: dict[str, dict[Any, float]] = {}
+    for r in ranked:
+        curve.setdefault(r.name, {})[r.shot] = r.metrics["top1"]
+    return {name: points for name, points in curve.items() if len(points) > 1}
+
+
+def _plots(folder: Path, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
+    """The confusion matrix of the best model, a reliability diagram, the few-shot curve (where there is one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not ranked:
+        return {}
+    plots = {"confusion_matrix": _confusion_plot(folder / "confusion_matrix.png", ranked[0], classes)}
+    calibrated = next((r for r in ranked if r.metrics["reliability"]), None)
+    if calibrated:
+        plots["reliability"] = _reliability_plot(folder / "reliability.png", calibrated)
+    curve = _few_shot_curve(ranked)
+    if curve:
+        plots["few_shot"] = _few_shot_plot(folder / "few_shot.png", curve)
+    return plots
+
+
+def _confusion_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(best.metrics["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(title=f"confusion matrix: {best.name} ({best.shot})", xlabel="predicted", ylabel="true",
+           xticks=range(len(cm)), yticks=range(len(cm)))
+    if len(cm) <= 20:
+        if classes:
+            ax.set_xticklabels(classes, rotation=90)
+            ax.set_yticklabels(classes)
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
+    return _save(fig, path)
+
+
+def _reliability_plot(path: Path, model: ModelReport) -> Path:
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in model.metrics["reliability"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=bins[0]["upper"] - bins[0]["lower"],
+           alpha=0.7, edgecolor="black", label="accuracy per confidence bin")
+    ax.set(title=f"reliability: {model.name} (ECE {model.metrics['ece']:.3f})", xlabel="confidence",
+           ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def _few_shot_plot(path: Path, curve: dict[str, dict[Any, float]]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, points in curve.items():
+        shots = sorted((s for s in points if s != "all"))
+        xs = [*shots, *(["all"] if "all" in points else [])]
+        ax.plot(range(len(xs)), [points[s] for s in xs], marker="o", label=name)
+        ax.set_xticks(range(len(xs)), [str(s) for s in xs])
+    ax.set(title="few-shot curve (test)", xlabel="labelled images per class", ylabel="top-1 accuracy")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(pretrained: list[ModelReport], random: list[ModelReport]) -> list[dict[str, str]]:
+    """Test top-1 per model and shot count: a pretrained backbone against random init, and the gain in points."""
+    other = {(m.name, str(m.shot)): m.metrics["top1"] for m in random}
+    rows = []
+    for m in pretrained:
+        base = other.get((m.name, str(m.shot)))
+        acc = m.metrics["top1"]
+        rows.append({"model": "LP-FT (fine-tuned)" if m.name == "finetuned" else m.name, "shots": str(m.shot),
+                     "pretrained": f"{acc:.3f}", "random": "-" if base is None else f"{base:.3f}",
+                     "gain": "-" if base is None else f"{100 * (acc - base):+.1f} pts"})
+    order = {"1": 0, "5": 1, "10": 2, "all": 3}
+    return sorted(rows, key=lambda r: (r["model"], order.get(r["shots"], 9)))

@@ -1,0 +1,66 @@
+"""Helpers the tests share (fixtures live in conftest.py): synthetic images, configs on disk, corruption."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+
+COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 30)]
+
+
+def make_image(path: Path, label: int, index: int, size: int = 20, mode: str = "RGB") -> Path:
+    """A small image whose colour says its class and whose noise makes it unique."""
+    rng = np.random.default_rng(1000 * label + index)
+    base = np.array(COLORS[label % len(COLORS)], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_imagefolder(root: Path, n_per_class: int = 6, classes: int = 3, splits: tuple[str, ...] = ()) -> Path:
+    """``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``."""
+    for s, split in enumerate(splits or ("",)):
+        for c in range(classes):
+            for i in range(n_per_class):
+                make_image(root / split / f"class{c}" / f"{i:03d}.png", c, 100 * s + i)
+    return root
+
+
+def write_config(cfg, path: Path) -> Path:
+    """An ExperimentConfig as the YAML file a user would write."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def split_plans(cfg) -> dict:
+    """The extraction plan of every split of an experiment config."""
+    from tasks.extract import plan_extraction
+
+    return plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
+
+
+def flip_a_feature_byte(path: Path) -> None:
+    """Silent corruption: one bit of the first feature chunk of a complete file."""
+    with h5py.File(path) as fh:
+        offset = fh["features/penultimate"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        byte = fh.read(1)
+        fh.seek(offset + 100)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def task_runs(flow_state) -> dict[str, object]:
+    """The task runs of a flow run (by name), read from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
