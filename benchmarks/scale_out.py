@@ -39,8 +39,11 @@ def main() -> None:
 
 def run(workers: int) -> None:
     from flows.config import parse_config
-    from flows.extract import extract_flow
+    from flows.pipeline import pipeline_flow
     from storage.features import FeatureStore
+
+    def extract_flow(cfg):
+        return pipeline_flow(cfg, stop_after="extract").features
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = {"name": "scale-bench", "data": {"source": "digits"}, "extract": {"batch_size": 64},

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from storage import results as registry
 from tasks.evaluate import ModelReport, classification_metrics, expected_calibration_error
 from tasks.report import write_report
 
@@ -83,36 +82,18 @@ def test_report_files_hold_what_they_claim(tmp_path):
         assert paths[name].stat().st_size > 1000 and paths[name].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_registry_rows_sorting_and_filters(tmp_path):
-    registry.append(tmp_path, [
-        {"experiment": "a", "model": "m1", "top1": 0.5, "ece": 0.2},
-        {"experiment": "a", "model": "m2", "top1": 0.9, "ece": 0.3},
-        {"experiment": "b", "model": "m3", "top1": 0.7, "ece": None},
-    ])
-    assert [r["model"] for r in registry.query(tmp_path)] == ["m2", "m3", "m1"]
-    assert [r["model"] for r in registry.query(tmp_path, sort="ece")] == ["m1", "m2", "m3"]  # lower is better; NULL last
-    assert [r["model"] for r in registry.query(tmp_path, experiment="a")] == ["m2", "m1"]
-    with pytest.raises(ValueError, match="--sort 'speed' is not one of top1"):
-        registry.query(tmp_path, sort="speed")
-    assert registry.query(tmp_path / "empty") == []
+def test_demo_comparison_pairs_each_model_and_shot_with_its_random_init_twin():
+    from tasks.report import compare_runs
 
+    def model(name, shot, top1):
+        return ModelReport(name=name, kind="logistic", layer="penultimate", shot=shot, seeds=1, metrics={"top1": top1})
 
-def test_results_command_prints_the_registry(tmp_path):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    registry.append(tmp_path, [
-        {"experiment": "exp-a", "model": "logistic", "shots": "all", "backbone": "resnet18", "weights": "none",
-         "top1": 0.91, "macro_f1": 0.9, "ece": 0.05, "features_key": "f" * 64, "created_at": "2026-11-22T08:00:00"},
-        {"experiment": "exp-b", "model": "knn", "shots": "5", "backbone": "resnet18", "weights": "/w/best.pt",
-         "top1": 0.7, "macro_f1": 0.69, "ece": None, "features_key": "f" * 64, "created_at": "2026-11-22T08:01:00"},
-    ])
-    runner = CliRunner()
-    result = runner.invoke(app, ["results", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert result.output.index("exp-a") < result.output.index("exp-b") and "best.pt" in result.output
-    only_b = runner.invoke(app, ["results", "--experiment", "exp-b", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
-    assert "exp-a" not in only_b.output and "1 evaluated model(s)" in only_b.output
-    bad = runner.invoke(app, ["results", "--sort", "speed", "--cache-dir", str(tmp_path)])
-    assert bad.exit_code == 2 and "is not one of" in bad.output
+    pretrained = [model("logistic", "all", 0.95), model("finetuned", "all", 0.97), model("logistic", 1, 0.6),
+                  model("knn", 5, 0.8)]
+    random = [model("logistic", 1, 0.5), model("logistic", "all", 0.9), model("finetuned", "all", 0.87)]
+    assert compare_runs(pretrained, random) == [
+        {"model": "LP-FT (fine-tuned)", "shots": "all", "pretrained": "0.970", "random": "0.870", "gain": "+10.0 pts"},
+        {"model": "knn", "shots": "5", "pretrained": "0.800", "random": "-", "gain": "-"},
+        {"model": "logistic", "shots": "1", "pretrained": "0.600", "random": "0.500", "gain": "+10.0 pts"},
+        {"model": "logistic", "shots": "all", "pretrained": "0.950", "random": "0.900", "gain": "+5.0 pts"},
+    ]

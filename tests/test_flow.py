@@ -144,6 +144,7 @@ def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_confi
     cfg = tiny_config(heads=heads, finetune={"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0})
     with local_run_settings():
         first = pipeline_flow(cfg)
+        written = first.report.stat().st_mtime_ns
         second = pipeline_flow(cfg)
         changed = pipeline_flow(tiny_config(heads=[heads[0], {"kind": "ridge", "alpha": [1.0]}],
                                             finetune={"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0}))
@@ -151,6 +152,7 @@ def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_confi
     assert first.report.exists() and (first.report.parent / "report.json").exists()
     assert not any(s["cache_hit"] for s in first.stages.values())
     assert all(s["cache_hit"] for s in second.stages.values()) and second.report == first.report
+    assert second.report.stat().st_mtime_ns == written  # a cache hit re-renders nothing
     assert changed.stages["extract"]["cache_hit"] and changed.stages["finetune"]["cache_hit"]
     assert not changed.stages["heads"]["cache_hit"] and not changed.stages["evaluate"]["cache_hit"]
     rows = query(cfg.cache_dir, experiment="tiny")

@@ -1,0 +1,59 @@
+"""The results registry (SQLite): rows, sorting, filters, concurrent writers, and the command that prints it."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage import results as registry
+
+
+def test_registry_rows_sorting_and_filters(tmp_path):
+    registry.append(tmp_path, [
+        {"experiment": "a", "model": "m1", "top1": 0.5, "ece": 0.2},
+        {"experiment": "a", "model": "m2", "top1": 0.9, "ece": 0.3},
+        {"experiment": "b", "model": "m3", "top1": 0.7, "ece": None},
+    ])
+    assert [r["model"] for r in registry.query(tmp_path)] == ["m2", "m3", "m1"]
+    assert [r["model"] for r in registry.query(tmp_path, sort="ece")] == ["m1", "m2", "m3"]  # lower is better; NULL last
+    assert [r["model"] for r in registry.query(tmp_path, experiment="a")] == ["m2", "m1"]
+    with pytest.raises(ValueError, match="--sort 'speed' is not one of top1"):
+        registry.query(tmp_path, sort="speed")
+    assert registry.query(tmp_path / "empty") == []
+
+
+def test_results_command_prints_the_registry(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    registry.append(tmp_path, [
+        {"experiment": "exp-a", "model": "logistic", "shots": "all", "backbone": "resnet18", "weights": "none",
+         "top1": 0.91, "macro_f1": 0.9, "ece": 0.05, "features_key": "f" * 64, "created_at": "2026-11-22T08:00:00"},
+        {"experiment": "exp-b", "model": "knn", "shots": "5", "backbone": "resnet18", "weights": "/w/best.pt",
+         "top1": 0.7, "macro_f1": 0.69, "ece": None, "features_key": "f" * 64, "created_at": "2026-11-22T08:01:00"},
+    ])
+    runner = CliRunner()
+    result = runner.invoke(app, ["results", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.index("exp-a") < result.output.index("exp-b") and "best.pt" in result.output
+    only_b = runner.invoke(app, ["results", "--experiment", "exp-b", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert "exp-a" not in only_b.output and "1 evaluated model(s)" in only_b.output
+    bad = runner.invoke(app, ["results", "--sort", "speed", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "is not one of" in bad.output
+
+
+def test_registry_keeps_every_row_of_concurrent_writers_and_only_known_columns(tmp_path):
+    def write(i: int) -> None:
+        registry.append(tmp_path, [{"experiment": f"e{i}", "model": f"m{j}", "top1": j / 10, "extra": "dropped"}
+                                   for j in range(5)])
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = registry.query(tmp_path)
+    assert len(rows) == 40 and "extra" not in rows[0]
+    assert registry.registry_path(tmp_path) == tmp_path / "results.sqlite"
+    assert [r["model"] for r in registry.query(tmp_path, experiment="e[0-1]")][:2] == ["m4", "m4"]  # a glob
