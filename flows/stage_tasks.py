@@ -11,6 +11,7 @@ Every stage task gets the same treatment:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, task
@@ -18,17 +19,18 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
-from tasks.evaluate import EvalPlan, EvalResult, evaluate
-from tasks.extract import ExtractResult, SplitPlan, extract_split
-from tasks.finetune import FinetunePlan, FinetuneResult, finetune
-from tasks.heads import HeadPlan, HeadResult, train_head
-from tasks.select import ScorePlan, ScoreResult, score_candidate
-from tasks.shards import JoinPlan, ShardPlan, extract_shard, join_shards
+from tasks.evaluate import evaluate
+from tasks.extract import extract_split
+from tasks.finetune import finetune
+from tasks.heads import train_head
+from tasks.select import score_candidate
+from tasks.shards import extract_shard, join_shards
 
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The stage's own key, namespaced by task name; every stage takes a ``plan`` with a ``key``."""
-    return f"{context.task.name}-{parameters['plan'].key}"
+    """The stage's own key, namespaced by task name; every stage takes one plan, which has a ``key``."""
+    (plan,) = parameters.values()
+    return f"{context.task.name}-{plan.key}"
 
 
 def retry_unless_bad_input(task: Task, task_run: Any, state: Any) -> bool:
@@ -50,39 +52,18 @@ STAGE_TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-@task(name="extract-split", **STAGE_TASK_OPTIONS)
-def extract_split_task(plan: SplitPlan) -> ExtractResult:
-    return extract_split(plan)
+def stage_task(name: str, stage: Callable[[Any], Any]) -> Task:
+    """A stage function (one plan in, one small result out) as a Prefect task with the options above."""
+    return task(stage, name=name, **STAGE_TASK_OPTIONS)
 
 
-@task(name="extract-shard", **STAGE_TASK_OPTIONS)
-def extract_shard_task(plan: ShardPlan) -> ExtractResult:
-    return extract_shard(plan)
-
-
-@task(name="join-shards", **STAGE_TASK_OPTIONS)
-def join_shards_task(plan: JoinPlan) -> ExtractResult:
-    return join_shards(plan)
-
-
-@task(name="train-head", **STAGE_TASK_OPTIONS)
-def train_head_task(plan: HeadPlan) -> HeadResult:
-    return train_head(plan)
-
-
-@task(name="finetune", **STAGE_TASK_OPTIONS)
-def finetune_task(plan: FinetunePlan) -> FinetuneResult:
-    return finetune(plan)
-
-
-@task(name="evaluate", **STAGE_TASK_OPTIONS)
-def evaluate_task(plan: EvalPlan) -> EvalResult:
-    return evaluate(plan)
-
-
-@task(name="score-candidate", **STAGE_TASK_OPTIONS)
-def score_task(plan: ScorePlan) -> ScoreResult:
-    return score_candidate(plan)
+extract_split_task = stage_task("extract-split", extract_split)
+extract_shard_task = stage_task("extract-shard", extract_shard)
+join_shards_task = stage_task("join-shards", join_shards)
+train_head_task = stage_task("train-head", train_head)
+finetune_task = stage_task("finetune", finetune)
+evaluate_task = stage_task("evaluate", evaluate)
+score_task = stage_task("score-candidate", score_candidate)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:

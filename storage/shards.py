@@ -74,43 +74,12 @@ def join_shards(
     partial = files.partial(key)
     if partial.exists():  # left by a single-process run: keep it aside, never delete work
         quarantine(files, partial, "replaced", "a sharded extraction is joining this key")
+    header = {"key": key, "spec": canonical_json(spec), "classes": canonical_json(classes),
+              "versions": canonical_json(versions), "batch_size": batch_size, "shards": canonical_json(parts),
+              **(attrs or {})}
     with contextlib.ExitStack() as stack:
-        shards = []
-        for part, path in zip(parts, paths):
-            try:
-                fh = stack.enter_context(open_h5(path, "r"))
-                check_invariants(fh, part)
-            except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
-                raise CorruptFeatureFile(f"shard {path} of {short(key)} cannot be joined: {exc}") from exc
-            shards.append(fh)
-        total = sum(int(fh.attrs["rows_done"]) for fh in shards)
-        stored = [json_attr(fh.attrs, "checksums", {}) for fh in shards]
-        shard_labels = [fh["labels"][()] for fh in shards]
-        shard_paths = [list(fh["paths"].asstr()[()]) for fh in shards]
-        bad = [str(path) for path, sums, y, p in zip(paths, stored, shard_labels, shard_paths)
-               if sums.get("labels") != values_checksum(y) or sums.get("paths") != values_checksum(p)]
-        labels = np.concatenate(shard_labels).astype(np.int64)
-        row_paths = [p for rows in shard_paths for p in rows]
-        skipped = [s for fh in shards for s in json_attr(fh.attrs, "skipped", [])]
-        checksums = {}
-        with open_h5(partial, "w") as out:
-            group = out.create_group("features")
-            for layer in sorted(shards[0]["features"]):
-                sources = [(path, fh["features"][layer], sums.get(f"features/{layer}"))
-                           for path, fh, sums in zip(paths, shards, stored)]
-                checksums[f"features/{layer}"] = _virtual_layer(group, layer, sources, files.folder, bad)
-            if not bad:
-                out.create_dataset("labels", data=labels)
-                out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=STRING)
-                checksums.update(labels=values_checksum(labels), paths=values_checksum(row_paths))
-                out.attrs.update(
-                    key=key, spec=canonical_json(spec), classes=canonical_json(classes),
-                    versions=canonical_json(versions), batch_size=batch_size, rows_done=total,
-                    skipped=canonical_json(skipped), checksums=canonical_json(checksums), shards=canonical_json(parts),
-                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **(attrs or {}),
-                )
-                out.flush()
-                out.attrs["complete"] = True
+        shards = [_open_shard(stack, path, part, key) for part, path in zip(parts, paths)]
+        bad = _write_joined(partial, files.folder, paths, shards, header)
     if bad:  # the partial holds only metadata: drop it; set the bad shards aside so a rerun recomputes them
         partial.unlink()
         for path in sorted(set(bad)):
@@ -124,3 +93,45 @@ def join_shards(
     fsync(files.folder)
     mark_used(files, key)
     return files.complete(key)
+
+
+def _open_shard(stack: contextlib.ExitStack, path: Path, part: str, key: str) -> h5py.File:
+    try:
+        fh = stack.enter_context(open_h5(path, "r"))
+        check_invariants(fh, part)
+    except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+        raise CorruptFeatureFile(f"shard {path} of {short(key)} cannot be joined: {exc}") from exc
+    return fh
+
+
+def _write_joined(partial: Path, folder: Path, paths: list[Path], shards: list[h5py.File],
+                  header: dict[str, Any]) -> list[str]:
+    """The joined file at ``partial`` (complete unless a shard is bad); returns the bad shards' paths."""
+    stored = [json_attr(fh.attrs, "checksums", {}) for fh in shards]
+    shard_labels = [fh["labels"][()] for fh in shards]
+    shard_paths = [list(fh["paths"].asstr()[()]) for fh in shards]
+    bad = [str(path) for path, sums, y, p in zip(paths, stored, shard_labels, shard_paths)
+           if sums.get("labels") != values_checksum(y) or sums.get("paths") != values_checksum(p)]
+    labels = np.concatenate(shard_labels).astype(np.int64)
+    row_paths = [p for rows in shard_paths for p in rows]
+    checksums = {}
+    with open_h5(partial, "w") as out:
+        group = out.create_group("features")
+        for layer in sorted(shards[0]["features"]):
+            sources = [(path, fh["features"][layer], sums.get(f"features/{layer}"))
+                       for path, fh, sums in zip(paths, shards, stored)]
+            checksums[f"features/{layer}"] = _virtual_layer(group, layer, sources, folder, bad)
+        if bad:
+            return bad
+        out.create_dataset("labels", data=labels)
+        out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=STRING)
+        checksums.update(labels=values_checksum(labels), paths=values_checksum(row_paths))
+        skipped = [s for fh in shards for s in json_attr(fh.attrs, "skipped", [])]
+        out.attrs.update(
+            rows_done=sum(int(fh.attrs["rows_done"]) for fh in shards), skipped=canonical_json(skipped),
+            checksums=canonical_json(checksums), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **header,
+        )
+        out.flush()
+        out.attrs["complete"] = True
+    return bad

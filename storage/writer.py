@@ -55,31 +55,32 @@ class FeatureWriter:
         self.files, self.key, self.total = files, key, total
         self.partial = files.partial(key)
         self.final = files.complete(key)
-        dtype = np.dtype(spec["dtype"])
         self.fh = self._open_existing(spec, dims) if self.partial.exists() else None
         if self.fh is None:
-            self._check_space(total * sum(dims.values()) * dtype.itemsize, "the whole file", "nothing was written")
-            try:
-                self.fh = open_h5(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
-            except OSError as exc:
-                raise FeatureStoreError(f"cannot create {self.partial}: {exc}") from exc
-            group = self.fh.create_group("features")
-            for layer, dim in dims.items():
-                rows = chunk_rows(dim, dtype.itemsize)
-                group.create_dataset(
-                    layer, shape=(total, dim), maxshape=(None, dim), dtype=dtype,
-                    chunks=(min(rows, max(total, 1)), dim),
-                )
-            self.fh.attrs.update(
-                key=key, spec=canonical_json(spec), classes=canonical_json(classes),
-                versions=canonical_json(versions), batch_size=batch_size,
-                rows_done=0, skipped="[]", complete=False, **(attrs or {}),
-            )
-            self.fh.flush()
+            header = {"key": key, "spec": canonical_json(spec), "classes": canonical_json(classes),
+                      "versions": canonical_json(versions), "batch_size": batch_size, **(attrs or {})}
+            self.fh = self._create(np.dtype(spec["dtype"]), dims, header)
         self.rows_done = int(self.fh.attrs["rows_done"])
         self.skipped = self.read_skipped(self.fh)
         self.batch_size = int(self.fh.attrs["batch_size"])
         self.dims = {layer: int(ds.shape[1]) for layer, ds in self.fh["features"].items()}
+
+    def _create(self, dtype: np.dtype, dims: dict[str, int], header: dict[str, Any]) -> h5py.File:
+        """A new partial file: every layer preallocated (total rows, ~1 MiB chunks), nothing written yet."""
+        total = self.total
+        self._check_space(total * sum(dims.values()) * dtype.itemsize, "the whole file", "nothing was written")
+        try:
+            fh = open_h5(self.partial, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot create {self.partial}: {exc}") from exc
+        group = fh.create_group("features")
+        for layer, dim in dims.items():
+            rows = chunk_rows(dim, dtype.itemsize)
+            group.create_dataset(layer, shape=(total, dim), maxshape=(None, dim), dtype=dtype,
+                                 chunks=(min(rows, max(total, 1)), dim))
+        fh.attrs.update(rows_done=0, skipped="[]", complete=False, **header)
+        fh.flush()
+        return fh
 
     @staticmethod
     def read_skipped(fh: h5py.File) -> list[dict[str, str]]:
