@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.config import default_cache_dir
+from flows.paths import default_cache_dir
 from flows.console import friendly_errors, out
 from storage import inventory
 from storage.features import FeatureStore

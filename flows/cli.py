@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from flows import cache_cli
-from flows.config import default_cache_dir
+from flows.paths import default_cache_dir
 from flows.console import err, friendly_errors, out
 from storage.keys import short
 
@@ -189,7 +189,7 @@ def results(
     cache_dir: CacheDir = None,
 ) -> None:
     """Compare every evaluated model across experiments (the results registry)."""
-    from flows.config import default_cache_dir
+    from flows.paths import default_cache_dir
     from storage.results import query, registry_path
 
     root = default_cache_dir(cache_dir)
@@ -275,7 +275,47 @@ def demo(
         _print_select("second-scanner digits: which backbone to pick?", ranked)
 
 
+server_app = typer.Typer(no_args_is_help=True, help=(
+    "A persistent local Prefect server (127.0.0.1, SQLite in $PREFECT_HOME) that later commands reuse: "
+    "saves the ~8 s an ephemeral server costs each command."))
+
+
+@server_app.command("start")
+@friendly_errors
+def server_start(port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 4200) -> None:
+    """Start the local server in the background (or say where the running one is); commands then use it."""
+    from flows.server import start_persistent
+
+    server, started = start_persistent(port)
+    out.print(f"{'started' if started else 'already running'}: {server.url} (UI {server.url.removesuffix('/api')}, "
+              f"log {server.log}); commands use it until `transferpipe server stop`", highlight=False)
+
+
+@server_app.command("status")
+@friendly_errors
+def server_status() -> None:
+    """Whether the local server runs and where (exit 1 if it does not)."""
+    from flows.server import remembered
+
+    server = remembered()
+    if server is None:
+        out.print("no local server running: commands use Prefect's ephemeral mode (start one: transferpipe server start)")
+        raise typer.Exit(1)
+    out.print(f"running: {server.url} (pid {server.pid}, log {server.log})", highlight=False)
+
+
+@server_app.command("stop")
+@friendly_errors
+def server_stop() -> None:
+    """Stop the local server; commands go back to Prefect's ephemeral mode."""
+    from flows.server import stop_persistent
+
+    server = stop_persistent()
+    out.print(f"stopped {server.url}" if server else "no local server was running", highlight=False)
+
+
 app.add_typer(cache_cli.app, name="cache")
+app.add_typer(server_app, name="server")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from flows.paths import CACHE_ENV, DEFAULT_CACHE_DIR
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
 from tasks.extract import ExtractConfig
@@ -25,10 +26,8 @@ from tasks.finetune import FinetuneConfig
 from tasks.heads import HeadConfig
 from tasks.select import SelectConfig
 
-CACHE_ENV = "TRANSFERPIPE_CACHE_DIR"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_SWEEP = 1000
-DEFAULT_CACHE_DIR = Path("~/.cache/transferpipe")
 
 
 class ConfigError(ValueError):
@@ -129,12 +128,6 @@ class ExperimentConfig(BaseModel):
 def as_config(value: ExperimentConfig | dict[str, Any]) -> ExperimentConfig:
     """Flows take an ExperimentConfig; Prefect re-running a flow run (``flow-run retry``) passes its JSON form."""
     return value if isinstance(value, ExperimentConfig) else ExperimentConfig.model_validate(value)
-
-
-def default_cache_dir(flag: str | Path | None = None) -> Path:
-    """The cache folder when no config is given: ``--cache-dir``, else ``$TRANSFERPIPE_CACHE_DIR``, else the default."""
-    chosen = flag or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(chosen).expanduser().absolute()
 
 
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:

@@ -18,20 +18,28 @@ def experiment_run_name(prefix: str):
     return name
 
 
-def local_run_settings():
-    """Settings for a run without a Prefect server (ephemeral mode).
+def local_run_settings(server_url: str | None = None):
+    """Settings for a run in this process: against ``server_url``, or without a server (ephemeral mode).
 
-    The flow heartbeat exists to detect crashed runs on a server; locally it
-    only costs time, so it is off unless ``PREFECT_API_URL`` points at a server.
+    The flow heartbeat exists to detect crashed runs on a server; in ephemeral
+    mode it only costs time, so it is off there.
     """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if server_url:
+        return temporary_settings({PREFECT_API_URL: server_url})
     if os.environ.get("PREFECT_API_URL"):
         return contextlib.nullcontext()
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
-    """Run a flow in this process (Prefect's ephemeral mode unless PREFECT_API_URL names a server)."""
-    with local_run_settings():
+    """Run a flow in this process: on PREFECT_API_URL's server, else on the local server that
+    ``transferpipe server start`` left running, else in Prefect's ephemeral mode."""
+    from flows.server import remembered
+
+    server = None if os.environ.get("PREFECT_API_URL") else remembered()
+    if server:  # child processes (Dask workers) talk to it too
+        os.environ["PREFECT_API_URL"] = server.url
+    with local_run_settings(server.url if server else None):
         return flow_fn(*args, **kwargs)

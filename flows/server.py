@@ -1,9 +1,14 @@
-"""A real ``prefect server start`` on loopback, with its own home and SQLite.
+"""A real ``prefect server start`` on loopback, on SQLite: temporary ones for tests and benchmarks,
+and the persistent local one that ``transferpipe server start`` leaves running for later commands.
 
-Used by the tests and benchmarks that need a server, and by ``transferpipe server``.
+The persistent server is started in its own session with its log in a file,
+rather than with ``prefect server start --background``: that mode keeps the
+server's stdout and stderr as pipes nobody reads, so a chatty server can block
+once the pipe fills, and it shares the terminal's process group.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,12 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
 START_TIMEOUT_S = 120
+DEFAULT_PORT = 4200
+STATE_FILE = "transferpipe-server.json"
 
 
 @dataclass
@@ -25,6 +30,7 @@ class PrefectServer:
     url: str  # the API URL, ends in /api
     home: Path
     log: Path
+    pid: int | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for a subprocess that talks to this server."""
@@ -36,9 +42,19 @@ class PrefectServer:
         return env
 
     def api(self, method: str, path: str, **kwargs) -> dict | list:
+        import httpx
+
         response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
         response.raise_for_status()
         return response.json()
+
+    def healthy(self, timeout: float = 2) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 def _free_port() -> int:
@@ -47,46 +63,109 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path | None = None, port: int | None = None,
-                 scheduler_loop_s: float = 2) -> tuple[PrefectServer, subprocess.Popen]:
-    """Start a server in its own process group and wait until it is healthy.
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_server(home: Path | None = None, port: int | None = None, scheduler_loop_s: float | None = 2,
+                 log: Path | None = None) -> tuple[PrefectServer, subprocess.Popen]:
+    """Start a server in its own process session and wait until it is healthy.
 
     ``home``: its PREFECT_HOME (default: a new temporary folder); ``scheduler_loop_s``:
-    how often its scheduler creates runs (Prefect's default is 60 s).
+    how often its scheduler creates runs (None: Prefect's default, 60 s).
     """
     home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="transferpipe-server-"))
     home.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
-    server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=home, log=home / "server.log")
+    server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=home, log=log or home / "server.log")
     env = server.env()
     env.pop("PREFECT_API_URL")
-    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_s)
+    if scheduler_loop_s is not None:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_s)
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--analytics-off", "--no-ui"],
-        env=env, stdout=server.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+         "--analytics-off"],
+        env=env, stdout=server.log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    server.pid = proc.pid
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{server.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server, proc
-        except httpx.HTTPError:
-            pass
+        if server.healthy():
+            return server, proc
         time.sleep(0.5)
     stop_server(server, proc)
     raise RuntimeError(f"prefect server not healthy after {START_TIMEOUT_S}s:\n{server.log.read_text()[-3000:]}")
 
 
-def stop_server(server: PrefectServer, proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group (uvicorn and its services), then remove its (temporary) home."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop_group(pid: int, wait_s: float = 20) -> None:
+    """SIGTERM the server's process group (uvicorn and its services), SIGKILL if it outlives ``wait_s``."""
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10)):
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def stop_server(server: PrefectServer, proc: subprocess.Popen) -> None:
+    """Stop a temporary server started by :func:`start_server`, then remove its home."""
+    if proc.poll() is None:
+        _stop_group(proc.pid)
+        proc.wait(timeout=10)
     shutil.rmtree(server.home, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the persistent local server
+
+
+def prefect_home() -> Path:
+    """Prefect's home as Prefect resolves it by default (``$PREFECT_HOME`` or ``~/.prefect``), without importing it."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def _state_path() -> Path:
+    return prefect_home() / STATE_FILE
+
+
+def remembered() -> PrefectServer | None:
+    """The server ``transferpipe server start`` left running, if it answers."""
+    try:
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+    server = PrefectServer(url=state["url"], home=Path(state["home"]), log=Path(state["log"]), pid=state["pid"])
+    return server if server.healthy(timeout=1) else None
+
+
+def start_persistent(port: int = DEFAULT_PORT) -> tuple[PrefectServer, bool]:
+    """The persistent local server: the running one, or a new one on ``port``; True when it was started now."""
+    running = remembered()
+    if running:
+        return running, False
+    if _port_taken(port):
+        raise ValueError(f"port {port} on 127.0.0.1 is taken by another program; choose one with --port")
+    home = prefect_home()
+    server, _ = start_server(home, port, scheduler_loop_s=None, log=home / "transferpipe-server.log")
+    _state_path().write_text(json.dumps({**asdict(server), "home": str(home), "log": str(server.log)}))
+    return server, True
+
+
+def stop_persistent() -> PrefectServer | None:
+    """Stop the persistent server (if one is remembered) and forget it; returns what was stopped."""
+    try:
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+    _stop_group(int(state["pid"]))
+    _state_path().unlink(missing_ok=True)
+    return PrefectServer(url=state["url"], home=Path(state["home"]), log=Path(state["log"]), pid=state["pid"])

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import CACHE_ENV, ConfigError, load_config
+from flows.config import ConfigError, load_config
+from flows.paths import CACHE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
