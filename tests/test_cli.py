@@ -34,3 +34,42 @@ def test_fast_commands_import_neither_torch_nor_prefect(commands, tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "heavy:", done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_local_server_starts_is_reused_by_later_commands_and_stops(tiny_config, tmp_path):
+    import socket
+
+    from helpers import write_config
+
+    from flows.server import PrefectServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    started = cli("server", "start", "--port", str(port))
+    try:
+        assert started.returncode == 0 and f"started: http://127.0.0.1:{port}/api" in started.stdout, started
+        again = cli("server", "start", "--port", str(port))
+        assert "already running" in again.stdout
+        status = cli("server", "status")
+        assert status.returncode == 0 and f"127.0.0.1:{port}" in status.stdout
+        config = write_config(tiny_config(heads=[{"kind": "knn", "k": [1]}]), tmp_path / "tiny.yaml")
+        ran = cli("run", str(config))
+        assert ran.returncode == 0, ran.stderr
+        server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=tmp_path / "home", log=tmp_path / "log")
+        runs = server.api("POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["pipeline"]}}})
+        assert [r["name"] for r in runs] == ["run-tiny"] and runs[0]["state"]["type"] == "COMPLETED"
+    finally:
+        stopped = cli("server", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert cli("server", "status").returncode == 1
+    assert not server.healthy()

@@ -1,0 +1,103 @@
+"""What a user feels from the shell: every figure is a subprocess, start-up included.
+
+In one run, on the digits config (5 heads): `--help`, `cache ls`, a cold run,
+warm (all-hit) runs in ephemeral mode and against `transferpipe server`, and a
+run with one head changed; as baselines, `python -c "import h5py, sklearn"`,
+a trivial Prefect flow in each mode, and a plain script that reads the cached
+train/val features with h5py and fits the same logistic grid. Not a test.
+
+    python -m benchmarks.cli
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "digits-resnet18.yaml"
+TRIVIAL = "from prefect import flow\n@flow\ndef trivial():\n    return 1\ntrivial()\n"
+PLAIN = """
+import sys, h5py, numpy as np
+from sklearn.linear_model import LogisticRegression
+def load(path):
+    with h5py.File(path) as fh:
+        return fh["features/penultimate"][()].astype(np.float32), fh["labels"][()]
+(X, y), (Xv, yv) = load(sys.argv[1]), load(sys.argv[2])
+mean, std = X.mean(0), X.std(0) + 1e-6
+X, Xv = (X - mean) / std, (Xv - mean) / std
+model = LogisticRegression(max_iter=1000, warm_start=True)
+best = max((model.set_params(C=c).fit(X, y).score(Xv, yv), c) for c in np.logspace(-6, 6, 13))
+"""
+
+
+def timed(args: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    tp = [sys.executable, "-m", "flows.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
+        env.update(PREFECT_HOME=f"{tmp}/prefect", TRANSFERPIPE_CACHE_DIR=f"{tmp}/cache", DO_NOT_TRACK="1")
+        changed = yaml.safe_load(CONFIG.read_text())
+        changed["heads"][1]["k"] = [1, 5, 10, 20]  # one head changed: the kNN grid
+        changed_path = Path(tmp) / "changed.yaml"
+        changed_path.write_text(yaml.safe_dump(changed))
+        trivial = Path(tmp) / "trivial.py"
+        trivial.write_text(TRIVIAL)
+        rows = [("python -c 'import h5py, sklearn'", timed([sys.executable, "-c", "import h5py, sklearn"], env), None)]
+        rows.append(("transferpipe --help", timed(tp + ["--help"], env), 0))
+        rows.append(("transferpipe cache ls", timed(tp + ["cache", "ls"], env), 0))
+        timed([sys.executable, str(trivial)], env)  # creates the ephemeral database: not part of any figure
+        t_trivial = timed([sys.executable, str(trivial)], env)
+        rows.append(("trivial Prefect flow, ephemeral", t_trivial, None))
+        rows.append(("run, cold (extract + 5 heads + evaluate), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
+        rows.append(("run, warm (all cache hits), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
+        feats = sorted(Path(tmp, "cache", "features").glob("*.h5"))
+        plain = plain_baseline(feats, env)
+        rows.insert(1, ("plain script: h5py read + logistic C grid", plain, None))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t_start = timed(tp + ["server", "start", "--port", str(port)], env)
+        try:
+            t_trivial_server = timed([sys.executable, str(trivial)],
+                                     {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+            rows.append(("transferpipe server start", t_start, None))
+            rows.append(("trivial Prefect flow, local server", t_trivial_server, None))
+            rows.append(("run, warm (all cache hits), local server", timed(tp + ["run", str(CONFIG)], env), 9))
+            rows.append(("run, one head changed, local server", timed(tp + ["run", str(changed_path)], env), 1))
+        finally:
+            timed(tp + ["server", "stop"], env)
+    base = {0: rows[0][1], 1: plain, 3: t_trivial, 9: t_trivial_server}
+    names = {0: "import h5py, sklearn", 1: "plain script", 3: "trivial flow, ephemeral", 9: "trivial flow, server"}
+    print(f"CLI benchmark (from the shell, start-up included; {os.cpu_count()} cores)")
+    for what, seconds, against in rows:
+        ratio = f"{seconds / base[against]:5.2f}x {names[against]}" if against in base else ""
+        print(f"  {what:<55} {seconds:7.2f} s   {ratio}")
+
+
+def plain_baseline(features: list[Path], env: dict[str, str]) -> float:
+    """The plain script on the train and val feature files (the two largest splits after test)."""
+    import h5py
+
+    by_split = {}
+    for path in features:
+        with h5py.File(path) as fh:
+            by_split[yaml.safe_load(fh.attrs["spec"])["split"]] = path
+    return timed([sys.executable, "-c", PLAIN, str(by_split["train"]), str(by_split["val"])], env)
+
+
+if __name__ == "__main__":
+    main()
