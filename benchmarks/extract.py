@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.backbones import BackboneConfig, build
+from tasks.backbones import BackboneConfig
+from tasks.models import build
 from tasks.data import DataConfig, Manifest, load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 

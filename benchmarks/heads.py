@@ -26,7 +26,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader
 
-from tasks.backbones import BackboneConfig, build
+from tasks.backbones import BackboneConfig
+from tasks.models import build
 from tasks.data import DataConfig, Manifest, load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 from tasks.heads import load_split

@@ -108,7 +108,7 @@ class ExperimentConfig(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
     data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig.model_construct)  # the default is valid: no torchvision at import
     extract: ExtractConfig = ExtractConfig()
     heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
     finetune: FinetuneConfig = FinetuneConfig()
@@ -230,8 +230,11 @@ def parse_config(
     override = cache_dir or os.environ.get(CACHE_ENV)
     if override:
         raw = {**raw, "cache_dir": str(Path(override).expanduser().absolute())}
-    try:
-        return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
+    cache = Path(str(raw.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser()
+    if not cache.is_absolute() and base_dir is not None:
+        cache = base_dir / cache
+    try:  # the cache dir in the context lets the backbone section reuse what torchvision said before
+        return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir, "cache_dir": cache})
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from None
 

@@ -34,7 +34,8 @@ def select_flow(config: ExperimentConfig) -> SelectResult:
         cfg = config.model_copy(update={"name": f"{config.name}-{cand.label}", "backbone": cand.backbone, "heads": probes})
         features = stages.extract_features(cfg)
         probed = {h.kind: h for h in stages.train_heads(cfg, features)}
-        plan = select.plan_scores(cand.label, features["train"].key, layer, config.cache_dir, resolve(cand.backbone))
+        plan = select.plan_scores(cand.label, features["train"].key, layer, config.cache_dir,
+                                   resolve(cand.backbone, config.cache_dir))
         scored = run_stage(score_task, plan, config, stored=select.is_stored(plan), name=f"score-{cand.label}")
         rows.append(select.candidate_row(cand.label, cand.backbone, scored, probed))
     rows, taus = select.rank_candidates(rows)

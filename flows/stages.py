@@ -56,7 +56,7 @@ def finetune_backbone(
 ) -> FinetuneResult:
     """Fine-tune the unfrozen blocks; LP-FT starts from the best probe among ``trained``."""
     probe = heads.best_probe(trained, config.cache_dir) if config.finetune.init_head == "best_probe" else None
-    plan = finetune.plan_finetune(config.finetune, resolve(config.backbone), features["train"].manifest,
+    plan = finetune.plan_finetune(config.finetune, resolve(config.backbone, config.cache_dir), features["train"].manifest,
                                   config.cache_dir, {split: r.key for split, r in features.items()}, probe)
     return run_stage(finetune_task, plan, config, stored=finetune.is_stored(plan),
                      name=f"finetune-{config.backbone.name}")
@@ -84,7 +84,7 @@ def evaluate_models(
                  "finetune": tuned.key if tuned else None},
     }
     plan = evaluation.plan_evaluation(
-        config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone),
+        config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
         Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
     )
     return run_stage(evaluate_task, plan, config, stored=evaluation.is_stored(plan), name=f"evaluate-{config.name}")

@@ -7,6 +7,7 @@
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    tasks/data.py
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
+  backbones/<key>.json                         what torchvision says  tasks/backbones.py
   heads/<key>/                                 trained heads       storage/artifacts.py
   finetune/<key>/                              fine-tuning runs    storage/checkpoints.py
   scores/<key>.json                            selection scores    tasks/select.py
@@ -74,6 +75,9 @@ class CacheLayout:
 
     def datasets(self) -> Path:
         return self.root / "datasets"
+
+    def backbone(self, key: str) -> Path:
+        return self.root / "backbones" / f"{key}.json"
 
     def heads(self) -> Path:
         return self.root / "heads"

@@ -1,34 +1,37 @@
-"""Backbone registry over torchvision, weight resolution, preprocessing, feature layers.
+"""Backbone registry over torchvision: names, weight resolution and preprocessing, without torch.
 
-A backbone is resolved from its config into a :class:`BackboneSpec` (cheap: no
-weights are loaded) whose ``weights_id`` and ``preprocess`` enter the feature
-key; :func:`build` turns a spec into a :class:`FeatureExtractor`. Preprocessing
+A backbone config is resolved into a :class:`BackboneSpec` (cheap: no weights
+are loaded) whose ``weights_id`` and ``preprocess`` enter the feature key;
+:func:`tasks.models.build` turns a spec into a torch module. Preprocessing
 always comes from the weights' own ``transforms()`` unless the config overrides
 it. No code path downloads: torchvision weights are read from the torch hub
 cache, and a missing file is an error that says which file to put where.
+
+What torchvision says about a model (its names, modules, weights and their
+transforms) and the sha256 of a weights file are remembered in the cache
+(``backbones/``), keyed by the torchvision version and the file's size and
+mtime: loading a config or planning a run then needs neither torch nor torchvision.
 """
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
-import torchvision
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from storage import checkpoints
-from storage.checkpoints import WeightsFileError
-from storage.keys import file_sha256
+from storage.keys import file_sha256, fingerprint
+from storage.layout import CacheLayout
+
+if TYPE_CHECKING:
+    import torch
 
 PENULTIMATE = "penultimate"
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -44,6 +47,9 @@ class WeightsNotFoundError(BackboneError):
 
 @functools.cache
 def model_names() -> tuple[str, ...]:
+    import torchvision
+    from torchvision.models import list_models
+
     return tuple(list_models(module=torchvision.models))
 
 
@@ -51,6 +57,30 @@ def _choices(value: str, valid: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(value, valid, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return f"{hint} Valid: {', '.join(valid)}"
+
+
+def _cache_dir(info: ValidationInfo) -> Path | None:
+    return (info.context or {}).get("cache_dir")
+
+
+def _memo(cache_dir: Path | None, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered as JSON under ``backbones/`` (per torchvision version) when there is a cache."""
+    if cache_dir is None:
+        return compute()
+    path = CacheLayout(cache_dir).backbone(fingerprint({**what, "torchvision": version("torchvision")}))
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+            json.dump(value, fh)
+        os.replace(fh.name, path)
+    except OSError:
+        pass  # a read-only cache only costs the speed-up
+    return value
 
 
 class PreprocessConfig(BaseModel):
@@ -85,9 +115,10 @@ class BackboneConfig(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in model_names():
-            raise ValueError(f"unknown torchvision model {v!r}.{_choices(v, model_names())}")
+    def _known_model(cls, v: str, info: ValidationInfo) -> str:
+        names = _memo(_cache_dir(info), {"what": "models"}, lambda: list(model_names()))
+        if v not in names:
+            raise ValueError(f"unknown torchvision model {v!r}.{_choices(v, names)}")
         return v
 
     @field_validator("weights")
@@ -100,10 +131,11 @@ class BackboneConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check_weights_and_layers(self) -> BackboneConfig:
+    def _check_weights_and_layers(self, info: ValidationInfo) -> BackboneConfig:
+        cache = _cache_dir(info)
         if not _looks_like_file(self.weights) and self.weights.lower() != "none":
-            enum_weights(self.name, self.weights)
-        names = module_names(self.name)
+            weights_info(self.name, self.weights, cache)
+        names = _memo(cache, {"what": "modules", "name": self.name}, lambda: list(module_names(self.name)))
         bad = [layer for layer in self.layers if layer != PENULTIMATE and layer not in names]
         if bad:
             top = [n for n in names if n and "." not in n]
@@ -120,7 +152,10 @@ def _looks_like_file(value: str) -> bool:
     return value.endswith(WEIGHT_FILE_SUFFIXES) or "/" in value or value.startswith("~")
 
 
-def enum_weights(name: str, value: str) -> torchvision.models.WeightsEnum:
+def enum_weights(name: str, value: str):
+    """The torchvision weights enum member for ``value`` (``DEFAULT`` or a member name)."""
+    from torchvision.models import get_model_weights
+
     enum = get_model_weights(name)
     if value == "DEFAULT":
         return enum.DEFAULT
@@ -131,28 +166,43 @@ def enum_weights(name: str, value: str) -> torchvision.models.WeightsEnum:
     return enum[short]
 
 
+def weights_info(name: str, value: str, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The full enum name of torchvision weights and their own preprocessing (remembered in the cache)."""
+
+    def compute() -> dict[str, Any]:
+        weights = enum_weights(name, value)
+        t = weights.transforms()
+        return {"enum": f"{type(weights).__name__}.{weights.name}", "resize": int(t.resize_size[0]),
+                "crop": int(t.crop_size[0]), "interpolation": t.interpolation.value, "mean": list(t.mean),
+                "std": list(t.std)}
+
+    return _memo(cache_dir, {"what": "weights", "name": name, "weights": value}, compute)
+
+
 @functools.cache
 def module_names(name: str) -> tuple[str, ...]:
     """Module names of a model, built on the meta device (no memory, no weights)."""
-    return tuple(n for n, _ in _skeleton(name).named_modules())
+    return tuple(n for n, _ in skeleton(name).named_modules())
 
 
-def _skeleton(name: str) -> nn.Module:
+def skeleton(name: str):
     """The architecture without memory (meta device), for names and shapes."""
+    import torch
+
     try:
         with torch.device("meta"):
-            return _build_empty(name)
+            return build_empty(name)
     except (RuntimeError, NotImplementedError):  # a few builders touch data at init
-        return _build_empty(name)
+        return build_empty(name)
 
 
-def _build_empty(name: str, **kwargs: Any) -> nn.Module:
+def build_empty(name: str, **kwargs: Any):
+    """The torchvision architecture with no weights loaded."""
+    from torchvision.models import get_model
+
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("init_weights", False)  # scipy-based init is slow and we load weights anyway
     return get_model(name, weights=None, **kwargs)
-
-
-# --------------------------------------------------------------------------- spec
 
 
 @dataclass(frozen=True)
@@ -170,12 +220,17 @@ class Preprocess:
 
     def __call__(self, img: Any) -> torch.Tensor:
         """PIL RGB image → uint8 tensor (3, crop, crop); normalisation happens on the device."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
         img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
         img = TF.center_crop(img, [self.crop])
         return TF.pil_to_tensor(img)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch on any device → float, normalised."""
+        import torch
+
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x.float() / 255.0 - mean) / std
@@ -199,155 +254,30 @@ class BackboneSpec:
         }
 
 
-def resolve(cfg: BackboneConfig) -> BackboneSpec:
-    """Config → spec. Hashes a local weights file; never loads or downloads weights."""
+def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
+    """Config → spec. Hashes a local weights file; never loads or downloads weights.
+
+    With ``cache_dir``, what torchvision says and the file's hash are remembered there.
+    """
     if cfg.weights.lower() == "none":
         weights, weights_id = "none", f"none(seed={cfg.init_seed})"
-        defaults = get_model_weights(cfg.name).DEFAULT
+        base = weights_info(cfg.name, "DEFAULT", cache_dir)
     elif _looks_like_file(cfg.weights):
         path = Path(cfg.weights)
         if not path.is_file():
             raise BackboneError(f"backbone.weights file {path} does not exist")
-        weights, weights_id = str(path), "sha256:" + file_sha256(path)
-        defaults = get_model_weights(cfg.name).DEFAULT
+        st = path.stat()
+        digest = _memo(cache_dir, {"what": "sha256", "path": str(path.resolve()), "size": st.st_size,
+                                   "mtime_ns": st.st_mtime_ns}, lambda: file_sha256(path))
+        weights, weights_id = str(path), "sha256:" + digest
+        base = weights_info(cfg.name, "DEFAULT", cache_dir)
     else:
-        defaults = enum_weights(cfg.name, cfg.weights)
-        weights = weights_id = f"{type(defaults).__name__}.{defaults.name}"
-    base = defaults.transforms()
+        base = weights_info(cfg.name, cfg.weights, cache_dir)
+        weights = weights_id = base["enum"]
     over = cfg.preprocess
     preprocess = Preprocess(
-        resize=over.resize or int(base.resize_size[0]),
-        crop=over.crop or int(base.crop_size[0]),
-        interpolation=over.interpolation or base.interpolation.value,
-        mean=tuple(over.mean or base.mean),
-        std=tuple(over.std or base.std),
+        resize=over.resize or base["resize"], crop=over.crop or base["crop"],
+        interpolation=over.interpolation or base["interpolation"],
+        mean=tuple(over.mean or base["mean"]), std=tuple(over.std or base["std"]),
     )
     return BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed)
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
-    """Where torchvision keeps (and looks for) this weights file: $TORCH_HOME/hub/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a local weights file (never unpickled); a bad file is a BackboneError naming it."""
-    try:
-        return checkpoints.load_weights_file(path)
-    except WeightsFileError as exc:
-        raise BackboneError(str(exc)) from None
-
-
-def _state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The state dict to load and the builder arguments its architecture needs."""
-    if spec.weights == "none":
-        return None, {}
-    if spec.weights_id.startswith("sha256:"):
-        return load_weights_file(Path(spec.weights)), {}
-    weights = torchvision.models.get_weight(spec.weights)
-    path = hub_file(weights)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"{spec.weights} is not in the torch hub cache and this machine never downloads. "
-            f"Put {weights.url} at {path} (the folder follows $TORCH_HOME), "
-            f"or set backbone.weights to a local weights file"
-        )
-    kwargs: dict[str, Any] = {"num_classes": len(weights.meta["categories"])}
-    if spec.name.startswith("vit_"):
-        kwargs["image_size"] = weights.meta["min_size"][0]
-    if spec.name in ("googlenet", "inception_v3"):
-        kwargs.update(aux_logits=True, transform_input=True)
-    return load_weights_file(path), kwargs
-
-
-def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
-    """The source model's classifier (weight, bias) from its weights, or why there is none."""
-    if spec.weights == "none":
-        return "random initialisation: no source classifier"
-    state, _ = _state_dict(spec)
-    head = final_linear(_skeleton(spec.name))
-    w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
-    if w is None or b is None:
-        return f"the weights hold no classifier ({head}.weight)"
-    return w.double().numpy(), b.double().numpy()
-
-
-def final_linear(model: nn.Module) -> str | None:
-    """Name of the classifier: the last ``nn.Linear`` in module order."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
-
-
-# --------------------------------------------------------------------------- model
-
-
-class FeatureExtractor(nn.Module):
-    """Runs the backbone once and returns ``{layer: (B, D) pooled features}``.
-
-    ``penultimate`` is the input of the classifier (the classifier is replaced
-    by ``Identity``); named modules are captured with forward hooks and
-    globally average-pooled (spatial maps over H, W; token sequences over tokens).
-    """
-
-    def __init__(self, model: nn.Module, layers: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model, self.layers = model, layers
-        self._captured: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        for layer in layers:
-            if layer != PENULTIMATE:
-                modules[layer].register_forward_hook(functools.partial(self._capture, layer))
-
-    def _capture(self, layer: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self._captured[layer] = pool(output[0] if isinstance(output, tuple) else output)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._captured = {}
-        out = self.model(x)
-        if PENULTIMATE in self.layers:
-            self._captured[PENULTIMATE] = pool(out)
-        return {layer: self._captured[layer] for layer in self.layers}
-
-
-def pool(t: torch.Tensor) -> torch.Tensor:
-    if t.ndim == 4:
-        return t.mean(dim=(2, 3))
-    if t.ndim == 3:
-        return t.mean(dim=1)
-    return t.flatten(1)
-
-
-def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
-    """The torchvision model with the spec's weights on the CPU.
-
-    Its classifier (the last ``nn.Linear``) is dropped from the weights and
-    replaced: by ``Identity`` (features), or by a fresh, seeded
-    ``Linear(in, num_classes)`` (fine-tuning).
-    """
-    state, kwargs = _state_dict(spec)
-    with torch.random.fork_rng(devices=[]):  # random init is part of the key: make it reproducible
-        torch.manual_seed(spec.init_seed)
-        model = _build_empty(spec.name, **kwargs)
-        head = final_linear(model)
-        if head is None and (num_classes or PENULTIMATE in spec.layers):
-            raise BackboneError(f"{spec.name} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
-        in_features = model.get_submodule(head).in_features if head else 0
-        if head is not None:
-            model.set_submodule(head, nn.Identity())
-        if state is not None:
-            state = {k: v for k, v in state.items() if not (head and k.startswith(head + "."))}
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise BackboneError(f"weights {spec.weights} do not fit {spec.name}: {exc}") from exc
-        if num_classes is not None:
-            model.set_submodule(head, nn.Linear(in_features, num_classes))
-    return model
-
-
-def build(spec: BackboneSpec) -> FeatureExtractor:
-    """The frozen feature extractor, in eval mode, weights loaded, on the CPU."""
-    return FeatureExtractor(load_model(spec), spec.layers).eval().requires_grad_(False)

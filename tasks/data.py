@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -366,3 +367,41 @@ def check_headers(root: Path, items: Iterable[tuple[str, int]], threads: int = 8
     with ThreadPoolExecutor(threads) as pool:
         errors = pool.map(lambda p: header_error(root / p), paths)
     return {p: e for p, e in zip(paths, errors) if e}
+
+
+# --------------------------------------------------------------------------- loading in worker processes
+
+
+def worker_init(_worker_id: int) -> None:
+    """Drop the parent's thread-exit hooks in a forked DataLoader worker.
+
+    Prefect 3.8 registers one per service; after fork it resets the service but
+    the hook stays and fails an assert at exit, so the worker exits with code 1
+    and the DataLoader reports it as crashed. A worker never needs them.
+    """
+    import threading
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
+
+
+def num_workers_for(setting: int | str, n_batches: int) -> int:
+    """DataLoader workers: ``auto`` is 0 for tiny jobs, else cores - 1 (at most 8).
+
+    A daemonic process (a Dask worker started with its default settings) may not
+    have children, so it decodes in-process whatever the setting.
+    """
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        if setting not in ("auto", 0):
+            logging.getLogger("transferpipe.data").warning("num_workers=%s ignored: this process is daemonic (a Dask worker?) and cannot start "
+                        "DataLoader workers; start the Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False",
+                        setting)
+        return 0
+    if setting != "auto":
+        return int(setting)
+    if n_batches < 4:  # starting workers costs more than it saves
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) - 1))

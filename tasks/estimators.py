@@ -14,12 +14,10 @@ chunked), ``ridge`` and ``svm`` (linear, scikit-learn).
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from scipy.linalg import LinAlgWarning
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -30,23 +28,13 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tasks.head_defaults import KNN, LINEAR, LOGISTIC, RIDGE, SVM, softmax
 from tasks.runtime import pick_device
 
 PREPROCESS = ("none", "standardize", "l2")
 ALIGN = ("none", "coral")
 STD_FLOOR = 1e-2  # standardisation divides by at least this fraction of the median feature std
 
-
-
-def default(estimator: type, name: str) -> Any:
-    """A hyperparameter's default: the estimator's ``__init__`` is its one source (the configs read it)."""
-    return inspect.signature(estimator.__init__).parameters[name].default
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _two_class(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +238,8 @@ class LogisticHead(GridHead):
 
     grid_param = "C"
 
-    def __init__(self, C=tuple(float(c) for c in np.logspace(-6, 6, 13)), preprocess="standardize", refit="train", align="none", max_iter=1000,
-                 n_jobs=1, random_state=0):
+    def __init__(self, C=LOGISTIC["C"], preprocess="standardize", refit="train", align="none",
+                 max_iter=LOGISTIC["max_iter"], n_jobs=LOGISTIC["n_jobs"], random_state=0):
         self.C, self.preprocess, self.refit = C, preprocess, refit
         self.align = align
         self.max_iter, self.n_jobs, self.random_state = max_iter, n_jobs, random_state
@@ -292,7 +280,7 @@ class RidgeHead(GridHead):
     has_proba = False
     state_keys = ("coef_", "intercept_")
 
-    def __init__(self, alpha=tuple(float(a) for a in np.logspace(-2, 4, 7)), preprocess="standardize", refit="train", align="none", random_state=0):
+    def __init__(self, alpha=RIDGE["alpha"], preprocess="standardize", refit="train", align="none", random_state=0):
         self.alpha, self.preprocess, self.refit, self.random_state = alpha, preprocess, refit, random_state
         self.align = align
 
@@ -314,7 +302,7 @@ class SVMHead(GridHead):
     grid_param = "C"
     has_proba = False
 
-    def __init__(self, C=tuple(float(c) for c in np.logspace(-4, 0, 5)), preprocess="standardize", refit="train", align="none", max_iter=2000,
+    def __init__(self, C=SVM["C"], preprocess="standardize", refit="train", align="none", max_iter=SVM["max_iter"],
                  random_state=0):
         self.C, self.preprocess, self.refit, self.max_iter, self.random_state = C, preprocess, refit, max_iter, random_state
         self.align = align
@@ -342,14 +330,17 @@ class TorchLinearHead(GridHead):
 
     grid_param = "weight_decay"
 
-    def __init__(self, weight_decay=(0.0, 1e-4, 1e-3, 1e-2, 1e-1), preprocess="standardize", refit="train", align="none",
-                 optimizer="lbfgs", max_iter=200, epochs=10, batch_size=32, lr=1e-3, device="auto", random_state=0):
+    def __init__(self, weight_decay=LINEAR["weight_decay"], preprocess="standardize", refit="train", align="none",
+                 optimizer=LINEAR["optimizer"], max_iter=LINEAR["max_iter"], epochs=LINEAR["epochs"],
+                 batch_size=LINEAR["batch_size"], lr=LINEAR["lr"], device=LINEAR["device"], random_state=0):
         self.weight_decay, self.preprocess, self.refit = weight_decay, preprocess, refit
         self.align = align
         self.optimizer, self.max_iter, self.epochs, self.batch_size, self.lr = optimizer, max_iter, epochs, batch_size, lr
         self.device, self.random_state = device, random_state
 
     def _fit_candidates(self, grid, X, y, warm=None):
+        import torch
+
         if self.optimizer not in ("lbfgs", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r} is not one of ('lbfgs', 'adamw')")
         device = pick_device(self.device)
@@ -378,6 +369,8 @@ class TorchLinearHead(GridHead):
         return states
 
     def _lbfgs(self, layer, X, y, wd):
+        import torch
+
         opt = torch.optim.LBFGS(layer.parameters(), max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
         def closure():
@@ -390,6 +383,8 @@ class TorchLinearHead(GridHead):
         return int(opt.state[layer.weight].get("n_iter", 1))
 
     def _adamw(self, layer, X, y, wd, generator):
+        import torch
+
         opt = torch.optim.AdamW(layer.parameters(), lr=self.lr, weight_decay=wd)
         for _ in range(self.epochs):
             order = torch.randperm(len(y), generator=generator).to(X.device)
@@ -414,8 +409,8 @@ class KNNHead(GridHead):
     grid_param = "k"
     state_keys = ("bank_", "bank_labels_", "k_", "n_classes_", "temperature_")
 
-    def __init__(self, k=(1, 5, 10, 20, 50, 100), temperature=0.07, preprocess="l2", refit="train", align="none",
-                 chunk_size=4096, device="auto", random_state=0):
+    def __init__(self, k=KNN["k"], temperature=KNN["temperature"], preprocess=KNN["preprocess"], refit="train",
+                 align="none", chunk_size=KNN["chunk_size"], device=KNN["device"], random_state=0):
         self.k, self.temperature, self.preprocess, self.refit = k, temperature, preprocess, refit
         self.align = align
         self.chunk_size, self.device, self.random_state = chunk_size, device, random_state
@@ -454,6 +449,8 @@ def knn_search(queries, bank, k, chunk_size, device) -> tuple[np.ndarray, np.nda
     Chunked over queries and over the bank with a running top-k: memory is
     O(chunk_size * (chunk_size + k)) whatever the bank's size.
     """
+    import torch
+
     k = min(k, len(bank))
     sims = np.empty((len(queries), k), dtype=np.float32)
     index = np.empty((len(queries), k), dtype=np.int64)

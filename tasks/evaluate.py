@@ -15,19 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.metrics import (
-    accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss, top_k_accuracy_score,
-)
 
 from storage import checkpoints, keys
 from storage import results as registry
 from storage.features import FeatureStore
 from storage.layout import CacheLayout
-from tasks.backbones import BackboneSpec, load_model
+from tasks.backbones import BackboneSpec
 from tasks.data import Manifest, load_rgb
 from tasks.runtime import pick_device
+from tasks.head_defaults import softmax
 from tasks.heads import load_head, load_split
 from tasks.report import ranked, registry_rows, write_report
 from tasks.result import StageResult
@@ -56,6 +53,10 @@ def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE
 
 def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray | None, n_classes: int) -> dict[str, Any]:
     """Every metric of one model on one test set; NLL and ECE need probabilities (else None)."""
+    from sklearn.metrics import (
+        accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss, top_k_accuracy_score,
+    )
+
     labels = np.arange(n_classes)
     pred = scores.argmax(axis=1)
     cm = confusion_matrix(y, pred, labels=labels)
@@ -177,7 +178,7 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
             proba = head.predict_proba(X) if head.has_proba else None
         else:
             scores, y = _finetuned_scores(plan, m)
-            proba = torch.softmax(torch.as_tensor(scores), dim=1).numpy()
+            proba = softmax(scores.astype(np.float64))
         group = (m.name, str(m.shot), m.layer)
         per_fit.setdefault(group, []).append(classification_metrics(y, scores, proba, n_classes))
         kinds[group] = (m.kind, m.shot)
@@ -202,6 +203,10 @@ def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from tasks.models import load_model
+
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits["test"]
     model = load_model(plan.backbone, num_classes=len(plan.classes))

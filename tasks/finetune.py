@@ -1,5 +1,7 @@
 """Partial fine-tuning end to end: unfreeze chosen blocks, discriminative learning rates, LP-FT.
 
+This module is the stage (config, plan, key, reuse under a lock); the training is finetune_loop.py.
+
 The only stage that trains the backbone, so the one made resumable: a
 checkpoint (model, optimiser, schedule, scaler, epoch, RNG, best so far,
 history) is written atomically after every epoch to
@@ -12,38 +14,20 @@ transferpipe checkpoint format, which another experiment can name as its
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from filelock import FileLock
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
-from torchvision.transforms.v2 import RandomResizedCrop
-from tqdm.auto import tqdm
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage import checkpoints, keys
-from storage.artifacts import load_head_arrays
+from storage import keys
 from storage.checkpoints import RunFiles
-from storage.faults import fault_point
-from storage.keys import canonical_json, short
 from storage.layout import CacheLayout
-from tasks.backbones import BackboneSpec, Preprocess, final_linear, load_model
-from tasks.data import Manifest, load_rgb
-from tasks.runtime import pick_device
-from tasks.extract import num_workers_for, worker_init
-from tasks.heads import LINEAR_PROBES
+from tasks.backbones import BackboneSpec
 from tasks.result import StageResult
 
 log = logging.getLogger("transferpipe.finetune")
@@ -148,128 +132,6 @@ def is_stored(plan: FinetunePlan) -> bool:
     return run_files(plan).finished()
 
 
-# --------------------------------------------------------------------------- model surgery
-
-
-def unfrozen_modules(model: nn.Module, cfg: FinetuneConfig, head: str) -> list[str]:
-    """Names of the modules to train (the classifier always trains)."""
-    top = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    if cfg.unfreeze == "all":
-        return [name for name, _ in model.named_children()]
-    if cfg.last_n is not None:
-        blocks = [name for name in top if not head.startswith(name)]
-        return blocks[-cfg.last_n :] + [head]
-    names = dict(model.named_modules())
-    bad = [n for n in cfg.unfreeze if n not in names]
-    if bad:
-        raise ValueError(
-            f"finetune.unfreeze: unknown module(s) {bad}; top-level modules of this backbone: "
-            f"{', '.join(n for n, _ in model.named_children())} (dotted names reach inside)"
-        )
-    return list(cfg.unfreeze) + [head]
-
-
-def freeze(model: nn.Module, trainable: list[str]) -> tuple[list[nn.Parameter], list[str]]:
-    """requires_grad only inside ``trainable``; returns the trainable parameters and frozen BN module names."""
-    model.requires_grad_(False)
-    for name in trainable:
-        model.get_submodule(name).requires_grad_(True)
-    inside = lambda n: any(n == t or n.startswith(t + ".") for t in trainable)  # noqa: E731
-    frozen_bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not inside(n)]
-    return [p for p in model.parameters() if p.requires_grad], frozen_bn
-
-
-def set_train_mode(model: nn.Module, frozen_bn: list[str], freeze_bn: bool | str) -> None:
-    """Train mode, except batch-norm kept in eval mode (running statistics used, not updated).
-
-    ``all`` matters for LP-FT: the probe was fitted on eval-mode features, and
-    batch statistics of a shifted target domain move every feature it relies
-    on (measured on the demo: start loss 31 and val 0.90 instead of 0.08 and 0.93).
-    """
-    model.train()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (freeze_bn == "all" or (freeze_bn and name in frozen_bn)):
-            module.eval()
-
-
-def build_optimizer(model: nn.Module, head: str, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW with discriminative learning rates: one group for the head, one for the backbone."""
-    head_params = [p for p in model.get_submodule(head).parameters() if p.requires_grad]
-    head_ids = {id(p) for p in head_params}
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": head_params, "lr": cfg.lr_head, "name": "head"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone, "name": "backbone"})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-def build_schedule(opt: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def init_head_from_probe(model: nn.Module, head: str, cache_dir: Path, probe_key: str) -> None:
-    """LP-FT: the classifier starts as the probe, folded back to raw features.
-
-    A probe trained on standardised features z = (x - mean) / scale computes
-    W z + b = (W / scale) x + (b - (W / scale) mean).
-    """
-    meta, arrays = load_head_arrays(cache_dir, probe_key)
-    if meta["kind"] not in LINEAR_PROBES or meta["params"]["preprocess"] == "l2":
-        raise ValueError(f"head {short(probe_key)} ({meta['kind']}, {meta['params']['preprocess']}) is not a linear probe")
-    layer = model.get_submodule(head)
-    W = arrays["coef_"].astype(np.float64) / arrays["scale_"].astype(np.float64)
-    b = arrays["intercept_"].astype(np.float64) - W @ arrays["mean_"].astype(np.float64)
-    if W.shape != tuple(layer.weight.shape):
-        raise ValueError(f"the probe's weights {W.shape} do not fit the classifier {tuple(layer.weight.shape)}")
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(W))
-        layer.bias.copy_(torch.as_tensor(b))
-
-
-# --------------------------------------------------------------------------- data
-
-
-class _TrainImages(Dataset):
-    """Decoded, augmented uint8 crops; each sample's randomness is seeded by (seed, epoch, index)."""
-
-    def __init__(self, root: Path, items, pre: Preprocess, augment: str, seed: int) -> None:
-        self.root, self.items, self.pre, self.augment, self.seed = root, items, pre, augment, seed
-        self.epoch = 0
-        self.crop = RandomResizedCrop(pre.crop, scale=(0.25, 1.0), interpolation=InterpolationMode(pre.interpolation))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        rel, label = self.items[i]
-        img = load_rgb(self.root / rel)
-        if self.augment == "none":
-            return self.pre(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            img = TF.resize(img, [self.pre.resize], interpolation=InterpolationMode(self.pre.interpolation), antialias=True)
-            img = self.crop(img)
-            if self.augment == "standard" and torch.rand(()) < 0.5:
-                img = TF.horizontal_flip(img)
-        return TF.pil_to_tensor(img), label
-
-
-def _loader(dataset, batch_size, shuffle_seed, workers, pin) -> DataLoader:
-    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                      num_workers=workers, pin_memory=pin, worker_init_fn=worker_init)
-
 
 # --------------------------------------------------------------------------- the stage
 
@@ -293,194 +155,18 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
 
 
 def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResult:
-    run = _setup(plan)
-    resumed_from = _resume(run, files.last)
-    for epoch in range(run.state["epoch"] + 1, plan.finetune.epochs + 1):
-        entry = _train_epoch(run, epoch)
-        if _end_epoch(run, files, entry):
-            break
-    return _finish(run, files, resumed_from, started)
+    """Train (torch is imported here, not when the stage is), then write ``result.json`` last: it marks the run done."""
+    from tasks.finetune_loop import train
 
-
-@dataclass
-class _Run:
-    """One fine-tuning run while it trains: model, data, optimiser and the progress that a checkpoint saves."""
-
-    plan: FinetunePlan
-    classes: list[str]
-    device: torch.device
-    model: nn.Module
-    params: list[nn.Parameter]
-    frozen_bn: list[str]
-    train_set: _TrainImages
-    val_set: _TrainImages
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    workers: int
-    state: dict[str, Any] = field(
-        default_factory=lambda: {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []})
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-
-
-def _setup(plan: FinetunePlan) -> _Run:
-    """The model (probe head for LP-FT, frozen blocks), data, optimiser, schedule and AMP of a fresh run."""
-    cfg = plan.finetune
-    manifest = Manifest.load(plan.manifest)
-    if "val" not in manifest.splits:
-        raise ValueError("fine-tuning needs a val split for model selection and early stopping; set data.val_fraction > 0")
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = load_model(plan.backbone, num_classes=len(manifest.classes))
-    head = final_linear(model)
-    if cfg.init_head == "best_probe":
-        if plan.probe_key is None:
-            raise ValueError(
-                "finetune.init_head is best_probe but no linear probe was trained: add a logistic or linear head "
-                "(penultimate layer, shots including all, preprocess none or standardize), or set init_head: random"
-            )
-        init_head_from_probe(model, head, plan.cache_dir, plan.probe_key)
-    params, frozen_bn = freeze(model, unfrozen_modules(model, cfg, head))
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    pre = plan.backbone.preprocess
-    train_set = _TrainImages(manifest.root, manifest.splits["train"], pre, cfg.augment, cfg.seed)
-    steps = math.ceil(len(train_set) / cfg.batch_size)
-    opt = build_optimizer(model, head, cfg)
-    amp_dtype = None
-    if device.type == "cuda" and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return _Run(
-        plan=plan, classes=manifest.classes, device=device, model=model, params=params, frozen_bn=frozen_bn,
-        train_set=train_set, val_set=_TrainImages(manifest.root, manifest.splits["val"], pre, "none", cfg.seed),
-        opt=opt, sched=build_schedule(opt, cfg, steps), amp_dtype=amp_dtype,
-        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-        workers=num_workers_for(cfg.num_workers, steps),
-    )
-
-
-def _resume(run: _Run, last: Path) -> int:
-    """Continue from ``last.pt`` if an earlier attempt left one; returns the epochs it had done."""
-    if not last.exists():
-        return 0
-    ckpt = checkpoints.load(last)
-    run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["schedule"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if run.cuda and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
-    run.state = json.loads(ckpt["state"])
-    log.info("resuming fine-tuning %s after epoch %d", short(run.plan.key), run.state["epoch"])
-    return run.state["epoch"]
-
-
-def _train_epoch(run: _Run, epoch: int) -> EpochLog:
-    """One pass over the training split, then validation."""
-    cfg, model, pre = run.plan.finetune, run.model, run.plan.backbone.preprocess
-    run.train_set.epoch = epoch
-    loader = _loader(run.train_set, cfg.batch_size, hash((cfg.seed, epoch)) & 0x7FFFFFFF, run.workers, run.cuda)
-    set_train_mode(model, run.frozen_bn, cfg.freeze_bn)
-    t0, seen, total_loss = time.perf_counter(), 0, 0.0
-    bar = tqdm(loader, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="batch", disable=None, leave=False)
-    for x, y in bar:
-        x = x.to(run.device, non_blocking=True)
-        y = y.to(run.device, non_blocking=True)
-        if run.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with run.autocast():
-            loss = nn.functional.cross_entropy(model(pre.normalize(x)), y)
-        run.opt.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.sched.step()
-        seen += len(y)
-        batch_loss = loss.item()
-        total_loss += batch_loss * len(y)
-        bar.set_postfix(loss=f"{batch_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        fault_point("finetune.batch")
-    seconds = time.perf_counter() - t0
-    val_loss, val_acc = validate(model, run.val_set, cfg.batch_size, run.device, run.workers, run.autocast)
-    lrs = {g["name"]: g["lr"] for g in run.opt.param_groups}
-    entry = EpochLog(epoch=epoch, train_loss=total_loss / seen, val_loss=val_loss, val_accuracy=val_acc,
-                     images_per_s=seen / seconds, seconds=seconds, lr_backbone=lrs.get("backbone", 0.0),
-                     lr_head=lrs["head"])
-    log.info("epoch %d: loss %.4f, val acc %.4f, val loss %.4f, %.0f img/s", epoch, entry.train_loss, val_acc,
-             val_loss, entry.images_per_s)
-    return entry
-
-
-def _end_epoch(run: _Run, files: RunFiles, entry: EpochLog) -> bool:
-    """Record the epoch, save ``best.pt`` if it is the best so far and ``last.pt`` always; True: stop early."""
-    cfg, state = run.plan.finetune, run.state
-    state["history"].append(entry.model_dump())
-    score = entry.val_accuracy if _metric(cfg) == "val_accuracy" else -entry.val_loss
-    if state["best"] is None or score > state["best"]:
-        state.update(best=score, best_epoch=entry.epoch, bad_epochs=0)
-        checkpoints.save_best(files.best, run.model.state_dict(), backbone=run.plan.backbone.name,
-                              classes=canonical_json(run.classes), epoch=entry.epoch, val_accuracy=entry.val_accuracy)
-    else:
-        state["bad_epochs"] += 1
-    state["epoch"] = entry.epoch
-    checkpoints.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                      "schedule": run.sched.state_dict(), "scaler": run.scaler.state_dict(),
-                      "rng": _rng_state(run.device), "state": json.dumps(state)}, files.last)
-    fault_point("finetune.epoch")
-    stop = bool(cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping.patience)
-    if stop:
-        log.info("early stopping after epoch %d (no %s improvement for %d epochs)", entry.epoch, _metric(cfg),
-                 state["bad_epochs"])
-    return stop
-
-
-def _metric(cfg: FinetuneConfig) -> str:
-    return cfg.early_stopping.metric if cfg.early_stopping else "val_accuracy"
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _finish(run: _Run, files: RunFiles, resumed_from: int, started: float) -> FinetuneResult:
-    """The result, written last as ``result.json`` (it marks the run finished)."""
-    history = [EpochLog(**h) for h in run.state["history"]]
-    best_epoch = run.state["best_epoch"]
-    trainable = sum(p.numel() for p in run.params)
+    done = train(plan, files)
+    history = [EpochLog(**h) for h in done.state["history"]]
+    best_epoch = done.state["best_epoch"]
     result = FinetuneResult(
-        key=run.plan.key, best_checkpoint=files.best, best_epoch=best_epoch,
+        key=plan.key, best_checkpoint=files.best, best_epoch=best_epoch,
         best_val_accuracy=next(h.val_accuracy for h in history if h.epoch == best_epoch),
-        epochs_run=len(history) - resumed_from, resumed_from=resumed_from, history=history,
-        train_seconds=sum(h.seconds for h in history), trainable_params=trainable,
-        frozen_params=sum(p.numel() for p in run.model.parameters()) - trainable,
-        cache_hit=False, seconds=time.perf_counter() - started,
+        epochs_run=len(history) - done.resumed_from, resumed_from=done.resumed_from, history=history,
+        train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
+        frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )
     files.result.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
     return result
-
-
-def validate(model, dataset, batch_size, device, workers, autocast) -> tuple[float, float]:
-    """Validation loss and accuracy (eval mode, no augmentation)."""
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    with torch.inference_mode():
-        for x, y in _loader(dataset, batch_size, None, workers, device.type == "cuda"):
-            x, y = x.to(device), y.to(device)
-            with autocast():
-                logits = model(dataset.pre.normalize(x)).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-    return loss_sum / n, correct / n

@@ -13,7 +13,7 @@ import functools
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,8 +22,11 @@ from storage.faults import fault_point
 from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
 from storage.features import FeatureStore
 from storage import keys
-from tasks.estimators import HEADS, GridHead, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, default
+from tasks import head_defaults as defaults
 from tasks.result import StageResult
+
+if TYPE_CHECKING:
+    from tasks.estimators import GridHead
 
 Shot = Union[int, Literal["all"]]
 
@@ -61,6 +64,8 @@ class _HeadBase(BaseModel):
         return {**params, "random_state": self.seed}
 
     def estimator(self) -> GridHead:
+        from tasks.estimators import HEADS
+
         return HEADS[self.kind](**self.estimator_params())  # type: ignore[attr-defined]
 
 
@@ -71,55 +76,55 @@ def _positive(values: list[float], name: str, allow_zero: bool = False) -> list[
     return values
 
 
-def _grid(estimator: type[GridHead]) -> Any:
-    """The estimator's default grid, as a config default (a fresh list each time)."""
-    return Field(default_factory=lambda: list(default(estimator, estimator.grid_param)))
+def _grid(values: tuple) -> Any:
+    """A default grid (a fresh list each time)."""
+    return Field(default_factory=lambda: list(values))
 
 
 class LogisticConfig(_HeadBase):
     kind: Literal["logistic"]
-    C: list[float] = _grid(LogisticHead)
-    max_iter: int = Field(default(LogisticHead, "max_iter"), ge=1)
-    n_jobs: int = Field(default(LogisticHead, "n_jobs"), description="parallel warm-started runs over the grid (-1: one per core)")
+    C: list[float] = _grid(defaults.LOGISTIC["C"])
+    max_iter: int = Field(defaults.LOGISTIC["max_iter"], ge=1)
+    n_jobs: int = Field(defaults.LOGISTIC["n_jobs"], description="parallel warm-started runs over the grid (-1: one per core)")
 
     _check = field_validator("C")(lambda v: _positive(v, "C"))
 
 
 class LinearConfig(_HeadBase):
     kind: Literal["linear"]
-    weight_decay: list[float] = _grid(TorchLinearHead)
-    optimizer: Literal["lbfgs", "adamw"] = default(TorchLinearHead, "optimizer")
-    max_iter: int = Field(default(TorchLinearHead, "max_iter"), ge=1)
-    epochs: int = Field(default(TorchLinearHead, "epochs"), ge=1)
-    batch_size: int = Field(default(TorchLinearHead, "batch_size"), ge=1)
-    lr: float = Field(default(TorchLinearHead, "lr"), gt=0)
-    device: str = default(TorchLinearHead, "device")
+    weight_decay: list[float] = _grid(defaults.LINEAR["weight_decay"])
+    optimizer: Literal["lbfgs", "adamw"] = defaults.LINEAR["optimizer"]
+    max_iter: int = Field(defaults.LINEAR["max_iter"], ge=1)
+    epochs: int = Field(defaults.LINEAR["epochs"], ge=1)
+    batch_size: int = Field(defaults.LINEAR["batch_size"], ge=1)
+    lr: float = Field(defaults.LINEAR["lr"], gt=0)
+    device: str = defaults.LINEAR["device"]
 
     _check = field_validator("weight_decay")(lambda v: _positive(v, "weight_decay", allow_zero=True))
 
 
 class KNNConfig(_HeadBase):
     kind: Literal["knn"]
-    preprocess: Literal["none", "standardize", "l2"] = default(KNNHead, "preprocess")
-    k: list[int] = _grid(KNNHead)
-    temperature: float = Field(default(KNNHead, "temperature"), gt=0)
-    chunk_size: int = Field(default(KNNHead, "chunk_size"), ge=1)
-    device: str = default(KNNHead, "device")
+    preprocess: Literal["none", "standardize", "l2"] = defaults.KNN["preprocess"]
+    k: list[int] = _grid(defaults.KNN["k"])
+    temperature: float = Field(defaults.KNN["temperature"], gt=0)
+    chunk_size: int = Field(defaults.KNN["chunk_size"], ge=1)
+    device: str = defaults.KNN["device"]
 
     _check = field_validator("k")(lambda v: [int(x) for x in _positive(v, "k")])
 
 
 class RidgeConfig(_HeadBase):
     kind: Literal["ridge"]
-    alpha: list[float] = _grid(RidgeHead)
+    alpha: list[float] = _grid(defaults.RIDGE["alpha"])
 
     _check = field_validator("alpha")(lambda v: _positive(v, "alpha"))
 
 
 class SVMConfig(_HeadBase):
     kind: Literal["svm"]
-    C: list[float] = _grid(SVMHead)
-    max_iter: int = Field(default(SVMHead, "max_iter"), ge=1)
+    C: list[float] = _grid(defaults.SVM["C"])
+    max_iter: int = Field(defaults.SVM["max_iter"], ge=1)
 
     _check = field_validator("C")(lambda v: _positive(v, "C"))
 
@@ -325,6 +330,8 @@ def best_probe(results: list[HeadResult], cache_dir: Path) -> str | None:
 
 def load_head(cache_dir: Path, key: str) -> GridHead:
     """A saved head, ready to predict (checksum-verified; never unpickled)."""
+    from tasks.estimators import HEADS
+
     meta, arrays = load_head_arrays(cache_dir, key)
     extra = {"best_param": meta["best_param"], "val_accuracy": meta["val_accuracy"], "grid": meta["grid"]}
     return HEADS[meta["kind"]].from_arrays(meta["params"], arrays, meta["classes"], extra)

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import platform
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def pick_device(name: str | torch.device) -> torch.device:
+    import torch
+
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -20,6 +24,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import h5py
+    import torch
     import torchvision
 
     try:

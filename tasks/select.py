@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import keys
 from storage.layout import CacheLayout
-from tasks.backbones import BackboneConfig, BackboneSpec, source_classifier
+from tasks.backbones import BackboneConfig, BackboneSpec
 from tasks.heads import load_split
 from tasks.result import StageResult
 
@@ -178,6 +178,8 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
     for name, fn in (("logme", logme), ("h_score", h_score)):
         t0 = time.perf_counter()
         scores[name] = Score(value=fn(X, y), seconds=time.perf_counter() - t0)
+    from tasks.models import source_classifier
+
     classifier = source_classifier(plan.backbone) if plan.layer == "penultimate" else "scores need the penultimate layer"
     if isinstance(classifier, str):
         scores["nce"] = scores["leep"] = Score(value=None, seconds=0.0, skipped=classifier)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from storage.features import FeatureStore
@@ -79,6 +78,8 @@ def _worker_device(plan: SplitPlan) -> SplitPlan:
     (Workers started one per GPU with their own CUDA_VISIBLE_DEVICES, as dask-cuda
     does, each see one device and keep ``cuda``.)
     """
+    import torch
+
     if plan.extract.device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
         return plan
     try:

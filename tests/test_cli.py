@@ -73,3 +73,26 @@ def test_the_local_server_starts_is_reused_by_later_commands_and_stops(tiny_conf
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli("server", "status").returncode == 1
     assert not server.healthy()
+
+
+LOAD = """
+import sys
+from flows.config import parse_config
+from tasks.extract import plan_extraction
+cfg = parse_config({raw!r})
+plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
+import flows.pipeline  # what a run imports before its first task
+print("heavy:", ",".join(sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)))
+"""
+
+
+def test_a_config_seen_before_loads_and_plans_without_torch(imagefolder, tmp_path):
+    """What torchvision says about a backbone is remembered in the cache: the second load needs no torch."""
+    raw = {"name": "x", "data": {"source": "imagefolder", "root": str(imagefolder)}, "cache_dir": str(tmp_path / "c"),
+           "backbone": {"name": "resnet18", "weights": "none", "layers": ["penultimate", "layer3"]}}
+    runs = [subprocess.run([sys.executable, "-c", LOAD.format(raw=raw)], cwd=REPO, capture_output=True, text=True,
+                           timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout.strip() == "heavy: torch,torchvision"  # the first time asks torchvision
+    assert runs[1].stdout.strip() == "heavy:"
+    assert len(list((tmp_path / "c" / "backbones").glob("*.json"))) == 3  # model names, module names, weights

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from storage.features import FeatureStore
-from tasks.backbones import build
+from tasks.models import build
 from tasks.data import BadImageError, Manifest, load_rgb
 from helpers import split_plans
 from tasks.extract import extract_split
@@ -130,7 +130,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tiny_config):
 
 
 def _workers_in_child(queue) -> None:
-    from tasks.extract import num_workers_for
+    from tasks.data import num_workers_for
 
     queue.put((num_workers_for("auto", 100), num_workers_for(3, 100)))
 
@@ -138,7 +138,7 @@ def _workers_in_child(queue) -> None:
 def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_process():
     import multiprocessing
 
-    from tasks.extract import num_workers_for
+    from tasks.data import num_workers_for
 
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.backbones import build, load_model, resolve
+from tasks.backbones import resolve
+from tasks.models import build, load_model
 from tasks.data import Manifest
 from helpers import split_plans
 from tasks.extract import extract_split
-from tasks.finetune import (
-    FinetuneConfig, FinetunePlan, build_optimizer, build_schedule, finetune, freeze, init_head_from_probe,
-    plan_finetune, run_files, unfrozen_modules,
+from tasks.finetune import FinetuneConfig, FinetunePlan, finetune, plan_finetune, run_files
+from tasks.finetune_loop import (
+    build_optimizer, build_schedule, freeze, init_head_from_probe, unfrozen_modules,
 )
 from tasks.heads import best_probe, load_head, plan_heads, train_head
 
