@@ -160,6 +160,27 @@ def _print_run(result) -> None:
 
 @app.command()
 @friendly_errors
+def plan(
+    config: ConfigArg,
+    sweep: Annotated[Optional[Path], typer.Option(
+        "--sweep", help="Sweep file; the config's own sweep: section otherwise (if it has one).")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Dry run: what a run would compute and why (the key fields that changed); starts no flow, no backbone."""
+    from flows.config import load_sweep
+    from flows.explain import explain, render
+
+    cfg = _load(config, cache_dir)
+    configs = load_sweep(config, sweep, cache_dir)[1] if sweep is not None or cfg.sweep is not None else [cfg]
+    for experiment in configs:
+        items = explain(experiment)
+        todo = sum(not i.cached for i in items)
+        out.print(f"[bold]{experiment.name}[/]: {len(items) - todo} cached, {todo} to compute", highlight=False)
+        out.print("\n".join(render(items)), highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
 def serve(
     config: ConfigArg,
     cron: Annotated[list[str], typer.Option("--cron", help="Cron schedule, e.g. '0 3 * * *' (repeatable).")] = [],

@@ -5,10 +5,14 @@ calls another, so only the flow decides the order.
 """
 from __future__ import annotations
 
+import logging
+
+from flows import explain
 from flows.config import ExperimentConfig
 from flows.stage_tasks import (
     evaluate_task, extract_split_task, finetune_task, run_stage, submit_stage, train_head_task,
 )
+from storage import artifacts
 from tasks import evaluate as evaluation
 from tasks import extract, finetune, heads
 from tasks.backbones import resolve
@@ -18,11 +22,20 @@ from tasks.extract import ExtractResult
 from tasks.finetune import FinetuneResult
 from tasks.heads import HeadResult
 
+log = logging.getLogger("transferpipe.plan")
+
+
+def _computing(what: str, why: list[str]) -> None:
+    """The run's log says why a stage computes: the same explanation as ``transferpipe plan``."""
+    log.info("%s: computing because %s", what, "; ".join(why))
+
 
 def extract_features(config: ExperimentConfig) -> dict[str, ExtractResult]:
     """Features of every split: one task per split, or shards on Dask workers (``dask:``) for splits not cached."""
     plans = extract.plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
     stored = {split: extract.is_stored(plan) for split, plan in plans.items()}
+    for split in (s for s, hit in stored.items() if not hit):
+        _computing(f"extract {split}", explain.why_features(config.cache_dir, plans[split]))
     if config.dask is not None and not all(stored.values()):
         from flows.scale_out import sharded_extract
 
@@ -46,7 +59,14 @@ def train_heads(config: ExperimentConfig, features: dict[str, ExtractResult]) ->
     val, test = features.get("val"), features.get("test")
     plans = heads.plan_heads(config.heads, features["train"].key, val.key if val else None, config.cache_dir,
                              target_key=test.key if test else None)
-    futures = [submit_stage(train_head_task, plan, config, stored=heads.is_stored(plan),
+    stored = {plan.key: heads.is_stored(plan) for plan in plans}
+    if not all(stored.values()):
+        specs = artifacts.stored_specs(config.cache_dir)
+        for plan in (p for p in plans if not stored[p.key]):
+            shot, seed, _ = next(f for f in heads.fits(plan) if not artifacts.head_exists(config.cache_dir, f[2]))
+            _computing(f"head {plan.head.label} (shot {shot}, seed {seed})",
+                       explain.why_not_cached(heads.fit_spec(plan, shot, seed), specs))
+    futures = [submit_stage(train_head_task, plan, config, stored=stored[plan.key],
                             name=f"head-{plan.head.label}-{plan.head.layer}") for plan in plans]
     return [future.result() for future in futures]
 
@@ -58,8 +78,10 @@ def finetune_backbone(
     probe = heads.best_probe(trained, config.cache_dir) if config.finetune.init_head == "best_probe" else None
     plan = finetune.plan_finetune(config.finetune, resolve(config.backbone, config.cache_dir), features["train"].manifest,
                                   config.cache_dir, {split: r.key for split, r in features.items()}, probe)
-    return run_stage(finetune_task, plan, config, stored=finetune.is_stored(plan),
-                     name=f"finetune-{config.backbone.name}")
+    stored = finetune.is_stored(plan)
+    if not stored:
+        _computing("finetune", explain.why_not_cached(plan.spec, finetune.stored_specs(config.cache_dir)))
+    return run_stage(finetune_task, plan, config, stored=stored, name=f"finetune-{config.backbone.name}")
 
 
 def evaluate_models(
@@ -87,4 +109,7 @@ def evaluate_models(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
         Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
     )
-    return run_stage(evaluate_task, plan, config, stored=evaluation.is_stored(plan), name=f"evaluate-{config.name}")
+    stored = evaluation.is_stored(plan)
+    if not stored:
+        _computing("evaluate", explain.why_not_cached(plan.spec, evaluation.stored_specs(config.cache_dir, config.name)))
+    return run_stage(evaluate_task, plan, config, stored=stored, name=f"evaluate-{config.name}")

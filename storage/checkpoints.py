@@ -42,6 +42,11 @@ class RunFiles:
         return self.folder / "result.json"
 
     @property
+    def spec(self) -> Path:
+        """The run's key spec, written when it starts (explains later why another run is not a cache hit)."""
+        return self.folder / "spec.json"
+
+    @property
     def lock(self) -> Path:
         return self.folder / ".lock"
 

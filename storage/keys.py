@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,28 +39,19 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def manifest_fingerprint(
-    root: str | Path,
-    entries: Iterable[tuple[str, int]],
-    classes: list[str],
-    content: bool = False,
-) -> str:
-    """Fingerprint a list of ``(relative path, label)`` under ``root``.
-
-    By default each file contributes its size and mtime (cheap, catches edits);
-    ``content=True`` hashes the bytes instead (robust to copies and touch).
-    """
+def file_identities(root: str | Path, entries: Iterable[tuple[str, int]], content: bool = False) -> list[Any]:
+    """Per file: ``[size, mtime_ns]`` (cheap, catches edits) or, with ``content``, the sha256 of its bytes."""
     root = Path(root)
-    rows = []
-    for rel, label in entries:
-        path = root / rel
-        if content:
-            ident: Any = file_sha256(path)
-        else:
-            st = path.stat()
-            ident = [st.st_size, st.st_mtime_ns]
-        rows.append([rel, int(label), ident])
-    rows.sort()
+    if content:
+        return [file_sha256(root / rel) for rel, _ in entries]
+    return [[st.st_size, st.st_mtime_ns] for st in (os.stat(root / rel) for rel, _ in entries)]
+
+
+def manifest_fingerprint(
+    entries: Iterable[tuple[str, int]], identities: list[Any], classes: list[str], content: bool = False
+) -> str:
+    """Fingerprint ``(relative path, label)`` pairs and their files' identities (:func:`file_identities`)."""
+    rows = sorted([rel, int(label), ident] for (rel, label), ident in zip(entries, identities))
     return fingerprint({"classes": list(classes), "files": rows, "mode": "content" if content else "stat"})
 
 
@@ -134,3 +126,28 @@ def scores_spec(features: str, layer: str, classifier: str) -> dict[str, Any]:
 def short(key: str) -> str:
     """The first 12 hex digits: enough to name a key in tables and logs."""
     return key[:12]
+
+
+def spec_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """What differs between two specs, one ``dotted.path old → new`` line per changed leaf."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new))
+                for line in spec_diff(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    if old == new:
+        return []
+    return [f"{path or 'spec'} {_short_value(old)} → {_short_value(new)}"]
+
+
+def closest(new: dict[str, Any], stored: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]] | None:
+    """The stored spec of the same kind that differs least from ``new``, and the differences; None if none."""
+    same = [old for old in stored if old.get("kind", "features") == new.get("kind", "features")]
+    if not same:
+        return None
+    return min(((old, spec_diff(old, new)) for old in same), key=lambda pair: len(pair[1]))
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return short(value)  # another stage's key
+    text = "absent" if value is None else canonical_json(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from storage.keys import fingerprint, manifest_fingerprint
+from storage.keys import file_identities, fingerprint, manifest_fingerprint
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset(
@@ -119,11 +119,12 @@ class Manifest:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
     fingerprints: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[Any]] = field(default_factory=dict)  # per split, each file's identity (size+mtime or sha256)
 
     def save(self, path: Path) -> Path:
         payload = {
             "root": str(self.root), "classes": self.classes,
-            "splits": self.splits, "fingerprints": self.fingerprints,
+            "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
@@ -135,7 +136,7 @@ class Manifest:
     def load(cls, path: str | Path) -> Manifest:
         raw = json.loads(Path(path).read_text())
         splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
-        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"])
+        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}))
 
     @property
     def dataset_id(self) -> str:
@@ -164,11 +165,10 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
         splits = {s: items for s, items in splits.items() if items}
     if "train" not in splits:
         raise DataError(f"{root}: no train images found")
-    fps = {
-        s: manifest_fingerprint(root, items, classes, content=cfg.fingerprint == "content")
-        for s, items in splits.items()
-    }
-    return Manifest(root, classes, splits, fps)
+    content = cfg.fingerprint == "content"
+    files = {s: file_identities(root, items, content) for s, items in splits.items()}
+    fps = {s: manifest_fingerprint(items, files[s], classes, content) for s, items in splits.items()}
+    return Manifest(root, classes, splits, fps, files)
 
 
 def _list_images(folder: Path) -> list[Path]:

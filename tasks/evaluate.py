@@ -149,12 +149,19 @@ def is_stored(plan: EvalPlan) -> bool:
     return (plan.folder / RESULT).is_file()
 
 
+def stored_specs(cache_dir: Path, experiment: str) -> list[dict[str, Any]]:
+    """The key spec of every evaluation of ``experiment`` in the cache."""
+    return [json.loads(p.read_text()) for p in CacheLayout(cache_dir).reports(experiment).glob("*/spec.json")]
+
+
 def evaluate(plan: EvalPlan) -> EvalResult:
     """Score every model on the test split, write the report and the registry rows; reuse a finished one."""
     started = time.perf_counter()
     if is_stored(plan):
         saved = json.loads((plan.folder / RESULT).read_text())
         return EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    (plan.folder / "spec.json").write_text(json.dumps(plan.spec))
     reports = ranked(score_models(plan))
     paths = write_report(plan, reports, seconds=time.perf_counter() - started)
     registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))

@@ -132,6 +132,11 @@ def is_stored(plan: FinetunePlan) -> bool:
     return run_files(plan).finished()
 
 
+def stored_specs(cache_dir: Path) -> list[dict[str, Any]]:
+    """The key spec of every fine-tuning run in the cache."""
+    return [json.loads(p.read_text()) for p in CacheLayout(cache_dir).finetune_runs().glob("*/spec.json")]
+
+
 
 # --------------------------------------------------------------------------- the stage
 
@@ -149,6 +154,7 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
         files.folder.mkdir(parents=True, exist_ok=True)
         with _ONE_AT_A_TIME, FileLock(str(files.lock)):
             if not files.finished():  # the run we waited for may have finished it
+                files.spec.write_text(json.dumps(plan.spec))
                 return _train(plan, files, started)
     saved = json.loads(files.result.read_text())
     return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})

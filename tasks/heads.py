@@ -217,6 +217,18 @@ def is_stored(plan: HeadPlan) -> bool:
     return all(head_exists(plan.cache_dir, fit_key(plan, shot, seed)) for shot, seed in _fits(plan))
 
 
+def fits(plan: HeadPlan) -> list[tuple[Shot, int, str]]:
+    """Every (shot, seed) of the head and its fit's key."""
+    return [(shot, seed, fit_key(plan, shot, seed)) for shot, seed in _fits(plan)]
+
+
+def stored_result(plan: HeadPlan) -> HeadResult:
+    """The result of a head whose every fit is stored, from the saved descriptions (no feature is read)."""
+    h = plan.head
+    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, fits=0, cache_hit=True, seconds=0.0,
+                      records=[_reused(plan, key) for _, _, key in fits(plan)])
+
+
 # --------------------------------------------------------------------------- features
 
 
