@@ -1,6 +1,6 @@
 """What a user feels from the shell: every figure is a subprocess, start-up included.
 
-In one run, on the digits config (5 heads): `--help`, `cache ls`, a cold run,
+In one run, on the digits config (5 heads): `--help`, `cache ls`, `plan`, a cold run,
 warm (all-hit) runs in ephemeral mode and against `transferpipe server`, and a
 run with one head changed; as baselines, `python -c "import h5py, sklearn"`,
 a trivial Prefect flow in each mode, and a plain script that reads the cached
@@ -64,6 +64,7 @@ def main() -> None:
         rows.append(("trivial Prefect flow, ephemeral", t_trivial, None))
         rows.append(("run, cold (extract + 5 heads + evaluate), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
         rows.append(("run, warm (all cache hits), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
+        rows.append(("plan, warm cache", timed(tp + ["plan", str(CONFIG)], env), 0))
         feats = sorted(Path(tmp, "cache", "features").glob("*.h5"))
         plain = plain_baseline(feats, env)
         rows.insert(1, ("plain script: h5py read + logistic C grid", plain, None))

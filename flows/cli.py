@@ -24,6 +24,8 @@ CacheDir = Annotated[
     typer.Option("--cache-dir", help="Cache folder; beats $TRANSFERPIPE_CACHE_DIR and the config's cache_dir."),
 ]
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
+SweepFile = Annotated[Optional[Path], typer.Option(
+    "--sweep", help="Sweep file (grid or list of overrides); the config's own sweep: section otherwise.")]
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -102,12 +104,7 @@ def _print_heads(results) -> None:
 
 @app.command()
 @friendly_errors
-def run(
-    config: ConfigArg,
-    sweep: Annotated[Optional[Path], typer.Option(
-        "--sweep", help="Sweep file (grid or list of overrides); the config's own sweep: section otherwise.")] = None,
-    cache_dir: CacheDir = None,
-) -> None:
+def run(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) -> None:
     """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report.
 
     With --sweep (or a sweep: section) it runs every experiment of the sweep,
@@ -160,12 +157,7 @@ def _print_run(result) -> None:
 
 @app.command()
 @friendly_errors
-def plan(
-    config: ConfigArg,
-    sweep: Annotated[Optional[Path], typer.Option(
-        "--sweep", help="Sweep file; the config's own sweep: section otherwise (if it has one).")] = None,
-    cache_dir: CacheDir = None,
-) -> None:
+def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) -> None:
     """Dry run: what a run would compute and why (the key fields that changed); starts no flow, no backbone."""
     from flows.config import load_sweep
     from flows.explain import explain, render
