@@ -117,6 +117,11 @@ def evaluation_spec(experiment: str, test: str, models: list[dict[str, Any]]) ->
             "models": models}
 
 
+def metrics_spec(test: str, fit: str) -> dict[str, Any]:
+    """One fitted head's metrics on one split's features (cached so a rerun scores only what changed)."""
+    return {"kind": "metrics", "version": CODE_VERSIONS["evaluate"], "test": test, "fit": fit}
+
+
 def scores_spec(features: str, layer: str, classifier: str) -> dict[str, Any]:
     """Transferability scores of one candidate's training features (``classifier``: its weights identity)."""
     return {"kind": "scores", "version": CODE_VERSIONS["scores"], "features": features, "layer": layer,

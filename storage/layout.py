@@ -10,6 +10,7 @@
   backbones/<key>.json                         what torchvision says  tasks/backbones.py
   heads/<key>/                                 trained heads       storage/artifacts.py
   finetune/<key>/                              fine-tuning runs    storage/checkpoints.py
+  metrics/<key>.json                           one fit's test metrics  tasks/evaluate.py
   scores/<key>.json                            selection scores    tasks/select.py
   select/<experiment>/                         select.md/json      tasks/select.py
   runs/<experiment>/<key>/                     reports             tasks/report.py
@@ -90,6 +91,9 @@ class CacheLayout:
 
     def finetune_run(self, key: str) -> Path:
         return self.finetune_runs() / key
+
+    def metrics(self, key: str) -> Path:
+        return self.root / "metrics" / f"{key}.json"
 
     def scores(self, key: str) -> Path:
         return self.root / "scores" / f"{key}.json"

@@ -29,7 +29,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tasks.head_defaults import KNN, LINEAR, LOGISTIC, RIDGE, SVM, softmax
-from tasks.runtime import pick_device
+from tasks.runtime import cuda_possible, pick_device
 
 PREPROCESS = ("none", "standardize", "l2")
 ALIGN = ("none", "coral")
@@ -437,7 +437,8 @@ class KNNHead(GridHead):
                           int(s["n_classes_"][0]), float(s["temperature_"][0])) for s in states]
 
     def _search(self, state, X, k):
-        return knn_search(X, state["bank_"], k, self.chunk_size, pick_device(self.device))
+        device = "cpu" if self.device == "auto" and not cuda_possible() else pick_device(self.device)
+        return knn_search(X, state["bank_"], k, self.chunk_size, device)
 
     def _proba(self, scores):
         return scores  # already normalised votes
@@ -447,11 +448,13 @@ def knn_search(queries, bank, k, chunk_size, device) -> tuple[np.ndarray, np.nda
     """Cosine similarities and indices of each query's k nearest bank rows, best first.
 
     Chunked over queries and over the bank with a running top-k: memory is
-    O(chunk_size * (chunk_size + k)) whatever the bank's size.
+    O(chunk_size * (chunk_size + k)) whatever the bank's size. On the CPU it runs in numpy (no torch import).
     """
+    k = min(k, len(bank))
+    if str(device) == "cpu":
+        return _knn_numpy(queries, bank, k, chunk_size)
     import torch
 
-    k = min(k, len(bank))
     sims = np.empty((len(queries), k), dtype=np.float32)
     index = np.empty((len(queries), k), dtype=np.int64)
     for q0 in range(0, len(queries), chunk_size):
@@ -466,6 +469,22 @@ def knn_search(queries, bank, k, chunk_size, device) -> tuple[np.ndarray, np.nda
             best_idx = idx.gather(1, top)
         sims[q0 : q0 + len(q)] = best_sim.cpu().numpy()
         index[q0 : q0 + len(q)] = best_idx.cpu().numpy()
+    return sims, index
+
+
+def _knn_numpy(queries, bank, k, chunk_size) -> tuple[np.ndarray, np.ndarray]:
+    sims = np.empty((len(queries), k), dtype=np.float32)
+    index = np.empty((len(queries), k), dtype=np.int64)
+    for q0 in range(0, len(queries), chunk_size):
+        q = np.asarray(queries[q0 : q0 + chunk_size], dtype=np.float32)
+        best_sim, best_idx = np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        for b0 in range(0, len(bank), chunk_size):
+            b = np.asarray(bank[b0 : b0 + chunk_size], dtype=np.float32)
+            sim = np.concatenate([best_sim, q @ b.T], axis=1)
+            idx = np.concatenate([best_idx, np.broadcast_to(np.arange(b0, b0 + len(b)), (len(q), len(b)))], axis=1)
+            top = np.argsort(-sim, axis=1, kind="stable")[:, : min(k, sim.shape[1])]
+            best_sim, best_idx = np.take_along_axis(sim, top, 1), np.take_along_axis(idx, top, 1)
+        sims[q0 : q0 + len(q)], index[q0 : q0 + len(q)] = best_sim, best_idx
     return sims, index
 
 

@@ -179,15 +179,12 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
     seconds: dict[tuple[str, str, str], float] = {}
     for m in plan.models:
         if m.head_key:
-            X, y = load_split(plan.cache_dir, plan.test_key, m.layer)
-            head = load_head(plan.cache_dir, m.head_key)
-            scores = head.class_scores(X)
-            proba = head.predict_proba(X) if head.has_proba else None
+            metrics = _head_metrics(plan, m)
         else:
             scores, y = _finetuned_scores(plan, m)
-            proba = softmax(scores.astype(np.float64))
+            metrics = classification_metrics(y, scores, softmax(scores.astype(np.float64)), n_classes)
         group = (m.name, str(m.shot), m.layer)
-        per_fit.setdefault(group, []).append(classification_metrics(y, scores, proba, n_classes))
+        per_fit.setdefault(group, []).append(metrics)
         kinds[group] = (m.kind, m.shot)
         seconds[group] = seconds.get(group, 0.0) + m.train_seconds
     return [
@@ -195,6 +192,23 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
                     seeds=len(fits), metrics=_average(fits), train_seconds=seconds[(name, shot, layer)])
         for (name, shot, layer), fits in per_fit.items()
     ]
+
+
+def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
+    """One head fit's metrics on the test features, remembered by (test features, fit) key: a rerun after one
+    head changed scores only that head."""
+    path = CacheLayout(plan.cache_dir).metrics(keys.key(keys.metrics_spec(plan.test_key, m.head_key)))
+    if path.is_file():
+        return json.loads(path.read_text())
+    X, y = load_split(plan.cache_dir, plan.test_key, m.layer)
+    head = load_head(plan.cache_dir, m.head_key)
+    metrics = classification_metrics(y, head.class_scores(X), head.predict_proba(X) if head.has_proba else None,
+                                      len(plan.classes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(path)
+    return metrics
 
 
 def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """What the stages run on: the device (``auto`` means CUDA when torch sees one) and library versions."""
 from __future__ import annotations
 
+import os
 import platform
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,19 +21,23 @@ def pick_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def cuda_possible() -> bool:
+    """Whether CUDA may be there, without importing torch on a machine with no NVIDIA driver."""
+    if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def versions() -> dict[str, str]:
-    """The versions that produced an artifact (stored with feature files and reports)."""
+    """The versions that produced an artifact (stored with feature files and reports); imports nothing heavy."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import h5py
-    import torch
-    import torchvision
-
-    try:
-        own = version("transferpipe")
-    except PackageNotFoundError:
-        own = "dev"
-    return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "h5py": h5py.__version__, "transferpipe": own,
-    }
+    found = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "h5py", "transferpipe"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "dev" if package == "transferpipe" else "absent"
+    return found
