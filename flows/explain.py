@@ -73,7 +73,7 @@ def why_features(cache_dir: Path, plan: extract.SplitPlan) -> list[str]:
 def _data_change(cache_dir: Path, plan: extract.SplitPlan, old_fingerprint: str) -> str:
     """``data: N files added, M removed, K changed (e.g. …)`` against the manifest the old features came from."""
     new = Manifest.load(plan.manifest)
-    for path in CacheLayout(cache_dir).manifest("x").parent.glob("*.json"):
+    for path in CacheLayout(cache_dir).manifests().glob("*.json"):
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError):

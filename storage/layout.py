@@ -71,8 +71,11 @@ class CacheLayout:
     def features(self) -> FeatureFiles:
         return FeatureFiles(self.root / "features")
 
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
     def manifest(self, dataset_id: str) -> Path:
-        return self.root / "manifests" / f"{dataset_id}.json"
+        return self.manifests() / f"{dataset_id}.json"
 
     def datasets(self) -> Path:
         return self.root / "datasets"
