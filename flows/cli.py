@@ -38,9 +38,9 @@ def _run_local(flow_fn, *args, **kwargs):
     return run_local(flow_fn, *args, **kwargs)
 
 
-def _pipeline(config: Path, cache_dir: Path | None, stop_after: str):
-    """The pipeline flow for a config, up to a stage."""
-    cfg = _load(config, cache_dir)
+def _pipeline(config: Path, cache_dir: Path | None, stop_after: str, cfg=None):
+    """The pipeline flow for a config (loaded here unless given), up to a stage."""
+    cfg = cfg or _load(config, cache_dir)
     from flows.pipeline import pipeline_flow
 
     return cfg, _run_local(pipeline_flow, cfg, stop_after=stop_after)
@@ -110,10 +110,11 @@ def run(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) 
     With --sweep (or a sweep: section) it runs every experiment of the sweep,
     concurrently, each distinct feature key extracted once, and compares them.
     """
-    if sweep is not None or _load(config, cache_dir).sweep is not None:
+    cfg = _load(config, cache_dir)
+    if sweep is not None or cfg.sweep is not None:
         _sweep(config, sweep, cache_dir)
         return
-    _print_run(_pipeline(config, cache_dir, "evaluate")[1])
+    _print_run(_pipeline(config, cache_dir, "evaluate", cfg)[1])
 
 
 def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:

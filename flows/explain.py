@@ -37,9 +37,7 @@ def explain(config: ExperimentConfig) -> list[Item]:
     items = [_features(config.cache_dir, store, plan) for plan in plans.values()]
     trained, head_plans = [], []
     if config.heads:
-        val, test = plans.get("val"), plans.get("test")
-        head_plans = heads.plan_heads(config.heads, plans["train"].key, val.key if val else None, config.cache_dir,
-                                      target_key=test.key if test else None)
+        head_plans = heads.plan_for_splits(config.heads, {s: p.key for s, p in plans.items()}, config.cache_dir)
         specs = artifacts.stored_specs(config.cache_dir)
         for plan in head_plans:
             for shot, seed, key in heads.fits(plan):

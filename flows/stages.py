@@ -56,9 +56,7 @@ def train_heads(config: ExperimentConfig, features: dict[str, ExtractResult]) ->
     """Every head of the config on the cached features, one task each, concurrently."""
     if not config.heads:
         raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
-    val, test = features.get("val"), features.get("test")
-    plans = heads.plan_heads(config.heads, features["train"].key, val.key if val else None, config.cache_dir,
-                             target_key=test.key if test else None)
+    plans = heads.plan_for_splits(config.heads, {s: r.key for s, r in features.items()}, config.cache_dir)
     stored = {plan.key: heads.is_stored(plan) for plan in plans}
     if not all(stored.values()):
         specs = artifacts.stored_specs(config.cache_dir)

@@ -18,7 +18,6 @@ import difflib
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from storage.atomic import write_json
 from storage.keys import file_sha256, fingerprint
 from storage.layout import CacheLayout
 
@@ -74,10 +74,7 @@ def _memo(cache_dir: Path | None, what: dict[str, Any], compute: Callable[[], An
         pass
     value = compute()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-            json.dump(value, fh)
-        os.replace(fh.name, path)
+        write_json(path, value)
     except OSError:
         pass  # a read-only cache only costs the speed-up
     return value

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from storage.atomic import write_json
 from storage.keys import file_identities, fingerprint, manifest_fingerprint
 
 SPLITS = ("train", "val", "test")
@@ -126,11 +127,7 @@ class Manifest:
             "root": str(self.root), "classes": self.classes,
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-            json.dump(payload, fh)
-        os.replace(fh.name, path)
-        return path
+        return write_json(path, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import checkpoints, keys
+from storage.atomic import write_json, write_text
 from storage import results as registry
 from storage.features import FeatureStore
 from storage.layout import CacheLayout
@@ -160,14 +161,13 @@ def evaluate(plan: EvalPlan) -> EvalResult:
     if is_stored(plan):
         saved = json.loads((plan.folder / RESULT).read_text())
         return EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
-    plan.folder.mkdir(parents=True, exist_ok=True)
-    (plan.folder / "spec.json").write_text(json.dumps(plan.spec))
+    write_json(plan.folder / "spec.json", plan.spec)
     reports = ranked(score_models(plan))
     paths = write_report(plan, reports, seconds=time.perf_counter() - started)
     registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
     result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
                         seconds=time.perf_counter() - started)
-    (plan.folder / RESULT).write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
+    write_text(plan.folder / RESULT, result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
     return result
 
 
@@ -204,10 +204,7 @@ def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
     head = load_head(plan.cache_dir, m.head_key)
     metrics = classification_metrics(y, head.class_scores(X), head.predict_proba(X) if head.has_proba else None,
                                       len(plan.classes))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics))
-    tmp.replace(path)
+    write_json(path, metrics)
     return metrics
 
 

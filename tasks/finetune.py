@@ -25,6 +25,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import keys
+from storage.atomic import write_json, write_text
 from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneSpec
@@ -154,7 +155,7 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
         files.folder.mkdir(parents=True, exist_ok=True)
         with _ONE_AT_A_TIME, FileLock(str(files.lock)):
             if not files.finished():  # the run we waited for may have finished it
-                files.spec.write_text(json.dumps(plan.spec))
+                write_json(files.spec, plan.spec)
                 return _train(plan, files, started)
     saved = json.loads(files.result.read_text())
     return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
@@ -174,5 +175,5 @@ def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResul
         train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
         frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )
-    files.result.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    write_text(files.result, result.model_dump_json(exclude={"cache_hit", "seconds"}))
     return result

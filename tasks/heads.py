@@ -199,6 +199,12 @@ def plan_heads(
     return plans
 
 
+def plan_for_splits(heads: list[Any], feature_keys: dict[str, str], cache_dir: Path) -> list[HeadPlan]:
+    """:func:`plan_heads` on an experiment's splits: train, val if any, test (the CORAL target) if any."""
+    return plan_heads(heads, feature_keys["train"], feature_keys.get("val"), cache_dir,
+                      target_key=feature_keys.get("test"))
+
+
 def fit_spec(plan: HeadPlan, shot: Shot, seed: int) -> dict[str, Any]:
     head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
     return keys.fit_spec(head, plan.train_key, plan.val_key, plan.target_key, shot, seed)
@@ -208,18 +214,15 @@ def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
     return keys.key(fit_spec(plan, shot, seed))
 
 
-def _fits(plan: HeadPlan) -> list[tuple[Shot, int]]:
+def fits(plan: HeadPlan) -> list[tuple[Shot, int, str]]:
+    """Every (shot, seed) of the head and its fit's key."""
     h = plan.head
-    return [(shot, h.seed + i) for shot in h.shots for i in range(1 if shot == "all" else h.seeds)]
+    pairs = [(shot, h.seed + i) for shot in h.shots for i in range(1 if shot == "all" else h.seeds)]
+    return [(shot, seed, fit_key(plan, shot, seed)) for shot, seed in pairs]
 
 
 def is_stored(plan: HeadPlan) -> bool:
-    return all(head_exists(plan.cache_dir, fit_key(plan, shot, seed)) for shot, seed in _fits(plan))
-
-
-def fits(plan: HeadPlan) -> list[tuple[Shot, int, str]]:
-    """Every (shot, seed) of the head and its fit's key."""
-    return [(shot, seed, fit_key(plan, shot, seed)) for shot, seed in _fits(plan)]
+    return all(head_exists(plan.cache_dir, key) for _, _, key in fits(plan))
 
 
 def stored_result(plan: HeadPlan) -> HeadResult:
@@ -283,11 +286,11 @@ def train_head(plan: HeadPlan) -> HeadResult:
     h = plan.head
     data = _Splits(*(load_split(plan.cache_dir, key, h.layer) if key else (None, None)
                      for key in (plan.train_key, plan.val_key, plan.target_key)))
-    records = [_reused(plan, key) if head_exists(plan.cache_dir, key) else _fit(plan, shot, seed, data)
-               for shot, seed in _fits(plan) for key in [fit_key(plan, shot, seed)]]
-    fits = sum(r.fitted for r in records)
-    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, records=records, fits=fits,
-                      cache_hit=fits == 0, seconds=time.perf_counter() - started)
+    records = [_reused(plan, key) if head_exists(plan.cache_dir, key) else _fit(plan, shot, seed, key, data)
+               for shot, seed, key in fits(plan)]
+    fitted = sum(r.fitted for r in records)
+    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, records=records, fits=fitted,
+                      cache_hit=fitted == 0, seconds=time.perf_counter() - started)
 
 
 class _Splits(NamedTuple):
@@ -305,7 +308,7 @@ def _reused(plan: HeadPlan, key: str) -> FitRecord:
                      seconds=meta["fit_seconds"])
 
 
-def _fit(plan: HeadPlan, shot: Shot, seed: int, data: _Splits) -> FitRecord:
+def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitRecord:
     """One few-shot fit, saved as arrays + JSON under its key."""
     t0 = time.perf_counter()
     fault_point("heads.fit")
@@ -314,7 +317,7 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, data: _Splits) -> FitRecord:
     idx = few_shot_indices(y, shot, seed)
     est = h.estimator().set_params(random_state=seed)
     est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
-    record = FitRecord(shot=shot, seed=seed, key=fit_key(plan, shot, seed), n_train=len(idx), fitted=True,
+    record = FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
                        val_accuracy=est.val_accuracy_, best_param=est.best_param_, grid=est.grid_,
                        seconds=time.perf_counter() - t0)
     meta = {
