@@ -1,26 +1,25 @@
-"""Backbone registry over torchvision: names, weight resolution and preprocessing, without torch.
+"""Backbone configs and specs, without torch: which network, which weights, which layers, how to preprocess.
 
 A backbone config is resolved into a :class:`BackboneSpec` (cheap: no weights
-are loaded) whose ``weights_id`` and ``preprocess`` enter the feature key;
-:func:`tasks.models.build` turns a spec into a torch module. Preprocessing
-always comes from the weights' own ``transforms()`` unless the config overrides
-it. No code path downloads: torchvision weights are read from the torch hub
-cache, and a missing file is an error that says which file to put where.
+are loaded) whose ``key_fields`` enter the feature key; :func:`tasks.models.build`
+turns a spec into a torch module. What differs between torchvision, timm and
+the user's own factory lives in :mod:`tasks.sources`. Preprocessing always
+comes from the weights' own definition unless the config overrides it. No code
+path downloads: named weights are read from the local caches, and a missing
+file is an error that says which file to put where.
 
-What torchvision says about a model (its names, modules, weights and their
-transforms) and the sha256 of a weights file are remembered in the cache
-(``backbones/``), keyed by the torchvision version and the file's size and
-mtime: loading a config or planning a run then needs neither torch nor torchvision.
+What a source says about a model (its names, modules, weights and their
+preprocessing) and the sha256 of a weights or factory file are remembered in
+the cache (``backbones/``), keyed by the library version and the file's size
+and mtime: loading a config or planning a run then needs neither torch nor the
+model library.
 """
 from __future__ import annotations
 
-import difflib
-import functools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from importlib.metadata import version
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from storage.atomic import write_json
 from storage.keys import file_sha256, fingerprint
 from storage.layout import CacheLayout
+from tasks import sources
+from tasks.sources import PREPROCESS_FIELDS, BackboneError, MissingExtraError
 
 if TYPE_CHECKING:
     import torch
@@ -37,37 +38,19 @@ PENULTIMATE = "penultimate"
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
-class BackboneError(ValueError):
-    """Bad backbone name, weights or layer: the message lists the valid choices."""
-
-
-class WeightsNotFoundError(BackboneError):
-    """torchvision weights that are not in the local torch hub cache."""
-
-
-@functools.cache
-def model_names() -> tuple[str, ...]:
-    import torchvision
-    from torchvision.models import list_models
-
-    return tuple(list_models(module=torchvision.models))
-
-
-def _choices(value: str, valid: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(value, valid, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return f"{hint} Valid: {', '.join(valid)}"
-
-
-def _cache_dir(info: ValidationInfo) -> Path | None:
-    return (info.context or {}).get("cache_dir")
+def _context(info: ValidationInfo) -> dict[str, Any]:
+    return info.context or {}
 
 
 def _memo(cache_dir: Path | None, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
-    """``compute()``, remembered as JSON under ``backbones/`` (per torchvision version) when there is a cache."""
+    """``compute()``, remembered as JSON under ``backbones/`` when there is a cache.
+
+    ``what`` must name everything the answer depends on (the source's library
+    version or the factory file's size and mtime: :meth:`tasks.sources.Source.identity`).
+    """
     if cache_dir is None:
         return compute()
-    path = CacheLayout(cache_dir).backbone(fingerprint({**what, "torchvision": version("torchvision")}))
+    path = CacheLayout(cache_dir).backbone(fingerprint(what))
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -100,22 +83,41 @@ class PreprocessConfig(BaseModel):
 
 
 class BackboneConfig(BaseModel):
-    """``backbone:`` section: a torchvision classification model and its weights."""
+    """``backbone:`` section: a network from torchvision, timm or your own factory, and its weights."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "resnet18"
+    source: Literal["torchvision", "timm", "python"] = "torchvision"
+    search_path: list[str] = Field(default_factory=lambda: ["."],
+                                   description="python source: folders searched first for the factory's module, "
+                                               "relative to the config's folder")
+    name: str = Field("resnet18", description="torchvision/timm model name, or package.module:factory for python")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model or factory arguments")
     weights: str = Field("DEFAULT", description="DEFAULT | an enum name | none | path to a weights file")
     layers: list[str] = Field(default_factory=lambda: [PENULTIMATE], min_length=1)
     init_seed: int = Field(0, description="seed of the random initialisation, with weights: none")
     preprocess: PreprocessConfig = PreprocessConfig()
 
+    @field_validator("search_path")
+    @classmethod
+    def _absolute(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("source") != "python":
+            return v
+        base = Path(_context(info).get("base_dir") or Path.cwd())
+        return [str((base / os.path.expanduser(p)).resolve()) for p in v]
+
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str, info: ValidationInfo) -> str:
-        names = _memo(_cache_dir(info), {"what": "models"}, lambda: list(model_names()))
-        if v not in names:
-            raise ValueError(f"unknown torchvision model {v!r}.{_choices(v, names)}")
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
+        source = info.data.get("source", "torchvision")
+        src = sources.get(source, tuple(info.data.get("search_path") or ()))
+        try:
+            _memo(_context(info).get("cache_dir"), {"what": "check", "source": source, "name": v,
+                                                     **src.identity(v, {})}, lambda: src.check(v))
+        except MissingExtraError:
+            raise
+        except BackboneError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("weights")
@@ -123,16 +125,25 @@ class BackboneConfig(BaseModel):
     def _weights_path(cls, v: str, info: ValidationInfo) -> str:
         if _looks_like_file(v):
             path = Path(os.path.expanduser(v))
-            base = (info.context or {}).get("base_dir")
+            base = _context(info).get("base_dir")
             return str(path if path.is_absolute() or base is None else Path(base) / path)
         return v
 
     @model_validator(mode="after")
-    def _check_weights_and_layers(self, info: ValidationInfo) -> BackboneConfig:
-        cache = _cache_dir(info)
-        if not _looks_like_file(self.weights) and self.weights.lower() != "none":
-            weights_info(self.name, self.weights, cache)
-        names = _memo(cache, {"what": "modules", "name": self.name}, lambda: list(module_names(self.name)))
+    def _check(self, info: ValidationInfo) -> BackboneConfig:
+        cache = _context(info).get("cache_dir")
+        src = sources.get(self.source, tuple(self.search_path))
+        ident = {"source": self.source, "name": self.name, "kwargs": self.kwargs, **src.identity(self.name, self.kwargs)}
+        if self.kwargs and self.source == "torchvision":
+            raise ValueError("backbone.kwargs applies to source timm or python, not torchvision")
+        try:
+            if not _looks_like_file(self.weights) and self.weights.lower() != "none":
+                _named_weights(src, self.name, self.weights, cache)
+            names = _memo(cache, {"what": "modules", **ident}, lambda: src.modules(self.name, self.kwargs))
+        except MissingExtraError:
+            raise
+        except BackboneError as exc:
+            raise ValueError(str(exc)) from None
         bad = [layer for layer in self.layers if layer != PENULTIMATE and layer not in names]
         if bad:
             top = [n for n in names if n and "." not in n]
@@ -149,57 +160,27 @@ def _looks_like_file(value: str) -> bool:
     return value.endswith(WEIGHT_FILE_SUFFIXES) or "/" in value or value.startswith("~")
 
 
-def enum_weights(name: str, value: str):
-    """The torchvision weights enum member for ``value`` (``DEFAULT`` or a member name)."""
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(name)
-    if value == "DEFAULT":
-        return enum.DEFAULT
-    short = value.split(".", 1)[1] if value.startswith(enum.__name__ + ".") else value
-    if short not in enum.__members__:
-        valid = ["DEFAULT", "none", "<path to a weights file>", *enum.__members__]
-        raise BackboneError(f"unknown weights {value!r} for {name}.{_choices(short, valid)}")
-    return enum[short]
+def _named_weights(src: sources.Source, name: str, weights: str, cache_dir: Path | None) -> str:
+    """What the key says for named weights; their file must be on this machine when the source keeps one."""
+    ident = {"what": "named-weights", "source": src.name, "name": name, "weights": weights, **src.identity(name, {})}
+    resolved, path = _memo(cache_dir, ident, lambda: [str(x) if x else None for x in src.named_weights(name, weights)])
+    if path is None:
+        return resolved
+    if not Path(path).is_file():  # the cache moved on since it was remembered: ask again
+        resolved, path = src.named_weights(name, weights)
+    return resolved
 
 
-def weights_info(name: str, value: str, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The full enum name of torchvision weights and their own preprocessing (remembered in the cache)."""
-
-    def compute() -> dict[str, Any]:
-        weights = enum_weights(name, value)
-        t = weights.transforms()
-        return {"enum": f"{type(weights).__name__}.{weights.name}", "resize": int(t.resize_size[0]),
-                "crop": int(t.crop_size[0]), "interpolation": t.interpolation.value, "mean": list(t.mean),
-                "std": list(t.std)}
-
-    return _memo(cache_dir, {"what": "weights", "name": name, "weights": value}, compute)
+def _file_digest(path: Path, cache_dir: Path | None) -> str:
+    st = path.stat()
+    return _memo(cache_dir, {"what": "sha256", "path": str(path.resolve()), "size": st.st_size,
+                             "mtime_ns": st.st_mtime_ns}, lambda: file_sha256(path))
 
 
-@functools.cache
-def module_names(name: str) -> tuple[str, ...]:
-    """Module names of a model, built on the meta device (no memory, no weights)."""
-    return tuple(n for n, _ in skeleton(name).named_modules())
-
-
-def skeleton(name: str):
-    """The architecture without memory (meta device), for names and shapes."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return build_empty(name)
-    except (RuntimeError, NotImplementedError):  # a few builders touch data at init
-        return build_empty(name)
-
-
-def build_empty(name: str, **kwargs: Any):
-    """The torchvision architecture with no weights loaded."""
-    from torchvision.models import get_model
-
-    if name in ("googlenet", "inception_v3"):
-        kwargs.setdefault("init_weights", False)  # scipy-based init is slow and we load weights anyway
-    return get_model(name, weights=None, **kwargs)
+def _preprocessing(src: sources.Source, cfg: BackboneConfig, weights: str, cache_dir: Path | None) -> dict[str, Any]:
+    ident = {"what": "preprocess", "source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs, "weights": weights,
+             **src.identity(cfg.name, cfg.kwargs)}
+    return _memo(cache_dir, ident, lambda: src.preprocessing(cfg.name, weights, cfg.kwargs))
 
 
 @dataclass(frozen=True)
@@ -238,43 +219,75 @@ class BackboneSpec:
     """A resolved backbone: what it is, where its weights come from, how to preprocess."""
 
     name: str
-    weights: str  # "none", an enum such as "ResNet18_Weights.IMAGENET1K_V1", or a file path
-    weights_id: str  # what enters the key: enum name, "none(seed=N)", or "sha256:<file hash>"
+    weights: str  # "none", "factory", a torchvision enum such as "ResNet18_Weights.IMAGENET1K_V1", or a file path
+    weights_id: str  # what enters the key: enum name, "none(seed=N)", "factory(seed=N)" or "sha256:<file hash>"
     layers: tuple[str, ...]
     preprocess: Preprocess
     init_seed: int = 0
+    source: str = "torchvision"
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    code: str | None = None  # python source: sha256 of the factory's module file
+    search_path: tuple[str, ...] = ()  # python source: where its module is looked for first (not in the key)
 
     def key_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "backbone": self.name, "weights": self.weights_id, "layers": list(self.layers),
             "pooling": "avg", "preprocess": self.preprocess.as_dict(),
         }
+        if self.source != "torchvision":  # torchvision keys are unchanged since v0.1, so their features are reused
+            fields["source"] = {"name": self.source, "kwargs": self.kwargs, "code": self.code}
+        return fields
+
+    @property
+    def label(self) -> str:
+        return self.name if self.source == "torchvision" else f"{self.source}:{self.name}"
+
+    @property
+    def weights_file(self) -> Path | None:
+        return Path(self.weights) if self.weights_id.startswith("sha256:") else None
+
+    def origin(self) -> sources.Source:
+        return sources.get(self.source, self.search_path)
 
 
 def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
-    """Config → spec. Hashes a local weights file; never loads or downloads weights.
+    """Config → spec. Hashes local weights and factory files; never loads or downloads weights.
 
-    With ``cache_dir``, what torchvision says and the file's hash are remembered there.
+    With ``cache_dir``, what the source says and the files' hashes are remembered there.
     """
+    search = tuple(cfg.search_path) if cfg.source == "python" else ()
+    src = sources.get(cfg.source, search)
     if cfg.weights.lower() == "none":
         weights, weights_id = "none", f"none(seed={cfg.init_seed})"
-        base = weights_info(cfg.name, "DEFAULT", cache_dir)
+        base = _preprocessing(src, cfg, "DEFAULT", cache_dir)
     elif _looks_like_file(cfg.weights):
         path = Path(cfg.weights)
         if not path.is_file():
             raise BackboneError(f"backbone.weights file {path} does not exist")
-        st = path.stat()
-        digest = _memo(cache_dir, {"what": "sha256", "path": str(path.resolve()), "size": st.st_size,
-                                   "mtime_ns": st.st_mtime_ns}, lambda: file_sha256(path))
-        weights, weights_id = str(path), "sha256:" + digest
-        base = weights_info(cfg.name, "DEFAULT", cache_dir)
+        weights, weights_id = str(path), "sha256:" + _file_digest(path, cache_dir)
+        base = _preprocessing(src, cfg, "DEFAULT", cache_dir)
     else:
-        base = weights_info(cfg.name, cfg.weights, cache_dir)
-        weights = weights_id = base["enum"]
+        weights = _named_weights(src, cfg.name, cfg.weights, cache_dir)
+        if cfg.source == "torchvision":
+            weights_id = weights
+        elif cfg.source == "python":
+            weights_id = f"factory(seed={cfg.init_seed})"
+        else:
+            weights_id = "sha256:" + _file_digest(Path(weights), cache_dir)
+        base = _preprocessing(src, cfg, cfg.weights, cache_dir)
     over = cfg.preprocess
-    preprocess = Preprocess(
-        resize=over.resize or base["resize"], crop=over.crop or base["crop"],
-        interpolation=over.interpolation or base["interpolation"],
-        mean=tuple(over.mean or base["mean"]), std=tuple(over.std or base["std"]),
-    )
-    return BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed)
+    chosen = {f: getattr(over, f) or base.get(f) for f in PREPROCESS_FIELDS}
+    missing = [f for f, v in chosen.items() if v is None]
+    if missing:
+        raise BackboneError(
+            f"backbone.preprocess needs {', '.join(missing)}: {cfg.name} does not define them. Set them in the "
+            f"config, or return (module, {{{', '.join(repr(m) + ': ...' for m in missing)}}}) from the factory"
+        )
+    preprocess = Preprocess(resize=int(chosen["resize"]), crop=int(chosen["crop"]),
+                            interpolation=chosen["interpolation"], mean=tuple(chosen["mean"]), std=tuple(chosen["std"]))
+    code = None
+    if cfg.source == "python":
+        path = src.module_file(cfg.name)
+        code = _file_digest(path, cache_dir) if path is not None else None
+    return BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed,
+                        cfg.source, dict(cfg.kwargs), code, search)

@@ -29,7 +29,7 @@ from tasks.backbones import Preprocess
 from tasks.data import Manifest, load_rgb
 from tasks.data import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES
-from tasks.models import final_linear, load_model
+from tasks.models import classifier, load_model
 from tasks.runtime import pick_device
 
 log = logging.getLogger("transferpipe.finetune")
@@ -221,7 +221,7 @@ def _setup(plan: FinetunePlan) -> _Run:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = load_model(plan.backbone, num_classes=len(manifest.classes))
-    head = final_linear(model)
+    head = classifier(plan.backbone, model)
     if cfg.init_head == "best_probe":
         if plan.probe_key is None:
             raise ValueError(

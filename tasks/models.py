@@ -6,10 +6,8 @@ without torch; this module builds it.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -19,12 +17,13 @@ from torch import nn
 
 from storage import checkpoints
 from storage.checkpoints import WeightsFileError
-from tasks.backbones import PENULTIMATE, BackboneError, BackboneSpec, WeightsNotFoundError, build_empty, skeleton
+from tasks import sources
+from tasks.backbones import PENULTIMATE, BackboneError, BackboneSpec
 
 
 def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
     """Where torchvision keeps (and looks for) this weights file: $TORCH_HOME/hub/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    return sources.get("torchvision").hub_file(f"{type(weights).__name__}.{weights.name}")
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -35,44 +34,43 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise BackboneError(str(exc)) from None
 
 
-def _state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The state dict to load and the builder arguments its architecture needs."""
-    if spec.weights == "none":
-        return None, {}
-    if spec.weights_id.startswith("sha256:"):
-        return load_weights_file(Path(spec.weights)), {}
-    weights = torchvision.models.get_weight(spec.weights)
-    path = hub_file(weights)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"{spec.weights} is not in the torch hub cache and this machine never downloads. "
-            f"Put {weights.url} at {path} (the folder follows $TORCH_HOME), "
-            f"or set backbone.weights to a local weights file"
-        )
-    kwargs: dict[str, Any] = {"num_classes": len(weights.meta["categories"])}
-    if spec.name.startswith("vit_"):
-        kwargs["image_size"] = weights.meta["min_size"][0]
-    if spec.name in ("googlenet", "inception_v3"):
-        kwargs.update(aux_logits=True, transform_input=True)
-    return load_weights_file(path), kwargs
+def _state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor] | None:
+    """The state dict to load over the built architecture (None: as built)."""
+    if spec.weights in ("none", "factory"):
+        return None
+    return load_weights_file(spec.weights_file or spec.origin().weights_file(spec.weights))
+
+
+def _architecture(spec: BackboneSpec, pretrained: bool = True) -> nn.Module:
+    kind = "file" if spec.weights_file else spec.weights
+    return spec.origin().build(spec.name, spec.kwargs, kind if pretrained else "none")
+
+
+def skeleton(spec: BackboneSpec) -> nn.Module:
+    with torch.device("meta"):
+        return _architecture(spec)
 
 
 def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
     """The source model's classifier (weight, bias) from its weights, or why there is none."""
     if spec.weights == "none":
         return "random initialisation: no source classifier"
-    state, _ = _state_dict(spec)
-    head = final_linear(skeleton(spec.name))
+    state = _state_dict(spec)
+    if state is None:  # the factory built it with its weights
+        model = _architecture(spec)
+        state = model.state_dict()
+        head = classifier(spec, model)
+    else:
+        head = classifier(spec, skeleton(spec))
     w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
     if w is None or b is None:
         return f"the weights hold no classifier ({head}.weight)"
     return w.double().numpy(), b.double().numpy()
 
 
-def final_linear(model: nn.Module) -> str | None:
-    """Name of the classifier: the last ``nn.Linear`` in module order."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
+def classifier(spec: BackboneSpec, model: nn.Module) -> str | None:
+    """Name of the model's classifier module, as its source defines it."""
+    return spec.origin().classifier(model)
 
 
 # --------------------------------------------------------------------------- model
@@ -115,20 +113,23 @@ def pool(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
-    """The torchvision model with the spec's weights on the CPU.
+    """The backbone with the spec's weights on the CPU.
 
-    Its classifier (the last ``nn.Linear``) is dropped from the weights and
-    replaced: by ``Identity`` (features), or by a fresh, seeded
-    ``Linear(in, num_classes)`` (fine-tuning).
+    Its classifier is dropped from the weights and replaced: by ``Identity``
+    (features), or by a fresh, seeded ``Linear(in, num_classes)`` (fine-tuning).
+    A python factory's module without a classifier has its output as the feature.
     """
-    state, kwargs = _state_dict(spec)
+    state = _state_dict(spec)
     with torch.random.fork_rng(devices=[]):  # random init is part of the key: make it reproducible
         torch.manual_seed(spec.init_seed)
-        model = build_empty(spec.name, **kwargs)
-        head = final_linear(model)
-        if head is None and (num_classes or PENULTIMATE in spec.layers):
-            raise BackboneError(f"{spec.name} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
-        in_features = model.get_submodule(head).in_features if head else 0
+        model = _architecture(spec)
+        head = classifier(spec, model)
+        if head is None and (num_classes or (PENULTIMATE in spec.layers and spec.source != "python")):
+            raise BackboneError(f"{spec.label} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
+        module = model.get_submodule(head) if head else None
+        if module is not None and not isinstance(module, nn.Linear):
+            raise BackboneError(f"{spec.label}'s classifier {head} is a {type(module).__name__}, not a Linear; "
+                                f"name a module in backbone.layers instead of {PENULTIMATE!r}")
         if head is not None:
             model.set_submodule(head, nn.Identity())
         if state is not None:
@@ -136,9 +137,9 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise BackboneError(f"weights {spec.weights} do not fit {spec.name}: {exc}") from exc
+                raise BackboneError(f"weights {spec.weights} do not fit {spec.label}: {exc}") from exc
         if num_classes is not None:
-            model.set_submodule(head, nn.Linear(in_features, num_classes))
+            model.set_submodule(head, nn.Linear(module.in_features, num_classes))
     return model
 
 

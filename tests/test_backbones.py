@@ -7,7 +7,8 @@ import torch
 from torchvision.models import ResNet18_Weights, get_model
 
 from storage.checkpoints import CHECKPOINT_FORMAT
-from tasks.backbones import BackboneConfig, BackboneError, WeightsNotFoundError, resolve
+from tasks.backbones import BackboneConfig, BackboneError, resolve
+from tasks.sources import WeightsNotFoundError
 from tasks.models import build, hub_file
 
 
