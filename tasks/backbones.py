@@ -29,7 +29,7 @@ from storage.atomic import write_json
 from storage.keys import file_sha256, fingerprint
 from storage.layout import CacheLayout
 from tasks import sources
-from tasks.sources import PREPROCESS_FIELDS, BackboneError, MissingExtraError
+from tasks.sources import PREPROCESS_FIELDS, BackboneError
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ class BackboneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Literal["torchvision", "timm", "python"] = "torchvision"
-    search_path: list[str] = Field(default_factory=lambda: ["."],
+    search_path: list[str] = Field(default_factory=lambda: ["."], validate_default=True,
                                    description="python source: folders searched first for the factory's module, "
                                                "relative to the config's folder")
     name: str = Field("resnet18", description="torchvision/timm model name, or package.module:factory for python")
@@ -114,8 +114,6 @@ class BackboneConfig(BaseModel):
         try:
             _memo(_context(info).get("cache_dir"), {"what": "check", "source": source, "name": v,
                                                      **src.identity(v, {})}, lambda: src.check(v))
-        except MissingExtraError:
-            raise
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
         return v
@@ -140,8 +138,6 @@ class BackboneConfig(BaseModel):
             if not _looks_like_file(self.weights) and self.weights.lower() != "none":
                 _named_weights(src, self.name, self.weights, cache)
             names = _memo(cache, {"what": "modules", **ident}, lambda: src.modules(self.name, self.kwargs))
-        except MissingExtraError:
-            raise
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
         bad = [layer for layer in self.layers if layer != PENULTIMATE and layer not in names]

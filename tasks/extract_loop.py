@@ -71,7 +71,7 @@ class _Runner:
         self.dtype = getattr(torch, cfg.dtype)
         self.batches = 0
 
-    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, x: torch.Tensor, check: bool = True) -> dict[str, np.ndarray]:
         autocast = (
             torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         )
@@ -79,8 +79,8 @@ class _Runner:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = self.model(self.preprocess.normalize(x))
-            out = {layer: t.float().to(self.dtype) for layer, t in out.items()}
+            full = {layer: t.float() for layer, t in self.model(self.preprocess.normalize(x)).items()}
+            out = {layer: t.to(self.dtype) for layer, t in full.items()}
         self.batches += 1
         for layer, t in out.items():
             if not torch.isfinite(t).all():
@@ -88,14 +88,31 @@ class _Runner:
                     f"features of layer {layer!r} are not finite when stored as {self.dtype}; "
                     "set extract.dtype: float32, or check the backbone weights"
                 )
+            if check and self.dtype == torch.float16:
+                _check_float16_range(layer, full[layer])
         return {layer: t.cpu().numpy() for layer, t in out.items()}
 
     def dims(self) -> dict[str, int]:
         crop = self.preprocess.crop
         probe = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
-        out = self(probe)
+        out = self(probe, check=False)
         self.batches -= 1
         return {layer: int(a.shape[1]) for layer, a in out.items()}
+
+
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16: below it precision is lost
+
+
+def _check_float16_range(layer: str, t: torch.Tensor) -> None:
+    """Features mostly below float16's normal range would be stored as noise or zeros: refuse, say what to set."""
+    values = t.abs()
+    nonzero = values[values > 0]
+    if nonzero.numel() and (nonzero < FLOAT16_TINY).float().mean() > 0.5:
+        raise ValueError(
+            f"features of layer {layer!r} are too small for float16 (largest |x| = {float(values.max()):.2g}, "
+            f"float16 keeps precision down to {FLOAT16_TINY:.2g}): stored as float16 they would be lost. "
+            "Set extract.dtype: float32 (random initialisation of some networks, e.g. EfficientNet, does this)"
+        )
 
 
 def compute(plan: SplitPlan, store: FeatureStore, started: float, name: str, span: tuple[int, int | None]) -> Computed:

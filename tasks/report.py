@@ -163,15 +163,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def compare_runs(pretrained: list[ModelReport], random: list[ModelReport]) -> list[dict[str, str]]:
-    """Test top-1 per model and shot count: a pretrained backbone against random init, and the gain in points."""
-    other = {(m.name, str(m.shot)): m.metrics["top1"] for m in random}
+def compare_runs(pretrained: list[ModelReport], random: list[ModelReport],
+                 more: dict[str, list[ModelReport]] | None = None) -> list[dict[str, str]]:
+    """Test top-1 per model and shot count: a pretrained backbone against random init, and the gain in points.
+
+    ``more`` adds a column per further baseline (e.g. raw pixels), matched by model name and shots.
+    """
+    def top1(models: list[ModelReport]) -> dict[tuple[str, str], float]:
+        return {(m.name, str(m.shot)): m.metrics["top1"] for m in models}
+
+    other, extra = top1(random), {label: top1(models) for label, models in (more or {}).items()}
     rows = []
     for m in pretrained:
         base = other.get((m.name, str(m.shot)))
         acc = m.metrics["top1"]
-        rows.append({"model": "LP-FT (fine-tuned)" if m.name == "finetuned" else m.name, "shots": str(m.shot),
-                     "pretrained": f"{acc:.3f}", "random": "-" if base is None else f"{base:.3f}",
-                     "gain": "-" if base is None else f"{100 * (acc - base):+.1f} pts"})
+        row = {"model": "LP-FT (fine-tuned)" if m.name == "finetuned" else m.name, "shots": str(m.shot),
+               "pretrained": f"{acc:.3f}", "random": "-" if base is None else f"{base:.3f}"}
+        for label, values in extra.items():
+            value = values.get((m.name, str(m.shot)))
+            row[label] = "-" if value is None else f"{value:.3f}"
+        row["gain"] = "-" if base is None else f"{100 * (acc - base):+.1f} pts"
+        rows.append(row)
     order = {"1": 0, "5": 1, "10": 2, "all": 3}
     return sorted(rows, key=lambda r: (r["model"], order.get(r["shots"], 9)))

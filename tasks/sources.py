@@ -27,7 +27,7 @@ import os
 import re
 import sys
 from importlib.machinery import PathFinder
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,8 +58,8 @@ def choices(value: str, valid: list[str] | tuple[str, ...], show_all: bool = Tru
 
 def _require(package: str, extra: str) -> None:
     try:
-        version(package)
-    except PackageNotFoundError:
+        importlib.import_module(package)
+    except ImportError:
         raise MissingExtraError(
             f"backbone source {extra!r} needs the {package!r} package, which is not installed: "
             f"pip install 'transferpipe[{extra}]'"
@@ -215,6 +215,7 @@ class Timm(Source):
         return tuple(timm.list_models())
 
     def check(self, name: str) -> None:
+        _require("timm", "timm")
         arch, _, tag = name.partition(".")
         if arch not in self.names():
             raise BackboneError(f"unknown timm model {arch!r}.{choices(arch, self.names(), show_all=False)} "
@@ -236,6 +237,7 @@ class Timm(Source):
         return timm.create_model(name, pretrained=False, **kwargs)
 
     def preprocessing(self, name: str, weights: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        _require("timm", "timm")
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(self.skeleton(name, kwargs))

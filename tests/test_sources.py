@@ -1,0 +1,226 @@
+"""Backbone sources: timm by name, the user's own factory, their keys and errors (issue 14)."""
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.config import ConfigError, load_config
+from storage.keys import feature_key, feature_spec
+from tasks.backbones import BackboneConfig, BackboneError, resolve
+from tasks.models import build
+from tasks.sources import MissingExtraError, WeightsNotFoundError
+
+timm = pytest.importorskip("timm")
+
+
+def features(extractor, x):
+    with torch.inference_mode():
+        return extractor(x)
+
+
+def key_of(cfg: BackboneConfig) -> str:
+    spec = resolve(cfg)
+    return feature_key(feature_spec(**spec.key_fields(), dataset="d", split="train", dtype="float16"))
+
+
+def timm_reference(name: str, seed: int = 4):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def pre_logits(model, x):
+    with torch.inference_mode():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def test_timm_model_by_name_with_weights_from_a_file(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = timm_reference("convnext_atto")
+    path = tmp_path / "convnext_atto.safetensors"
+    save_file(reference.state_dict(), str(path))
+    cfg = BackboneConfig(source="timm", name="convnext_atto", weights=str(path), layers=["penultimate", "stages.2"])
+    spec = resolve(cfg)
+    # preprocessing is timm's own data config for the model, not retyped
+    assert (spec.preprocess.crop, spec.preprocess.resize, spec.preprocess.interpolation) == (224, 256, "bicubic")
+    assert spec.weights_id.startswith("sha256:")
+    x = torch.randn(2, 3, 64, 64)
+    out = features(build(spec), x)
+    torch.testing.assert_close(out["penultimate"], pre_logits(reference, x), rtol=0, atol=1e-6)
+    assert out["stages.2"].shape == (2, 160)
+
+
+def _hf_cache(root: Path, repo: str, state: dict) -> Path:
+    """A Hugging Face hub cache holding ``model.safetensors`` of ``repo``, laid out as huggingface_hub writes it."""
+    from safetensors.torch import save_file
+
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / "model.safetensors"))
+    return snapshot / "model.safetensors"
+
+
+def test_timm_default_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    reference = timm_reference("convnext_atto", seed=7)
+    path = _hf_cache(tmp_path / "hub", "timm/convnext_atto.d2_in1k", reference.state_dict())
+    spec = resolve(BackboneConfig(source="timm", name="convnext_atto", weights="DEFAULT"))
+    assert Path(spec.weights) == path
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(features(build(spec), x)["penultimate"], pre_logits(reference, x), rtol=0, atol=1e-6)
+
+
+def test_timm_weights_not_on_this_machine_say_what_to_put_where(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ValueError) as exc:
+        BackboneConfig(source="timm", name="convnext_atto", weights="DEFAULT")
+    msg = str(exc.value)
+    assert "never downloads" in msg and "timm/convnext_atto.d2_in1k" in msg and "backbone.weights" in msg
+    with pytest.raises(WeightsNotFoundError):
+        resolve(BackboneConfig(source="timm", name="convnext_atto", weights="none").model_copy(
+            update={"weights": "DEFAULT"}))
+
+
+def test_unknown_timm_names_list_close_matches():
+    with pytest.raises(ValueError, match="unknown timm model 'convnext_atoo'. Did you mean convnext_atto"):
+        BackboneConfig(source="timm", name="convnext_atoo", weights="none")
+    with pytest.raises(ValueError, match="timm has no pretrained tag 'convnext_atto.in99k'"):
+        BackboneConfig(source="timm", name="convnext_atto.in99k", weights="none")
+
+
+def test_a_source_whose_package_is_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like to import
+    with pytest.raises(ValueError, match=r"needs the 'timm' package, which is not installed: pip install 'transferpipe\[timm\]'"):
+        BackboneConfig(source="timm", name="a_model_not_seen_before_by_the_cache", weights="none")
+    with pytest.raises(MissingExtraError):
+        resolve(BackboneConfig.model_construct(source="timm", name="convnext_atto", weights="none", kwargs={},
+                                               layers=["penultimate"], preprocess=BackboneConfig().preprocess))
+
+
+# --------------------------------------------------------------------------- python
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build(width=8):
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(width, 5))
+    return net, {"resize": 20, "crop": 16, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def no_preprocess():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def tiny(scale=1e-9):
+    class Tiny(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * scale
+    return Tiny(), {"resize": 16, "crop": 16, "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3}
+'''
+
+
+def _factory_config(tmp_path: Path, backbone: str) -> Path:
+    (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"name: x\ndata: {{source: digits}}\nbackbone: {backbone}\n")
+    return cfg
+
+
+def test_python_factory_next_to_the_config(tmp_path):
+    cfg = load_config(_factory_config(tmp_path, "{source: python, name: 'my_models:build', kwargs: {width: 6}, "
+                                                "weights: none, layers: [penultimate, '0']}"))
+    spec = resolve(cfg.backbone)
+    assert (spec.preprocess.resize, spec.preprocess.crop, spec.preprocess.std) == (20, 16, (0.25, 0.25, 0.25))
+    out = features(build(spec), torch.randn(3, 3, 16, 16))
+    assert out["penultimate"].shape == (3, 6) and out["0"].shape == (3, 6)
+    # the classifier (last Linear) is dropped: penultimate is its input
+    model, _ = sys.modules["my_models"].build(6)
+    assert out["penultimate"].shape[1] == model[-1].in_features
+
+
+def test_python_factory_key_follows_its_code_kwargs_and_weights(tmp_path):
+    path = _factory_config(tmp_path, "{source: python, name: 'my_models:build', weights: none}")
+    first = key_of(load_config(path).backbone)
+    assert key_of(load_config(path).backbone) == first  # equal across runs
+    wider = load_config(path).backbone.model_copy(update={"kwargs": {"width": 9}})
+    assert key_of(wider) != first
+    (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY) + "\n# a changed comment is changed code\n")
+    assert key_of(load_config(path).backbone) != first
+
+
+def test_python_factory_weights_file_is_loaded_and_hashed(tmp_path):
+    path = _factory_config(tmp_path, "{source: python, name: 'my_models:build', weights: none}")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_models
+
+        torch.manual_seed(11)
+        net, _ = my_models.build()
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    cfg = load_config(path).backbone.model_copy(update={"weights": str(tmp_path / "net.pt")})
+    spec = resolve(cfg)
+    assert spec.weights_id.startswith("sha256:")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = net[:-1](x)
+    torch.testing.assert_close(features(build(spec), x)["penultimate"], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("backbone", "expected"), [
+    ("{source: python, name: 'my_models'}", "must be 'package.module:factory'"),
+    ("{source: python, name: 'not_a_module_anywhere:f'}", "cannot import 'not_a_module_anywhere'"),
+    ("{source: python, name: 'my_models:biuld'}", "my_models has no 'biuld' (backbone.name 'my_models:biuld'). Did you mean build"),
+    ("{source: python, name: 'my_models:no_preprocess', weights: none}", "backbone.preprocess needs resize, crop"),
+    ("{source: python, name: 'my_models:build', weights: IMAGENET1K_V1}", "backbone.weights for source python is DEFAULT"),
+    ("{source: torchvision, name: resnet18, kwargs: {a: 1}}", "backbone.kwargs applies to source timm or python"),
+])
+def test_python_source_errors_say_what_is_allowed(tmp_path, backbone, expected):
+    path = _factory_config(tmp_path, backbone)
+    with pytest.raises((ConfigError, BackboneError)) as exc:
+        resolve(load_config(path).backbone)
+    assert expected in str(exc.value)
+
+
+def test_features_below_float16_range_are_refused_not_stored_as_zeros(tiny_config, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY))
+    backbone = {"source": "python", "name": "my_models:tiny", "weights": "DEFAULT", "search_path": [str(tmp_path)],
+                "preprocess": {}}
+    cfg = tiny_config(backbone=backbone)
+    with pytest.raises(Exception, match="too small for float16.*extract.dtype: float32"):
+        pipeline_flow(cfg, stop_after="extract")
+    assert pipeline_flow(tiny_config(backbone=backbone, extract={"dtype": "float32"}),
+                         stop_after="extract").features["train"].rows > 0
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_keys_differ_between_sources_and_torchvision_keys_are_unchanged():
+    tv = BackboneConfig(name="resnet18", weights="none")
+    tm = BackboneConfig(source="timm", name="resnet18", weights="none")
+    assert key_of(tv) != key_of(tm)
+    assert key_of(tv) == key_of(BackboneConfig(name="resnet18", weights="none"))
+    assert "source" not in resolve(tv).key_fields()  # v0.1 torchvision feature files keep their keys
