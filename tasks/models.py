@@ -84,9 +84,9 @@ class FeatureExtractor(nn.Module):
     globally average-pooled (spatial maps over H, W; token sequences over tokens).
     """
 
-    def __init__(self, model: nn.Module, layers: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], channels_last: frozenset[str] = frozenset()) -> None:
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.channels_last = model, layers, channels_last
         self._captured: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         for layer in layers:
@@ -94,19 +94,20 @@ class FeatureExtractor(nn.Module):
                 modules[layer].register_forward_hook(functools.partial(self._capture, layer))
 
     def _capture(self, layer: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self._captured[layer] = pool(output[0] if isinstance(output, tuple) else output)
+        self._captured[layer] = pool(output[0] if isinstance(output, tuple) else output, layer in self.channels_last)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured = {}
         out = self.model(x)
         if PENULTIMATE in self.layers:
-            self._captured[PENULTIMATE] = pool(out)
+            self._captured[PENULTIMATE] = pool(out, PENULTIMATE in self.channels_last)
         return {layer: self._captured[layer] for layer in self.layers}
 
 
-def pool(t: torch.Tensor) -> torch.Tensor:
+def pool(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Global average over space (``(B, C, H, W)``, or ``(B, H, W, C)`` with ``channels_last``) or tokens."""
     if t.ndim == 4:
-        return t.mean(dim=(2, 3))
+        return t.mean(dim=(1, 2) if channels_last else (2, 3))
     if t.ndim == 3:
         return t.mean(dim=1)
     return t.flatten(1)
@@ -145,4 +146,37 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
 
 def build(spec: BackboneSpec) -> FeatureExtractor:
     """The frozen feature extractor, in eval mode, weights loaded, on the CPU."""
-    return FeatureExtractor(load_model(spec), spec.layers).eval().requires_grad_(False)
+    model = load_model(spec)
+    return FeatureExtractor(model, spec.layers, channels_last_layers(spec)).eval().requires_grad_(False)
+
+
+def channels_last_layers(spec: BackboneSpec) -> frozenset[str]:
+    """Layers whose 4-D output is ``(B, H, W, C)`` (Swin's stages), not ``(B, C, H, W)``.
+
+    Found without memory or weights: the architecture runs on the meta device at
+    two input sizes, and the channel axis is the one whose size does not change.
+    A model that accepts one input size only keeps the (B, C, H, W) default.
+    """
+    shapes: dict[str, list[tuple[int, ...]]] = {layer: [] for layer in spec.layers}
+    try:
+        model = skeleton(spec).eval()
+        modules = dict(model.named_modules())
+        head = classifier(spec, model)
+        if head is not None:
+            model.set_submodule(head, nn.Identity())
+
+        def record(layer: str, _m: nn.Module, _i: Any, output: Any) -> None:
+            shapes[layer].append(tuple((output[0] if isinstance(output, tuple) else output).shape))
+
+        for layer in spec.layers:
+            if layer != PENULTIMATE:
+                modules[layer].register_forward_hook(functools.partial(record, layer))
+        for size in (spec.preprocess.crop, spec.preprocess.crop + 64):
+            with torch.no_grad():
+                out = model(torch.empty(1, 3, size, size, device="meta"))
+            if PENULTIMATE in spec.layers:
+                shapes[PENULTIMATE].append(tuple(out.shape))
+    except Exception:  # noqa: BLE001 - fixed-size models, builders that need real data: keep the default
+        return frozenset()
+    return frozenset(layer for layer, (a, b, *_) in ((k, v) for k, v in shapes.items() if len(v) == 2)
+                     if len(a) == 4 and a[3] == b[3] and a[1] != b[1])
