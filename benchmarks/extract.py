@@ -5,9 +5,13 @@
     with ``num_workers`` 0 and auto.
 
 Prints images/s and the ratio b/a (1.0 = the stage costs nothing beyond the model).
-Not a test: nothing here asserts a time.
+With several ``--backbone`` values, each backbone's figures are also given as a
+ratio to the first one's, measured in the same run. ``efficientnet-lite0`` is the
+ImageNet-trained EfficientNet-Lite0 through the python source (``transferpipe[demo]``);
+other names are torchvision models. Not a test: nothing here asserts a time.
 
-    python -m benchmarks.extract [--images 512] [--size 256] [--backbone resnet18] [--crop 224]
+    python -m benchmarks.extract [--images 512] [--size 256] [--backbone resnet18 [--backbone efficientnet-lite0]]
+                                 [--crop 224]
 """
 from __future__ import annotations
 
@@ -61,36 +65,53 @@ def stage(cfg_kwargs: dict, cache: Path, workers: int | str) -> float:
     return result.rows / result.seconds
 
 
+def backbone_config(name: str, crop: int) -> BackboneConfig:
+    preprocess = {"resize": crop * 8 // 7, "crop": crop}
+    if name == "efficientnet-lite0":
+        from tasks.zoo import EFFICIENTNET_LITE0, efficientnet_lite0_weights
+
+        return BackboneConfig(**{**EFFICIENTNET_LITE0, "preprocess": {**EFFICIENTNET_LITE0["preprocess"], **preprocess}},
+                              weights=efficientnet_lite0_weights())
+    return BackboneConfig(name=name, weights="none", preprocess=preprocess)
+
+
+def measure(images: Path, tmp: Path, backbone: BackboneConfig, batch_size: int) -> tuple[float, float, float]:
+    cfg = {
+        "data": DataConfig(source="imagefolder", root=images, val_fraction=0, test_fraction=0),
+        "backbone": backbone,
+        "extract": ExtractConfig(batch_size=batch_size),
+    }
+    plan = next(iter(plan_extraction(cfg["data"], cfg["backbone"], cfg["extract"], tmp / "c0").values()))
+    stage(cfg, tmp / "warmup", 0)  # first-touch costs (allocator, page cache) paid outside the timings
+    return bare_loop(plan, batch_size), stage(cfg, tmp / "c1", 0), stage(cfg, tmp / "c2", "auto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=256, help="side of the generated JPEGs")
-    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--backbone", action="append", help="repeat to compare (default resnet18)")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
+    names = args.backbone or ["resnet18"]
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_images(tmp / "images", args.images, args.size)
-        cfg = {
-            "data": DataConfig(source="imagefolder", root=tmp / "images", val_fraction=0, test_fraction=0),
-            "backbone": BackboneConfig(
-                name=args.backbone, weights="none", preprocess={"resize": args.crop * 8 // 7, "crop": args.crop}
-            ),
-            "extract": ExtractConfig(batch_size=args.batch_size),
-        }
-        plan = next(iter(plan_extraction(cfg["data"], cfg["backbone"], cfg["extract"], tmp / "c0").values()))
-        stage(cfg, tmp / "warmup", 0)  # first-touch costs (allocator, page cache) paid outside the timings
-        a = bare_loop(plan, args.batch_size)
-        b0 = stage(cfg, tmp / "c1", 0)
-        b_auto = stage(cfg, tmp / "c2", "auto")
+        for i, name in enumerate(names):
+            figures[name] = measure(tmp / "images", tmp / str(i), backbone_config(name, args.crop), args.batch_size)
 
-    print(f"extract benchmark: {args.images} JPEGs {args.size}px → {args.backbone} @ {args.crop}px, "
+    print(f"extract benchmark: {args.images} JPEGs {args.size}px @ {args.crop}px, "
           f"batch {args.batch_size}, {torch.get_num_threads()} torch threads, device cpu")
-    print(f"  (a) bare model(x) on pre-decoded tensors   {a:8.1f} img/s   1.00")
-    print(f"  (b) full stage, num_workers=0              {b0:8.1f} img/s   {b0 / a:.2f}  (b/a)")
-    print(f"  (b) full stage, num_workers=auto           {b_auto:8.1f} img/s   {b_auto / a:.2f}  (b/a)")
+    first = figures[names[0]]
+    for name, (a, b0, b_auto) in figures.items():
+        vs = f"   vs {names[0]}: {b_auto / first[2]:.2f}" if name != names[0] else ""
+        print(f"{name}")
+        print(f"  (a) bare model(x) on pre-decoded tensors   {a:8.1f} img/s   1.00")
+        print(f"  (b) full stage, num_workers=0              {b0:8.1f} img/s   {b0 / a:.2f}  (b/a)")
+        print(f"  (b) full stage, num_workers=auto           {b_auto:8.1f} img/s   {b_auto / a:.2f}  (b/a){vs}")
 
 
 if __name__ == "__main__":

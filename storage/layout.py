@@ -7,7 +7,7 @@
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    tasks/data.py
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
-  backbones/<key>.json                         what torchvision says  tasks/backbones.py
+  backbones/<key>.json                         what a source says     tasks/backbones.py
   heads/<key>/                                 trained heads       storage/artifacts.py
   finetune/<key>/                              fine-tuning runs    storage/checkpoints.py
   metrics/<key>.json                           one fit's test metrics  tasks/evaluate.py
