@@ -170,12 +170,26 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     return Manifest(root, classes, splits, fps, files)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def _list_images(folder: Path, root: Path) -> list[str]:
+    """Image files under ``folder`` (hidden files and folders skipped), as sorted paths relative to ``root``.
+
+    One ``scandir`` per folder and string paths: a million files scan in seconds.
+    """
+    prefix = folder.relative_to(root).as_posix()
+    out: list[str] = []
+    stack = [(str(folder), prefix)]
+    while stack:
+        path, rel = stack.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):  # as rglob: symlinked folders are not entered
+                    stack.append((entry.path, name))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    out.append(name)
+    return sorted(out)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -207,12 +221,12 @@ def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, 
         items = []
         for label, name in enumerate(classes):
             class_dir = folder / name
-            images = _list_images(class_dir) if class_dir.is_dir() else []
+            images = _list_images(class_dir, root) if class_dir.is_dir() else []
             if not images and split in ("train", "all"):
                 raise DataError(
                     f"class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
-            items += [(p.relative_to(root).as_posix(), label) for p in images]
+            items += [(p, label) for p in images]
         if not items:
             raise DataError(f"split folder {folder} has no images")
         splits[split] = sorted(items)
@@ -256,8 +270,11 @@ def split_by_fraction(
     """Stratified, seeded split: each class is shuffled and cut by the fractions."""
     rng = np.random.default_rng(seed)
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    for label in sorted({y for _, y in items}):
-        members = sorted(p for p, y in items if y == label)
+    by_label: dict[int, list[str]] = {}
+    for p, y in items:
+        by_label.setdefault(y, []).append(p)
+    for label in sorted(by_label):
+        members = sorted(by_label[label])
         order = rng.permutation(len(members))
         n = len(members)  # each class keeps at least one training image
         n_test = min(round(n * test_fraction), n - 1)
