@@ -18,14 +18,14 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from storage.h5file import (
-    CorruptFeatureFile, FeatureStoreError, LayerNotStored, check_invariants, file_checksums, json_attr, mark_used,
-    open_h5, quarantine, transient, values_checksum,
+    CorruptFeatureFile, FeatureStoreError, LayerNotStored, bytes_view, check_invariants, file_checksums, json_attr,
+    mark_used, open_h5, quarantine, transient, values_checksum,
 )
 from storage.keys import short
 from storage.layout import CacheLayout, FeatureFiles
 from storage.writer import FeatureWriter
 
-__all__ = ["CorruptFeatureFile", "FeatureSet", "FeatureStore", "FeatureStoreError", "LayerNotStored"]
+__all__ = ["CorruptFeatureFile", "FeatureRows", "FeatureSet", "FeatureStore", "FeatureStoreError", "LayerNotStored"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,59 @@ class FeatureSet:
     classes: list[str]
     spec: dict[str, Any]
     skipped: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """One layer of a complete feature file, left on disk and read in chunks in its stored dtype.
+
+    For splits bigger than memory: ``chunks()`` yields ``(start, block)`` in row
+    order, and the first full pass verifies the layer's checksum as it goes (a
+    mismatch quarantines the file, as :meth:`FeatureStore.read` does).
+    Labels (8 bytes a row) are in memory.
+    """
+
+    store: FeatureStore
+    key: str
+    layer: str
+    rows: int
+    dim: int
+    dtype: np.dtype
+    labels: np.ndarray
+    classes: list[str]
+    checksum: str
+
+    @property
+    def path(self) -> Path:
+        return self.store.path(self.key)
+
+    @property
+    def nbytes_float32(self) -> int:
+        return self.rows * self.dim * 4
+
+    def chunks(self, rows: int = 16384, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        import hashlib
+
+        digest = hashlib.sha256() if verify else None
+        try:
+            with open_h5(self.path, "r") as fh:
+                ds = fh["features"][self.layer]
+                for start in range(0, self.rows, rows):
+                    block = ds[start : start + rows]
+                    if digest is not None:
+                        digest.update(bytes_view(block))
+                    yield start, block
+        except (OSError, KeyError) as exc:
+            raise FeatureStoreError(f"cannot read {self.path} ({exc})") from exc
+        if digest is not None and "sha256:" + digest.hexdigest() != self.checksum:
+            self.store.quarantine(self.path, "corrupt", f"features/{self.layer} checksum mismatch")
+            raise CorruptFeatureFile(f"{self.path}: checksum mismatch in features/{self.layer}; it was quarantined "
+                                     "and the next extraction recomputes it")
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The rows at ``index`` (sorted, unique), in the stored dtype."""
+        with open_h5(self.path, "r") as fh:
+            return fh["features"][self.layer][np.asarray(index, dtype=np.int64)]
 
 
 class FeatureStore:
@@ -72,6 +125,21 @@ class FeatureStore:
 
     def writer(self, key: str, **kwargs: Any) -> FeatureWriter:
         return FeatureWriter(self.files, key, **kwargs)
+
+    def write(self, key: str, blocks: Any, labels: np.ndarray, *, classes: list[str], dims: dict[str, int],
+              spec: dict[str, Any], paths: list[str] | None = None, batch_size: int = 4096) -> Path:
+        """A complete file from ``blocks`` (an iterable of ``{layer: rows}``), under the key's lock.
+
+        For features computed elsewhere (and synthetic data at any scale: blocks
+        may be generated one at a time, so the split never has to fit in memory).
+        """
+        with self.lock(key):
+            with self.writer(key, spec=spec, classes=classes, dims=dims, total=len(labels), batch_size=batch_size,
+                             versions={}) as writer:
+                for block in blocks:
+                    writer.append(block)
+                return writer.complete(np.asarray(labels, dtype=np.int64),
+                                       paths if paths is not None else [f"row{i}" for i in range(len(labels))])
 
     def quarantine(self, path: Path, reason: str, why: str) -> Path:
         return quarantine(self.files, path, reason, why)
@@ -133,6 +201,28 @@ class FeatureStore:
             features={name.removeprefix("features/"): v for name, v in values.items()},
             classes=attrs["classes"], spec=attrs["spec"], skipped=attrs["skipped"],
         )
+
+    def rows(self, key: str, layer: str) -> FeatureRows:
+        """One layer of a complete file for chunked reading; only its labels are loaded (and checked)."""
+        path = self.path(key)
+        try:
+            with open_h5(path, "r") as fh:
+                check_invariants(fh, key)
+                if layer not in fh["features"]:
+                    raise LayerNotStored(f"feature file {short(key)} has no layer(s) {[layer]}, only "
+                                         f"{sorted(fh['features'])}; add them to backbone.layers to extract them")
+                ds = fh["features"][layer]
+                labels = fh["labels"][()]
+                stored = json_attr(fh.attrs, "checksums", {})
+                classes = json_attr(fh.attrs, "classes", [])
+                rows, dim, dtype = int(ds.shape[0]), int(ds.shape[1]), ds.dtype
+        except FileNotFoundError:
+            raise FeatureStoreError(f"no feature file for key {short(key)} at {path}") from None
+        if stored.get("labels") != values_checksum(labels):
+            self.quarantine(path, "corrupt", "labels checksum mismatch")
+            raise CorruptFeatureFile(f"{path}: checksum mismatch in labels; it was quarantined")
+        self.mark_used(key)
+        return FeatureRows(self, key, layer, rows, dim, dtype, labels, classes, stored.get(f"features/{layer}", ""))
 
     def paths(self, key: str) -> list[str]:
         """Only the row paths of a complete file (cheap checks; no feature is read)."""

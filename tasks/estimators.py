@@ -111,11 +111,7 @@ class GridHead(ClassifierMixin, BaseEstimator):
         else:
             Xt, yt, Xv, yv = self._holdout(Xp, y_idx) if len(grid) > 1 else (Xp, y_idx, Xp, y_idx)
         states = self._fit_candidates(grid, Xt, yt)
-        accuracies = [float(np.mean(scores.argmax(1) == yv)) for scores in self._grid_scores(states, Xv)]
-        best = int(np.argmax(accuracies))  # ties: the first, i.e. the most regularised
-        self.grid_ = [{self.grid_param: v, "val_accuracy": a} for v, a in zip(grid, accuracies)]
-        self.best_param_ = grid[best]
-        self.val_accuracy_ = accuracies[best]
+        best = self._select(grid, states, Xv, yv)
         refit_on = None
         if self.refit == "train+val" and X_val is not None:
             refit_on = (np.vstack([Xp, self._transform(X_val)]), np.concatenate([y_idx, yv]))
@@ -124,6 +120,54 @@ class GridHead(ClassifierMixin, BaseEstimator):
         state = self._fit_candidates([self.best_param_], *refit_on, warm=states[best])[0] if refit_on else states[best]
         self._set_state(state)
         return self
+
+    def _select(self, grid: list[Any], states: list[dict[str, np.ndarray]], Xv: np.ndarray, yv: np.ndarray) -> int:
+        """Score every candidate on val; keep the grid and the best (ties: the first, the most regularised)."""
+        accuracies = [float(np.mean(scores.argmax(1) == yv)) for scores in self._grid_scores(states, Xv)]
+        best = int(np.argmax(accuracies))
+        self.grid_ = [{self.grid_param: v, "val_accuracy": a} for v, a in zip(grid, accuracies)]
+        self.best_param_ = grid[best]
+        self.val_accuracy_ = accuracies[best]
+        return best
+
+    # ------------------------------------------------------------------ fit on a split left on disk
+    #: heads that can train on a split bigger than memory (:meth:`fit_rows`)
+    streams: ClassVar[bool] = False
+
+    def fit_rows(self, rows: Any, X_val: Any, y_val: Any, chunk_rows: int = 16384) -> GridHead:
+        """:meth:`fit` on a :class:`storage.features.FeatureRows` (a split left on disk, stored dtype).
+
+        One streaming pass computes the preprocessing statistics; candidates
+        train over chunks, so memory is O(chunk_rows x dim) whatever the split's
+        size. The validation split is in memory (it selects the grid value).
+        """
+        if not self.streams:
+            raise TypeError(f"{type(self).__name__} needs its training features in memory")
+        if self.align != "none":
+            raise ValueError("align: coral needs the training features in memory; use align: none for this split")
+        if X_val is None:
+            raise ValueError("a head trained on a split bigger than memory selects its grid value on a val split; "
+                             "set data.val_fraction > 0")
+        if self.refit != "train":
+            raise ValueError("refit: train+val is not available for a split bigger than memory; use refit: train")
+        self.classes_, y_idx = np.unique(rows.labels, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes")
+        self.n_features_in_ = rows.dim
+        self._fit_preprocess_rows(rows, chunk_rows)
+        Xv = self._transform(validate_data(self, X_val, reset=False, dtype=[np.float32, np.float64]))
+        grid = list(getattr(self, self.grid_param))
+        states = self._fit_candidates_rows(grid, rows, y_idx, chunk_rows)
+        self._set_state(states[self._select(grid, states, Xv, self._encode(y_val))])
+        return self
+
+    def _fit_candidates_rows(self, grid, rows, y, chunk_rows):
+        raise NotImplementedError
+
+    def _transformed_chunks(self, rows: Any, chunk_rows: int, verify: bool = False):
+        """``(start, float32 block)`` of a FeatureRows, preprocessed as the head's inputs are."""
+        for start, block in rows.chunks(chunk_rows, verify=verify):
+            yield start, self._transform(block.astype(np.float32))
 
     def _grid_scores(self, states: list[dict[str, np.ndarray]], X: np.ndarray) -> list[np.ndarray]:
         return [self._scores_with(state, X) for state in states]
@@ -150,13 +194,30 @@ class GridHead(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ preprocessing
     def _fit_preprocess(self, X: np.ndarray) -> None:
+        standardize = self.preprocess == "standardize"
         d = X.shape[1]
-        self.mean_ = X.mean(axis=0) if self.preprocess == "standardize" else np.zeros(d, X.dtype)
-        std = X.std(axis=0) if self.preprocess == "standardize" else np.ones(d, X.dtype)
+        self._set_preprocess(X.mean(axis=0) if standardize else np.zeros(d, X.dtype),
+                             X.std(axis=0) if standardize else np.ones(d, X.dtype), X.dtype)
+
+    def _fit_preprocess_rows(self, rows: Any, chunk_rows: int) -> None:
+        """The same statistics in one streaming pass (float64 sums, so 1 M rows lose nothing)."""
+        if self.preprocess != "standardize":
+            self._set_preprocess(np.zeros(rows.dim, np.float32), np.ones(rows.dim, np.float32), np.float32)
+            return
+        total, squares = np.zeros(rows.dim), np.zeros(rows.dim)
+        for _, block in rows.chunks(chunk_rows):  # this first pass also verifies the file's checksum
+            block = block.astype(np.float64)
+            total += block.sum(axis=0)
+            squares += np.square(block).sum(axis=0)
+        mean = total / rows.rows
+        self._set_preprocess(mean.astype(np.float32), np.sqrt(np.maximum(squares / rows.rows - mean**2, 0)), np.float32)
+
+    def _set_preprocess(self, mean: np.ndarray, std: np.ndarray, dtype: Any) -> None:
+        self.mean_ = mean
         # near-constant features (dead units) carry no signal: dividing by their tiny std would turn noise
         # into huge weights (measured: 34,000x on a fine-tuned resnet18, which blew up LP-FT)
         typical = np.median(std[std > 0]) if (std > 0).any() else 1.0
-        self.scale_ = np.maximum(std, STD_FLOOR * typical).astype(X.dtype)
+        self.scale_ = np.maximum(std, STD_FLOOR * typical).astype(dtype)
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         X = (X - self.mean_) / self.scale_
@@ -338,6 +399,8 @@ class TorchLinearHead(GridHead):
         self.optimizer, self.max_iter, self.epochs, self.batch_size, self.lr = optimizer, max_iter, epochs, batch_size, lr
         self.device, self.random_state = device, random_state
 
+    streams = True
+
     def _fit_candidates(self, grid, X, y, warm=None):
         import torch
 
@@ -346,8 +409,39 @@ class TorchLinearHead(GridHead):
         device = pick_device(self.device)
         Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
         yt = torch.as_tensor(y, dtype=torch.long, device=device)
-        layer = torch.nn.Linear(X.shape[1], len(self.classes_)).to(device)
         generator = torch.Generator(device="cpu").manual_seed(self.random_state)
+
+        def train(layer, wd):
+            if self.optimizer == "lbfgs":
+                return self._lbfgs(layer, lambda: [(Xt, yt)], len(yt), wd)
+            return self._adamw(layer, Xt, yt, wd, generator)
+
+        return self._grid(grid, X.shape[1], X.dtype, device, warm, train)
+
+    def _fit_candidates_rows(self, grid, rows, y, chunk_rows):
+        """Full-batch L-BFGS whose every loss and gradient is a pass over the chunks: the same objective as
+        in memory, with memory O(chunk_rows x (dim + classes))."""
+        import torch
+
+        if self.optimizer != "lbfgs":
+            raise ValueError("optimizer: adamw needs the split in memory; a split bigger than memory trains "
+                             "with optimizer: lbfgs")
+        device = pick_device(self.device)
+        labels = torch.as_tensor(y, dtype=torch.long)
+
+        def batches():
+            for start, block in self._transformed_chunks(rows, chunk_rows):
+                yield (torch.from_numpy(block).to(device, non_blocking=True),
+                       labels[start : start + len(block)].to(device, non_blocking=True))
+
+        return self._grid(grid, rows.dim, np.float32, device, None,
+                          lambda layer, wd: self._lbfgs(layer, batches, len(y), wd))
+
+    def _grid(self, grid, dim, dtype, device, warm, train):
+        """One candidate per weight decay, each warm-started from the previous one."""
+        import torch
+
+        layer = torch.nn.Linear(dim, len(self.classes_)).to(device)
         with torch.no_grad():
             if warm is not None:
                 layer.weight.copy_(torch.as_tensor(warm["coef_"]))
@@ -357,27 +451,30 @@ class TorchLinearHead(GridHead):
                 layer.bias.zero_()
         states = []
         for value in grid:
-            if self.optimizer == "lbfgs":
-                steps = self._lbfgs(layer, Xt, yt, float(value))
-            else:
-                steps = self._adamw(layer, Xt, yt, float(value), generator)
+            steps = train(layer, float(value))
             states.append({
-                "coef_": layer.weight.detach().cpu().numpy().astype(X.dtype),
-                "intercept_": layer.bias.detach().cpu().numpy().astype(X.dtype),
+                "coef_": layer.weight.detach().cpu().numpy().astype(dtype),
+                "intercept_": layer.bias.detach().cpu().numpy().astype(dtype),
                 "n_iter_": np.array([max(1, steps)]),
             })
         return states
 
-    def _lbfgs(self, layer, X, y, wd):
+    def _lbfgs(self, layer, batches, n, wd):
+        """L-BFGS on mean cross-entropy + wd/2 |W|^2; ``batches()`` yields (x, y) covering the split once."""
         import torch
 
         opt = torch.optim.LBFGS(layer.parameters(), max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(layer(X), y) + wd / 2 * layer.weight.pow(2).sum()
-            loss.backward()
-            return loss
+            total = layer.weight.new_zeros(())
+            for x, y in batches():
+                loss = torch.nn.functional.cross_entropy(layer(x), y, reduction="sum") / n
+                loss.backward()
+                total += loss.detach()
+            reg = wd / 2 * layer.weight.pow(2).sum()
+            reg.backward()
+            return total + reg.detach()
 
         opt.step(closure)
         return int(opt.state[layer.weight].get("n_iter", 1))
@@ -408,6 +505,9 @@ class KNNHead(GridHead):
 
     grid_param = "k"
     state_keys = ("bank_", "bank_labels_", "k_", "n_classes_", "temperature_")
+    streams = True
+    #: a bank left on disk (fit_rows): the FeatureRows it is read from; saved as a reference, not copied
+    bank_rows_: Any = None
 
     def __init__(self, k=KNN["k"], temperature=KNN["temperature"], preprocess=KNN["preprocess"], refit="train",
                  align="none", chunk_size=KNN["chunk_size"], device=KNN["device"], random_state=0):
@@ -436,56 +536,83 @@ class KNNHead(GridHead):
         return [knn_votes(sims[:, : int(s["k_"][0])], idx[:, : int(s["k_"][0])], s["bank_labels_"],
                           int(s["n_classes_"][0]), float(s["temperature_"][0])) for s in states]
 
+    def _fit_candidates_rows(self, grid, rows, y, chunk_rows):
+        self.bank_rows_ = rows
+        states = self._fit_candidates(grid, np.empty((0, rows.dim), np.float32), y)
+        for state in states:
+            del state["bank_"]  # the bank stays in its feature file
+        return states
+
+    def _get_state(self):
+        if self.bank_rows_ is None:
+            return super()._get_state()
+        return {k: getattr(self, k) for k in self.state_keys if k != "bank_"}
+
     def _search(self, state, X, k):
         device = "cpu" if self.device == "auto" and not cuda_possible() else pick_device(self.device)
-        return knn_search(X, state["bank_"], k, self.chunk_size, device)
+        if "bank_" in state:
+            return knn_search(X, state["bank_"], k, self.chunk_size, device)
+        rows = self.bank_rows_
+        if rows is None:
+            raise ValueError("this kNN head's bank is a feature file: load it with tasks.heads.load_head")
+        return knn_search(X, lambda: self._transformed_chunks(rows, self.chunk_size), k, self.chunk_size, device,
+                          bank_rows=rows.rows)
 
     def _proba(self, scores):
         return scores  # already normalised votes
 
 
-def knn_search(queries, bank, k, chunk_size, device) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(queries, bank, k, chunk_size, device, bank_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and indices of each query's k nearest bank rows, best first.
 
-    Chunked over queries and over the bank with a running top-k: memory is
-    O(chunk_size * (chunk_size + k)) whatever the bank's size. On the CPU it runs in numpy (no torch import).
+    ``bank``: an array, or a callable returning an iterable of ``(start, block)``
+    chunks (a bank left on disk: :class:`storage.features.FeatureRows`), then
+    with ``bank_rows`` its length. The bank is read once, chunk by chunk, each
+    chunk scored against every query chunk with a running top-k: memory is
+    O(queries x k + chunk_size^2) whatever the bank's size. On the CPU it runs
+    in numpy (no torch import).
     """
-    k = min(k, len(bank))
+    if callable(bank):
+        chunks, n_bank = bank, int(bank_rows)
+    else:
+        chunks, n_bank = (lambda: ((b0, bank[b0 : b0 + chunk_size]) for b0 in range(0, len(bank), chunk_size))), len(bank)
+    k = min(k, n_bank)
     if str(device) == "cpu":
-        return _knn_numpy(queries, bank, k, chunk_size)
+        return _knn_numpy(queries, chunks, k, chunk_size)
     import torch
 
-    sims = np.empty((len(queries), k), dtype=np.float32)
-    index = np.empty((len(queries), k), dtype=np.int64)
-    for q0 in range(0, len(queries), chunk_size):
-        q = torch.as_tensor(queries[q0 : q0 + chunk_size], dtype=torch.float32, device=device)
-        best_sim = torch.empty((len(q), 0), device=device)
-        best_idx = torch.empty((len(q), 0), dtype=torch.long, device=device)
-        for b0 in range(0, len(bank), chunk_size):
-            b = torch.as_tensor(bank[b0 : b0 + chunk_size], dtype=torch.float32, device=device)
-            sim = torch.cat([best_sim, q @ b.T], dim=1)
-            idx = torch.cat([best_idx, torch.arange(b0, b0 + len(b), device=device).expand(len(q), -1)], dim=1)
-            best_sim, top = sim.topk(min(k, sim.shape[1]), dim=1)
-            best_idx = idx.gather(1, top)
-        sims[q0 : q0 + len(q)] = best_sim.cpu().numpy()
-        index[q0 : q0 + len(q)] = best_idx.cpu().numpy()
+    starts = range(0, len(queries), chunk_size)
+    qs = [torch.as_tensor(queries[q0 : q0 + chunk_size], dtype=torch.float32, device=device) for q0 in starts]
+    best = [(torch.empty((len(q), 0), device=device), torch.empty((len(q), 0), dtype=torch.long, device=device))
+            for q in qs]
+    for b0, block in chunks():
+        b = torch.as_tensor(np.asarray(block), dtype=torch.float32, device=device)
+        ids = torch.arange(b0, b0 + len(b), device=device)
+        for i, q in enumerate(qs):
+            sim = torch.cat([best[i][0], q @ b.T], dim=1)
+            idx = torch.cat([best[i][1], ids.expand(len(q), -1)], dim=1)
+            top_sim, top = sim.topk(min(k, sim.shape[1]), dim=1)
+            best[i] = (top_sim, idx.gather(1, top))
+    sims = np.concatenate([s.cpu().numpy() for s, _ in best]) if best else np.empty((0, k), np.float32)
+    index = np.concatenate([i.cpu().numpy() for _, i in best]) if best else np.empty((0, k), np.int64)
     return sims, index
 
 
-def _knn_numpy(queries, bank, k, chunk_size) -> tuple[np.ndarray, np.ndarray]:
-    sims = np.empty((len(queries), k), dtype=np.float32)
-    index = np.empty((len(queries), k), dtype=np.int64)
-    for q0 in range(0, len(queries), chunk_size):
-        q = np.asarray(queries[q0 : q0 + chunk_size], dtype=np.float32)
-        best_sim, best_idx = np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
-        for b0 in range(0, len(bank), chunk_size):
-            b = np.asarray(bank[b0 : b0 + chunk_size], dtype=np.float32)
-            sim = np.concatenate([best_sim, q @ b.T], axis=1)
-            idx = np.concatenate([best_idx, np.broadcast_to(np.arange(b0, b0 + len(b)), (len(q), len(b)))], axis=1)
+def _knn_numpy(queries, chunks, k, chunk_size) -> tuple[np.ndarray, np.ndarray]:
+    starts = range(0, len(queries), chunk_size)
+    qs = [np.asarray(queries[q0 : q0 + chunk_size], dtype=np.float32) for q0 in starts]
+    best = [(np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)) for q in qs]
+    for b0, block in chunks():
+        b = np.asarray(block, dtype=np.float32)
+        ids = np.arange(b0, b0 + len(b))
+        for i, q in enumerate(qs):
+            sim = np.concatenate([best[i][0], q @ b.T], axis=1)
+            idx = np.concatenate([best[i][1], np.broadcast_to(ids, (len(q), len(b)))], axis=1)
             top = np.argsort(-sim, axis=1, kind="stable")[:, : min(k, sim.shape[1])]
-            best_sim, best_idx = np.take_along_axis(sim, top, 1), np.take_along_axis(idx, top, 1)
-        sims[q0 : q0 + len(q)], index[q0 : q0 + len(q)] = best_sim, best_idx
-    return sims, index
+            best[i] = (np.take_along_axis(sim, top, 1), np.take_along_axis(idx, top, 1))
+    if not best:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return np.concatenate([s for s, _ in best]), np.concatenate([i for _, i in best])
 
 
 def knn_votes(sims, index, labels, n_classes, temperature) -> np.ndarray:

@@ -10,6 +10,7 @@ head trains only what is new. Features are read from HDF5 once per process.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.faults import fault_point
 from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
-from storage.features import FeatureStore
+from storage.features import FeatureRows, FeatureStore
 from storage import keys
 from tasks import head_defaults as defaults
 from tasks.result import StageResult
@@ -237,6 +238,34 @@ def stored_result(plan: HeadPlan) -> HeadResult:
 
 _load_lock = threading.Lock()
 
+MEMORY_ENV = "TRANSFERPIPE_HEADS_MEMORY_GB"
+
+
+def memory_budget() -> float:
+    """Bytes a training split may take in memory as float32; above it, heads read it in chunks.
+
+    ``$TRANSFERPIPE_HEADS_MEMORY_GB``, else a quarter of the machine's memory.
+    """
+    value = os.environ.get(MEMORY_ENV)
+    if value:
+        try:
+            return float(value) * 2**30
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV}={value!r} is not a number of GB") from None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+
+
+class SplitTooBig(ValueError):
+    """A head that needs its training split in memory, on a split above the memory budget."""
+
+
+def train_features(cache_dir: Path, key: str, layer: str) -> tuple[np.ndarray, np.ndarray] | FeatureRows:
+    """The training split in memory (float32) when it fits the budget, else left on disk for chunked reading."""
+    rows = FeatureStore(cache_dir).rows(key, layer)
+    if rows.nbytes_float32 <= memory_budget():
+        return load_split(cache_dir, key, layer)
+    return rows
+
 
 @functools.lru_cache(maxsize=16)
 def _load(cache_dir: str, key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -284,8 +313,11 @@ def train_head(plan: HeadPlan) -> HeadResult:
     _single_threaded_blas()
     started = time.perf_counter()
     h = plan.head
-    data = _Splits(*(load_split(plan.cache_dir, key, h.layer) if key else (None, None)
-                     for key in (plan.train_key, plan.val_key, plan.target_key)))
+    todo = [(shot, seed, key) for shot, seed, key in fits(plan) if not head_exists(plan.cache_dir, key)]
+    data = _Splits(*(
+        (train_features if key == plan.train_key else load_split)(plan.cache_dir, key, h.layer) if key and todo
+        else (None, None)
+        for key in (plan.train_key, plan.val_key, plan.target_key)))
     records = [_reused(plan, key) if head_exists(plan.cache_dir, key) else _fit(plan, shot, seed, key, data)
                for shot, seed, key in fits(plan)]
     fitted = sum(r.fitted for r in records)
@@ -294,9 +326,10 @@ def train_head(plan: HeadPlan) -> HeadResult:
 
 
 class _Splits(NamedTuple):
-    """(features, labels) of the train, val and target splits (None where there is none)."""
+    """(features, labels) of the train, val and target splits (None where there is none); a train split
+    bigger than the memory budget is a FeatureRows."""
 
-    train: tuple[np.ndarray, np.ndarray]
+    train: tuple[np.ndarray, np.ndarray] | FeatureRows
     val: tuple[np.ndarray | None, np.ndarray | None]
     target: tuple[np.ndarray | None, np.ndarray | None]
 
@@ -312,11 +345,28 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
     """One few-shot fit, saved as arrays + JSON under its key."""
     t0 = time.perf_counter()
     fault_point("heads.fit")
-    (X, y), (Xv, yv), (Xt, _) = data
+    (Xv, yv), (Xt, _) = data.val, data.target
     h = plan.head
-    idx = few_shot_indices(y, shot, seed)
     est = h.estimator().set_params(random_state=seed)
-    est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
+    if isinstance(data.train, FeatureRows):
+        rows = data.train
+        idx = few_shot_indices(rows.labels, shot, seed)
+        if shot != "all":  # a few shots per class fit in memory whatever the split's size
+            est.fit(rows.take(idx).astype(np.float32), rows.labels[idx], Xv, yv, X_target=Xt)
+        elif est.streams:
+            est.fit_rows(rows, Xv, yv)
+        else:
+            raise SplitTooBig(
+                f"head {h.label!r} (kind {h.kind}) needs its training features in memory, but the train split is "
+                f"{rows.rows:,} x {rows.dim} = {rows.nbytes_float32 / 2**30:.1f} GiB as float32, above the heads' "
+                f"memory budget of {memory_budget() / 2**30:.1f} GiB (${MEMORY_ENV}). For all labels use "
+                f"kind: linear (L-BFGS over chunks) or kind: knn (chunked search), train {h.kind} on few-shot "
+                f"subsets (shots: [1, 10, 100]), or raise ${MEMORY_ENV}"
+            )
+    else:
+        X, y = data.train
+        idx = few_shot_indices(y, shot, seed)
+        est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
     record = FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
                        val_accuracy=est.val_accuracy_, best_param=est.best_param_, grid=est.grid_,
                        seconds=time.perf_counter() - t0)
@@ -326,6 +376,9 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
         "n_train": record.n_train, "val_accuracy": record.val_accuracy, "best_param": record.best_param,
         "grid": record.grid, "fit_seconds": record.seconds, "spec": fit_spec(plan, shot, seed),
     }
+    bank = getattr(est, "bank_rows_", None)
+    if bank is not None:  # a kNN bank bigger than memory stays in its feature file
+        meta["bank"] = {"key": bank.key, "layer": bank.layer}
     save_head(plan.cache_dir, record.key, est.to_arrays(), meta)
     return record
 
@@ -349,4 +402,7 @@ def load_head(cache_dir: Path, key: str) -> GridHead:
 
     meta, arrays = load_head_arrays(cache_dir, key)
     extra = {"best_param": meta["best_param"], "val_accuracy": meta["val_accuracy"], "grid": meta["grid"]}
-    return HEADS[meta["kind"]].from_arrays(meta["params"], arrays, meta["classes"], extra)
+    head = HEADS[meta["kind"]].from_arrays(meta["params"], arrays, meta["classes"], extra)
+    if meta.get("bank"):
+        head.bank_rows_ = FeatureStore(cache_dir).rows(meta["bank"]["key"], meta["bank"]["layer"])
+    return head

@@ -1,0 +1,148 @@
+"""Heads on splits bigger than memory: features read in chunks, in their stored dtype (issue 16)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.features import FeatureStore
+from storage.keys import feature_key, feature_spec
+from tasks.estimators import KNNHead, TorchLinearHead, knn_search
+from tasks.heads import MEMORY_ENV, KNNConfig, LinearConfig, LogisticConfig, SplitTooBig, load_head, load_split
+from tasks.heads import plan_heads, train_head
+
+CLASSES = 5
+DIM = 24
+
+
+def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes (a probe cannot be perfect), float16 as feature files store them."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(0, 1.0, (CLASSES, DIM))
+    y = rng.integers(0, CLASSES, n)
+    X = centres[y] + rng.normal(0, 1.2, (n, DIM)) + 3.0  # an offset: standardisation has work to do
+    return X.astype(np.float16), y
+
+
+def synthetic_spec(name: str, n: int, seed: int) -> dict:
+    return feature_spec(backbone="synthetic", weights=f"blobs(n={n},seed={seed})", layers=["penultimate"],
+                        pooling="avg", preprocess={}, dataset=name, split=name, dtype="float16")
+
+
+def store_split(cache: Path, name: str, n: int, seed: int, block: int = 500) -> str:
+    X, y = blobs(n, seed)
+    spec = synthetic_spec(name, n, seed)
+    key = feature_key(spec)
+    FeatureStore(cache).write(key, ({"penultimate": X[i : i + block]} for i in range(0, n, block)), y,
+                              classes=[f"c{i}" for i in range(CLASSES)], dims={"penultimate": DIM}, spec=spec)
+    return key
+
+
+@pytest.fixture
+def splits(tmp_path):
+    cache = tmp_path / "cache"
+    return cache, store_split(cache, "train", 3000, 1), store_split(cache, "val", 600, 2)
+
+
+def test_chunks_keep_the_stored_dtype_and_cover_every_row(splits):
+    cache, train, _ = splits
+    rows = FeatureStore(cache).rows(train, "penultimate")
+    blocks = list(rows.chunks(rows=701))
+    assert [start for start, _ in blocks] == [0, 701, 1402, 2103, 2804]
+    assert all(b.dtype == np.float16 for _, b in blocks)
+    X, _ = load_split(cache, train, "penultimate")
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]).astype(np.float32), X)
+
+
+def test_a_corrupt_file_is_caught_by_the_first_streaming_pass(splits):
+    from storage.h5file import CorruptFeatureFile
+    from tests.helpers import flip_a_feature_byte
+
+    cache, train, _ = splits
+    store = FeatureStore(cache)
+    flip_a_feature_byte(store.path(train))
+    with pytest.raises(CorruptFeatureFile, match="quarantined"):
+        for _ in store.rows(train, "penultimate").chunks(rows=256):
+            pass
+    assert not store.path(train).exists()
+
+
+def test_streaming_statistics_equal_in_memory_ones(splits):
+    cache, train, _ = splits
+    X, _ = load_split(cache, train, "penultimate")
+    head = TorchLinearHead()
+    head._fit_preprocess_rows(FeatureStore(cache).rows(train, "penultimate"), chunk_rows=333)
+    ref = TorchLinearHead()
+    ref._fit_preprocess(X)
+    np.testing.assert_allclose(head.mean_, ref.mean_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.scale_, ref.scale_, rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_linear_head_equals_the_in_memory_head(splits):
+    cache, train, val = splits
+    X, y = load_split(cache, train, "penultimate")
+    Xv, yv = load_split(cache, val, "penultimate")
+    params = {"weight_decay": [1e-3, 1e-2], "max_iter": 100}
+    memory = TorchLinearHead(**params).fit(X, y, Xv, yv)
+    streamed = TorchLinearHead(**params).fit_rows(FeatureStore(cache).rows(train, "penultimate"), Xv, yv, chunk_rows=256)
+    assert streamed.best_param_ == memory.best_param_
+    assert abs(streamed.val_accuracy_ - memory.val_accuracy_) <= 0.005
+    agree = np.mean(streamed.predict(Xv) == memory.predict(Xv))
+    assert agree >= 0.995, agree
+    np.testing.assert_allclose(streamed.predict_proba(Xv), memory.predict_proba(Xv), atol=2e-3)
+
+
+def test_knn_over_a_bank_in_many_chunks_equals_the_one_chunk_search(splits):
+    cache, train, val = splits
+    rows = FeatureStore(cache).rows(train, "penultimate")
+    bank = np.concatenate([b for _, b in rows.chunks()]).astype(np.float32)
+    queries, _ = load_split(cache, val, "penultimate")
+    one_sims, one_idx = knn_search(queries, bank, 20, chunk_size=100_000, device="cpu")
+    chunked = lambda: ((s, b.astype(np.float32)) for s, b in rows.chunks(rows=97))  # noqa: E731
+    sims, idx = knn_search(queries, chunked, 20, chunk_size=64, device="cpu", bank_rows=rows.rows)
+    np.testing.assert_array_equal(idx, one_idx)
+    np.testing.assert_allclose(sims, one_sims, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_stage_streams_a_split_above_the_budget(splits, monkeypatch):
+    cache, train, val = splits
+    heads = [LinearConfig(kind="linear", weight_decay=[1e-3], max_iter=50),
+             KNNConfig(kind="knn", k=[5, 20], chunk_size=128), LogisticConfig(kind="logistic", shots=[10], seeds=1)]
+    in_memory = {r.name: r for r in (train_head(p) for p in plan_heads(heads, train, val, cache))}
+    monkeypatch.setenv(MEMORY_ENV, str(1e-6))  # a few KB: every training split is "bigger than memory"
+    other = cache.parent / "cache2"
+    for name, n, seed in (("train", 3000, 1), ("val", 600, 2)):
+        store_split(other, name, n, seed)
+    streamed = {r.name: r for r in (train_head(p) for p in plan_heads(heads, train, val, other))}
+    Xv, _ = load_split(other, val, "penultimate")
+    for name in ("linear", "knn", "logistic"):  # logistic: few-shot subsets are read row by row, in memory
+        a, b = in_memory[name].records[0], streamed[name].records[0]
+        assert (a.best_param, a.n_train) == (b.best_param, b.n_train)
+        assert abs(a.val_accuracy - b.val_accuracy) <= 0.005
+        agree = np.mean(load_head(cache, a.key).predict(Xv) == load_head(other, b.key).predict(Xv))
+        assert agree >= 0.995, (name, agree)
+    # the kNN bank is not copied into the head: it is read from its feature file
+    from storage.artifacts import load_head_arrays, read_meta
+
+    assert read_meta(other, streamed["knn"].records[0].key)["bank"] == {"key": train, "layer": "penultimate"}
+    assert "bank_" not in load_head_arrays(other, streamed["knn"].records[0].key)[1]
+    assert isinstance(load_head(other, streamed["knn"].records[0].key), KNNHead)
+
+
+def test_a_head_that_needs_memory_says_how_big_the_split_is(splits, monkeypatch):
+    cache, train, val = splits
+    monkeypatch.setenv(MEMORY_ENV, str(1e-6))
+    plan = plan_heads([LogisticConfig(kind="logistic")], train, val, cache)[0]
+    with pytest.raises(SplitTooBig) as exc:
+        train_head(plan)
+    msg = str(exc.value)
+    assert "3,000 x 24" in msg and "GiB as float32" in msg and MEMORY_ENV in msg
+    assert "kind: linear" in msg and "kind: knn" in msg
+
+
+def test_a_bad_budget_value_is_named(splits, monkeypatch):
+    cache, train, val = splits
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match=f"{MEMORY_ENV}='lots' is not a number of GB"):
+        train_head(plan_heads([LinearConfig(kind="linear")], train, val, cache)[0])
