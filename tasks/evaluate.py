@@ -52,6 +52,18 @@ def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE
     return float(ece), diagram
 
 
+FULL_CONFUSION_MAX_CLASSES = 100  # above: the matrix is not stored (1000 classes = a million numbers per model)
+
+
+def top_confusions(cm: np.ndarray, n: int = 20) -> list[dict[str, int]]:
+    """The ``n`` largest off-diagonal cells: which true class is most often predicted as which."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None, kind="stable")[::-1][:n]
+    cells = [np.unravel_index(i, off.shape) for i in flat]
+    return [{"true": int(i), "predicted": int(j), "count": int(off[i, j])} for i, j in cells if off[i, j] > 0]
+
+
 def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray | None, n_classes: int) -> dict[str, Any]:
     """Every metric of one model on one test set; NLL and ECE need probabilities (else None)."""
     from sklearn.metrics import (
@@ -69,7 +81,8 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray 
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
         "per_class_accuracy": per_class.tolist(),
-        "confusion_matrix": cm.tolist(),
+        "confusion_matrix": cm.tolist() if n_classes <= FULL_CONFUSION_MAX_CLASSES else None,
+        "top_confusions": top_confusions(cm),
         "nll": None, "ece": None, "reliability": None,
     }
     if proba is not None:

@@ -109,9 +109,14 @@ def _plots(folder: Path, ranked: list[ModelReport], classes: list[str]) -> dict[
     return plots
 
 
+MATRIX_PLOT_MAX_CLASSES = 30  # above: a bar chart of the top confusions, readable at 1,000 classes
+
+
 def _confusion_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
     import matplotlib.pyplot as plt
 
+    if best.metrics.get("confusion_matrix") is None or len(best.metrics["confusion_matrix"]) > MATRIX_PLOT_MAX_CLASSES:
+        return _top_confusions_plot(path, best, classes)
     cm = np.asarray(best.metrics["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.imshow(cm, cmap="Blues")
@@ -123,6 +128,20 @@ def _confusion_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
             ax.set_yticklabels(classes)
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
+    return _save(fig, path)
+
+
+def _top_confusions_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    cells = best.metrics.get("top_confusions") or []
+    name = (lambda i: classes[i] if i < len(classes) else str(i))  # noqa: E731
+    labels = [f"{name(c['true'])} → {name(c['predicted'])}" for c in cells][::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(cells), 4) + 1))
+    ax.barh(range(len(cells)), [c["count"] for c in cells][::-1], color="tab:blue")
+    ax.set_yticks(range(len(cells)), labels, fontsize=7)
+    ax.set(title=f"top confusions: {best.name} ({best.shot}), {len(classes)} classes",
+           xlabel="test images (true → predicted)")
     return _save(fig, path)
 
 

@@ -97,3 +97,24 @@ def test_demo_comparison_pairs_each_model_and_shot_with_its_random_init_twin():
         {"model": "logistic", "shots": "1", "pretrained": "0.600", "random": "0.500", "gain": "+10.0 pts"},
         {"model": "logistic", "shots": "all", "pretrained": "0.950", "random": "0.900", "gain": "+5.0 pts"},
     ]
+
+
+def test_a_thousand_classes_keep_top_confusions_not_a_million_cells(tmp_path):
+    from PIL import Image
+
+    from tasks.evaluate import ModelReport
+    from tasks.report import _confusion_plot
+
+    n_classes = 1000
+    y = np.repeat(np.arange(n_classes), 3)
+    scores = np.eye(n_classes)[y]
+    scores[y == 7, 7], scores[y == 7, 42] = 0.0, 1.0  # every 7 is called 42
+    scores[np.flatnonzero(y == 3)[:2], 3], scores[np.flatnonzero(y == 3)[:2], 9] = 0.0, 1.0  # two 3s are 9s
+    m = classification_metrics(y, scores, None, n_classes=n_classes)
+    assert m["confusion_matrix"] is None
+    assert m["top_confusions"] == [{"true": 7, "predicted": 42, "count": 3}, {"true": 3, "predicted": 9, "count": 2}]
+    assert m["top1"] == pytest.approx(1 - 5 / 3000)
+    report = ModelReport(name="knn", kind="knn", layer="penultimate", shot="all", seeds=1, metrics=m)
+    path = _confusion_plot(tmp_path / "confusion.png", report, [f"class{i}" for i in range(n_classes)])
+    width, height = Image.open(path).size
+    assert width < 1500 and height < 1500  # a readable chart, not a 1000 x 1000 grid
