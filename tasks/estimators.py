@@ -608,11 +608,31 @@ def _knn_numpy(queries, chunks, k, chunk_size) -> tuple[np.ndarray, np.ndarray]:
         for i, q in enumerate(qs):
             sim = np.concatenate([best[i][0], q @ b.T], axis=1)
             idx = np.concatenate([best[i][1], np.broadcast_to(ids, (len(q), len(b)))], axis=1)
-            top = np.argsort(-sim, axis=1, kind="stable")[:, : min(k, sim.shape[1])]
-            best[i] = (np.take_along_axis(sim, top, 1), np.take_along_axis(idx, top, 1))
+            best[i] = _top_k(sim, idx, min(k, sim.shape[1]))
     if not best:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     return np.concatenate([s for s, _ in best]), np.concatenate([i for _, i in best])
+
+
+def _top_k(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k largest similarities, ties broken by the lower bank index (as a stable sort would).
+
+    Preselects 2k candidates with ``argpartition`` (linear time) and sorts only
+    those; a row whose k-th value ties with the candidates' last is sorted in full.
+    """
+    m = 2 * k
+    if sim.shape[1] <= m:
+        order = np.lexsort((idx, -sim), axis=-1)[:, :k]
+        return np.take_along_axis(sim, order, 1), np.take_along_axis(idx, order, 1)
+    part = np.argpartition(-sim, m - 1, axis=1)[:, :m]
+    cs, ci = np.take_along_axis(sim, part, 1), np.take_along_axis(idx, part, 1)
+    order = np.lexsort((ci, -cs), axis=-1)
+    cs, ci = np.take_along_axis(cs, order, 1), np.take_along_axis(ci, order, 1)
+    unsure = np.flatnonzero(cs[:, k - 1] <= cs[:, m - 1])  # a tie may reach past the candidates
+    if len(unsure):
+        full = np.lexsort((idx[unsure], -sim[unsure]), axis=-1)[:, :m]
+        cs[unsure], ci[unsure] = np.take_along_axis(sim[unsure], full, 1), np.take_along_axis(idx[unsure], full, 1)
+    return cs[:, :k], ci[:, :k]
 
 
 def knn_votes(sims, index, labels, n_classes, temperature) -> np.ndarray:

@@ -146,3 +146,39 @@ def test_a_bad_budget_value_is_named(splits, monkeypatch):
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(ValueError, match=f"{MEMORY_ENV}='lots' is not a number of GB"):
         train_head(plan_heads([LinearConfig(kind="linear")], train, val, cache)[0])
+
+
+def test_streaming_probe_matches_scikit_learns_logistic_regression(splits):
+    """Same objective: scikit-learn minimises C * sum(CE) + |W|^2 / 2, the linear head mean(CE) + wd/2 |W|^2,
+    so wd = 1 / (C n). Test accuracy within half a point, as issue 16 asks."""
+    from sklearn.linear_model import LogisticRegression
+
+    cache, train, val = splits
+    test = store_split(cache, "test", 2000, 3)
+    X, y = load_split(cache, train, "penultimate")
+    Xv, yv = load_split(cache, val, "penultimate")
+    Xt, yt = load_split(cache, test, "penultimate")
+    C = 0.05
+    ref = TorchLinearHead(weight_decay=[0.0])
+    ref._fit_preprocess(X)
+    sk = LogisticRegression(C=C, max_iter=1000).fit(ref._transform(X), y)
+    head = TorchLinearHead(weight_decay=[1 / (C * len(y))], max_iter=200).fit_rows(
+        FeatureStore(cache).rows(train, "penultimate"), Xv, yv, chunk_rows=512)
+    sk_acc = sk.score(ref._transform(Xt), yt)
+    assert abs(np.mean(head.predict(Xt) == yt) - sk_acc) <= 0.005, sk_acc
+
+
+def test_top_k_breaks_ties_by_the_lower_bank_index_like_a_stable_sort():
+    from tasks.estimators import _top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        width = int(rng.integers(1, 80))
+        k = int(rng.integers(1, 12))
+        k = min(k, width)
+        sim = rng.integers(0, 4, (4, width)).astype(np.float32)  # few values: ties everywhere
+        idx = np.argsort(rng.random((4, width)), axis=1)
+        order = np.lexsort((idx, -sim), axis=-1)[:, :k]
+        got_sim, got_idx = _top_k(sim, idx, k)
+        np.testing.assert_array_equal(got_idx, np.take_along_axis(idx, order, 1))
+        np.testing.assert_array_equal(got_sim, np.take_along_axis(sim, order, 1))

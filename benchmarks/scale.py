@@ -1,0 +1,235 @@
+"""Scale: wall time and peak memory of each stage at 1x, 10x and 100x its base size.
+
+Each row runs in its own process (peak RSS from ``wait4``, so rows do not
+share a high-water mark), and is printed as ratios to the 1x row of its stage:
+time linear in size means ``time ratio ≈ size ratio``; flat memory means
+``RSS ratio ≈ 1``. Feature files are real, written by the project's own store.
+
+    python -m benchmarks.scale [--scales 1 10 100] [--stages manifest extract linear knn logistic evaluate]
+    python -m benchmarks.scale --imagenet-probe [--rows 1281167]   # one pass of the linear probe at ImageNet size
+
+Stages at 1x: manifest 10,000 files; extract 1,000 PNGs (resnet18, 32 px);
+linear / knn / logistic: 10,000 x 256 float16 features, 100 classes (linear and
+knn stream from disk: heads' memory budget forced to ~0; logistic is scikit-learn,
+in memory, for contrast); evaluate: 500 test images x 1,000 classes (metrics,
+top-confusions chart). Not a test: nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BASE = {"manifest": 10_000, "extract": 1_000, "linear": 10_000, "knn": 10_000, "logistic": 10_000, "evaluate": 500}
+DIM, CLASSES = 256, 100
+
+
+# --------------------------------------------------------------------------- inputs (made once per size)
+
+
+def empty_files(root: Path, n: int, classes: int = 100) -> Path:
+    """``n`` empty .JPEG files in ``classes`` folders: what a manifest scan sees of a big folder."""
+    if (root / ".done").exists():
+        return root
+    for i in range(n):
+        folder = root / f"n{i % classes:05d}"
+        if i < classes:
+            folder.mkdir(parents=True, exist_ok=True)
+        open(folder / f"{i:08d}.JPEG", "wb").close()
+    (root / ".done").write_text("")
+    return root
+
+
+def tiny_pngs(root: Path, n: int, classes: int = 10) -> Path:
+    from PIL import Image
+
+    if (root / ".done").exists():
+        return root
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:07d}.png")
+    (root / ".done").write_text("")
+    return root
+
+
+def synthetic_features(cache: Path, name: str, rows: int, dim: int = DIM, classes: int = CLASSES,
+                       block: int = 65536, seed: int = 0) -> str:
+    """A real feature file of Gaussian class clusters, written block by block (never whole in memory)."""
+    from storage.features import FeatureStore
+    from storage.keys import feature_key, feature_spec
+
+    spec = feature_spec(backbone="synthetic", weights=f"clusters(seed={seed},classes={classes})", layers=["penultimate"],
+                        pooling="avg", preprocess={}, dataset=f"{name}-{rows}x{dim}", split=name, dtype="float16")
+    key = feature_key(spec)
+    store = FeatureStore(cache)
+    if store.lookup(key):
+        return key
+    centres = np.random.default_rng(12345).normal(0, 0.35, (classes, dim)).astype(np.float32)  # overlapping
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+
+    def blocks():
+        for start in range(0, rows, block):
+            y = labels[start : start + block]
+            noise = rng.standard_normal((len(y), dim), dtype=np.float32) * 2.0
+            yield {"penultimate": (centres[y] + noise).astype(np.float16)}
+
+    store.write(key, blocks(), labels, classes=[f"c{i}" for i in range(classes)], dims={"penultimate": dim},
+                spec=spec, paths=[""] * rows)
+    return key
+
+
+# --------------------------------------------------------------------------- one stage, in a child process
+
+
+def run_stage(stage: str, n: int, work: Path) -> str:
+    """Do one stage at size ``n``; return a note for the table."""
+    cache = work / "cache"
+    if stage == "manifest":
+        from tasks.data import DataConfig, build_manifest
+
+        root = empty_files(work / f"files-{n}", n)
+        m = build_manifest(DataConfig(source="imagefolder", root=root, val_fraction=0.02, test_fraction=0.05), cache)
+        return f"{sum(len(v) for v in m.splits.values()):,} files"
+    if stage == "extract":
+        from tasks.backbones import BackboneConfig
+        from tasks.data import DataConfig
+        from tasks.extract import ExtractConfig, extract_split, plan_extraction
+
+        root = tiny_pngs(work / f"pngs-{n}", n)
+        plans = plan_extraction(DataConfig(source="imagefolder", root=root, val_fraction=0, test_fraction=0),
+                                BackboneConfig(name="resnet18", weights="none",
+                                               preprocess={"resize": 32, "crop": 32}),
+                                ExtractConfig(batch_size=64, num_workers=0), cache / f"x{n}")
+        result = extract_split(plans["train"])
+        return f"{result.rows / result.seconds:,.0f} img/s"
+    if stage in ("linear", "knn", "logistic"):
+        from tasks.heads import KNNConfig, LinearConfig, LogisticConfig, plan_heads, train_head
+
+        train = synthetic_features(work / "features", "train", n)
+        val = synthetic_features(work / "features", "val", 2000, seed=1)
+        head = {"linear": LinearConfig(kind="linear", weight_decay=[1e-4], max_iter=10),
+                "knn": KNNConfig(kind="knn", k=[10]),
+                "logistic": LogisticConfig(kind="logistic", C=[1.0], max_iter=20)}[stage]
+        os.environ["TRANSFERPIPE_HEADS_MEMORY_GB"] = "1e-6" if stage != "logistic" else "1000"
+        result = train_head(plan_heads([head], train, val, work / "features")[0])
+        return f"val acc {result.records[0].val_accuracy:.3f}"
+    if stage == "evaluate":
+        from tasks.evaluate import ModelReport, classification_metrics
+        from tasks.head_defaults import softmax
+        from tasks.report import _plots
+
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 1000, n)
+        scores = rng.standard_normal((n, 1000)).astype(np.float32)
+        scores[np.arange(n), y] += 3.0
+        metrics = classification_metrics(y, scores, softmax(scores), 1000)
+        report = ModelReport(name="probe", kind="linear", layer="penultimate", shot="all", seeds=1, metrics=metrics)
+        (work / "report").mkdir(exist_ok=True)
+        _plots(work / "report", [report], [f"class{i}" for i in range(1000)])
+        return f"top1 {metrics['top1']:.3f}"
+    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(BASE)}")
+
+
+def imagenet_probe(rows: int, work: Path) -> str:
+    """One streaming pass of the linear probe at ImageNet's size: 1.28 M x 2048 x 1,000 classes, float16 on disk."""
+    from storage.features import FeatureStore
+    from tasks.estimators import TorchLinearHead
+
+    key = synthetic_features(work / "features", "imagenet-train", rows, dim=2048, classes=1000)
+    rows_on_disk = FeatureStore(work / "features").rows(key, "penultimate")
+    head = TorchLinearHead(weight_decay=[1e-4])
+    head.classes_, y = np.unique(rows_on_disk.labels, return_inverse=True)
+    t0 = time.perf_counter()
+    head._fit_preprocess_rows(rows_on_disk, 16384)
+    t1 = time.perf_counter()
+    import torch
+
+    layer = torch.nn.Linear(2048, 1000)
+    labels = torch.as_tensor(y)
+    total = 0.0
+    for start, block in head._transformed_chunks(rows_on_disk, 16384):
+        loss = torch.nn.functional.cross_entropy(layer(torch.from_numpy(block)), labels[start : start + len(block)],
+                                                 reduction="sum") / len(y)
+        loss.backward()
+        total += float(loss)
+    t2 = time.perf_counter()
+    gb = rows_on_disk.rows * 2048 * 2 / 2**30
+    return (f"{rows:,} x 2048 float16 ({gb:.1f} GiB on disk): statistics pass {t1 - t0:.0f} s, "
+            f"one loss+gradient pass {t2 - t1:.0f} s (an L-BFGS iteration is 1-2 passes)")
+
+
+# --------------------------------------------------------------------------- parent: rows and ratios
+
+
+def measure(args: list[str]) -> tuple[float, float, str]:
+    """(seconds in the stage, peak RSS MiB, note) of ``python -m benchmarks.scale --child ...`` in its own
+    process (start-up and imports are not in the seconds; they are in the RSS)."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--child", *args], stdout=subprocess.PIPE,
+                            text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed (exit {proc.returncode})")
+    seconds, note = out.strip().splitlines()[-1].split("\t", 1)
+    return float(seconds), usage.ru_maxrss / 1024, note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--stages", nargs="+", default=list(BASE), choices=list(BASE))
+    parser.add_argument("--work", type=Path, help="keep inputs here between runs (default: a temporary folder)")
+    parser.add_argument("--imagenet-probe", action="store_true")
+    parser.add_argument("--rows", type=int, default=1_281_167)
+    parser.add_argument("--child", nargs=3, metavar=("STAGE", "N", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        stage, n, work = args.child
+        t0 = time.perf_counter()
+        note = imagenet_probe(int(n), Path(work)) if stage == "imagenet" else run_stage(stage, int(n), Path(work))
+        print(f"{time.perf_counter() - t0}\t{note}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.imagenet_probe:
+            wall, rss, note = measure(["imagenet", str(args.rows), str(work)])
+            print(f"imagenet-size linear probe: {note}; peak RSS {rss:,.0f} MiB, {wall:.0f} s in all")
+            return
+        print(f"scale benchmark ({os.cpu_count()} cores); ratios to each stage's 1x row")
+        print(f"{'stage':<10}{'size':>12}{'stage s':>9}{'peak RSS MiB':>14}{'time ratio':>12}{'RSS ratio':>11}  note")
+        for stage in args.stages:
+            first = None
+            for scale in args.scales:
+                n = BASE[stage] * scale
+                make_inputs(stage, n, work)
+                wall, rss, note = measure([stage, str(n), str(work)])
+                first = first or (wall, rss)
+                print(f"{stage:<10}{n:>12,}{wall:>9.1f}{rss:>14,.0f}{wall / first[0]:>11.1f}x{rss / first[1]:>10.2f}x  "
+                      f"{note}", flush=True)
+
+
+def make_inputs(stage: str, n: int, work: Path) -> None:
+    """Inputs are made before the child runs, so rows measure the stage, not the test data."""
+    if stage == "manifest":
+        empty_files(work / f"files-{n}", n)
+    elif stage == "extract":
+        tiny_pngs(work / f"pngs-{n}", n)
+    elif stage in ("linear", "knn", "logistic"):
+        synthetic_features(work / "features", "train", n)
+        synthetic_features(work / "features", "val", 2000, seed=1)
+
+
+if __name__ == "__main__":
+    main()
