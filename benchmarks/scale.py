@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
                 "knn": KNNConfig(kind="knn", k=[10]),
                 "logistic": LogisticConfig(kind="logistic", C=[1.0], max_iter=20)}[stage]
         os.environ["TRANSFERPIPE_HEADS_MEMORY_GB"] = "1e-6" if stage != "logistic" else "1000"
+        shutil.rmtree(work / "features" / "heads", ignore_errors=True)  # a kept --work folder: train, not reuse
         result = train_head(plan_heads([head], train, val, work / "features")[0])
         return f"val acc {result.records[0].val_accuracy:.3f}"
     if stage == "evaluate":

@@ -604,34 +604,42 @@ def _knn_numpy(queries, chunks, k, chunk_size) -> tuple[np.ndarray, np.ndarray]:
     best = [(np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)) for q in qs]
     for b0, block in chunks():
         b = np.asarray(block, dtype=np.float32)
-        ids = np.arange(b0, b0 + len(b))
         for i, q in enumerate(qs):
-            sim = np.concatenate([best[i][0], q @ b.T], axis=1)
-            idx = np.concatenate([best[i][1], np.broadcast_to(ids, (len(q), len(b)))], axis=1)
-            best[i] = _top_k(sim, idx, min(k, sim.shape[1]))
+            # the chunk's own top k first (no index matrix the size of the chunk), then merged with the best so far
+            sim, idx = _top_k(q @ b.T, None, min(k, len(b)), offset=b0)
+            best[i] = _top_k(np.concatenate([best[i][0], sim], axis=1), np.concatenate([best[i][1], idx], axis=1),
+                             min(k, best[i][0].shape[1] + sim.shape[1]))
     if not best:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     return np.concatenate([s for s, _ in best]), np.concatenate([i for _, i in best])
 
 
-def _top_k(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k(sim: np.ndarray, idx: np.ndarray | None, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k largest similarities, ties broken by the lower bank index (as a stable sort would).
 
-    Preselects 2k candidates with ``argpartition`` (linear time) and sorts only
-    those; a row whose k-th value ties with the candidates' last is sorted in full.
+    ``idx``: each column's bank index, or None for ``offset + column``. Preselects
+    2k candidates with ``argpartition`` (linear time) and sorts only those; a row
+    whose k-th value ties with the candidates' last is sorted in full.
     """
+    def index(rows, cols):
+        return cols + offset if idx is None else np.take_along_axis(idx[rows], cols, 1)
+
+    every = slice(None)
     m = 2 * k
     if sim.shape[1] <= m:
-        order = np.lexsort((idx, -sim), axis=-1)[:, :k]
-        return np.take_along_axis(sim, order, 1), np.take_along_axis(idx, order, 1)
-    part = np.argpartition(-sim, m - 1, axis=1)[:, :m]
-    cs, ci = np.take_along_axis(sim, part, 1), np.take_along_axis(idx, part, 1)
+        cols = np.arange(sim.shape[1]) + offset if idx is None else idx
+        order = np.lexsort((np.broadcast_to(cols, sim.shape), -sim), axis=-1)[:, :k]
+        return np.take_along_axis(sim, order, 1), index(every, order)
+    part = np.argpartition(sim, sim.shape[1] - m, axis=1)[:, -m:]
+    cs, ci = np.take_along_axis(sim, part, 1), index(every, part)
     order = np.lexsort((ci, -cs), axis=-1)
     cs, ci = np.take_along_axis(cs, order, 1), np.take_along_axis(ci, order, 1)
     unsure = np.flatnonzero(cs[:, k - 1] <= cs[:, m - 1])  # a tie may reach past the candidates
     if len(unsure):
-        full = np.lexsort((idx[unsure], -sim[unsure]), axis=-1)[:, :m]
-        cs[unsure], ci[unsure] = np.take_along_axis(sim[unsure], full, 1), np.take_along_axis(idx[unsure], full, 1)
+        cols = np.broadcast_to(np.arange(sim.shape[1]) + offset, (len(unsure), sim.shape[1])) if idx is None \
+            else idx[unsure]
+        full = np.lexsort((cols, -sim[unsure]), axis=-1)[:, :m]
+        cs[unsure], ci[unsure] = np.take_along_axis(sim[unsure], full, 1), np.take_along_axis(cols, full, 1)
     return cs[:, :k], ci[:, :k]
 
 

@@ -182,3 +182,7 @@ def test_top_k_breaks_ties_by_the_lower_bank_index_like_a_stable_sort():
         got_sim, got_idx = _top_k(sim, idx, k)
         np.testing.assert_array_equal(got_idx, np.take_along_axis(idx, order, 1))
         np.testing.assert_array_equal(got_sim, np.take_along_axis(sim, order, 1))
+        cols = np.broadcast_to(np.arange(width) + 7, sim.shape)  # a bank chunk starting at row 7
+        order = np.lexsort((cols, -sim), axis=-1)[:, :k]
+        got_sim, got_idx = _top_k(sim, None, k, offset=7)
+        np.testing.assert_array_equal(got_idx, np.take_along_axis(cols, order, 1))
