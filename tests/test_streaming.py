@@ -57,7 +57,7 @@ def test_chunks_keep_the_stored_dtype_and_cover_every_row(splits):
 
 def test_a_corrupt_file_is_caught_by_the_first_streaming_pass(splits):
     from storage.h5file import CorruptFeatureFile
-    from tests.helpers import flip_a_feature_byte
+    from helpers import flip_a_feature_byte
 
     cache, train, _ = splits
     store = FeatureStore(cache)
