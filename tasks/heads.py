@@ -313,11 +313,13 @@ def train_head(plan: HeadPlan) -> HeadResult:
     _single_threaded_blas()
     started = time.perf_counter()
     h = plan.head
-    todo = [(shot, seed, key) for shot, seed, key in fits(plan) if not head_exists(plan.cache_dir, key)]
-    data = _Splits(*(
-        (train_features if key == plan.train_key else load_split)(plan.cache_dir, key, h.layer) if key and todo
-        else (None, None)
-        for key in (plan.train_key, plan.val_key, plan.target_key)))
+    todo = any(not head_exists(plan.cache_dir, key) for _, _, key in fits(plan))
+
+    def split(key: str | None, read) -> Any:  # nothing is read when every fit is stored
+        return read(plan.cache_dir, key, h.layer) if key and todo else (None, None)
+
+    data = _Splits(split(plan.train_key, train_features), split(plan.val_key, load_split),
+                   split(plan.target_key, load_split))
     records = [_reused(plan, key) if head_exists(plan.cache_dir, key) else _fit(plan, shot, seed, key, data)
                for shot, seed, key in fits(plan)]
     fitted = sum(r.fitted for r in records)
