@@ -27,7 +27,7 @@ import os
 import re
 import sys
 from importlib.machinery import PathFinder
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -228,7 +228,10 @@ class Timm(Source):
                 raise BackboneError(f"timm has no pretrained tag {name!r}.{choices(name, tags)}")
 
     def identity(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"timm": version("timm")}
+        try:
+            return {"timm": version("timm")}
+        except PackageNotFoundError:
+            return {"timm": None}  # check() then says which extra to install
 
     def build(self, name: str, kwargs: dict[str, Any], weights: str = "none"):
         _require("timm", "timm")

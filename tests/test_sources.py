@@ -104,7 +104,17 @@ def test_unknown_timm_names_list_close_matches():
 
 
 def test_a_source_whose_package_is_missing_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like to import
+    from importlib.metadata import PackageNotFoundError
+
+    import tasks.sources
+
+    def version(name):
+        if name == "timm":
+            raise PackageNotFoundError(name)
+        return "1.0"
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like: to import
+    monkeypatch.setattr(tasks.sources, "version", version)  # and to package metadata
     with pytest.raises(ValueError, match=r"needs the 'timm' package, which is not installed: pip install 'transferpipe\[timm\]'"):
         BackboneConfig(source="timm", name="a_model_not_seen_before_by_the_cache", weights="none")
     with pytest.raises(MissingExtraError):
