@@ -463,7 +463,8 @@ class TorchLinearHead(GridHead):
         """L-BFGS on mean cross-entropy + wd/2 |W|^2; ``batches()`` yields (x, y) covering the split once."""
         import torch
 
-        opt = torch.optim.LBFGS(layer.parameters(), max_iter=self.max_iter, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(layer.parameters(), max_iter=self.max_iter, line_search_fn="strong_wolfe",
+                                history_size=lbfgs_history(sum(p.numel() for p in layer.parameters())))
 
         def closure():
             opt.zero_grad()
@@ -491,6 +492,15 @@ class TorchLinearHead(GridHead):
                 torch.nn.functional.cross_entropy(layer(X[idx]), y[idx]).backward()
                 opt.step()
         return self.epochs * -(-len(y) // self.batch_size)
+
+
+LBFGS_HISTORY_BYTES = 512 * 2**20
+
+
+def lbfgs_history(n_params: int) -> int:
+    """L-BFGS keeps two float32 vectors per remembered step: torch's 100 steps, fewer when that would pass
+    512 MiB (a 2048 x 1,000 probe: 32 steps, not 1.6 GiB), never fewer than 10."""
+    return int(min(100, max(10, LBFGS_HISTORY_BYTES // (8 * max(n_params, 1)))))
 
 
 class KNNHead(GridHead):
