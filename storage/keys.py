@@ -67,14 +67,17 @@ def feature_spec(
     split: str,
     dtype: str,
     source: dict[str, Any] | None = None,
+    channels_last: list[str] | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the bytes of one feature file (stored in its attrs).
 
     ``source``: where a non-torchvision backbone comes from (timm, or a python
     factory's kwargs and code hash); absent for torchvision so its keys stay as in v0.1.
+    ``channels_last``: layers whose (B, H, W, C) outputs are pooled over space (Swin's stages).
     """
     return {
         **({"source": source} if source is not None else {}),
+        **({"channels_last": list(channels_last)} if channels_last else {}),
         "backbone": backbone,
         "weights": weights,
         "layers": list(layers),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -224,6 +224,7 @@ class BackboneSpec:
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     code: str | None = None  # python source: sha256 of the factory's module file
     search_path: tuple[str, ...] = ()  # python source: where its module is looked for first (not in the key)
+    channels_last: tuple[str, ...] = ()  # layers whose 4-D output is (B, H, W, C), e.g. Swin's stages
 
     def key_fields(self) -> dict[str, Any]:
         fields = {
@@ -232,6 +233,8 @@ class BackboneSpec:
         }
         if self.source != "torchvision":  # torchvision keys are unchanged since v0.1, so their features are reused
             fields["source"] = {"name": self.source, "kwargs": self.kwargs, "code": self.code}
+        if self.channels_last:  # pooled over space since v0.3 (before: over the wrong axes), so recomputed
+            fields["channels_last"] = list(self.channels_last)
         return fields
 
     @property
@@ -285,5 +288,9 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
     if cfg.source == "python":
         path = src.module_file(cfg.name)
         code = _file_digest(path, cache_dir) if path is not None else None
-    return BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed,
+    spec = BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed,
                         cfg.source, dict(cfg.kwargs), code, search)
+    layout = {"what": "channels-last", "source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs,
+              "layers": list(cfg.layers), "crop": preprocess.crop, **src.identity(cfg.name, cfg.kwargs)}
+    found = _memo(cache_dir, layout, lambda: src.channels_last(cfg.name, cfg.kwargs, list(cfg.layers), preprocess.crop))
+    return replace(spec, channels_last=tuple(found))

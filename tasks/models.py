@@ -147,36 +147,4 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
 def build(spec: BackboneSpec) -> FeatureExtractor:
     """The frozen feature extractor, in eval mode, weights loaded, on the CPU."""
     model = load_model(spec)
-    return FeatureExtractor(model, spec.layers, channels_last_layers(spec)).eval().requires_grad_(False)
-
-
-def channels_last_layers(spec: BackboneSpec) -> frozenset[str]:
-    """Layers whose 4-D output is ``(B, H, W, C)`` (Swin's stages), not ``(B, C, H, W)``.
-
-    Found without memory or weights: the architecture runs on the meta device at
-    two input sizes, and the channel axis is the one whose size does not change.
-    A model that accepts one input size only keeps the (B, C, H, W) default.
-    """
-    shapes: dict[str, list[tuple[int, ...]]] = {layer: [] for layer in spec.layers}
-    try:
-        model = skeleton(spec).eval()
-        modules = dict(model.named_modules())
-        head = classifier(spec, model)
-        if head is not None:
-            model.set_submodule(head, nn.Identity())
-
-        def record(layer: str, _m: nn.Module, _i: Any, output: Any) -> None:
-            shapes[layer].append(tuple((output[0] if isinstance(output, tuple) else output).shape))
-
-        for layer in spec.layers:
-            if layer != PENULTIMATE:
-                modules[layer].register_forward_hook(functools.partial(record, layer))
-        for size in (spec.preprocess.crop, spec.preprocess.crop + 64):
-            with torch.no_grad():
-                out = model(torch.empty(1, 3, size, size, device="meta"))
-            if PENULTIMATE in spec.layers:
-                shapes[PENULTIMATE].append(tuple(out.shape))
-    except Exception:  # noqa: BLE001 - fixed-size models, builders that need real data: keep the default
-        return frozenset()
-    return frozenset(layer for layer, (a, b, *_) in ((k, v) for k, v in shapes.items() if len(v) == 2)
-                     if len(a) == 4 and a[3] == b[3] and a[1] != b[1])
+    return FeatureExtractor(model, spec.layers, frozenset(spec.channels_last)).eval().requires_grad_(False)

@@ -108,6 +108,43 @@ class Source:
         except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a few builders touch data at init
             return self.build(name, kwargs)
 
+    def channels_last(self, name: str, kwargs: dict[str, Any], layers: list[str], crop: int) -> list[str]:
+        """Layers whose 4-D output is ``(B, H, W, C)`` (Swin's stages), not ``(B, C, H, W)``.
+
+        Found without memory or weights: the architecture runs on the meta device
+        at two input sizes, and the channel axis is the one whose size does not
+        change. A model that accepts one input size only keeps the default.
+        """
+        import functools
+
+        import torch
+        from torch import nn
+
+        shapes: dict[str, list[tuple[int, ...]]] = {layer: [] for layer in layers}
+        try:
+            model = self.skeleton(name, kwargs).eval()
+            modules = dict(model.named_modules())
+            head = self.classifier(model)
+            if head is not None:
+                model.set_submodule(head, nn.Identity())
+
+            def record(layer: str, _m: Any, _i: Any, output: Any) -> None:
+                shapes[layer].append(tuple((output[0] if isinstance(output, tuple) else output).shape))
+
+            for layer in layers:
+                if layer != "penultimate":
+                    modules[layer].register_forward_hook(functools.partial(record, layer))
+            for size in (crop, crop + 64):
+                with torch.no_grad():
+                    out = model(torch.empty(1, 3, size, size, device="meta"))
+                if "penultimate" in shapes:
+                    shapes["penultimate"].append(tuple(out.shape))
+        except Exception:  # noqa: BLE001 - fixed-size models, builders that need real data: keep the default
+            return []
+        return sorted(layer for layer, found in shapes.items()
+                      if len(found) == 2 and len(found[0]) == 4 and found[0][3] == found[1][3]
+                      and found[0][1] != found[1][1])
+
     def classifier(self, model) -> str | None:
         """The classifier: the last ``nn.Linear`` in module order."""
         from torch import nn

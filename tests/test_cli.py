@@ -95,4 +95,5 @@ def test_a_config_seen_before_loads_and_plans_without_torch(imagefolder, tmp_pat
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     assert runs[0].stdout.strip() == "heavy: torch,torchvision"  # the first time asks torchvision
     assert runs[1].stdout.strip() == "heavy:"
-    assert len(list((tmp_path / "c" / "backbones").glob("*.json"))) == 3  # model names, module names, weights
+    # model name, module names, preprocessing, which layers are channels-last
+    assert len(list((tmp_path / "c" / "backbones").glob("*.json"))) == 4

@@ -309,3 +309,9 @@ def test_real_imagenet_weights_beat_random_init_on_real_digits(tmp_path):
     print("10-shot top-1, ImageNet vs random:", imagenet, random)
     assert imagenet["knn"] - random["knn"] > 0.1, (imagenet, random)
     assert imagenet["logistic"] - random["logistic"] > 0.03, (imagenet, random)
+
+
+def test_channels_last_layers_enter_the_key_so_features_pooled_the_old_way_are_recomputed():
+    swin = resolve(BackboneConfig(name="swin_t", weights="none", layers=["penultimate", "features.5"]))
+    assert swin.key_fields()["channels_last"] == ["features.5"]
+    assert "channels_last" not in resolve(BackboneConfig(name="swin_t", weights="none")).key_fields()
