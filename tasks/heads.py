@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.faults import fault_point
 from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
-from storage.features import FeatureRows, FeatureStore
+from storage.features import FeatureRows, FeatureStore, FeatureStoreError
 from storage import keys
 from tasks import head_defaults as defaults
 from tasks.result import StageResult
@@ -406,5 +406,12 @@ def load_head(cache_dir: Path, key: str) -> GridHead:
     extra = {"best_param": meta["best_param"], "val_accuracy": meta["val_accuracy"], "grid": meta["grid"]}
     head = HEADS[meta["kind"]].from_arrays(meta["params"], arrays, meta["classes"], extra)
     if meta.get("bank"):
-        head.bank_rows_ = FeatureStore(cache_dir).rows(meta["bank"]["key"], meta["bank"]["layer"])
+        bank = meta["bank"]
+        try:
+            head.bank_rows_ = FeatureStore(cache_dir).rows(bank["key"], bank["layer"])
+        except FeatureStoreError as exc:
+            raise FeatureStoreError(
+                f"kNN head {keys.short(key)} searches the train features {keys.short(bank['key'])}, which are not in "
+                f"the cache ({exc}); run the experiment again: its extract stage recomputes them"
+            ) from exc
     return head

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.features import FeatureStore
+from storage.features import FeatureStore, FeatureStoreError
 from storage.keys import feature_key, feature_spec
 from tasks.estimators import KNNHead, TorchLinearHead, knn_search
 from tasks.heads import MEMORY_ENV, KNNConfig, LinearConfig, LogisticConfig, SplitTooBig, load_head, load_split
@@ -128,6 +128,9 @@ def test_heads_stage_streams_a_split_above_the_budget(splits, monkeypatch):
     assert read_meta(other, streamed["knn"].records[0].key)["bank"] == {"key": train, "layer": "penultimate"}
     assert "bank_" not in load_head_arrays(other, streamed["knn"].records[0].key)[1]
     assert isinstance(load_head(other, streamed["knn"].records[0].key), KNNHead)
+    FeatureStore(other).remove(train)  # e.g. cache gc of features unused for a while
+    with pytest.raises(FeatureStoreError, match="run the experiment again: its extract stage recomputes them"):
+        load_head(other, streamed["knn"].records[0].key)
 
 
 def test_a_head_that_needs_memory_says_how_big_the_split_is(splits, monkeypatch):
