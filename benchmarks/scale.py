@@ -1,7 +1,9 @@
 """Scale: wall time and peak memory of each stage at 1x, 10x and 100x its base size.
 
 Each row runs in its own process (peak RSS from ``wait4``, so rows do not
-share a high-water mark), and is printed as ratios to the 1x row of its stage:
+share a high-water mark; torch, scikit-learn and h5py are imported before the
+stage's clock starts, and "stage MiB" is what the stage added to the RSS of
+those imports), and is printed as ratios to the 1x row of its stage:
 time linear in size means ``time ratio ≈ size ratio``; flat memory means
 ``RSS ratio ≈ 1``. Feature files are real, written by the project's own store.
 
@@ -17,6 +19,7 @@ top-confusions chart). Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -178,9 +181,9 @@ def imagenet_probe(rows: int, work: Path) -> str:
 # --------------------------------------------------------------------------- parent: rows and ratios
 
 
-def measure(args: list[str]) -> tuple[float, float, str]:
-    """(seconds in the stage, peak RSS MiB, note) of ``python -m benchmarks.scale --child ...`` in its own
-    process (start-up and imports are not in the seconds; they are in the RSS)."""
+def measure(args: list[str]) -> tuple[float, float, float, str]:
+    """(seconds in the stage, peak RSS MiB, MiB the stage added to the imports' RSS, note) of
+    ``python -m benchmarks.scale --child ...`` in its own process (start-up and imports are not in the seconds)."""
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--child", *args], stdout=subprocess.PIPE,
                             text=True)
     out = proc.stdout.read()
@@ -188,8 +191,9 @@ def measure(args: list[str]) -> tuple[float, float, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed (exit {proc.returncode})")
-    seconds, note = out.strip().splitlines()[-1].split("\t", 1)
-    return float(seconds), usage.ru_maxrss / 1024, note
+    seconds, base, note = out.strip().splitlines()[-1].split("\t", 2)
+    peak = usage.ru_maxrss / 1024
+    return float(seconds), peak, peak - float(base), note
 
 
 def main() -> None:
@@ -204,28 +208,35 @@ def main() -> None:
 
     if args.child:
         stage, n, work = args.child
+        for module in ("h5py", "sklearn.linear_model", "torch"):  # start-up, not the stage: before the clock
+            importlib.import_module(module)
+
+        import resource
+
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         note = imagenet_probe(int(n), Path(work)) if stage == "imagenet" else run_stage(stage, int(n), Path(work))
-        print(f"{time.perf_counter() - t0}\t{note}")
+        print(f"{time.perf_counter() - t0}\t{base}\t{note}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.imagenet_probe:
-            wall, rss, note = measure(["imagenet", str(args.rows), str(work)])
+            wall, rss, _, note = measure(["imagenet", str(args.rows), str(work)])
             print(f"imagenet-size linear probe: {note}; peak RSS {rss:,.0f} MiB, {wall:.0f} s in all")
             return
         print(f"scale benchmark ({os.cpu_count()} cores); ratios to each stage's 1x row")
-        print(f"{'stage':<10}{'size':>12}{'stage s':>9}{'peak RSS MiB':>14}{'time ratio':>12}{'RSS ratio':>11}  note")
+        print(f"{'stage':<10}{'size':>12}{'stage s':>9}{'peak RSS MiB':>14}{'stage MiB':>11}{'time ratio':>12}"
+              f"{'RSS ratio':>11}  note")
         for stage in args.stages:
             first = None
             for scale in args.scales:
                 n = BASE[stage] * scale
                 make_inputs(stage, n, work)
-                wall, rss, note = measure([stage, str(n), str(work)])
+                wall, rss, added, note = measure([stage, str(n), str(work)])
                 first = first or (wall, rss)
-                print(f"{stage:<10}{n:>12,}{wall:>9.1f}{rss:>14,.0f}{wall / first[0]:>11.1f}x{rss / first[1]:>10.2f}x  "
-                      f"{note}", flush=True)
+                print(f"{stage:<10}{n:>12,}{wall:>9.1f}{rss:>14,.0f}{added:>11,.0f}{wall / first[0]:>11.1f}x"
+                      f"{rss / first[1]:>10.2f}x  {note}", flush=True)
 
 
 def make_inputs(stage: str, n: int, work: Path) -> None:
