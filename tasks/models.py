@@ -41,14 +41,9 @@ def _state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor] | None:
     return load_weights_file(spec.weights_file or spec.origin().weights_file(spec.weights))
 
 
-def _architecture(spec: BackboneSpec, pretrained: bool = True) -> nn.Module:
-    kind = "file" if spec.weights_file else spec.weights
-    return spec.origin().build(spec.name, spec.kwargs, kind if pretrained else "none")
-
-
-def skeleton(spec: BackboneSpec) -> nn.Module:
-    with torch.device("meta"):
-        return _architecture(spec)
+def _architecture(spec: BackboneSpec) -> nn.Module:
+    """The architecture its weights need (torchvision enums: their class count), no weights loaded."""
+    return spec.origin().build(spec.name, spec.kwargs, "file" if spec.weights_file else spec.weights)
 
 
 def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str:
@@ -61,7 +56,7 @@ def source_classifier(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray] | str
         state = model.state_dict()
         head = classifier(spec, model)
     else:
-        head = classifier(spec, skeleton(spec))
+        head = classifier(spec, spec.origin().skeleton(spec.name, spec.kwargs))  # names only: no memory
     w, b = state.get(f"{head}.weight"), state.get(f"{head}.bias")
     if w is None or b is None:
         return f"the weights hold no classifier ({head}.weight)"

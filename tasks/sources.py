@@ -331,9 +331,6 @@ class Timm(Source):
             f"and set backbone.weights to its path"
         )
 
-    def weights_file(self, weights: str) -> Path:
-        return Path(weights)
-
     def classifier(self, model) -> str | None:
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
         names = [n for n, m in model.named_modules() if m is head and n]
