@@ -6,10 +6,11 @@ run with one head changed; as baselines, `python -c "import h5py, sklearn"`,
 a trivial Prefect flow in each mode, and a plain script that reads the cached
 train/val features with h5py and fits the same logistic grid. Not a test.
 
-    python -m benchmarks.cli
+    python -m benchmarks.cli [--quick]   # quick: three digit classes, two heads
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import socket
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from benchmarks import QUICK_DIGITS, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "digits-resnet18.yaml"
@@ -51,12 +54,17 @@ def timed(args: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> None:
+    quick = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), {}).quick
     tp = [sys.executable, "-m", "flows.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
         env.update(PREFECT_HOME=f"{tmp}/prefect", TRANSFERPIPE_CACHE_DIR=f"{tmp}/cache", DO_NOT_TRACK="1")
-        changed = yaml.safe_load(CONFIG.read_text())
-        changed["heads"][1]["k"] = [1, 5, 10, 20]  # one head changed: the kNN grid
+        config = yaml.safe_load(CONFIG.read_text())
+        if quick:
+            config.update(data=QUICK_DIGITS, heads=config["heads"][:2])
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        changed = {**config, "heads": [config["heads"][0], {**config["heads"][1], "k": [1, 5, 10, 20]}]}  # the kNN grid
         changed_path = Path(tmp) / "changed.yaml"
         changed_path.write_text(yaml.safe_dump(changed))
         trivial = Path(tmp) / "trivial.py"
@@ -67,9 +75,9 @@ def main() -> None:
         timed([sys.executable, str(trivial)], env)  # creates the ephemeral database: not part of any figure
         t_trivial = timed([sys.executable, str(trivial)], env)
         rows.append(("trivial Prefect flow, ephemeral", t_trivial, None))
-        rows.append(("run, cold (extract + 5 heads + evaluate), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
-        rows.append(("run, warm (all cache hits), ephemeral", timed(tp + ["run", str(CONFIG)], env), 3))
-        rows.append(("plan, warm cache", timed(tp + ["plan", str(CONFIG)], env), 0))
+        rows.append((f"run, cold (extract + {len(config['heads'])} heads + evaluate), ephemeral", timed(tp + ["run", str(config_path)], env), 3))
+        rows.append(("run, warm (all cache hits), ephemeral", timed(tp + ["run", str(config_path)], env), 3))
+        rows.append(("plan, warm cache", timed(tp + ["plan", str(config_path)], env), 0))
         feats = sorted(Path(tmp, "cache", "features").glob("*.h5"))
         plain = plain_baseline(feats, env)
         rows.insert(1, ("plain script: h5py read + logistic C grid", plain, None))
@@ -82,7 +90,7 @@ def main() -> None:
                                      {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
             rows.append(("transferpipe server start", t_start, None))
             rows.append(("trivial Prefect flow, local server", t_trivial_server, None))
-            rows.append(("run, warm (all cache hits), local server", timed(tp + ["run", str(CONFIG)], env), 9))
+            rows.append(("run, warm (all cache hits), local server", timed(tp + ["run", str(config_path)], env), 9))
             rows.append(("run, one head changed, local server", timed(tp + ["run", str(changed_path)], env), 1))
             fit = float(re.search(r"heads ([0-9.]+)s \(computed\)", OUTPUT["last"]).group(1))
             rows.append(("  of which the changed head's fits (heads stage)", fit, None))

@@ -11,7 +11,7 @@ ImageNet-trained EfficientNet-Lite0 through the python source (``transferpipe[de
 other names are torchvision models. Not a test: nothing here asserts a time.
 
     python -m benchmarks.extract [--images 512] [--size 256] [--backbone resnet18 [--backbone efficientnet-lite0]]
-                                 [--crop 224]
+                                 [--crop 224] [--quick]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks import parse_args
 from tasks.backbones import BackboneConfig
 from tasks.models import build
 from tasks.data import DataConfig, Manifest, load_rgb
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--backbone", action="append", help="repeat to compare (default resnet18)")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    args = parse_args(parser, {"images": 32, "size": 64, "crop": 32, "batch_size": 16})
 
     names = args.backbone or ["resnet18"]
     figures = {}

@@ -4,7 +4,7 @@ Frozen blocks hold no parameter that needs a gradient, so autograd neither
 records them nor runs their backward: the partial epoch should be well
 faster. Prints images/s of each and the ratio. Not a test.
 
-    python benchmarks/finetune.py [--images 512] [--crop 96] [--batch-size 32]
+    python benchmarks/finetune.py [--images 512] [--crop 96] [--batch-size 32] [--quick]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from benchmarks import parse_args
 from benchmarks.extract import make_images
 from tasks.backbones import BackboneConfig, resolve
 from tasks.data import DataConfig
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="resnet18")
-    args = parser.parse_args()
+    args = parse_args(parser, {"images": 32, "crop": 32, "batch_size": 16})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_images(tmp / "images", args.images, 128)

@@ -11,7 +11,7 @@ Part 2: this project's logistic sweep (warm starts, parallel runs) against a
 plain LogisticRegression loop over the same C grid, on the same features:
 time ratio and both best validation accuracies.
 
-    python -m benchmarks.heads [--epochs 10]
+    python -m benchmarks.heads [--epochs 10] [--quick]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader
 
+from benchmarks import QUICK_DIGITS, parse_args
 from tasks.backbones import BackboneConfig
 from tasks.models import build
 from tasks.data import DataConfig, Manifest, load_rgb
@@ -61,11 +62,11 @@ def tutorial(plan, epochs: int, batch_size: int) -> float:
 
 def pipeline(plans, cache: Path, epochs: int, batch_size: int) -> tuple[float, dict[str, float]]:
     started = time.perf_counter()
-    results = {p.split: extract_split(p) for p in plans}
+    results = {split: extract_split(p) for split, p in plans.items()}
     X, y = load_split(cache, results["train"].key, "penultimate")
     Xv, yv = load_split(cache, results["val"].key, "penultimate")
     heads = {
-        "linear (adamw, 10 epochs)": TorchLinearHead(weight_decay=(0.0,), optimizer="adamw", epochs=epochs,
+        f"linear (adamw, {epochs} epochs)": TorchLinearHead(weight_decay=(0.0,), optimizer="adamw", epochs=epochs,
                                                      batch_size=batch_size, device="cpu"),
         "logistic (13-point C sweep)": LogisticHead(),
         "knn (6 k values)": KNNHead(device="cpu"),
@@ -101,10 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    args = parse_args(parser, {"epochs": 2})
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        data = DataConfig(source="digits")
+        data = DataConfig(**(QUICK_DIGITS if args.quick else {"source": "digits"}))
         plans = plan_extraction(data, BACKBONE, ExtractConfig(dtype="float32", num_workers=0), cache)
         train_plan = plans["train"]
         t_a = tutorial(train_plan, args.epochs, args.batch_size)
@@ -115,7 +116,7 @@ def main() -> None:
         print(f"  (b) extract once + the same linear head + 3 more heads          {t_b:7.2f} s")
         print(f"  a/b = {t_a / t_b:.2f}   (val accuracy of (b)'s heads: "
               + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + ")")
-        keys = {p.split: p.key for p in plans}
+        keys = {split: p.key for split, p in plans.items()}
         sweep_versus_loop(cache, keys["train"], keys["val"])
 
 

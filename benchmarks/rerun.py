@@ -4,15 +4,17 @@ All runs share one Prefect ephemeral server (started before any timing), so
 the figures compare the pipeline, not server start-up. Prints warm/cold and
 one-head/cold, and the warm run's overhead over a trivial flow. Not a test.
 
-    python -m benchmarks.rerun
+    python -m benchmarks.rerun [--quick]
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 
 from prefect import flow
 
+from benchmarks import QUICK_DIGITS, parse_args
 from flows.config import parse_config
 from flows.pipeline import pipeline_flow
 from flows.runtime import local_run_settings
@@ -30,9 +32,10 @@ def timed(fn, *args) -> float:
 
 
 def main() -> None:
+    args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), {})
     with tempfile.TemporaryDirectory() as cache, local_run_settings():
         heads = [{"kind": "logistic", "shots": [1, 5, "all"], "seeds": 2}, {"kind": "knn", "k": [1, 5, 10]}]
-        raw = {"name": "rerun-bench", "data": {"source": "digits"}, "cache_dir": cache, "heads": heads,
+        raw = {"name": "rerun-bench", "data": QUICK_DIGITS if args.quick else {"source": "digits"}, "cache_dir": cache, "heads": heads,
                "backbone": {"name": "resnet18", "weights": "none", "preprocess": {"resize": 32, "crop": 32}}}
         trivial()  # starts the ephemeral server: not part of any figure
         t_trivial = min(timed(trivial) for _ in range(3))

@@ -6,7 +6,7 @@ PREFECT_API_URL names one). The sharded figure includes starting the cluster
 and joining the shards. Prints sharded/single, the join's share, and checks
 the features are identical. Not a test.
 
-    python -m benchmarks.scale_out [--workers 2]
+    python -m benchmarks.scale_out [--workers 2] [--quick]
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import time
 
 import numpy as np
 
+from benchmarks import QUICK_DIGITS, parse_args
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args(parser, {})
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         from flows.server import start_server
@@ -29,7 +31,7 @@ def main() -> None:
         server = start_server()
         os.environ.update(server[0].env())
     try:
-        run(args.workers)
+        run(args.workers, args.quick)
     finally:
         if server:
             from flows.server import stop_server
@@ -37,7 +39,7 @@ def main() -> None:
             stop_server(*server)
 
 
-def run(workers: int) -> None:
+def run(workers: int, quick: bool = False) -> None:
     from flows.config import parse_config
     from flows.pipeline import pipeline_flow
     from storage.features import FeatureStore
@@ -46,7 +48,7 @@ def run(workers: int) -> None:
         return pipeline_flow(cfg, stop_after="extract").features
 
     with tempfile.TemporaryDirectory() as tmp:
-        raw = {"name": "scale-bench", "data": {"source": "digits"}, "extract": {"batch_size": 64},
+        raw = {"name": "scale-bench", "data": QUICK_DIGITS if quick else {"source": "digits"}, "extract": {"batch_size": 64},
                "backbone": {"name": "resnet18", "weights": "none", "preprocess": {"resize": 64, "crop": 64}}}
         single = parse_config({**raw, "cache_dir": f"{tmp}/single"})
         sharded = parse_config({**raw, "cache_dir": f"{tmp}/sharded", "dask": {"workers": workers}})

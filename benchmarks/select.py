@@ -5,7 +5,7 @@ seeds, on the digits at 32 px) this times LogME and H-score against the
 logistic probe (13-point C sweep on val) that they stand in for, and prints
 the ratios. Not a test.
 
-    python -m benchmarks.select [--candidates 4]
+    python -m benchmarks.select [--candidates 4] [--quick]
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import QUICK_DIGITS, parse_args
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
@@ -25,13 +26,13 @@ from tasks.select import h_score, logme
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=4)
-    args = parser.parse_args()
+    args = parse_args(parser, {"candidates": 2})
     t_logme = t_h = t_probe = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         for seed in range(args.candidates):
             backbone = BackboneConfig(name="resnet18", weights="none", init_seed=seed, preprocess={"resize": 32, "crop": 32})
-            plans = plan_extraction(DataConfig(source="digits"), backbone, ExtractConfig(), cache)
+            plans = plan_extraction(DataConfig(**(QUICK_DIGITS if args.quick else {"source": "digits"})), backbone, ExtractConfig(), cache)
             X, y = load_split(cache, extract_split(plans["train"]).key, "penultimate")
             Xv, yv = load_split(cache, extract_split(plans["val"]).key, "penultimate")
             started = time.perf_counter()

@@ -7,7 +7,7 @@ everything read) versus ``np.load``. Prints MB/s and store/numpy ratios, and
 rows/s of the write path: compare it with the images/s of benchmarks/extract.py
 to see that the store does not limit extraction. Not a test.
 
-    python -m benchmarks.store [--rows 50000] [--dim 2048] [--batch 256]
+    python -m benchmarks.store [--rows 50000] [--dim 2048] [--batch 256] [--quick]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import parse_args
 from storage.features import FeatureStore
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    args = parser.parse_args()
+    args = parse_args(parser, {"rows": 2_000, "dim": 256})
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((args.rows, args.dim), dtype=np.float32).astype(args.dtype)

@@ -1,0 +1,37 @@
+"""Every benchmark's ``--quick`` run, as a user would start it: none can rot unnoticed.
+
+The benchmarks are discovered, not listed, so a new one is run here without
+touching this file. Nothing asserts a time: a benchmark passes when it exits 0
+and prints figures.
+"""
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import benchmarks
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_"))
+
+
+def test_every_benchmark_is_found():
+    assert {"cli", "extract", "finetune", "heads", "rerun", "scale", "scale_out", "select", "store"} <= set(NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_run(name: str, tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "TRANSFERPIPE_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), TMPDIR=str(tmp_path), DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"benchmarks.{name} --quick failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) >= 2 and any(ch.isdigit() for ch in done.stdout), done.stdout
