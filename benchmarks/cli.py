@@ -6,7 +6,7 @@ run with one head changed; as baselines, `python -c "import h5py, sklearn"`,
 a trivial Prefect flow in each mode, and a plain script that reads the cached
 train/val features with h5py and fits the same logistic grid. Not a test.
 
-    python -m benchmarks.cli [--quick]   # quick: three digit classes, two heads
+    python -m benchmarks.cli [--quick] [--markdown]   # quick: three digit classes, two heads; markdown: the README's table
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def timed(args: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    quick = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), {}).quick
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (the README's)")
+    args = parse_args(parser, {})
+    quick = args.quick
     tp = [sys.executable, "-m", "flows.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
@@ -75,7 +78,8 @@ def main() -> None:
         timed([sys.executable, str(trivial)], env)  # creates the ephemeral database: not part of any figure
         t_trivial = timed([sys.executable, str(trivial)], env)
         rows.append(("trivial Prefect flow, ephemeral", t_trivial, None))
-        rows.append((f"run, cold (extract + {len(config['heads'])} heads + evaluate), ephemeral", timed(tp + ["run", str(config_path)], env), 3))
+        cold = f"run, cold (extract + {len(config['heads'])} heads + evaluate), ephemeral"
+        rows.append((cold, timed(tp + ["run", str(config_path)], env), 3))
         rows.append(("run, warm (all cache hits), ephemeral", timed(tp + ["run", str(config_path)], env), 3))
         rows.append(("plan, warm cache", timed(tp + ["plan", str(config_path)], env), 0))
         feats = sorted(Path(tmp, "cache", "features").glob("*.h5"))
@@ -99,10 +103,16 @@ def main() -> None:
             timed(tp + ["server", "stop"], env)
     base = {0: rows[0][1], 1: plain, 3: t_trivial, 9: t_trivial_server}
     names = {0: "import h5py, sklearn", 1: "plain script", 3: "trivial flow, ephemeral", 9: "trivial flow, server"}
-    print(f"CLI benchmark (from the shell, start-up included; {os.cpu_count()} cores)")
+    if args.markdown:
+        print("| command | seconds | ratio to its baseline |\n|---|---|---|")
+    else:
+        print(f"CLI benchmark (from the shell, start-up included; {os.cpu_count()} cores)")
     for what, seconds, against in rows:
         ratio = f"{seconds / base[against]:5.2f}x {names[against]}" if against in base else ""
-        print(f"  {what:<55} {seconds:7.2f} s   {ratio}")
+        if args.markdown:
+            print(f"| {what.strip()} | {seconds:.2f} | {ratio.strip() or '(baseline)'} |")
+        else:
+            print(f"  {what:<55} {seconds:7.2f} s   {ratio}")
 
 
 def plain_baseline(features: list[Path], env: dict[str, str]) -> float:

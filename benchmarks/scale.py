@@ -74,7 +74,8 @@ def synthetic_features(cache: Path, name: str, rows: int, dim: int = DIM, classe
     from storage.keys import feature_key, feature_spec
 
     spec = feature_spec(backbone="synthetic", weights=f"clusters(seed={seed},classes={classes})", layers=["penultimate"],
-                        pooling="avg", preprocess={}, dataset=f"{name}-{rows}x{dim}", split=name, dtype="float16")
+                        pooling="avg", preprocess={}, dataset=f"{name}-{rows}x{dim}", split=name, dtype="float16",
+                        precision="fp32")
     key = feature_key(spec)
     store = FeatureStore(cache)
     if store.lookup(key):

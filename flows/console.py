@@ -13,6 +13,22 @@ out = Console()
 err = Console(stderr=True)
 
 
+def print_table(title: str, columns: list[str], rows: list[list[str]], markdown: bool = False) -> None:
+    """A table on stdout: rich's, or GitHub markdown (what the README holds, pasted as it is)."""
+    if markdown:
+        lines = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
+        print("\n".join([*lines, *(f"| {' | '.join(row)} |" for row in rows)]))
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """One line on stderr instead of a traceback: exit 2 for bad input, 1 for a failed run.
 

@@ -66,6 +66,7 @@ def feature_spec(
     dataset: str,
     split: str,
     dtype: str,
+    precision: str,
     source: dict[str, Any] | None = None,
     channels_last: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -74,6 +75,8 @@ def feature_spec(
     ``source``: where a non-torchvision backbone comes from (timm, or a python
     factory's kwargs and code hash); absent for torchvision so its keys stay as in v0.1.
     ``channels_last``: layers whose (B, H, W, C) outputs are pooled over space (Swin's stages).
+    ``precision``: what the forward pass computed in (fp32, or bf16/fp16 autocast on CUDA), so
+    features from different precisions never share a file and a resume never mixes them.
     """
     return {
         **({"source": source} if source is not None else {}),
@@ -86,6 +89,7 @@ def feature_spec(
         "dataset": dataset,
         "split": split,
         "dtype": dtype,
+        "precision": precision,
         "format_version": FEATURE_FORMAT_VERSION,
     }
 
@@ -114,11 +118,12 @@ def fit_spec(
 
 
 def finetune_spec(
-    backbone: dict[str, Any], features: dict[str, str], finetune: dict[str, Any], probe: str | None
+    backbone: dict[str, Any], features: dict[str, str], finetune: dict[str, Any], probe: str | None, precision: str
 ) -> dict[str, Any]:
-    """A fine-tuning run: backbone identity, the splits' feature keys, its settings, the LP-FT probe."""
+    """A fine-tuning run: backbone identity, the splits' feature keys, its settings, the LP-FT probe, and the
+    precision its forward and backward passes run in (a checkpoint is never resumed in another one)."""
     return {"kind": "finetune", "version": CODE_VERSIONS["finetune"], "backbone": backbone, "features": features,
-            "finetune": finetune, "probe": probe}
+            "finetune": finetune, "probe": probe, "precision": precision}
 
 
 def evaluation_spec(experiment: str, test: str, models: list[dict[str, Any]]) -> dict[str, Any]:

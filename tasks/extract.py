@@ -23,13 +23,16 @@ from storage.layout import CacheLayout
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, resolve
 from tasks.result import StageResult
+from tasks.runtime import forward_precision
 from tasks.data import BadImageError, DataConfig, build_manifest
 
 log = logging.getLogger("transferpipe.extract")
 
 
 class ExtractConfig(BaseModel):
-    """``extract:`` section. Nothing here changes the features, so nothing here is in the key."""
+    """``extract:`` section. Of these, ``dtype`` (storage) and the precision that ``device`` and ``amp`` give
+    (:func:`tasks.runtime.forward_precision`) are in the feature key; batch size, workers and channels_last
+    do not change the features."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,9 +94,10 @@ def plan_extraction(
     manifest = build_manifest(data, cache_dir)
     manifest_path = manifest.save(CacheLayout(cache_dir).manifest(manifest.dataset_id))
     spec = resolve(backbone, cache_dir)
+    precision = forward_precision(extract.device, extract.amp)
     plans = {}
     for split, fp in manifest.fingerprints.items():
-        fspec = feature_spec(**spec.key_fields(), dataset=fp, split=split, dtype=extract.dtype)
+        fspec = feature_spec(**spec.key_fields(), dataset=fp, split=split, dtype=extract.dtype, precision=precision)
         plans[split] = SplitPlan(
             key=feature_key(fspec), split=split, spec=fspec, manifest=manifest_path,
             cache_dir=Path(cache_dir), backbone=spec, extract=extract, on_bad_image=data.on_bad_image,

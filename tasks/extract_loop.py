@@ -20,7 +20,7 @@ from tasks.backbones import BackboneSpec, Preprocess
 from tasks.data import DECODE_ERRORS, BadImageError, Manifest, check_headers, load_rgb
 from tasks.data import num_workers_for, worker_init
 from tasks.models import FeatureExtractor, build
-from tasks.runtime import pick_device, versions
+from tasks.runtime import autocast_dtype, pick_device, versions
 
 log = logging.getLogger("transferpipe.extract")
 
@@ -56,7 +56,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
 class _Runner:
     """The frozen model on its device, with the CUDA speed-ups when they apply."""
 
-    def __init__(self, spec: BackboneSpec, cfg: ExtractConfig) -> None:
+    def __init__(self, spec: BackboneSpec, cfg: ExtractConfig, precision: str) -> None:
         self.device = pick_device(cfg.device)
         self.cuda = self.device.type == "cuda"
         self.channels_last = self.cuda and cfg.channels_last
@@ -65,9 +65,7 @@ class _Runner:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.amp_dtype = None
-        if self.cuda and cfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = autocast_dtype(precision, self.device)  # as planned: the precision is in the key
         self.dtype = getattr(torch, cfg.dtype)
         self.batches = 0
 
@@ -119,7 +117,7 @@ def compute(plan: SplitPlan, store: FeatureStore, started: float, name: str, spa
     """Rows ``span`` of the split into ``name``'s file in ``store`` (resuming its partial file)."""
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits[plan.split][span[0] : span[1]]
-    runner = _Runner(plan.backbone, plan.extract)
+    runner = _Runner(plan.backbone, plan.extract, plan.spec["precision"])
     rows = {} if span == (0, None) else {"rows": f"{span[0]}:{span[0] + len(items)}"}
     with store.writer(
         name, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),

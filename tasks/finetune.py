@@ -30,6 +30,7 @@ from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneSpec
 from tasks.result import StageResult
+from tasks.runtime import forward_precision
 
 log = logging.getLogger("transferpipe.finetune")
 
@@ -120,7 +121,8 @@ def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, c
     """Key: feature inputs (backbone + split fingerprints) + finetune config + LP-FT head identity."""
     probe_key = probe_key if cfg.init_head == "best_probe" else None
     spec = keys.finetune_spec(backbone.key_fields(), feature_keys,
-                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probe_key)
+                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probe_key,
+                              forward_precision(cfg.device, cfg.amp))
     return FinetunePlan(spec=spec, key=keys.key(spec), backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir), finetune=cfg,
                         probe_key=probe_key)
 

@@ -30,7 +30,7 @@ from tasks.data import Manifest, load_rgb
 from tasks.data import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES
 from tasks.models import classifier, load_model
-from tasks.runtime import pick_device
+from tasks.runtime import autocast_dtype, pick_device
 
 log = logging.getLogger("transferpipe.finetune")
 
@@ -237,9 +237,7 @@ def _setup(plan: FinetunePlan) -> _Run:
     train_set = _TrainImages(manifest.root, manifest.splits["train"], pre, cfg.augment, cfg.seed)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     opt = build_optimizer(model, head, cfg)
-    amp_dtype = None
-    if device.type == "cuda" and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(plan.spec["precision"], device)  # as planned: the precision is in the key
     return _Run(
         plan=plan, classes=manifest.classes, device=device, model=model, params=params, frozen_bn=frozen_bn,
         train_set=train_set, val_set=_TrainImages(manifest.root, manifest.splits["val"], pre, "none", cfg.seed),

@@ -1,4 +1,5 @@
-"""What the stages run on: the device (``auto`` means CUDA when torch sees one) and library versions."""
+"""What the stages run on: the device (``auto`` means CUDA when torch sees one), the numeric precision
+of its forward passes, and library versions."""
 from __future__ import annotations
 
 import os
@@ -28,6 +29,42 @@ def cuda_possible() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+#: what a forward pass computes in: plain float32, or autocast to bfloat16 / float16 (AMP, CUDA only)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def forward_precision(device: str, amp: bool) -> str:
+    """The precision a stage with this ``device`` and ``amp`` setting computes in on this machine.
+
+    It is part of the feature and fine-tune keys: AMP runs only on CUDA, in bf16
+    where the GPU supports it, else fp16; everything else is fp32. The device
+    type is not in the keys: fp32 on a GPU and on a CPU differ only by
+    floating-point rounding (and TF32 convolutions, PyTorch's default on
+    Ampere and newer GPUs). No torch import on a machine without an NVIDIA driver.
+    """
+    if not amp or device == "cpu" or not cuda_possible():
+        return "fp32"
+    import torch
+
+    if device == "auto" or torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a planned precision (None: plain fp32); refuses AMP planned for a device without it."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"this run was planned in {precision} autocast (AMP on CUDA) but runs on {device}: "
+                         f"its features would not match its key; set extract.amp/finetune.amp: false or use a GPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def versions() -> dict[str, str]:

@@ -85,3 +85,49 @@ def test_editing_one_image_changes_only_its_split(tiny_config):
     k1 = keys(content)
     os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     assert keys(content) == k1  # content fingerprints ignore mtime
+
+
+# --------------------------------------------------------------------------- numeric precision
+
+
+def test_precision_is_in_the_feature_key():
+    from storage.keys import feature_key, feature_spec
+
+    fields = dict(backbone="resnet18", weights="none(seed=0)", layers=["penultimate"], pooling="avg",
+                  preprocess={}, dataset="d", split="train", dtype="float16")
+    by_precision = {p: feature_key(feature_spec(**fields, precision=p)) for p in ("fp32", "bf16", "fp16")}
+    assert len(set(by_precision.values())) == 3
+
+
+def test_a_cpu_plan_says_fp32_whatever_amp_says(tiny_config):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine amp: true plans bf16/fp16 (tests/test_gpu.py)")
+    for amp in (True, False):
+        for device in ("auto", "cpu"):
+            plans = split_plans(tiny_config(extract={"amp": amp, "device": device}))
+            assert {p.spec["precision"] for p in plans.values()} == {"fp32"}
+
+
+def test_amp_planned_but_run_on_a_cpu_is_refused():
+    """A plan made in bf16 (on a GPU) never computes into its key on a CPU: the run says why instead."""
+    import torch
+
+    from tasks.runtime import autocast_dtype
+
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="planned in bf16 autocast .* runs on cpu"):
+        autocast_dtype("bf16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision 'fp64' is not one of fp32, bf16, fp16"):
+        autocast_dtype("fp64", torch.device("cpu"))
+
+
+def test_finetune_key_names_its_precision(tiny_config):
+    from tasks.backbones import resolve
+    from tasks.finetune import FinetuneConfig, plan_finetune
+
+    cfg = tiny_config()
+    plan = plan_finetune(FinetuneConfig(enabled=True, init_head="random"), resolve(cfg.backbone, cfg.cache_dir),
+                         split_plans(cfg)["train"].manifest, cfg.cache_dir, {}, None)
+    assert plan.spec["precision"] in ("fp32", "bf16", "fp16")

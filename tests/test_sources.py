@@ -24,7 +24,8 @@ def features(extractor, x):
 
 def key_of(cfg: BackboneConfig) -> str:
     spec = resolve(cfg)
-    return feature_key(feature_spec(**spec.key_fields(), dataset="d", split="train", dtype="float16"))
+    return feature_key(feature_spec(**spec.key_fields(), dataset="d", split="train", dtype="float16",
+                                   precision="fp32"))
 
 
 def timm_reference(name: str, seed: int = 4):

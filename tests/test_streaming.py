@@ -27,7 +27,7 @@ def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def synthetic_spec(name: str, n: int, seed: int) -> dict:
     return feature_spec(backbone="synthetic", weights=f"blobs(n={n},seed={seed})", layers=["penultimate"],
-                        pooling="avg", preprocess={}, dataset=name, split=name, dtype="float16")
+                        pooling="avg", preprocess={}, dataset=name, split=name, dtype="float16", precision="fp32")
 
 
 def store_split(cache: Path, name: str, n: int, seed: int, block: int = 500) -> str:

@@ -1,0 +1,90 @@
+"""Regenerate the README's measured tables from real runs of the commands they describe.
+
+Each table sits between two markers in README.md::
+
+    <!-- readme:demo -->
+    | ... the table ... |
+    <!-- /readme:demo -->
+
+and comes from one command (``SECTIONS``), run here as a subprocess in a fresh
+cache and Prefect home, whose markdown table replaces what the markers hold.
+After bumping a dependency: ``bash .ci/lock``, then this script, then commit
+both (``tests/test_readme.py`` checks the demo's table against a real run).
+
+    python -m benchmarks.readme [--only demo imagenet cli] [--check]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+TP = [sys.executable, "-m", "flows.cli"]
+
+#: section name -> the command whose markdown table it holds (``{cache}``: a fresh cache folder)
+SECTIONS: dict[str, list[str]] = {
+    "demo": [*TP, "demo", "--markdown", "--cache-dir", "{cache}"],
+    "imagenet": [*TP, "demo", "--imagenet", "--markdown", "--cache-dir", "{cache}"],
+    "cli": [sys.executable, "-m", "benchmarks.cli", "--markdown"],
+}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- readme:{name} -->\n)(.*?)(<!-- /readme:{name} -->)", re.S)
+
+
+def section(text: str, name: str) -> str:
+    """The table the README holds for ``name`` (a missing marker is an error naming it)."""
+    found = _pattern(name).search(text)
+    if found is None:
+        raise ValueError(f"README.md has no <!-- readme:{name} --> ... <!-- /readme:{name} --> block")
+    return found.group(2)
+
+
+def table(stdout: str) -> str:
+    """The markdown table in a command's output: its lines that start with ``|``."""
+    return "".join(line + "\n" for line in stdout.splitlines() if line.startswith("|"))
+
+
+def measure(name: str, workdir: Path) -> str:
+    """Run the section's command in a fresh cache and Prefect home; its markdown table."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
+    env.update(PREFECT_HOME=str(workdir / "prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    args = [a.replace("{cache}", str(workdir / "cache")) for a in SECTIONS[name]]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if not (found := table(done.stdout)):
+        raise SystemExit(f"{' '.join(args)} printed no markdown table:\n{done.stdout[-2000:]}")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--check", action="store_true", help="only say which tables differ; exit 1 if any does")
+    args = parser.parse_args()
+    text, stale = README.read_text(), []
+    for name in args.only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"{name}: {' '.join(SECTIONS[name])}", flush=True)
+            new = measure(name, Path(tmp))
+        if new != section(text, name):
+            stale.append(name)
+            text = _pattern(name).sub(lambda m: m.group(1) + new + m.group(3), text)
+        print(new, flush=True)
+    if args.check:
+        print(f"differ from the README: {', '.join(stale) or 'none'}")
+        raise SystemExit(1 if stale else 0)
+    README.write_text(text)
+    print(f"README.md: {', '.join(stale) or 'nothing'} updated")
+
+
+if __name__ == "__main__":
+    main()
