@@ -24,7 +24,7 @@ def one_epoch(manifest: Path, cache: Path, args, **unfreeze) -> float:
     cfg = FinetuneConfig(enabled=True, epochs=1, batch_size=args.batch_size, init_head="random", augment="none",
                          num_workers=0, early_stopping=None, **unfreeze)
     spec = resolve(BackboneConfig(name=args.backbone, weights="none", preprocess={"resize": args.crop, "crop": args.crop}))
-    plan = plan_finetune(cfg, spec, manifest, cache, {}, None)
+    plan = plan_finetune(cfg, spec, manifest, cache, {}, [])
     return finetune(plan).history[0].images_per_s
 
 

@@ -1,15 +1,15 @@
-"""The pipeline flow: extract → heads → finetune (if enabled) → evaluate, the only place that orders stages."""
+"""The pipeline flow: the experiment graph (flows/graph.py: extract → heads → finetune if enabled → evaluate) run
+as one Prefect flow, its results as one small model."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows import stages
+from flows import graph
 from flows.artifacts import publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.runtime import experiment_run_name
@@ -19,7 +19,7 @@ from tasks.finetune import FinetuneResult
 from tasks.heads import HeadResult
 from tasks.result import summarize
 
-Stop = Literal["extract", "heads", "finetune", "evaluate"]
+Stop = graph.Goal
 
 
 class PipelineResult(BaseModel):
@@ -53,20 +53,11 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     commands); the stage named there runs even when the config leaves it out.
     """
     config = as_config(config)
-    features = stages.extract_features(config)
-    timings = {"extract": summarize(list(features.values()))}
-    trained, tuned, evaluation = [], None, None
-    if stop_after == "evaluate":
-        stages.require_test_split(features)
-    if stop_after != "extract" and (config.heads or stop_after == "heads"):
-        trained = stages.train_heads(config, features)
-        timings["heads"] = summarize(trained)
-    if stop_after in ("finetune", "evaluate") and (config.finetune.enabled or stop_after == "finetune"):
-        tuned = stages.finetune_backbone(config, features, trained)
-        timings["finetune"] = summarize(tuned)
-    if stop_after == "evaluate":
-        evaluation = stages.evaluate_models(config, features, trained, tuned, dict(timings))
-        timings["evaluate"] = summarize(evaluation)
+    ran = graph.run(config, stop_after)
+    results = {stage: done.results for stage, done in ran.items()}
+    evaluation = results["evaluate"][0] if "evaluate" in results else None
+    if evaluation is not None:
         publish_report(config.name, evaluation)
-    return PipelineResult(experiment=config.name, features=features, heads=trained, finetune=tuned,
-                          evaluation=evaluation, stages=timings)
+    return PipelineResult(experiment=config.name, features=graph.features(ran), heads=results.get("heads", []),
+                          finetune=results["finetune"][0] if "finetune" in results else None, evaluation=evaluation,
+                          stages={stage: summarize(r) for stage, r in results.items()})

@@ -98,8 +98,11 @@ class CacheLayout:
     def metrics(self, key: str) -> Path:
         return self.root / "metrics" / f"{key}.json"
 
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
+
     def scores(self, key: str) -> Path:
-        return self.root / "scores" / f"{key}.json"
+        return self.scores_dir() / f"{key}.json"
 
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment

@@ -88,7 +88,8 @@ class FinetunePlan(BaseModel):
     manifest: Path
     cache_dir: Path
     finetune: FinetuneConfig
-    probe_key: str | None = Field(None, description="LP-FT: the artifact key of the best linear probe")
+    probes: list[str] = Field(default_factory=list, description="LP-FT: fit keys of the linear probes it may start "
+                                                                 "from; the stage starts from the best on val")
 
 
 class EpochLog(BaseModel):
@@ -117,14 +118,18 @@ class FinetuneResult(StageResult):
 
 
 def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, cache_dir: Path,
-                  feature_keys: dict[str, str], probe_key: str | None) -> FinetunePlan:
-    """Key: feature inputs (backbone + split fingerprints) + finetune config + LP-FT head identity."""
-    probe_key = probe_key if cfg.init_head == "best_probe" else None
+                  feature_keys: dict[str, str], probes: list[str]) -> FinetunePlan:
+    """Key: feature inputs (backbone + split fingerprints) + finetune config + the LP-FT probes to choose from.
+
+    The probes are fit keys (:func:`tasks.heads.probe_candidates`): which one is best on val follows from them,
+    so the key is known before any head is trained.
+    """
+    probes = list(probes) if cfg.init_head == "best_probe" else []
     spec = keys.finetune_spec(backbone.key_fields(), feature_keys,
-                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probe_key,
+                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probes or None,
                               forward_precision(cfg.device, cfg.amp))
-    return FinetunePlan(spec=spec, key=keys.key(spec), backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir), finetune=cfg,
-                        probe_key=probe_key)
+    return FinetunePlan(spec=spec, key=keys.key(spec), backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir),
+                        finetune=cfg, probes=probes)
 
 
 def run_files(plan: FinetunePlan) -> RunFiles:

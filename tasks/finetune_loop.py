@@ -28,7 +28,7 @@ from storage.keys import canonical_json, short
 from tasks.backbones import Preprocess
 from tasks.data import Manifest, load_rgb
 from tasks.data import num_workers_for, worker_init
-from tasks.heads import LINEAR_PROBES
+from tasks.heads import LINEAR_PROBES, best_probe
 from tasks.models import classifier, load_model
 from tasks.runtime import autocast_dtype, pick_device
 
@@ -223,12 +223,12 @@ def _setup(plan: FinetunePlan) -> _Run:
     model = load_model(plan.backbone, num_classes=len(manifest.classes))
     head = classifier(plan.backbone, model)
     if cfg.init_head == "best_probe":
-        if plan.probe_key is None:
+        if not plan.probes:
             raise ValueError(
                 "finetune.init_head is best_probe but no linear probe was trained: add a logistic or linear head "
                 "(penultimate layer, shots including all, preprocess none or standardize), or set init_head: random"
             )
-        init_head_from_probe(model, head, plan.cache_dir, plan.probe_key)
+        init_head_from_probe(model, head, plan.cache_dir, best_probe(plan.cache_dir, plan.probes))
     params, frozen_bn = freeze(model, unfrozen_modules(model, cfg, head))
     model.to(device)
     if device.type == "cuda":

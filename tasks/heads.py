@@ -388,14 +388,17 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
 LINEAR_PROBES = ("logistic", "linear")
 
 
-def best_probe(results: list[HeadResult], cache_dir: Path) -> str | None:
-    """Artifact key of the best linear probe on the penultimate layer, all labels (for LP-FT)."""
-    candidates = [
-        rec for r in results if r.kind in LINEAR_PROBES and r.layer == "penultimate"
-        for rec in r.records if rec.shot == "all"
-        and read_meta(cache_dir, rec.key)["params"]["preprocess"] in ("none", "standardize")
-    ]
-    return max(candidates, key=lambda rec: rec.val_accuracy).key if candidates else None
+def probe_candidates(plans: list[HeadPlan]) -> list[str]:
+    """Fit keys of the heads LP-FT may start from: linear probes on the penultimate layer, all labels, raw or
+    standardised features. Known before any head is trained, so the fine-tune key is too (``transferpipe plan``)."""
+    return [key for p in plans if p.head.kind in LINEAR_PROBES and p.head.layer == "penultimate"
+            and p.head.preprocess in ("none", "standardize") for shot, _, key in fits(p) if shot == "all"]
+
+
+def best_probe(cache_dir: Path, candidates: list[str]) -> str | None:
+    """The candidate fit with the best validation accuracy (the first of equals); None without candidates."""
+    accuracy = {key: read_meta(cache_dir, key)["val_accuracy"] for key in candidates}
+    return max(candidates, key=accuracy.__getitem__) if candidates else None
 
 
 def load_head(cache_dir: Path, key: str) -> GridHead:

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import keys
+from storage.atomic import write_json, write_text
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneConfig, BackboneSpec
 from tasks.heads import load_split
@@ -143,6 +144,7 @@ class ScorePlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key: str
+    spec: dict[str, Any]
     label: str
     train_key: str
     layer: str
@@ -163,8 +165,8 @@ class ScoreResult(StageResult):
 
 
 def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbone: BackboneSpec) -> ScorePlan:
-    key = keys.key(keys.scores_spec(train_key, layer, backbone.weights_id))
-    return ScorePlan(key=key, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
+    spec = keys.scores_spec(train_key, layer, backbone.weights_id)
+    return ScorePlan(key=keys.key(spec), spec=spec, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
 
 
 def score_candidate(plan: ScorePlan) -> ScoreResult:
@@ -194,9 +196,19 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
             scores[name] = Score(value=fn(arg, y), seconds=shared + time.perf_counter() - t0)
     result = ScoreResult(key=plan.key, label=plan.label, scores=scores, cache_hit=False,
                          seconds=time.perf_counter() - started)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    write_json(path, {**result.model_dump(mode="json", exclude={"cache_hit", "seconds"}), "spec": plan.spec})
     return result
+
+
+def stored_specs(cache_dir: Path) -> list[dict[str, Any]]:
+    """The key spec of every candidate's scores in the cache (for ``transferpipe plan``'s reasons)."""
+    found = []
+    for path in CacheLayout(cache_dir).scores_dir().glob("*.json"):
+        try:
+            found.append(json.loads(path.read_text())["spec"])
+        except (OSError, ValueError, KeyError):
+            continue  # written before scores kept their spec, or damaged: not a reason to fail a plan
+    return found
 
 
 # --------------------------------------------------------------------------- the selection report
@@ -223,10 +235,8 @@ def rank_candidates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], d
 
 def write_selection(folder: Path, name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> Path:
     """select.json and select.md in ``folder``; returns the markdown's path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "select.json").write_text(json.dumps({"rows": rows, "kendall_tau_vs_logistic_probe": taus}, indent=1))
-    (folder / "select.md").write_text(_markdown(name, rows, taus))
-    return folder / "select.md"
+    write_text(folder / "select.json", json.dumps({"rows": rows, "kendall_tau_vs_logistic_probe": taus}, indent=1))
+    return write_text(folder / "select.md", _markdown(name, rows, taus))
 
 
 def _markdown(name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> str:

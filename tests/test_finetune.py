@@ -32,12 +32,12 @@ def staged(tiny_config):
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
     feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}
     heads = [train_head(p) for p in plan_heads(cfg.heads, feats["train"].key, feats["val"].key, cfg.cache_dir)]
-    probe = best_probe(heads, cfg.cache_dir)
+    probe = best_probe(cfg.cache_dir, [r.key for h in heads for r in h.records])
 
     def plan(cache_dir=None, **over) -> FinetunePlan:
         ft = FinetuneConfig(**{**FT, **over})
         return plan_finetune(ft, resolve(cfg.backbone), feats["train"].manifest, Path(cache_dir or cfg.cache_dir),
-                             {s: r.key for s, r in feats.items()}, probe)
+                             {s: r.key for s, r in feats.items()}, [probe])
 
     return cfg, feats, probe, plan
 
@@ -127,7 +127,7 @@ def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_conf
 
 def test_fine_tuning_needs_a_probe_or_random_init(staged):
     _, _, _, plan = staged
-    p = plan().model_copy(update={"probe_key": None})
+    p = plan().model_copy(update={"probes": []})
     with pytest.raises(ValueError, match="init_head is best_probe but no linear probe was trained"):
         finetune(p)
 
@@ -146,9 +146,9 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_same_weights(staged, tmp_path)
     crashy = plan(cache_dir=tmp_path / "crashy")
     assert reference.key == crashy.key
     for p in (reference, crashy):  # both need the probe artifact in their own cache
-        src = staged[0].cache_dir / "heads" / p.probe_key
+        src = staged[0].cache_dir / "heads" / p.probes[0]
         (p.cache_dir / "heads").mkdir(parents=True, exist_ok=True)
-        os.symlink(src, p.cache_dir / "heads" / p.probe_key)
+        os.symlink(src, p.cache_dir / "heads" / p.probes[0])
     finetune(reference)
     spec = tmp_path / "plan.json"
     spec.write_text(crashy.model_dump_json())

@@ -129,5 +129,5 @@ def test_finetune_key_names_its_precision(tiny_config):
 
     cfg = tiny_config()
     plan = plan_finetune(FinetuneConfig(enabled=True, init_head="random"), resolve(cfg.backbone, cfg.cache_dir),
-                         split_plans(cfg)["train"].manifest, cfg.cache_dir, {}, None)
+                         split_plans(cfg)["train"].manifest, cfg.cache_dir, {}, [])
     assert plan.spec["precision"] in ("fp32", "bf16", "fp16")

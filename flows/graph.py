@@ -1,0 +1,303 @@
+"""The experiment graph: which stages a run executes, in which order, and how each is planned.
+
+This is the only module that orders stages. Each :class:`Node` plans its stage
+from the config and the plans of the stages before it (keys only: cheap,
+nothing computed), so ``transferpipe plan`` names every key a run writes, even
+on an empty cache. :func:`run` executes the graph (the pipeline flow, and
+through it sweeps, the demo and ``select``, which runs it up to the heads);
+:func:`walk` plans it and runs nothing (``transferpipe plan``, flows/explain.py).
+
+Adding a stage: its task module (``tasks/``), its key (``storage/keys.py``), its
+folder (``storage/layout.py``), its Prefect task (``flows/stage_tasks.py``), one
+:class:`Node` below with its place in :func:`nodes`, and its CLI command.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from flows.config import ExperimentConfig
+from flows.why import why_features, why_not_cached
+from storage import artifacts
+from tasks import evaluate, extract, finetune, heads, select
+from tasks.backbones import resolve
+from tasks.data import Manifest
+from tasks.evaluate import ModelToEvaluate
+from tasks.heads import KNNConfig, LogisticConfig
+from tasks.result import summarize
+
+Goal = Literal["extract", "heads", "finetune", "evaluate", "score"]
+
+log = logging.getLogger("transferpipe.plan")
+
+
+@dataclass(frozen=True)
+class Work:
+    """One task call of a stage: its plan (with ``key`` and ``spec``) and whether the store holds its output."""
+
+    what: str
+    plan: Any
+    stored: bool
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One artifact a stage writes, as ``plan`` lists it: a split's features, one head fit, a fine-tune, a report."""
+
+    what: str
+    key: str
+    stored: bool
+    spec: dict[str, Any]
+
+
+@dataclass
+class Stage:
+    """A stage of one run: its work as planned and, once it ran, its results (in the same order)."""
+
+    works: list[Work]
+    results: list[Any] | None = None
+
+    def plans(self) -> list[Any]:
+        return [w.plan for w in self.works]
+
+
+Graph = dict[str, Stage]  # by stage name, in the order the stages run
+
+
+@dataclass(frozen=True)
+class Node:
+    """A stage of the graph: how it is planned, named, explained and run."""
+
+    stage: str
+    plan: Callable[[ExperimentConfig, Graph], list[Work]]
+    task: str  # its Prefect task in flows/stage_tasks.py, imported only when the graph runs
+    run_name: Callable[[ExperimentConfig, Work], str]
+    units: Callable[[Work], list[Unit]] = lambda w: [Unit(w.what, w.plan.key, w.stored, w.plan.spec)]
+    #: why each missing unit computes, in one call per stage (the stored specs are read once)
+    why: Callable[[ExperimentConfig, list[tuple[Work, Unit]]], list[list[str]]] = lambda c, m: [[] for _ in m]
+    concurrent: bool = False  # its task calls run at once (threads)
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def _plan_extract(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    plans = extract.plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
+    return [Work(split, plan, extract.is_stored(plan)) for split, plan in plans.items()]
+
+
+def _why_features(config: ExperimentConfig, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
+    return [why_features(config.cache_dir, w.what, w.plan.manifest, u.spec) for w, u in missing]
+
+
+def _run_extract(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:
+    """One task per split, or shards on Dask workers (``dask:``) when a split is not cached."""
+    if config.dask is None or all(w.stored for w in works):
+        return _run_tasks(config, node, works)
+    from flows.scale_out import sharded_extract
+
+    done = sharded_extract(config, [w.plan for w in works])
+    return [done[w.what] for w in works]
+
+
+def features(graph: Graph) -> dict[str, Any]:
+    """Each split's extraction (plan or result: both have ``key`` and ``manifest``), by split name."""
+    stage = graph["extract"]
+    return {w.what: r for w, r in zip(stage.works, stage.results or stage.plans())}
+
+
+def _plan_heads(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    if not config.heads:
+        raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
+    keys = {split: f.key for split, f in features(graph).items()}
+    return [Work(p.head.label, p, heads.is_stored(p)) for p in heads.plan_for_splits(config.heads, keys, config.cache_dir)]
+
+
+def _head_units(work: Work) -> list[Unit]:
+    plan = work.plan
+    return [Unit(f"{plan.head.label} shot {shot} seed {seed}", key, artifacts.head_exists(plan.cache_dir, key),
+                 heads.fit_spec(plan, shot, seed)) for shot, seed, key in heads.fits(plan)]
+
+
+def _plan_finetune(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    split = features(graph)
+    probes = heads.probe_candidates(graph["heads"].plans()) if "heads" in graph else []
+    plan = finetune.plan_finetune(config.finetune, resolve(config.backbone, config.cache_dir), split["train"].manifest,
+                                  config.cache_dir, {s: f.key for s, f in split.items()}, probes)
+    return [Work(config.backbone.name, plan, finetune.is_stored(plan))]
+
+
+def _test_split(graph: Graph) -> Any:
+    found = features(graph).get("test")
+    if found is None:
+        raise ValueError("the pipeline evaluates on a test split: set data.test_fraction > 0 or add a test folder")
+    return found
+
+
+def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    split, test = features(graph), _test_split(graph)
+    seconds = {rec.key: rec.seconds for r in (graph["heads"].results or []) for rec in r.records} if "heads" in graph else {}
+    models = [ModelToEvaluate(name=p.head.label, kind=p.head.kind, layer=p.head.layer, shot=shot, seed=seed,
+                              head_key=key, train_seconds=seconds.get(key, 0.0))
+              for p in (graph["heads"].plans() if "heads" in graph else []) for shot, seed, key in heads.fits(p)]
+    if "finetune" in graph:
+        (tuning,), tuned = graph["finetune"].works, graph["finetune"].results
+        models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=finetune.run_files(tuning.plan).best,
+                                      train_seconds=tuned[0].train_seconds if tuned else 0.0))
+    if not models:
+        raise ValueError(f"experiment {config.name!r} has nothing to evaluate: add heads or enable finetune")
+    context = {
+        "config": config.model_dump(mode="json"),
+        "stages": {name: summarize(s.results) for name, s in graph.items() if s.results},
+        "keys": {"features": {s: f.key for s, f in split.items()}, "heads": {m.name: m.head_key for m in models},
+                 "finetune": graph["finetune"].works[0].plan.key if "finetune" in graph else None},
+    }
+    plan = evaluate.plan_evaluation(
+        config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
+        Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
+    )
+    return [Work(config.name, plan, evaluate.is_stored(plan))]
+
+
+def _plan_score(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    if config.select is None:
+        raise ValueError(f"experiment {config.name!r} has no select: section listing candidate backbones")
+    plan = select.plan_scores(config.name, features(graph)["train"].key, config.select.layer, config.cache_dir,
+                              resolve(config.backbone, config.cache_dir))
+    return [Work(config.name, plan, select.is_stored(plan))]
+
+
+def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """``select:``'s candidates, each as an experiment: its backbone with the logistic and kNN probes."""
+    if config.select is None:
+        raise ValueError(f"experiment {config.name!r} has no select: section listing candidate backbones")
+    layer = config.select.layer
+    probes = [LogisticConfig(kind="logistic", layer=layer), KNNConfig(kind="knn", layer=layer)]
+    return [(c.label, config.model_copy(update={"name": f"{config.name}-{c.label}", "backbone": c.backbone,
+                                                "heads": probes})) for c in config.select.candidates]
+
+
+def _against(stored_specs: Callable[[ExperimentConfig], list[dict[str, Any]]]):
+    """A ``why`` that compares each missing unit with the closest of the stage's stored specs."""
+    def why(config: ExperimentConfig, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
+        specs = stored_specs(config) if missing else []
+        return [why_not_cached(u.spec, specs) for _, u in missing]
+
+    return why
+
+
+EXTRACT = Node("extract", _plan_extract, "extract_split_task", lambda c, w: f"extract-{c.backbone.name}-{w.what}",
+               why=_why_features)
+HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.head.label}-{w.plan.head.layer}",
+             units=_head_units, why=_against(lambda c: artifacts.stored_specs(c.cache_dir)), concurrent=True)
+FINETUNE = Node("finetune", _plan_finetune, "finetune_task", lambda c, w: f"finetune-{c.backbone.name}",
+                why=_against(lambda c: finetune.stored_specs(c.cache_dir)))
+EVALUATE = Node("evaluate", _plan_evaluate, "evaluate_task", lambda c, w: f"evaluate-{c.name}",
+                why=_against(lambda c: evaluate.stored_specs(c.cache_dir, c.name)))
+SCORE = Node("score", _plan_score, "score_task", lambda c, w: f"score-{w.what}",
+             why=_against(lambda c: select.stored_specs(c.cache_dir)))
+RUNNERS: dict[str, Callable[[ExperimentConfig, Node, list[Work]], list[Any]]] = {"extract": _run_extract}
+
+
+#: the stages each goal runs through, in order; heads and fine-tuning only where the config (or the goal) asks
+PATHS: dict[str, tuple[Node, ...]] = {
+    "extract": (EXTRACT,),
+    "heads": (EXTRACT, HEADS),
+    "finetune": (EXTRACT, HEADS, FINETUNE),
+    "evaluate": (EXTRACT, HEADS, FINETUNE, EVALUATE),
+    "score": (EXTRACT, HEADS, SCORE),  # one select candidate: features, probes, transferability scores
+}
+
+
+def nodes(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Node]:
+    """The stages a run of ``config`` up to ``goal`` executes, in order.
+
+    Heads run when the config has some, fine-tuning when ``finetune.enabled``;
+    the ``goal`` stage runs even when the config leaves it out.
+    """
+    optional = {HEADS: bool(config.heads), FINETUNE: config.finetune.enabled}
+    return [node for node in PATHS[goal] if optional.get(node, True) or node.stage == goal]
+
+
+# --------------------------------------------------------------------------- run and walk
+
+
+def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
+    """Execute the graph: each stage planned from the results before it, then its tasks run (or hit the cache).
+
+    Every stage is planned before the first computes where it can be, so a config
+    that cannot run (no heads, no test split) fails before any work.
+    """
+    chosen, graph = nodes(config, goal), {}
+    for node in chosen:
+        works = node.plan(config, graph)
+        if node is EXTRACT:
+            _check_inputs(config, chosen, works)
+        for work, unit, why in _missing(config, node, works, first_only=True):
+            log.info("%s %s: computing because %s", node.stage, unit.what, "; ".join(why))
+        graph[node.stage] = Stage(works, RUNNERS.get(node.stage, _run_tasks)(config, node, works))
+    return graph
+
+
+def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> None:
+    """What the later stages need of the splits (a test split, heads to train), checked before anything computes."""
+    planned = {"extract": Stage(extraction)}
+    if HEADS in chosen:
+        _plan_heads(config, planned)
+    if EVALUATE in chosen:
+        _test_split(planned)
+
+
+def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:
+    from flows import stage_tasks
+
+    task = getattr(stage_tasks, node.task)
+    if node.concurrent:
+        futures = [stage_tasks.submit_stage(task, w.plan, config, stored=w.stored, name=node.run_name(config, w))
+                   for w in works]
+        return [f.result() for f in futures]
+    return [stage_tasks.run_stage(task, w.plan, config, stored=w.stored, name=node.run_name(config, w)) for w in works]
+
+
+def _missing(config: ExperimentConfig, node: Node, works: list[Work],
+             first_only: bool = False) -> Iterator[tuple[Work, Unit, list[str]]]:
+    """Each unit the store lacks (``first_only``: the first of each task call) and why it computes."""
+    missing = []
+    for work in (w for w in works if not w.stored):
+        units = [u for u in node.units(work) if not u.stored] or node.units(work)[:1]
+        missing += [(work, u) for u in (units[:1] if first_only else units)]
+    for (work, unit), why in zip(missing, node.why(config, missing)):
+        yield work, unit, why
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of ``transferpipe plan``: a unit a run would write, cached or not, and why it computes."""
+
+    stage: str
+    what: str
+    key: str | None
+    cached: bool
+    why: list[str]
+
+
+def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
+    """Plan the graph as :func:`run` would and run nothing: every unit, cached or not, and why.
+
+    A stage whose planning fails (no heads, no test split) is listed with the error a run would stop on.
+    """
+    graph: Graph = {}
+    steps: list[Step] = []
+    for node in nodes(config, goal):
+        try:
+            works = node.plan(config, graph)
+        except ValueError as exc:
+            steps.append(Step(node.stage, config.name, None, False, [f"a run stops here: {exc}"]))
+            break
+        reasons = {(id(w), u.key): why for w, u, why in _missing(config, node, works)}
+        steps += [Step(node.stage, u.what, u.key, u.stored, reasons.get((id(w), u.key), []))
+                  for w in works for u in node.units(w)]
+        graph[node.stage] = Stage(works)
+    return steps
