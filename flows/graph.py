@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
 from storage import artifacts
+from storage.records import stored_specs
 from tasks import evaluate, extract, finetune, heads, select
 from tasks.backbones import resolve
 from tasks.data import Manifest
@@ -191,13 +192,13 @@ def _against(stored_specs: Callable[[ExperimentConfig], list[dict[str, Any]]]):
 EXTRACT = Node("extract", _plan_extract, "extract_split_task", lambda c, w: f"extract-{c.backbone.name}-{w.what}",
                why=_why_features)
 HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.head.label}-{w.plan.head.layer}",
-             units=_head_units, why=_against(lambda c: artifacts.stored_specs(c.cache_dir)), concurrent=True)
+             units=_head_units, why=_against(lambda c: stored_specs(c.cache_dir, "heads")), concurrent=True)
 FINETUNE = Node("finetune", _plan_finetune, "finetune_task", lambda c, w: f"finetune-{c.backbone.name}",
-                why=_against(lambda c: finetune.stored_specs(c.cache_dir)))
+                why=_against(lambda c: stored_specs(c.cache_dir, "finetune")))
 EVALUATE = Node("evaluate", _plan_evaluate, "evaluate_task", lambda c, w: f"evaluate-{c.name}",
-                why=_against(lambda c: evaluate.stored_specs(c.cache_dir, c.name)))
+                why=_against(lambda c: stored_specs(c.cache_dir, "evaluate", c.name)))
 SCORE = Node("score", _plan_score, "score_task", lambda c, w: f"score-{w.what}",
-             why=_against(lambda c: select.stored_specs(c.cache_dir)))
+             why=_against(lambda c: stored_specs(c.cache_dir, "scores")))
 RUNNERS: dict[str, Callable[[ExperimentConfig, Node, list[Work]], list[Any]]] = {"extract": _run_extract}
 
 

@@ -8,7 +8,6 @@ from flows import graph
 from flows.artifacts import publish_table
 from flows.config import ExperimentConfig, as_config
 from flows.runtime import experiment_run_name
-from storage.layout import CacheLayout
 from tasks import select
 
 
@@ -28,6 +27,6 @@ def select_flow(config: ExperimentConfig) -> SelectResult:
         rows.append(select.candidate_row(label, candidate.backbone, ran["score"].results[0],
                                          {h.kind: h for h in ran["heads"].results}))
     rows, taus = select.rank_candidates(rows)
-    report = select.write_selection(CacheLayout(config.cache_dir).selection(config.name), config.name, rows, taus)
+    report = select.write_selection(config.cache_dir, config.name, rows, taus)
     publish_table(f"{config.name}-select", rows, f"{config.name}: candidate backbones")
     return SelectResult(rows=rows, kendall_tau=taus, report=str(report))

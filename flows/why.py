@@ -5,7 +5,6 @@ give the same reasons. Data changes are told as files added, removed or changed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import closest
 from storage.layout import CacheLayout
+from storage.records import Records
 from tasks.data import Manifest
 
 
@@ -40,11 +40,7 @@ def why_features(cache_dir: Path, split: str, manifest: Path, spec: dict[str, An
 def _data_change(cache_dir: Path, split: str, manifest: Path, old_fingerprint: str) -> str:
     """``data: N files added, M removed, K changed (e.g. …)`` against the manifest the old features came from."""
     new = Manifest.load(manifest)
-    for path in CacheLayout(cache_dir).manifests().glob("*.json"):
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for raw in Records(CacheLayout(cache_dir).manifest).values():
         if raw.get("fingerprints", {}).get(split) == old_fingerprint and split in raw.get("files", {}):
             before = {p: ident for (p, _), ident in zip(raw["splits"][split], raw["files"][split])}
             after = {p: ident for (p, _), ident in zip(new.splits[split], new.files[split])}

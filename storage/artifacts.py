@@ -58,17 +58,6 @@ def save_head(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray], me
     return target
 
 
-def stored_specs(cache_dir: str | Path) -> list[dict[str, Any]]:
-    """The key spec of every stored head (for explaining why a head is not cached)."""
-    specs = []
-    for path in CacheLayout(cache_dir).heads().glob("*/head.json"):
-        try:
-            specs.append(json.loads(path.read_text())["spec"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return specs
-
-
 def read_meta(cache_dir: str | Path, key: str) -> dict[str, Any]:
     path = head_dir(cache_dir, key) / "head.json"
     try:

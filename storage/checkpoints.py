@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.records import StageFiles
+
 CHECKPOINT_FORMAT = "transferpipe-checkpoint"
 
 
@@ -24,10 +26,8 @@ class WeightsFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunFiles:
-    """The files of one fine-tuning run."""
-
-    folder: Path
+class RunFiles(StageFiles):
+    """The files of one fine-tuning run: its spec and result marker (:class:`StageFiles`) and checkpoints."""
 
     @property
     def last(self) -> Path:
@@ -38,20 +38,11 @@ class RunFiles:
         return self.folder / "best.pt"
 
     @property
-    def result(self) -> Path:
-        return self.folder / "result.json"
-
-    @property
-    def spec(self) -> Path:
-        """The run's key spec, written when it starts (explains later why another run is not a cache hit)."""
-        return self.folder / "spec.json"
-
-    @property
     def lock(self) -> Path:
         return self.folder / ".lock"
 
     def finished(self) -> bool:
-        return self.result.is_file() and self.best.is_file()
+        return self.best.is_file() and self.read_result() is not None
 
 
 def save(obj: dict[str, Any], path: Path) -> None:

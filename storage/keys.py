@@ -17,7 +17,9 @@ from typing import Any
 
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
-CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 2, "evaluate": 2, "scores": 1}
+CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 2, "evaluate": 2, "scores": 1,
+                 # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
+                 "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
 
 
@@ -54,6 +56,22 @@ def manifest_fingerprint(
     """Fingerprint ``(relative path, label)`` pairs and their files' identities (:func:`file_identities`)."""
     rows = sorted([rel, int(label), ident] for (rel, label), ident in zip(entries, identities))
     return fingerprint({"classes": list(classes), "files": rows, "mode": "content" if content else "stat"})
+
+
+def dataset_id(fingerprints: dict[str, str]) -> str:
+    """A dataset's identity (its manifest's name): the fingerprints of its splits."""
+    return fingerprint({"kind": "dataset", "version": CODE_VERSIONS["manifest"], "splits": fingerprints})
+
+
+def backbone_memo_key(what: dict[str, Any]) -> str:
+    """What a backbone source answered about ``what`` (which names the source's library version or the
+    factory file's identity); bump ``CODE_VERSIONS["backbones"]`` when a source's answers change."""
+    return fingerprint({"kind": "backbone-memo", "version": CODE_VERSIONS["backbones"], **what})
+
+
+def shard_key(feature_key: str, start: int, stop: int) -> str:
+    """Rows ``[start, stop)`` of a split extracted on their own (a Dask shard); the feature key carries the rest."""
+    return f"{feature_key}-{start:08d}-{stop:08d}"
 
 
 def feature_spec(

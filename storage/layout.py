@@ -5,15 +5,15 @@
   features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
   features/shards/<key>/<start>-<stop>.h5      shards of a split   storage/shards.py
   features/quarantine/                         files set aside     storage/h5file.py
-  manifests/<dataset id>.json                  images per split    tasks/data.py
+  manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data.py)
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
-  backbones/<key>.json                         what a source says     tasks/backbones.py
+  backbones/<key>.json                         what a source says  storage/records.py (Records)
   heads/<key>/                                 trained heads       storage/artifacts.py
-  finetune/<key>/                              fine-tuning runs    storage/checkpoints.py
-  metrics/<key>.json                           one fit's test metrics  tasks/evaluate.py
-  scores/<key>.json                            selection scores    tasks/select.py
-  select/<experiment>/                         select.md/json      tasks/select.py
-  runs/<experiment>/<key>/                     reports             tasks/report.py
+  finetune/<key>/                              fine-tuning runs    storage/checkpoints.py (RunFiles)
+  metrics/<key>.json                           one fit's test metrics  storage/records.py (Records)
+  scores/<key>.json                            selection scores    storage/records.py (Records)
+  select/<experiment>/                         select.md/json      storage/records.py (SelectionFiles)
+  runs/<experiment>/<key>/                     reports             storage/records.py (ReportFiles)
   results.sqlite                               results registry    storage/results.py
 ```
 
@@ -98,11 +98,9 @@ class CacheLayout:
     def metrics(self, key: str) -> Path:
         return self.root / "metrics" / f"{key}.json"
 
-    def scores_dir(self) -> Path:
-        return self.root / "scores"
-
     def scores(self, key: str) -> Path:
-        return self.scores_dir() / f"{key}.json"
+        return self.root / "scores" / f"{key}.json"
+
 
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment

@@ -16,7 +16,6 @@ model library.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from storage.atomic import write_json
-from storage.keys import file_sha256, fingerprint
+from storage.records import Records
+from storage.keys import backbone_memo_key, file_sha256
 from storage.layout import CacheLayout
 from tasks import sources
 from tasks.sources import PREPROCESS_FIELDS, BackboneError
@@ -50,14 +49,12 @@ def _memo(cache_dir: Path | None, what: dict[str, Any], compute: Callable[[], An
     """
     if cache_dir is None:
         return compute()
-    path = CacheLayout(cache_dir).backbone(fingerprint(what))
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    memos, key = Records(CacheLayout(cache_dir).backbone), backbone_memo_key(what)
+    if isinstance(memo := memos.read(key), dict) and "value" in memo:  # {"value": null} is an answer too
+        return memo["value"]
     value = compute()
     try:
-        write_json(path, value)
+        memos.write(key, {"value": value})
     except OSError:
         pass  # a read-only cache only costs the speed-up
     return value

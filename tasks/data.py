@@ -24,7 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from storage.atomic import write_json
-from storage.keys import file_identities, fingerprint, manifest_fingerprint
+from storage.keys import dataset_id, file_identities, manifest_fingerprint
+from storage.layout import CacheLayout
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset(
@@ -138,13 +139,13 @@ class Manifest:
 
     @property
     def dataset_id(self) -> str:
-        return fingerprint(self.fingerprints)
+        return dataset_id(self.fingerprints)
 
 
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     """Scan the configured source and split it; raises DataError before any compute."""
     if cfg.source in BUNDLED:
-        parent = Path(cache_dir).expanduser() / "datasets"
+        parent = CacheLayout(cache_dir).datasets()
         root = write_digits(parent, cfg.digits) if cfg.source == "digits" else write_mnist5k(parent)
         classes, splits = _scan_imagefolder(root)
     elif cfg.source == "imagefolder":

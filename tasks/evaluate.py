@@ -9,7 +9,6 @@ the results registry once, when it computes; a finished evaluation is reused.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import checkpoints, keys
-from storage.atomic import write_json, write_text
 from storage import results as registry
 from storage.features import FeatureStore
 from storage.layout import CacheLayout
+from storage.records import ReportFiles, Records
 from tasks.backbones import BackboneSpec
 from tasks.data import Manifest, load_rgb
 from tasks.runtime import pick_device
@@ -31,7 +30,6 @@ from tasks.report import ranked, registry_rows, write_report
 from tasks.result import StageResult
 
 ECE_BINS = 15
-RESULT = "result.json"  # in the report folder, written last
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
@@ -143,8 +141,8 @@ class EvalPlan(BaseModel):
                                                                       "not in the key")
 
     @property
-    def folder(self) -> Path:
-        return CacheLayout(self.cache_dir).report(self.experiment, self.key)
+    def files(self) -> ReportFiles:
+        return ReportFiles(CacheLayout(self.cache_dir).report(self.experiment, self.key))
 
 
 class ModelReport(BaseModel):
@@ -178,27 +176,22 @@ def _ckpt_id(m: ModelToEvaluate) -> str | None:
 
 
 def is_stored(plan: EvalPlan) -> bool:
-    return (plan.folder / RESULT).is_file()
-
-
-def stored_specs(cache_dir: Path, experiment: str) -> list[dict[str, Any]]:
-    """The key spec of every evaluation of ``experiment`` in the cache."""
-    return [json.loads(p.read_text()) for p in CacheLayout(cache_dir).reports(experiment).glob("*/spec.json")]
+    return plan.files.read_result() is not None
 
 
 def evaluate(plan: EvalPlan) -> EvalResult:
     """Score every model on the test split, write the report and the registry rows; reuse a finished one."""
     started = time.perf_counter()
-    if is_stored(plan):
-        saved = json.loads((plan.folder / RESULT).read_text())
+    saved = plan.files.read_result()
+    if saved is not None:
         return EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
-    write_json(plan.folder / "spec.json", plan.spec)
+    plan.files.write_spec(plan.spec)
     reports = ranked(score_models(plan))
     paths = write_report(plan, reports, seconds=time.perf_counter() - started)
     registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
     result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
                         seconds=time.perf_counter() - started)
-    write_text(plan.folder / RESULT, result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
+    plan.files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
     return result
 
 
@@ -228,14 +221,14 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
 def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
     """One head fit's metrics on the test features, remembered by (test features, fit) key: a rerun after one
     head changed scores only that head."""
-    path = CacheLayout(plan.cache_dir).metrics(keys.key(keys.metrics_spec(plan.test_key, m.head_key)))
-    if path.is_file():
-        return json.loads(path.read_text())
+    remembered, key = Records(CacheLayout(plan.cache_dir).metrics), keys.key(keys.metrics_spec(plan.test_key, m.head_key))
+    if (metrics := remembered.read(key)) is not None:
+        return metrics
     X, y = load_split(plan.cache_dir, plan.test_key, m.layer)
     head = load_head(plan.cache_dir, m.head_key)
     metrics = classification_metrics(y, head.class_scores(X), head.predict_proba(X) if head.has_proba else None,
                                       len(plan.classes))
-    write_json(path, metrics)
+    remembered.write(key, metrics)
     return metrics
 
 

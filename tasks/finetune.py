@@ -14,7 +14,6 @@ transferpipe checkpoint format, which another experiment can name as its
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,7 +24,6 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import keys
-from storage.atomic import write_json, write_text
 from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneSpec
@@ -140,11 +138,6 @@ def is_stored(plan: FinetunePlan) -> bool:
     return run_files(plan).finished()
 
 
-def stored_specs(cache_dir: Path) -> list[dict[str, Any]]:
-    """The key spec of every fine-tuning run in the cache."""
-    return [json.loads(p.read_text()) for p in CacheLayout(cache_dir).finetune_runs().glob("*/spec.json")]
-
-
 
 # --------------------------------------------------------------------------- the stage
 
@@ -162,9 +155,9 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
         files.folder.mkdir(parents=True, exist_ok=True)
         with _ONE_AT_A_TIME, FileLock(str(files.lock)):
             if not files.finished():  # the run we waited for may have finished it
-                write_json(files.spec, plan.spec)
+                files.write_spec(plan.spec)
                 return _train(plan, files, started)
-    saved = json.loads(files.result.read_text())
+    saved = files.read_result()
     return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
 
 
@@ -182,5 +175,5 @@ def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResul
         train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
         frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )
-    write_text(files.result, result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds"}))
     return result

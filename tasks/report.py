@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage import results as registry
+from storage.atomic import write_text
+from storage.records import ReportFiles
 
 if TYPE_CHECKING:
     from tasks.evaluate import EvalPlan, ModelReport
@@ -24,8 +26,8 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> d
     from tasks.runtime import versions
 
     models = ranked(models)
-    folder = plan.folder
-    folder.mkdir(parents=True, exist_ok=True)
+    files = plan.files
+    files.folder.mkdir(parents=True, exist_ok=True)
     stages = {**plan.context.get("stages", {}), "evaluate": {"seconds": seconds, "cache_hit": False}}
     context = {
         "experiment": plan.experiment, "backbone": plan.backbone.name, "weights": plan.backbone.weights,
@@ -33,10 +35,10 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> d
         "keys": {**plan.context.get("keys", {}), "evaluation": plan.key}, "versions": versions(),
     }
     payload = {**context, "models": [r.model_dump() for r in models]}
-    (folder / "report.json").write_text(json.dumps(payload, indent=1, default=str))
-    plots = _plots(folder, models, plan.classes)
-    (folder / "report.md").write_text(report_markdown(models, context, plots))
-    return {"json": folder / "report.json", "md": folder / "report.md", **plots}
+    write_text(files.report_json, json.dumps(payload, indent=1, default=str))
+    plots = _plots(files, models, plan.classes)
+    write_text(files.report_md, report_markdown(models, context, plots))
+    return {"json": files.report_json, "md": files.report_md, **plots}
 
 
 def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> list[dict[str, Any]]:
@@ -92,20 +94,20 @@ def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
     return {name: points for name, points in curve.items() if len(points) > 1}
 
 
-def _plots(folder: Path, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
+def _plots(files: ReportFiles, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
     """The confusion matrix of the best model, a reliability diagram, the few-shot curve (where there is one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     if not ranked:
         return {}
-    plots = {"confusion_matrix": _confusion_plot(folder / "confusion_matrix.png", ranked[0], classes)}
+    plots = {"confusion_matrix": _confusion_plot(files.plot("confusion_matrix"), ranked[0], classes)}
     calibrated = next((r for r in ranked if r.metrics["reliability"]), None)
     if calibrated:
-        plots["reliability"] = _reliability_plot(folder / "reliability.png", calibrated)
+        plots["reliability"] = _reliability_plot(files.plot("reliability"), calibrated)
     curve = _few_shot_curve(ranked)
     if curve:
-        plots["few_shot"] = _few_shot_plot(folder / "few_shot.png", curve)
+        plots["few_shot"] = _few_shot_plot(files.plot("few_shot"), curve)
     return plots
 
 

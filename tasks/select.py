@@ -23,7 +23,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import keys
-from storage.atomic import write_json, write_text
+from storage.atomic import write_text
+from storage.records import Records, SelectionFiles
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneConfig, BackboneSpec
 from tasks.heads import load_split
@@ -126,7 +127,7 @@ class SelectConfig(BaseModel):
 
 
 def is_stored(plan: ScorePlan) -> bool:
-    return CacheLayout(plan.cache_dir).scores(plan.key).is_file()
+    return _scores(plan.cache_dir).read(plan.key) is not None
 
 
 def kendall_tau(scores: list[float | None], probe: list[float]) -> float | None:
@@ -172,9 +173,8 @@ def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbon
 def score_candidate(plan: ScorePlan) -> ScoreResult:
     """Every score of one candidate's training features (cached as JSON under scores/<key>.json)."""
     started = time.perf_counter()
-    path = CacheLayout(plan.cache_dir).scores(plan.key)
-    if path.exists():
-        return ScoreResult.model_validate({**json.loads(path.read_text()), "cache_hit": True, "seconds": 0.0})
+    if (saved := _scores(plan.cache_dir).read(plan.key)) is not None:
+        return ScoreResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
     X, y = load_split(plan.cache_dir, plan.train_key, plan.layer)
     scores: dict[str, Score] = {}
     for name, fn in (("logme", logme), ("h_score", h_score)):
@@ -196,19 +196,13 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
             scores[name] = Score(value=fn(arg, y), seconds=shared + time.perf_counter() - t0)
     result = ScoreResult(key=plan.key, label=plan.label, scores=scores, cache_hit=False,
                          seconds=time.perf_counter() - started)
-    write_json(path, {**result.model_dump(mode="json", exclude={"cache_hit", "seconds"}), "spec": plan.spec})
+    _scores(plan.cache_dir).write(plan.key, {**result.model_dump(mode="json", exclude={"cache_hit", "seconds"}),
+                                             "spec": plan.spec})
     return result
 
 
-def stored_specs(cache_dir: Path) -> list[dict[str, Any]]:
-    """The key spec of every candidate's scores in the cache (for ``transferpipe plan``'s reasons)."""
-    found = []
-    for path in CacheLayout(cache_dir).scores_dir().glob("*.json"):
-        try:
-            found.append(json.loads(path.read_text())["spec"])
-        except (OSError, ValueError, KeyError):
-            continue  # written before scores kept their spec, or damaged: not a reason to fail a plan
-    return found
+def _scores(cache_dir: Path) -> Records:
+    return Records(CacheLayout(cache_dir).scores)
 
 
 # --------------------------------------------------------------------------- the selection report
@@ -233,10 +227,11 @@ def rank_candidates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], d
     return rows, {name: kendall_tau([r[name] for r in rows], probe) for name in (*SCORES, "knn_val_acc")}
 
 
-def write_selection(folder: Path, name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> Path:
-    """select.json and select.md in ``folder``; returns the markdown's path."""
-    write_text(folder / "select.json", json.dumps({"rows": rows, "kendall_tau_vs_logistic_probe": taus}, indent=1))
-    return write_text(folder / "select.md", _markdown(name, rows, taus))
+def write_selection(cache_dir: Path, name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> Path:
+    """select.json and select.md of experiment ``name``; returns the markdown's path."""
+    files = SelectionFiles(CacheLayout(cache_dir).selection(name))
+    write_text(files.json, json.dumps({"rows": rows, "kendall_tau_vs_logistic_probe": taus}, indent=1))
+    return write_text(files.markdown, _markdown(name, rows, taus))
 
 
 def _markdown(name: str, rows: list[dict[str, Any]], taus: dict[str, float | None]) -> str:

@@ -12,6 +12,7 @@ import time
 from pydantic import BaseModel, ConfigDict
 
 from storage.features import FeatureStore
+from storage.keys import shard_key
 from storage.shards import join_shards as join_files
 from tasks.data import Manifest
 from tasks.extract import ExtractResult, SplitPlan, extract_rows, reuse
@@ -36,7 +37,7 @@ class ShardPlan(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.split.key}-{self.part}"
+        return shard_key(self.split.key, self.start, self.stop)
 
 
 class JoinPlan(BaseModel):

@@ -69,3 +69,19 @@ def test_no_test_or_benchmark_imports_a_test_module(path):
     bad = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
            and n.module and n.module.startswith(("tests", "test_", "conftest"))}
     assert not bad
+
+
+CACHE_NAMES = {"features", "heads", "finetune", "runs", "scores", "manifests", "backbones", "metrics", "select",
+               "datasets", "quarantine", "shards"}
+CACHE_SUFFIXES = (".json", ".md", ".png", ".pt", ".h5", ".partial", ".lock", ".sqlite", ".safetensors")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tasks").glob("*.py")) + sorted((REPO / "flows").glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_only_storage_spells_the_cache_layout(path):
+    """Paths into the cache are built by storage/ (layout.py and the files classes), never by ``x / "name"``."""
+    spelled = [node.right.value for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+               and isinstance(node.right.value, str)
+               and (node.right.value in CACHE_NAMES or node.right.value.endswith(CACHE_SUFFIXES))]
+    assert spelled == []

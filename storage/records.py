@@ -1,0 +1,131 @@
+"""The cache's small files, each kind through one class: every write atomic, every read forgiving.
+
+| files | where (storage/layout.py) | class |
+|---|---|---|
+| one JSON record per key | ``manifests/``, ``backbones/``, ``metrics/``, ``scores/`` | :class:`Records` |
+| a stage run's key spec and its result marker (written last) | ``finetune/<key>/``, ``runs/<experiment>/<key>/`` | :class:`StageFiles` |
+| an evaluation's report, plots and marker | ``runs/<experiment>/<key>/`` | :class:`ReportFiles` |
+| a selection's tables | ``select/<experiment>/`` | :class:`SelectionFiles` |
+
+A record that cannot be read (damaged, half-written by an older version) reads
+as absent, so the stage that owns it recomputes and the next write replaces it;
+nothing else in the project spells these file names.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.atomic import write_json, write_text
+from storage.layout import CacheLayout
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Records:
+    """One JSON file per key; ``path`` is the layout's method that names a key's file (``CacheLayout.scores``)."""
+
+    path: Callable[[str], Path]
+
+    def read(self, key: str) -> Any | None:
+        return read_json(self.path(key))
+
+    def write(self, key: str, value: Any) -> Path:
+        return write_json(self.path(key), value)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def values(self) -> Iterator[Any]:
+        """Every readable record, in key order."""
+        pattern = self.path("*")
+        return (v for v in map(read_json, sorted(pattern.parent.glob(pattern.name))) if v is not None)
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """A stage run's folder: ``spec.json`` (its key's fields, written when it starts) and ``result.json``
+    (written last: the run is done)."""
+
+    folder: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.folder / "spec.json"
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.json"
+
+    def done(self) -> bool:
+        return self.result.is_file()
+
+    def write_spec(self, spec: dict[str, Any]) -> Path:
+        return write_json(self.spec, spec)
+
+    def write_result(self, text: str) -> Path:
+        return write_text(self.result, text)
+
+    def read_result(self) -> dict[str, Any] | None:
+        return read_json(self.result)
+
+
+@dataclass(frozen=True)
+class ReportFiles(StageFiles):
+    """An evaluation's folder: its spec and result marker, ``report.json``, ``report.md`` and PNG plots."""
+
+    @property
+    def report_json(self) -> Path:
+        return self.folder / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.folder / "report.md"
+
+    def plot(self, name: str) -> Path:
+        return self.folder / f"{name}.png"
+
+
+@dataclass(frozen=True)
+class SelectionFiles:
+    """``select.json`` and ``select.md`` of one ``transferpipe select``."""
+
+    folder: Path
+
+    @property
+    def json(self) -> Path:
+        return self.folder / "select.json"
+
+    @property
+    def markdown(self) -> Path:
+        return self.folder / "select.md"
+
+
+def _specs(values: Iterable[Any], field: str | None = None) -> list[dict[str, Any]]:
+    found = (v.get(field) if field and isinstance(v, dict) else v for v in values)
+    return [v for v in found if isinstance(v, dict)]
+
+
+def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> list[dict[str, Any]]:
+    """The key spec of every stored artifact of ``kind`` (heads, finetune, evaluate, scores): what
+    ``transferpipe plan`` compares a new key with to say why it is not cached."""
+    layout = CacheLayout(cache_dir)
+    files = {
+        "heads": lambda: _specs(map(read_json, layout.heads().glob("*/head.json")), "spec"),
+        "finetune": lambda: _specs(map(read_json, layout.finetune_runs().glob("*/spec.json"))),
+        "evaluate": lambda: _specs(map(read_json, layout.reports(experiment).glob("*/spec.json"))),
+        "scores": lambda: _specs(Records(layout.scores).values(), "spec"),
+    }
+    if kind not in files:
+        raise ValueError(f"no stored specs of kind {kind!r}; kinds: {', '.join(files)}")
+    return files[kind]()
