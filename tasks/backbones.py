@@ -84,7 +84,7 @@ class BackboneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal["torchvision", "timm", "python"] = "torchvision"
+    source: Literal[tuple(sources.SOURCES)] = "torchvision"  # the registry's names (tasks/sources.py)
     search_path: list[str] = Field(default_factory=lambda: ["."], validate_default=True,
                                    description="python source: folders searched first for the factory's module, "
                                                "relative to the config's folder")
@@ -98,8 +98,6 @@ class BackboneConfig(BaseModel):
     @field_validator("search_path")
     @classmethod
     def _absolute(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        if info.data.get("source") != "python":
-            return v
         base = Path(_context(info).get("base_dir") or Path.cwd())
         return [str((base / os.path.expanduser(p)).resolve()) for p in v]
 
@@ -129,8 +127,9 @@ class BackboneConfig(BaseModel):
         cache = _context(info).get("cache_dir")
         src = sources.get(self.source, tuple(self.search_path))
         ident = {"source": self.source, "name": self.name, "kwargs": self.kwargs, **src.identity(self.name, self.kwargs)}
-        if self.kwargs and self.source == "torchvision":
-            raise ValueError("backbone.kwargs applies to source timm or python, not torchvision")
+        if self.kwargs and not src.takes_kwargs:
+            takers = " or ".join(name for name, s in sources.SOURCES.items() if s.takes_kwargs)
+            raise ValueError(f"backbone.kwargs applies to source {takers}, not {self.source}")
         try:
             if not _looks_like_file(self.weights) and self.weights.lower() != "none":
                 _named_weights(src, self.name, self.weights, cache)
@@ -228,7 +227,7 @@ class BackboneSpec:
             "backbone": self.name, "weights": self.weights_id, "layers": list(self.layers),
             "pooling": "avg", "preprocess": self.preprocess.as_dict(),
         }
-        if self.source != "torchvision":  # torchvision keys are unchanged since v0.1, so their features are reused
+        if self.origin().in_key:  # torchvision keys are unchanged since v0.1, so their features are reused
             fields["source"] = {"name": self.source, "kwargs": self.kwargs, "code": self.code}
         if self.channels_last:  # pooled over space since v0.3 (before: over the wrong axes), so recomputed
             fields["channels_last"] = list(self.channels_last)
@@ -236,7 +235,7 @@ class BackboneSpec:
 
     @property
     def label(self) -> str:
-        return self.name if self.source == "torchvision" else f"{self.source}:{self.name}"
+        return self.origin().label(self.name)
 
     @property
     def weights_file(self) -> Path | None:
@@ -251,7 +250,7 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
 
     With ``cache_dir``, what the source says and the files' hashes are remembered there.
     """
-    search = tuple(cfg.search_path) if cfg.source == "python" else ()
+    search = tuple(cfg.search_path)
     src = sources.get(cfg.source, search)
     if cfg.weights.lower() == "none":
         weights, weights_id = "none", f"none(seed={cfg.init_seed})"
@@ -264,12 +263,7 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
         base = _preprocessing(src, cfg, "DEFAULT", cache_dir)
     else:
         weights = _named_weights(src, cfg.name, cfg.weights, cache_dir)
-        if cfg.source == "torchvision":
-            weights_id = weights
-        elif cfg.source == "python":
-            weights_id = f"factory(seed={cfg.init_seed})"
-        else:
-            weights_id = "sha256:" + _file_digest(Path(weights), cache_dir)
+        weights_id = src.weights_id(weights, cfg.init_seed, lambda path: _file_digest(path, cache_dir))
         base = _preprocessing(src, cfg, cfg.weights, cache_dir)
     over = cfg.preprocess
     chosen = {f: getattr(over, f) or base.get(f) for f in PREPROCESS_FIELDS}
@@ -281,10 +275,8 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
         )
     preprocess = Preprocess(resize=int(chosen["resize"]), crop=int(chosen["crop"]),
                             interpolation=chosen["interpolation"], mean=tuple(chosen["mean"]), std=tuple(chosen["std"]))
-    code = None
-    if cfg.source == "python":
-        path = src.module_file(cfg.name)
-        code = _file_digest(path, cache_dir) if path is not None else None
+    path = src.code_file(cfg.name)
+    code = _file_digest(path, cache_dir) if path is not None else None
     spec = BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed,
                         cfg.source, dict(cfg.kwargs), code, search)
     layout = {"what": "channels-last", "source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs,

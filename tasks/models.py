@@ -120,7 +120,7 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
         torch.manual_seed(spec.init_seed)
         model = _architecture(spec)
         head = classifier(spec, model)
-        if head is None and (num_classes or (PENULTIMATE in spec.layers and spec.source != "python")):
+        if head is None and (num_classes or (PENULTIMATE in spec.layers and not spec.origin().output_is_feature)):
             raise BackboneError(f"{spec.label} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
         module = model.get_submodule(head) if head else None
         if module is not None and not isinstance(module, nn.Linear):

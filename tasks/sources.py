@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from importlib.machinery import PathFinder
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ from urllib.parse import urlparse
 
 from storage.keys import file_sha256
 
-SOURCES = ("torchvision", "timm", "python")
 PREPROCESS_FIELDS = ("resize", "crop", "interpolation", "mean", "std")
 
 
@@ -67,17 +67,40 @@ def _require(package: str, extra: str) -> None:
 
 
 def get(source: str, search_path: tuple[str, ...] = ()) -> Source:
-    """The source; ``search_path``: folders searched first for a python factory's module (the config's)."""
-    if source == "python":
-        return Python(search_path)
+    """The registered source; ``search_path``: folders searched first for a factory's module (the config's)."""
     try:
-        return _SOURCES[source]
+        return SOURCES[source].searching(tuple(search_path))
     except KeyError:
         raise BackboneError(f"unknown backbone source {source!r}; valid: {', '.join(SOURCES)}") from None
 
 
 class Source:
+    """Where a network comes from. Every entry of :data:`SOURCES` answers these (``tests/test_sources.py``
+    runs one contract over all of them); nothing outside this module asks which source it is."""
+
     name = ""
+    #: whether the feature key names the source (torchvision's keys predate sources and stay as they were)
+    in_key = True
+    #: a module without a final Linear has its output as the feature (a factory's), instead of being an error
+    output_is_feature = False
+    #: ``backbone.kwargs`` are passed to its builder (timm.create_model, a factory)
+    takes_kwargs = True
+
+    def searching(self, search_path: tuple[str, ...]) -> Source:
+        """This source, looking for modules in ``search_path`` first (only a factory's source cares)."""
+        return self
+
+    def label(self, name: str) -> str:
+        return f"{self.name}:{name}" if self.in_key else name
+
+    def weights_id(self, resolved: str, init_seed: int, digest: Callable[[Path], str]) -> str:
+        """What the key says for named weights, given what :meth:`named_weights` resolved them to: by default
+        the hash of the file they are in (``digest``); a source whose names are versioned says the name."""
+        return "sha256:" + digest(Path(resolved))
+
+    def code_file(self, name: str) -> Path | None:
+        """A file of the user's code that builds the model: its hash enters the key (a factory's module)."""
+        return None
 
     def check(self, name: str) -> None:
         raise NotImplementedError
@@ -174,8 +197,14 @@ class Torchvision(Source):
         if name not in self.names():
             raise BackboneError(f"unknown torchvision model {name!r}.{choices(name, self.names())}")
 
+    in_key = False  # torchvision keys are unchanged since v0.1, so their features are reused
+    takes_kwargs = False
+
     def identity(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"torchvision": version("torchvision")}
+
+    def weights_id(self, resolved: str, init_seed: int, digest: Callable[[Path], str]) -> str:
+        return resolved  # the enum's name: torchvision versions its weights by name
 
     def _enum(self, name: str, value: str):
         from torchvision.models import get_model_weights
@@ -348,9 +377,19 @@ class Python(Source):
     with ``preprocess`` a dict of resize/crop/interpolation/mean/std. The config's folder is searched first."""
 
     name = "python"
+    output_is_feature = True
 
     def __init__(self, search_path: tuple[str, ...] = ()) -> None:
         self.search_path = tuple(search_path)
+
+    def searching(self, search_path: tuple[str, ...]) -> Source:
+        return Python(search_path)
+
+    def weights_id(self, resolved: str, init_seed: int, digest: Callable[[Path], str]) -> str:
+        return f"factory(seed={init_seed})"  # as the factory builds it; its code is keyed by code_file
+
+    def code_file(self, name: str) -> Path | None:
+        return self.module_file(name)
 
     def _split(self, name: str) -> tuple[str, str]:
         if not FACTORY.match(name):
@@ -444,4 +483,5 @@ class Python(Source):
         return "factory", None
 
 
-_SOURCES: dict[str, Source] = {"torchvision": Torchvision(), "timm": Timm()}
+#: the backbone sources by ``backbone.source`` name: the one registry (config validation lists these)
+SOURCES: dict[str, Source] = {source.name: source for source in (Torchvision(), Timm(), Python())}

