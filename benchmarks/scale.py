@@ -120,7 +120,8 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         result = extract_split(plans["train"])
         return f"{result.rows / result.seconds:,.0f} img/s"
     if stage in ("linear", "knn", "logistic"):
-        from tasks.heads import KNNConfig, LinearConfig, LogisticConfig, plan_heads, train_head
+        from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig
+        from tasks.heads import plan_heads, train_head
 
         train = synthetic_features(work / "features", "train", n)
         val = synthetic_features(work / "features", "val", 2000, seed=1)
@@ -133,7 +134,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         return f"val acc {result.records[0].val_accuracy:.3f}"
     if stage == "evaluate":
         from tasks.evaluate import ModelReport, classification_metrics
-        from tasks.head_defaults import softmax
+        from tasks.softmax import softmax
         from tasks.report import _plots
 
         rng = np.random.default_rng(0)

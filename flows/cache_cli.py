@@ -12,18 +12,14 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.paths import default_cache_dir
-from flows.console import friendly_errors, out
+from flows.defaults import default_cache_dir
+from flows.console import CacheDir, friendly_errors, out
 from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import short
 
 app = typer.Typer(no_args_is_help=True, help="Inspect and manage the feature cache (HDF5 files by content key).")
 
-CacheDir = Annotated[
-    Optional[Path],
-    typer.Option("--cache-dir", help="Cache folder; default $TRANSFERPIPE_CACHE_DIR, else ~/.cache/transferpipe."),
-]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")]
 
 

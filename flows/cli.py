@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from flows import cache_cli
-from flows.paths import default_cache_dir
-from flows.console import err, friendly_errors, out, print_table
+from flows.defaults import DEFAULT_PORT, default_cache_dir
+from flows.console import CacheDir, err, friendly_errors, out, print_table
 from storage.keys import short
 
 
@@ -19,10 +19,6 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Batch transfer learning on images: run the frozen backbone once, cache features, train heads in seconds.",
 )
-CacheDir = Annotated[
-    Optional[Path],
-    typer.Option("--cache-dir", help="Cache folder; beats $TRANSFERPIPE_CACHE_DIR and the config's cache_dir."),
-]
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
 SweepFile = Annotated[Optional[Path], typer.Option(
     "--sweep", help="Sweep file (grid or list of overrides); the config's own sweep: section otherwise.")]
@@ -33,7 +29,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _run_local(flow_fn, *args, **kwargs):
-    from flows.runtime import run_local
+    from flows.local import run_local
 
     return run_local(flow_fn, *args, **kwargs)
 
@@ -203,7 +199,6 @@ def results(
     cache_dir: CacheDir = None,
 ) -> None:
     """Compare every evaluated model across experiments (the results registry)."""
-    from flows.paths import default_cache_dir
     from storage.results import query, registry_path
 
     root = default_cache_dir(cache_dir)
@@ -222,7 +217,7 @@ def results(
 def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Rank the config's candidate backbones (select:) by LogME, H-score, NCE, LEEP and probe accuracy."""
     cfg = _load(config, cache_dir)
-    from flows.select import select_flow
+    from flows.selection import select_flow
 
     _print_select(f"{cfg.name}: candidate backbones, ranked by LogME", _run_local(select_flow, cfg))
 
@@ -315,7 +310,7 @@ server_app = typer.Typer(no_args_is_help=True, help=(
 
 @server_app.command("start")
 @friendly_errors
-def server_start(port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 4200) -> None:
+def server_start(port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = DEFAULT_PORT) -> None:
     """Start the local server in the background (or say where the running one is); commands then use it."""
     from flows.server import start_persistent
 

@@ -9,7 +9,6 @@ import copy
 import json
 import itertools
 import math
-import os
 import re
 import typing
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from flows.paths import CACHE_ENV, DEFAULT_CACHE_DIR
+from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
-from tasks.heads import HeadConfig
+from tasks.head_configs import HeadConfig
 from tasks.select import SelectConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -227,9 +226,9 @@ def _slug(value: Any) -> str:
 def parse_config(
     raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None, cache_dir: str | Path | None = None
 ) -> ExperimentConfig:
-    override = cache_dir or os.environ.get(CACHE_ENV)
+    override = cache_dir_override(cache_dir)
     if override:
-        raw = {**raw, "cache_dir": str(Path(override).expanduser().absolute())}
+        raw = {**raw, "cache_dir": str(override)}
     cache = Path(str(raw.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser()
     if not cache.is_absolute() and base_dir is not None:
         cache = base_dir / cache

@@ -4,10 +4,16 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+
+from flows.defaults import CACHE_DIR_HELP
+
+#: the ``--cache-dir`` option of every command that reads or writes the cache
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help=CACHE_DIR_HELP)]
 
 out = Console()
 err = Console(stderr=True)

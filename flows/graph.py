@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
-from storage import artifacts
+from storage import head_store
 from storage.records import stored_specs
 from tasks import evaluate, extract, finetune, heads, select
 from tasks.backbones import resolve
 from tasks.data import Manifest
 from tasks.evaluate import ModelToEvaluate
-from tasks.heads import KNNConfig, LogisticConfig
+from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.result import summarize
 
 Goal = Literal["extract", "heads", "finetune", "evaluate", "score"]
@@ -118,7 +118,7 @@ def _plan_heads(config: ExperimentConfig, graph: Graph) -> list[Work]:
 
 def _head_units(work: Work) -> list[Unit]:
     plan = work.plan
-    return [Unit(f"{plan.head.label} shot {shot} seed {seed}", key, artifacts.head_exists(plan.cache_dir, key),
+    return [Unit(f"{plan.head.label} shot {shot} seed {seed}", key, head_store.head_exists(plan.cache_dir, key),
                  heads.fit_spec(plan, shot, seed)) for shot, seed, key in heads.fits(plan)]
 
 

@@ -10,9 +10,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows import graph
-from flows.artifacts import publish_report
+from flows.publish import publish_report
 from flows.config import ExperimentConfig, as_config
-from flows.runtime import experiment_run_name
+from flows.local import experiment_run_name
 from tasks.evaluate import EvalResult, ModelReport
 from tasks.extract import ExtractResult
 from tasks.finetune import FinetuneResult

@@ -17,7 +17,7 @@ import os
 from prefect import flow
 
 from flows.config import DaskConfig, ExperimentConfig
-from flows.runtime import experiment_run_name
+from flows.local import experiment_run_name
 from flows.stage_tasks import extract_shard_task, extract_split_task, join_shards_task, run_stage, submit_stage
 from tasks.extract import ExtractResult, SplitPlan, is_stored
 from tasks.shards import JoinPlan, plan_shards

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.config import ConfigError, load_config
+from flows.defaults import DEFAULT_PORT
 from flows.pipeline import PipelineResult, pipeline_flow
 
 DEPLOYED_FLOW = "pipeline-from-config"
@@ -57,7 +58,7 @@ def require_server() -> str:
     if not url:
         raise ConfigError(
             "transferpipe serve needs a Prefect server (ephemeral mode cannot schedule runs): start one with "
-            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+            f"`transferpipe server start` (or `prefect server start` and PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api)"
         )
     return url
 

@@ -20,8 +20,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flows.defaults import DEFAULT_PORT
+
 START_TIMEOUT_S = 120
-DEFAULT_PORT = 4200
 STATE_FILE = "transferpipe-server.json"
 
 

@@ -2,8 +2,9 @@
 
 Every stage task gets the same treatment:
 
-* its Prefect cache key is ``<task name>-<content key>`` (namespaced: a bare
-  ``INPUTS`` policy lets two tasks with equal inputs return each other's results);
+* its Prefect cache key is ``<task name>-<content key>-<cache folder>`` (namespaced: a bare
+  ``INPUTS`` policy lets two tasks with equal inputs return each other's results; and the
+  cache folder's path, so one cache never receives another's result);
 * results are persisted as JSON (never pickle) and stay small (paths, keys, metrics);
 * when the store does not hold the stage's output, ``refresh_cache`` forces a
   recompute, so a Prefect cache hit never points at a deleted or corrupt file;
@@ -14,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pathlib import Path
+
 from prefect import Task, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
+from storage.keys import fingerprint
 from tasks.evaluate import evaluate
 from tasks.extract import extract_split
 from tasks.finetune import finetune
@@ -28,9 +32,14 @@ from tasks.shards import extract_shard, join_shards
 
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The stage's own key, namespaced by task name; every stage takes one plan, which has a ``key``."""
+    """The stage's own key, namespaced by task name and cache folder; every stage takes one plan, with a ``key``.
+
+    The folder is part of it because a result names files in its cache: two caches side by side, or one
+    moved or copied, each get their own Prefect record (the stage then reuses what its own store holds).
+    """
     (plan,) = parameters.values()
-    return f"{context.task.name}-{plan.key}"
+    cache_dir = getattr(plan, "cache_dir", None) or plan.split.cache_dir  # a shard's plan holds its split's
+    return f"{context.task.name}-{plan.key}-{fingerprint(str(Path(cache_dir).resolve()))[:16]}"
 
 
 def retry_unless_bad_input(task: Task, task_run: Any, state: Any) -> bool:

@@ -4,7 +4,7 @@ A lookup serves a file only when it passes its invariants (a bad one is
 quarantined and the caller recomputes); a read verifies the checksums of what
 it reads. One writer per key: an OS lock that dies with its holder. The file
 format is :mod:`storage.h5file`, writing is :mod:`storage.writer`, joining
-shards :mod:`storage.shards`, listing and gc :mod:`storage.inventory`.
+shards :mod:`storage.shard_join`, listing and gc :mod:`storage.inventory`.
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 ```
 <cache_dir>/
   features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
-  features/shards/<key>/<start>-<stop>.h5      shards of a split   storage/shards.py
+  features/shards/<key>/<start>-<stop>.h5      shards of a split   storage/shard_join.py
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data.py)
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
   backbones/<key>.json                         what a source says  storage/records.py (Records)
-  heads/<key>/                                 trained heads       storage/artifacts.py
+  heads/<key>/                                 trained heads       storage/head_store.py
   finetune/<key>/                              fine-tuning runs    storage/checkpoints.py (RunFiles)
   metrics/<key>.json                           one fit's test metrics  storage/records.py (Records)
   scores/<key>.json                            selection scores    storage/records.py (Records)

@@ -4,6 +4,11 @@ SQLite (standard library, one file at ``<cache_dir>/results.sqlite``): safe
 for concurrent writers, queryable with plain SQL or pandas, and nothing to
 install. JSONL would need a reader to filter and sort; Parquet needs pyarrow
 and rewrites files to append.
+
+A model of an evaluation is one row, whatever happens: rows are keyed by
+(evaluation key, model, shots) and written as upserts, so a re-evaluation or
+two identical runs at once leave one row each. A registry that is not a
+database is moved aside (named in the warning) and a new one started.
 """
 from __future__ import annotations
 
@@ -11,9 +16,14 @@ import sqlite3
 from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
+import logging
+import os
+import time
 from typing import Any
 
 from storage.layout import CacheLayout
+
+log = logging.getLogger("transferpipe.results")
 
 COLUMNS = {
     "created_at": "TEXT", "experiment": "TEXT", "run_key": "TEXT", "model": "TEXT", "kind": "TEXT", "layer": "TEXT",
@@ -22,13 +32,28 @@ COLUMNS = {
     "nll": "REAL", "ece": "REAL", "report": "TEXT",
 }
 METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece")
+UNIQUE = ("run_key", "model", "shots")  # one row per model of an evaluation
+
+
+class RegistryError(RuntimeError):
+    """The results registry cannot be read; the message names the file."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30)
-    cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-    conn.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, {cols})")
+    try:
+        cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+        conn.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, {cols})")
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'results_model'").fetchone():
+            with conn:  # a registry written before rows were keyed may hold duplicates: keep the latest of each
+                keyed = "run_key IS NOT NULL"
+                conn.execute(f"DELETE FROM results WHERE {keyed} AND id NOT IN "
+                             f"(SELECT MAX(id) FROM results WHERE {keyed} GROUP BY {', '.join(UNIQUE)})")
+                conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS results_model ON results ({', '.join(UNIQUE)})")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise RegistryError(f"{path} is not a readable results registry ({exc})") from exc
     return conn
 
 
@@ -37,10 +62,21 @@ def registry_path(cache_dir: str | Path) -> Path:
 
 
 def append(cache_dir: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Add or replace the rows of one evaluation (an upsert on evaluation key, model and shots)."""
     rows = [{k: row.get(k) for k in COLUMNS} for row in rows]
-    with closing(_connect(registry_path(cache_dir))) as conn, conn:
+    path = registry_path(cache_dir)
+    try:
+        conn = _connect(path)
+    except RegistryError as exc:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s; moved it to %s and started a new registry", exc, aside)
+        conn = _connect(path)
+    updates = ", ".join(f"{k} = excluded.{k}" for k in COLUMNS if k not in UNIQUE)
+    with closing(conn), conn:
         conn.executemany(
-            f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + k for k in COLUMNS)})", rows
+            f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + k for k in COLUMNS)}) "
+            f"ON CONFLICT ({', '.join(UNIQUE)}) DO UPDATE SET {updates}", rows
         )
     return len(rows)
 

@@ -28,7 +28,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from tasks.head_defaults import KNN, LINEAR, LOGISTIC, RIDGE, SVM, softmax
+from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig, RidgeConfig, SVMConfig, default
+from tasks.softmax import softmax
 from tasks.runtime import cuda_possible, pick_device
 
 PREPROCESS = ("none", "standardize", "l2")
@@ -299,8 +300,9 @@ class LogisticHead(GridHead):
 
     grid_param = "C"
 
-    def __init__(self, C=LOGISTIC["C"], preprocess="standardize", refit="train", align="none",
-                 max_iter=LOGISTIC["max_iter"], n_jobs=LOGISTIC["n_jobs"], random_state=0):
+    def __init__(self, C=default(LogisticConfig, "C"), preprocess=default(LogisticConfig, "preprocess"),
+                 refit=default(LogisticConfig, "refit"), align=default(LogisticConfig, "align"),
+                 max_iter=default(LogisticConfig, "max_iter"), n_jobs=default(LogisticConfig, "n_jobs"), random_state=0):
         self.C, self.preprocess, self.refit = C, preprocess, refit
         self.align = align
         self.max_iter, self.n_jobs, self.random_state = max_iter, n_jobs, random_state
@@ -341,7 +343,8 @@ class RidgeHead(GridHead):
     has_proba = False
     state_keys = ("coef_", "intercept_")
 
-    def __init__(self, alpha=RIDGE["alpha"], preprocess="standardize", refit="train", align="none", random_state=0):
+    def __init__(self, alpha=default(RidgeConfig, "alpha"), preprocess=default(RidgeConfig, "preprocess"),
+                 refit=default(RidgeConfig, "refit"), align=default(RidgeConfig, "align"), random_state=0):
         self.alpha, self.preprocess, self.refit, self.random_state = alpha, preprocess, refit, random_state
         self.align = align
 
@@ -363,8 +366,8 @@ class SVMHead(GridHead):
     grid_param = "C"
     has_proba = False
 
-    def __init__(self, C=SVM["C"], preprocess="standardize", refit="train", align="none", max_iter=SVM["max_iter"],
-                 random_state=0):
+    def __init__(self, C=default(SVMConfig, "C"), preprocess=default(SVMConfig, "preprocess"), refit=default(SVMConfig, "refit"),
+                 align=default(SVMConfig, "align"), max_iter=default(SVMConfig, "max_iter"), random_state=0):
         self.C, self.preprocess, self.refit, self.max_iter, self.random_state = C, preprocess, refit, max_iter, random_state
         self.align = align
 
@@ -391,9 +394,11 @@ class TorchLinearHead(GridHead):
 
     grid_param = "weight_decay"
 
-    def __init__(self, weight_decay=LINEAR["weight_decay"], preprocess="standardize", refit="train", align="none",
-                 optimizer=LINEAR["optimizer"], max_iter=LINEAR["max_iter"], epochs=LINEAR["epochs"],
-                 batch_size=LINEAR["batch_size"], lr=LINEAR["lr"], device=LINEAR["device"], random_state=0):
+    def __init__(self, weight_decay=default(LinearConfig, "weight_decay"), preprocess=default(LinearConfig, "preprocess"),
+                 refit=default(LinearConfig, "refit"), align=default(LinearConfig, "align"),
+                 optimizer=default(LinearConfig, "optimizer"), max_iter=default(LinearConfig, "max_iter"),
+                 epochs=default(LinearConfig, "epochs"), batch_size=default(LinearConfig, "batch_size"),
+                 lr=default(LinearConfig, "lr"), device=default(LinearConfig, "device"), random_state=0):
         self.weight_decay, self.preprocess, self.refit = weight_decay, preprocess, refit
         self.align = align
         self.optimizer, self.max_iter, self.epochs, self.batch_size, self.lr = optimizer, max_iter, epochs, batch_size, lr
@@ -519,8 +524,9 @@ class KNNHead(GridHead):
     #: a bank left on disk (fit_rows): the FeatureRows it is read from; saved as a reference, not copied
     bank_rows_: Any = None
 
-    def __init__(self, k=KNN["k"], temperature=KNN["temperature"], preprocess=KNN["preprocess"], refit="train",
-                 align="none", chunk_size=KNN["chunk_size"], device=KNN["device"], random_state=0):
+    def __init__(self, k=default(KNNConfig, "k"), temperature=default(KNNConfig, "temperature"),
+                 preprocess=default(KNNConfig, "preprocess"), refit=default(KNNConfig, "refit"), align=default(KNNConfig, "align"),
+                 chunk_size=default(KNNConfig, "chunk_size"), device=default(KNNConfig, "device"), random_state=0):
         self.k, self.temperature, self.preprocess, self.refit = k, temperature, preprocess, refit
         self.align = align
         self.chunk_size, self.device, self.random_state = chunk_size, device, random_state

@@ -23,8 +23,8 @@ from storage.layout import CacheLayout
 from storage.records import ReportFiles, Records
 from tasks.backbones import BackboneSpec
 from tasks.data import Manifest
-from tasks.runtime import pick_device
-from tasks.head_defaults import softmax
+from tasks.machine import pick_device
+from tasks.softmax import softmax
 from tasks.heads import load_head, load_split
 from tasks.report import ranked, registry_rows, write_report
 from tasks.result import StageResult
@@ -184,14 +184,14 @@ def evaluate(plan: EvalPlan) -> EvalResult:
     started = time.perf_counter()
     saved = plan.files.read_result()
     if saved is not None:
-        return EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0})
+        return EvalResult.model_validate({**saved, "report": plan.files.report_md, "cache_hit": True, "seconds": 0.0})
     plan.files.write_spec(plan.spec)
     reports = ranked(score_models(plan))
     paths = write_report(plan, reports, seconds=time.perf_counter() - started)
     registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
     result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
                         seconds=time.perf_counter() - started)
-    plan.files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
+    plan.files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds", "report"}))  # last: marks it done
     return result
 
 

@@ -23,7 +23,7 @@ from storage.layout import CacheLayout
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, resolve
 from tasks.result import StageResult
-from tasks.runtime import forward_precision
+from tasks.machine import forward_precision
 from tasks.data import BadImageError, DataConfig, build_manifest
 
 log = logging.getLogger("transferpipe.extract")
@@ -31,7 +31,7 @@ log = logging.getLogger("transferpipe.extract")
 
 class ExtractConfig(BaseModel):
     """``extract:`` section. Of these, ``dtype`` (storage) and the precision that ``device`` and ``amp`` give
-    (:func:`tasks.runtime.forward_precision`) are in the feature key; batch size, workers and channels_last
+    (:func:`tasks.machine.forward_precision`) are in the feature key; batch size, workers and channels_last
     do not change the features."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -20,7 +20,7 @@ from tasks.backbones import BackboneSpec, Preprocess
 from tasks.data import DECODE_ERRORS, BadImageError, Manifest, check_headers
 from tasks.data import num_workers_for, worker_init
 from tasks.models import FeatureExtractor, build
-from tasks.runtime import autocast_dtype, pick_device, versions
+from tasks.machine import autocast_dtype, pick_device, versions
 
 log = logging.getLogger("transferpipe.extract")
 

@@ -28,7 +28,7 @@ from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
 from tasks.backbones import BackboneSpec
 from tasks.result import StageResult
-from tasks.runtime import forward_precision
+from tasks.machine import forward_precision
 
 log = logging.getLogger("transferpipe.finetune")
 
@@ -158,7 +158,8 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
                 files.write_spec(plan.spec)
                 return _train(plan, files, started)
     saved = files.read_result()
-    return FinetuneResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0, "epochs_run": 0})
+    return FinetuneResult.model_validate({**saved, "best_checkpoint": files.best, "cache_hit": True, "seconds": 0.0,
+                                          "epochs_run": 0})
 
 
 def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResult:
@@ -175,5 +176,5 @@ def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResul
         train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
         frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )
-    files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds"}))
+    files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds", "best_checkpoint"}))  # no path: movable
     return result

@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import RandomResizedCrop
 from tqdm.auto import tqdm
 
 from storage import checkpoints
-from storage.artifacts import load_head_arrays
+from storage.head_store import load_head_arrays
 from storage.checkpoints import RunFiles
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
@@ -30,7 +30,7 @@ from tasks.data import Manifest
 from tasks.data import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES, best_probe
 from tasks.models import classifier, load_model
-from tasks.runtime import autocast_dtype, pick_device
+from tasks.machine import autocast_dtype, pick_device
 
 log = logging.getLogger("transferpipe.finetune")
 

@@ -14,126 +14,20 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from storage.faults import fault_point
-from storage.artifacts import head_exists, load_head_arrays, read_meta, save_head
+from storage.head_store import head_exists, load_head_arrays, read_meta, save_head
 from storage.features import FeatureRows, FeatureStore, FeatureStoreError
 from storage import keys
-from tasks import head_defaults as defaults
+from tasks.head_configs import HeadConfig, Shot
 from tasks.result import StageResult
 
 if TYPE_CHECKING:
     from tasks.estimators import GridHead
-
-Shot = Union[int, Literal["all"]]
-
-
-class _HeadBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str | None = Field(None, description="label in reports; default: the kind")
-    layer: str = "penultimate"
-    preprocess: Literal["none", "standardize", "l2"] = "standardize"
-    shots: list[Shot] = Field(default_factory=lambda: ["all"], min_length=1)
-    seeds: int = Field(3, ge=1, le=100, description="few-shot subsets drawn per shot count (averaged)")
-    seed: int = 0
-    refit: Literal["train", "train+val"] = "train"
-    align: Literal["none", "coral"] = Field(
-        "none", description="coral: map training features to the test split's feature statistics (no test labels used)"
-    )
-
-    @field_validator("shots")
-    @classmethod
-    def _shots(cls, v: list[Shot]) -> list[Shot]:
-        bad = [s for s in v if s != "all" and (not isinstance(s, int) or s < 1)]
-        if bad:
-            raise ValueError(f"shots must be positive integers or 'all', got {bad}")
-        return v
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind  # type: ignore[attr-defined]
-
-    def estimator_params(self) -> dict[str, Any]:
-        """Constructor arguments of the estimator: this config minus the stage's own fields."""
-        stage = {"name", "layer", "shots", "seeds", "seed", "kind"}
-        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.model_dump().items() if k not in stage}
-        return {**params, "random_state": self.seed}
-
-    def estimator(self) -> GridHead:
-        from tasks.estimators import HEADS
-
-        return HEADS[self.kind](**self.estimator_params())  # type: ignore[attr-defined]
-
-
-def _positive(values: list[float], name: str, allow_zero: bool = False) -> list[float]:
-    bad = [v for v in values if v < 0 or (v == 0 and not allow_zero)]
-    if bad or not values:
-        raise ValueError(f"{name} needs values {'>=' if allow_zero else '>'} 0, got {values}")
-    return values
-
-
-def _grid(values: tuple) -> Any:
-    """A default grid (a fresh list each time)."""
-    return Field(default_factory=lambda: list(values))
-
-
-class LogisticConfig(_HeadBase):
-    kind: Literal["logistic"]
-    C: list[float] = _grid(defaults.LOGISTIC["C"])
-    max_iter: int = Field(defaults.LOGISTIC["max_iter"], ge=1)
-    n_jobs: int = Field(defaults.LOGISTIC["n_jobs"], description="parallel warm-started runs over the grid (-1: one per core)")
-
-    _check = field_validator("C")(lambda v: _positive(v, "C"))
-
-
-class LinearConfig(_HeadBase):
-    kind: Literal["linear"]
-    weight_decay: list[float] = _grid(defaults.LINEAR["weight_decay"])
-    optimizer: Literal["lbfgs", "adamw"] = defaults.LINEAR["optimizer"]
-    max_iter: int = Field(defaults.LINEAR["max_iter"], ge=1)
-    epochs: int = Field(defaults.LINEAR["epochs"], ge=1)
-    batch_size: int = Field(defaults.LINEAR["batch_size"], ge=1)
-    lr: float = Field(defaults.LINEAR["lr"], gt=0)
-    device: str = defaults.LINEAR["device"]
-
-    _check = field_validator("weight_decay")(lambda v: _positive(v, "weight_decay", allow_zero=True))
-
-
-class KNNConfig(_HeadBase):
-    kind: Literal["knn"]
-    preprocess: Literal["none", "standardize", "l2"] = defaults.KNN["preprocess"]
-    k: list[int] = _grid(defaults.KNN["k"])
-    temperature: float = Field(defaults.KNN["temperature"], gt=0)
-    chunk_size: int = Field(defaults.KNN["chunk_size"], ge=1)
-    device: str = defaults.KNN["device"]
-
-    _check = field_validator("k")(lambda v: [int(x) for x in _positive(v, "k")])
-
-
-class RidgeConfig(_HeadBase):
-    kind: Literal["ridge"]
-    alpha: list[float] = _grid(defaults.RIDGE["alpha"])
-
-    _check = field_validator("alpha")(lambda v: _positive(v, "alpha"))
-
-
-class SVMConfig(_HeadBase):
-    kind: Literal["svm"]
-    C: list[float] = _grid(defaults.SVM["C"])
-    max_iter: int = Field(defaults.SVM["max_iter"], ge=1)
-
-    _check = field_validator("C")(lambda v: _positive(v, "C"))
-
-
-HeadConfig = Annotated[
-    Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig], Field(discriminator="kind")
-]
-
 
 class HeadPlan(BaseModel):
     """One head config on one set of features; small enough to cross a task boundary."""
@@ -349,7 +243,7 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
     fault_point("heads.fit")
     (Xv, yv), (Xt, _) = data.val, data.target
     h = plan.head
-    est = h.estimator().set_params(random_state=seed)
+    est = estimator(h).set_params(random_state=seed)
     if isinstance(data.train, FeatureRows):
         rows = data.train
         idx = few_shot_indices(rows.labels, shot, seed)
@@ -399,6 +293,13 @@ def best_probe(cache_dir: Path, candidates: list[str]) -> str | None:
     """The candidate fit with the best validation accuracy (the first of equals); None without candidates."""
     accuracy = {key: read_meta(cache_dir, key)["val_accuracy"] for key in candidates}
     return max(candidates, key=accuracy.__getitem__) if candidates else None
+
+
+def estimator(head: HeadConfig) -> GridHead:
+    """The unfitted estimator of a head config (scikit-learn or torch imported here, not with the config)."""
+    from tasks.estimators import HEADS
+
+    return HEADS[head.kind](**head.estimator_params())
 
 
 def load_head(cache_dir: Path, key: str) -> GridHead:

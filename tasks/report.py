@@ -23,7 +23,7 @@ def ranked(models: list[ModelReport]) -> list[ModelReport]:
 
 def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> dict[str, Path]:
     """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths."""
-    from tasks.runtime import versions
+    from tasks.machine import versions
 
     models = ranked(models)
     files = plan.files
@@ -49,9 +49,18 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> li
         {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": r.name, "kind": r.kind,
          "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds, "backbone": plan.backbone.name,
          "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
-         "n_test": r.metrics["n"], "report": str(report), **{m: r.metrics.get(m) for m in registry.METRICS}}
+         "n_test": r.metrics["n"], "report": _in_cache(plan.cache_dir, report),
+         **{m: r.metrics.get(m) for m in registry.METRICS}}
         for r in models
     ]
+
+
+def _in_cache(cache_dir: Path, path: Path) -> str:
+    """A path inside the cache relative to its root (the cache can move); any other path as it is."""
+    try:
+        return Path(path).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:

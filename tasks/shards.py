@@ -2,7 +2,7 @@
 
 Each shard is extracted (resumable, locked) exactly like a whole split, into
 ``shards/<feature key>/``; the join makes the split's usual feature file from
-them without copying (:mod:`storage.shards`), so every later stage reads it
+them without copying (:mod:`storage.shard_join`), so every later stage reads it
 like any other. Shards are whole batches, so the features equal one process's.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict
 
 from storage.features import FeatureStore
 from storage.keys import shard_key
-from storage.shards import join_shards as join_files
+from storage.shard_join import join_shards as join_files
 from tasks.data import Manifest
 from tasks.extract import ExtractResult, SplitPlan, extract_rows, reuse
-from tasks.runtime import versions
+from tasks.machine import versions
 
 
 class ShardPlan(BaseModel):

@@ -85,3 +85,9 @@ def test_only_storage_spells_the_cache_layout(path):
                and isinstance(node.right.value, str)
                and (node.right.value in CACHE_NAMES or node.right.value.endswith(CACHE_SUFFIXES))]
     assert spelled == []
+
+
+def test_module_names_say_one_thing():
+    """No two modules share a name across layers (a ``runtime.py`` in flows/ and one in tasks/ meant two things)."""
+    names = [p.stem for layer in LAYERS for p in (REPO / layer).glob("*.py") if p.stem != "__init__"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

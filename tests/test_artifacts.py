@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage import artifacts, checkpoints
+from storage import checkpoints, head_store as artifacts
 from storage.checkpoints import CHECKPOINT_FORMAT, RunFiles, WeightsFileError
 from storage.layout import CacheLayout, FeatureFiles
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, load_config
-from flows.paths import CACHE_ENV
+from flows.defaults import CACHE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.explain import explain
 from flows.pipeline import pipeline_flow
-from flows.runtime import local_run_settings
+from flows.local import local_run_settings
 from helpers import write_config
 
 pytestmark = pytest.mark.slow

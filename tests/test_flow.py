@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import pipeline_flow
-from flows.runtime import local_run_settings
+from flows.local import local_run_settings
 from helpers import split_plans, task_runs
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 from flows.explain import explain
 from flows.graph import EVALUATE, EXTRACT, FINETUNE, HEADS, SCORE, nodes
 from flows.pipeline import pipeline_flow
-from flows.runtime import local_run_settings
-from flows.select import select_flow
+from flows.local import local_run_settings
+from flows.selection import select_flow
 from storage.keys import short
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from storage.artifacts import CorruptArtifact, head_dir, save_head
+from storage.head_store import CorruptArtifact, head_dir, save_head
 from helpers import split_plans
-from tasks.heads import KNNConfig, LogisticConfig, few_shot_indices, load_head, load_split, plan_heads, train_head
+from tasks.head_configs import KNNConfig, LogisticConfig
+from tasks.heads import few_shot_indices, load_head, load_split, plan_heads, train_head
 from tasks.estimators import HEADS, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
 
 CPU = {"linear": {"device": "cpu"}, "knn": {"device": "cpu"}}
@@ -203,3 +204,18 @@ def test_coral_heads_are_keyed_by_their_target(features):
     assert plain.target_key is None and aligned.target_key == val_key
     result = train_head(aligned)
     assert result.fits == 1 and load_head(cache_dir, result.records[0].key).align == "coral"
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_each_estimator_takes_exactly_its_configs_parameters_and_defaults(kind):
+    """One schema: a head's config fields are its estimator's parameters, with the same defaults."""
+    import inspect
+
+    from tasks.head_configs import CONFIGS, default
+
+    config = CONFIGS[kind](kind=kind)
+    signature = inspect.signature(HEADS[kind].__init__).parameters
+    assert set(signature) - {"self"} == set(config.estimator_params())
+    for name, param in signature.items():
+        if name not in ("self", "random_state"):
+            assert param.default == default(CONFIGS[kind], name), name

@@ -114,7 +114,7 @@ def test_amp_planned_but_run_on_a_cpu_is_refused():
     """A plan made in bf16 (on a GPU) never computes into its key on a CPU: the run says why instead."""
     import torch
 
-    from tasks.runtime import autocast_dtype
+    from tasks.machine import autocast_dtype
 
     assert autocast_dtype("fp32", torch.device("cpu")) is None
     with pytest.raises(ValueError, match="planned in bf16 autocast .* runs on cpu"):

@@ -57,3 +57,42 @@ def test_registry_keeps_every_row_of_concurrent_writers_and_only_known_columns(t
     assert len(rows) == 40 and "extra" not in rows[0]
     assert registry.registry_path(tmp_path) == tmp_path / "results.sqlite"
     assert [r["model"] for r in registry.query(tmp_path, experiment="e[0-1]")][:2] == ["m4", "m4"]  # a glob
+
+
+ROW = {"experiment": "e", "run_key": "k" * 64, "model": "logistic", "shots": "all", "top1": 0.5}
+
+
+def test_a_model_of_an_evaluation_is_one_row_however_often_it_is_written(tmp_path):
+    """Re-evaluations and identical runs at once upsert: one row per (evaluation key, model, shots)."""
+    threads = [threading.Thread(target=registry.append, args=(tmp_path, [{**ROW, "top1": i / 10}])) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    registry.append(tmp_path, [{**ROW, "top1": 0.9}, {**ROW, "shots": "5", "top1": 0.4}])
+    rows = registry.query(tmp_path)
+    assert [(r["shots"], r["top1"]) for r in rows] == [("all", 0.9), ("5", 0.4)]
+
+
+def test_a_registry_with_duplicates_from_before_keeps_the_latest_row(tmp_path):
+    import sqlite3
+
+    path = registry.registry_path(tmp_path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE results (id INTEGER PRIMARY KEY, {', '.join(f'{k} {t}' for k, t in registry.COLUMNS.items())})")
+    for top1 in (0.1, 0.2):
+        conn.execute("INSERT INTO results (experiment, run_key, model, shots, top1) VALUES (?, ?, ?, ?, ?)",
+                     ("e", ROW["run_key"], "logistic", "all", top1))
+    conn.commit()
+    conn.close()
+    assert [r["top1"] for r in registry.query(tmp_path)] == [0.2]
+
+
+def test_a_damaged_registry_is_named_and_set_aside_by_the_next_evaluation(tmp_path):
+    path = registry.registry_path(tmp_path)
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(registry.RegistryError, match=f"{path} is not a readable results registry"):
+        registry.query(tmp_path)
+    registry.append(tmp_path, [ROW])
+    assert [r["model"] for r in registry.query(tmp_path)] == ["logistic"]
+    assert len(list(tmp_path.glob("results.sqlite.damaged-*"))) == 1

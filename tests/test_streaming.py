@@ -9,7 +9,8 @@ import pytest
 from storage.features import FeatureStore, FeatureStoreError
 from storage.keys import feature_key, feature_spec
 from tasks.estimators import KNNHead, TorchLinearHead, knn_search
-from tasks.heads import MEMORY_ENV, KNNConfig, LinearConfig, LogisticConfig, SplitTooBig, load_head, load_split
+from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig
+from tasks.heads import MEMORY_ENV, SplitTooBig, load_head, load_split
 from tasks.heads import plan_heads, train_head
 
 CLASSES = 5
@@ -123,7 +124,7 @@ def test_heads_stage_streams_a_split_above_the_budget(splits, monkeypatch):
         agree = np.mean(load_head(cache, a.key).predict(Xv) == load_head(other, b.key).predict(Xv))
         assert agree >= 0.995, (name, agree)
     # the kNN bank is not copied into the head: it is read from its feature file
-    from storage.artifacts import load_head_arrays, read_meta
+    from storage.head_store import load_head_arrays, read_meta
 
     assert read_meta(other, streamed["knn"].records[0].key)["bank"] == {"key": train, "layer": "penultimate"}
     assert "bank_" not in load_head_arrays(other, streamed["knn"].records[0].key)[1]

@@ -5,9 +5,9 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows import graph
-from flows.artifacts import publish_table
+from flows.publish import publish_table
 from flows.config import ExperimentConfig, as_config
-from flows.runtime import experiment_run_name
+from flows.local import experiment_run_name
 from tasks import select
 
 
