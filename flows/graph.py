@@ -180,21 +180,30 @@ def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
                                                 "heads": probes})) for c in config.select.candidates]
 
 
-def _against(stored_specs: Callable[[ExperimentConfig], list[dict[str, Any]]]):
-    """A ``why`` that compares each missing unit with the closest of the stage's stored specs."""
+def _against(stored_specs: Callable[[ExperimentConfig], list[dict[str, Any]]],
+             damage: Callable[[Work, Unit], list[str]] = lambda w, u: []):
+    """A ``why`` that says what is damaged where something is, else compares each missing unit with the closest
+    of the stage's stored specs."""
     def why(config: ExperimentConfig, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
         specs = stored_specs(config) if missing else []
-        return [why_not_cached(u.spec, specs) for _, u in missing]
+        return [damage(w, u) or why_not_cached(u.spec, specs) for w, u in missing]
 
     return why
+
+
+def _head_damage(work: Work, unit: Unit) -> list[str]:
+    problem = head_store.head_problem(work.plan.cache_dir, unit.key)
+    return [f"head {problem}: will train again"] if problem and problem != "missing" else []
 
 
 EXTRACT = Node("extract", _plan_extract, "extract_split_task", lambda c, w: f"extract-{c.backbone.name}-{w.what}",
                why=_why_features)
 HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.head.label}-{w.plan.head.layer}",
-             units=_head_units, why=_against(lambda c: stored_specs(c.cache_dir, "heads")), concurrent=True)
+             units=_head_units, why=_against(lambda c: stored_specs(c.cache_dir, "heads"), _head_damage),
+             concurrent=True)
 FINETUNE = Node("finetune", _plan_finetune, "finetune_task", lambda c, w: f"finetune-{c.backbone.name}",
-                why=_against(lambda c: stored_specs(c.cache_dir, "finetune")))
+                why=_against(lambda c: stored_specs(c.cache_dir, "finetune"),
+                             lambda w, u: finetune.run_files(w.plan).problems()))
 EVALUATE = Node("evaluate", _plan_evaluate, "evaluate_task", lambda c, w: f"evaluate-{c.name}",
                 why=_against(lambda c: stored_specs(c.cache_dir, "evaluate", c.name)))
 SCORE = Node("score", _plan_score, "score_task", lambda c, w: f"score-{w.what}",

@@ -5,6 +5,11 @@ A fine-tuning run lives in ``finetune/<key>/`` (:class:`RunFiles`): ``last.pt``
 model's state dict plus a little metadata, usable as another experiment's
 ``backbone.weights``) and ``result.json``, written last, marking a finished run.
 
+Each checkpoint has a sidecar ``<name>.sha256`` (its size and sha256, written
+with it): a truncated file is seen by a stat, a damaged one when it is read,
+and either is set aside in ``quarantine/`` so the run starts again instead of
+failing on it forever.
+
 Everything is read with ``torch.load(weights_only=True)``: tensors and plain
 containers only, never arbitrary pickled objects. torch is imported when a
 file is read or written, not when this module is.
@@ -16,13 +21,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.records import StageFiles
+from storage.atomic import write_json
+from storage.keys import file_sha256
+from storage.records import StageFiles, read_json, set_aside
 
 CHECKPOINT_FORMAT = "transferpipe-checkpoint"
 
 
 class WeightsFileError(ValueError):
     """A weights file that cannot be read as a state dict; the message names the file."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint that is truncated or does not match its checksum; the message names the file."""
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted from its size alone (a stat), or None."""
+    expected = read_json(_sidecar(path))
+    if not path.is_file():
+        return "missing"
+    if isinstance(expected, dict) and path.stat().st_size != expected.get("bytes"):
+        return f"damaged: {path.stat().st_size} bytes, {expected.get('bytes')} written"
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,26 +66,64 @@ class RunFiles(StageFiles):
     def lock(self) -> Path:
         return self.folder / ".lock"
 
+    def quarantine(self) -> Path:
+        return self.folder / "quarantine"
+
     def finished(self) -> bool:
-        return self.best.is_file() and self.read_result() is not None
+        return damage(self.best) is None and self.read_result() is not None
+
+    def problems(self) -> list[str]:
+        """What is wrong with a run's files as far as a stat can tell (``transferpipe plan`` says it)."""
+        return [f"{p.name} {why}: will train again" for p in (self.best, self.last)
+                if p.exists() and (why := damage(p))]
+
+    def heal(self) -> None:
+        """Before a run resumes: a damaged best.pt sends the whole run back to the start (its last.pt's "best
+        so far" names it); a damaged last.pt alone restarts the epochs."""
+        if self.best.exists() and (why := damage(self.best)):
+            self.discard(f"best.pt {why}")
+        elif self.last.exists() and (why := damage(self.last)):
+            set_aside(self.last, self.quarantine(), why)
+
+    def discard(self, why: str) -> None:
+        """Set the run's checkpoints and result aside (``why``): the next run fine-tunes from the start."""
+        for path in (self.best, self.last, self.result):
+            if path.exists():
+                set_aside(path, self.quarantine(), why)
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, rename: a reader sees the old file or the new one."""
+    """``torch.save`` to a temporary file, fsync, rename (a reader sees the old file or the new one), then its
+    sidecar. A failed write removes its temporary file and says which file and why."""
     import torch
 
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write checkpoint {path}: {exc}") from exc
+    write_json(_sidecar(path), digest)
 
 
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save` (tensors and plain containers only)."""
+    """A checkpoint written by :func:`save` (tensors and plain containers only), checked against its sidecar."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    why = damage(path)
+    expected = read_json(_sidecar(path))
+    if why is None and isinstance(expected, dict) and file_sha256(path) != expected.get("sha256"):
+        why = "damaged: its sha256 differs from the one written with it"
+    if why is not None:
+        raise CorruptCheckpoint(f"checkpoint {path} is {why}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read: {exc}") from exc
 
 
 def save_best(path: Path, state_dict: dict[str, Any], *, backbone: str, classes: str, epoch: int,

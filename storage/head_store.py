@@ -20,9 +20,11 @@ from safetensors.numpy import load_file, save_file
 
 from storage.keys import canonical_json, file_sha256, short
 from storage.layout import CacheLayout
+from storage.records import read_json, set_aside
 
 HEAD_FORMAT = "transferpipe-head"
 HEAD_FORMAT_VERSION = 1
+DAMAGED = "DAMAGED"  # written into a head's folder when its arrays fail their checksum
 
 
 class CorruptArtifact(RuntimeError):
@@ -34,20 +36,43 @@ def head_dir(cache_dir: str | Path, key: str) -> Path:
 
 
 def head_exists(cache_dir: str | Path, key: str) -> bool:
+    """Whether a sound head is stored under ``key``: both files, readable, and arrays of the size written."""
+    return head_problem(cache_dir, key) is None
+
+
+def head_problem(cache_dir: str | Path, key: str) -> str | None:
+    """Why the head stored under ``key`` cannot be used, as far as a stat and its description tell; None if it can."""
     folder = head_dir(cache_dir, key)
-    return (folder / "head.json").is_file() and (folder / "arrays.safetensors").is_file()
+    arrays = folder / "arrays.safetensors"
+    if not folder.is_dir():
+        return "missing"
+    meta = read_json(folder / "head.json")
+    if not isinstance(meta, dict) or not arrays.is_file():
+        return "incomplete (head.json unreadable or arrays missing)"
+    if (folder / DAMAGED).is_file():
+        return (folder / DAMAGED).read_text()
+    if "arrays_bytes" in meta and arrays.stat().st_size != meta["arrays_bytes"]:
+        return f"damaged ({arrays.stat().st_size} bytes of arrays, {meta['arrays_bytes']} written)"
+    return None
+
+
+def _set_aside(cache_dir: str | Path, key: str, why: str) -> Path:
+    return set_aside(head_dir(cache_dir, key), CacheLayout(cache_dir).heads() / ".quarantine", why)
 
 
 def save_head(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Write a head atomically; if another run wrote the same key first, keep theirs (same content)."""
     target = head_dir(cache_dir, key)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and (why := head_problem(cache_dir, key)):
+        _set_aside(cache_dir, key, why)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{short(key)}-"))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "arrays.safetensors"))
         description = {
             "format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "key": key,
-            "arrays_sha256": file_sha256(tmp / "arrays.safetensors"), **meta,
+            "arrays_sha256": file_sha256(tmp / "arrays.safetensors"),
+            "arrays_bytes": (tmp / "arrays.safetensors").stat().st_size, **meta,
         }
         (tmp / "head.json").write_text(json.dumps(json.loads(canonical_json(description)), indent=1))
         os.rename(tmp, target)
@@ -78,5 +103,7 @@ def load_head_arrays(cache_dir: str | Path, key: str) -> tuple[dict[str, Any], d
     except OSError as exc:
         raise CorruptArtifact(f"{path}: unreadable ({exc})") from exc
     if actual != meta["arrays_sha256"]:
-        raise CorruptArtifact(f"{path}: checksum mismatch (stored {short(meta['arrays_sha256'])}, actual {short(actual)})")
+        why = f"checksum mismatch (stored {short(meta['arrays_sha256'])}, actual {short(actual)})"
+        (head_dir(cache_dir, key) / DAMAGED).write_text(why)  # read by head_problem: the next run retrains it
+        raise CorruptArtifact(f"{path}: {why}; the next run sets it aside and trains it again")
     return meta, load_file(str(path))

@@ -14,6 +14,9 @@ nothing else in the project spells these file names.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,17 @@ from typing import Any
 
 from storage.atomic import write_json, write_text
 from storage.layout import CacheLayout
+
+log = logging.getLogger("transferpipe.store")
+
+
+def set_aside(path: Path, folder: Path, why: str) -> Path:
+    """Move a damaged artifact into ``folder`` (never delete it), log why, and return where it went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    os.replace(path, target)
+    log.warning("%s: %s; moved to %s", path, why, target)
+    return target
 
 
 def read_json(path: Path) -> Any | None:

@@ -252,7 +252,12 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits["test"]
     model = load_model(plan.backbone, num_classes=len(plan.classes))
-    model.load_state_dict(checkpoints.load(m.checkpoint)["model"])
+    try:
+        state = checkpoints.load(m.checkpoint)
+    except checkpoints.CorruptCheckpoint as exc:
+        checkpoints.RunFiles(m.checkpoint.parent).discard(str(exc))
+        raise checkpoints.CorruptCheckpoint(f"{exc}; set aside: the next run fine-tunes it again") from None
+    model.load_state_dict(state["model"])
     device = pick_device(plan.device)
     model.eval().to(device)
     pre = plan.backbone.preprocess

@@ -155,6 +155,7 @@ def finetune(plan: FinetunePlan) -> FinetuneResult:
         files.folder.mkdir(parents=True, exist_ok=True)
         with _ONE_AT_A_TIME, FileLock(str(files.lock)):
             if not files.finished():  # the run we waited for may have finished it
+                files.heal()
                 files.write_spec(plan.spec)
                 return _train(plan, files, started)
     saved = files.read_result()

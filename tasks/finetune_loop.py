@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from storage import checkpoints
 from storage.head_store import load_head_arrays
 from storage.checkpoints import RunFiles
+from storage.records import set_aside
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
 from tasks.backbones import Preprocess
@@ -251,7 +252,12 @@ def _resume(run: _Run, last: Path) -> int:
     """Continue from ``last.pt`` if an earlier attempt left one; returns the epochs it had done."""
     if not last.exists():
         return 0
-    ckpt = checkpoints.load(last)
+    try:
+        ckpt = checkpoints.load(last)
+    except checkpoints.CorruptCheckpoint as exc:
+        set_aside(last, RunFiles(last.parent).quarantine(), str(exc))
+        log.warning("starting fine-tuning %s from the beginning", short(run.plan.key))
+        return 0
     run.model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.sched.load_state_dict(ckpt["schedule"])
