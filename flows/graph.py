@@ -14,8 +14,10 @@ folder (``storage/layout.py``), its Prefect task (``flows/stage_tasks.py``), one
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from flows.config import ExperimentConfig
@@ -23,10 +25,11 @@ from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
 from tasks import evaluate, extract, finetune, heads, select
-from tasks.backbones import resolve
+from tasks.backbones import module_names, resolve
 from tasks.data import Manifest
 from tasks.evaluate import ModelToEvaluate
 from tasks.head_configs import KNNConfig, LogisticConfig
+from tasks.machine import cuda_possible
 from tasks.result import summarize
 
 Goal = Literal["extract", "heads", "finetune", "evaluate", "score"]
@@ -252,12 +255,46 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
 
 
 def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> None:
-    """What the later stages need of the splits (a test split, heads to train), checked before anything computes."""
+    """What the later stages need, checked before anything computes: a test split, heads to train, few-shot
+    counts the classes can give, modules to unfreeze, the devices asked for."""
     planned = {"extract": Stage(extraction)}
+    devices = {"extract.device": config.extract.device}
     if HEADS in chosen:
         _plan_heads(config, planned)
+        _check_shots(config, features(planned)["train"].manifest)
+        devices |= {f"heads.{h.label}.device": h.device for h in config.heads if hasattr(h, "device")}
+    if FINETUNE in chosen:
+        devices["finetune.device"] = config.finetune.device
+        _check_unfreeze(config)
     if EVALUATE in chosen:
         _test_split(planned)
+    wanted = {field: device for field, device in devices.items() if device.startswith("cuda")}
+    if wanted and not cuda_possible():
+        field, device = next(iter(wanted.items()))
+        raise ValueError(f"{field} {device!r} is requested but torch sees no CUDA device; use auto or cpu")
+
+
+def _check_shots(config: ExperimentConfig, manifest: Path) -> None:
+    train = Manifest.load(manifest)
+    counts = Counter(label for _, label in train.splits["train"])
+    fewest, label = min((counts[i], i) for i in range(len(train.classes)))
+    for head in config.heads:
+        too_many = [s for s in head.shots if s != "all" and s > fewest]
+        if too_many:
+            raise ValueError(f"heads: {head.label} asks for {too_many[0]} labels per class, but class "
+                             f"{train.classes[label]!r} has {fewest} training image(s); use at most {fewest}, or 'all'")
+
+
+def _check_unfreeze(config: ExperimentConfig) -> None:
+    unfreeze = config.finetune.unfreeze
+    if unfreeze == "all" or config.finetune.last_n is not None:
+        return
+    names = set(module_names(config.backbone, config.cache_dir))
+    bad = [n for n in unfreeze if n not in names]
+    if bad:
+        top = [n for n in sorted(names) if n and "." not in n]
+        raise ValueError(f"finetune.unfreeze: unknown module(s) {bad}; top-level modules of {config.backbone.name}: "
+                         f"{', '.join(top)} (dotted names reach inside)")
 
 
 def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:
@@ -298,9 +335,9 @@ def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
 
     A stage whose planning fails (no heads, no test split) is listed with the error a run would stop on.
     """
-    graph: Graph = {}
+    chosen, graph = nodes(config, goal), {}
     steps: list[Step] = []
-    for node in nodes(config, goal):
+    for node in chosen:
         try:
             works = node.plan(config, graph)
         except ValueError as exc:
@@ -310,4 +347,10 @@ def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
         steps += [Step(node.stage, u.what, u.key, u.stored, reasons.get((id(w), u.key), []))
                   for w in works for u in node.units(w)]
         graph[node.stage] = Stage(works)
+        if node is EXTRACT:
+            try:
+                _check_inputs(config, chosen, works)
+            except ValueError as exc:
+                steps.append(Step("check", config.name, None, False, [f"a run stops here: {exc}"]))
+                break
     return steps

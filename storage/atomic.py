@@ -1,4 +1,8 @@
-"""Small files written atomically: a reader sees the old file or the whole new one, never a torn one."""
+"""Small files written atomically: a reader sees the old file or the whole new one, never a torn one.
+
+Files and folders made here get the permissions the user's umask gives (not
+the 0600/0700 of Python's temporary files), so a cache can be shared by a team.
+"""
 from __future__ import annotations
 
 import json
@@ -8,12 +12,40 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # no /proc: read it by setting it back at once
+        os.umask(mask)
+        return mask
+
+
+UMASK = _read_umask()
+
+
+def as_created(path: Path) -> Path:
+    """Give a file or folder made through ``tempfile`` the mode a plain ``open``/``mkdir`` would have given it."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+    return path
+
+
 def write_text(path: Path, text: str) -> Path:
-    """``text`` to ``path`` through a temporary file in the same folder and a rename (unique per writer)."""
+    """``text`` to ``path`` through a temporary file in the same folder and a rename (unique per writer).
+
+    A failed write (a full disk, a file size limit) removes its temporary file and names the target.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(fh.name, path)
+        tmp = Path(fh.name)
+        try:
+            fh.write(text)
+            fh.flush()
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+    os.replace(as_created(tmp), path)
     return path
 
 

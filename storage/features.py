@@ -282,11 +282,11 @@ class FeatureStore:
         try:
             paths = [p for p in (self.path(key), self.partial_path(key), self.files.used_marker(key)) if p.exists()]
             shards = self.files.shards(key).folder
-            if shards.is_dir():
+            if shards.is_dir() or shards.is_symlink():
                 paths.append(shards)
             if not dry_run:
-                for path in paths:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                for path in paths:  # a link is removed, never followed out of the cache
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             return paths
         finally:
             lock.release()

@@ -148,8 +148,12 @@ def quarantine(files: FeatureFiles, path: Path, reason: str, why: str) -> Path:
 
 
 def mark_used(files: FeatureFiles, key: str) -> None:
-    """Touch ``<key>.used``: ``cache gc --unused-days`` reads it (a complete file is never touched)."""
-    files.used_marker(key).touch()
+    """Touch ``<key>.used``: ``cache gc --unused-days`` reads it (a complete file is never touched).
+    A read-only cache is read all the same."""
+    try:
+        files.used_marker(key).touch()
+    except OSError:
+        pass
 
 
 def fsync(path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from storage.keys import canonical_json, file_sha256, short
+from storage.atomic import as_created
 from storage.layout import CacheLayout
 from storage.records import read_json, set_aside
 
@@ -75,8 +76,8 @@ def save_head(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray], me
             "arrays_bytes": (tmp / "arrays.safetensors").stat().st_size, **meta,
         }
         (tmp / "head.json").write_text(json.dumps(json.loads(canonical_json(description)), indent=1))
-        os.rename(tmp, target)
-    except OSError:
+        os.rename(as_created(tmp), target)
+    except Exception:  # noqa: BLE001 - a full disk fails inside safetensors too: never leave the temp folder
         shutil.rmtree(tmp, ignore_errors=True)
         if not head_exists(cache_dir, key):
             raise

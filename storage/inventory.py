@@ -1,6 +1,7 @@
 """What the feature cache holds (``transferpipe cache ls``) and removing what is stale (``cache gc``)."""
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def collect(
                 continue
     shards = store.files.folder / "shards"
     for folder in sorted(shards.iterdir() if shards.is_dir() else []):  # partial shards of stopped workers
-        if folder.is_dir():
+        if folder.is_dir() and not folder.is_symlink():  # never follow a link out of the cache
             removed += collect(store.shards(folder.name), partial_older_than_s, dry_run=dry_run)
     if unused_older_than_s is not None:
         for key in list(store.keys()):
@@ -82,4 +83,23 @@ def collect(
             if now - used >= unused_older_than_s:
                 store.remove(key, dry_run=dry_run)
                 removed.append((store.path(key), f"unused for {(now - used) / 86400:.1f} days"))
+    return removed
+
+
+#: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders
+TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*")
+
+
+def collect_temporary(cache_dir: Path, older_than_s: float, dry_run: bool = False) -> list[tuple[Path, str]]:
+    """Remove what interrupted writes left behind (their writer is gone when they are this old); links are
+    removed, never followed."""
+    now, removed = time.time(), []
+    for pattern in TEMPORARY:
+        for path in sorted(Path(cache_dir).glob(pattern)):
+            age = now - path.lstat().st_mtime
+            if age < older_than_s or (pattern.startswith("heads") and not path.is_dir()):
+                continue
+            if not dry_run:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append((path, f"left by an interrupted write, untouched for {age / 3600:.1f} h"))
     return removed

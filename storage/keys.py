@@ -44,10 +44,22 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def file_identities(root: str | Path, entries: Iterable[tuple[str, int]], content: bool = False) -> list[Any]:
     """Per file: ``[size, mtime_ns]`` (cheap, catches edits) or, with ``content``, the sha256 of its bytes."""
     base = os.fspath(root)
-    if content:
-        return [file_sha256(os.path.join(base, rel)) for rel, _ in entries]
+    identify = file_sha256 if content else _stat_identity
     # string joins, not Path objects: a million stats take seconds, not tens of them
-    return [[st.st_size, st.st_mtime_ns] for st in (os.stat(os.path.join(base, rel)) for rel, _ in entries)]
+    return [_or_unreadable(identify, os.path.join(base, rel)) for rel, _ in entries]
+
+
+def _stat_identity(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _or_unreadable(identify, path: str) -> Any:
+    """A file that cannot be read (a link loop, no permission) still gets an identity: decoding names it later."""
+    try:
+        return identify(path)
+    except OSError as exc:
+        return ["unreadable", exc.errno]
 
 
 def manifest_fingerprint(

@@ -126,14 +126,13 @@ class BackboneConfig(BaseModel):
     def _check(self, info: ValidationInfo) -> BackboneConfig:
         cache = _context(info).get("cache_dir")
         src = sources.get(self.source, tuple(self.search_path))
-        ident = {"source": self.source, "name": self.name, "kwargs": self.kwargs, **src.identity(self.name, self.kwargs)}
         if self.kwargs and not src.takes_kwargs:
             takers = " or ".join(name for name, s in sources.SOURCES.items() if s.takes_kwargs)
             raise ValueError(f"backbone.kwargs applies to source {takers}, not {self.source}")
         try:
             if not _looks_like_file(self.weights) and self.weights.lower() != "none":
                 _named_weights(src, self.name, self.weights, cache)
-            names = _memo(cache, {"what": "modules", **ident}, lambda: src.modules(self.name, self.kwargs))
+            names = module_names(self, cache)
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
         bad = [layer for layer in self.layers if layer != PENULTIMATE and layer not in names]
@@ -146,6 +145,13 @@ class BackboneConfig(BaseModel):
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers has duplicates: {self.layers}")
         return self
+
+
+def module_names(cfg: BackboneConfig, cache_dir: Path | None) -> list[str]:
+    """Every module name of the backbone (dotted), as its source says; remembered in the cache."""
+    src = sources.get(cfg.source, tuple(cfg.search_path))
+    ident = {"source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs, **src.identity(cfg.name, cfg.kwargs)}
+    return _memo(cache_dir, {"what": "modules", **ident}, lambda: src.modules(cfg.name, cfg.kwargs))
 
 
 def _looks_like_file(value: str) -> bool:

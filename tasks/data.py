@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from storage.atomic import write_json
+from storage.records import read_json
 from storage.keys import dataset_id, manifest_fingerprint
 from tasks import datasources
 from tasks.datasources import SPLITS, DataError, DigitsConfig
@@ -96,10 +97,13 @@ class Manifest:
     source: str = "imagefolder"  # the dataset source that opens its items (tasks/datasources.py)
 
     def save(self, path: Path) -> Path:
+        """Written when it changed (atomically); an unchanged one is left alone, so a read-only cache plans."""
         payload = {
             "root": str(self.root), "classes": self.classes, "source": self.source,
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
         }
+        if read_json(path) == json.loads(json.dumps(payload)):
+            return path
         return write_json(path, payload)
 
     @classmethod

@@ -11,6 +11,7 @@ registered in :data:`SOURCES`; the config validates ``data.source`` against it.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import tempfile
@@ -22,11 +23,14 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from storage.atomic import as_created
 from storage.keys import file_identities
 from storage.layout import CacheLayout
 
 if TYPE_CHECKING:
     from tasks.data import DataConfig
+
+log = logging.getLogger("transferpipe.data")
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset(
@@ -95,7 +99,7 @@ class ImageFolder(DataSource):
     name = "imagefolder"
 
     def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
-        return (cfg.root, *_scan_imagefolder(cfg.root))
+        return (cfg.root, *_scan_imagefolder(cfg.root, cfg.on_bad_image))
 
 
 class Csv(DataSource):
@@ -143,10 +147,12 @@ def get(name: str) -> DataSource:
 
 # --------------------------------------------------------------------------- folders and CSV files
 
-def _list_images(folder: Path, root: Path) -> list[str]:
+def _list_images(folder: Path, root: Path, unnamable: list[str]) -> list[str]:
     """Image files under ``folder`` (hidden files and folders skipped), as sorted paths relative to ``root``.
 
-    One ``scandir`` per folder and string paths: a million files scan in seconds.
+    One ``scandir`` per folder and string paths: a million files scan in seconds. A name that is not valid
+    UTF-8 cannot be keyed or stored: it goes to ``unnamable`` (as ``repr``) instead. An entry that cannot be
+    stat'ed (a link loop) is listed: reading it fails later, and names it, like any bad image.
     """
     prefix = folder.relative_to(root).as_posix()
     out: list[str] = []
@@ -160,17 +166,38 @@ def _list_images(folder: Path, root: Path) -> list[str]:
                 name = f"{rel}/{entry.name}" if rel else entry.name
                 if entry.is_dir(follow_symlinks=False):  # as rglob: symlinked folders are not entered
                     stack.append((entry.path, name))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    out.append(name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and _file_or_broken(entry):
+                    if _utf8(name):
+                        out.append(name)
+                    else:
+                        unnamable.append(repr(os.fsencode(os.path.join(path, entry.name)))[2:-1])
     return sorted(out)
+
+
+def _file_or_broken(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop: not a file, not a folder; an image that will not decode
+        return True
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return False
+    return True
 
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """``root/<split>/<class>/<img>`` when a ``train`` folder exists, else ``root/<class>/<img>``."""
+def _scan_imagefolder(root: Path, on_bad_image: str = "error") -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """``root/<split>/<class>/<img>`` when a ``train`` folder exists, else ``root/<class>/<img>``.
+
+    File names that are not UTF-8 are an error naming them, or with ``on_bad_image: skip`` left out and logged.
+    """
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"data.root {root} is not a readable folder")
     split_dirs = {d.name: d for d in _subdirs(root) if d.name in SPLITS}
@@ -186,6 +213,7 @@ def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, 
             f"{class_dirs[0].parent if class_dirs else root}: found {len(classes)} class folder(s) "
             f"{classes}; a classifier needs at least 2"
         )
+    unnamable: list[str] = []
     splits: dict[str, list[tuple[str, int]]] = {}
     for split, folder in folders.items():
         unknown = sorted({d.name for d in _subdirs(folder)} - set(classes))
@@ -194,7 +222,7 @@ def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, 
         items = []
         for label, name in enumerate(classes):
             class_dir = folder / name
-            images = _list_images(class_dir, root) if class_dir.is_dir() else []
+            images = _list_images(class_dir, root, unnamable) if class_dir.is_dir() else []
             if not images and split in ("train", "all"):
                 raise DataError(
                     f"class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -203,6 +231,12 @@ def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, 
         if not items:
             raise DataError(f"split folder {folder} has no images")
         splits[split] = sorted(items)
+    if unnamable:
+        shown = ", ".join(unnamable[:5]) + (f" and {len(unnamable) - 5} more" if len(unnamable) > 5 else "")
+        if on_bad_image != "skip":
+            raise DataError(f"{len(unnamable)} file name(s) under {root} are not valid UTF-8: {shown}. Rename them, "
+                            "or set data.on_bad_image: skip to leave them out")
+        log.warning("left out %d file(s) whose names are not valid UTF-8: %s", len(unnamable), shown)
     return classes, splits
 
 
@@ -288,7 +322,7 @@ def _write_folder(parent: Path, root: Path, images: Iterable[tuple[int, Image.Im
         picture.save(folder / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
     try:
-        os.rename(tmp, root)
+        os.rename(as_created(tmp), root)
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -30,7 +30,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig, RidgeConfig, SVMConfig, default
 from tasks.softmax import softmax
-from tasks.runtime import cuda_possible, pick_device
+from tasks.machine import cuda_possible, pick_device
 
 PREPROCESS = ("none", "standardize", "l2")
 ALIGN = ("none", "coral")

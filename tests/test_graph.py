@@ -68,7 +68,7 @@ def test_each_goal_runs_its_stages_in_order(tiny_config):
 
 def test_plan_says_where_a_run_would_stop(tiny_config):
     steps = explain(tiny_config(heads=HEADS_CFG, data={"test_fraction": 0}))
-    assert steps[-1].stage == "evaluate" and steps[-1].key is None
+    assert steps[-1].stage == "check" and steps[-1].key is None
     assert steps[-1].why == ["a run stops here: the pipeline evaluates on a test split: set data.test_fraction > 0 "
                              "or add a test folder"]
 

@@ -1,0 +1,127 @@
+"""Inputs a realistic user gets wrong, and caches a team shares: caught before compute, named, never fatal to
+what is already computed."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows import graph
+from helpers import make_imagefolder, split_plans
+from storage import atomic, inventory
+from storage.features import FeatureStore
+from storage.head_store import save_head
+from tasks.data import BadImageError, DataConfig, DataError, build_manifest
+
+
+def nothing_extracted(cfg) -> bool:
+    return not list((Path(cfg.cache_dir) / "features").glob("*.h5*"))
+
+
+# --------------------------------------------------------------------------- config errors before any compute
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"heads": [{"kind": "logistic", "shots": [1, 100]}]}, "heads: logistic asks for 100 labels per class, but class "),
+    ({"heads": [{"kind": "logistic"}], "finetune": {"enabled": True, "unfreeze": ["layer99"]}},
+     r"finetune.unfreeze: unknown module\(s\) \['layer99'\]; top-level modules of resnet18: .*layer4"),
+    ({"heads": [{"kind": "knn", "device": "cuda"}]}, "heads.knn.device 'cuda' is requested but torch sees no CUDA"),
+    ({"heads": [{"kind": "logistic"}], "extract": {"device": "cuda:1"}}, "extract.device 'cuda:1' is requested"),
+])
+def test_config_errors_that_can_be_known_fail_before_anything_computes(tiny_config, over, message):
+    import torch
+
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tiny_config(**over)
+    with pytest.raises(ValueError, match=message):
+        graph.run(cfg)  # fails in its checks, before the first task: no Prefect needed to see it
+    assert nothing_extracted(cfg)
+
+
+def test_plan_shows_where_a_run_would_stop_on_too_many_shots(tiny_config):
+    cfg = tiny_config(heads=[{"kind": "logistic", "shots": [1000]}])
+    last = graph.walk(cfg)[-1]
+    assert last.stage == "check" and last.why[0].startswith("a run stops here: heads: logistic asks for 1000")
+    assert nothing_extracted(cfg)
+
+
+# --------------------------------------------------------------------------- odd file names and links
+
+
+def test_names_that_are_not_utf8_are_named_or_left_out(tmp_path):
+    root = make_imagefolder(tmp_path / "images")
+    odd = os.path.join(os.fsencode(root / "class0"), b"bad\xff.png")
+    with open(odd, "wb") as fh:
+        fh.write((root / "class0" / "000.png").read_bytes())
+    data = {"source": "imagefolder", "root": str(root), "val_fraction": 0, "test_fraction": 0}
+    with pytest.raises(DataError, match=r"1 file name\(s\) under .* are not valid UTF-8: .*class0/bad\\xff\.png"):
+        build_manifest(DataConfig(**data), tmp_path / "cache")
+    manifest = build_manifest(DataConfig(**data, on_bad_image="skip"), tmp_path / "cache")
+    assert len(manifest.splits["train"]) == 18  # the six of each class, the odd one left out
+
+
+def test_a_symlink_loop_is_a_bad_image_not_a_crash(tiny_config, tmp_path):
+    from tasks.extract import extract_split
+
+    cfg = tiny_config()
+    root = cfg.data.root
+    os.symlink("loop-b.png", root / "class1" / "loop-a.png")
+    os.symlink("loop-a.png", root / "class1" / "loop-b.png")
+    with pytest.raises(BadImageError, match="loop-a.png"):
+        for plan in split_plans(cfg).values():
+            extract_split(plan)
+    skipping = tiny_config(data={"on_bad_image": "skip"})
+    skipped = sum(extract_split(p).skipped for p in split_plans(skipping).values())
+    assert skipped == 2
+
+
+def test_gc_removes_links_and_never_follows_them_out_of_the_cache(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / ("a" * 64 + ".h5.partial")
+    precious.write_bytes(b"not the cache's")
+    old = time.time() - 7200
+    os.utime(precious, (old, old))
+    store = FeatureStore(tmp_path / "cache")
+    (store.files.folder / "shards").mkdir(parents=True)
+    os.symlink(outside, store.files.folder / "shards" / ("a" * 64))
+    inventory.collect(store, partial_older_than_s=0)
+    assert precious.exists()
+
+
+def test_gc_collects_what_killed_writes_left(tmp_path):
+    cache = tmp_path / "cache"
+    leftovers = [cache / "finetune" / "k" / "last.pt.tmp", cache / "scores" / "tmpabc.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    half_head = cache / "heads" / ".0123456789ab-xyz"
+    half_head.mkdir(parents=True)
+    kept = cache / "finetune" / "k" / "best.pt"
+    kept.write_bytes(b"y")
+    removed = {p for p, _ in inventory.collect_temporary(cache, older_than_s=0)}
+    assert removed == {*leftovers, half_head} and kept.exists()
+
+
+# --------------------------------------------------------------------------- a cache a team shares
+
+
+def test_files_and_folders_get_the_users_umask(tmp_path):
+    written = atomic.write_text(tmp_path / "a" / "x.json", "{}")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~atomic.UMASK
+    head = save_head(tmp_path, "h" * 64, {"w": np.ones(2)}, {"kind": "ridge"})
+    assert stat.S_IMODE(head.stat().st_mode) == 0o777 & ~atomic.UMASK
+
+
+def test_an_unchanged_manifest_is_not_rewritten(tiny_config):
+    """So a cache on a read-only disk can be planned: nothing is written when nothing changed."""
+    cfg = tiny_config()
+    manifest = split_plans(cfg)["train"].manifest
+    before = manifest.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert split_plans(cfg)["train"].manifest == manifest and manifest.stat().st_mtime_ns == before
