@@ -125,3 +125,24 @@ def test_an_unchanged_manifest_is_not_rewritten(tiny_config):
     before = manifest.stat().st_mtime_ns
     time.sleep(0.01)
     assert split_plans(cfg)["train"].manifest == manifest and manifest.stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- one-line failures
+
+
+@pytest.mark.slow
+def test_a_failed_run_from_the_shell_ends_in_one_error_line_without_tracebacks(tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import write_config
+
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}])
+    (cfg.data.root / "class0" / "zero.png").write_bytes(b"")
+    path = write_config(cfg, tmp_path / "bad.yaml")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "class0/zero.png" in errors[0] and "on_bad_image: skip" in errors[0]
