@@ -155,17 +155,20 @@ def _print_run(result) -> None:
 @app.command()
 @friendly_errors
 def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) -> None:
-    """Dry run: what a run would compute and why (the key fields that changed); starts no flow, no backbone."""
+    """Dry run: what a run would compute and why (the key fields that changed); starts no flow, no backbone, and
+    neither imports nor calls a python factory named in the config."""
     from flows.config import load_sweep
     from flows.explain import explain, render
+    from tasks.sources import without_user_code
 
-    cfg = _load(config, cache_dir)
-    configs = load_sweep(config, sweep, cache_dir)[1] if sweep is not None or cfg.sweep is not None else [cfg]
-    for experiment in configs:
-        items = explain(experiment)
-        todo = sum(not i.cached for i in items)
-        out.print(f"[bold]{experiment.name}[/]: {len(items) - todo} cached, {todo} to compute", highlight=False)
-        out.print("\n".join(render(items)), highlight=False, markup=False, soft_wrap=True)
+    with without_user_code():
+        cfg = _load(config, cache_dir)
+        configs = load_sweep(config, sweep, cache_dir)[1] if sweep is not None or cfg.sweep is not None else [cfg]
+        for experiment in configs:
+            items = explain(experiment)
+            todo = sum(not i.cached for i in items)
+            out.print(f"[bold]{experiment.name}[/]: {len(items) - todo} cached, {todo} to compute", highlight=False)
+            out.print("\n".join(render(items)), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -49,5 +50,44 @@ def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
     server = None if os.environ.get("PREFECT_API_URL") else remembered()
     if server:  # child processes (Dask workers) talk to it too
         os.environ["PREFECT_API_URL"] = server.url
-    with local_run_settings(server.url if server else None):
+    with local_run_settings(server.url if server else None), _tracebacks_to_the_server_only():
         return flow_fn(*args, **kwargs)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out tracebacks (the record keeps them for the other handlers)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextlib.contextmanager
+def _tracebacks_to_the_server_only():
+    """A failed run started from the shell ends in one ``error:`` line: Prefect's console log keeps its lines but
+    not their tracebacks (the server and its UI still get them). ``TRANSFERPIPE_DEBUG=1`` shows them."""
+    if os.environ.get("TRANSFERPIPE_DEBUG"):
+        yield
+        return
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    handlers = {h for lg in loggers for h in getattr(lg, "handlers", []) if isinstance(h, PrefectConsoleHandler)}
+    originals = {h: h.formatter for h in handlers}
+    for handler, formatter in originals.items():
+        handler.setFormatter(_WithoutTraceback(formatter or logging.Formatter()))
+    try:
+        yield
+    finally:
+        for handler, formatter in originals.items():
+            handler.setFormatter(formatter)

@@ -231,13 +231,19 @@ def _scan_imagefolder(root: Path, on_bad_image: str = "error") -> tuple[list[str
         if not items:
             raise DataError(f"split folder {folder} has no images")
         splits[split] = sorted(items)
-    if unnamable:
-        shown = ", ".join(unnamable[:5]) + (f" and {len(unnamable) - 5} more" if len(unnamable) > 5 else "")
-        if on_bad_image != "skip":
-            raise DataError(f"{len(unnamable)} file name(s) under {root} are not valid UTF-8: {shown}. Rename them, "
-                            "or set data.on_bad_image: skip to leave them out")
-        log.warning("left out %d file(s) whose names are not valid UTF-8: %s", len(unnamable), shown)
+    _unnamable(root, unnamable, on_bad_image)
     return classes, splits
+
+
+def _unnamable(root: Path, names: list[str], on_bad_image: str) -> None:
+    """File names that are not UTF-8: an error naming them, or with ``on_bad_image: skip`` a warning."""
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    if on_bad_image != "skip":
+        raise DataError(f"{len(names)} file name(s) under {root} are not valid UTF-8: {shown}. Rename them, "
+                        "or set data.on_bad_image: skip to leave them out")
+    log.warning("left out %d file(s) whose names are not valid UTF-8: %s", len(names), shown)
 
 
 def _read_csv(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:

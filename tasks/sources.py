@@ -19,6 +19,8 @@ is remembered in the cache by :func:`tasks.backbones._memo`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import importlib
@@ -27,7 +29,7 @@ import os
 import re
 import sys
 from importlib.machinery import PathFinder
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,24 @@ def _require(package: str, extra: str) -> None:
             f"backbone source {extra!r} needs the {package!r} package, which is not installed: "
             f"pip install 'transferpipe[{extra}]'"
         ) from None
+
+
+_RUN_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("transferpipe_run_code", default=True)
+
+
+class CodeNotRun(BackboneError):
+    """A dry run (``transferpipe plan``) needed an answer only the user's factory code can give."""
+
+
+@contextlib.contextmanager
+def without_user_code() -> Iterator[None]:
+    """Inside, no factory module named in a config is imported and no factory is called: a dry run (``plan``)
+    learns what it needs from what earlier runs remembered in the cache, or says it cannot."""
+    token = _RUN_CODE.set(False)
+    try:
+        yield
+    finally:
+        _RUN_CODE.reset(token)
 
 
 def get(source: str, search_path: tuple[str, ...] = ()) -> Source:
@@ -410,6 +430,12 @@ class Python(Source):
 
     def factory(self, name: str):
         module_name, attr = self._split(name)
+        if not _RUN_CODE.get():
+            raise CodeNotRun(
+                f"backbone.name {name!r} is code (source: python): `transferpipe plan` neither imports nor calls it. "
+                "What plan needs of it (its modules, its preprocessing) is remembered once a run has called it: "
+                "`transferpipe run` or `transferpipe extract` runs it"
+            )
         added = [p for p in self.search_path if p not in sys.path]
         sys.path[:0] = added
         try:
@@ -434,7 +460,7 @@ class Python(Source):
         return obj
 
     def check(self, name: str) -> None:
-        if self.module_file(name) is None:
+        if self.module_file(name) is None and _RUN_CODE.get():
             self.factory(name)  # not a file on the path: importable otherwise, or an error saying why
 
     def identity(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:

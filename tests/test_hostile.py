@@ -125,3 +125,90 @@ def test_an_unchanged_manifest_is_not_rewritten(tiny_config):
     before = manifest.stat().st_mtime_ns
     time.sleep(0.01)
     assert split_plans(cfg)["train"].manifest == manifest and manifest.stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- one-line failures
+
+
+@pytest.mark.slow
+def test_a_failed_run_from_the_shell_ends_in_one_error_line_without_tracebacks(tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import write_config
+
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}])
+    (cfg.data.root / "class0" / "zero.png").write_bytes(b"")
+    path = write_config(cfg, tmp_path / "bad.yaml")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "class0/zero.png" in errors[0] and "on_bad_image: skip" in errors[0]
+
+
+# --------------------------------------------------------------------------- a dry run runs no code
+
+
+FACTORY = '''
+from pathlib import Path
+Path(__file__).with_name("imported.log").open("a").write("imported\\n")
+
+
+def build(width=8):
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4))
+'''
+
+
+def _plan(path: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+
+
+def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
+    import yaml
+
+    marker = tmp_path / "pwned"
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["backbone"] = {"source": "python", "name": "os:system", "kwargs": {"command": f"touch {marker}"},
+                       "weights": "DEFAULT", "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear",
+                                                            "mean": [0.5] * 3, "std": [0.5] * 3}}
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = _plan(path)
+    assert not marker.exists()
+    assert done.returncode == 2 and "is code (source: python): `transferpipe plan` neither imports nor calls it" in (
+        done.stderr + done.stdout), done.stderr
+
+
+@pytest.mark.slow
+def test_plan_imports_no_module_beside_the_config_even_after_a_run(tiny_config, tmp_path):
+    import yaml
+
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+    from flows.config import load_config
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "my_models.py").write_text(FACTORY)
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}]).model_dump(mode="json")
+    cfg["backbone"] = {"source": "python", "name": "my_models:build", "weights": "none",
+                       "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear",
+                                      "mean": [0.5] * 3, "std": [0.5] * 3}}
+    path = folder / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = _plan(path)  # nothing remembered yet: plan says what it cannot know without the code
+    assert first.returncode == 2 and "neither imports nor calls it" in first.stderr + first.stdout
+    assert not (folder / "imported.log").exists()
+    with local_run_settings():
+        pipeline_flow(load_config(path))  # a run is trusted to run the factory: it is remembered in the cache
+    imports = (folder / "imported.log").read_text()
+    again = _plan(path)
+    assert again.returncode == 0 and "0 to compute" in again.stdout, again.stdout + again.stderr
+    assert (folder / "imported.log").read_text() == imports  # plan imported nothing
