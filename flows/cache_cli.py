@@ -95,11 +95,18 @@ def rm(
     cache_dir: CacheDir = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Remove feature files (complete and partial); the next run that needs them recomputes them."""
+    """Remove what a key names: feature files (complete and partial), or a head, fine-tuning run, evaluation report,
+    scores or metrics; the next run that needs them recomputes them."""
     store = _store(cache_dir)
-    for key in _keys(store, keys):
-        for path in store.remove(key, dry_run=dry_run):
-            out.print(f"{'would remove' if dry_run else 'removed'} {path}", highlight=False)
+    features = [k for k in keys if any(f.startswith(k.lower()) for f in store.all_keys())]
+    paths = [p for key in _keys(store, features) for p in store.remove(key, dry_run=dry_run)]
+    others = [k for k in keys if k not in features]
+    try:
+        paths += inventory.remove_artifacts(default_cache_dir(cache_dir), others, dry_run=dry_run) if others else []
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    for path in paths:
+        out.print(f"{'would remove' if dry_run else 'removed'} {path}", highlight=False)
 
 @app.command()
 @friendly_errors

@@ -9,7 +9,7 @@ from typing import Any
 
 from storage.features import FeatureStore
 from storage.h5file import FeatureStoreError, json_attr, open_h5
-from storage.layout import FeatureFiles
+from storage.layout import CacheLayout, FeatureFiles
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,37 @@ def collect(
                 store.remove(key, dry_run=dry_run)
                 removed.append((store.path(key), f"unused for {(now - used) / 86400:.1f} days"))
     return removed
+
+
+def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
+    """Every artifact of the later stages by its key (reports by the 12 digits their folder is named by):
+    heads, fine-tuning runs, evaluations, scores and remembered metrics."""
+    layout, found = CacheLayout(cache_dir), {}
+    folders = [*layout.heads().glob("*"), *layout.finetune_runs().glob("*"), *layout.reports("_").parent.glob("*/*"),
+               *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json")]
+    for path in folders:
+        if not path.name.startswith("."):
+            found.setdefault(path.name.split(".")[0], []).append(path)
+    return found
+
+
+def remove_artifacts(cache_dir: Path, prefixes: list[str], dry_run: bool = False) -> list[Path]:
+    """Remove the stage artifacts whose keys start with ``prefixes`` (each must match one key); the next run that
+    needs them recomputes them. Raises KeyError naming the prefixes that match none or several."""
+    known = stage_artifacts(cache_dir)
+    matched, problems = [], []
+    for prefix in prefixes:
+        keys = [k for k in known if k.startswith(prefix.lower()) or prefix.lower().startswith(k)]
+        if len(keys) == 1:
+            matched += known[keys[0]]
+        else:
+            problems.append(f"{prefix!r} matches {'no' if not keys else len(keys)} cached keys")
+    if problems:
+        raise KeyError(f"in {cache_dir}: " + "; ".join(problems))
+    if not dry_run:
+        for path in matched:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return matched
 
 
 #: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders

@@ -114,3 +114,27 @@ def test_every_cache_command_has_help():
     for sub in ("ls", "verify", "rm", "gc"):
         result = cli(sub, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_rm_takes_every_kind_of_key(tmp_path):
+    """A head, a fine-tuning run, a report or scores named by an error message can be removed by its key."""
+    import numpy as np
+
+    from storage.head_store import save_head
+
+    head = save_head(tmp_path, "a" * 64, {"w": np.ones(2)}, {"kind": "ridge"})
+    run = tmp_path / "finetune" / ("b" * 64)
+    report = tmp_path / "runs" / "exp" / ("c" * 12)
+    scores = tmp_path / "scores" / ("d" * 64 + ".json")
+    for folder in (run, report):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("{}")
+    scores.parent.mkdir()
+    scores.write_text("{}")
+    runner = CliRunner()
+    for prefix, path in (("aaaa", head), ("b" * 64, run), ("c" * 64, report), ("dddd", scores)):
+        result = runner.invoke(app, ["cache", "rm", prefix, "--cache-dir", str(tmp_path)], env={"COLUMNS": "400"})
+        assert result.exit_code == 0 and f"removed {path}" in result.output, result.output
+        assert not path.exists()
+    missing = runner.invoke(app, ["cache", "rm", "eeee", "--cache-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "'eeee' matches no cached keys" in missing.output
