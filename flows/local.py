@@ -51,7 +51,58 @@ def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
     if server:  # child processes (Dask workers) talk to it too
         os.environ["PREFECT_API_URL"] = server.url
     with local_run_settings(server.url if server else None), _tracebacks_to_the_server_only():
-        return flow_fn(*args, **kwargs)
+        from prefect import tags
+
+        mark_killed_runs_crashed()
+        with tags(*_process_tags()):
+            return flow_fn(*args, **kwargs)
+
+
+HOST_TAG, PID_TAG = "transferpipe-host:", "transferpipe-pid:"
+
+
+def _process_tags() -> tuple[str, str]:
+    """Tags that say which process runs a flow run, so a later command can tell that it died."""
+    import socket
+
+    return f"{HOST_TAG}{socket.gethostname()}", f"{PID_TAG}{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def mark_killed_runs_crashed() -> list[str]:
+    """Flow runs started from a shell on this machine whose process is gone (``kill -9``, a lost machine) but
+    that the server still shows RUNNING: set them Crashed. CLI runs keep no heartbeat (see
+    :func:`local_run_settings`), so this is how the server learns. Returns the names of the runs marked."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host = _process_tags()[0]
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                            tags=FlowRunFilterTags(all_=[host]))
+    marked = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=running):
+            pids = [int(t.removeprefix(PID_TAG)) for t in run.tags if t.startswith(PID_TAG)]
+            if pids and not _alive(pids[0]):
+                message = f"its process ({pids[0]} on this machine) ended without finishing it, e.g. killed"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                marked.append(run.name)
+    if marked:
+        logging.getLogger("transferpipe").warning("marked crashed: %s (their processes are gone)", ", ".join(marked))
+    return marked
 
 
 class _WithoutTraceback(logging.Formatter):
