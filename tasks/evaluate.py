@@ -191,7 +191,8 @@ def evaluate(plan: EvalPlan) -> EvalResult:
     registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
     result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
                         seconds=time.perf_counter() - started)
-    plan.files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds", "report"}))  # last: marks it done
+    movable = result.model_copy(update={"report": Path(plan.files.report_md.name)})  # relative: the cache can move
+    plan.files.write_result(movable.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
     return result
 
 

@@ -177,5 +177,7 @@ def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResul
         train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
         frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )
-    files.write_result(result.model_dump_json(exclude={"cache_hit", "seconds", "best_checkpoint"}))  # no path: movable
+    # the checkpoint relative to the run's folder: the cache can move (read back as files.best)
+    files.write_result(result.model_copy(update={"best_checkpoint": Path(files.best.name)})
+                       .model_dump_json(exclude={"cache_hit", "seconds"}))
     return result

@@ -196,9 +196,9 @@ def test_plan_imports_no_module_beside_the_config_even_after_a_run(tiny_config, 
 
     folder = tmp_path / "exp"
     folder.mkdir()
-    (folder / "my_models.py").write_text(FACTORY)
+    (folder / "untrusted_models.py").write_text(FACTORY)  # a name no other test imports (sys.modules is shared)
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}]).model_dump(mode="json")
-    cfg["backbone"] = {"source": "python", "name": "my_models:build", "weights": "none",
+    cfg["backbone"] = {"source": "python", "name": "untrusted_models:build", "weights": "none",
                        "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear",
                                       "mean": [0.5] * 3, "std": [0.5] * 3}}
     path = folder / "exp.yaml"
