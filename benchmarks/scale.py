@@ -8,7 +8,7 @@ time linear in size means ``time ratio ≈ size ratio``; flat memory means
 ``RSS ratio ≈ 1``. Feature files are real, written by the project's own store.
 
     python -m benchmarks.scale [--scales 1 10 100] [--stages manifest extract linear knn logistic evaluate]
-    python -m benchmarks.scale --quick   # 1x and 2x of (mostly) a tenth of each base size: seconds
+    python -m benchmarks.scale --quick   # each stage once, at (mostly) a tenth of its base size: seconds
     python -m benchmarks.scale --imagenet-probe [--rows 1281167]   # one pass of the linear probe at ImageNet size
 
 Stages at 1x: manifest 10,000 files; extract 1,000 PNGs (resnet18, 32 px);
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--imagenet-probe", action="store_true")
     parser.add_argument("--rows", type=int, default=1_281_167)
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "N", "WORK"), help=argparse.SUPPRESS)
-    args = parse_args(parser, {"scales": [1, 2], "rows": 20_000})
+    args = parse_args(parser, {"scales": [1], "rows": 20_000})
     # quick: a tenth of each base size (the manifest keeps its 10,000 files: 100 classes need them for a val split)
     base = {s: n if s == "manifest" else n // 10 for s, n in BASE.items()} if args.quick else BASE
 

@@ -23,7 +23,7 @@ from benchmarks import QUICK_DIGITS, parse_args
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    args = parse_args(parser, {})
+    args = parse_args(parser, {"workers": 1})  # quick: one worker still shards, joins and compares
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         from flows.server import start_server
@@ -34,8 +34,13 @@ def main() -> None:
         run(args.workers, args.quick)
     finally:
         if server:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
             from flows.server import stop_server
 
+            APILogWorker.drain_all(timeout=10)  # this run's logs and events, while the server can take them
+            EventsWorker.drain_all(timeout=10)
             stop_server(*server)
 
 
