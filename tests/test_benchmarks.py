@@ -27,12 +27,10 @@ def test_every_benchmark_is_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_quick_run(name: str, tmp_path: Path, request):
+def test_quick_run(name: str, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "TRANSFERPIPE_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), TMPDIR=str(tmp_path), DO_NOT_TRACK="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    if name == "scale_out":  # it needs a server: the session's, instead of starting one on a fresh database
-        env.update(request.getfixturevalue("prefect_server").env())
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"benchmarks.{name} --quick failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

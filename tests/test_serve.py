@@ -159,14 +159,14 @@ def test_prefect_flow_run_retry_reruns_only_the_failed_stage_and_what_follows(pr
 
 def test_a_run_killed_with_kill_9_is_marked_crashed_by_the_next_command(prefect_server, tiny_config, tmp_path):
     """CLI runs keep no heartbeat; the next command against the same server marks a killed one Crashed."""
-    path = write_config(tiny_config(heads=HEADS), tmp_path / "tiny.yaml")
+    path = write_config(tiny_config(name="killed", heads=HEADS), tmp_path / "killed.yaml")  # its own run names
     killed = _cli(prefect_server, "flows.cli", "run", str(path), TRANSFERPIPE_FAULTS="extract.batch:2:kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    runs = prefect_server.api("POST", "/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["run-tiny"]}}})
+    runs = prefect_server.api("POST", "/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["run-killed"]}}})
     assert [r["state"]["type"] for r in runs] == ["RUNNING"]
     again = _cli(prefect_server, "flows.cli", "run", str(path))
     assert again.returncode == 0, again.stderr
-    assert "marked crashed: run-tiny" in again.stderr + again.stdout
+    assert "marked crashed: run-killed" in again.stderr + again.stdout
     states = {r["id"]: r["state"]["type"] for r in
-              prefect_server.api("POST", "/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["run-tiny"]}}})}
+              prefect_server.api("POST", "/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["run-killed"]}}})}
     assert states[runs[0]["id"]] == "CRASHED" and sorted(states.values()) == ["COMPLETED", "CRASHED"]
