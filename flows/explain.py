@@ -12,7 +12,6 @@ from flows.config import ExperimentConfig
 from flows.graph import Step, candidates, walk
 from storage.keys import short
 
-Item = Step
 
 
 def explain(config: ExperimentConfig) -> list[Step]:

@@ -83,11 +83,12 @@ class RunFiles(StageFiles):
         if self.best.exists() and (why := damage(self.best)):
             self.discard(f"best.pt {why}")
         elif self.last.exists() and (why := damage(self.last)):
-            set_aside(self.last, self.quarantine(), why)
+            self.discard(why, only=(self.last,))
 
-    def discard(self, why: str) -> None:
-        """Set the run's checkpoints and result aside (``why``): the next run fine-tunes from the start."""
-        for path in (self.best, self.last, self.result):
+    def discard(self, why: str, only: tuple[Path, ...] | None = None) -> None:
+        """Set the run's checkpoints and result (or ``only`` these) aside in its ``quarantine/``: the next run
+        fine-tunes from the start (or, with ``last.pt`` alone, restarts its epochs)."""
+        for path in only or (self.best, self.last, self.result):
             if path.exists():
                 set_aside(path, self.quarantine(), why)
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import h5py
 import numpy as np
 
 from storage.keys import FEATURE_FORMAT_VERSION, canonical_json
+from storage.records import set_aside
 from storage.layout import FeatureFiles
 
 log = logging.getLogger("transferpipe.storage")
@@ -139,12 +139,7 @@ def check_invariants(fh: h5py.File, key: str | None = None) -> None:
 
 def quarantine(files: FeatureFiles, path: Path, reason: str, why: str) -> Path:
     """Set a bad file aside in ``files``' quarantine folder (never delete it) and say so."""
-    target_dir = files.quarantine()
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}"
-    os.replace(path, target)
-    log.warning("%s: %s; moved to %s", path, why, target)
-    return target
+    return set_aside(path, files.quarantine(), why, tag=reason)
 
 
 def mark_used(files: FeatureFiles, key: str) -> None:

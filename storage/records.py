@@ -25,13 +25,15 @@ from typing import Any
 from storage.atomic import write_json, write_text
 from storage.layout import CacheLayout
 
-log = logging.getLogger("transferpipe.store")
+log = logging.getLogger("transferpipe.storage")
 
 
-def set_aside(path: Path, folder: Path, why: str) -> Path:
-    """Move a damaged artifact into ``folder`` (never delete it), log why, and return where it went."""
+def set_aside(path: Path, folder: Path, why: str, tag: str | None = None) -> Path:
+    """Move a damaged artifact into ``folder`` (never delete it), log why, and return where it went;
+    ``tag`` (e.g. ``corrupt``) goes into the new name before the time."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = folder / f"{path.name}.{tag}-{stamp}" if tag else folder / f"{path.name}.{stamp}"
     os.replace(path, target)
     log.warning("%s: %s; moved to %s", path, why, target)
     return target
@@ -56,9 +58,6 @@ class Records:
 
     def write(self, key: str, value: Any) -> Path:
         return write_json(self.path(key), value)
-
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
 
     def values(self) -> Iterator[Any]:
         """Every readable record, in key order."""

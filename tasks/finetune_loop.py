@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from storage import checkpoints
 from storage.head_store import load_head_arrays
 from storage.checkpoints import RunFiles
-from storage.records import set_aside
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
 from tasks.backbones import Preprocess
@@ -255,7 +254,7 @@ def _resume(run: _Run, last: Path) -> int:
     try:
         ckpt = checkpoints.load(last)
     except checkpoints.CorruptCheckpoint as exc:
-        set_aside(last, RunFiles(last.parent).quarantine(), str(exc))
+        RunFiles(last.parent).discard(str(exc), only=(last,))
         log.warning("starting fine-tuning %s from the beginning", short(run.plan.key))
         return 0
     run.model.load_state_dict(ckpt["model"])

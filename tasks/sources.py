@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from storage.keys import file_sha256
 
 PREPROCESS_FIELDS = ("resize", "crop", "interpolation", "mean", "std")
 
@@ -469,10 +468,6 @@ class Python(Source):
             return {"code": None}
         st = path.stat()
         return {"code": {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
-
-    def code_sha256(self, name: str) -> str | None:
-        path = self.module_file(name)
-        return file_sha256(path) if path is not None else None
 
     def _call(self, name: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from torch import nn
