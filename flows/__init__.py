@@ -12,5 +12,7 @@ for _name, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "transferpipe",  # stage logs appear in flow-run logs
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages also run (and log) outside flows
+    # a failed flow run's exception is stored in $PREFECT_HOME/storage: as JSON, never pickle
+    "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
 }.items():
     os.environ.setdefault(_name, _value)

@@ -31,6 +31,7 @@ from tasks.evaluate import ModelToEvaluate
 from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible
 from tasks.result import summarize
+from tasks.sources import CodeNotRun
 
 Goal = Literal["extract", "heads", "finetune", "evaluate", "score"]
 
@@ -340,6 +341,9 @@ def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
     for node in chosen:
         try:
             works = node.plan(config, graph)
+        except CodeNotRun as exc:  # a dry run never runs a config's code: the first run computes from here on
+            steps.append(Step(node.stage, config.name, None, False, [f"computes, and so does every later stage: {exc}"]))
+            break
         except ValueError as exc:
             steps.append(Step(node.stage, config.name, None, False, [f"a run stops here: {exc}"]))
             break

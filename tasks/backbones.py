@@ -109,6 +109,8 @@ class BackboneConfig(BaseModel):
         try:
             _memo(_context(info).get("cache_dir"), {"what": "check", "source": source, "name": v,
                                                      **src.identity(v, {})}, lambda: src.check(v))
+        except sources.CodeNotRun:
+            pass  # a dry run checks no code it may not run: the first run checks it
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
         return v
@@ -133,6 +135,8 @@ class BackboneConfig(BaseModel):
             if not _looks_like_file(self.weights) and self.weights.lower() != "none":
                 _named_weights(src, self.name, self.weights, cache)
             names = module_names(self, cache)
+        except sources.CodeNotRun:
+            return self  # as above: the layers are checked by the first run, before anything computes
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
         bad = [layer for layer in self.layers if layer != PENULTIMATE and layer not in names]
