@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,6 +183,14 @@ class FeatureWriter:
             raise FeatureStoreError(
                 f"not enough disk space in {self.partial.parent} for {what}: {free / 2**20:.1f} MiB free, "
                 f"{needed / 2**20:.1f} MiB needed; {then}. Free some space (transferpipe cache gc) and rerun"
+            )
+        # the same for the process's file size limit (EFBIG mid-flush would leave HDF5 unable to close the file)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        size = needed + (self.partial.stat().st_size if self.fh is not None else 0)
+        if limit != resource.RLIM_INFINITY and size > limit:
+            raise FeatureStoreError(
+                f"{self.partial} would grow to {size / 2**20:.1f} MiB with {what}, past this process's file size "
+                f"limit of {limit / 2**20:.1f} MiB (ulimit -f); {then}. Raise the limit (ulimit -f unlimited) and rerun"
             )
 
     def close(self) -> None:

@@ -196,6 +196,19 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     assert_identical(resumed.path, reference.path)
 
 
+def test_a_file_size_limit_fails_before_writing_and_exits_without_a_crash(experiment, tmp_path):
+    """``ulimit -f`` once made HDF5 fail mid-flush with EFBIG, and the process then segfaulted at exit (h5py #914)."""
+    reference = extract_split(experiment("reference"))
+    plan = experiment("limited")
+    proc = child(plan, tmp_path, fsize=8 << 10)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err  # an error, not 139
+    assert "would grow to" in err and "past this process's file size limit of 0.0 MiB (ulimit -f)" in err, err
+    assert "nothing was written" in err
+    assert FeatureStore(plan.cache_dir).lookup(plan.key) is None
+    assert_identical(extract_split(plan).path, reference.path)  # without the limit, the next run does the job
+
+
 def test_bit_flip_is_caught_on_read_quarantined_and_recomputed(experiment):
     plan = experiment("flip")
     first = extract_split(plan)
