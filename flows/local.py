@@ -43,19 +43,86 @@ def local_run_settings(server_url: str | None = None):
 
 
 def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
-    """Run a flow in this process: on PREFECT_API_URL's server, else on the local server that
-    ``transferpipe server start`` left running, else in Prefect's ephemeral mode."""
+    """Run a flow for a shell command in this process: on PREFECT_API_URL's server, else on the local server that
+    ``transferpipe server start`` left running, else in Prefect's ephemeral mode. A server that stops answering
+    ends the command (:func:`_exit_when_server_lost`)."""
     from flows.server import remembered
 
-    server = None if os.environ.get("PREFECT_API_URL") else remembered()
+    url = os.environ.get("PREFECT_API_URL")
+    server = None if url else remembered()
     if server:  # child processes (Dask workers) talk to it too
-        os.environ["PREFECT_API_URL"] = server.url
-    with local_run_settings(server.url if server else None), _tracebacks_to_the_server_only():
+        os.environ["PREFECT_API_URL"] = url = server.url
+    if url and _answer(url) == "refused":
+        raise ServerLost(f"the Prefect server at {url} (PREFECT_API_URL) refuses connections: start it "
+                         "(`transferpipe server start`), or unset PREFECT_API_URL to run without one")
+    with local_run_settings(server.url if server else None), _tracebacks_to_the_server_only(), \
+            _exit_when_server_lost(url):
         from prefect import tags
 
         mark_killed_runs_crashed()
         with tags(*_process_tags()):
             return flow_fn(*args, **kwargs)
+
+
+class ServerLost(RuntimeError):
+    """The Prefect server a command runs against does not answer."""
+
+
+SERVER_POLL_S = 5.0
+LOST_AFTER_REFUSED, LOST_AFTER_ANY = 3, 12  # failed polls in a row: ~15 s refused, ~1-2 min of timeouts
+
+
+def _answer(url: str, timeout: float = SERVER_POLL_S) -> str:
+    """``ok``, ``refused`` (nothing listens: the server is gone) or ``silent`` (no answer in time, or an error)."""
+    import httpx
+
+    try:
+        return "ok" if httpx.get(f"{url}/health", timeout=timeout).status_code == 200 else "silent"
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.HTTPError:
+        return "silent"
+
+
+@contextlib.contextmanager
+def _exit_when_server_lost(url: str | None):
+    """End this process, in one line, when the server at ``url`` is gone.
+
+    Prefect's client retries a lost server for minutes (measured: 6 min, then
+    ``error: [Errno 111] Connection refused``), while a run that cannot record
+    its states is over anyway. The cache survives ``kill -9`` at any point
+    (tests/test_store.py, tests/test_finetune.py), so after a few refused polls
+    in a row (~15 s), or a longer run of unanswered ones, a watcher thread says
+    so and exits 1: every finished stage is in the cache for the rerun.
+    """
+    if not url:
+        yield
+        return
+    import sys
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        refused = missed = 0
+        while not done.wait(SERVER_POLL_S):
+            answer = _answer(url)
+            refused, missed = (refused + 1 if answer == "refused" else 0), (missed + 1 if answer != "ok" else 0)
+            if (refused >= LOST_AFTER_REFUSED or missed >= LOST_AFTER_ANY) and not done.is_set():
+                how = "refuses connections" if refused else "has not answered"
+                sys.stderr.write(
+                    f"error: the Prefect server at {url} {how} for {missed * SERVER_POLL_S:.0f} s, so this run "
+                    "ends here. Every stage that finished is in the cache: start the server again (`transferpipe "
+                    "server start`) and rerun; only what is missing computes\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="transferpipe-server-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 HOST_TAG, PID_TAG = "transferpipe-host:", "transferpipe-pid:"

@@ -218,3 +218,22 @@ def test_plan_imports_no_module_beside_the_config_even_after_a_run(tiny_config, 
     again = _plan(path)
     assert again.returncode == 0 and "0 to compute" in again.stdout, again.stdout + again.stderr
     assert (folder / "imported.log").read_text() == imports  # plan imported nothing
+
+
+def test_a_server_that_is_not_there_is_named_before_anything_runs(tiny_config, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import write_config
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_config(tiny_config(heads=[{"kind": "logistic", "C": [1.0]}]), tmp_path / "c.yaml")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          env={**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+    assert done.returncode == 1 and done.stderr.startswith(
+        f"error: the Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL) refuses connections"), done.stderr
+    assert nothing_extracted(tiny_config())

@@ -170,3 +170,25 @@ def test_a_run_killed_with_kill_9_is_marked_crashed_by_the_next_command(prefect_
     states = {r["id"]: r["state"]["type"] for r in
               prefect_server.api("POST", "/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["run-killed"]}}})}
     assert states[runs[0]["id"]] == "CRASHED" and sorted(states.values()) == ["COMPLETED", "CRASHED"]
+
+
+def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_config, tmp_path):
+    """Prefect's client retried a lost server for ~6 minutes before `[Errno 111] Connection refused`."""
+    from flows.server import start_server, stop_server
+
+    server, proc = start_server()
+    path = write_config(tiny_config(name="lost", heads=HEADS), tmp_path / "lost.yaml")
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, text=True,
+                           env=server.env(TRANSFERPIPE_FAULTS="extract.batch:2:delay=300"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait("an extraction in progress", lambda: list((tmp_path / "cache" / "features").glob("*.h5.partial")), 120)
+    finally:
+        stop_server(server, proc)
+    stopped = time.monotonic()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert time.monotonic() - stopped < 45
+    errors = [line for line in (out + err).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"the Prefect server at {server.url} refuses connections" in errors[0], errors
+    assert "Traceback" not in err
