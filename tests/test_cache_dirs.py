@@ -50,3 +50,41 @@ def test_a_moved_and_a_copied_cache_serve_their_own_files(tiny_config, tmp_path)
     assert [m.metrics["top1"] for m in from_copy.models] == [m.metrics["top1"] for m in first.models]
     stored = (copy / "finetune").glob("*/result.json")
     assert not any(str(tmp_path) in p.read_text() for p in stored)  # no absolute path into a cache in its results
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """A read-only bind mount of a folder (as a team's shared cache on a read-only disk); skipped where mounting is
+    not allowed. Root ignores file modes, so chmod could not test this."""
+    import subprocess
+
+    mounts = []
+
+    def view(folder):
+        target = tmp_path / f"ro-{len(mounts)}"
+        target.mkdir()
+        for args in (["--bind", str(folder), str(target)], ["-o", "remount,ro,bind", str(target)]):
+            if subprocess.run(["mount", *args], capture_output=True).returncode:
+                pytest.skip("cannot bind-mount read-only here (needs root)")
+            mounts.append(target) if args[0] == "--bind" else None
+        return target
+
+    yield view
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_a_complete_read_only_cache_is_planned_and_run_and_nothing_is_written(tiny_config, tmp_path, read_only_view):
+    from flows.explain import explain
+
+    first = run(tiny_config, tmp_path / "A")
+    ro = read_only_view(tmp_path / "A")
+    with pytest.raises(OSError, match="Read-only file system"):
+        (ro / "probe").write_text("x")
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "A").rglob("*")}
+    items = explain(tiny_config(**SETUP, cache_dir=str(ro)))
+    assert items and all(i.cached for i in items)
+    again = run(tiny_config, ro)
+    assert under(again.report, ro) and all(s["cache_hit"] for s in again.stages.values())
+    assert [m.metrics["top1"] for m in again.models] == [m.metrics["top1"] for m in first.models]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "A").rglob("*")} == stamp
