@@ -167,7 +167,8 @@ def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None)
         for experiment in configs:
             items = explain(experiment)
             todo = sum(not i.cached for i in items)
-            out.print(f"[bold]{experiment.name}[/]: {len(items) - todo} cached, {todo} to compute", highlight=False)
+            units = sum(i.stage != "note" for i in items)
+            out.print(f"[bold]{experiment.name}[/]: {units - todo} cached, {todo} to compute", highlight=False)
             out.print("\n".join(render(items)), highlight=False, markup=False, soft_wrap=True)
 
 

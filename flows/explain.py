@@ -27,6 +27,9 @@ def render(items: list[Step]) -> list[str]:
     """One line per item: stage, what, cached or compute, key, and the reasons below it."""
     lines = []
     for item in items:
+        if item.stage == "note":
+            lines += [f"note      {why}" for why in item.why]
+            continue
         state = "cached " if item.cached else "compute"
         key = short(item.key) if item.key else "-"
         lines.append(f"{item.stage:<9} {item.what:<32} {state}  {key}")

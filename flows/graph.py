@@ -248,16 +248,18 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
     for node in chosen:
         works = node.plan(config, graph)
         if node is EXTRACT:
-            _check_inputs(config, chosen, works)
+            for note in _check_inputs(config, chosen, works):
+                log.warning("%s", note)
         for work, unit, why in _missing(config, node, works, first_only=True):
             log.info("%s %s: computing because %s", node.stage, unit.what, "; ".join(why))
         graph[node.stage] = Stage(works, RUNNERS.get(node.stage, _run_tasks)(config, node, works))
     return graph
 
 
-def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> None:
+def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> list[str]:
     """What the later stages need, checked before anything computes: a test split, heads to train, few-shot
-    counts the classes can give, modules to unfreeze, the devices asked for."""
+    counts the classes can give, modules to unfreeze, the devices asked for. Raises for what stops a run;
+    returns notes on what it runs without (classes with no image in a split)."""
     planned = {"extract": Stage(extraction)}
     devices = {"extract.device": config.extract.device}
     if HEADS in chosen:
@@ -273,6 +275,26 @@ def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list
     if wanted and not cuda_possible():
         field, device = next(iter(wanted.items()))
         raise ValueError(f"{field} {device!r} is requested but torch sees no CUDA device; use auto or cpu")
+    return _empty_classes(planned)
+
+
+def _empty_classes(planned: Graph) -> list[str]:
+    """Classes with no image in a split the run uses: named, since their metrics (test) or the chosen settings
+    (val) cannot reflect them."""
+    notes = []
+    for split, found in features(planned).items():
+        if split == "train":
+            continue  # a fraction split keeps one training image per class; a folder split with none fails later
+        manifest = Manifest.load(found.manifest)
+        have = Counter(label for _, label in manifest.splits[split])
+        empty = [name for i, name in enumerate(manifest.classes) if not have[i]]
+        if empty:
+            shown = ", ".join(repr(n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            notes.append(f"data: {len(empty)} class(es) have no {split} image: {shown} (too few images for "
+                         f"{split}_fraction, or an empty {split} folder); "
+                         + ("their test accuracy is left out of the report" if split == "test" else
+                            "settings are chosen on val without them"))
+    return notes
 
 
 def _check_shots(config: ExperimentConfig, manifest: Path) -> None:
@@ -353,7 +375,7 @@ def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
         graph[node.stage] = Stage(works)
         if node is EXTRACT:
             try:
-                _check_inputs(config, chosen, works)
+                steps += [Step("note", config.name, None, True, [note]) for note in _check_inputs(config, chosen, works)]
             except ValueError as exc:
                 steps.append(Step("check", config.name, None, False, [f"a run stops here: {exc}"]))
                 break

@@ -88,14 +88,16 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray 
     labels = np.arange(n_classes)
     pred = scores.argmax(axis=1)
     cm = confusion_matrix(y, pred, labels=labels)
-    per_class = np.divide(np.diag(cm), cm.sum(axis=1), out=np.zeros(n_classes), where=cm.sum(axis=1) > 0)
+    support = cm.sum(axis=1)
+    per_class = [float(hit / n) if n else None for hit, n in zip(np.diag(cm), support)]  # None: no test image
+    seen = np.flatnonzero(support + cm.sum(axis=0))  # classes in the test labels or predicted
     out: dict[str, Any] = {
         "n": int(len(y)),
         "top1": float(accuracy_score(y, pred)),
         "top5": _top5(top_k_accuracy_score, y, scores, labels) if n_classes >= 5 else None,
         "balanced_accuracy": _balanced_accuracy(balanced_accuracy_score, y, pred),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        "per_class_accuracy": per_class.tolist(),
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=seen, zero_division=0)),
+        "per_class_accuracy": per_class,
         "confusion_matrix": cm.tolist() if n_classes <= FULL_CONFUSION_MAX_CLASSES else None,
         "top_confusions": top_confusions(cm),
         "nll": None, "ece": None, "reliability": None,

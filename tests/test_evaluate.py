@@ -31,6 +31,16 @@ def test_metrics_on_a_hand_checked_case():
     assert m["top5"] is None  # fewer than 5 classes
 
 
+def test_a_class_without_test_images_has_no_accuracy_and_does_not_drag_macro_f1():
+    y = np.array([0, 0, 1, 1])  # class 2 has no test image (a class of one image keeps it for training)
+    proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
+    m = classification_metrics(y, proba, proba, n_classes=3)
+    assert m["per_class_accuracy"] == [0.5, 1.0, None]
+    json.dumps(m, allow_nan=False)  # the report stays valid JSON
+    # F1: class 0 p=1 r=1/2 -> 2/3; class 1 p=2/3 r=1 -> 0.8; class 2 neither in y nor predicted: not averaged
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
 def test_ece_by_hand():
     y = np.array([0, 0, 1, 1])
     proba = np.array([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.65, 0.35]])

@@ -50,6 +50,20 @@ def test_plan_shows_where_a_run_would_stop_on_too_many_shots(tiny_config):
     assert nothing_extracted(cfg)
 
 
+def test_classes_too_small_for_a_split_are_named_before_anything_computes(tiny_config, tmp_path, caplog):
+    from helpers import make_image
+
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}])
+    make_image(cfg.data.root / "lonely" / "only.png", 0, 7)  # one image: it stays in train
+    notes = [s.why[0] for s in graph.walk(cfg) if s.stage == "note"]
+    assert notes == [
+        "data: 1 class(es) have no val image: 'lonely' (too few images for val_fraction, or an empty val folder); "
+        "settings are chosen on val without them",
+        "data: 1 class(es) have no test image: 'lonely' (too few images for test_fraction, or an empty test "
+        "folder); their test accuracy is left out of the report"]
+    assert nothing_extracted(cfg)
+
+
 # --------------------------------------------------------------------------- odd file names and links
 
 
