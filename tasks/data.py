@@ -64,8 +64,43 @@ class DataConfig(BaseModel):
     on_bad_image: Literal["error", "skip"] = "error"
     fingerprint: Literal["stat", "content"] = "stat"
     digits: DigitsConfig = DigitsConfig()
+    shards: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="webdataset: tar shards, a brace pattern or a list, or {train: …, val: …, test: …}; "
+                          "relative to the config's folder")
+    label_key: str = Field("cls", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$",
+                           description="webdataset: the member holding the label (cls, txt, or json.<field>)")
 
     _resolve_root = field_validator("root")(resolve_path)
+
+    @field_validator("shards")
+    @classmethod
+    def _resolve_shards(cls, v: Any, info: ValidationInfo) -> Any:
+        """Relative patterns are relative to the config's folder; split names are checked."""
+        if v is None:
+            return None
+        base = (info.context or {}).get("base_dir")
+
+        def place(pattern: str) -> str:
+            pattern = os.path.expanduser(pattern)
+            remote = "://" in pattern or pattern.startswith("pipe:")
+            return pattern if remote or os.path.isabs(pattern) or base is None else os.path.join(base, pattern)
+
+        def patterns(value: str | list[str]) -> list[str]:
+            listed = [value] if isinstance(value, str) else list(value)
+            if not listed:
+                raise ValueError("data.shards: an empty list")
+            return [place(p) for p in listed]
+
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - set(SPLITS))
+            if unknown or "train" not in v:
+                raise ValueError(f"data.shards per split takes train (required), val, test; got {sorted(v)}")
+            return {split: patterns(value) for split, value in v.items()}
+        return patterns(v)
+
+    def shard_patterns(self) -> dict[str, list[str]]:
+        """``data.shards`` per split (``all`` when one pattern or list is split by the fractions)."""
+        return dict(self.shards) if isinstance(self.shards, dict) else {"all": list(self.shards or [])}
 
 
     @model_validator(mode="after")
@@ -78,6 +113,11 @@ class DataConfig(BaseModel):
         source = datasources.get(self.source)
         if source.needs_root and self.root is None:
             raise ValueError(f"source {self.source!r} needs data.root")
+        wds = self.source == "webdataset"
+        if wds and self.shards is None:
+            raise ValueError('source webdataset needs data.shards, e.g. shards: "shards/train-{000000..000009}.tar"')
+        if not wds and (self.shards is not None or self.label_key != "cls"):
+            raise ValueError("data.shards and data.label_key apply to source: webdataset only")
         for other in datasources.SOURCES.values():
             option = other.option
             if option and other is not source and getattr(self, option) != type(self).model_fields[option].default:

@@ -134,8 +134,145 @@ class Mnist5k(DataSource):
         return (root, *_scan_imagefolder(root))
 
 
+class WebDataset(DataSource):
+    """WebDataset tar shards (``data.shards``: a brace pattern, a list, or one per split), read in place.
+
+    A sample's id is ``<shard file, relative to the shards' common folder>/<key>``; its image is its first
+    member with an image extension, its label the ``data.label_key`` member (``cls``, ``txt``, or
+    ``json.<field>``): an integer or a class name. Class names come from ``classes.txt`` beside the shards,
+    else from the sorted distinct labels.
+    """
+
+    name = "webdataset"
+    needs_root = False
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        from tasks import tar_index
+
+        try:
+            shards = {split: tar_index.expand(patterns) for split, patterns in cfg.shard_patterns().items()}
+        except tar_index.ShardError as exc:
+            raise DataError(str(exc)) from None
+        files = [f for paths in shards.values() for f in paths]
+        root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]))
+        ext, _, field = cfg.label_key.partition(".")
+        raw: dict[str, list[tuple[str, str]]] = {}
+        bad: list[str] = []
+        for split, paths in shards.items():
+            for path in paths:
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                try:
+                    found = tar_index.index(path)
+                except tar_index.ShardError as exc:
+                    bad.append(str(exc))
+                    continue
+                if found.truncated:
+                    bad.append(f"{rel}: {found.truncated}")
+                for key, members in found.samples.items():
+                    label, why = _wds_label(path, members, ext, field)
+                    if why is None and not any(f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS for e in members):
+                        why = f"no image member (has {', '.join(sorted(members))})"
+                    if why is not None:
+                        bad.append(f"{rel}/{key}: {why}")
+                        continue
+                    raw.setdefault(split, []).append((f"{rel}/{key}", label))
+        named = root / "classes.txt"
+        classes = _wds_classes(named, [label for pairs in raw.values() for _, label in pairs])
+        index = {name: i for i, name in enumerate(classes)}
+        items: Items = {}
+        for split, pairs in raw.items():
+            for sample, label in pairs:
+                at = _wds_class_index(label, index, classes, named.is_file())
+                if at is None:
+                    bad.append(f"{sample}: label {label!r} is not a class in {named}")
+                    continue
+                items.setdefault(split, []).append((sample, at))
+        if bad:
+            shown = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            if cfg.on_bad_image != "skip":
+                raise DataError(f"{len(bad)} bad sample(s) or shard(s) in data.shards: {shown}. Fix them, or set "
+                                "data.on_bad_image: skip to leave them out")
+            log.warning("left out %d bad sample(s) or shard tail(s): %s", len(bad), shown)
+        if len(classes) < 2:
+            raise DataError(f"data.shards under {root}: found {len(classes)} class(es) {classes}; "
+                            "a classifier needs at least 2")
+        return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
+
+    def identities(self, root: Path, items: list[tuple[str, int]], content: bool) -> list[Any]:
+        """Stat: the shard's size and mtime with the member's place in it; content: the image bytes' sha256."""
+        import hashlib
+
+        from tasks import tar_index
+
+        out = []
+        for item, _ in items:
+            shard, where = _wds_member(root, item)
+            if content:
+                out.append(hashlib.sha256(tar_index.read(shard, where)).hexdigest())
+            else:
+                st = os.stat(shard)
+                out.append([st.st_size, st.st_mtime_ns, *where])
+        return out
+
+    def open(self, root: Path, item: str) -> IO[bytes]:
+        from tasks import tar_index
+
+        return tar_index.open_member(*_wds_member(root, item))
+
+
+def _wds_member(root: Path, item: str) -> tuple[str, tuple[int, int]]:
+    """A sample id's shard file and its image member's (offset, size)."""
+    from tasks import tar_index
+
+    shard, sep, key = item.partition(".tar/")
+    if not sep:
+        raise DataError(f"{item!r} is not a webdataset sample id (<shard>.tar/<key>)")
+    path = os.path.join(root, shard + ".tar")
+    members = tar_index.index(path).samples.get(key)
+    image = next((e for e in (members or {}) if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+    if image is None:
+        raise FileNotFoundError(f"{path} has no image for sample {key!r} (the shard changed since it was scanned)")
+    return path, members[image]
+
+
+def _wds_label(path: str, members: dict[str, tuple[int, int]], ext: str, field: str) -> tuple[str, str | None]:
+    """A sample's label as text, or ``("", why)`` when it has none."""
+    import json
+
+    from tasks import tar_index
+
+    if ext not in members:
+        return "", f"no {ext!r} member for data.label_key"
+    text = tar_index.read(path, members[ext]).decode("utf-8", errors="replace").strip()
+    if not field:
+        return (text, None) if text else ("", f"empty {ext!r} label")
+    try:
+        value = json.loads(text)[field]
+    except (ValueError, KeyError, TypeError):
+        return "", f"no field {field!r} in its {ext!r} member"
+    return str(value), None
+
+
+def _wds_classes(named: Path, labels: list[str]) -> list[str]:
+    if named.is_file():
+        return [line.strip() for line in named.read_text(encoding="utf-8").splitlines() if line.strip()]
+    distinct = set(labels)
+    if distinct and all(label.lstrip("-").isdigit() for label in distinct):
+        return [str(v) for v in sorted(int(label) for label in distinct)]
+    return sorted(distinct)
+
+
+def _wds_class_index(label: str, index: dict[str, int], classes: list[str], named: bool) -> int | None:
+    """With a classes.txt an integer label is its line number; otherwise labels are names (integers too)."""
+    if label.lstrip("-").isdigit():
+        if named:
+            return int(label) if 0 <= int(label) < len(classes) else None
+        return index.get(str(int(label)))
+    return index.get(label)
+
+
 #: the dataset sources by ``data.source`` name
-SOURCES: dict[str, DataSource] = {s.name: s for s in (Digits(), Mnist5k(), ImageFolder(), Csv())}
+SOURCES: dict[str, DataSource] = {s.name: s for s in (Digits(), Mnist5k(), ImageFolder(), Csv(), WebDataset())}
 
 
 def get(name: str) -> DataSource:

@@ -29,6 +29,30 @@ def make_imagefolder(root: Path, n_per_class: int = 6, classes: int = 3, splits:
     return root
 
 
+def make_shards(folder: Path, out: Path, per_shard: int = 7, label: str = "cls", name: str = "shard") -> list[Path]:
+    """An image folder (``<class>/<image>``) as WebDataset tar shards: sample ``<class>_<stem>`` holds the
+    image's bytes and its class name (``.cls``, or ``.json`` with a ``label`` field)."""
+    import io
+    import json
+    import tarfile
+
+    images = sorted(p for p in folder.rglob("*") if p.is_file())
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for n, start in enumerate(range(0, len(images), per_shard)):
+        shards.append(out / f"{name}-{n:03d}.tar")
+        with tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for image in images[start : start + per_shard]:
+                key = f"{image.parent.name}_{image.stem}"
+                text = json.dumps({"label": image.parent.name}) if label == "json" else image.parent.name
+                for member, data in ((f"{key}{image.suffix}", image.read_bytes()),
+                                     (f"{key}.{label}", text.encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+    return shards
+
+
 def write_config(cfg, path: Path) -> Path:
     """An ExperimentConfig as the YAML file a user would write."""
     import yaml

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_imagefolder
+from helpers import make_imagefolder, make_shards
 from storage.keys import canonical_json
 from tasks import datasources, sources
 from tasks.backbones import BackboneConfig, resolve
@@ -80,6 +80,8 @@ DATASETS = {  # source -> the data: section of a small dataset of it
     "csv": _csv,
     "digits": lambda tmp: {"source": "digits", "digits": {"classes": [0, 1]}},
     "mnist5k": lambda tmp: {"source": "mnist5k"},
+    "webdataset": lambda tmp: {"source": "webdataset", "shards": [
+        str(p) for p in make_shards(make_imagefolder(tmp / "images"), tmp / "shards")]},
 }
 
 
@@ -111,7 +113,7 @@ def test_dataset_source_contract(source, tmp_path):
 
 
 def test_an_unregistered_dataset_source_lists_the_registry():
-    with pytest.raises(ValueError, match="Input should be 'digits', 'mnist5k', 'imagefolder' or 'csv'"):
+    with pytest.raises(ValueError, match="Input should be 'digits', 'mnist5k', 'imagefolder', 'csv' or 'webdataset'"):
         DataConfig(source="parquet")
     with pytest.raises(ValueError, match="data.digits applies to source: digits only"):
         DataConfig(source="mnist5k", digits={"classes": [0, 1]})

@@ -1,0 +1,117 @@
+"""WebDataset tar shards: which samples a shard holds and where each member's bytes lie, from the tar headers.
+
+A shard is an uncompressed tar; a sample is the members sharing a key (the
+member name up to the first dot of its base name, the WebDataset convention:
+``dir/0001.jpg`` and ``dir/0001.cls`` form sample ``dir/0001``). Indexing reads
+only the 512-byte headers and seeks over the data, so a shard is never unpacked
+to disk and a 1 GB shard indexes in milliseconds; an item is then read with one
+seek and one read. The standard ``tarfile`` does this (the ``webdataset``
+library streams samples in order and cannot read one sample by its id, which
+resuming, shuffled fine-tuning and evaluation need).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+REMOTE_PREFIXES = ("s3://", "gs://", "http://", "https://", "pipe:", "hf://")
+
+
+class ShardError(ValueError):
+    """A shard pattern or file that cannot be read; the message names it."""
+
+
+def expand(patterns: list[str]) -> list[str]:
+    """Brace patterns (``tr-{000..099}.tar``, ``{a,b}.tar``) to the shard files, in order, each once; every file
+    must exist."""
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith(REMOTE_PREFIXES):
+            raise ShardError(f"data.shards {pattern!r}: remote shards are not supported; copy them to a local "
+                             "folder and name that")
+        if pattern.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+            raise ShardError(f"data.shards {pattern!r}: compressed tars cannot be read by sample; "
+                             "use uncompressed .tar shards (img2dataset and webdataset's TarWriter write them)")
+        try:
+            paths = list(braceexpand(pattern))
+        except Exception as exc:  # noqa: BLE001 - braceexpand raises plain errors on unbalanced braces
+            raise ShardError(f"data.shards {pattern!r} is not a valid brace pattern: {exc}") from None
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ShardError(f"data.shards {pattern!r}: {len(missing)} of {len(paths)} shard file(s) do not exist, "
+                             f"e.g. {missing[0]}")
+        out += [p for p in paths if p not in out]
+    return out
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a member name (extension lower-cased), or None for a name without one."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Samples of one shard in tar order: key -> extension -> (data offset, size)."""
+
+    samples: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    #: why the tar ends early (a truncated download), or None: the samples before it are kept
+    truncated: str | None = None
+
+
+def index(path: str | os.PathLike) -> ShardIndex:
+    """The shard's index, remembered per process while the file's size and mtime stay the same."""
+    st = os.stat(path)
+    return _index(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _index(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    truncated = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.ReadError as exc:
+                    truncated = f"unreadable tar header after {len(samples)} sample(s) ({exc})"
+                    break
+                if member is None:
+                    break
+                if not member.isfile() or (parsed := split_name(member.name)) is None:
+                    continue
+                key, ext = parsed
+                if member.offset_data + member.size > size:
+                    truncated = f"member {member.name} is cut short (the file ends at byte {size})"
+                    samples.pop(key, None)  # its other members cannot make a whole sample
+                    break
+                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    except tarfile.ReadError as exc:
+        raise ShardError(f"{path} is not a readable tar file ({exc})") from None
+    except OSError as exc:
+        raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+    return ShardIndex(samples, truncated)
+
+
+def read(path: str | os.PathLike, where: tuple[int, int]) -> bytes:
+    """One member's bytes: one seek, one read."""
+    offset, size = where
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: member at byte {offset} is cut short ({len(data)} of {size} bytes)")
+    return data
+
+
+def open_member(path: str | os.PathLike, where: tuple[int, int]) -> io.BytesIO:
+    return io.BytesIO(read(path, where))

@@ -1,0 +1,126 @@
+"""WebDataset tar shards as a dataset source: read in place, same features as the folder they came from, bad
+samples named or skipped, patterns relative to the config."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from flows.config import load_config
+from helpers import make_imagefolder, make_shards, split_plans
+from tasks.data import DataConfig, DataError, build_manifest
+from tasks.extract import extract_split
+
+
+def _add(tar_path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(tar_path, "a", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _features(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as fh:
+        paths = [p.decode() if isinstance(p, bytes) else p for p in fh["paths"][:]]
+        return dict(zip(paths, fh["features/penultimate"][:]))
+
+
+def test_shards_give_the_same_features_as_the_folder_they_came_from(tiny_config, tmp_path):
+    folder = make_imagefolder(tmp_path / "images")
+    make_shards(folder, tmp_path / "shards", per_shard=5)
+    data = {"val_fraction": 0, "test_fraction": 0}
+    from_folder = extract_split(split_plans(tiny_config(data={**data, "root": str(folder)}))["train"])
+    wds = tiny_config(data={**data, "source": "webdataset", "root": None,
+                            "shards": str(tmp_path / "shards" / "shard-{000..003}.tar")})
+    from_shards = extract_split(split_plans(wds)["train"])
+    a, b = _features(from_folder.path), _features(from_shards.path)
+    assert len(a) == len(b) == 18
+    assert list(b)[0] == "shard-000.tar/class0_000"  # <shard file>/<key>
+    for item, row in a.items():
+        cls, image = item.split("/")
+        key = f"{cls}_{Path(image).stem}"
+        shard = next(k for k in b if k.endswith("/" + key))
+        np.testing.assert_array_equal(b[shard], row)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shard-{i:03d}.tar" for i in range(4)]
+
+
+def test_patterns_are_relative_to_the_config_and_can_name_each_split(tiny_config, tmp_path):
+    make_shards(make_imagefolder(tmp_path / "tr"), tmp_path / "exp" / "shards", per_shard=9, name="train")
+    make_shards(make_imagefolder(tmp_path / "te", n_per_class=2), tmp_path / "exp" / "shards", per_shard=9,
+                name="test")
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["data"] = {"source": "webdataset", "shards": {"train": "shards/train-{000..001}.tar",
+                                                      "test": ["shards/test-000.tar"]}}
+    (tmp_path / "exp" / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    manifest = build_manifest(load_config(tmp_path / "exp" / "exp.yaml").data, tmp_path / "cache")
+    assert manifest.root == tmp_path / "exp" / "shards"
+    assert {s: len(v) for s, v in manifest.splits.items()} == {"train": 18, "test": 6}
+    assert manifest.classes == ["class0", "class1", "class2"]
+
+
+def test_labels_from_json_fields_integers_and_classes_txt(tmp_path):
+    shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", label="json")
+    cfg = DataConfig(source="webdataset", shards=[str(p) for p in shards], label_key="json.label",
+                     val_fraction=0, test_fraction=0)
+    assert build_manifest(cfg, tmp_path / "cache").classes == ["class0", "class1", "class2"]
+    _add(shards[0], {"extra.png": (tmp_path / "images" / "class0" / "000.png").read_bytes(),
+                     "extra.json": b'{"label": 1}'})
+    (tmp_path / "s" / "classes.txt").write_text("class0\nclass1\nclass2\n")
+    manifest = build_manifest(cfg, tmp_path / "cache")  # an integer label is a line of classes.txt
+    assert ("shard-000.tar/extra", 1) in manifest.splits["train"]
+
+
+def test_bad_samples_are_named_or_skipped_and_a_truncated_shard_keeps_what_came_before(tmp_path):
+    shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=9)
+    _add(shards[0], {"nolabel.png": (tmp_path / "images" / "class0" / "000.png").read_bytes(),
+                     "noimage.cls": b"class1", "noimage.txt": b"hello"})
+    with tarfile.open(shards[1]) as tar:
+        last = tar.getmembers()[-1]
+    shards[1].write_bytes(shards[1].read_bytes()[: last.offset_data + last.size // 2])  # a download cut short
+    cfg = {"source": "webdataset", "shards": [str(p) for p in shards], "val_fraction": 0, "test_fraction": 0}
+    with pytest.raises(DataError, match=r"3 bad sample\(s\) or shard\(s\) in data.shards: "
+                                        r"shard-000.tar/nolabel: no 'cls' member for data.label_key; "
+                                        r"shard-000.tar/noimage: no image member \(has cls, txt\); "
+                                        r"shard-001.tar: member class2_005.cls is cut short"):
+        build_manifest(DataConfig(**cfg), tmp_path / "cache")
+    manifest = build_manifest(DataConfig(**cfg, on_bad_image="skip"), tmp_path / "cache")
+    kept = [item for item, _ in manifest.splits["train"]]
+    assert len(kept) == 17 and "shard-001.tar/class2_004" in kept and "shard-001.tar/class2_005" not in kept
+
+
+@pytest.mark.parametrize("shards, message", [
+    ("s3://bucket/train-{0..9}.tar", "remote shards are not supported"),
+    ("train.tar.gz", "compressed tars cannot be read by sample"),
+    ("missing-{0..2}.tar", r"3 of 3 shard file\(s\) do not exist"),
+    ("train-{0..2.tar", "is not a valid brace pattern: Unbalanced braces"),
+])
+def test_shard_patterns_that_cannot_be_read_are_named(tmp_path, shards, message):
+    cfg = DataConfig(source="webdataset", shards=str(tmp_path / shards) if "://" not in shards else shards)
+    with pytest.raises(DataError, match=message):
+        build_manifest(cfg, tmp_path / "cache")
+
+
+def test_shards_belong_to_the_webdataset_source_only(tmp_path):
+    with pytest.raises(ValueError, match="data.shards and data.label_key apply to source: webdataset only"):
+        DataConfig(source="imagefolder", root=tmp_path, shards="x.tar")
+    with pytest.raises(ValueError, match="source webdataset needs data.shards"):
+        DataConfig(source="webdataset")
+    with pytest.raises(ValueError, match=r"takes train \(required\), val, test; got \['tain'\]"):
+        DataConfig(source="webdataset", shards={"tain": "x.tar"})
+
+
+def test_an_undecodable_image_in_a_shard_is_named_by_its_sample_id(tiny_config, tmp_path):
+    shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=18)
+    _add(shards[0], {"broken.png": b"\x89PNG not really", "broken.cls": b"class0"})
+    data = {"source": "webdataset", "root": None, "shards": [str(p) for p in shards], "val_fraction": 0,
+            "test_fraction": 0}
+    with pytest.raises(DataError, match=r"shard-000.tar/broken \("):
+        extract_split(split_plans(tiny_config(data=data))["train"])
+    skipped = extract_split(split_plans(tiny_config(data={**data, "on_bad_image": "skip"}))["train"])
+    assert skipped.rows == 18
