@@ -67,10 +67,22 @@ class DataConfig(BaseModel):
     shards: str | list[str] | dict[str, str | list[str]] | None = Field(
         None, description="webdataset: tar shards, a brace pattern or a list, or {train: …, val: …, test: …}; "
                           "relative to the config's folder")
+    path: str | None = Field(None, description="table: a .parquet, .csv or .jsonl file, or a glob of them")
+    image: str = Field("image", description="table: the column with image bytes, a {bytes, path} struct, or paths")
+    label: str = Field("label", description="table: the column with integer labels or class names")
+    split: str | None = Field(None, description="table: a column with train / val (validation) / test")
     label_key: str = Field("cls", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$",
                            description="webdataset: the member holding the label (cls, txt, or json.<field>)")
 
     _resolve_root = field_validator("root")(resolve_path)
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_table(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        resolved = resolve_path(Path(v), info)
+        return str(resolved)
 
     @field_validator("shards")
     @classmethod
@@ -118,6 +130,11 @@ class DataConfig(BaseModel):
             raise ValueError('source webdataset needs data.shards, e.g. shards: "shards/train-{000000..000009}.tar"')
         if not wds and (self.shards is not None or self.label_key != "cls"):
             raise ValueError("data.shards and data.label_key apply to source: webdataset only")
+        table = {"path": None, "image": "image", "label": "label", "split": None}
+        if self.source == "table" and self.path is None:
+            raise ValueError("source table needs data.path: a .parquet, .csv or .jsonl file, or a glob of them")
+        if self.source != "table" and any(getattr(self, k) != v for k, v in table.items()):
+            raise ValueError("data.path, data.image, data.label and data.split apply to source: table only")
         for other in datasources.SOURCES.values():
             option = other.option
             if option and other is not source and getattr(self, option) != type(self).model_fields[option].default:
@@ -135,12 +152,14 @@ class Manifest:
     fingerprints: dict[str, str] = field(default_factory=dict)
     files: dict[str, list[Any]] = field(default_factory=dict)  # per split, each file's identity (size+mtime or sha256)
     source: str = "imagefolder"  # the dataset source that opens its items (tasks/datasources.py)
+    options: dict[str, str] = field(default_factory=dict)  # what the source needs to open an item (a table's column)
 
     def save(self, path: Path) -> Path:
         """Written when it changed (atomically); an unchanged one is left alone, so a read-only cache plans."""
         payload = {
             "root": str(self.root), "classes": self.classes, "source": self.source,
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
+            **({"options": self.options} if self.options else {}),
         }
         if read_json(path) == json.loads(json.dumps(payload)):
             return path
@@ -151,11 +170,11 @@ class Manifest:
         raw = json.loads(Path(path).read_text())
         splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
         return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
-                   raw.get("source", "imagefolder"))
+                   raw.get("source", "imagefolder"), raw.get("options", {}))
 
     def image(self, item: str) -> Image.Image:
         """One item decoded to RGB (:func:`read_image`)."""
-        return read_image(self.source, self.root, item)
+        return read_image(self.source, self.root, item, self.options)
 
     @property
     def dataset_id(self) -> str:
@@ -178,9 +197,10 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     if "train" not in splits:
         raise DataError(f"{root}: no train images found")
     content = cfg.fingerprint == "content"
-    files = {s: source.identities(root, items, content) for s, items in splits.items()}
-    fps = {s: manifest_fingerprint(items, files[s], classes, content) for s, items in splits.items()}
-    return Manifest(root, classes, splits, fps, files, source=cfg.source)
+    options = source.options(cfg)
+    files = {s: source.identities(root, items, content, options) for s, items in splits.items()}
+    fps = {s: manifest_fingerprint(items, files[s], classes, content, options) for s, items in splits.items()}
+    return Manifest(root, classes, splits, fps, files, source=cfg.source, options=options)
 
 
 def split_by_fraction(
@@ -229,9 +249,9 @@ def decode(data: IO[bytes]) -> Image.Image:
         return to_rgb(img)
 
 
-def read_image(source: str, root: Path, item: str) -> Image.Image:
+def read_image(source: str, root: Path, item: str, options: dict[str, str] | None = None) -> Image.Image:
     """One dataset item, opened by its source and decoded (extraction, fine-tuning and evaluation read this)."""
-    with datasources.get(source).open(root, item) as fh:
+    with datasources.get(source).open(root, item, options or {}) as fh:
         return decode(fh)
 
 
@@ -241,21 +261,21 @@ def load_rgb(path: Path) -> Image.Image:
         return decode(fh)
 
 
-def header_error(source: str, root: Path, item: str) -> str | None:
+def header_error(manifest: Manifest, item: str) -> str | None:
     """Cheap check (reads the header only): why the item is not an image, or None."""
     try:
-        with datasources.get(source).open(root, item) as fh, Image.open(fh) as img:
+        with datasources.get(manifest.source).open(manifest.root, item, manifest.options) as fh, Image.open(fh) as img:
             img.size
     except DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def check_headers(source: str, root: Path, items: Iterable[tuple[str, int]], threads: int = 8) -> dict[str, str]:
+def check_headers(manifest: Manifest, items: Iterable[tuple[str, int]], threads: int = 8) -> dict[str, str]:
     """``{item id: error}`` for items that are not images at all (zero bytes, garbage)."""
     paths = [p for p, _ in items]
     with ThreadPoolExecutor(threads) as pool:
-        errors = pool.map(lambda p: header_error(source, root, p), paths)
+        errors = pool.map(lambda p: header_error(manifest, p), paths)
     return {p: e for p, e in zip(paths, errors) if e}
 
 

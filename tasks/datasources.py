@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -84,11 +85,16 @@ class DataSource:
         """``(root, class names, items per split)``; raises :class:`DataError` naming the file or folder."""
         raise NotImplementedError
 
-    def identities(self, root: Path, items: list[tuple[str, int]], content: bool) -> list[Any]:
+    def options(self, cfg: DataConfig) -> dict[str, str]:
+        """What :meth:`open` needs besides the root and the id (kept in the manifest, part of its fingerprint)."""
+        return {}
+
+    def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
+                   options: dict[str, str]) -> list[Any]:
         """Each item's identity for the keys: size and mtime of its file, or with ``content`` its sha256."""
         return file_identities(root, items, content)
 
-    def open(self, root: Path, item: str) -> IO[bytes]:
+    def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
         """One item's encoded bytes, as a binary file object."""
         return open(os.path.join(root, item), "rb")
 
@@ -182,23 +188,19 @@ class WebDataset(DataSource):
         items: Items = {}
         for split, pairs in raw.items():
             for sample, label in pairs:
-                at = _wds_class_index(label, index, classes, named.is_file())
+                at = _class_index(label, index, classes, named.is_file())
                 if at is None:
                     bad.append(f"{sample}: label {label!r} is not a class in {named}")
                     continue
                 items.setdefault(split, []).append((sample, at))
-        if bad:
-            shown = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            if cfg.on_bad_image != "skip":
-                raise DataError(f"{len(bad)} bad sample(s) or shard(s) in data.shards: {shown}. Fix them, or set "
-                                "data.on_bad_image: skip to leave them out")
-            log.warning("left out %d bad sample(s) or shard tail(s): %s", len(bad), shown)
+        _bad_items(bad, "sample(s) or shard(s) in data.shards", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"data.shards under {root}: found {len(classes)} class(es) {classes}; "
                             "a classifier needs at least 2")
         return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
 
-    def identities(self, root: Path, items: list[tuple[str, int]], content: bool) -> list[Any]:
+    def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
+                   options: dict[str, str]) -> list[Any]:
         """Stat: the shard's size and mtime with the member's place in it; content: the image bytes' sha256."""
         import hashlib
 
@@ -214,7 +216,7 @@ class WebDataset(DataSource):
                 out.append([st.st_size, st.st_mtime_ns, *where])
         return out
 
-    def open(self, root: Path, item: str) -> IO[bytes]:
+    def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
         from tasks import tar_index
 
         return tar_index.open_member(*_wds_member(root, item))
@@ -256,13 +258,18 @@ def _wds_label(path: str, members: dict[str, tuple[int, int]], ext: str, field: 
 def _wds_classes(named: Path, labels: list[str]) -> list[str]:
     if named.is_file():
         return [line.strip() for line in named.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _sorted_labels(labels)
+
+
+def _sorted_labels(labels: Iterable[str]) -> list[str]:
+    """Distinct labels as class names: integers in numeric order, else names in sorted order."""
     distinct = set(labels)
     if distinct and all(label.lstrip("-").isdigit() for label in distinct):
         return [str(v) for v in sorted(int(label) for label in distinct)]
     return sorted(distinct)
 
 
-def _wds_class_index(label: str, index: dict[str, int], classes: list[str], named: bool) -> int | None:
+def _class_index(label: str, index: dict[str, int], classes: list[str], named: bool) -> int | None:
     """With a classes.txt an integer label is its line number; otherwise labels are names (integers too)."""
     if label.lstrip("-").isdigit():
         if named:
@@ -271,8 +278,146 @@ def _wds_class_index(label: str, index: dict[str, int], classes: list[str], name
     return index.get(label)
 
 
+TABLE_ROW = re.compile(r"^(?P<file>.+\.(?:parquet|pq))#(?P<row>\d+)$")
+ROW_DIGITS = 9  # ids sort in row order (extraction then reads each row group once)
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+
+
+class Table(DataSource):
+    """One row per image in Parquet, CSV or JSON Lines tables (``data.path``, a file or a glob), read with pyarrow
+    in row batches. ``data.image`` holds the image bytes (binary, or the Hugging Face struct ``{bytes, path}``)
+    or a path relative to ``data.root`` (default: the table's folder); ``data.label`` an integer or a class
+    name; ``data.split`` (optional) train/val/test. A row's id: its image path, or ``<table file>#<row>`` (the
+    row number zero-padded to 9 digits) when the table holds the bytes."""
+
+    name = "table"
+    needs_root = False
+
+    def options(self, cfg: DataConfig) -> dict[str, str]:
+        return {"image": cfg.image}
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+        from tasks import tables
+
+        files = _table_files(cfg.path)
+        try:
+            column = tables.image_column(files[0], cfg.image)
+            named = tables.class_names(files[0], cfg.label)
+        except tables.TableError as exc:
+            raise DataError(str(exc)) from None
+        holds_paths = column.holds == "path"
+        folders = [os.path.dirname(os.path.abspath(f)) for f in files]
+        root = (cfg.root or Path(folders[0])) if holds_paths else Path(os.path.commonpath(folders))
+        wanted = [cfg.label, *([cfg.split] if cfg.split else []), *([cfg.image] if holds_paths else [])]
+        raw: dict[str, list[tuple[str, str]]] = {}
+        bad: list[str] = []
+        for file in files:
+            rel = os.path.relpath(file, root).replace(os.sep, "/")
+            row = 0
+            try:
+                if tables.image_column(file, cfg.image) != column:
+                    raise DataError(f"{file}: column {cfg.image!r} holds other data than in {files[0]}")
+                for batch in tables.batches(file, wanted):
+                    values = batch.to_pydict()
+                    missing = [c for c in wanted if c not in values]
+                    if missing:
+                        raise DataError(f"{file}: no column(s) {missing}; columns: {', '.join(batch.schema.names)}")
+                    for i in range(batch.num_rows):
+                        where = f"{os.path.basename(file)}#{row + i}"
+                        label = values[cfg.label][i]
+                        split = SPLIT_NAMES.get(str(values[cfg.split][i]).lower()) if cfg.split else "all"
+                        item = values[cfg.image][i] if holds_paths else f"{rel}#{row + i:0{ROW_DIGITS}d}"
+                        if label is None or str(label).strip() == "":
+                            bad.append(f"{where}: no label")
+                        elif split is None:
+                            raise DataError(f"{file} row {row + i}: split {values[cfg.split][i]!r} is not one of "
+                                            f"train, val (validation), test")
+                        elif not item:
+                            bad.append(f"{where}: no image path")
+                        else:
+                            raw.setdefault(split, []).append((str(item), str(label).strip()))
+                    row += batch.num_rows
+            except tables.TableError as exc:
+                raise DataError(str(exc)) from None
+        if holds_paths:
+            absent = [f"{item} (row of {cfg.path})" for pairs in raw.values() for item, _ in pairs
+                      if not os.path.isfile(os.path.join(root, item))]
+            bad += [f"{a}: no such file under {root}" for a in absent]
+            gone = {a.split(" (row")[0] for a in absent}
+            raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
+        classes = named or _sorted_labels(label for pairs in raw.values() for _, label in pairs)
+        index = {name: i for i, name in enumerate(classes)}
+        items: Items = {}
+        for split, pairs in raw.items():
+            for item, label in pairs:
+                at = _class_index(label, index, classes, named is not None)
+                if at is None:
+                    bad.append(f"{item}: label {label!r} is not one of the classes")
+                    continue
+                items.setdefault(split, []).append((item, at))
+        _bad_items(bad, "row(s) in data.path", cfg.on_bad_image)
+        if len(classes) < 2:
+            raise DataError(f"{cfg.path}: found {len(classes)} class(es) {classes}; a classifier needs at least 2")
+        return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
+
+    def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
+                   options: dict[str, str]) -> list[Any]:
+        """Rows holding bytes: the table's size and mtime with the row number, or the bytes' sha256; rows holding
+        paths: as files."""
+        import hashlib
+
+        out = []
+        for item, label in items:
+            row = TABLE_ROW.match(item)
+            if row is None:
+                out += file_identities(root, [(item, label)], content)
+            elif content:
+                with self.open(root, item, options) as fh:
+                    out.append(hashlib.sha256(fh.read()).hexdigest())
+            else:
+                st = os.stat(os.path.join(root, row["file"]))
+                out.append([st.st_size, st.st_mtime_ns, int(row["row"])])
+        return out
+
+    def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
+        import io
+
+        from tasks import tables
+
+        row = TABLE_ROW.match(item)
+        if row is None:
+            return open(os.path.join(root, item), "rb")
+        path = os.path.join(root, row["file"])
+        data = tables.image_bytes(path, int(row["row"]), tables.image_column(path, options["image"]))
+        if data is None:
+            raise OSError(f"{path} row {row['row']} has no image bytes")
+        return io.BytesIO(data)
+
+
+def _table_files(pattern: str | None) -> list[str]:
+    import glob
+
+    if not pattern:
+        raise DataError("source table needs data.path: a .parquet, .csv or .jsonl file, or a glob of them")
+    files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not files or not all(os.path.isfile(f) for f in files):
+        raise DataError(f"data.path {pattern!r} names no readable table file")
+    return files
+
+
+def _bad_items(bad: list[str], what: str, on_bad_image: str) -> None:
+    if not bad:
+        return
+    shown = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if on_bad_image != "skip":
+        raise DataError(f"{len(bad)} bad {what}: {shown}. Fix them, or set data.on_bad_image: skip to leave them out")
+    log.warning("left out %d bad %s: %s", len(bad), what, shown)
+
+
 #: the dataset sources by ``data.source`` name
-SOURCES: dict[str, DataSource] = {s.name: s for s in (Digits(), Mnist5k(), ImageFolder(), Csv(), WebDataset())}
+SOURCES: dict[str, DataSource] = {
+    s.name: s for s in (Digits(), Mnist5k(), ImageFolder(), Csv(), WebDataset(), Table())
+}
 
 
 def get(name: str) -> DataSource:

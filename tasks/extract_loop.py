@@ -158,7 +158,7 @@ def _write_batches(plan: SplitPlan, manifest: Manifest, items: list[tuple[str, i
     first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
     batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
     loader = DataLoader(
-        _Images(manifest, items, plan.backbone.preprocess, check_headers(manifest.source, manifest.root, items)),
+        _Images(manifest, items, plan.backbone.preprocess, check_headers(manifest, items)),
         batch_sampler=batches,
         num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
         worker_init_fn=worker_init,

@@ -53,6 +53,39 @@ def make_shards(folder: Path, out: Path, per_shard: int = 7, label: str = "cls",
     return shards
 
 
+def make_table(folder: Path, path: Path, holds: str = "struct", split: bool = False, class_label: bool = False,
+               row_group: int = 5) -> Path:
+    """An image folder (``<class>/<image>``) as a table, one row per image: ``image`` as the Hugging Face struct
+    ``{bytes, path}`` (``struct``), raw ``bytes``, or a ``path`` relative to ``folder``; ``label`` the class name
+    (or with ``class_label`` its index and a Hugging Face ``ClassLabel`` in the schema); ``split`` optional."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv as pc
+    import pyarrow.parquet as pq
+
+    images = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = sorted({p.parent.name for p in images})
+    rel = [p.relative_to(folder).as_posix() for p in images]
+    columns = {"image": {"struct": [{"bytes": p.read_bytes(), "path": r} for p, r in zip(images, rel)],
+                         "bytes": [p.read_bytes() for p in images], "path": rel}[holds],
+               "label": [names.index(p.parent.name) if class_label else p.parent.name for p in images]}
+    if split:
+        columns["split"] = ["validation" if i % 5 == 1 else "test" if i % 5 == 2 else "train" for i in range(len(images))]
+    table = pa.table(columns)
+    if class_label:
+        meta = {"info": {"features": {"label": {"names": names, "_type": "ClassLabel"}}}}
+        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=row_group)
+    elif path.suffix == ".csv":
+        pc.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    return path
+
+
 def write_config(cfg, path: Path) -> Path:
     """An ExperimentConfig as the YAML file a user would write."""
     import yaml

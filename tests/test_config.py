@@ -36,7 +36,7 @@ def test_unknown_keys_name_the_path_and_the_allowed_keys(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("data: {source: parquet}", "data.source: Input should be 'digits', 'mnist5k', 'imagefolder' or 'csv' (got 'parquet')"),
+        ("data: {source: parquet}", "data.source: Input should be 'digits', 'mnist5k', 'imagefolder', 'csv', 'webdataset' or 'table' (got 'parquet')"),
         ("data: {on_bad_image: ignore}", "data.on_bad_image: Input should be 'error' or 'skip' (got 'ignore')"),
         ("data: {val_fraction: 0.6, test_fraction: 0.5}", "val_fraction + test_fraction must be < 1"),
         ("data: {source: imagefolder}", "source 'imagefolder' needs data.root"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_imagefolder, make_shards
+from helpers import make_imagefolder, make_shards, make_table
 from storage.keys import canonical_json
 from tasks import datasources, sources
 from tasks.backbones import BackboneConfig, resolve
@@ -80,6 +80,8 @@ DATASETS = {  # source -> the data: section of a small dataset of it
     "csv": _csv,
     "digits": lambda tmp: {"source": "digits", "digits": {"classes": [0, 1]}},
     "mnist5k": lambda tmp: {"source": "mnist5k"},
+    "table": lambda tmp: {"source": "table", "path": str(make_table(make_imagefolder(tmp / "images"),
+                                                                     tmp / "images.parquet"))},
     "webdataset": lambda tmp: {"source": "webdataset", "shards": [
         str(p) for p in make_shards(make_imagefolder(tmp / "images"), tmp / "shards")]},
 }
@@ -102,10 +104,11 @@ def test_dataset_source_contract(source, tmp_path):
         assert split in ("all", "train", "val", "test") and pairs == sorted(pairs)
         assert all(0 <= label < len(classes) for _, label in pairs)
     some = next(iter(items.values()))[:3]
-    stat, content = src.identities(root, some, False), src.identities(root, some, True)
-    assert len(stat) == len(content) == len(some) and stat == src.identities(root, some, False)
+    options = src.options(cfg)
+    stat, content = src.identities(root, some, False, options), src.identities(root, some, True, options)
+    assert len(stat) == len(content) == len(some) and stat == src.identities(root, some, False, options)
     assert all(isinstance(c, str) and len(c) == 64 for c in content)
-    with src.open(root, some[0][0]) as fh:
+    with src.open(root, some[0][0], options) as fh:
         assert decode(fh).mode == "RGB"  # the one decode path reads what the source opens
 
     manifest = build_manifest(cfg, tmp_path / "cache")
@@ -113,7 +116,7 @@ def test_dataset_source_contract(source, tmp_path):
 
 
 def test_an_unregistered_dataset_source_lists_the_registry():
-    with pytest.raises(ValueError, match="Input should be 'digits', 'mnist5k', 'imagefolder', 'csv' or 'webdataset'"):
+    with pytest.raises(ValueError, match="Input should be 'digits', 'mnist5k', 'imagefolder', 'csv', 'webdataset' or 'table'"):
         DataConfig(source="parquet")
     with pytest.raises(ValueError, match="data.digits applies to source: digits only"):
         DataConfig(source="mnist5k", digits={"classes": [0, 1]})

@@ -1,0 +1,117 @@
+"""Tables of images as a dataset source (Parquet bytes, the Hugging Face layout, CSV and JSON Lines lists of
+paths): the same features as the folder they describe, bad rows named or skipped, the column in the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from flows.config import load_config
+from helpers import make_imagefolder, make_shards, make_table, split_plans
+from tasks.data import DataConfig, DataError, build_manifest
+from tasks.extract import extract_split
+
+ALL_TRAIN = {"val_fraction": 0, "test_fraction": 0}
+
+
+def _by_image(path: Path, to_image) -> dict[str, np.ndarray]:
+    """A feature file's rows keyed by the image file each id stands for."""
+    with h5py.File(path, "r") as fh:
+        ids = [p.decode() if isinstance(p, bytes) else p for p in fh["paths"][:]]
+        return {to_image(i): row for i, row in zip(ids, fh["features/penultimate"][:])}
+
+
+def test_a_folder_a_csv_list_shards_and_a_parquet_table_give_identical_features(tiny_config, tmp_path):
+    folder = make_imagefolder(tmp_path / "images")
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    make_shards(folder, tmp_path / "shards", per_shard=5)
+    table = make_table(folder, tmp_path / "t" / "images.parquet", holds="struct", row_group=4)
+    make_table(folder, folder / "list.csv", holds="path")
+
+    def extract(**data):
+        return extract_split(split_plans(tiny_config(data={**ALL_TRAIN, "root": None, **data}))["train"]).path
+
+    runs = {
+        "folder": _by_image(extract(source="imagefolder", root=str(folder)), lambda i: i),
+        "csv": _by_image(extract(source="table", path=str(folder / "list.csv"), image="image"), lambda i: i),
+        "webdataset": _by_image(extract(source="webdataset", shards=str(tmp_path / "shards" / "shard-{000..003}.tar")),
+                                lambda i: i.split("/")[1].replace("_", "/", 1) + ".png"),
+        "parquet": _by_image(extract(source="table", path=str(table)), lambda i: images[int(i.split("#")[1])]),
+    }
+    assert all(sorted(found) == images for found in runs.values())
+    for name, found in runs.items():
+        for image in images:
+            np.testing.assert_array_equal(found[image], runs["folder"][image], err_msg=f"{name}: {image}")
+
+
+def test_parquet_ids_class_labels_and_a_split_column(tmp_path):
+    folder = make_imagefolder(tmp_path / "images")
+    table = make_table(folder, tmp_path / "hf.parquet", holds="bytes", split=True, class_label=True)
+    manifest = build_manifest(DataConfig(source="table", path=str(table), split="split"), tmp_path / "cache")
+    assert manifest.classes == ["class0", "class1", "class2"]  # from the schema's ClassLabel
+    assert {s: len(v) for s, v in manifest.splits.items()} == {"train": 10, "val": 4, "test": 4}
+    assert manifest.splits["train"][0] == ("hf.parquet#000000000", 0)  # <table file>#<row>, in row order
+    assert manifest.image("hf.parquet#000000017").size == (20, 20)
+
+
+def test_json_lines_with_paths_relative_to_root_and_a_glob_of_tables(tmp_path):
+    folder = make_imagefolder(tmp_path / "images")
+    make_table(folder, tmp_path / "lists" / "a.jsonl", holds="path")
+    cfg = {"source": "table", "path": "lists/*.jsonl", "root": "images", **ALL_TRAIN}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "t", "data": cfg}))
+    manifest = build_manifest(load_config(tmp_path / "exp.yaml").data, tmp_path / "cache")
+    assert manifest.root == tmp_path / "images" and len(manifest.splits["train"]) == 18
+    for n, half in enumerate(("first", "second")):
+        make_table(folder, tmp_path / "parts" / f"{n}-{half}.parquet", holds="struct")
+    globbed = build_manifest(DataConfig(source="table", path=str(tmp_path / "parts" / "*.parquet"), **ALL_TRAIN),
+                             tmp_path / "cache")
+    assert len(globbed.splits["train"]) == 36 and globbed.splits["train"][-1][0] == "1-second.parquet#000000017"
+
+
+def test_bad_rows_are_named_or_skipped(tmp_path):
+    folder = make_imagefolder(tmp_path / "images")
+    csv = make_table(folder, folder / "list.csv", holds="path")
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([*lines, '"class0/gone.png","class0"', '"class1/000.png",""']) + "\n")
+    cfg = {"source": "table", "path": str(csv), **ALL_TRAIN}
+    with pytest.raises(DataError, match=r"2 bad row\(s\) in data.path: list.csv#19: no label; class0/gone.png "
+                                        r"\(row of .*list.csv\): no such file under"):
+        build_manifest(DataConfig(**cfg), tmp_path / "cache")
+    assert len(build_manifest(DataConfig(**cfg, on_bad_image="skip"), tmp_path / "cache").splits["train"]) == 18
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"image": "pixels"}, r"no column 'pixels' for data.image; columns: image, label"),
+    ({"image": "label"}, r"column 'label' is int64; data.image must hold image bytes"),
+    ({"label": "cls"}, r"no column\(s\) \['cls'\]"),
+    ({"split": "label"}, r"row 0: split 0 is not one of train, val \(validation\), test"),
+    ({"path": "nothing-*.parquet"}, "names no readable table file"),
+])
+def test_columns_and_files_that_do_not_fit_are_named(tmp_path, over, message):
+    table = make_table(make_imagefolder(tmp_path / "images"), tmp_path / "t.parquet", class_label=True)
+    cfg = {"source": "table", "path": str(table), **over}
+    if "path" in over:
+        cfg["path"] = str(tmp_path / over["path"])
+    with pytest.raises(DataError, match=message):
+        build_manifest(DataConfig(**cfg), tmp_path / "cache")
+
+
+def test_the_image_column_is_in_the_key(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = make_table(make_imagefolder(tmp_path / "images"), tmp_path / "t.parquet", holds="bytes")
+    data = pq.read_table(table)
+    pq.write_table(data.append_column("flipped", data.column("image")), table)
+    first = build_manifest(DataConfig(source="table", path=str(table)), tmp_path / "cache")
+    other = build_manifest(DataConfig(source="table", path=str(table), image="flipped"), tmp_path / "cache")
+    assert first.splits == other.splits and first.fingerprints != other.fingerprints
+
+
+def test_table_fields_belong_to_the_table_source_only(tmp_path):
+    with pytest.raises(ValueError, match="data.path, data.image, data.label and data.split apply to source: table"):
+        DataConfig(source="imagefolder", root=tmp_path, image="img")
+    with pytest.raises(ValueError, match="source table needs data.path"):
+        DataConfig(source="table")
