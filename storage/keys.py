@@ -63,11 +63,14 @@ def _or_unreadable(identify, path: str) -> Any:
 
 
 def manifest_fingerprint(
-    entries: Iterable[tuple[str, int]], identities: list[Any], classes: list[str], content: bool = False
+    entries: Iterable[tuple[str, int]], identities: list[Any], classes: list[str], content: bool = False,
+    options: dict[str, str] | None = None,
 ) -> str:
-    """Fingerprint ``(relative path, label)`` pairs and their files' identities (:func:`file_identities`)."""
+    """Fingerprint ``(relative path, label)`` pairs and their files' identities (:func:`file_identities`), and
+    the source options that say which bytes an item is (a table's image column), when there are any."""
     rows = sorted([rel, int(label), ident] for (rel, label), ident in zip(entries, identities))
-    return fingerprint({"classes": list(classes), "files": rows, "mode": "content" if content else "stat"})
+    what = {"classes": list(classes), "files": rows, "mode": "content" if content else "stat"}
+    return fingerprint({**what, "options": options} if options else what)
 
 
 def dataset_id(fingerprints: dict[str, str]) -> str:
