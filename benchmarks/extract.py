@@ -5,13 +5,17 @@
     with ``num_workers`` 0 and auto.
 
 Prints images/s and the ratio b/a (1.0 = the stage costs nothing beyond the model).
+Then (c): the same images read from the other dataset sources, the stage with
+``num_workers=auto`` at each ``--source-crops`` size, as a ratio to the folder:
+WebDataset tar shards and a Parquet table of the bytes (a decode-bound size,
+64 px, and a compute-bound one, 224 px).
 With several ``--backbone`` values, each backbone's figures are also given as a
 ratio to the first one's, measured in the same run. ``efficientnet-lite0`` is the
 ImageNet-trained EfficientNet-Lite0 through the python source (``transferpipe[demo]``);
 other names are torchvision models. Not a test: nothing here asserts a time.
 
     python -m benchmarks.extract [--images 512] [--size 256] [--backbone resnet18 [--backbone efficientnet-lite0]]
-                                 [--crop 224] [--quick]
+                                 [--crop 224] [--source-crops 64,224] [--quick]
 """
 from __future__ import annotations
 
@@ -87,6 +91,48 @@ def measure(images: Path, tmp: Path, backbone: BackboneConfig, batch_size: int) 
     return bare_loop(plan, batch_size), stage(cfg, tmp / "c1", 0), stage(cfg, tmp / "c2", "auto")
 
 
+def as_sources(images: Path, out: Path) -> dict[str, DataConfig]:
+    """The folder, and the same JPEGs as WebDataset shards (1,000 samples each) and as a Parquet table."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = sorted(images.glob("*/*.jpg"))
+    (out / "shards").mkdir(parents=True)
+    for n in range(0, len(paths), 1000):
+        with tarfile.open(out / "shards" / f"train-{n // 1000:04d}.tar", "w") as tar:
+            for path in paths[n : n + 1000]:
+                key = f"{path.parent.name}_{path.stem}"
+                for name, data in ((f"{key}.jpg", path.read_bytes()), (f"{key}.cls", path.parent.name.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    table = pa.table({"image": [p.read_bytes() for p in paths], "label": [p.parent.name for p in paths]})
+    pq.write_table(table, out / "images.parquet", row_group_size=256)
+    split = {"val_fraction": 0, "test_fraction": 0}
+    return {
+        "folder": DataConfig(source="imagefolder", root=images, **split),
+        "webdataset": DataConfig(source="webdataset", shards=sorted(str(p) for p in (out / "shards").glob("*.tar")),
+                                 **split),
+        "parquet": DataConfig(source="table", path=str(out / "images.parquet"), **split),
+    }
+
+
+def compare_sources(images: Path, tmp: Path, name: str, crops: list[int], batch_size: int) -> dict[int, dict]:
+    """img/s of the stage (num_workers=auto) per source and crop, all in this run."""
+    sources = as_sources(images, tmp / "sources")
+    out: dict[int, dict] = {}
+    for crop in crops:
+        backbone = backbone_config(name, crop)
+        out[crop] = {}
+        for label, data in sources.items():
+            cfg = {"data": data, "backbone": backbone, "extract": ExtractConfig(batch_size=batch_size)}
+            out[crop][label] = stage(cfg, tmp / f"src-{crop}-{label}", "auto")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -94,7 +140,8 @@ def main() -> None:
     parser.add_argument("--backbone", action="append", help="repeat to compare (default resnet18)")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parse_args(parser, {"images": 32, "size": 64, "crop": 32, "batch_size": 16})
+    parser.add_argument("--source-crops", default="64,224", help="crops of the sources comparison (c); '' skips it")
+    args = parse_args(parser, {"images": 32, "size": 64, "crop": 32, "batch_size": 16, "source_crops": "32"})
 
     names = args.backbone or ["resnet18"]
     figures = {}
@@ -103,6 +150,8 @@ def main() -> None:
         make_images(tmp / "images", args.images, args.size)
         for i, name in enumerate(names):
             figures[name] = measure(tmp / "images", tmp / str(i), backbone_config(name, args.crop), args.batch_size)
+        crops = [int(c) for c in args.source_crops.split(",") if c]
+        by_source = compare_sources(tmp / "images", tmp, names[0], crops, args.batch_size) if crops else {}
 
     print(f"extract benchmark: {args.images} JPEGs {args.size}px @ {args.crop}px, "
           f"batch {args.batch_size}, {torch.get_num_threads()} torch threads, device cpu")
@@ -113,6 +162,10 @@ def main() -> None:
         print(f"  (a) bare model(x) on pre-decoded tensors   {a:8.1f} img/s   1.00")
         print(f"  (b) full stage, num_workers=0              {b0:8.1f} img/s   {b0 / a:.2f}  (b/a)")
         print(f"  (b) full stage, num_workers=auto           {b_auto:8.1f} img/s   {b_auto / a:.2f}  (b/a){vs}")
+    for crop, rates in by_source.items():
+        print(f"(c) {names[0]} at {crop}px, num_workers=auto, by dataset source")
+        for label, rate in rates.items():
+            print(f"  {label:<12}{rate:8.1f} img/s   {rate / rates['folder']:.2f}  (vs folder)")
 
 
 if __name__ == "__main__":
