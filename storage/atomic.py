@@ -31,6 +31,24 @@ def as_created(path: Path) -> Path:
     return path
 
 
+def room_problem(path: Path, needed: int, current: int = 0) -> str | None:
+    """Why ``needed`` more bytes cannot be written to ``path`` (now ``current`` bytes): not enough free space on
+    its disk, or past the process's file size limit (``ulimit -f``); None when they fit. Checked before a
+    write whose failure mid-way is hard to report (torch's ``unexpected pos``) or to recover (an HDF5 flush)."""
+    import resource
+    import shutil
+
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        return (f"not enough disk space in {path.parent}: {free / 2**20:.1f} MiB free, "
+                f"{needed / 2**20:.1f} MiB needed")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and current + needed > limit:
+        return (f"{path} would grow to {(current + needed) / 2**20:.1f} MiB, past this process's file size "
+                f"limit of {limit / 2**20:.1f} MiB (ulimit -f)")
+    return None
+
+
 def write_text(path: Path, text: str) -> Path:
     """``text`` to ``path`` through a temporary file in the same folder and a rename (unique per writer).
 

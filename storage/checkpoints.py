@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import write_json
+from storage.atomic import room_problem, write_json
 from storage.keys import file_sha256
 from storage.records import StageFiles, read_json, set_aside
 
@@ -99,6 +99,9 @@ def save(obj: dict[str, Any], path: Path) -> None:
     import torch
 
     tmp = path.with_suffix(path.suffix + ".tmp")
+    problem = room_problem(tmp, _tensor_bytes(obj) + (1 << 20))
+    if problem is not None:  # torch reports a full disk as "unexpected pos …": say what it is, before writing
+        raise OSError(f"cannot write checkpoint {path}: {problem}")
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as fh:
@@ -109,6 +112,15 @@ def save(obj: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write checkpoint {path}: {exc}") from exc
     write_json(_sidecar(path), digest)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a checkpoint's nested dicts and lists (what ``torch.save`` writes, roughly)."""
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return obj.numel() * obj.element_size() if hasattr(obj, "element_size") else 0
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from storage.atomic import room_problem
 from storage.faults import fault_point
 from storage.h5file import (
     CHUNK_BYTES, SPACE_MARGIN, STRING, FeatureStoreError, chunk_rows, file_checksums, fsync, json_attr, mark_used,
@@ -177,21 +176,11 @@ class FeatureWriter:
         Checked before the file is created and before every batch, so the
         partial file always stays at its last complete flush and resumes.
         """
-        needed += SPACE_MARGIN
-        free = shutil.disk_usage(self.partial.parent).free
-        if free < needed:
-            raise FeatureStoreError(
-                f"not enough disk space in {self.partial.parent} for {what}: {free / 2**20:.1f} MiB free, "
-                f"{needed / 2**20:.1f} MiB needed; {then}. Free some space (transferpipe cache gc) and rerun"
-            )
-        # the same for the process's file size limit (EFBIG mid-flush would leave HDF5 unable to close the file)
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        size = needed + (self.partial.stat().st_size if self.fh is not None else 0)
-        if limit != resource.RLIM_INFINITY and size > limit:
-            raise FeatureStoreError(
-                f"{self.partial} would grow to {size / 2**20:.1f} MiB with {what}, past this process's file size "
-                f"limit of {limit / 2**20:.1f} MiB (ulimit -f); {then}. Raise the limit (ulimit -f unlimited) and rerun"
-            )
+        problem = room_problem(self.partial, needed + SPACE_MARGIN,
+                               self.partial.stat().st_size if self.fh is not None else 0)
+        if problem is not None:
+            raise FeatureStoreError(f"{problem} for {what}; {then}. Free some space (transferpipe cache gc) or "
+                                    "raise the limit, and rerun")
 
     def close(self) -> None:
         if self.fh is not None and self.fh.id.valid:

@@ -42,6 +42,14 @@ class Column:
 
 
 def image_column(path: str, name: str) -> Column:
+    """How ``path``'s column ``name`` holds images (remembered per process while the file is unchanged: every
+    image read asks)."""
+    st = os.stat(path)
+    return _image_column(path, st.st_size, st.st_mtime_ns, name)
+
+
+@functools.lru_cache(maxsize=64)
+def _image_column(path: str, size: int, mtime_ns: int, name: str) -> Column:
     import pyarrow as pa
 
     schema = _schema(path)

@@ -196,6 +196,20 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     assert_identical(resumed.path, reference.path)
 
 
+def test_a_full_disk_stops_a_checkpoint_before_it_is_written_and_says_so(tiny_config, tiny_disk):
+    """torch.save on a full disk said only `unexpected pos …` and left a .tmp of up to 60 MB behind."""
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+
+    cfg = tiny_config(cache_dir=str(tiny_disk / "cache"), heads=[{"kind": "logistic", "C": [1.0]}],
+                      finetune={"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0, "augment": "none"})
+    with local_run_settings(), pytest.raises(Exception, match=r"cannot write checkpoint .*/(best|last).pt: not enough "
+                                                              r"disk space in .*: [\d.]+ MiB free, [\d.]+ MiB needed"):
+        pipeline_flow(cfg)  # features and heads fit in 4 MiB; resnet18's 45 MB checkpoint does not
+    assert not list(tiny_disk.rglob("*.tmp"))
+    assert list((tiny_disk / "cache" / "features").glob("*.h5"))  # what was computed is kept
+
+
 def test_a_file_size_limit_fails_before_writing_and_exits_without_a_crash(experiment, tmp_path):
     """``ulimit -f`` once made HDF5 fail mid-flush with EFBIG, and the process then segfaulted at exit (h5py #914)."""
     reference = extract_split(experiment("reference"))
