@@ -174,8 +174,10 @@ class WebDataset(DataSource):
                     continue
                 if found.truncated:
                     bad.append(f"{rel}: {found.truncated}")
+                with tar_index.reader(path) as read:  # one open file per shard for its labels
+                    labels = {key: _wds_label(read, members, ext, field) for key, members in found.samples.items()}
                 for key, members in found.samples.items():
-                    label, why = _wds_label(path, members, ext, field)
+                    label, why = labels[key]
                     if why is None and not any(f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS for e in members):
                         why = f"no image member (has {', '.join(sorted(members))})"
                     if why is not None:
@@ -206,14 +208,13 @@ class WebDataset(DataSource):
 
         from tasks import tar_index
 
-        out = []
+        out, shards = [], {}  # shard -> (its index, [size, mtime]): looked up once per shard
         for item, _ in items:
-            shard, where = _wds_member(root, item)
+            shard, where = _wds_member(root, item, shards)
             if content:
                 out.append(hashlib.sha256(tar_index.read(shard, where)).hexdigest())
             else:
-                st = os.stat(shard)
-                out.append([st.st_size, st.st_mtime_ns, *where])
+                out.append([*shards[shard][1], *where])
         return out
 
     def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
@@ -222,30 +223,36 @@ class WebDataset(DataSource):
         return tar_index.open_member(*_wds_member(root, item))
 
 
-def _wds_member(root: Path, item: str) -> tuple[str, tuple[int, int]]:
-    """A sample id's shard file and its image member's (offset, size)."""
+def _wds_member(root: Path, item: str, seen: dict[str, Any] | None = None) -> tuple[str, tuple[int, int]]:
+    """A sample id's shard file and its image member's (offset, size); ``seen`` keeps each shard's index and
+    stat for many lookups."""
     from tasks import tar_index
 
     shard, sep, key = item.partition(".tar/")
     if not sep:
         raise DataError(f"{item!r} is not a webdataset sample id (<shard>.tar/<key>)")
     path = os.path.join(root, shard + ".tar")
-    members = tar_index.index(path).samples.get(key)
+    if seen is None:
+        found = tar_index.index(path)
+    else:
+        if path not in seen:
+            st = os.stat(path)
+            seen[path] = (tar_index.index(path), [st.st_size, st.st_mtime_ns])
+        found = seen[path][0]
+    members = found.samples.get(key)
     image = next((e for e in (members or {}) if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
     if image is None:
         raise FileNotFoundError(f"{path} has no image for sample {key!r} (the shard changed since it was scanned)")
     return path, members[image]
 
 
-def _wds_label(path: str, members: dict[str, tuple[int, int]], ext: str, field: str) -> tuple[str, str | None]:
-    """A sample's label as text, or ``("", why)`` when it has none."""
+def _wds_label(read, members: dict[str, tuple[int, int]], ext: str, field: str) -> tuple[str, str | None]:
+    """A sample's label as text (``read``: a shard's member reader), or ``("", why)`` when it has none."""
     import json
-
-    from tasks import tar_index
 
     if ext not in members:
         return "", f"no {ext!r} member for data.label_key"
-    text = tar_index.read(path, members[ext]).decode("utf-8", errors="replace").strip()
+    text = read(members[ext]).decode("utf-8", errors="replace").strip()
     if not field:
         return (text, None) if text else ("", f"empty {ext!r} label")
     try:

