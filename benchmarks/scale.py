@@ -7,11 +7,12 @@ those imports), and is printed as ratios to the 1x row of its stage:
 time linear in size means ``time ratio ≈ size ratio``; flat memory means
 ``RSS ratio ≈ 1``. Feature files are real, written by the project's own store.
 
-    python -m benchmarks.scale [--scales 1 10 100] [--stages manifest extract linear knn logistic evaluate]
+    python -m benchmarks.scale [--scales 1 10 100] [--stages manifest shards extract linear knn logistic evaluate]
     python -m benchmarks.scale --quick   # each stage once, at (mostly) a tenth of its base size: seconds
     python -m benchmarks.scale --imagenet-probe [--rows 1281167]   # one pass of the linear probe at ImageNet size
 
-Stages at 1x: manifest 10,000 files; extract 1,000 PNGs (resnet18, 32 px);
+Stages at 1x: manifest 10,000 files; shards: the manifest of 10,000 WebDataset samples in 2 shards
+(5,000 a shard: 1M samples are 200 shards at 100x); extract 1,000 PNGs (resnet18, 32 px);
 linear / knn / logistic: 10,000 x 256 float16 features, 100 classes (linear and
 knn stream from disk: heads' memory budget forced to ~0; logistic is scikit-learn,
 in memory, for contrast); evaluate: 500 test images x 1,000 classes (metrics,
@@ -33,7 +34,7 @@ import numpy as np
 
 from benchmarks import parse_args
 
-BASE = {"manifest": 10_000, "extract": 1_000, "linear": 10_000, "knn": 10_000, "logistic": 10_000, "evaluate": 500}
+BASE = {"manifest": 10_000, "shards": 10_000, "extract": 1_000, "linear": 10_000, "knn": 10_000, "logistic": 10_000, "evaluate": 500}
 DIM, CLASSES = 256, 100
 
 
@@ -49,6 +50,30 @@ def empty_files(root: Path, n: int, classes: int = 100) -> Path:
         if i < classes:
             folder.mkdir(parents=True, exist_ok=True)
         open(folder / f"{i:08d}.JPEG", "wb").close()
+    (root / ".done").write_text("")
+    return root
+
+
+def tar_shards(root: Path, n: int, per_shard: int = 5_000, classes: int = 100) -> Path:
+    """``n`` WebDataset samples (one 8x8 PNG, the same bytes, and a ``.cls`` label) in shards of ``per_shard``."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    if (root / ".done").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, "PNG")
+    png = buf.getvalue()
+    for s, start in enumerate(range(0, n, per_shard)):
+        with tarfile.open(root / f"train-{s:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(start + per_shard, n)):
+                for name, data in ((f"{i:09d}.png", png), (f"{i:09d}.cls", str(i % classes).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     (root / ".done").write_text("")
     return root
 
@@ -107,6 +132,13 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         root = empty_files(work / f"files-{n}", n)
         m = build_manifest(DataConfig(source="imagefolder", root=root, val_fraction=0.02, test_fraction=0.05), cache)
         return f"{sum(len(v) for v in m.splits.values()):,} files"
+    if stage == "shards":
+        from tasks.data import DataConfig, build_manifest
+
+        root = tar_shards(work / f"shards-{n}", n)
+        m = build_manifest(DataConfig(source="webdataset", shards=sorted(str(p) for p in root.glob("*.tar")),
+                                      val_fraction=0.02, test_fraction=0.05), cache)
+        return f"{sum(len(v) for v in m.splits.values()):,} samples in {len(list(root.glob('*.tar')))} shards"
     if stage == "extract":
         from tasks.backbones import BackboneConfig
         from tasks.data import DataConfig
@@ -212,7 +244,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "N", "WORK"), help=argparse.SUPPRESS)
     args = parse_args(parser, {"scales": [1], "rows": 20_000})
     # quick: a tenth of each base size (the manifest keeps its 10,000 files: 100 classes need them for a val split)
-    base = {s: n if s == "manifest" else n // 10 for s, n in BASE.items()} if args.quick else BASE
+    base = {s: n if s in ("manifest", "shards") else n // 10 for s, n in BASE.items()} if args.quick else BASE
 
     if args.child:
         stage, n, work = args.child
@@ -251,6 +283,8 @@ def make_inputs(stage: str, n: int, work: Path) -> None:
     """Inputs are made before the child runs, so rows measure the stage, not the test data."""
     if stage == "manifest":
         empty_files(work / f"files-{n}", n)
+    elif stage == "shards":
+        tar_shards(work / f"shards-{n}", n)
     elif stage == "extract":
         tiny_pngs(work / f"pngs-{n}", n)
     elif stage in ("linear", "knn", "logistic"):
