@@ -235,7 +235,8 @@ def _wds_member(root: Path, item: str, seen: dict[str, Any] | None = None) -> tu
     if seen is None:
         found = tar_index.index(path)
     else:
-        if path not in seen:
+        if path not in seen:  # ids sort by shard: the last shard's index is the one to keep
+            seen.clear()
             st = os.stat(path)
             seen[path] = (tar_index.index(path), [st.st_size, st.st_mtime_ns])
         found = seen[path][0]

@@ -75,7 +75,7 @@ def index(path: str | os.PathLike) -> ShardIndex:
     return _index(os.fspath(path), st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # ~2 MB per 5,000-sample shard; a scan and extraction read shard by shard
 def _index(path: str, size: int, mtime_ns: int) -> ShardIndex:
     try:
         fast = _ustar_members(path, size)
