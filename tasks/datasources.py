@@ -203,19 +203,22 @@ class WebDataset(DataSource):
 
     def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
                    options: dict[str, str]) -> list[Any]:
-        """Stat: the shard's size and mtime with the member's place in it; content: the image bytes' sha256."""
+        """Stat: its shard's size and mtime (any change to a shard changes its samples' identities; no index is
+        read); content: the image bytes' sha256."""
         import hashlib
 
         from tasks import tar_index
 
-        out, shards = [], {}  # shard -> (its index, [size, mtime]): looked up once per shard
-        for item, _ in items:
-            shard, where = _wds_member(root, item, shards)
-            if content:
-                out.append(hashlib.sha256(tar_index.read(shard, where)).hexdigest())
-            else:
-                out.append([*shards[shard][1], *where])
-        return out
+        if not content:
+            stats: dict[str, list[int]] = {}
+            for item, _ in items:
+                shard = item.partition(".tar/")[0]
+                if shard not in stats:
+                    st = os.stat(os.path.join(root, shard + ".tar"))
+                    stats[shard] = [st.st_size, st.st_mtime_ns]
+            return [stats[item.partition(".tar/")[0]] for item, _ in items]
+        shards: dict[str, Any] = {}
+        return [hashlib.sha256(tar_index.read(*_wds_member(root, item, shards))).hexdigest() for item, _ in items]
 
     def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
         from tasks import tar_index
