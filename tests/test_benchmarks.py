@@ -25,11 +25,18 @@ def test_every_benchmark_is_found():
     assert {"cli", "extract", "finetune", "heads", "rerun", "scale", "scale_out", "select", "store"} <= set(NAMES)
 
 
+@pytest.fixture(scope="module")
+def benchmarks_prefect_home(tmp_path_factory) -> Path:
+    """One Prefect home for the benchmarks' runs, apart from the session's (whose run names are other tests'
+    evidence): its database is made once (~20 s on 2 cores), not once per benchmark."""
+    return tmp_path_factory.mktemp("benchmarks-prefect")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_quick_run(name: str, tmp_path: Path):
+def test_quick_run(name: str, tmp_path: Path, benchmarks_prefect_home: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "TRANSFERPIPE_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), TMPDIR=str(tmp_path), DO_NOT_TRACK="1",
+    env.update(PREFECT_HOME=str(benchmarks_prefect_home), TMPDIR=str(tmp_path), DO_NOT_TRACK="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
