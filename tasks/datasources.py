@@ -351,10 +351,8 @@ class Table(DataSource):
             except tables.TableError as exc:
                 raise DataError(str(exc)) from None
         if holds_paths:
-            absent = [f"{item} (row of {cfg.path})" for pairs in raw.values() for item, _ in pairs
-                      if not os.path.isfile(os.path.join(root, item))]
-            bad += [f"{a}: no such file under {root}" for a in absent]
-            gone = {a.split(" (row")[0] for a in absent}
+            gone = {item for pairs in raw.values() for item, _ in pairs if not os.path.isfile(os.path.join(root, item))}
+            bad += [f"{item} (row of {cfg.path}): no such file under {root}" for item in sorted(gone)]
             raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
         classes = named or _sorted_labels(label for pairs in raw.values() for _, label in pairs)
         index = {name: i for i, name in enumerate(classes)}
