@@ -57,7 +57,8 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Literal[tuple(datasources.SOURCES)] = "digits"  # the registry's names (tasks/datasources.py)
-    root: Path | None = Field(None, description="imagefolder: the folder; csv: the CSV file")
+    root: Path | None = Field(None, description="imagefolder: the folder; csv: the CSV file; table: the folder "
+                                                "image paths are relative to (default: the table's)")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
