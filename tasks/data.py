@@ -129,6 +129,9 @@ class DataConfig(BaseModel):
         wds = self.source == "webdataset"
         if wds and self.shards is None:
             raise ValueError('source webdataset needs data.shards, e.g. shards: "shards/train-{000000..000009}.tar"')
+        if wds and self.root is not None:
+            raise ValueError("data.root does not apply to source webdataset: data.shards names the tar files "
+                             "(relative to the config's folder)")
         if not wds and (self.shards is not None or self.label_key != "cls"):
             raise ValueError("data.shards and data.label_key apply to source: webdataset only")
         table = {"path": None, "image": "image", "label": "label", "split": None}

@@ -111,6 +111,8 @@ def test_shards_belong_to_the_webdataset_source_only(tmp_path):
         DataConfig(source="imagefolder", root=tmp_path, shards="x.tar")
     with pytest.raises(ValueError, match="source webdataset needs data.shards"):
         DataConfig(source="webdataset")
+    with pytest.raises(ValueError, match="data.root does not apply to source webdataset"):
+        DataConfig(source="webdataset", root=tmp_path, shards="x.tar")
     with pytest.raises(ValueError, match=r"takes train \(required\), val, test; got \['tain'\]"):
         DataConfig(source="webdataset", shards={"tain": "x.tar"})
 
