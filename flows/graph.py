@@ -17,7 +17,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from flows.config import ExperimentConfig
@@ -261,10 +260,11 @@ def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list
     counts the classes can give, modules to unfreeze, the devices asked for. Raises for what stops a run;
     returns notes on what it runs without (classes with no image in a split)."""
     planned = {"extract": Stage(extraction)}
+    manifest = Manifest.load(features(planned)["train"].manifest)  # one file holds every split: read it once
     devices = {"extract.device": config.extract.device}
     if HEADS in chosen:
         _plan_heads(config, planned)
-        _check_shots(config, features(planned)["train"].manifest)
+        _check_shots(config, manifest)
         devices |= {f"heads.{h.label}.device": h.device for h in config.heads if hasattr(h, "device")}
     if FINETUNE in chosen:
         devices["finetune.device"] = config.finetune.device
@@ -275,17 +275,16 @@ def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list
     if wanted and not cuda_possible():
         field, device = next(iter(wanted.items()))
         raise ValueError(f"{field} {device!r} is requested but torch sees no CUDA device; use auto or cpu")
-    return _empty_classes(planned)
+    return _empty_classes(manifest)
 
 
-def _empty_classes(planned: Graph) -> list[str]:
+def _empty_classes(manifest: Manifest) -> list[str]:
     """Classes with no image in a split the run uses: named, since their metrics (test) or the chosen settings
     (val) cannot reflect them."""
     notes = []
-    for split, found in features(planned).items():
+    for split in manifest.splits:
         if split == "train":
             continue  # a fraction split keeps one training image per class; a folder split with none fails later
-        manifest = Manifest.load(found.manifest)
         have = Counter(label for _, label in manifest.splits[split])
         empty = [name for i, name in enumerate(manifest.classes) if not have[i]]
         if empty:
@@ -297,8 +296,7 @@ def _empty_classes(planned: Graph) -> list[str]:
     return notes
 
 
-def _check_shots(config: ExperimentConfig, manifest: Path) -> None:
-    train = Manifest.load(manifest)
+def _check_shots(config: ExperimentConfig, train: Manifest) -> None:
     counts = Counter(label for _, label in train.splits["train"])
     fewest, label = min((counts[i], i) for i in range(len(train.classes)))
     for head in config.heads:

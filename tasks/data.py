@@ -82,8 +82,7 @@ class DataConfig(BaseModel):
     def _resolve_table(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return None
-        resolved = resolve_path(Path(v), info)
-        return str(resolved)
+        return str(resolve_path(Path(v), info))
 
     @field_validator("shards")
     @classmethod
@@ -132,18 +131,20 @@ class DataConfig(BaseModel):
         if wds and self.root is not None:
             raise ValueError("data.root does not apply to source webdataset: data.shards names the tar files "
                              "(relative to the config's folder)")
-        if not wds and (self.shards is not None or self.label_key != "cls"):
+        if not wds and self._set("shards", "label_key"):
             raise ValueError("data.shards and data.label_key apply to source: webdataset only")
-        table = {"path": None, "image": "image", "label": "label", "split": None}
         if self.source == "table" and self.path is None:
             raise ValueError("source table needs data.path: a .parquet, .csv or .jsonl file, or a glob of them")
-        if self.source != "table" and any(getattr(self, k) != v for k, v in table.items()):
+        if self.source != "table" and self._set("path", "image", "label", "split"):
             raise ValueError("data.path, data.image, data.label and data.split apply to source: table only")
         for other in datasources.SOURCES.values():
-            option = other.option
-            if option and other is not source and getattr(self, option) != type(self).model_fields[option].default:
-                raise ValueError(f"data.{option} applies to source: {other.name} only")
+            if other.option and other is not source and self._set(other.option):
+                raise ValueError(f"data.{other.option} applies to source: {other.name} only")
         return self
+
+    def _set(self, *fields: str) -> bool:
+        """Whether any of ``fields`` differs from its default."""
+        return any(getattr(self, f) != type(self).model_fields[f].default for f in fields)
 
 
 @dataclass(frozen=True)

@@ -186,15 +186,7 @@ class WebDataset(DataSource):
                     raw.setdefault(split, []).append((f"{rel}/{key}", label))
         named = root / "classes.txt"
         classes = _wds_classes(named, [label for pairs in raw.values() for _, label in pairs])
-        index = {name: i for i, name in enumerate(classes)}
-        items: Items = {}
-        for split, pairs in raw.items():
-            for sample, label in pairs:
-                at = _class_index(label, index, classes, named.is_file())
-                if at is None:
-                    bad.append(f"{sample}: label {label!r} is not a class in {named}")
-                    continue
-                items.setdefault(split, []).append((sample, at))
+        items = _labelled(raw, classes, named.is_file(), bad, f"is not a class in {named}")
         _bad_items(bad, "sample(s) or shard(s) in data.shards", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"data.shards under {root}: found {len(classes)} class(es) {classes}; "
@@ -280,6 +272,21 @@ def _sorted_labels(labels: Iterable[str]) -> list[str]:
     return sorted(distinct)
 
 
+def _labelled(raw: dict[str, list[tuple[str, str]]], classes: list[str], numbered: bool, bad: list[str],
+              unknown: str) -> Items:
+    """Items with their labels' class indices (:func:`_class_index`); an unknown label goes to ``bad``."""
+    index = {name: i for i, name in enumerate(classes)}
+    items: Items = {}
+    for split, pairs in raw.items():
+        for item, label in pairs:
+            at = _class_index(label, index, classes, numbered)
+            if at is None:
+                bad.append(f"{item}: label {label!r} {unknown}")
+            else:
+                items.setdefault(split, []).append((item, at))
+    return items
+
+
 def _class_index(label: str, index: dict[str, int], classes: list[str], named: bool) -> int | None:
     """With a classes.txt an integer label is its line number; otherwise labels are names (integers too)."""
     if label.lstrip("-").isdigit():
@@ -355,15 +362,7 @@ class Table(DataSource):
             bad += [f"{item} (row of {cfg.path}): no such file under {root}" for item in sorted(gone)]
             raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
         classes = named or _sorted_labels(label for pairs in raw.values() for _, label in pairs)
-        index = {name: i for i, name in enumerate(classes)}
-        items: Items = {}
-        for split, pairs in raw.items():
-            for item, label in pairs:
-                at = _class_index(label, index, classes, named is not None)
-                if at is None:
-                    bad.append(f"{item}: label {label!r} is not one of the classes")
-                    continue
-                items.setdefault(split, []).append((item, at))
+        items = _labelled(raw, classes, named is not None, bad, "is not one of the classes")
         _bad_items(bad, "row(s) in data.path", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"{cfg.path}: found {len(classes)} class(es) {classes}; a classifier needs at least 2")

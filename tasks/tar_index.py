@@ -78,20 +78,18 @@ def index(path: str | os.PathLike) -> ShardIndex:
 @functools.lru_cache(maxsize=64)  # ~2 MB per 5,000-sample shard; a scan and extraction read shard by shard
 def _index(path: str, size: int, mtime_ns: int) -> ShardIndex:
     try:
-        fast = _ustar_members(path, size)
+        # plain ustar headers directly; pax or GNU long-name headers, base-256 sizes: through tarfile
+        members, truncated = _ustar_members(path, size) or _tarfile_members(path, size)
     except OSError as exc:
         raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from None
-    if fast is None:  # pax or GNU long-name headers, base-256 sizes: tarfile reads those
-        return _tarfile_index(path, size)
-    members, truncated = fast
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     for name, offset, length in members:
-        if (parsed := split_name(name)) is not None:
-            samples.setdefault(parsed[0], {})[parsed[1]] = (offset, length)
-    if truncated and members:  # the cut member's sample cannot be whole
-        cut = split_name(members[-1][0]) if members[-1][1] + members[-1][2] > size else None
-        if cut is not None:
-            samples.pop(cut[0], None)
+        if (parsed := split_name(name)) is None:
+            continue
+        if offset + length > size:  # the member cut short: its sample cannot be whole
+            samples.pop(parsed[0], None)
+            break
+        samples.setdefault(parsed[0], {})[parsed[1]] = (offset, length)
     return ShardIndex(samples, truncated)
 
 
@@ -139,32 +137,24 @@ def _ustar_members(path: str, size: int) -> tuple[list[tuple[str, int, int]], st
                  or pos > size else None)
 
 
-def _tarfile_index(path: str, size: int) -> ShardIndex:
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    truncated = None
+def _tarfile_members(path: str, size: int) -> tuple[list[tuple[str, int, int]], str | None]:
+    """As :func:`_ustar_members`, through ``tarfile`` (any header it reads)."""
+    out: list[tuple[str, int, int]] = []
     try:
         with tarfile.open(path, "r:") as tar:
             while True:
                 try:
                     member = tar.next()
                 except tarfile.ReadError as exc:
-                    truncated = f"unreadable tar header after {len(samples)} sample(s) ({exc})"
-                    break
+                    return out, f"unreadable tar header after {len(out)} member(s) ({exc})"
                 if member is None:
-                    break
-                if not member.isfile() or (parsed := split_name(member.name)) is None:
-                    continue
-                key, ext = parsed
-                if member.offset_data + member.size > size:
-                    truncated = f"member {member.name} is cut short (the file ends at byte {size})"
-                    samples.pop(key, None)  # its other members cannot make a whole sample
-                    break
-                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
+                    return out, None
+                if member.isfile():
+                    out.append((member.name, member.offset_data, member.size))
+                    if member.offset_data + member.size > size:
+                        return out, f"member {member.name} is cut short (the file ends at byte {size})"
     except tarfile.ReadError as exc:
         raise ShardError(f"{path} is not a readable tar file ({exc})") from None
-    except OSError as exc:
-        raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from None
-    return ShardIndex(samples, truncated)
 
 
 def read(path: str | os.PathLike, where: tuple[int, int]) -> bytes:
