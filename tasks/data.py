@@ -9,6 +9,7 @@ that name the folder or field.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -211,21 +212,32 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
 def split_by_fraction(
     items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[tuple[str, int]]]:
-    """Stratified, seeded split: each class is shuffled and cut by the fractions."""
-    rng = np.random.default_rng(seed)
+    """Seeded split by each item's own hash: ``u = hash(seed, id)`` in [0, 1) puts it in test below
+    ``test_fraction``, in val below ``test_fraction + val_fraction``, else in train.
+
+    An image's split depends on its id and the seed only, so a dataset that grows never moves an image from one
+    split to another (the pieces of the features already extracted stay valid). Small classes are kept usable:
+    a class whose share of a split rounds to at least one image but that drew none there gives it its
+    lowest-``u`` training image, and every class keeps at least one training image.
+    """
+    bounds = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    by_label: dict[int, list[str]] = {}
+    by_label: dict[int, list[tuple[float, str]]] = {}
     for p, y in items:
-        by_label.setdefault(y, []).append(p)
-    for label in sorted(by_label):
-        members = sorted(by_label[label])
-        order = rng.permutation(len(members))
-        n = len(members)  # each class keeps at least one training image
-        n_test = min(round(n * test_fraction), n - 1)
-        n_val = min(round(n * val_fraction), n - 1 - n_test)
-        cut = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-        for split, idx in cut.items():
-            out[split] += [(members[i], label) for i in idx]
+        digest = hashlib.blake2b(f"{seed}\0{p}".encode(), digest_size=8).digest()
+        by_label.setdefault(y, []).append((int.from_bytes(digest, "big") / 2**64, p))
+    for label, members in by_label.items():
+        drawn = {s: [p for u, p in sorted(members) if lo <= u < hi] for s, (lo, hi) in bounds.items()}
+        drawn["train"] = [p for u, p in sorted(members) if u >= test_fraction + val_fraction]
+        for split, frac in (("test", test_fraction), ("val", val_fraction)):
+            if not drawn[split] and round(len(members) * frac) >= 1 and len(drawn["train"]) > 1:
+                drawn[split].append(drawn["train"].pop(0))
+        if not drawn["train"]:
+            drawn["train"].append(max(members)[1])
+            for split in ("test", "val"):
+                drawn[split] = [p for p in drawn[split] if p != drawn["train"][0]]
+        for split, paths in drawn.items():
+            out[split] += [(p, label) for p in paths]
     return {s: sorted(v) for s, v in out.items()}
 
 

@@ -22,17 +22,25 @@ def test_imagefolder_with_split_folders(tmp_path):
     assert len(set(m.fingerprints.values())) == 3
 
 
-def test_imagefolder_without_split_folders_is_stratified_and_seeded(tmp_path):
+def test_imagefolder_without_split_folders_is_split_by_each_images_hash_and_seeded(tmp_path):
     root = make_imagefolder(tmp_path / "ds", n_per_class=10, classes=3)
     m1 = manifest(tmp_path, source="imagefolder", root=root, val_fraction=0.2, test_fraction=0.3, seed=1)
     m2 = manifest(tmp_path, source="imagefolder", root=root, val_fraction=0.2, test_fraction=0.3, seed=1)
     m3 = manifest(tmp_path, source="imagefolder", root=root, val_fraction=0.2, test_fraction=0.3, seed=2)
     assert m1.splits == m2.splits and m1.splits != m3.splits
-    for split, per_class in (("train", 5), ("val", 2), ("test", 3)):
-        labels = [y for _, y in m1.splits[split]]
-        assert np.bincount(labels).tolist() == [per_class] * 3
+    for split in ("train", "val", "test"):
+        assert {y for _, y in m1.splits[split]} == {0, 1, 2}
     everything = sorted(p for items in m1.splits.values() for p, _ in items)
     assert len(everything) == len(set(everything)) == 30
+
+
+def test_fractions_hold_on_large_data_and_growth_never_moves_an_image():
+    items = [(f"c{i % 10}/{i:06d}.png", i % 10) for i in range(20000)]
+    out = split_by_fraction(items, 0.1, 0.2, seed=0)
+    assert abs(len(out["test"]) / 20000 - 0.2) < 0.01 and abs(len(out["val"]) / 20000 - 0.1) < 0.01
+    grown = split_by_fraction(items + [(f"c{i % 10}/new{i:05d}.png", i % 10) for i in range(200)], 0.1, 0.2, seed=0)
+    for split, members in out.items():  # every old image stays where it was; only new ones are added
+        assert [m for m in grown[split] if "/new" not in m[0]] == members
 
 
 def test_fraction_zero_means_no_such_split(tmp_path):
@@ -102,7 +110,7 @@ def test_unusable_datasets_fail_before_compute(tmp_path):
     with pytest.raises(DataError, match="split folder .*val has no images"):
         manifest(tmp_path, source="imagefolder", root=splits)
     few = make_imagefolder(tmp_path / "few", n_per_class=2, classes=2)
-    with pytest.raises(DataError, match=r"data.val_fraction=0.1 gives no val images"):
+    with pytest.raises(DataError, match=r"data.(val_fraction=0.1|test_fraction=0.5) gives no (val|test) images"):
         manifest(tmp_path, source="imagefolder", root=few, val_fraction=0.1, test_fraction=0.5)
 
 
