@@ -48,7 +48,10 @@ def ls(cache_dir: CacheDir = None) -> None:
     """One row per feature file: key, backbone, weights, dataset, split, rows x dims, dtype, size, dates, state."""
     store = _store(cache_dir)
     entries = inventory.entries(store)
-    table = Table(title=f"{len(entries)} feature file(s) in {store.root}")
+    done, partial, size = inventory.pieces_summary(store)
+    table = Table(title=f"{len(entries)} feature file(s) in {store.root}",
+                  caption=f"joined from {done} piece(s), {_size(size)} in {store.pieces().root}"
+                          + (f"; {partial} partial piece(s): an extraction in progress or interrupted" if partial else ""))
     for col in ("key", "backbone", "weights", "dataset", "split", "rows x dims", "dtype", "size", "created", "used", "state"):
         table.add_column(col, overflow="fold")
     for e in entries:

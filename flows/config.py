@@ -48,7 +48,7 @@ class DaskConfig(BaseModel):
     workers: int = Field(2, ge=1, le=1024, description="LocalCluster worker processes")
     threads_per_worker: int = Field(1, ge=1, le=256)
     gpus_per_worker: int = Field(0, ge=0, le=16, description="GPUs each shard task needs (Dask resource GPU)")
-    shards: int | None = Field(None, ge=1, le=4096, description="shards per split (default: workers)")
+    shards: int | None = Field(None, ge=1, le=4096, description="work units per split, each whole pieces (default: workers)")
 
     @field_validator("address")
     @classmethod

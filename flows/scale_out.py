@@ -1,12 +1,13 @@
 """Extraction sharded over Dask workers with Prefect's Dask task runner (prefect-dask).
 
-Each split that is not stored yet is cut into shards of whole batches; every
-shard is a cached, retryable task that a worker extracts to its own file
-(``features/shards/<key>/``), one GPU per task where ``gpus_per_worker`` asks
-for it (a Dask resource). The flow then joins each split's shards into the
-usual ``<key>.h5`` with HDF5 virtual datasets (no copy), so heads, fine-tuning
-and evaluation read it like any other feature file, and the features are the
-ones a single process computes (same batches, same checksums).
+The pieces of each split that are not stored yet (:mod:`tasks.pieces`: a
+WebDataset shard, or a content-defined run of images) are dealt to the workers
+in groups of whole pieces; every group is a cached, retryable task that a
+worker extracts to the pieces' own files (``features/pieces/``), one GPU per
+task where ``gpus_per_worker`` asks for it (a Dask resource). The flow then
+joins each split's pieces into the usual ``<key>.h5`` with HDF5 virtual
+datasets (no copy), exactly as a single process does, so the features and
+checksums are the same.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from prefect import flow
 
 from flows.config import DaskConfig, ExperimentConfig
 from flows.local import experiment_run_name
-from flows.stage_tasks import extract_shard_task, extract_split_task, join_shards_task, run_stage, submit_stage
+from flows.stage_tasks import extract_pieces_task, extract_split_task, join_pieces_task, run_stage, submit_stage
 from tasks.extract import ExtractResult, SplitPlan, is_stored
-from tasks.shards import JoinPlan, plan_shards
+from tasks.piece_groups import plan_groups
 
 log = logging.getLogger("transferpipe.scale_out")
 
@@ -48,28 +49,27 @@ def _shard_resources(cfg: DaskConfig):
 
 @flow(name="extract-sharded", flow_run_name=experiment_run_name("extract-sharded"), validate_parameters=False)
 def sharded_extract_flow(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[str, ExtractResult]:
-    """Shards of every unstored split on the Dask workers, then one join per split here."""
+    """The missing pieces of every unstored split on the Dask workers, then one join per split here."""
     cfg = config.dask
     name = f"extract-{config.backbone.name}"
-    todo = {p.split: plan_shards(p, cfg.shards or cfg.workers) for p in plans if not is_stored(p)}
+    todo = {p.split: plan_groups(p, cfg.shards or cfg.workers) for p in plans if not is_stored(p)}
     with _shard_resources(cfg):
         futures = {
-            split: [submit_stage(extract_shard_task, s, config, stored=False,
-                                 name=f"{name}-{split}-shard{s.index + 1}of{s.count}") for s in shards]
-            for split, shards in todo.items()
+            split: [submit_stage(extract_pieces_task, g, config, stored=False,
+                                 name=f"{name}-{split}-pieces{g.index + 1}of{g.count}") for g in groups]
+            for split, groups in todo.items()
         }
     results = {}
     for plan in plans:
         if plan.split not in todo:
             results[plan.split] = run_stage(extract_split_task, plan, config, stored=True, name=f"{name}-{plan.split}")
             continue
-        shards = [future.result() for future in futures[plan.split]]
-        joined = run_stage(join_shards_task, JoinPlan(split=plan, parts=[s.part for s in todo[plan.split]]), config,
-                           stored=False, name=f"join-{config.backbone.name}-{plan.split}")
+        groups = [future.result() for future in futures[plan.split]]
+        joined = run_stage(join_pieces_task, plan, config, stored=False, name=f"join-{config.backbone.name}-{plan.split}")
         results[plan.split] = joined.model_copy(update={
-            "forward_batches": sum(s.forward_batches for s in shards),
-            "seconds": joined.seconds + sum(s.seconds for s in shards),
-            "cache_hit": all(s.cache_hit for s in shards),
+            "forward_batches": sum(g.forward_batches for g in groups),
+            "seconds": joined.seconds + sum(g.seconds for g in groups),
+            "cache_hit": all(g.cache_hit for g in groups),
         })
     return results
 

@@ -28,7 +28,7 @@ from tasks.extract import extract_split
 from tasks.finetune import finetune
 from tasks.heads import train_head
 from tasks.select import score_candidate
-from tasks.shards import extract_shard, join_shards
+from tasks.piece_groups import extract_group, join_group
 
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -38,7 +38,7 @@ def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     moved or copied, each get their own Prefect record (the stage then reuses what its own store holds).
     """
     (plan,) = parameters.values()
-    cache_dir = getattr(plan, "cache_dir", None) or plan.split.cache_dir  # a shard's plan holds its split's
+    cache_dir = getattr(plan, "cache_dir", None) or plan.split.cache_dir  # a piece group's plan holds its split's
     return f"{context.task.name}-{plan.key}-{fingerprint(str(Path(cache_dir).resolve()))[:16]}"
 
 
@@ -67,8 +67,8 @@ def stage_task(name: str, stage: Callable[[Any], Any]) -> Task:
 
 
 extract_split_task = stage_task("extract-split", extract_split)
-extract_shard_task = stage_task("extract-shard", extract_shard)
-join_shards_task = stage_task("join-shards", join_shards)
+extract_pieces_task = stage_task("extract-pieces", extract_group)
+join_pieces_task = stage_task("join-pieces", join_group)
 train_head_task = stage_task("train-head", train_head)
 finetune_task = stage_task("finetune", finetune)
 evaluate_task = stage_task("evaluate", evaluate)

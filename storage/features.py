@@ -3,12 +3,11 @@
 A lookup serves a file only when it passes its invariants (a bad one is
 quarantined and the caller recomputes); a read verifies the checksums of what
 it reads. One writer per key: an OS lock that dies with its holder. The file
-format is :mod:`storage.h5file`, writing is :mod:`storage.writer`, joining
-shards :mod:`storage.shard_join`, listing and gc :mod:`storage.inventory`.
+format is :mod:`storage.h5file`, writing is :mod:`storage.writer`, joining a
+split's pieces :mod:`storage.piece_join`, listing and gc :mod:`storage.inventory`.
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +95,7 @@ class FeatureRows:
 
 
 class FeatureStore:
-    """The feature files of one folder: the cache's ``features/`` or a split's shard folder."""
+    """The feature files of one folder: the cache's ``features/`` or its ``pieces/``."""
 
     def __init__(self, cache_dir: str | Path | None = None, *, files: FeatureFiles | None = None) -> None:
         """The cache's store (``cache_dir``), or the one in ``files``' folder (made by its first writer)."""
@@ -108,9 +107,9 @@ class FeatureStore:
     def root(self) -> Path:
         return self.files.folder
 
-    def shards(self, key: str) -> FeatureStore:
-        """The store of ``key``'s shard files."""
-        return FeatureStore(files=self.files.shards(key))
+    def pieces(self) -> FeatureStore:
+        """The store of the pieces that splits' files are joined from."""
+        return FeatureStore(files=self.files.pieces())
 
     def path(self, key: str) -> Path:
         return self.files.complete(key)
@@ -144,11 +143,12 @@ class FeatureStore:
     def quarantine(self, path: Path, reason: str, why: str) -> Path:
         return quarantine(self.files, path, reason, why)
 
-    def lookup(self, key: str) -> Path | None:
+    def lookup(self, key: str, mark: bool = True) -> Path | None:
         """The complete file for ``key`` if it exists and passes its cheap invariants.
 
         A file that fails them is quarantined and ``None`` is returned, so the
-        caller recomputes: a cache hit never points at a bad file.
+        caller recomputes: a cache hit never points at a bad file. ``mark``:
+        record the use (for ``cache gc --unused``; pieces go by the files that join them).
         """
         path = self.path(key)
         if not path.exists():
@@ -161,7 +161,8 @@ class FeatureStore:
                 raise FeatureStoreError(f"cannot open {path} now ({exc}); the file is kept, retry") from exc
             self.quarantine(path, "corrupt", str(exc))
             return None
-        self.mark_used(key)
+        if mark:
+            self.mark_used(key)
         return path
 
     def read(self, key: str, layers: list[str] | None = None) -> FeatureSet:
@@ -231,16 +232,28 @@ class FeatureStore:
             return list(fh["paths"].asstr()[()])
 
     def verify(self, key: str) -> list[str]:
-        """Recompute the checksums of a complete file; return the problems found."""
+        """Recompute the checksums of a complete file; return the problems found. In a file joined from pieces a
+        mismatch is traced to its pieces, which are quarantined (the next extraction recomputes only them)."""
         path = self.path(key)
         try:
             with open_h5(path, "r") as fh:
                 check_invariants(fh, key)
                 stored = json_attr(fh.attrs, "checksums", {})
                 actual = file_checksums(fh)
+                pieces = sorted({vs.file_name for ds in fh["features"].values() if ds.is_virtual
+                                 for vs in ds.virtual_sources()})
         except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
             return [f"{path}: {exc}"]
-        return [f"{path}: {name} checksum mismatch" for name in sorted(actual) if stored.get(name) != actual[name]]
+        problems = [f"{path}: {name} checksum mismatch" for name in sorted(actual) if stored.get(name) != actual[name]]
+        if problems and pieces:
+            store = self.pieces()
+            for name in pieces:
+                piece = self.root / name
+                bad = store.verify(FeatureFiles.key_of(piece))
+                if bad:
+                    problems += bad
+                    store.quarantine(piece, "corrupt", "; ".join(bad))
+        return problems
 
     def keys(self) -> Iterator[str]:
         for path in sorted(self.root.glob("*.h5")):
@@ -273,7 +286,9 @@ class FeatureStore:
         return marker.stat().st_mtime if marker.exists() else None
 
     def remove(self, key: str, dry_run: bool = False) -> list[Path]:
-        """Delete a key's files (complete, partial, marker) under its lock; raises if a run holds it."""
+        """Delete a key's files (complete, partial, marker) under its lock; raises if a run holds it.
+
+        A split's pieces stay (other splits may hold them); ``cache gc`` removes those no file uses."""
         lock = self.lock(key, timeout=0)
         try:
             lock.acquire()
@@ -281,12 +296,9 @@ class FeatureStore:
             raise FeatureStoreError(f"{short(key)} is being written by another run; try again when it ends") from None
         try:
             paths = [p for p in (self.path(key), self.partial_path(key), self.files.used_marker(key)) if p.exists()]
-            shards = self.files.shards(key).folder
-            if shards.is_dir() or shards.is_symlink():
-                paths.append(shards)
             if not dry_run:
-                for path in paths:  # a link is removed, never followed out of the cache
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                for path in paths:
+                    path.unlink()
             return paths
         finally:
             lock.release()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from storage.features import FeatureStore
 from storage.h5file import FeatureStoreError, json_attr, open_h5
 from storage.layout import CacheLayout, FeatureFiles
@@ -31,13 +33,14 @@ class FeatureInfo:
 
 
 def info(store: FeatureStore, path: Path) -> FeatureInfo:
-    """Describe a complete or partial file without trusting it."""
+    """Describe a complete or partial file without trusting it (its size includes the pieces it joins)."""
     complete = path.suffix == ".h5"
     key = FeatureFiles.key_of(path)
-    size = path.stat().st_size + sum(p.stat().st_size for p in store.files.shards(key).folder.glob("*.h5"))
+    size = path.stat().st_size
     try:
         with open_h5(path, "r") as fh:
             feats = fh["features"]
+            size += sum(p.stat().st_size for p in pieces_of(fh) if p.exists())
             return FeatureInfo(
                 key=key, path=path, complete=complete and bool(fh.attrs.get("complete", False)),
                 spec=json_attr(fh.attrs, "spec", {}),
@@ -51,6 +54,20 @@ def info(store: FeatureStore, path: Path) -> FeatureInfo:
         return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))
 
 
+def pieces_of(fh: h5py.File) -> set[Path]:
+    """The piece files a joined feature file reads (none for a file that holds its rows itself)."""
+    folder = Path(fh.filename).parent
+    return {(folder / vs.file_name).resolve() for ds in fh["features"].values() if ds.is_virtual
+            for vs in ds.virtual_sources() if vs.file_name != "."}
+
+
+def pieces_summary(store: FeatureStore) -> tuple[int, int, int]:
+    """``(complete, partial, bytes)`` of the pieces that split files are joined from."""
+    folder = store.pieces().root
+    done, partial = list(folder.glob("*.h5")), list(folder.glob("*.h5.partial"))
+    return len(done), len(partial), sum(p.stat().st_size for p in done + partial)
+
+
 def entries(store: FeatureStore) -> list[FeatureInfo]:
     folder = store.files.folder
     return [info(store, p) for p in sorted(folder.glob("*.h5")) + sorted(folder.glob("*.h5.partial"))]
@@ -59,9 +76,12 @@ def entries(store: FeatureStore) -> list[FeatureInfo]:
 def collect(
     store: FeatureStore, partial_older_than_s: float, unused_older_than_s: float | None = None, dry_run: bool = False
 ) -> list[tuple[Path, str]]:
-    """Remove stale partial files (shards included) and, optionally, complete files unused for a while.
+    """Remove stale partial files (pieces included), optionally complete files unused for a while, and the
+    pieces no feature file joins any more.
 
-    A partial file whose writer still runs (its lock is held) is kept.
+    A partial file whose writer still runs (its lock is held) is kept, and so is
+    a piece younger than ``partial_older_than_s`` (a running extraction may
+    not have joined it yet).
     """
     now = time.time()
     removed: list[tuple[Path, str]] = []
@@ -73,16 +93,42 @@ def collect(
                     removed.append((path, f"partial, untouched for {age / 3600:.1f} h"))
             except FeatureStoreError:
                 continue
-    shards = store.files.folder / "shards"
-    for folder in sorted(shards.iterdir() if shards.is_dir() else []):  # partial shards of stopped workers
-        if folder.is_dir() and not folder.is_symlink():  # never follow a link out of the cache
-            removed += collect(store.shards(folder.name), partial_older_than_s, dry_run=dry_run)
     if unused_older_than_s is not None:
         for key in list(store.keys()):
             used = store.last_used(key) or store.path(key).stat().st_mtime
             if now - used >= unused_older_than_s:
                 store.remove(key, dry_run=dry_run)
                 removed.append((store.path(key), f"unused for {(now - used) / 86400:.1f} days"))
+    pieces = store.pieces()
+    if pieces.root.is_dir() and not pieces.root.is_symlink():  # never follow a link out of the cache
+        removed += collect(pieces, partial_older_than_s, dry_run=dry_run)  # partial pieces of stopped runs
+        removed += _unused_pieces(store, {p for p, _ in removed}, partial_older_than_s, now, dry_run)
+    return removed
+
+
+def _unused_pieces(store: FeatureStore, gone: set[Path], older_than_s: float, now: float,
+                   dry_run: bool) -> list[tuple[Path, str]]:
+    """Complete pieces that no feature file (complete or partial, except those just removed) joins."""
+    used: set[Path] = set()
+    folder = store.files.folder
+    for path in [*folder.glob("*.h5"), *folder.glob("*.h5.partial")]:
+        if path in gone:
+            continue
+        try:
+            with open_h5(path, "r") as fh:
+                used |= pieces_of(fh)
+        except (OSError, KeyError, ValueError):
+            return []  # a file we cannot read may use any piece: remove none
+    pieces, removed = store.pieces(), []
+    for path in sorted(pieces.root.glob("*.h5")):
+        age = now - path.stat().st_mtime
+        if path.resolve() in used or age < older_than_s:
+            continue
+        try:
+            if pieces.remove(FeatureFiles.key_of(path), dry_run=dry_run):
+                removed.append((path, f"a piece no feature file joins, {age / 3600:.1f} h old"))
+        except FeatureStoreError:
+            continue
     return removed
 
 

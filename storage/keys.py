@@ -84,9 +84,18 @@ def backbone_memo_key(what: dict[str, Any]) -> str:
     return fingerprint({"kind": "backbone-memo", "version": CODE_VERSIONS["backbones"], **what})
 
 
-def shard_key(feature_key: str, start: int, stop: int) -> str:
-    """Rows ``[start, stop)`` of a split extracted on their own (a Dask shard); the feature key carries the rest."""
-    return f"{feature_key}-{start:08d}-{stop:08d}"
+def piece_key(spec: dict[str, Any], ids: list[str], identities: list[Any], source: str,
+              options: dict[str, str] | None = None) -> str:
+    """One piece of a split's features: the feature spec without the dataset and split (a piece belongs to
+    any split that holds the same items), the source and its options (which bytes an item is), and the
+    piece's item ids and identities in row order."""
+    return fingerprint({"kind": "piece", "spec": piece_spec(spec), "source": source, "options": options or {},
+                        "items": ids, "files": identities})
+
+
+def piece_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a piece file holds of a split's feature spec (stored in its attrs): all but dataset and split."""
+    return {k: v for k, v in spec.items() if k not in ("dataset", "split")}
 
 
 def feature_spec(

@@ -3,7 +3,7 @@
 ```
 <cache_dir>/
   features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
-  features/shards/<key>/<start>-<stop>.h5      shards of a split   storage/shard_join.py
+  features/pieces/<piece key>.h5               pieces of splits    tasks/pieces.py, storage/piece_join.py
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data.py)
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
@@ -17,8 +17,9 @@
   results.sqlite                               results registry    storage/results.py
 ```
 
-Inside a folder of feature files (the cache's ``features/`` or a split's
-shard folder) the names follow :class:`FeatureFiles`.
+Inside a folder of feature files (the cache's ``features/`` or its ``pieces/``)
+the names follow :class:`FeatureFiles`. A split's ``<key>.h5`` joins the pieces
+it is made of (HDF5 virtual datasets); a piece may belong to many splits.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ class FeatureFiles:
     def quarantine(self) -> Path:
         return self.folder / "quarantine"
 
-    def shards(self, key: str) -> FeatureFiles:
-        return FeatureFiles(self.folder / "shards" / key)
+    def pieces(self) -> FeatureFiles:
+        return FeatureFiles(self.folder / "pieces")
 
     @staticmethod
     def key_of(path: Path) -> str:

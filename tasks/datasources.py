@@ -98,6 +98,11 @@ class DataSource:
         """One item's encoded bytes, as a binary file object."""
         return open(os.path.join(root, item), "rb")
 
+    def piece_of(self, item: str) -> str | None:
+        """The group an item's features are cached with when the source has one (a shard), else None: then
+        content-defined cuts over the ids group them (:mod:`tasks.pieces`)."""
+        return None
+
 
 class ImageFolder(DataSource):
     """``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` when ``root/train`` exists."""
@@ -216,6 +221,10 @@ class WebDataset(DataSource):
         from tasks import tar_index
 
         return tar_index.open_member(*_wds_member(root, item))
+
+    def piece_of(self, item: str) -> str | None:
+        """Its shard (``train-000100.tar``): a shard's samples are cached together, a new shard is a new piece."""
+        return item.partition(".tar/")[0] + ".tar"
 
 
 def _wds_member(root: Path, item: str, seen: dict[str, Any] | None = None) -> tuple[str, tuple[int, int]]:

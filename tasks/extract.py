@@ -2,10 +2,12 @@
 
 :func:`plan_extraction` is cheap (scan, fingerprint, key); :func:`extract_split`
 is the stage. The store is the source of truth: a complete file for the key is
-reused with no forward pass; otherwise, under the key's lock, the partial file
-is resumed (or started) and completed. Batches are decoded by DataLoader
-workers, run under ``inference_mode`` (AMP and channels_last on CUDA), and
-written by a background thread while the next batch computes.
+reused with no forward pass; otherwise, under the key's lock, the split's
+pieces that are not stored are computed (a partial piece resumes) and joined
+(:mod:`tasks.pieces`: a dataset that grows extracts only its new pieces).
+Batches are decoded by DataLoader workers, run under ``inference_mode`` (AMP
+and channels_last on CUDA), and written by a background thread while the next
+batch computes.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from filelock import Timeout
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import inventory
-from storage.features import FeatureStore
+from storage.features import CorruptFeatureFile, FeatureStore
 from storage.layout import CacheLayout
 from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, resolve
 from tasks.result import StageResult
 from tasks.machine import forward_precision
 from tasks.data import BadImageError, DataConfig, build_manifest
+from tasks.pieces import Piece, join, plan_pieces, store_of
 
 log = logging.getLogger("transferpipe.extract")
 
@@ -42,6 +45,9 @@ class ExtractConfig(BaseModel):
     num_workers: int | Literal["auto"] = "auto"
     amp: bool = Field(True, description="autocast (bf16 where supported, else fp16) on CUDA")
     channels_last: bool = True
+    piece_size: int = Field(1024, ge=1, le=1 << 24, description=(
+        "images per cached piece on average (content-defined cuts; WebDataset: a piece is a shard): smaller "
+        "pieces re-extract less when a folder or table grows, at more files"))
 
     @field_validator("device")
     @classmethod
@@ -71,6 +77,7 @@ class SplitPlan(BaseModel):
     backbone: BackboneSpec
     extract: ExtractConfig
     on_bad_image: Literal["error", "skip"]
+    pieces: tuple[Piece, ...]
 
 
 class ExtractResult(StageResult):
@@ -101,6 +108,7 @@ def plan_extraction(
         plans[split] = SplitPlan(
             key=feature_key(fspec), split=split, spec=fspec, manifest=manifest_path,
             cache_dir=Path(cache_dir), backbone=spec, extract=extract, on_bad_image=data.on_bad_image,
+            pieces=plan_pieces(manifest, split, fspec, extract.piece_size),
         )
     return plans
 
@@ -111,32 +119,45 @@ def is_stored(plan: SplitPlan) -> bool:
 
 
 def extract_split(plan: SplitPlan) -> ExtractResult:
-    """The stage: reuse the complete file for ``plan.key`` or compute (resume) it."""
-    return extract_rows(plan, FeatureStore(plan.cache_dir), plan.key, plan.key, (0, None))
-
-
-def extract_rows(plan: SplitPlan, store: FeatureStore, name: str, key: str, span: tuple[int, int | None]) -> ExtractResult:
-    """Under ``name``'s lock in ``store``: reuse its complete file or compute rows ``span`` of the split."""
+    """The stage: reuse the complete file for ``plan.key``, or compute the pieces it lacks and join them."""
     started = time.perf_counter()
-    path = store.lookup(name)
-    if path is None:
-        lock = store.lock(name)
+    store = FeatureStore(plan.cache_dir)
+    path = store.lookup(plan.key)
+    if path is not None:
+        return reuse(plan, store, path, started, plan.key)
+    lock = store.lock(plan.key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another run is extracting %s; waiting for it", short(plan.key))
+        lock.acquire()
+    try:
+        path = store.lookup(plan.key)  # the run we waited for may have finished it
+        if path is not None:
+            return reuse(plan, store, path, started, plan.key)
+        done = extract_pieces(plan)
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another run is extracting %s; waiting for it", short(key))
-            lock.acquire()
-        try:
-            path = store.lookup(name)  # the run we waited for may have finished it
-            if path is None:
-                from tasks.extract_loop import compute
+            path = join(plan)
+        except CorruptFeatureFile as exc:  # a stored piece failed its checksums: it was set aside; recompute it
+            log.warning("%s; recomputing", exc)
+            again = extract_pieces(plan)
+            done = done.model_copy(update={"forward_batches": done.forward_batches + again.forward_batches})
+            path = join(plan)
+    finally:
+        lock.release()
+    result = reuse(plan, store, path, started, plan.key, hit=False)
+    return result.model_copy(update={"forward_batches": done.forward_batches, "cache_hit": False})
 
-                done = compute(plan, store, started, name, span)
-                return ExtractResult(key=key, split=plan.split, manifest=plan.manifest, cache_hit=False,
-                                     seconds=time.perf_counter() - started, **done._asdict())
-        finally:
-            lock.release()
-    return reuse(plan, store, path, started, key)
+
+def extract_pieces(plan: SplitPlan, pieces: list[Piece] | None = None) -> ExtractResult:
+    """Compute the given pieces of the split (default: all) that are not stored; resumable, one lock each."""
+    from tasks.extract_loop import compute_pieces
+
+    started = time.perf_counter()
+    done = compute_pieces(plan, store_of(plan), list(plan.pieces if pieces is None else pieces))
+    return ExtractResult(key=plan.key, split=plan.split, path=store_of(plan).root, manifest=plan.manifest,
+                         rows=done.rows, dims=done.dims, skipped=done.skipped, forward_batches=done.forward_batches,
+                         cache_hit=done.forward_batches == 0, seconds=time.perf_counter() - started)
 
 
 def reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key: str, hit: bool = True) -> ExtractResult:
@@ -150,6 +171,3 @@ def reuse(plan: SplitPlan, store: FeatureStore, path: Path, started: float, key:
         key=key, split=plan.split, path=path, manifest=plan.manifest, rows=rows, dims=dims, skipped=len(skipped),
         cache_hit=hit, forward_batches=0, seconds=time.perf_counter() - started,
     )
-
-
-# --------------------------------------------------------------------------- compute

@@ -1,12 +1,12 @@
 """The extraction loop: decode (DataLoader workers) → forward (inference mode, AMP and channels_last on
-CUDA) → append (a writer thread), batch by batch, resuming a partial file at its last flushed batch."""
+CUDA) → append (a writer thread), batch by batch, piece after piece, resuming a partial piece at its last
+flushed batch. One model and one set of decode workers serve every piece of the run."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -21,11 +21,13 @@ from tasks.data import DECODE_ERRORS, BadImageError, Manifest, check_headers
 from tasks.data import num_workers_for, worker_init
 from tasks.models import FeatureExtractor, build
 from tasks.machine import autocast_dtype, pick_device, versions
+from storage.keys import piece_spec
 
 log = logging.getLogger("transferpipe.extract")
 
 if TYPE_CHECKING:
     from tasks.extract import ExtractConfig, SplitPlan
+    from tasks.pieces import Piece
 
 
 class _Images(Dataset):
@@ -113,73 +115,131 @@ def _check_float16_range(layer: str, t: torch.Tensor) -> None:
         )
 
 
-def compute(plan: SplitPlan, store: FeatureStore, started: float, name: str, span: tuple[int, int | None]) -> Computed:
-    """Rows ``span`` of the split into ``name``'s file in ``store`` (resuming its partial file)."""
+def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) -> Computed:
+    """Every piece in ``pieces`` that ``store`` lacks, each under its own lock, resuming its partial file.
+
+    The model is built and the decode workers started once, when the first
+    piece needs them. With ``on_bad_image: error`` nothing is completed after
+    the first undecodable image, but every piece left is still decoded so the
+    error lists them all.
+    """
+    from filelock import Timeout
+
     manifest = Manifest.load(plan.manifest)
-    items = manifest.splits[plan.split][span[0] : span[1]]
+    items = manifest.splits[plan.split]
+    todo = [p for p in pieces if store.lookup(p.key, mark=False) is None]
+    if not todo:
+        return Computed(rows=0, dims={}, skipped=0, forward_batches=0)
+    started = time.perf_counter()
     runner = _Runner(plan.backbone, plan.extract, plan.spec["precision"])
-    rows = {} if span == (0, None) else {"rows": f"{span[0]}:{span[0] + len(items)}"}
-    with store.writer(
-        name, spec=plan.spec, classes=manifest.classes, dims=runner.dims(), total=len(items),
-        batch_size=plan.extract.batch_size, versions=versions(), attrs={"dataset_root": str(manifest.root), **rows},
-    ) as writer:
-        first = writer.position
-        undecodable = _write_batches(plan, manifest, items, runner, writer)
-        if undecodable:
-            raise BadImageError(undecodable, f"the {plan.split} split of {manifest.root}")
-        dropped = {s["path"] for s in writer.skipped}
-        kept = [(p, y) for p, y in items if p not in dropped]
-        path = writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])
+    dims = runner.dims()
+    wanted = [items[i] for p in todo for i in range(p.start, p.stop)]
+    loader = _Loader(plan, manifest, items, check_headers(manifest, wanted), runner, dims, len(wanted))
+    rows = skipped = computed = 0
+    undecodable: list[dict[str, str]] = []
+    with loader:
+        for piece in todo:
+            if undecodable:  # decode only, to name every bad image
+                undecodable += loader.run(piece.start, piece.start, piece.stop, None)
+                continue
+            lock = store.lock(piece.key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("another run is extracting %s; waiting for it", piece.name)
+                lock.acquire()
+            try:
+                if store.lookup(piece.key, mark=False) is not None:  # the run we waited for made it
+                    continue
+                span = items[piece.start : piece.stop]
+                with store.writer(
+                    piece.key, spec=piece_spec(plan.spec), classes=manifest.classes, dims=dims, total=len(span),
+                    batch_size=plan.extract.batch_size, versions=versions(), attrs={"piece": piece.name},
+                ) as writer:
+                    first = writer.position
+                    undecodable += loader.run(piece.start, piece.start + first, piece.stop, writer)
+                    if undecodable:
+                        continue
+                    dropped = {s["path"] for s in writer.skipped}
+                    kept = [(p, y) for p, y in span if p not in dropped]
+                    writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])
+                rows, skipped, computed = rows + len(kept), skipped + len(dropped), computed + len(span) - first
+                for s in writer.skipped:
+                    log.warning("skipped %s: %s", s["path"], s["error"])
+            finally:
+                lock.release()
+    if undecodable:
+        raise BadImageError(undecodable, f"the {plan.split} split of {manifest.root}")
     seconds = time.perf_counter() - started
-    computed = len(items) - first
-    log.info(
-        "%s features for %s: %d images in %.1fs (%.0f img/s)%s → %s", plan.split, plan.backbone.name, computed,
-        seconds, computed / max(seconds, 1e-9), f", {len(dropped)} skipped" if dropped else "", path,
-    )
-    for s in writer.skipped:
-        log.warning("skipped %s: %s", s["path"], s["error"])
-    return Computed(path=path, rows=len(kept), dims=writer.dims, skipped=len(dropped), forward_batches=runner.batches)
+    log.info("%s features for %s: %d images in %d piece(s), %.1fs (%.0f img/s)%s → %s", plan.split,
+             plan.backbone.name, computed, len(todo), seconds, computed / max(seconds, 1e-9),
+             f", {skipped} skipped" if skipped else "", store.root)
+    return Computed(rows=rows, dims=dims, skipped=skipped, forward_batches=runner.batches)
 
 
 class Computed(NamedTuple):
-    path: Path
     rows: int
     dims: dict[str, int]
     skipped: int
     forward_batches: int
 
 
-def _write_batches(plan: SplitPlan, manifest: Manifest, items: list[tuple[str, int]], runner: _Runner, writer) -> list:
-    """Decode (workers), forward and append (a writer thread) every batch from the writer's position on.
+class _Batches:
+    """A batch sampler whose batches are set before each pass (one pass per piece; the workers persist)."""
 
-    Returns the undecodable images with ``on_bad_image: error`` (then nothing after the first is computed).
-    """
-    cfg = plan.extract
-    first, size = writer.position, writer.batch_size  # a resumed file keeps its batch size
-    batches = [list(range(s, min(s + size, len(items)))) for s in range(first, len(items), size)]
-    loader = DataLoader(
-        _Images(manifest, items, plan.backbone.preprocess, check_headers(manifest, items)),
-        batch_sampler=batches,
-        num_workers=num_workers_for(cfg.num_workers, len(batches)), collate_fn=_collate, pin_memory=runner.cuda,
-        worker_init_fn=worker_init,
-    )
-    empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in writer.dims.items()}
-    desc = f"extract {plan.backbone.name} {plan.split}"
-    with ThreadPoolExecutor(1, thread_name_prefix="h5-writer") as io, tqdm(
-        total=len(items), initial=first, unit="img", desc=desc, disable=None
-    ) as bar:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Loader:
+    """Decode workers over the split's items, kept alive across pieces, feeding the runner and a writer thread."""
+
+    def __init__(self, plan: SplitPlan, manifest: Manifest, items: list[tuple[str, int]], bad: dict[str, str],
+                 runner: _Runner, dims: dict[str, int], total: int) -> None:
+        cfg = plan.extract
+        self.plan, self.items, self.runner, self.sampler = plan, items, runner, _Batches()
+        self.empty = {layer: np.empty((0, d), dtype=cfg.dtype) for layer, d in dims.items()}
+        workers = num_workers_for(cfg.num_workers, -(-total // cfg.batch_size))
+        self.loader = DataLoader(
+            _Images(manifest, items, plan.backbone.preprocess, bad), batch_sampler=self.sampler,
+            num_workers=workers, collate_fn=_collate, pin_memory=runner.cuda, worker_init_fn=worker_init,
+            persistent_workers=workers > 0,
+        )
+        self.bar = tqdm(total=total, unit="img", desc=f"extract {plan.backbone.name} {plan.split}", disable=None)
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="h5-writer")
+
+    def __enter__(self) -> _Loader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.io.shutdown()
+        self.bar.close()
+
+    def run(self, start: int, first: int, stop: int, writer) -> list[dict[str, str]]:
+        """Rows ``[first, stop)`` of the split (a piece from ``start``) into ``writer``, in batches that start at
+        the piece's start (a resumed piece keeps its batches). Without a writer, or with ``on_bad_image: error``
+        once an image fails, it only decodes: returns the undecodable images in that case."""
+        size = writer.batch_size if writer is not None else self.plan.extract.batch_size
+        self.sampler.batches = [list(range(s, min(s + size, stop))) for s in range(first, stop, size)]
+        self.bar.update(first - start)
         pending, undecodable = None, []
-        for x, n, failed in loader:
-            bar.update(n)
-            skipped = [{"path": items[i][0], "error": err} for i, err in failed]
-            if plan.on_bad_image == "error" and (skipped or undecodable):
+        for x, n, failed in self.loader:
+            self.bar.update(n)
+            skipped = [{"path": self.items[i][0], "error": err} for i, err in failed]
+            if writer is None or (self.plan.on_bad_image == "error" and (skipped or undecodable)):
                 undecodable += skipped  # stop computing, keep decoding: the error lists every bad file
                 continue
-            feats = runner(x) if x is not None else empty
+            feats = self.runner(x) if x is not None else self.empty
             fault_point("extract.batch")
             if pending is not None:
                 pending.result()
-            pending = io.submit(writer.append, feats, skipped)
+            pending = self.io.submit(writer.append, feats, skipped)
         if pending is not None:
             pending.result()
-    return undecodable
+        return undecodable

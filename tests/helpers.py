@@ -102,9 +102,14 @@ def split_plans(cfg) -> dict:
 
 
 def flip_a_feature_byte(path: Path) -> None:
-    """Silent corruption: one bit of the first feature chunk of a complete file."""
+    """Silent corruption: one bit of the first feature chunk of a complete file (of its first piece, when it is
+    joined from pieces)."""
     with h5py.File(path) as fh:
-        offset = fh["features/penultimate"].id.get_chunk_info(0).byte_offset
+        ds = fh["features/penultimate"]
+        if ds.is_virtual:
+            path = path.parent / ds.virtual_sources()[0].file_name
+            return flip_a_feature_byte(path)
+        offset = ds.id.get_chunk_info(0).byte_offset
     with open(path, "r+b") as fh:
         fh.seek(offset + 100)
         byte = fh.read(1)

@@ -20,7 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def cache(tiny_config, monkeypatch):
-    """A cache with two complete files (train, test) and one partial (val, interrupted)."""
+    """A cache with two complete files (train, test) and val's extraction interrupted (a partial piece)."""
     cfg = tiny_config()
     plans = split_plans(cfg)
     done = {s: extract_split(plans[s]) for s in ("train", "test")}
@@ -41,8 +41,8 @@ def test_ls_shows_complete_and_partial_files(cache):
     cache_dir, plans, _ = cache
     result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "3 feature file(s)" in result.output
-    for split, state in (("train", "complete"), ("test", "complete"), ("val", "partial")):
+    assert "2 feature file(s)" in result.output and "1 partial piece(s)" in " ".join(result.output.split())
+    for split, state in (("train", "complete"), ("test", "complete")):
         line = next(ln for ln in result.output.splitlines() if plans[split].key[:12] in ln)
         assert split in line and state in line and "resnet18" in line and "none(seed=0)" in line
     assert "12 x 512" in result.output and "images" in result.output
@@ -57,9 +57,9 @@ def test_verify_reports_and_quarantines_a_corrupt_file(cache):
     assert bad.exit_code == 1
     text = bad.output.replace("\n", "")
     assert plans["train"].key[:12] in text and "CORRUPT" in text and "checksum mismatch" in text
-    assert not done["train"].path.exists()
-    again = extract_split(plans["train"])  # the next run recomputes instead of using it
-    assert not again.cache_hit
+    assert not done["train"].path.exists() and "pieces/" in text  # the bad piece is named and set aside
+    again = extract_split(plans["train"])  # the next run recomputes that piece instead of using it
+    assert not again.cache_hit and again.forward_batches == 3
     assert cli("verify", "nope", "--cache-dir", str(cache_dir)).exit_code == 2
 
 
@@ -68,10 +68,11 @@ def test_rm_dry_run_then_rm_then_recompute(cache):
     key = plans["test"].key
     dry = cli("rm", key[:10], "--dry-run", "--cache-dir", str(cache_dir))
     assert dry.exit_code == 0 and "would remove" in dry.output and done["test"].path.exists()
-    gone = cli("rm", key[:10], plans["val"].key[:10], "--cache-dir", str(cache_dir))
+    gone = cli("rm", key[:10], "--cache-dir", str(cache_dir))
     assert gone.exit_code == 0, gone.output
-    assert not done["test"].path.exists() and not FeatureStore(cache_dir).partial_path(plans["val"].key).exists()
-    assert not extract_split(plans["test"]).cache_hit
+    assert not done["test"].path.exists()
+    again = extract_split(plans["test"])  # joined again from its pieces, which stay (other splits may hold them)
+    assert not again.cache_hit and again.forward_batches == 0
     assert cli("rm", "ffffffff", "--cache-dir", str(cache_dir)).exit_code == 2
 
 
@@ -94,7 +95,7 @@ def test_rm_refuses_a_key_another_process_is_writing(cache):
 def test_gc_removes_stale_partials_and_optionally_unused_files(cache):
     cache_dir, plans, done = cache
     store = FeatureStore(cache_dir)
-    partial = store.partial_path(plans["val"].key)
+    (partial,) = store.pieces().root.glob("*.h5.partial")
     fresh = cli("gc", "--cache-dir", str(cache_dir))
     assert fresh.exit_code == 0 and "0 file(s) removed" in fresh.output and partial.exists()
     old = time.time() - 2 * 86400
@@ -105,9 +106,13 @@ def test_gc_removes_stale_partials_and_optionally_unused_files(cache):
     assert not partial.exists() and done["train"].path.exists()
     marker = cache_dir / "features" / f"{plans['train'].key}.used"
     os.utime(marker, (old, old))
+    train_pieces = {store.pieces().path(p.key) for p in plans["train"].pieces}
+    for piece in train_pieces:
+        os.utime(piece, (old, old))
     result = cli("gc", "--unused-days", "1", "--cache-dir", str(cache_dir))
-    assert result.exit_code == 0 and "unused for 2.0 days" in result.text
+    assert result.exit_code == 0 and "unused for 2.0 days" in result.text and "a piece no feature file joins" in result.text
     assert not done["train"].path.exists() and done["test"].path.exists()
+    assert not any(p.exists() for p in train_pieces)
 
 
 def test_every_cache_command_has_help():

@@ -24,7 +24,11 @@ def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_confi
     with h5py.File(result.path, "r") as fh:
         assert fh["features/penultimate"].shape == (12, 512) and fh["features/penultimate"].dtype == np.float16
         assert fh["features/layer2"].shape == (12, 128)
-        assert fh["features/penultimate"].chunks is not None
+        pieces = sorted({vs.file_name for vs in fh["features/penultimate"].virtual_sources()})
+        assert pieces == [f"pieces/{p.key}.h5" for p in plan.pieces]  # joined without copying, relative paths
+        for piece in pieces:
+            with h5py.File(result.path.parent / piece, "r") as part:
+                assert part["features/penultimate"].chunks is not None and part.attrs["complete"]
         assert fh["labels"].dtype == np.int64
         assert list(fh["paths"].asstr()[()]) == [p for p, _ in manifest.splits["train"]]
         assert fh["labels"][()].tolist() == [y for _, y in manifest.splits["train"]]

@@ -1,0 +1,103 @@
+"""A split's features in pieces: a dataset that grows extracts only what is new.
+
+A split's rows are cut into pieces, each extracted to its own file under
+``features/pieces/`` and keyed by its own items (ids and identities) and the
+backbone spec, never by the rest of the split; the split's feature file joins
+them without copying (:mod:`storage.piece_join`). So when a dataset grows or a
+file changes, only the pieces holding new or changed items compute.
+
+Where the cuts go: a WebDataset sample's piece is its shard (a new shard is a
+new piece). For the other sources the cuts are content-defined over the
+split's sorted ids: a piece ends after an id whose hash is 0 modulo
+``extract.piece_size`` (pieces of that many images on average), so an inserted
+or changed file touches its own piece only and never shifts the cuts of the
+others. Dask workers are dealt whole pieces (:mod:`tasks.piece_groups`).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from storage.features import FeatureStore
+from storage.keys import piece_key
+from storage.piece_join import join_pieces
+from tasks import datasources
+from tasks.machine import versions
+
+if TYPE_CHECKING:
+    from tasks.data import Manifest
+    from tasks.extract import SplitPlan
+
+
+class Piece(BaseModel):
+    """Rows ``[start, stop)`` of a split, stored as ``features/pieces/<key>.h5``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    start: int
+    stop: int
+    name: str  # for people: "shard train-000100.tar", or "piece 17 (cat/0412.png … cat/1500.png)"
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def cuts(ids: list[str], group: Callable[[str], str | None], mean: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` spans over ``ids`` (sorted): a new span where ``group`` changes, and after an id whose
+    hash is 0 modulo ``mean`` (content-defined, so an inserted id never moves another span's bounds)."""
+    spans, start = [], 0
+    for i, item in enumerate(ids):
+        last = i + 1 == len(ids)
+        if last or group(ids[i + 1]) != group(item) or _hash(item) % mean == 0:
+            spans.append((start, i + 1))
+            start = i + 1
+    return spans
+
+
+def _hash(item: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(), "big")
+
+
+def plan_pieces(manifest: Manifest, split: str, spec: dict, mean: int) -> tuple[Piece, ...]:
+    """The pieces of ``split`` in row order, each with its key (cheap: ids and identities only)."""
+    source = datasources.get(manifest.source)
+    items, files = manifest.splits[split], manifest.files.get(split) or [None] * len(manifest.splits[split])
+    ids = [p for p, _ in items]
+    pieces = []
+    for n, (start, stop) in enumerate(cuts(ids, source.piece_of, mean)):
+        key = piece_key(spec, ids[start:stop], files[start:stop], manifest.source, manifest.options)
+        shard = source.piece_of(ids[start])
+        name = f"shard {shard}" if shard is not None else (
+            f"piece {n + 1} ({ids[start]})" if stop - start == 1 else f"piece {n + 1} ({ids[start]} … {ids[stop - 1]})")
+        pieces.append(Piece(key=key, start=start, stop=stop, name=name))
+    return tuple(pieces)
+
+
+def store_of(plan: SplitPlan) -> FeatureStore:
+    """Where every split's pieces live: ``features/pieces/`` of the plan's cache."""
+    return FeatureStore(plan.cache_dir).pieces()
+
+
+def missing(plan: SplitPlan) -> list[Piece]:
+    """The plan's pieces that have no complete file (a cheap check: the file is there)."""
+    store = store_of(plan)
+    return [p for p in plan.pieces if not store.path(p.key).exists()]
+
+
+def join(plan: SplitPlan, manifest: Manifest | None = None) -> Path:
+    """The split's feature file from its (complete) pieces; use under the split's lock."""
+    from tasks.data import Manifest
+
+    manifest = manifest or Manifest.load(plan.manifest)
+    pieces = store_of(plan)
+    return join_pieces(
+        FeatureStore(plan.cache_dir), plan.key, [pieces.path(p.key) for p in plan.pieces],
+        dict(manifest.splits[plan.split]), spec=plan.spec, classes=manifest.classes, versions=versions(),
+        batch_size=plan.extract.batch_size, attrs={"dataset_root": str(manifest.root)},
+    )
