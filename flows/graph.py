@@ -93,7 +93,7 @@ def _plan_extract(config: ExperimentConfig, graph: Graph) -> list[Work]:
 
 
 def _why_features(config: ExperimentConfig, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
-    return [why_features(config.cache_dir, w.what, w.plan.manifest, u.spec) for w, u in missing]
+    return [why_features(config.cache_dir, w.what, w.plan.manifest, u.spec, w.plan.pieces) for w, u in missing]
 
 
 def _run_extract(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:

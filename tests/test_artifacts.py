@@ -63,7 +63,7 @@ def test_the_layout_puts_every_artifact_under_the_cache_folder(tmp_path):
     paths = [layout.manifest("d"), layout.datasets(), layout.head(KEY), layout.finetune_run(KEY),
              layout.scores(KEY), layout.metrics(KEY), layout.selection("exp"), layout.report("exp", KEY), layout.registry(),
              layout.features.complete(KEY), layout.features.partial(KEY), layout.features.lock(KEY),
-             layout.features.quarantine(), layout.features.shards(KEY).complete("00000000-00000004")]
+             layout.features.quarantine(), layout.features.pieces().complete(KEY)]
     assert all(p.is_relative_to(tmp_path) for p in paths) and len(set(paths)) == len(paths)
     assert layout.report("exp", KEY).name == KEY[:12]
     assert FeatureFiles.key_of(layout.features.partial(KEY)) == KEY

@@ -21,15 +21,16 @@ def todo(cfg) -> dict[tuple[str, str], list[str]]:
 
 
 def test_plan_says_what_will_compute_and_why(tiny_config, tmp_path):
-    cfg = tiny_config(heads=HEADS)
+    cfg = tiny_config(heads=HEADS, extract={"piece_size": 2})
     fresh = explain(cfg)
     assert [i.stage for i in fresh].count("heads") == 4 and not any(i.cached for i in fresh)
-    assert all(i.why == ["never computed"] for i in fresh)
+    assert all(i.why[0] == "never computed" for i in fresh)
+    assert all(i.why[1].startswith("pieces: ") for i in fresh if i.stage == "extract")
     with local_run_settings():
         pipeline_flow(cfg)
     assert todo(cfg) == {}  # after a run: everything cached
 
-    changed = tiny_config(heads=[HEADS[0], {"kind": "knn", "k": [1, 3, 5]}])
+    changed = tiny_config(heads=[HEADS[0], {"kind": "knn", "k": [1, 3, 5]}], extract={"piece_size": 2})
     assert todo(changed) == {("heads", "knn shot all seed 0"): ["head.k [1,3] → [1,3,5]"],
                              ("evaluate", "tiny"): todo(changed)[("evaluate", "tiny")]}
     assert todo(changed)[("evaluate", "tiny")][0].startswith("models ")
@@ -39,9 +40,12 @@ def test_plan_says_what_will_compute_and_why(tiny_config, tmp_path):
     os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     after = todo(cfg)
     split = next(what for stage, what in after if stage == "extract")
-    assert after[("extract", split)] == ["data: 1 file(s) changed (e.g. class1/000.png)"]
+    data, pieces, piece = after[("extract", split)]
+    assert data == "data: 1 item(s) changed (e.g. class1/000.png)"
+    assert pieces.startswith("pieces: 1 of ") and " to extract (" in pieces  # the piece holding it, no other
+    assert piece.startswith("  piece ") and "class1/000.png" in piece and piece.endswith(": 1 item(s) changed")
     assert [stage for stage, _ in after].count("extract") == 1  # only the split holding the image
 
     result = CliRunner().invoke(app, ["plan", str(write_config(cfg, tmp_path / "tiny.yaml"))], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "to compute" in result.output and "why: data: 1 file(s) changed" in result.output
+    assert "to compute" in result.output and "why: data: 1 item(s) changed" in result.output

@@ -152,3 +152,20 @@ def test_pax_and_long_names_are_read_by_tarfile_and_give_the_same_samples(tmp_pa
     manifest = build_manifest(cfg, tmp_path / "cache")
     assert (f"pax.tar/{long_key}", 1) in manifest.splits["train"]
     assert manifest.image(f"pax.tar/{long_key}").size == (20, 20)
+
+
+def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_path):
+    from flows.explain import explain
+
+    folder = make_imagefolder(tmp_path / "images", n_per_class=8)
+    shards = make_shards(folder, tmp_path / "s", per_shard=6)  # 24 samples: 4 shards
+    cfg = tiny_config(data={"source": "webdataset", "root": None, "shards": [str(p) for p in shards[:3]],
+                            "val_fraction": 0, "test_fraction": 0})
+    first = extract_split(split_plans(cfg)["train"])
+    assert first.rows == 18 and first.forward_batches == 6  # 2 batches of 4 per shard of 6
+    grown = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": [str(p) for p in shards]})})
+    why = next(i.why for i in explain(grown) if i.stage == "extract")
+    assert why[1] == "pieces: 1 of 4 to extract (6 of 24 images); the others are cached"
+    assert why[2] == "  shard shard-003.tar: added"
+    second = extract_split(split_plans(grown)["train"])
+    assert second.rows == 24 and second.forward_batches == 2  # the new shard only
