@@ -6,6 +6,7 @@ split that extracts again (a new shard, the items new in a folder's piece).
 """
 from __future__ import annotations
 
+import json
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,6 @@ from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import closest
 from storage.layout import CacheLayout
-from storage.records import Records
 from tasks.data import Manifest
 from tasks.pieces import Piece
 
@@ -56,7 +56,12 @@ def _data_change(cache_dir: Path, split: str, new: Manifest, old_fingerprint: st
                  ) -> tuple[str, dict[str, Any] | None]:
     """``data: N files added, M removed, K changed (e.g. …)`` against the manifest the old features came from,
     and that manifest's ``{id: identity}`` of the split."""
-    for raw in Records(CacheLayout(cache_dir).manifest).values():
+    for path in sorted(CacheLayout(cache_dir).manifests().glob("*.json")):
+        try:  # a manifest of a million items takes seconds to parse: only the one that holds the fingerprint
+            text = path.read_text()
+            raw = json.loads(text) if old_fingerprint in text else {}
+        except (OSError, ValueError):
+            continue
         if raw.get("fingerprints", {}).get(split) == old_fingerprint and split in raw.get("files", {}):
             before = {p: ident for (p, _), ident in zip(raw["splits"][split], raw["files"][split])}
             after = {p: ident for (p, _), ident in zip(new.splits[split], new.files[split])}
@@ -75,8 +80,8 @@ def _pieces(cache_dir: Path, split: str, new: Manifest, pieces: Sequence[Piece],
     store = FeatureStore(cache_dir).pieces()
     todo = [p for p in pieces if not store.path(p.key).exists()]
     rows = sum(p.rows for p in todo)
-    lines = [f"pieces: {len(todo)} of {len(pieces)} to extract ({rows:,} of {len(new.splits[split]):,} images); "
-             "the others are cached"]
+    cached = f"; {len(pieces) - len(todo)} cached" if len(todo) < len(pieces) else ""
+    lines = [f"pieces: {len(todo)} of {len(pieces)} to extract ({rows:,} of {len(new.splits[split]):,} images){cached}"]
     if before is None or not todo:
         return lines
     items, files = new.splits[split], new.files[split]

@@ -68,7 +68,8 @@ def manifest_fingerprint(
 ) -> str:
     """Fingerprint ``(relative path, label)`` pairs and their files' identities (:func:`file_identities`), and
     the source options that say which bytes an item is (a table's image column), when there are any."""
-    rows = sorted([rel, int(label), ident] for (rel, label), ident in zip(entries, identities))
+    rows = [[rel, int(label), ident] for (rel, label), ident in zip(entries, identities)]
+    rows.sort(key=lambda row: row[0])  # ids are unique: the order of a full sort, at a fraction of its cost
     what = {"classes": list(classes), "files": rows, "mode": "content" if content else "stat"}
     return fingerprint({**what, "options": options} if options else what)
 

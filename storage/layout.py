@@ -6,6 +6,7 @@
   features/pieces/<piece key>.h5               pieces of splits    tasks/pieces.py, storage/piece_join.py
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data.py)
+  scans/<key>.json                             one shard's samples storage/records.py (Records; tasks/datasources.py)
   datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
   backbones/<key>.json                         what a source says  storage/records.py (Records)
   heads/<key>/                                 trained heads       storage/head_store.py
@@ -77,6 +78,10 @@ class CacheLayout:
 
     def manifest(self, dataset_id: str) -> Path:
         return self.manifests() / f"{dataset_id}.json"
+
+    def shard_scan(self, key: str) -> Path:
+        """What a scan found in one WebDataset shard (by its path, size and mtime)."""
+        return self.root / "scans" / f"{key}.json"
 
     def datasets(self) -> Path:
         return self.root / "datasets"

@@ -9,6 +9,7 @@ that name the folder or field.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,8 +24,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from storage.atomic import write_json
-from storage.records import read_json
+from storage.atomic import write_text
 from storage.keys import dataset_id, manifest_fingerprint
 from tasks import datasources
 from tasks.datasources import SPLITS, DataError, DigitsConfig
@@ -167,16 +167,20 @@ class Manifest:
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
             **({"options": self.options} if self.options else {}),
         }
-        if read_json(path) == json.loads(json.dumps(payload)):
-            return path
-        return write_json(path, payload)
+        text = json.dumps(payload)
+        try:
+            if path.read_text() == text:
+                return path
+        except (OSError, UnicodeDecodeError):
+            pass
+        return write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        raw = json.loads(Path(path).read_text())
-        splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
-        return cls(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
-                   raw.get("source", "imagefolder"), raw.get("options", {}))
+        """The manifest at ``path``; one parse per process while the file stays the same (a plan reads it from
+        every stage, and at a million items a parse takes seconds). Treat it as read-only."""
+        st = os.stat(path)
+        return _load_manifest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
     def image(self, item: str) -> Image.Image:
         """One item decoded to RGB (:func:`read_image`)."""
@@ -185,6 +189,14 @@ class Manifest:
     @property
     def dataset_id(self) -> str:
         return dataset_id(self.fingerprints)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_manifest(path: str, size: int, mtime_ns: int) -> Manifest:
+    raw = json.loads(Path(path).read_text())
+    splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
+    return Manifest(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
+                    raw.get("source", "imagefolder"), raw.get("options", {}))
 
 
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
@@ -220,25 +232,37 @@ def split_by_fraction(
     a class whose share of a split rounds to at least one image but that drew none there gives it its
     lowest-``u`` training image, and every class keeps at least one training image.
     """
-    bounds = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
+    items = items if all(a <= b for a, b in zip(items, items[1:])) else sorted(items)
+    salt, test_cut, val_cut = f"{seed}\0".encode(), test_fraction * 2**64, (test_fraction + val_fraction) * 2**64
+    hashes = [int.from_bytes(hashlib.blake2b(salt + p.encode(), digest_size=8).digest(), "big") for p, _ in items]
+    drawn = [0 if u < test_cut else 1 if u < val_cut else 2 for u in hashes]  # 0 test, 1 val, 2 train
+    counts: dict[int, list[int]] = {}
+    for (_, y), d in zip(items, drawn):
+        counts.setdefault(y, [0, 0, 0])[d] += 1
+    for label, (n_test, n_val, n_train) in counts.items():  # the few small classes that drew badly
+        n = n_test + n_val + n_train
+        short = [d for d, (got, frac) in enumerate(((n_test, test_fraction), (n_val, val_fraction)))
+                 if not got and round(n * frac) >= 1]
+        if (short and n_train > 1) or not n_train:
+            _rebalance(items, hashes, drawn, label, short[: n_train - 1])
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    by_label: dict[int, list[tuple[float, str]]] = {}
-    for p, y in items:
-        digest = hashlib.blake2b(f"{seed}\0{p}".encode(), digest_size=8).digest()
-        by_label.setdefault(y, []).append((int.from_bytes(digest, "big") / 2**64, p))
-    for label, members in by_label.items():
-        drawn = {s: [p for u, p in sorted(members) if lo <= u < hi] for s, (lo, hi) in bounds.items()}
-        drawn["train"] = [p for u, p in sorted(members) if u >= test_fraction + val_fraction]
-        for split, frac in (("test", test_fraction), ("val", val_fraction)):
-            if not drawn[split] and round(len(members) * frac) >= 1 and len(drawn["train"]) > 1:
-                drawn[split].append(drawn["train"].pop(0))
-        if not drawn["train"]:
-            drawn["train"].append(max(members)[1])
-            for split in ("test", "val"):
-                drawn[split] = [p for p in drawn[split] if p != drawn["train"][0]]
-        for split, paths in drawn.items():
-            out[split] += [(p, label) for p in paths]
-    return {s: sorted(v) for s, v in out.items()}
+    names = ("test", "val", "train")
+    for item, d in zip(items, drawn):
+        out[names[d]].append(item)
+    return out
+
+
+def _rebalance(items: list[tuple[str, int]], hashes: list[int], drawn: list[int], label: int,
+               short: list[int]) -> None:
+    """A class with no training image trains its highest-hash one; one that drew no image for a split in
+    ``short`` gives it its lowest-hash training image."""
+    mine = sorted((hashes[i], i) for i, (_, y) in enumerate(items) if y == label)
+    train = [i for _, i in mine if drawn[i] == 2]
+    if not train:
+        drawn[mine[-1][1]] = 2
+        return
+    for d in short:
+        drawn[train.pop(0)] = d
 
 
 # --------------------------------------------------------------------------- decoding

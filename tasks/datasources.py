@@ -25,8 +25,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.atomic import as_created
-from storage.keys import file_identities
+from storage.keys import file_identities, fingerprint
 from storage.layout import CacheLayout
+from storage.records import Records
 
 if TYPE_CHECKING:
     from tasks.data import DataConfig
@@ -169,26 +170,22 @@ class WebDataset(DataSource):
         ext, _, field = cfg.label_key.partition(".")
         raw: dict[str, list[tuple[str, str]]] = {}
         bad: list[str] = []
+        memo = Records(CacheLayout(cache_dir).shard_scan)
         for split, paths in shards.items():
             for path in paths:
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
                 try:
-                    found = tar_index.index(path)
+                    truncated, samples = _wds_scan(path, ext, field, memo)
                 except tar_index.ShardError as exc:
                     bad.append(str(exc))
                     continue
-                if found.truncated:
-                    bad.append(f"{rel}: {found.truncated}")
-                with tar_index.reader(path) as read:  # one open file per shard for its labels
-                    labels = {key: _wds_label(read, members, ext, field) for key, members in found.samples.items()}
-                for key, members in found.samples.items():
-                    label, why = labels[key]
-                    if why is None and not any(f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS for e in members):
-                        why = f"no image member (has {', '.join(sorted(members))})"
+                if truncated:
+                    bad.append(f"{rel}: {truncated}")
+                for key, label, why in samples:
                     if why is not None:
                         bad.append(f"{rel}/{key}: {why}")
-                        continue
-                    raw.setdefault(split, []).append((f"{rel}/{key}", label))
+                    else:
+                        raw.setdefault(split, []).append((f"{rel}/{key}", label))
         named = root / "classes.txt"
         classes = _wds_classes(named, [label for pairs in raw.values() for _, label in pairs])
         items = _labelled(raw, classes, named.is_file(), bad, f"is not a class in {named}")
@@ -251,6 +248,37 @@ def _wds_member(root: Path, item: str, seen: dict[str, Any] | None = None) -> tu
     return path, members[image]
 
 
+def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | None, list[tuple[str, str, str | None]]]:
+    """One shard's ``(why it ends early, [(key, label, why the sample is bad)])``, remembered in the cache by the
+    shard's path, size and mtime (a warm plan of a million samples reads no tar header)."""
+    from tasks import tar_index
+
+    st = os.stat(path)
+    key = fingerprint({"kind": "shard-scan", "version": 1, "path": os.path.abspath(path), "size": st.st_size,
+                       "mtime_ns": st.st_mtime_ns, "label": [ext, field]})
+    known = memo.read(key)
+    try:  # flat lists: a million samples decode in about a second; a damaged record counts as absent
+        bad = known["bad"]
+        return known["truncated"], [(k, label, bad.get(k)) for k, label in zip(known["keys"], known["labels"],
+                                                                                 strict=True)]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        pass
+    found = tar_index.index(path)
+    samples = []
+    with tar_index.reader(path) as read:  # one open file per shard for its labels
+        for name, members in found.samples.items():
+            label, why = _wds_label(read, members, ext, field)
+            if why is None and not any(f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS for e in members):
+                why = f"no image member (has {', '.join(sorted(members))})"
+            samples.append((name, label, why))
+    try:
+        memo.write(key, {"truncated": found.truncated, "keys": [k for k, _, _ in samples],
+                         "labels": [label for _, label, _ in samples], "bad": {k: w for k, _, w in samples if w}})
+    except OSError:
+        pass  # a read-only cache plans without remembering
+    return found.truncated, samples
+
+
 def _wds_label(read, members: dict[str, tuple[int, int]], ext: str, field: str) -> tuple[str, str | None]:
     """A sample's label as text (``read``: a shard's member reader), or ``("", why)`` when it has none."""
     import json
@@ -286,9 +314,11 @@ def _labelled(raw: dict[str, list[tuple[str, str]]], classes: list[str], numbere
     """Items with their labels' class indices (:func:`_class_index`); an unknown label goes to ``bad``."""
     index = {name: i for i, name in enumerate(classes)}
     items: Items = {}
+    known: dict[str, int | None] = {}  # a million labels are a few distinct ones
     for split, pairs in raw.items():
         for item, label in pairs:
-            at = _class_index(label, index, classes, numbered)
+            at = known[label] if label in known else known.setdefault(label, _class_index(label, index, classes,
+                                                                                           numbered))
             if at is None:
                 bad.append(f"{item}: label {label!r} {unknown}")
             else:

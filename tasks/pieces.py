@@ -49,12 +49,13 @@ class Piece(BaseModel):
 
 
 def cuts(ids: list[str], group: Callable[[str], str | None], mean: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` spans over ``ids`` (sorted): a new span where ``group`` changes, and after an id whose
-    hash is 0 modulo ``mean`` (content-defined, so an inserted id never moves another span's bounds)."""
+    """``[start, stop)`` spans over ``ids`` (sorted): one per group (a shard) where ``group`` gives one; else a
+    span ends after an id whose hash is 0 modulo ``mean`` (content-defined: an inserted id never moves another
+    span's bounds)."""
     spans, start = [], 0
+    groups = [group(item) for item in ids]
     for i, item in enumerate(ids):
-        last = i + 1 == len(ids)
-        if last or group(ids[i + 1]) != group(item) or _hash(item) % mean == 0:
+        if i + 1 == len(ids) or groups[i + 1] != groups[i] or (groups[i] is None and _hash(item) % mean == 0):
             spans.append((start, i + 1))
             start = i + 1
     return spans

@@ -29,6 +29,9 @@ def test_flow_extracts_every_split_then_hits_the_cache_and_trusts_the_store(tiny
     assert {s: r.key for s, r in second.items()} == {s: r.key for s, r in first.items()}
 
     first["val"].path.unlink()  # the store is the source of truth: no stale Prefect hit
+    for piece in (cfg.cache_dir / "features" / "pieces").glob("*.h5"):  # val's pieces too, so it computes
+        if piece.stem in {p.key for p in split_plans(cfg)["val"].pieces}:
+            piece.unlink()
     third = run(cfg)
     assert not third["val"].cache_hit and third["val"].forward_batches > 0
     assert third["val"].path.exists()

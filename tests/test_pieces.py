@@ -30,6 +30,8 @@ def test_cuts_cover_the_ids_once_and_an_insert_touches_only_its_own_piece():
     after = {tuple(grown[a:b]) for a, b in cuts(grown, _whole, 64)}
     assert len(after - before) <= 2 and len(before - after) == 1  # its piece (split in two if it is a cut)
     assert cuts(["a", "b", "c"], lambda item: item < "b", 10**9) == [(0, 1), (1, 3)]  # a group always cuts
+    assert cuts(ids, lambda item: item[:2], 1) == [(i * 428 + min(i, 4), (i + 1) * 428 + min(i + 1, 4))
+                                                   for i in range(7)]  # ... and only groups
 
 
 def test_pieces_join_into_the_file_a_single_piece_gives(tiny_config, tmp_path):

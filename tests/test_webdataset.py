@@ -165,7 +165,7 @@ def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_pat
     assert first.rows == 18 and first.forward_batches == 6  # 2 batches of 4 per shard of 6
     grown = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": [str(p) for p in shards]})})
     why = next(i.why for i in explain(grown) if i.stage == "extract")
-    assert why[1] == "pieces: 1 of 4 to extract (6 of 24 images); the others are cached"
+    assert why[1] == "pieces: 1 of 4 to extract (6 of 24 images); 3 cached"
     assert why[2] == "  shard shard-003.tar: added"
     second = extract_split(split_plans(grown)["train"])
     assert second.rows == 24 and second.forward_batches == 2  # the new shard only
