@@ -7,12 +7,15 @@ those imports), and is printed as ratios to the 1x row of its stage:
 time linear in size means ``time ratio ≈ size ratio``; flat memory means
 ``RSS ratio ≈ 1``. Feature files are real, written by the project's own store.
 
-    python -m benchmarks.scale [--scales 1 10 100] [--stages manifest shards extract linear knn logistic evaluate]
+    python -m benchmarks.scale [--scales 1 10 100] [--stages manifest shards plan grow extract linear knn logistic evaluate]
     python -m benchmarks.scale --quick   # each stage once, at (mostly) a tenth of its base size: seconds
     python -m benchmarks.scale --imagenet-probe [--rows 1281167]   # one pass of the linear probe at ImageNet size
 
 Stages at 1x: manifest 10,000 files; shards: the manifest of 10,000 WebDataset samples in 2 shards
-(5,000 a shard: 1M samples are 200 shards at 100x); extract 1,000 PNGs (resnet18, 32 px);
+(5,000 a shard: 1M samples are 200 shards at 100x), scanned cold; plan: ``transferpipe plan``'s whole graph
+over the same shards once their scan is remembered (a plan ran before); grow: 2,000 samples in 10 shards
+extracted (resnet18, 32 px), then one more shard added and extracted again (only its rows compute);
+extract 1,000 PNGs (resnet18, 32 px);
 linear / knn / logistic: 10,000 x 256 float16 features, 100 classes (linear and
 knn stream from disk: heads' memory budget forced to ~0; logistic is scikit-learn,
 in memory, for contrast); evaluate: 500 test images x 1,000 classes (metrics,
@@ -34,7 +37,7 @@ import numpy as np
 
 from benchmarks import parse_args
 
-BASE = {"manifest": 10_000, "shards": 10_000, "extract": 1_000, "linear": 10_000, "knn": 10_000, "logistic": 10_000, "evaluate": 500}
+BASE = {"manifest": 10_000, "shards": 10_000, "plan": 10_000, "grow": 2_000, "extract": 1_000, "linear": 10_000, "knn": 10_000, "logistic": 10_000, "evaluate": 500}
 DIM, CLASSES = 256, 100
 
 
@@ -139,6 +142,15 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         m = build_manifest(DataConfig(source="webdataset", shards=sorted(str(p) for p in root.glob("*.tar")),
                                       val_fraction=0.02, test_fraction=0.05), cache)
         return f"{sum(len(v) for v in m.splits.values()):,} samples in {len(list(root.glob('*.tar')))} shards"
+    if stage == "plan":
+        from flows.config import load_config
+        from flows.explain import explain
+
+        steps = explain(load_config(plan_config(work, n)))
+        pieces = [why for step in steps if step.stage == "extract" for why in step.why if why.startswith("pieces")]
+        return f"{len(steps)} steps; train {pieces[0]}"
+    if stage == "grow":
+        return grow(work, n)
     if stage == "extract":
         from tasks.backbones import BackboneConfig
         from tasks.data import DataConfig
@@ -180,6 +192,39 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         _plots(ReportFiles(work / "report"), [report], [f"class{i}" for i in range(1000)])
         return f"top1 {metrics['top1']:.3f}"
     raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(BASE)}")
+
+
+def plan_config(work: Path, n: int) -> Path:
+    """An experiment over the ``shards`` stage's samples (a logistic probe: every stage of a run is planned)."""
+    root = tar_shards(work / f"shards-{n}", n)
+    path = work / f"plan-{n}.yaml"
+    path.write_text(f"name: scale\ncache_dir: {work / 'plan-cache'}\nbackbone: {{name: resnet18, weights: none}}\n"
+                    f"data: {{source: webdataset, shards: {sorted(str(p) for p in root.glob('*.tar'))}, "
+                    "val_fraction: 0.02, test_fraction: 0.05}\nheads: [{kind: logistic}]\n")
+    return path
+
+
+def grow(work: Path, n: int) -> str:
+    """Extract ``n`` samples in 10 shards, then the same plus an 11th: what the second run computes."""
+    from tasks.backbones import BackboneConfig
+    from tasks.data import DataConfig
+    from tasks.extract import ExtractConfig, extract_split, plan_extraction
+
+    root = tar_shards(work / f"grow-{n}", n * 11 // 10, per_shard=n // 10)
+    shards = sorted(str(p) for p in root.glob("*.tar"))
+    backbone = BackboneConfig(name="resnet18", weights="none", preprocess={"resize": 32, "crop": 32})
+    cache = work / f"grow-cache-{n}"
+    shutil.rmtree(cache, ignore_errors=True)
+    runs = []
+    for listed in (shards[:-1], shards):
+        data = DataConfig(source="webdataset", shards=listed, val_fraction=0, test_fraction=0)
+        t0 = time.perf_counter()
+        result = extract_split(plan_extraction(data, backbone, ExtractConfig(batch_size=50, num_workers=0),
+                                               cache)["train"])
+        runs.append((time.perf_counter() - t0, result.rows, result.forward_batches * 50))
+    (t1, rows1, _), (t2, rows2, computed) = runs
+    return (f"10 shards, {rows1:,} rows: {t1:.1f} s; +1 shard: {computed:,} of {rows2:,} rows computed "
+            f"({computed / rows2:.1%}) in {t2:.1f} s = {t2 / t1:.2f}x the first")
 
 
 def imagenet_probe(rows: int, work: Path) -> str:
@@ -244,7 +289,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "N", "WORK"), help=argparse.SUPPRESS)
     args = parse_args(parser, {"scales": [1], "rows": 20_000})
     # quick: a tenth of each base size (the manifest keeps its 10,000 files: 100 classes need them for a val split)
-    base = {s: n if s in ("manifest", "shards") else n // 10 for s, n in BASE.items()} if args.quick else BASE
+    base = {s: n if s in ("manifest", "shards", "plan") else n // 10 for s, n in BASE.items()} if args.quick else BASE
 
     if args.child:
         stage, n, work = args.child
@@ -285,6 +330,11 @@ def make_inputs(stage: str, n: int, work: Path) -> None:
         empty_files(work / f"files-{n}", n)
     elif stage == "shards":
         tar_shards(work / f"shards-{n}", n)
+    elif stage == "plan":  # a first, cold plan: the warm one is measured
+        subprocess.run([sys.executable, "-m", "flows.cli", "plan", str(plan_config(work, n))], check=True,
+                       stdout=subprocess.DEVNULL)
+    elif stage == "grow":
+        tar_shards(work / f"grow-{n}", n * 11 // 10, per_shard=n // 10)
     elif stage == "extract":
         tiny_pngs(work / f"pngs-{n}", n)
     elif stage in ("linear", "knn", "logistic"):

@@ -103,6 +103,9 @@ def test_dataset_source_contract(source, tmp_path):
     for split, pairs in items.items():
         assert split in ("all", "train", "val", "test") and pairs == sorted(pairs)
         assert all(0 <= label < len(classes) for _, label in pairs)
+        groups = [src.piece_of(item) for item, _ in pairs]  # a source's piece groups are runs of sorted ids
+        runs = [g for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
+        assert all(g is None or isinstance(g, str) for g in groups) and len(runs) == len(set(runs))
     some = next(iter(items.values()))[:3]
     options = src.options(cfg)
     stat, content = src.identities(root, some, False, options), src.identities(root, some, True, options)
