@@ -6,8 +6,9 @@ in groups of whole pieces; every group is a cached, retryable task that a
 worker extracts to the pieces' own files (``features/pieces/``), one GPU per
 task where ``gpus_per_worker`` asks for it (a Dask resource). The flow then
 joins each split's pieces into the usual ``<key>.h5`` with HDF5 virtual
-datasets (no copy), exactly as a single process does, so the features and
-checksums are the same.
+datasets (no copy), exactly as a single process does (the features can differ
+from a two-thread process's in a float16's last bit: Dask workers run torch on
+one thread).
 """
 from __future__ import annotations
 

@@ -130,11 +130,11 @@ def check_invariants(fh: h5py.File, key: str | None = None) -> None:
     folder = Path(name).parent
     for layer in fh["features"]:
         ds = fh["features"][layer]
-        if ds.is_virtual:  # a missing shard would read as fill values, silently
+        if ds.is_virtual:  # a missing piece would read as fill values, silently
             missing = sorted({vs.file_name for vs in ds.virtual_sources()
                               if vs.file_name != "." and not (folder / vs.file_name).exists()})
             if missing:
-                raise CorruptFeatureFile(f"{name}: shard file(s) {', '.join(missing)} of features/{layer} are missing")
+                raise CorruptFeatureFile(f"{name}: piece file(s) {', '.join(missing)} of features/{layer} are missing")
 
 
 def quarantine(files: FeatureFiles, path: Path, reason: str, why: str) -> Path:

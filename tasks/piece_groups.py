@@ -2,7 +2,7 @@
 
 Each group is one worker's task (cached, retryable); the pieces land in the
 cache's ``features/pieces/`` exactly as one process writes them, and the join
-makes the split's usual file, so the features and checksums are the same.
+makes the split's usual file.
 """
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ def test_cuts_cover_the_ids_once_and_an_insert_touches_only_its_own_piece():
 
 
 def test_pieces_join_into_the_file_a_single_piece_gives(tiny_config, tmp_path):
-    one = split_plans(tiny_config(extract={"piece_size": 10**6}))["train"]
-    many = split_plans(tiny_config(cache_dir=str(tmp_path / "many"), extract={"piece_size": 2}))["train"]
+    # batches of one image: a piece's cuts are its batches', and a batch's size can change a float's last bit
+    one = split_plans(tiny_config(extract={"piece_size": 10**6, "batch_size": 1}))["train"]
+    many = split_plans(tiny_config(cache_dir=str(tmp_path / "many"), extract={"piece_size": 2, "batch_size": 1}))["train"]
     assert len(one.pieces) == 1 and len(many.pieces) > 2 and one.key == many.key  # cuts are not in the key
     a, b = extract_split(one), extract_split(many)
     x, y = FeatureStore(one.cache_dir).read(one.key), FeatureStore(many.cache_dir).read(many.key)
@@ -92,7 +93,7 @@ def test_a_missing_piece_is_never_read_as_zeros(tiny_config):
     extract_split(plan)
     store = FeatureStore(plan.cache_dir)
     store.pieces().path(plan.pieces[1].key).unlink()
-    assert store.lookup(plan.key) is None  # quarantined: "shard file(s) ... are missing"
+    assert store.lookup(plan.key) is None  # quarantined: "piece file(s) ... are missing"
     assert list((store.root / "quarantine").glob(f"{plan.key}.h5.corrupt-*"))
     result = extract_split(plan)  # a plain rerun recomputes that piece only
     assert not result.cache_hit and result.forward_batches == 1 and store.verify(plan.key) == []

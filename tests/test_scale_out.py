@@ -22,6 +22,12 @@ def test_pieces_are_dealt_to_workers_whole_in_row_order(tiny_config):
     assert plan_groups(train, 2)[0].pieces == []  # nothing left to deal
 
 
+def same_to_float16_rounding(a: np.ndarray, b: np.ndarray) -> None:
+    """A Dask worker runs torch on one thread (Dask sets OMP_NUM_THREADS=1), which changes the order of the
+    convolutions' sums: the last bit of a float16 feature may differ from a two-thread process's."""
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_them(
@@ -48,10 +54,11 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     for split, result in expected.items():
         a = FeatureStore(single.cache_dir).read(result.key)
         b = FeatureStore(sharded.cache_dir).read(got[split].key)
-        assert np.array_equal(a.features["penultimate"], b.features["penultimate"]) and a.paths == b.paths
+        same_to_float16_rounding(a.features["penultimate"], b.features["penultimate"])
+        assert a.paths == b.paths and np.array_equal(a.labels, b.labels)
         assert got[split].forward_batches == result.forward_batches and not got[split].cache_hit
-        with h5py.File(got[split].path) as fh, h5py.File(result.path) as one:
-            assert fh.attrs["checksums"] == one.attrs["checksums"]
+        with h5py.File(got[split].path) as fh:
+            assert len(fh["features/penultimate"].virtual_sources()) == len(split_plans(sharded)[split].pieces)
     assert all(r.cache_hit for r in again.values())
     assert trained[0].records[0].val_accuracy >= 0
     # an existing scheduler, by address: the same features again
@@ -63,8 +70,8 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
         with temporary_settings({PREFECT_API_URL: prefect_server.url}):
             remote = extract_flow(by_address)
     train = FeatureStore(by_address.cache_dir).read(remote["train"].key)
-    assert np.array_equal(train.features["penultimate"],
-                          FeatureStore(single.cache_dir).read(expected["train"].key).features["penultimate"])
+    same_to_float16_rounding(train.features["penultimate"],
+                             FeatureStore(single.cache_dir).read(expected["train"].key).features["penultimate"])
     runs = prefect_server.api("POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "extract-resnet18-train-pieces"}}})
     assert sorted(r["name"].removeprefix("extract-resnet18-train-") for r in runs) == [
         "pieces1of2", "pieces1of3", "pieces2of2", "pieces2of3", "pieces3of3"]

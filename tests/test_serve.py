@@ -182,7 +182,7 @@ def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_conf
                            env=server.env(TRANSFERPIPE_FAULTS="extract.batch:2:delay=300"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait("an extraction in progress", lambda: list((tmp_path / "cache" / "features").glob("*.h5.partial")), 120)
+        _wait("an extraction in progress", lambda: list((tmp_path / "cache" / "features").rglob("*.h5.partial")), 120)
     finally:
         stop_server(server, proc)
     stopped = time.monotonic()

@@ -46,7 +46,7 @@ def child(plan: SplitPlan, tmp_path: Path, faults: str = "", fsize: int | None =
 
 @pytest.fixture
 def experiment(tmp_path, tiny_config):
-    """27 training images in 7 batches of 4 (and 9 test images); one config per cache dir, same keys."""
+    """29 training images in 8 batches of 4 (and 7 test images); one config per cache dir, same keys."""
     root = make_imagefolder(tmp_path / "big", n_per_class=12)
 
     def plan(cache: str, split: str = "train", **data) -> SplitPlan:
@@ -56,6 +56,12 @@ def experiment(tmp_path, tiny_config):
         return split_plans(cfg)[split]
 
     return plan
+
+
+def partial(plan: SplitPlan) -> Path:
+    """The partial file of the split's one piece (29 images: one piece at the default piece size)."""
+    (piece,) = plan.pieces
+    return FeatureStore(plan.cache_dir).pieces().partial_path(piece.key)
 
 
 def contents(path: Path) -> dict:
@@ -77,8 +83,8 @@ def assert_identical(a: Path, b: Path) -> None:
 @pytest.mark.parametrize(
     ("faults", "batches_left"),
     [
-        ("extract.batch:4:kill", (4, 5)),  # between batches: 2-3 flushed, the rest recomputed
-        ("store.append:6:kill", (2, 2)),  # mid-flush: rows of batch 6 written, rows_done not updated
+        ("extract.batch:4:kill", (5, 6)),  # between batches: 2-3 flushed, the rest recomputed
+        ("store.append:6:kill", (3, 3)),  # mid-flush: rows of batch 6 written, rows_done not updated
         ("store.complete:1:kill", (0, 0)),  # everything flushed, checksums written, complete not set
     ],
 )
@@ -89,16 +95,17 @@ def test_kill_9_then_rerun_resumes_to_identical_bytes(experiment, tmp_path, faul
     proc.wait(timeout=120)
     assert proc.returncode == -9, proc.stderr.read()
     store = FeatureStore(plan.cache_dir)
-    assert store.partial_path(plan.key).exists() and store.lookup(plan.key) is None
-    store.lock(plan.key, timeout=0).acquire()  # the dead writer's lock died with it
-    store.lock(plan.key).release()
+    assert partial(plan).exists() and store.lookup(plan.key) is None
+    for lock in (store.lock(plan.key, timeout=0), store.pieces().lock(plan.pieces[0].key, timeout=0)):
+        lock.acquire()  # the dead writer's locks died with it
+        lock.release()
 
     resumed = extract_split(plan)
     assert not resumed.cache_hit
     assert batches_left[0] <= resumed.forward_batches <= batches_left[1]
     assert_identical(resumed.path, reference.path)
     assert store.verify(plan.key) == []
-    assert not store.partial_path(plan.key).exists()
+    assert not partial(plan).exists()
 
 
 def test_resume_with_skipped_images_records_them_once(experiment, tmp_path):
@@ -121,11 +128,12 @@ def test_torn_partial_is_set_aside_never_deleted_and_extraction_restarts(experim
     reference = extract_split(experiment("reference"))
     plan = experiment("torn")
     store = FeatureStore(plan.cache_dir)
-    store.partial_path(plan.key).write_bytes(b"\x89HDF\r\n garbage from a torn write")
+    partial(plan).parent.mkdir(parents=True, exist_ok=True)
+    partial(plan).write_bytes(b"\x89HDF\r\n garbage from a torn write")
     result = extract_split(plan)
-    assert result.forward_batches == 7
+    assert result.forward_batches == 8
     assert_identical(result.path, reference.path)
-    kept = list((store.root / "quarantine").glob(f"{plan.key}.h5.partial.torn-*"))
+    kept = list((store.pieces().root / "quarantine").glob(f"{plan.pieces[0].key}.h5.partial.torn-*"))
     assert len(kept) == 1 and kept[0].read_bytes().endswith(b"torn write")
 
 
@@ -134,14 +142,14 @@ def test_second_run_with_the_same_key_waits_then_reuses(experiment, tmp_path, ca
     first = child(plan, tmp_path, "extract.batch:2:delay=4")  # holds the lock for 4 s mid-run
     store = FeatureStore(plan.cache_dir)
     deadline = time.monotonic() + 60
-    while not store.partial_path(plan.key).exists() and time.monotonic() < deadline:
+    while not partial(plan).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     with caplog.at_level(logging.INFO, logger="transferpipe"):
         second = extract_split(plan)
     assert first.wait(timeout=60) == 0, first.stderr.read()
     assert "another run is extracting" in caplog.text
     assert second.cache_hit and second.forward_batches == 0
-    assert json.loads(first.stdout.read())["forward_batches"] == 7
+    assert json.loads(first.stdout.read())["forward_batches"] == 8
 
 
 def test_different_keys_proceed_in_parallel(experiment, tmp_path):
@@ -149,13 +157,13 @@ def test_different_keys_proceed_in_parallel(experiment, tmp_path):
     other = experiment("parallel", split="test")
     store = FeatureStore(other.cache_dir)
     deadline = time.monotonic() + 60
-    while not list(store.root.glob("*.partial")) and time.monotonic() < deadline:
+    while not list(store.pieces().root.glob("*.partial")) and time.monotonic() < deadline:
         time.sleep(0.05)
     result = extract_split(other)
     still_running = slow.poll() is None
     slow.kill()
     slow.wait()
-    assert still_running and not result.cache_hit and result.rows == 9
+    assert still_running and not result.cache_hit and result.rows == 7
 
 
 @pytest.fixture
@@ -176,7 +184,7 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     plan = experiment("disk/cache")
     proc = child(plan, tmp_path, "extract.batch:3:delay=6")  # the disk fills up during batch 3
     store = FeatureStore(plan.cache_dir)
-    while not store.partial_path(plan.key).exists() and proc.poll() is None:
+    while not partial(plan).exists() and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(2)  # batches 1-2 (tiny) are flushed by now; batch 3 waits
     filler = tiny_disk / "filler"
@@ -187,12 +195,12 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     assert "FeatureStoreError: not enough disk space in" in err
     kept = int(re.search(r"is kept at row (\d+) and resumes", err).group(1))
     assert kept in (4, 8)  # mid-run: batch 3 could not be written
-    assert store.lookup(plan.key) is None and store.partial_path(plan.key).exists()
+    assert store.lookup(plan.key) is None and partial(plan).exists()
     assert (done.path.stat().st_mtime_ns, contents(done.path)["checksums"]) == before
     assert store.verify(done.key) == []
     filler.unlink()
     resumed = extract_split(plan)  # room again: the next run finishes the job
-    assert resumed.forward_batches == 7 - kept // 4
+    assert resumed.forward_batches == 8 - kept // 4
     assert_identical(resumed.path, reference.path)
 
 
@@ -229,8 +237,12 @@ def test_bit_flip_is_caught_on_read_quarantined_and_recomputed(experiment):
     good = contents(first.path)["features"].copy()
     flip_a_feature_byte(first.path)
     store = FeatureStore(plan.cache_dir)
-    assert store.verify(plan.key) == [f"{first.path}: features/penultimate checksum mismatch"]
-    with pytest.raises(CorruptFeatureFile, match="checksum mismatch in features/penultimate; it was quarantined"):
+    piece = store.pieces().path(plan.pieces[0].key)
+    assert store.verify(plan.key) == [f"{first.path}: features/penultimate checksum mismatch",
+                                      f"{piece}: features/penultimate checksum mismatch"]  # traced to its piece
+    assert not piece.exists()  # set aside: the next extraction recomputes it
+    with pytest.raises(CorruptFeatureFile, match=f"piece file\\(s\\) pieces/{piece.name} of features/penultimate are "
+                                                 "missing; it was quarantined"):
         store.read(plan.key)
     assert not first.path.exists() and list((store.root / "quarantine").glob(f"{plan.key}.h5.corrupt-*"))
     again = extract_split(plan)
@@ -245,8 +257,8 @@ def test_truncated_complete_file_is_never_served(experiment):
     first.path.write_bytes(data[: len(data) // 2])
     store = FeatureStore(plan.cache_dir)
     assert store.verify(plan.key)[0].startswith(str(first.path))
-    again = extract_split(plan)  # lookup's cheap checks quarantine it; the stage recomputes
-    assert not again.cache_hit and store.verify(plan.key) == []
+    again = extract_split(plan)  # lookup's cheap checks quarantine it; the stage joins its pieces again
+    assert not again.cache_hit and again.forward_batches == 0 and store.verify(plan.key) == []
 
 
 def test_a_file_lock_inherited_elsewhere_does_not_make_a_sound_file_unreadable(experiment):
