@@ -115,12 +115,22 @@ class ImageFolder(DataSource):
 
 
 class Csv(DataSource):
-    """A CSV with a header ``path,label[,split]``; paths relative to the CSV's folder."""
+    """A CSV with a header ``path,label[,split]``, paths relative to the CSV's folder: the table source's CSV
+    case (``data.root`` names the file; read by :class:`Table` with those columns)."""
 
     name = "csv"
 
     def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
-        return (cfg.root.parent, *_read_csv(cfg.root))
+        path = cfg.root
+        if not path.is_file():
+            raise DataError(f"data.root {path} is not a readable CSV file")
+        with open(path, newline="", encoding="utf-8") as fh:
+            columns = next(csv.reader(fh), [])
+        if not {"path", "label"} <= set(columns):
+            raise DataError(f"{path}: header must have columns path,label[,split]; found {columns}")
+        table = cfg.model_copy(update={"path": str(path), "image": "path", "label": "label", "root": path.parent,
+                                       "split": "split" if "split" in columns else None})
+        return SOURCES["table"].scan(table, cache_dir)
 
 
 class Digits(DataSource):
@@ -402,7 +412,7 @@ class Table(DataSource):
             raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
         classes = named or _sorted_labels(label for pairs in raw.values() for _, label in pairs)
         items = _labelled(raw, classes, named is not None, bad, "is not one of the classes")
-        _bad_items(bad, "row(s) in data.path", cfg.on_bad_image)
+        _bad_items(bad, f"row(s) in {cfg.path}", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"{cfg.path}: found {len(classes)} class(es) {classes}; a classifier needs at least 2")
         return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
@@ -573,37 +583,6 @@ def _unnamable(root: Path, names: list[str], on_bad_image: str) -> None:
         raise DataError(f"{len(names)} file name(s) under {root} are not valid UTF-8: {shown}. Rename them, "
                         "or set data.on_bad_image: skip to leave them out")
     log.warning("left out %d file(s) whose names are not valid UTF-8: %s", len(names), shown)
-
-
-def _read_csv(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """``path,label[,split]`` with a header; image paths relative to the CSV's folder."""
-    if not path.is_file():
-        raise DataError(f"data.root {path} is not a readable CSV file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        if not {"path", "label"} <= set(columns):
-            raise DataError(f"{path}: header must have columns path,label[,split]; found {columns}")
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    has_split = "split" in columns
-    classes = sorted({r["label"] for r in rows})
-    if len(classes) < 2:
-        raise DataError(f"{path}: found {len(classes)} label(s) {classes}; a classifier needs at least 2")
-    index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for line, r in enumerate(rows, start=2):
-        split = r["split"] if has_split else "all"
-        if has_split and split not in SPLITS:
-            raise DataError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
-        if not r["path"]:
-            raise DataError(f"{path}:{line}: empty path")
-        splits.setdefault(split, []).append((r["path"], index[r["label"]]))
-    missing = [p for items in splits.values() for p, _ in items if not (path.parent / p).is_file()]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:5]}")
-    return classes, {s: sorted(items) for s, items in splits.items()}
 
 
 # --------------------------------------------------------------------------- digits

@@ -71,9 +71,9 @@ def test_csv_with_and_without_split_column(tmp_path):
     ("csv_text", "expected"),
     [
         ("file,label\na.png,x\n", "header must have columns path,label"),
-        ("path,label,split\nclass0/000.png,a,train\nclass1/000.png,b,holdout\n", "labels.csv:3: split 'holdout' is not one of"),
-        ("path,label\nclass0/000.png,a\nmissing.png,b\n", "1 listed file(s) do not exist, e.g. ['missing.png']"),
-        ("path,label\nclass0/000.png,a\nclass0/001.png,a\n", "found 1 label(s) ['a']; a classifier needs at least 2"),
+        ("path,label,split\nclass0/000.png,a,train\nclass1/000.png,b,holdout\n", "labels.csv row 1: split 'holdout' is not one of train, val"),
+        ("path,label\nclass0/000.png,a\nmissing.png,b\n", "labels.csv: missing.png (row of"),
+        ("path,label\nclass0/000.png,a\nclass0/001.png,a\n", "labels.csv: found 1 class(es) ['a']; a classifier needs at least 2"),
     ],
 )
 def test_csv_errors(tmp_path, csv_text, expected):
