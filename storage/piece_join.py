@@ -15,7 +15,7 @@ import hashlib
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -65,14 +65,16 @@ def _virtual_layer(group: h5py.Group, layer: str, sources: list, root: Path, bad
 def join_pieces(
     store: FeatureStore, key: str, pieces: list[Path], label_of: Mapping[str, int], *, spec: dict[str, Any],
     classes: list[str], versions: dict[str, str], batch_size: int, attrs: dict[str, str] | None = None,
+    left_out: Sequence[dict[str, str]] = (),
 ) -> Path:
     """Join complete piece files (in row order) into ``<key>.h5`` without copying features.
 
     Features become virtual datasets over the pieces. Each piece's checksums
     are verified in the same single read that computes the joined file's
     checksums; a bad piece is quarantined and the join fails, so a retry
-    recomputes it. Labels come from ``label_of`` (row id → label). Use under
-    the key's lock.
+    recomputes it. Labels come from ``label_of`` (row id → label); ``skipped``
+    lists the pieces' undecodable items, then ``left_out`` (items a scan left
+    out). Use under the key's lock.
     """
     files = store.files
     partial = files.partial(key)
@@ -82,7 +84,7 @@ def join_pieces(
               "versions": canonical_json(versions), "batch_size": batch_size, "pieces": len(pieces), **(attrs or {})}
     with contextlib.ExitStack() as stack:
         opened = [_open_piece(stack, path, key) for path in pieces]
-        bad = _write_joined(partial, files.folder, pieces, opened, label_of, header)
+        bad = _write_joined(partial, files.folder, pieces, opened, label_of, header, list(left_out))
     if bad:  # the partial holds only metadata: drop it; set the bad pieces aside so a rerun recomputes them
         partial.unlink()
         for path in sorted(set(bad)):
@@ -108,7 +110,7 @@ def _open_piece(stack: contextlib.ExitStack, path: Path, key: str) -> h5py.File:
 
 
 def _write_joined(partial: Path, folder: Path, paths: list[Path], pieces: list[h5py.File],
-                  label_of: Mapping[str, int], header: dict[str, Any]) -> list[str]:
+                  label_of: Mapping[str, int], header: dict[str, Any], left_out: list[dict[str, str]]) -> list[str]:
     """The joined file at ``partial`` (complete unless a piece is bad); returns the bad pieces' paths."""
     stored = [json_attr(fh.attrs, "checksums", {}) for fh in pieces]
     piece_rows = [list(fh["paths"].asstr()[()]) for fh in pieces]
@@ -128,7 +130,7 @@ def _write_joined(partial: Path, folder: Path, paths: list[Path], pieces: list[h
         out.create_dataset("labels", data=labels)
         out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=STRING)
         checksums.update(labels=values_checksum(labels), paths=values_checksum(row_paths))
-        skipped = [s for fh in pieces for s in json_attr(fh.attrs, "skipped", [])]
+        skipped = [s for fh in pieces for s in json_attr(fh.attrs, "skipped", [])] + left_out
         out.attrs.update(
             rows_done=len(row_paths), skipped=canonical_json(skipped),
             checksums=canonical_json(checksums), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

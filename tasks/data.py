@@ -159,6 +159,7 @@ class Manifest:
     files: dict[str, list[Any]] = field(default_factory=dict)  # per split, each file's identity (size+mtime or sha256)
     source: str = "imagefolder"  # the dataset source that opens its items (tasks/datasources.py)
     options: dict[str, str] = field(default_factory=dict)  # what the source needs to open an item (a table's column)
+    left_out: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split, what a scan left out
 
     def save(self, path: Path) -> Path:
         """Written when it changed (atomically); an unchanged one is left alone, so a read-only cache plans."""
@@ -166,6 +167,7 @@ class Manifest:
             "root": str(self.root), "classes": self.classes, "source": self.source,
             "splits": self.splits, "fingerprints": self.fingerprints, "files": self.files,
             **({"options": self.options} if self.options else {}),
+            **({"left_out": self.left_out} if self.left_out else {}),
         }
         text = json.dumps(payload)
         try:
@@ -196,13 +198,13 @@ def _load_manifest(path: str, size: int, mtime_ns: int) -> Manifest:
     raw = json.loads(Path(path).read_text())
     splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
     return Manifest(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
-                    raw.get("source", "imagefolder"), raw.get("options", {}))
+                    raw.get("source", "imagefolder"), raw.get("options", {}), raw.get("left_out", {}))
 
 
 def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     """Scan the configured source and split it; raises DataError before any compute."""
     source = datasources.get(cfg.source)
-    root, classes, splits = source.scan(cfg, cache_dir)
+    root, classes, splits, left_out = source.scan(cfg, cache_dir)
     if "all" in splits:
         splits = split_by_fraction(splits.pop("all"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
         for name, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
@@ -218,7 +220,12 @@ def build_manifest(cfg: DataConfig, cache_dir: Path) -> Manifest:
     options = source.options(cfg)
     files = {s: source.identities(root, items, content, options) for s, items in splits.items()}
     fps = {s: manifest_fingerprint(items, files[s], classes, content, options) for s, items in splits.items()}
-    return Manifest(root, classes, splits, fps, files, source=cfg.source, options=options)
+    skipped: dict[str, list[dict[str, str]]] = {}
+    for entry in left_out:  # a sample left out of a split by fraction goes where its hash would have put it
+        split = entry["split"] if entry["split"] != "all" else _fraction_split(
+            entry["path"], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        skipped.setdefault(split, []).append({"path": entry["path"], "error": entry["error"]})
+    return Manifest(root, classes, splits, fps, files, source=cfg.source, options=options, left_out=skipped)
 
 
 def split_by_fraction(
@@ -234,7 +241,7 @@ def split_by_fraction(
     """
     items = items if all(a <= b for a, b in zip(items, items[1:])) else sorted(items)
     salt, test_cut, val_cut = f"{seed}\0".encode(), test_fraction * 2**64, (test_fraction + val_fraction) * 2**64
-    hashes = [int.from_bytes(hashlib.blake2b(salt + p.encode(), digest_size=8).digest(), "big") for p, _ in items]
+    hashes = [_hash(salt, p) for p, _ in items]
     drawn = [0 if u < test_cut else 1 if u < val_cut else 2 for u in hashes]  # 0 test, 1 val, 2 train
     counts: dict[int, list[int]] = {}
     for (_, y), d in zip(items, drawn):
@@ -250,6 +257,16 @@ def split_by_fraction(
     for item, d in zip(items, drawn):
         out[names[d]].append(item)
     return out
+
+
+def _hash(salt: bytes, item: str) -> int:
+    return int.from_bytes(hashlib.blake2b(salt + item.encode(), digest_size=8).digest(), "big")
+
+
+def _fraction_split(item: str, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """The split an item's hash alone puts it in (before the small-class adjustments)."""
+    u = _hash(f"{seed}\0".encode(), item)
+    return "test" if u < test_fraction * 2**64 else "val" if u < (test_fraction + val_fraction) * 2**64 else "train"
 
 
 def _rebalance(items: list[tuple[str, int]], hashes: list[int], drawn: list[int], label: int,

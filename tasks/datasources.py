@@ -16,9 +16,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -73,6 +73,16 @@ class DigitsConfig(BaseModel):
 Items = dict[str, list[tuple[str, int]]]  # split ("all" before splitting) -> sorted (item id, label)
 
 
+class Scan(NamedTuple):
+    """What a source found: its root, class names, items per split, and the items it left out with
+    ``on_bad_image: skip`` (``{path: item id, error, split}``; split ``all`` when the fractions decide)."""
+
+    root: Path
+    classes: list[str]
+    items: Items
+    left_out: Sequence[dict[str, str]] = ()
+
+
 class DataSource:
     """Where a dataset's images come from."""
 
@@ -82,8 +92,9 @@ class DataSource:
     #: the ``data:`` sub-section that only this source reads (e.g. ``digits``), if any
     option: str | None = None
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
-        """``(root, class names, items per split)``; raises :class:`DataError` naming the file or folder."""
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
+        """Root, class names, items per split and what was left out; raises :class:`DataError` naming the file
+        or folder."""
         raise NotImplementedError
 
     def options(self, cfg: DataConfig) -> dict[str, str]:
@@ -110,8 +121,8 @@ class ImageFolder(DataSource):
 
     name = "imagefolder"
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
-        return (cfg.root, *_scan_imagefolder(cfg.root, cfg.on_bad_image))
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
+        return Scan(cfg.root, *_scan_imagefolder(cfg.root, cfg.on_bad_image))
 
 
 class Csv(DataSource):
@@ -120,7 +131,7 @@ class Csv(DataSource):
 
     name = "csv"
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         path = cfg.root
         if not path.is_file():
             raise DataError(f"data.root {path} is not a readable CSV file")
@@ -140,9 +151,9 @@ class Digits(DataSource):
     needs_root = False
     option = "digits"
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         root = write_digits(CacheLayout(cache_dir).datasets(), cfg.digits)
-        return (root, *_scan_imagefolder(root))
+        return Scan(root, *_scan_imagefolder(root))
 
 
 class Mnist5k(DataSource):
@@ -151,9 +162,9 @@ class Mnist5k(DataSource):
     name = "mnist5k"
     needs_root = False
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         root = write_mnist5k(CacheLayout(cache_dir).datasets())
-        return (root, *_scan_imagefolder(root))
+        return Scan(root, *_scan_imagefolder(root))
 
 
 class WebDataset(DataSource):
@@ -168,7 +179,7 @@ class WebDataset(DataSource):
     name = "webdataset"
     needs_root = False
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         from tasks import tar_index
 
         try:
@@ -179,7 +190,7 @@ class WebDataset(DataSource):
         root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]))
         ext, _, field = cfg.label_key.partition(".")
         raw: dict[str, list[tuple[str, str]]] = {}
-        bad: list[str] = []
+        bad: list[tuple[str, str, str]] = []  # (item or shard, why, split)
         memo = Records(CacheLayout(cache_dir).shard_scan)
         for split, paths in shards.items():
             for path in paths:
@@ -187,23 +198,23 @@ class WebDataset(DataSource):
                 try:
                     truncated, samples = _wds_scan(path, ext, field, memo)
                 except tar_index.ShardError as exc:
-                    bad.append(str(exc))
+                    bad.append((rel, str(exc), split))
                     continue
                 if truncated:
-                    bad.append(f"{rel}: {truncated}")
+                    bad.append((rel, truncated, split))
                 for key, label, why in samples:
                     if why is not None:
-                        bad.append(f"{rel}/{key}: {why}")
+                        bad.append((f"{rel}/{key}", why, split))
                     else:
                         raw.setdefault(split, []).append((f"{rel}/{key}", label))
         named = root / "classes.txt"
         classes = _wds_classes(named, [label for pairs in raw.values() for _, label in pairs])
         items = _labelled(raw, classes, named.is_file(), bad, f"is not a class in {named}")
-        _bad_items(bad, "sample(s) or shard(s) in data.shards", cfg.on_bad_image)
+        left_out = _bad_items(bad, "sample(s) or shard(s) in data.shards", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"data.shards under {root}: found {len(classes)} class(es) {classes}; "
                             "a classifier needs at least 2")
-        return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
+        return Scan(root, classes, {split: sorted(pairs) for split, pairs in items.items()}, left_out)
 
     def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
                    options: dict[str, str]) -> list[Any]:
@@ -319,8 +330,8 @@ def _sorted_labels(labels: Iterable[str]) -> list[str]:
     return sorted(distinct)
 
 
-def _labelled(raw: dict[str, list[tuple[str, str]]], classes: list[str], numbered: bool, bad: list[str],
-              unknown: str) -> Items:
+def _labelled(raw: dict[str, list[tuple[str, str]]], classes: list[str], numbered: bool,
+              bad: list[tuple[str, str, str]], unknown: str) -> Items:
     """Items with their labels' class indices (:func:`_class_index`); an unknown label goes to ``bad``."""
     index = {name: i for i, name in enumerate(classes)}
     items: Items = {}
@@ -330,7 +341,7 @@ def _labelled(raw: dict[str, list[tuple[str, str]]], classes: list[str], numbere
             at = known[label] if label in known else known.setdefault(label, _class_index(label, index, classes,
                                                                                            numbered))
             if at is None:
-                bad.append(f"{item}: label {label!r} {unknown}")
+                bad.append((item, f"label {label!r} {unknown}", split))
             else:
                 items.setdefault(split, []).append((item, at))
     return items
@@ -363,7 +374,7 @@ class Table(DataSource):
     def options(self, cfg: DataConfig) -> dict[str, str]:
         return {"image": cfg.image}
 
-    def scan(self, cfg: DataConfig, cache_dir: Path) -> tuple[Path, list[str], Items]:
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         from tasks import tables
 
         files = _table_files(cfg.path)
@@ -377,7 +388,7 @@ class Table(DataSource):
         root = (cfg.root or Path(folders[0])) if holds_paths else Path(os.path.commonpath(folders))
         wanted = [cfg.label, *([cfg.split] if cfg.split else []), *([cfg.image] if holds_paths else [])]
         raw: dict[str, list[tuple[str, str]]] = {}
-        bad: list[str] = []
+        bad: list[tuple[str, str, str]] = []  # (row, why, split)
         for file in files:
             rel = os.path.relpath(file, root).replace(os.sep, "/")
             row = 0
@@ -395,12 +406,12 @@ class Table(DataSource):
                         split = SPLIT_NAMES.get(str(values[cfg.split][i]).lower()) if cfg.split else "all"
                         item = values[cfg.image][i] if holds_paths else f"{rel}#{row + i:0{ROW_DIGITS}d}"
                         if label is None or str(label).strip() == "":
-                            bad.append(f"{where}: no label")
+                            bad.append((where, "no label", split or "all"))
                         elif split is None:
                             raise DataError(f"{file} row {row + i}: split {values[cfg.split][i]!r} is not one of "
                                             f"train, val (validation), test")
                         elif not item:
-                            bad.append(f"{where}: no image path")
+                            bad.append((where, "no image path", split))
                         else:
                             raw.setdefault(split, []).append((str(item), str(label).strip()))
                     row += batch.num_rows
@@ -408,14 +419,15 @@ class Table(DataSource):
                 raise DataError(str(exc)) from None
         if holds_paths:
             gone = {item for pairs in raw.values() for item, _ in pairs if not os.path.isfile(os.path.join(root, item))}
-            bad += [f"{item} (row of {cfg.path}): no such file under {root}" for item in sorted(gone)]
+            bad += sorted((f"{item} (row of {cfg.path})", f"no such file under {root}", split)
+                          for split, pairs in raw.items() for item, _ in pairs if item in gone)
             raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
         classes = named or _sorted_labels(label for pairs in raw.values() for _, label in pairs)
         items = _labelled(raw, classes, named is not None, bad, "is not one of the classes")
-        _bad_items(bad, f"row(s) in {cfg.path}", cfg.on_bad_image)
+        left_out = _bad_items(bad, f"row(s) in {cfg.path}", cfg.on_bad_image)
         if len(classes) < 2:
             raise DataError(f"{cfg.path}: found {len(classes)} class(es) {classes}; a classifier needs at least 2")
-        return root, classes, {split: sorted(pairs) for split, pairs in items.items()}
+        return Scan(root, classes, {split: sorted(pairs) for split, pairs in items.items()}, left_out)
 
     def identities(self, root: Path, items: list[tuple[str, int]], content: bool,
                    options: dict[str, str]) -> list[Any]:
@@ -462,13 +474,17 @@ def _table_files(pattern: str | None) -> list[str]:
     return files
 
 
-def _bad_items(bad: list[str], what: str, on_bad_image: str) -> None:
+def _bad_items(bad: list[tuple[str, str, str]], what: str, on_bad_image: str) -> list[dict[str, str]]:
+    """``(item, why, split)`` found by a scan: an error naming them, or with ``on_bad_image: skip`` a warning
+    and the list of what is left out."""
     if not bad:
-        return
-    shown = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return []
+    shown = "; ".join(f"{item}: {why}" for item, why, _ in bad[:5]) + (
+        f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     if on_bad_image != "skip":
         raise DataError(f"{len(bad)} bad {what}: {shown}. Fix them, or set data.on_bad_image: skip to leave them out")
     log.warning("left out %d bad %s: %s", len(bad), what, shown)
+    return [{"path": item, "error": why, "split": split} for item, why, split in bad]
 
 
 #: the dataset sources by ``data.source`` name

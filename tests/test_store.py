@@ -140,7 +140,6 @@ def test_torn_partial_is_set_aside_never_deleted_and_extraction_restarts(experim
 def test_second_run_with_the_same_key_waits_then_reuses(experiment, tmp_path, caplog):
     plan = experiment("shared")
     first = child(plan, tmp_path, "extract.batch:2:delay=4")  # holds the lock for 4 s mid-run
-    store = FeatureStore(plan.cache_dir)
     deadline = time.monotonic() + 60
     while not partial(plan).exists() and time.monotonic() < deadline:
         time.sleep(0.05)

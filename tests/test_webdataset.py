@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flows.config import load_config
+from storage.features import FeatureStore
 from helpers import make_imagefolder, make_shards, split_plans
 from tasks.data import DataConfig, DataError, build_manifest
 from tasks.extract import extract_split
@@ -169,3 +170,28 @@ def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_pat
     assert why[2] == "  shard shard-003.tar: added"
     second = extract_split(split_plans(grown)["train"])
     assert second.rows == 24 and second.forward_batches == 2  # the new shard only
+
+
+def test_what_skip_leaves_out_is_in_the_feature_file_and_the_report(tiny_config, tmp_path):
+    import json
+
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+
+    shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=18)
+    _add(shards[0], {"broken.png": b"\x89PNG not really", "broken.cls": b"class0",  # fails to decode
+                     "nolabel.png": (tmp_path / "images" / "class0" / "000.png").read_bytes()})  # fails the scan
+    cfg = tiny_config(heads=[{"kind": "knn", "k": [1]}], data={
+        "source": "webdataset", "root": None, "shards": [str(p) for p in shards], "on_bad_image": "skip"})
+    with local_run_settings():
+        result = pipeline_flow(cfg)
+    manifest = json.loads(Path(split_plans(cfg)["train"].manifest).read_text())
+    where = {e["path"]: split for split, entries in manifest["left_out"].items() for e in entries}
+    assert list(where) == ["shard-000.tar/nolabel"]  # in the split its hash gives it
+    files = {s: FeatureStore(cfg.cache_dir).read(r.key) for s, r in result.features.items()}
+    skipped = {e["path"]: (s, e["error"]) for s, f in files.items() for e in f.skipped}
+    assert set(skipped) == {"shard-000.tar/broken", "shard-000.tar/nolabel"}
+    assert skipped["shard-000.tar/nolabel"] == (where["shard-000.tar/nolabel"], "no 'cls' member for data.label_key")
+    report = Path(result.report).with_name("report.md").read_text()
+    assert "## Images left out (data.on_bad_image: skip)" in report and "`shard-000.tar/nolabel`" in report
+    assert "`shard-000.tar/broken` (" in report
