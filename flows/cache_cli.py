@@ -121,12 +121,14 @@ def gc(
     cache_dir: CacheDir = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Remove stale partial files (never one whose writer still runs), what interrupted writes left (*.tmp, half-written
-    heads) and, optionally, unused complete files. Links are removed, never followed."""
+    """Remove stale partial files (never one whose writer still runs), pieces no feature file joins, what interrupted
+    writes left (*.tmp, half-written heads), scans of shards that changed and, optionally, unused complete files.
+    Links are removed, never followed."""
     store = _store(cache_dir)
     unused = unused_days * 86400 if unused_days is not None else None
     removed = inventory.collect(store, partial_hours * 3600, unused, dry_run=dry_run)
     removed += inventory.collect_temporary(default_cache_dir(cache_dir), partial_hours * 3600, dry_run=dry_run)
+    removed += inventory.collect_scans(default_cache_dir(cache_dir), dry_run=dry_run)
     for path, why in removed:
         out.print(f"{'would remove' if dry_run else 'removed'} {path} ({why})", highlight=False)
     out.print(f"{len(removed)} file(s) {'would be ' if dry_run else ''}removed")

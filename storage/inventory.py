@@ -1,6 +1,8 @@
 """What the feature cache holds (``transferpipe cache ls``) and removing what is stale (``cache gc``)."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -165,6 +167,25 @@ def remove_artifacts(cache_dir: Path, prefixes: list[str], dry_run: bool = False
 
 #: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders
 TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*")
+
+
+def collect_scans(cache_dir: Path, dry_run: bool = False) -> list[tuple[Path, str]]:
+    """Remove remembered WebDataset shard scans whose shard is gone or has changed since (never read again)."""
+    removed = []
+    for path in sorted(CacheLayout(cache_dir).shard_scan("*").parent.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            st = os.stat(record["shard"])
+            stale = (st.st_size, st.st_mtime_ns) != (record["size"], record["mtime_ns"])
+        except FileNotFoundError:
+            stale = True
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = True  # unreadable, or written by an older version
+        if stale:
+            if not dry_run:
+                path.unlink(missing_ok=True)
+            removed.append((path, "a shard scan whose shard is gone or changed"))
+    return removed
 
 
 def collect_temporary(cache_dir: Path, older_than_s: float, dry_run: bool = False) -> list[tuple[Path, str]]:

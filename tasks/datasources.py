@@ -275,7 +275,7 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
     from tasks import tar_index
 
     st = os.stat(path)
-    key = fingerprint({"kind": "shard-scan", "version": 1, "path": os.path.abspath(path), "size": st.st_size,
+    key = fingerprint({"kind": "shard-scan", "version": 2, "path": os.path.abspath(path), "size": st.st_size,
                        "mtime_ns": st.st_mtime_ns, "label": [ext, field]})
     known = memo.read(key)
     try:  # flat lists: a million samples decode in about a second; a damaged record counts as absent
@@ -293,7 +293,8 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
                 why = f"no image member (has {', '.join(sorted(members))})"
             samples.append((name, label, why))
     try:
-        memo.write(key, {"truncated": found.truncated, "keys": [k for k, _, _ in samples],
+        memo.write(key, {"shard": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                         "truncated": found.truncated, "keys": [k for k, _, _ in samples],
                          "labels": [label for _, label, _ in samples], "bad": {k: w for k, _, w in samples if w}})
     except OSError:
         pass  # a read-only cache plans without remembering

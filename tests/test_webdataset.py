@@ -195,3 +195,20 @@ def test_what_skip_leaves_out_is_in_the_feature_file_and_the_report(tiny_config,
     report = Path(result.report).with_name("report.md").read_text()
     assert "## Images left out (data.on_bad_image: skip)" in report and "`shard-000.tar/nolabel`" in report
     assert "`shard-000.tar/broken` (" in report
+
+
+def test_a_warm_scan_reads_no_tar_and_gc_drops_the_scans_of_changed_shards(tmp_path, monkeypatch):
+    from storage import inventory
+    from tasks import tar_index
+
+    shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=9)
+    cfg = DataConfig(source="webdataset", shards=[str(p) for p in shards], val_fraction=0, test_fraction=0)
+    first = build_manifest(cfg, tmp_path / "cache")
+    monkeypatch.setattr(tar_index, "index", lambda path: pytest.fail(f"read {path} again"))
+    assert build_manifest(cfg, tmp_path / "cache").splits == first.splits  # from the remembered scans
+    monkeypatch.undo()
+    assert inventory.collect_scans(tmp_path / "cache") == []
+    _add(shards[1], {"extra.png": (tmp_path / "images" / "class0" / "000.png").read_bytes(), "extra.cls": b"class0"})
+    removed = inventory.collect_scans(tmp_path / "cache")
+    assert len(removed) == 1 and "gone or changed" in removed[0][1]
+    assert len(build_manifest(cfg, tmp_path / "cache").splits["train"]) == 19  # the changed shard is read again
