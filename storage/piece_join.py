@@ -10,9 +10,9 @@ renumbers labels, not features). Readers see no difference.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Mapping, Sequence
@@ -30,36 +30,6 @@ from storage.layout import FeatureFiles
 
 if TYPE_CHECKING:
     from storage.features import FeatureStore
-
-
-def _virtual_layer(group: h5py.Group, layer: str, sources: list, root: Path, bad: list[str]) -> str:
-    """``group[layer]`` as a virtual dataset over ``(piece path, dataset, stored checksum)`` in order.
-
-    One read of every piece both verifies it (a mismatch appends its path to
-    ``bad``) and feeds the joined dataset's checksum, which is returned.
-    """
-    first = sources[0][1]
-    dim, dtype = first.shape[1], first.dtype
-    total = sum(ds.shape[0] for _, ds, _ in sources)
-    if not total:
-        group.create_dataset(layer, shape=(0, dim), dtype=dtype)
-        return values_checksum(np.empty((0, dim), dtype=dtype))
-    layout = h5py.VirtualLayout(shape=(total, dim), dtype=dtype)
-    joint, offset = hashlib.sha256(), 0
-    for path, ds, stored in sources:
-        n, own = ds.shape[0], hashlib.sha256()
-        for start in range(0, n, 65536):
-            block = bytes_view(ds[start : start + 65536])
-            own.update(block)
-            joint.update(block)
-        if stored != "sha256:" + own.hexdigest():
-            bad.append(str(path))
-        if n:
-            layout[offset : offset + n] = h5py.VirtualSource(
-                os.path.relpath(path, root), ds.name, shape=(n, dim), dtype=dtype)
-        offset += n
-    group.create_virtual_dataset(layer, layout)
-    return "sha256:" + joint.hexdigest()
 
 
 def join_pieces(
@@ -82,17 +52,15 @@ def join_pieces(
         quarantine(files, partial, "replaced", "this key is now joined from its pieces")
     header = {"key": key, "spec": canonical_json(spec), "classes": canonical_json(classes),
               "versions": canonical_json(versions), "batch_size": batch_size, "pieces": len(pieces), **(attrs or {})}
-    with contextlib.ExitStack() as stack:
-        opened = [_open_piece(stack, path, key) for path in pieces]
-        bad = _write_joined(partial, files.folder, pieces, opened, label_of, header, list(left_out))
-    if bad:  # the partial holds only metadata: drop it; set the bad pieces aside so a rerun recomputes them
-        partial.unlink()
-        for path in sorted(set(bad)):
+    read = _read_pieces(pieces, key)
+    if read.bad:  # set the bad pieces aside so a rerun recomputes them; nothing was written
+        for path in sorted(set(read.bad)):
             quarantine(files.pieces(), Path(path), "corrupt", "checksum mismatch found while joining")
         raise CorruptFeatureFile(
-            f"piece(s) {', '.join(sorted(set(bad)))} of {short(key)} failed their checksums and were quarantined; "
+            f"piece(s) {', '.join(sorted(set(read.bad)))} of {short(key)} failed their checksums and were quarantined; "
             "rerun to recompute them"
         )
+    _write_joined(partial, files.folder, read, label_of, header, list(left_out))
     fsync(partial)
     os.replace(partial, files.complete(key))
     fsync(files.folder)
@@ -100,42 +68,78 @@ def join_pieces(
     return files.complete(key)
 
 
-def _open_piece(stack: contextlib.ExitStack, path: Path, key: str) -> h5py.File:
-    try:
-        fh = stack.enter_context(open_h5(path, "r"))
-        check_invariants(fh, FeatureFiles.key_of(path))
-    except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
-        raise CorruptFeatureFile(f"piece {path} of {short(key)} cannot be joined: {exc}") from exc
-    return fh
+@dataclass
+class _Pieces:
+    """What one pass over the pieces found: per layer its sources and the joined checksum, the rows' ids, the
+    pieces' skipped items, and the pieces that failed their checksums."""
+
+    layers: dict[str, tuple[int, np.dtype]] = field(default_factory=dict)  # layer -> (width, dtype)
+    sources: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)  # layer -> [(piece, rows)]
+    joint: dict[str, Any] = field(default_factory=dict)  # layer -> sha256 over every piece's bytes in order
+    rows: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
 
 
-def _write_joined(partial: Path, folder: Path, paths: list[Path], pieces: list[h5py.File],
-                  label_of: Mapping[str, int], header: dict[str, Any], left_out: list[dict[str, str]]) -> list[str]:
-    """The joined file at ``partial`` (complete unless a piece is bad); returns the bad pieces' paths."""
-    stored = [json_attr(fh.attrs, "checksums", {}) for fh in pieces]
-    piece_rows = [list(fh["paths"].asstr()[()]) for fh in pieces]
-    bad = [str(path) for path, sums, rows in zip(paths, stored, piece_rows) if sums.get("paths") != values_checksum(rows)]
-    row_paths = [p for rows in piece_rows for p in rows]
-    labels = np.fromiter((label_of[p] for p in row_paths), dtype=np.int64, count=len(row_paths))
+def _read_pieces(paths: list[Path], key: str) -> _Pieces:
+    """One read of every piece, one open file at a time (a split may have thousands): verifies each piece's
+    checksums and feeds the joined file's."""
+    out = _Pieces()
+    for path in paths:
+        try:
+            with open_h5(path, "r") as fh:
+                check_invariants(fh, FeatureFiles.key_of(path))
+                stored = json_attr(fh.attrs, "checksums", {})
+                rows = list(fh["paths"].asstr()[()])
+                if not out.layers:
+                    out.layers = {name: (ds.shape[1], ds.dtype) for name, ds in sorted(fh["features"].items())}
+                    out.sources = {name: [] for name in out.layers}
+                    out.joint = {name: hashlib.sha256() for name in out.layers}
+                ok = stored.get("paths") == values_checksum(rows)
+                for name in out.layers:
+                    ds, own = fh["features"][name], hashlib.sha256()
+                    for start in range(0, ds.shape[0], 65536):
+                        block = bytes_view(ds[start : start + 65536])
+                        own.update(block)
+                        out.joint[name].update(block)
+                    ok &= stored.get(f"features/{name}") == "sha256:" + own.hexdigest()
+                    out.sources[name].append((path, ds.shape[0]))
+                out.rows += rows
+                out.skipped += json_attr(fh.attrs, "skipped", [])
+        except (OSError, KeyError, ValueError, CorruptFeatureFile) as exc:
+            raise CorruptFeatureFile(f"piece {path} of {short(key)} cannot be joined: {exc}") from exc
+        if not ok:
+            out.bad.append(str(path))
+    return out
+
+
+def _write_joined(partial: Path, folder: Path, read: _Pieces, label_of: Mapping[str, int],
+                  header: dict[str, Any], left_out: list[dict[str, str]]) -> None:
+    """The joined file at ``partial``, complete: virtual layers over the pieces, labels from ``label_of``."""
+    labels = np.fromiter((label_of[p] for p in read.rows), dtype=np.int64, count=len(read.rows))
     checksums = {}
     with open_h5(partial, "w") as out:
         group = out.create_group("features")
-        layers = sorted(pieces[0]["features"]) if pieces else []
-        for layer in layers:
-            sources = [(path, fh["features"][layer], sums.get(f"features/{layer}"))
-                       for path, fh, sums in zip(paths, pieces, stored)]
-            checksums[f"features/{layer}"] = _virtual_layer(group, layer, sources, folder, bad)
-        if bad:
-            return bad
+        for name, (dim, dtype) in read.layers.items():
+            total = sum(n for _, n in read.sources[name])
+            if not total:
+                group.create_dataset(name, shape=(0, dim), dtype=dtype)
+            else:
+                layout, offset = h5py.VirtualLayout(shape=(total, dim), dtype=dtype), 0
+                for path, n in read.sources[name]:
+                    if n:
+                        layout[offset : offset + n] = h5py.VirtualSource(
+                            os.path.relpath(path, folder), f"features/{name}", shape=(n, dim), dtype=dtype)
+                    offset += n
+                group.create_virtual_dataset(name, layout)
+            checksums[f"features/{name}"] = "sha256:" + read.joint[name].hexdigest()
         out.create_dataset("labels", data=labels)
-        out.create_dataset("paths", data=np.asarray(row_paths, dtype=object), dtype=STRING)
-        checksums.update(labels=values_checksum(labels), paths=values_checksum(row_paths))
-        skipped = [s for fh in pieces for s in json_attr(fh.attrs, "skipped", [])] + left_out
+        out.create_dataset("paths", data=np.asarray(read.rows, dtype=object), dtype=STRING)
+        checksums.update(labels=values_checksum(labels), paths=values_checksum(read.rows))
         out.attrs.update(
-            rows_done=len(row_paths), skipped=canonical_json(skipped),
+            rows_done=len(read.rows), skipped=canonical_json(read.skipped + left_out),
             checksums=canonical_json(checksums), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **header,
         )
         out.flush()
         out.attrs["complete"] = True
-    return bad
