@@ -9,7 +9,6 @@ that name the folder or field.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -171,18 +170,22 @@ class Manifest:
         }
         text = json.dumps(payload)
         try:
-            if path.read_text() == text:
-                return path
+            same = path.read_text() == text
         except (OSError, UnicodeDecodeError):
-            pass
-        return write_text(path, text)
+            same = False
+        if not same:
+            write_text(path, text)
+        _remember(_stamp(path), self)  # the next load of this file is this object
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
         """The manifest at ``path``; one parse per process while the file stays the same (a plan reads it from
         every stage, and at a million items a parse takes seconds). Treat it as read-only."""
-        st = os.stat(path)
-        return _load_manifest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        stamp = _stamp(path)
+        if stamp not in _LOADED:
+            _remember(stamp, _parse_manifest(Path(path)))
+        return _LOADED[stamp]
 
     def image(self, item: str) -> Image.Image:
         """One item decoded to RGB (:func:`read_image`)."""
@@ -193,9 +196,23 @@ class Manifest:
         return dataset_id(self.fingerprints)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_manifest(path: str, size: int, mtime_ns: int) -> Manifest:
-    raw = json.loads(Path(path).read_text())
+_LOADED: dict[tuple[str, int, int], Manifest] = {}  # (path, size, mtime) -> the manifest, the last few
+
+
+def _stamp(path: str | Path) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def _remember(stamp: tuple[str, int, int], manifest: Manifest) -> None:
+    _LOADED.pop(stamp, None)
+    _LOADED[stamp] = manifest
+    while len(_LOADED) > 4:
+        _LOADED.pop(next(iter(_LOADED)))
+
+
+def _parse_manifest(path: Path) -> Manifest:
+    raw = json.loads(path.read_text())
     splits = {s: [(p, int(y)) for p, y in items] for s, items in raw["splits"].items()}
     return Manifest(Path(raw["root"]), raw["classes"], splits, raw["fingerprints"], raw.get("files", {}),
                     raw.get("source", "imagefolder"), raw.get("options", {}), raw.get("left_out", {}))
