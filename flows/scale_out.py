@@ -84,5 +84,10 @@ def sharded_extract(config: ExperimentConfig, plans: list[SplitPlan]) -> dict[st
     import distributed  # noqa: F401 - load its config defaults first: a set() before would drop them
 
     # non-daemonic LocalCluster workers, so each can run DataLoader decode workers of its own
-    with dask.config.set({"distributed.worker.daemon": False}):
-        return sharded_extract_flow.with_options(task_runner=task_runner(config.dask))(config, plans)
+    environ = dict(os.environ)
+    try:
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return sharded_extract_flow.with_options(task_runner=task_runner(config.dask))(config, plans)
+    finally:  # a LocalCluster sets OMP_NUM_THREADS=1 (and more) in this process too: later children would inherit it
+        os.environ.clear()
+        os.environ.update(environ)

@@ -1,6 +1,8 @@
 """Extraction over Dask: whole pieces dealt to the workers, joined as in one process; on a real 2-worker cluster."""
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -45,6 +47,7 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     pieces = {"piece_size": 2}
     single = tiny_config(heads=heads, extract=pieces)
     sharded = tiny_config(heads=heads, extract=pieces, cache_dir=str(tmp_path / "sharded"), dask={"workers": 2})
+    omp = os.environ.get("OMP_NUM_THREADS")
     monkeypatch.setenv("PREFECT_API_URL", prefect_server.url)  # the worker processes read the environment
     with temporary_settings({PREFECT_API_URL: prefect_server.url}):
         expected = extract_flow(single)
@@ -64,6 +67,8 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     # an existing scheduler, by address: the same features again
     from distributed import LocalCluster
 
+    assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == omp  # the flow put it back
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # a LocalCluster sets OMP_NUM_THREADS=1 here too
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         by_address = tiny_config(heads=heads, extract=pieces, cache_dir=str(tmp_path / "address"),
                                  dask={"address": cluster.scheduler_address, "shards": 3})

@@ -39,7 +39,11 @@ print(extract_split(plan).model_dump_json())
 def child(plan: SplitPlan, tmp_path: Path, faults: str = "", fsize: int | None = None) -> subprocess.Popen:
     spec = tmp_path / f"plan-{time.monotonic_ns()}.json"
     spec.write_text(plan.model_dump_json())
-    env = {**os.environ, "TRANSFERPIPE_FAULTS": faults}
+    import torch
+
+    # the same torch threads as this process: on a batch smaller than the thread count the sums' order (so a
+    # float16's last bit) depends on it, and a Dask test earlier may have left OMP_NUM_THREADS=1 behind
+    env = {**os.environ, "TRANSFERPIPE_FAULTS": faults, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     args = [sys.executable, "-c", CHILD, str(spec)] + ([str(fsize)] if fsize else [])
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
