@@ -137,6 +137,7 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
     loader = _Loader(plan, manifest, items, check_headers(manifest, wanted), runner, dims, len(wanted))
     rows = skipped = computed = 0
     undecodable: list[dict[str, str]] = []
+    made_by = versions()  # once: it reads package metadata
     with loader:
         for piece in todo:
             if undecodable:  # decode only, to name every bad image
@@ -154,7 +155,7 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
                 span = items[piece.start : piece.stop]
                 with store.writer(
                     piece.key, spec=piece_spec(plan.spec), classes=manifest.classes, dims=dims, total=len(span),
-                    batch_size=plan.extract.batch_size, versions=versions(), attrs={"piece": piece.name},
+                    batch_size=plan.extract.batch_size, versions=made_by, attrs={"piece": piece.name},
                 ) as writer:
                     first = writer.position
                     undecodable += loader.run(piece.start, piece.start + first, piece.stop, writer)
