@@ -117,12 +117,22 @@ def flip_a_feature_byte(path: Path) -> None:
         fh.write(bytes([byte[0] ^ 0x10]))
 
 
-def task_runs(flow_state) -> dict[str, object]:
-    """The task runs of a flow run (by name), read from the Prefect API."""
+def task_runs(flow_state, wait_s: float = 15.0) -> dict[str, object]:
+    """The task runs of a flow run (by name), read from the Prefect API once every one has reached a final state.
+
+    Prefect 3 records task run states from events, after the flow has returned: read at once under load, the
+    API could still show a failed task as running (or not yet list it)."""
+    import time
+
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
+    deadline = time.monotonic() + wait_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run for run in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if (runs and all(run.state is not None and run.state.is_final() for run in runs)) \
+                    or time.monotonic() > deadline:
+                return {run.name: run for run in runs}
+            time.sleep(0.2)
