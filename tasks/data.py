@@ -257,9 +257,10 @@ def split_by_fraction(
     lowest-``u`` training image, and every class keeps at least one training image.
     """
     items = items if all(a <= b for a, b in zip(items, items[1:])) else sorted(items)
-    salt, test_cut, val_cut = f"{seed}\0".encode(), test_fraction * 2**64, (test_fraction + val_fraction) * 2**64
+    salt = f"{seed}\0".encode()
     hashes = [_hash(salt, p) for p, _ in items]
-    drawn = [0 if u < test_cut else 1 if u < val_cut else 2 for u in hashes]  # 0 test, 1 val, 2 train
+    cuts = _cuts(val_fraction, test_fraction)
+    drawn = [0 if u < cuts[0] else 1 if u < cuts[1] else 2 for u in hashes]  # 0 test, 1 val, 2 train
     counts: dict[int, list[int]] = {}
     for (_, y), d in zip(items, drawn):
         counts.setdefault(y, [0, 0, 0])[d] += 1
@@ -280,10 +281,15 @@ def _hash(salt: bytes, item: str) -> int:
     return int.from_bytes(hashlib.blake2b(salt + item.encode(), digest_size=8).digest(), "big")
 
 
+def _cuts(val_fraction: float, test_fraction: float) -> tuple[float, float]:
+    """A 64-bit hash below the first is test, below the second val, else train."""
+    return test_fraction * 2**64, (test_fraction + val_fraction) * 2**64
+
+
 def _fraction_split(item: str, val_fraction: float, test_fraction: float, seed: int) -> str:
     """The split an item's hash alone puts it in (before the small-class adjustments)."""
-    u = _hash(f"{seed}\0".encode(), item)
-    return "test" if u < test_fraction * 2**64 else "val" if u < (test_fraction + val_fraction) * 2**64 else "train"
+    u, (test_cut, val_cut) = _hash(f"{seed}\0".encode(), item), _cuts(val_fraction, test_fraction)
+    return "test" if u < test_cut else "val" if u < val_cut else "train"
 
 
 def _rebalance(items: list[tuple[str, int]], hashes: list[int], drawn: list[int], label: int,
