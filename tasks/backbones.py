@@ -207,6 +207,15 @@ class Preprocess:
         img = TF.center_crop(img, [self.crop])
         return TF.pil_to_tensor(img)
 
+    def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        """The same resize and crop on a decoded uint8 (3, H, W) tensor on any device (the GPU decode path,
+        :mod:`tasks.decode`). Pixels differ from the PIL path's by the resampling kernels' rounding."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        return TF.center_crop(img, [self.crop])
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch on any device → float, normalised."""
         import torch

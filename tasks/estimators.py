@@ -586,7 +586,8 @@ def knn_search(queries, bank, k, chunk_size, device, bank_rows: int | None = Non
     with ``bank_rows`` its length. The bank is read once, chunk by chunk, each
     chunk scored against every query chunk with a running top-k: memory is
     O(queries x k + chunk_size^2) whatever the bank's size. On the CPU it runs
-    in numpy (no torch import).
+    in numpy (no torch import), elsewhere in torch (:func:`knn_torch`, which also runs on the CPU, so the
+    tests compare the two here).
     """
     if callable(bank):
         chunks, n_bank = bank, int(bank_rows)
@@ -595,6 +596,12 @@ def knn_search(queries, bank, k, chunk_size, device, bank_rows: int | None = Non
     k = min(k, n_bank)
     if str(device) == "cpu":
         return _knn_numpy(queries, chunks, k, chunk_size)
+    return knn_torch(queries, chunks, k, chunk_size, device)
+
+
+def knn_torch(queries, chunks, k, chunk_size, device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_search`'s torch path on ``device``: ``chunks()`` yields ``(start, block)`` of the bank;
+    ``k`` at most the bank's length."""
     import torch
 
     starts = range(0, len(queries), chunk_size)

@@ -1,4 +1,4 @@
-"""The extraction loop: decode (DataLoader workers) → forward (inference mode, AMP and channels_last on
+"""The extraction loop: decode (DataLoader workers) → forward (inference mode, channels_last, AMP on
 CUDA) → append (a writer thread), batch by batch, piece after piece, resuming a partial piece at its last
 flushed batch. One model and one set of decode workers serve every piece of the run."""
 from __future__ import annotations
@@ -56,12 +56,12 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
 
 
 class _Runner:
-    """The frozen model on its device, with the CUDA speed-ups when they apply."""
+    """The frozen model on its device, in channels_last memory format (on the CPU too: 1.3-1.5x there,
+    ``benchmarks/gpu.py``) and autocast as planned."""
 
     def __init__(self, spec: BackboneSpec, cfg: ExtractConfig, precision: str) -> None:
         self.device = pick_device(cfg.device)
-        self.cuda = self.device.type == "cuda"
-        self.channels_last = self.cuda and cfg.channels_last
+        self.channels_last = cfg.channels_last
         self.preprocess = spec.preprocess
         model: FeatureExtractor = build(spec).to(self.device)
         if self.channels_last:
@@ -73,7 +73,7 @@ class _Runner:
 
     def __call__(self, x: torch.Tensor, check: bool = True) -> dict[str, np.ndarray]:
         autocast = (
-            torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
             x = x.to(self.device, non_blocking=True)
@@ -209,7 +209,7 @@ class _Loader:
         workers = num_workers_for(cfg.num_workers, -(-total // cfg.batch_size))
         self.loader = DataLoader(
             _Images(manifest, items, plan.backbone.preprocess, bad), batch_sampler=self.sampler,
-            num_workers=workers, collate_fn=_collate, pin_memory=runner.cuda, worker_init_fn=worker_init,
+            num_workers=workers, collate_fn=_collate, pin_memory=runner.device.type == "cuda", worker_init_fn=worker_init,
             persistent_workers=workers > 0,
         )
         self.bar = tqdm(total=total, unit="img", desc=f"extract {plan.backbone.name} {plan.split}", disable=None)

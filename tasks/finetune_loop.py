@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +176,32 @@ class Trained(NamedTuple):
 
 def train(plan: FinetunePlan, files: RunFiles) -> Trained:
     """Train (resuming from ``last.pt`` when an earlier attempt left one) until the last epoch or early stop."""
-    run = _setup(plan)
-    resumed_from = _resume(run, files.last)
-    for epoch in range(run.state["epoch"] + 1, plan.finetune.epochs + 1):
-        if _end_epoch(run, files, _train_epoch(run, epoch)):
-            break
+    with deterministic_kernels():
+        run = _setup(plan)
+        resumed_from = _resume(run, files.last)
+        for epoch in range(run.state["epoch"] + 1, plan.finetune.epochs + 1):
+            if _end_epoch(run, files, _train_epoch(run, epoch)):
+                break
     trainable = sum(p.numel() for p in run.params)
     return Trained(run.state, resumed_from, trainable, sum(p.numel() for p in run.model.parameters()) - trainable)
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """Kernels that give the same result every run (cuDNN's deterministic convolutions, no autotuning), so
+    a resumed run reaches the same weights as an uninterrupted one on a GPU too; torch's settings are restored
+    after. On the CPU torch's kernels are deterministic already. ``CUBLAS_WORKSPACE_CONFIG`` takes effect
+    where cuBLAS starts after it (a fresh process: the stage's own, a Prefect task's)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
 @dataclass
@@ -209,7 +229,7 @@ class _Run:
         return self.device.type == "cuda"
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
 
 def _setup(plan: FinetunePlan) -> _Run:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,33 @@ def tiny_config(tmp_path: Path, imagefolder: Path):
     return make
 
 
+#: ``finetune:`` of the tiny fine-tunes (3 epochs of 3 batches)
+FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment": "crop", "warmup_epochs": 0.5,
+      "early_stopping": None}
+
+
+@pytest.fixture
+def staged(tiny_config):
+    """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
+    from helpers import split_plans
+    from tasks.backbones import resolve
+    from tasks.extract import extract_split
+    from tasks.finetune import FinetuneConfig, FinetunePlan, plan_finetune
+    from tasks.heads import best_probe, plan_heads, train_head
+
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
+    feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}
+    heads = [train_head(p) for p in plan_heads(cfg.heads, feats["train"].key, feats["val"].key, cfg.cache_dir)]
+    probe = best_probe(cfg.cache_dir, [r.key for h in heads for r in h.records])
+
+    def plan(cache_dir=None, **over) -> FinetunePlan:
+        ft = FinetuneConfig(**{**FT, **over})
+        return plan_finetune(ft, resolve(cfg.backbone), feats["train"].manifest, Path(cache_dir or cfg.cache_dir),
+                             {s: r.key for s, r in feats.items()}, [probe])
+
+    return cfg, feats, probe, plan
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ephemeral_prefect_server():
     """Stop Prefect's ephemeral server while pytest's streams are still open.
@@ -65,6 +93,8 @@ def _stop_ephemeral_prefect_server():
     Otherwise it stops at interpreter exit and logs to closed streams.
     """
     yield
+    if "prefect" not in sys.modules:  # tests that need no Prefect ran alone (on a lent GPU machine, without it)
+        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer

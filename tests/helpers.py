@@ -7,6 +7,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from storage.features import FeatureStore
+from storage.keys import feature_key, feature_spec
+
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 30)]
 
 
@@ -136,3 +139,47 @@ def task_runs(flow_state, wait_s: float = 15.0) -> dict[str, object]:
                     or time.monotonic() > deadline:
                 return {run.name: run for run in runs}
             time.sleep(0.2)
+
+
+def state_of(path: Path) -> dict:
+    """A checkpoint's model weights (read safely: tensors only)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+#: a child process that runs one fine-tune plan (argv[1]: its JSON), to be killed mid-run
+FINETUNE_CHILD = """
+import sys
+from tasks.finetune import FinetunePlan, finetune
+finetune(FinetunePlan.model_validate_json(open(sys.argv[1]).read()))
+"""
+
+
+# --------------------------------------------------------------------------- synthetic feature files
+
+CLASSES = 5
+DIM = 24
+
+
+def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes (a probe cannot be perfect), float16 as feature files store them."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(0, 1.0, (CLASSES, DIM))
+    y = rng.integers(0, CLASSES, n)
+    X = centres[y] + rng.normal(0, 1.2, (n, DIM)) + 3.0  # an offset: standardisation has work to do
+    return X.astype(np.float16), y
+
+
+def synthetic_spec(name: str, n: int, seed: int) -> dict:
+    return feature_spec(backbone="synthetic", weights=f"blobs(n={n},seed={seed})", layers=["penultimate"],
+                        pooling="avg", preprocess={}, dataset=name, split=name, dtype="float16", precision="fp32")
+
+
+def store_split(cache: Path, name: str, n: int, seed: int, block: int = 500) -> str:
+    X, y = blobs(n, seed)
+    spec = synthetic_spec(name, n, seed)
+    key = feature_key(spec)
+    FeatureStore(cache).write(key, ({"penultimate": X[i : i + block]} for i in range(0, n, block)), y,
+                              classes=[f"c{i}" for i in range(CLASSES)], dims={"penultimate": DIM}, spec=spec)
+    return key

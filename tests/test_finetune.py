@@ -1,10 +1,6 @@
-"""Partial fine-tuning: what is frozen stays frozen, LP-FT starts at the probe, kill -9 resumes exactly."""
+"""Partial fine-tuning: what is frozen stays frozen, LP-FT starts at the probe (kill -9 and resume: test_gpu.py,
+on the CPU and on CUDA). The ``staged`` fixture is in conftest.py."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,37 +9,12 @@ import torch
 from tasks.backbones import resolve
 from tasks.models import build, load_model
 from tasks.data import Manifest
-from helpers import split_plans
-from tasks.extract import extract_split
-from tasks.finetune import FinetuneConfig, FinetunePlan, finetune, plan_finetune, run_files
+from helpers import state_of
+from tasks.finetune import finetune, run_files
 from tasks.finetune_loop import (
     build_optimizer, build_schedule, freeze, init_head_from_probe, unfrozen_modules,
 )
-from tasks.heads import best_probe, load_head, plan_heads, train_head
-
-REPO = Path(__file__).resolve().parent.parent
-FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment": "crop", "warmup_epochs": 0.5,
-      "early_stopping": None}
-
-
-@pytest.fixture
-def staged(tiny_config):
-    """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
-    cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
-    feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}
-    heads = [train_head(p) for p in plan_heads(cfg.heads, feats["train"].key, feats["val"].key, cfg.cache_dir)]
-    probe = best_probe(cfg.cache_dir, [r.key for h in heads for r in h.records])
-
-    def plan(cache_dir=None, **over) -> FinetunePlan:
-        ft = FinetuneConfig(**{**FT, **over})
-        return plan_finetune(ft, resolve(cfg.backbone), feats["train"].manifest, Path(cache_dir or cfg.cache_dir),
-                             {s: r.key for s, r in feats.items()}, [probe])
-
-    return cfg, feats, probe, plan
-
-
-def state_of(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+from tasks.heads import load_head
 
 
 def test_only_unfrozen_blocks_change_and_frozen_batchnorm_keeps_its_statistics(staged):
@@ -130,39 +101,6 @@ def test_fine_tuning_needs_a_probe_or_random_init(staged):
     p = plan().model_copy(update={"probes": []})
     with pytest.raises(ValueError, match="init_head is best_probe but no linear probe was trained"):
         finetune(p)
-
-
-CHILD = """
-import sys
-from tasks.finetune import FinetunePlan, finetune
-finetune(FinetunePlan.model_validate_json(open(sys.argv[1]).read()))
-"""
-
-
-@pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_reaches_the_same_weights(staged, tmp_path):
-    _, _, _, plan = staged
-    reference = plan(cache_dir=tmp_path / "reference")
-    crashy = plan(cache_dir=tmp_path / "crashy")
-    assert reference.key == crashy.key
-    for p in (reference, crashy):  # both need the probe artifact in their own cache
-        src = staged[0].cache_dir / "heads" / p.probes[0]
-        (p.cache_dir / "heads").mkdir(parents=True, exist_ok=True)
-        os.symlink(src, p.cache_dir / "heads" / p.probes[0])
-    finetune(reference)
-    spec = tmp_path / "plan.json"
-    spec.write_text(crashy.model_dump_json())
-    env = {**os.environ, "TRANSFERPIPE_FAULTS": "finetune.batch:5:kill"}  # epoch 2 of 3 (3 batches per epoch)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(spec)], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
-    assert (run_files(crashy).last).exists() and not (run_files(crashy).result).exists()
-    resumed = finetune(crashy)
-    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
-    a, b = state_of(run_files(reference).last), state_of(run_files(crashy).last)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h.val_accuracy for h in resumed.history] == [h.val_accuracy for h in finetune(reference).history]
-
-
 def test_freeze_bn_all_keeps_every_batchnorm_statistic(staged):
     _, _, _, plan = staged
     p = plan(unfreeze=["layer4"], freeze_bn="all", epochs=1)

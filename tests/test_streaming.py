@@ -1,43 +1,15 @@
 """Heads on splits bigger than memory: features read in chunks, in their stored dtype (issue 16)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from storage.features import FeatureStore, FeatureStoreError
-from storage.keys import feature_key, feature_spec
 from tasks.estimators import KNNHead, TorchLinearHead, knn_search
 from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig
 from tasks.heads import MEMORY_ENV, SplitTooBig, load_head, load_split
 from tasks.heads import plan_heads, train_head
-
-CLASSES = 5
-DIM = 24
-
-
-def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Overlapping Gaussian classes (a probe cannot be perfect), float16 as feature files store them."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(0).normal(0, 1.0, (CLASSES, DIM))
-    y = rng.integers(0, CLASSES, n)
-    X = centres[y] + rng.normal(0, 1.2, (n, DIM)) + 3.0  # an offset: standardisation has work to do
-    return X.astype(np.float16), y
-
-
-def synthetic_spec(name: str, n: int, seed: int) -> dict:
-    return feature_spec(backbone="synthetic", weights=f"blobs(n={n},seed={seed})", layers=["penultimate"],
-                        pooling="avg", preprocess={}, dataset=name, split=name, dtype="float16", precision="fp32")
-
-
-def store_split(cache: Path, name: str, n: int, seed: int, block: int = 500) -> str:
-    X, y = blobs(n, seed)
-    spec = synthetic_spec(name, n, seed)
-    key = feature_key(spec)
-    FeatureStore(cache).write(key, ({"penultimate": X[i : i + block]} for i in range(0, n, block)), y,
-                              classes=[f"c{i}" for i in range(CLASSES)], dims={"penultimate": DIM}, spec=spec)
-    return key
+from helpers import store_split
 
 
 @pytest.fixture
