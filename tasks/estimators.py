@@ -28,7 +28,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig, RidgeConfig, SVMConfig, default
+from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig, PrototypeConfig, RidgeConfig, SVMConfig, default
 from tasks.softmax import softmax
 from tasks.machine import cuda_possible, pick_device
 
@@ -674,6 +674,74 @@ def knn_votes(sims, index, labels, n_classes, temperature) -> np.ndarray:
     return votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
 
 
+class PrototypeHead(GridHead):
+    """Nearest class mean by cosine ("SimpleShot", Wang et al. 2019): features (after the optional
+    preprocessing) are centred on the training mean (``centre: target``: the mean of the unlabelled target
+    features) and L2-normalised; each class is the normalised mean of its training features; scores are
+    cosines divided by a temperature. Nothing is fitted by optimisation, so it is as good with one label per
+    class as the features allow.
+
+    The temperature does not change which class wins, only how sure the probabilities are: it is chosen on
+    validation by log-loss, not by accuracy. The scores are linear in the transformed features (``coef_`` =
+    prototypes / temperature), so it saves, loads and predicts as the linear heads do.
+    """
+
+    grid_param = "temperature"
+    state_keys = ("coef_", "intercept_", "centre_")
+
+    def __init__(self, temperature=default(PrototypeConfig, "temperature"), preprocess=default(PrototypeConfig, "preprocess"),
+                 centre=default(PrototypeConfig, "centre"), refit=default(PrototypeConfig, "refit"),
+                 align=default(PrototypeConfig, "align"), random_state=0):
+        self.temperature, self.preprocess, self.centre, self.refit = temperature, preprocess, centre, refit
+        self.align, self.random_state = align, random_state
+
+    def fit(self, X, y, X_val=None, y_val=None, X_target=None):
+        if self.centre not in ("train", "target"):
+            raise ValueError(f"centre={self.centre!r} is not one of ('train', 'target')")
+        if self.centre == "target" and X_target is None:
+            raise ValueError("centre='target' needs X_target: unlabelled features of the target domain")
+        self._target = X_target
+        try:
+            return super().fit(X, y, X_val, y_val, X_target)
+        finally:
+            self._target = None
+
+    def _fit_preprocess(self, X):
+        super()._fit_preprocess(X)
+        base = X if self.centre == "train" else np.asarray(self._target, dtype=X.dtype)
+        self.centre_ = super()._transform(base).mean(axis=0).astype(X.dtype)
+
+    def _transform(self, X):
+        X = super()._transform(X) - self.centre_
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    def _fit_candidates(self, grid, X, y, warm=None):
+        if min(grid) <= 0:
+            raise ValueError(f"temperature needs values > 0, got {list(grid)}")
+        n_classes = len(self.classes_)
+        sums = np.zeros((n_classes, X.shape[1]), dtype=np.float64)
+        np.add.at(sums, y, X)
+        means = sums / np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
+        prototypes = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        return [{"coef_": (prototypes / t).astype(X.dtype), "intercept_": np.zeros(n_classes, X.dtype),
+                 "centre_": self.centre_} for t in grid]
+
+    def _select(self, grid, states, Xv, yv):
+        """The temperature with the lowest validation log-loss (ties: the first); accuracy is the same for all."""
+        losses, accuracies = [], []
+        for scores in self._grid_scores(states, Xv):
+            proba = softmax(scores.astype(np.float64))
+            losses.append(float(-np.mean(np.log(np.maximum(proba[np.arange(len(yv)), yv], 1e-300)))))
+            accuracies.append(float(np.mean(scores.argmax(1) == yv)))
+        best = int(np.argmin(losses))
+        self.grid_ = [{self.grid_param: v, "val_accuracy": a, "val_log_loss": loss}
+                      for v, a, loss in zip(grid, accuracies, losses)]
+        self.best_param_ = grid[best]
+        self.val_accuracy_ = accuracies[best]
+        return best
+
+
 HEADS: dict[str, type[GridHead]] = {
     "logistic": LogisticHead, "linear": TorchLinearHead, "knn": KNNHead, "ridge": RidgeHead, "svm": SVMHead,
+    "prototype": PrototypeHead,
 }

@@ -108,12 +108,27 @@ class SVMConfig(_HeadBase):
     _check = field_validator("C")(lambda v: _positive(v, "C"))
 
 
+class PrototypeConfig(_HeadBase):
+    """Nearest class mean on centred, L2-normalised features ("SimpleShot", Wang et al. 2019): the few-shot
+    baseline that costs nothing to train."""
+
+    kind: Literal["prototype"]
+    preprocess: Literal["none", "standardize", "l2"] = "none"
+    centre: Literal["train", "target"] = Field(
+        "train", description="subtract the mean of the training features, or of the test split's (no labels used)")
+    temperature: list[float] = _grid((0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
+
+    _check = field_validator("temperature")(lambda v: _positive(v, "temperature"))
+
+
 #: the config class of each head kind (``kind:``)
 CONFIGS: dict[str, type[_HeadBase]] = {c.model_fields["kind"].annotation.__args__[0]: c
-                                       for c in (LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig)}
+                                       for c in (LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig,
+                                                 PrototypeConfig)}
 
 HeadConfig = Annotated[
-    Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig], Field(discriminator="kind")
+    Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig, PrototypeConfig],
+    Field(discriminator="kind"),
 ]
 
 

@@ -82,12 +82,16 @@ def plan_heads(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
-    aligned = [h.label for h in heads if h.align == "coral"]
+    def needs_target(h) -> bool:
+        return h.align == "coral" or getattr(h, "centre", "train") == "target"
+
+    aligned = [h.label for h in heads if needs_target(h)]
     if aligned and target_key is None:
-        raise ValueError(f"heads {aligned} use align: coral, which needs a test split as the target domain")
+        raise ValueError(f"heads {aligned} use align: coral or centre: target, which needs a test split as the "
+                         "target domain")
     plans = []
     for h in heads:
-        target = target_key if h.align == "coral" else None
+        target = target_key if needs_target(h) else None
         key = keys.key(keys.head_spec(h.model_dump(), train_key, val_key, target))
         plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
                               cache_dir=Path(cache_dir)))

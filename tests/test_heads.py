@@ -11,7 +11,7 @@ from storage.head_store import CorruptArtifact, head_dir, save_head
 from helpers import split_plans
 from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.heads import few_shot_indices, load_head, load_split, plan_heads, train_head
-from tasks.estimators import HEADS, KNNHead, LogisticHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
+from tasks.estimators import HEADS, KNNHead, LogisticHead, PrototypeHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
 
 CPU = {"linear": {"device": "cpu"}, "knn": {"device": "cpu"}}
 
@@ -198,7 +198,7 @@ def test_coral_recovers_most_of_the_accuracy_lost_to_a_feature_shift():
 def test_coral_heads_are_keyed_by_their_target(features):
     cache_dir, train_key, val_key = features
     heads = [LogisticConfig(kind="logistic", C=[1.0]), LogisticConfig(kind="logistic", name="aligned", C=[1.0], align="coral")]
-    with pytest.raises(ValueError, match=r"\['aligned'\] use align: coral, which needs a test split"):
+    with pytest.raises(ValueError, match=r"\['aligned'\] use align: coral or centre: target, which needs a test split"):
         plan_heads(heads, train_key, val_key, cache_dir)
     plain, aligned = plan_heads(heads, train_key, val_key, cache_dir, target_key=val_key)
     assert plain.target_key is None and aligned.target_key == val_key
@@ -219,3 +219,68 @@ def test_each_estimator_takes_exactly_its_configs_parameters_and_defaults(kind):
     for name, param in signature.items():
         if name not in ("self", "random_state"):
             assert param.default == default(CONFIGS[kind], name), name
+
+
+# --------------------------------------------------------------------------- the prototype head (SimpleShot)
+
+
+def simpleshot(X, y, Xq, centre):
+    """Nearest class mean by cosine on centred, L2-normalised features, written out in numpy."""
+    def cl2n(Z):
+        Z = Z - centre
+        return Z / np.linalg.norm(Z, axis=1, keepdims=True)
+
+    Xn = cl2n(X)
+    means = np.stack([Xn[y == c].mean(0) for c in np.unique(y)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    return np.unique(y)[(cl2n(Xq) @ means.T).argmax(1)]
+
+
+def test_the_prototype_head_is_nearest_class_mean_on_centred_normalised_features():
+    X, y = linear_rule(400)
+    X = X + 5.0  # an offset: without centring the cosines would all be near 1
+    Xv, yv = linear_rule(150, seed=1)
+    Xt, yt = linear_rule(300, seed=2)
+    head = PrototypeHead().fit(X, y, Xv + 5.0, yv)
+    np.testing.assert_allclose(head.centre_, X.mean(0), rtol=1e-5)
+    assert np.array_equal(head.predict(Xt + 5.0), simpleshot(X, y, Xt + 5.0, X.mean(0)))
+    assert head.score(Xt + 5.0, yt) > 0.6
+    # the temperature changes only the probabilities: every candidate has the same accuracy, the lowest log-loss wins
+    assert len({g["val_accuracy"] for g in head.grid_}) == 1
+    losses = [g["val_log_loss"] for g in head.grid_]
+    assert head.best_param_ == head.grid_[int(np.argmin(losses))]["temperature"]
+    assert max(losses) > min(losses)
+
+
+def test_the_prototype_head_centres_on_the_target_when_asked():
+    X, y = linear_rule(300)
+    target, _ = linear_rule(200, seed=5)
+    target = target + 2.0  # a shifted domain
+    head = PrototypeHead(centre="target").fit(X, y, X_target=target)
+    np.testing.assert_allclose(head.centre_, target.mean(0), rtol=1e-5)
+    assert np.array_equal(head.predict(target), simpleshot(X, y, target, target.mean(0)))
+    with pytest.raises(ValueError, match="centre='target' needs X_target"):
+        PrototypeHead(centre="target").fit(X, y)
+    with pytest.raises(ValueError, match="temperature needs values > 0"):
+        PrototypeHead(temperature=(0.0,)).fit(X, y)
+
+
+def test_the_prototype_head_with_one_label_per_class():
+    """At one shot a class mean is the shot itself: the head is 1-nearest-neighbour to the shots by cosine."""
+    X, y = linear_rule(400)
+    idx = few_shot_indices(y, 1, seed=0)
+    Xt, _ = linear_rule(100, seed=2)
+    head = PrototypeHead().fit(X[idx], y[idx])
+    assert np.array_equal(head.predict(Xt), simpleshot(X[idx], y[idx], Xt, X[idx].mean(0)))
+
+
+def test_a_prototype_head_centred_on_the_target_needs_a_test_split(features):
+    from tasks.head_configs import PrototypeConfig
+
+    cache_dir, train_key, val_key = features
+    heads = [PrototypeConfig(kind="prototype", centre="target", shots=[1, "all"], seeds=1)]
+    with pytest.raises(ValueError, match=r"use align: coral or centre: target, which needs a test split"):
+        plan_heads(heads, train_key, val_key, cache_dir)
+    plan, = plan_heads(heads, train_key, val_key, cache_dir, target_key=val_key)
+    result = train_head(plan)
+    assert result.fits == 2 and load_head(cache_dir, result.records[0].key).centre == "target"
