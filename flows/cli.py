@@ -251,9 +251,15 @@ def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
         table.add_column(col)
     for h in result.history:
         mark = " *" if h.epoch == result.best_epoch else ""
+        if h.epoch == 0:
+            table.add_row(f"0 (probe){mark}", "-", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}", "-", "-", "-")
+            continue
         table.add_row(f"{h.epoch}{mark}", f"{h.train_loss:.4f}", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}",
                       f"{h.images_per_s:.0f}", f"{h.lr_backbone:.2e}", f"{h.lr_head:.2e}")
     out.print(table)
+    if result.best_epoch == 0:
+        out.print("no epoch of fine-tuning beat the probe it started from on validation: best.pt is the probe on "
+                  "the frozen backbone (epoch 0)", highlight=False)
     out.print(f"best (epoch {result.best_epoch}, val acc {result.best_val_accuracy:.4f}): {result.best_checkpoint}\n"
               f"use it as another experiment's backbone.weights", highlight=False)
 

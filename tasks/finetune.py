@@ -91,8 +91,8 @@ class FinetunePlan(BaseModel):
 
 
 class EpochLog(BaseModel):
-    epoch: int
-    train_loss: float
+    epoch: int  # 0: the probe LP-FT starts from, validated before any training (no train loss)
+    train_loss: float | None
     val_loss: float
     val_accuracy: float
     images_per_s: float
@@ -173,7 +173,8 @@ def _train(plan: FinetunePlan, files: RunFiles, started: float) -> FinetuneResul
     result = FinetuneResult(
         key=plan.key, best_checkpoint=files.best, best_epoch=best_epoch,
         best_val_accuracy=next(h.val_accuracy for h in history if h.epoch == best_epoch),
-        epochs_run=len(history) - done.resumed_from, resumed_from=done.resumed_from, history=history,
+        epochs_run=sum(1 for h in history if h.epoch > done.resumed_from), resumed_from=done.resumed_from,
+        history=history,
         train_seconds=sum(h.seconds for h in history), trainable_params=done.trainable_params,
         frozen_params=done.frozen_params, cache_hit=False, seconds=time.perf_counter() - started,
     )

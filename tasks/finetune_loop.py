@@ -179,6 +179,8 @@ def train(plan: FinetunePlan, files: RunFiles) -> Trained:
     with deterministic_kernels():
         run = _setup(plan)
         resumed_from = _resume(run, files.last)
+        if not run.state["history"] and plan.finetune.init_head == "best_probe":
+            _end_epoch(run, files, _probe_epoch(run))  # the probe is the first candidate: never end below it
         for epoch in range(run.state["epoch"] + 1, plan.finetune.epochs + 1):
             if _end_epoch(run, files, _train_epoch(run, epoch)):
                 break
@@ -323,6 +325,19 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     log.info("epoch %d: loss %.4f, val acc %.4f, val loss %.4f, %.0f img/s", epoch, entry["train_loss"], val_acc,
              val_loss, entry["images_per_s"])
     return entry
+
+
+def _probe_epoch(run: _Run) -> dict[str, float | None]:
+    """Epoch 0: the model as LP-FT starts it (the frozen backbone and the best probe as its head), validated
+    like every epoch. It is the first candidate for ``best.pt``, so fine-tuning never returns a model worse
+    on validation than the probe it started from: when no epoch beats it, ``best_epoch`` is 0."""
+    cfg = run.plan.finetune
+    t0 = time.perf_counter()
+    val_loss, val_acc = validate(run.model, run.val_set, cfg.batch_size, run.device, run.workers, run.autocast)
+    log.info("epoch 0 (the probe): val acc %.4f, val loss %.4f", val_acc, val_loss)
+    lrs = {g["name"]: g["lr"] for g in run.opt.param_groups}
+    return {"epoch": 0, "train_loss": None, "val_loss": val_loss, "val_accuracy": val_acc, "images_per_s": 0.0,
+            "seconds": time.perf_counter() - t0, "lr_backbone": lrs.get("backbone", 0.0), "lr_head": lrs["head"]}
 
 
 def _end_epoch(run: _Run, files: RunFiles, entry: dict[str, float]) -> bool:

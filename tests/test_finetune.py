@@ -84,7 +84,7 @@ def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_conf
     cfg, _, _, plan = staged
     p = plan()
     result = finetune(p)
-    assert result.best_checkpoint.exists() and 1 <= result.best_epoch <= 3
+    assert result.best_checkpoint.exists() and 0 <= result.best_epoch <= 3
     assert finetune(p).cache_hit
     nxt = tiny_config(backbone={"weights": str(result.best_checkpoint)}, cache_dir=str(cfg.cache_dir / "next"))
     spec = resolve(nxt.backbone)
@@ -94,6 +94,22 @@ def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_conf
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(build(spec)(x)["penultimate"], model.eval()(x), rtol=0, atol=0)
+
+
+def test_lp_ft_never_ends_below_the_probe_it_starts_from_on_validation(staged):
+    """Epoch 0 is the probe on the frozen backbone, validated first: a fine-tune that only makes things worse
+    (here a learning rate that wrecks the weights) returns it."""
+    cfg, _, probe, plan = staged
+    result = finetune(plan(lr_head=50.0, lr_backbone=5.0, warmup_epochs=0))
+    first = result.history[0]
+    assert first.epoch == 0 and first.train_loss is None and [h.epoch for h in result.history] == [0, 1, 2, 3]
+    assert first.val_accuracy == pytest.approx(load_head(cfg.cache_dir, probe).val_accuracy_, abs=1e-9)
+    assert all(h.val_accuracy < first.val_accuracy for h in result.history[1:]), result.history
+    assert result.best_epoch == 0 and result.best_val_accuracy == first.val_accuracy
+    assert result.epochs_run == 3 and finetune(plan(lr_head=50.0, lr_backbone=5.0, warmup_epochs=0)).cache_hit
+    # a random head has no probe to keep: training starts at epoch 1
+    random = finetune(plan(init_head="random"))
+    assert random.history[0].epoch == 1 and random.best_epoch >= 1
 
 
 def test_fine_tuning_needs_a_probe_or_random_init(staged):
