@@ -26,6 +26,7 @@ from tasks.data import Manifest
 from tasks.machine import pick_device
 from tasks.softmax import softmax
 from tasks.heads import load_head, load_split
+from tasks.intervals import pack_hits, top1_interval, unpack_hits
 from tasks.report import ranked, registry_rows, write_report
 from tasks.result import StageResult
 
@@ -101,6 +102,7 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray 
         "confusion_matrix": cm.tolist() if n_classes <= FULL_CONFUSION_MAX_CLASSES else None,
         "top_confusions": top_confusions(cm),
         "nll": None, "ece": None, "reliability": None,
+        "hits": pack_hits(pred == y),  # per image: classified correctly (tasks.intervals)
     }
     if proba is not None:
         # the true class's probability only: log_loss one-hot encodes y (50k x 1,000 classes: 1.4 GiB)
@@ -214,11 +216,26 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
         per_fit.setdefault(group, []).append(metrics)
         kinds[group] = (m.kind, m.shot)
         seconds[group] = seconds.get(group, 0.0) + m.train_seconds
+    images = _test_images(plan)
     return [
         ModelReport(name=name, kind=kinds[(name, shot, layer)][0], layer=layer, shot=kinds[(name, shot, layer)][1],
-                    seeds=len(fits), metrics=_average(fits), train_seconds=seconds[(name, shot, layer)])
+                    seeds=len(fits), metrics={**_with_interval(_average(fits), fits), "test_images": images},
+                    train_seconds=seconds[(name, shot, layer)])
         for (name, shot, layer), fits in per_fit.items()
     ]
+
+
+def _test_images(plan: EvalPlan) -> str:
+    """A fingerprint of the test images, in row order: two evaluations with the same one scored the same images,
+    so their difference may take a paired interval (tasks.report.gain)."""
+    return keys.fingerprint({"test_images": FeatureStore(plan.cache_dir).paths(plan.test_key)})
+
+
+def _with_interval(metrics: dict[str, Any], fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """``hits``: per image, how many seeds got it right; ``top1_ci``: top-1's 95% bootstrap interval over test
+    images (tasks.intervals)."""
+    hits = sum(unpack_hits(f["hits"]) for f in fits)
+    return {**metrics, "hits": pack_hits(hits), "top1_ci": list(top1_interval(hits, len(fits)))}
 
 
 def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
@@ -236,7 +253,7 @@ def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
 
 
 def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of scalar metrics over few-shot seeds (std alongside); lists from the first seed."""
+    """Mean of scalar metrics over few-shot seeds (std alongside); lists and ``hits`` from the first seed."""
     if len(fits) == 1:
         return fits[0]
     out = dict(fits[0])

@@ -79,10 +79,17 @@ def _in_cache(cache_dir: Path, path: Path) -> str:
         return str(path)
 
 
+def interval(metrics: dict[str, Any]) -> str:
+    """Top-1's 95% bootstrap interval as text ("0.953–0.980"), or "" for metrics computed before intervals."""
+    ci = metrics.get("top1_ci")
+    return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else ""
+
+
 def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
     fmt = lambda v: "" if v is None else round(v, 4)  # noqa: E731
     return [
-        {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]), "top5": fmt(r.metrics["top5"]),
+        {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]),
+         "top1 95% CI": interval(r.metrics), "top5": fmt(r.metrics["top5"]),
          "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
          "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
         for r in ranked
@@ -94,13 +101,14 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
     header = list(rows[0]) if rows else []
     lines = [f"# {context.get('experiment', 'experiment')}: test results", "",
              f"Backbone `{context.get('backbone')}` (weights `{context.get('weights')}`), "
-             f"{ranked[0].metrics['n'] if ranked else 0} test images. Models ranked by top-1 accuracy.", "",
+             f"{ranked[0].metrics['n'] if ranked else 0} test images. Models ranked by top-1 accuracy; its 95% "
+             "interval is a bootstrap over the test images (1,000 resamples, seeded).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
     curve = _few_shot_curve(ranked)
     if curve:
         shots = sorted({s for points in curve.values() for s in points}, key=lambda s: (s == "all", s if s != "all" else 0))
-        lines += ["", "## Few-shot curve (test top-1, mean over seeds)", "",
+        lines += ["", "## Few-shot curve (test top-1, mean over seeds; the plot's bars: their standard deviation)", "",
                   "| model | " + " | ".join(str(s) for s in shots) + " |", "|---|" + "---|" * len(shots)]
         lines += [f"| {name} | " + " | ".join(f"{points[s]:.3f}" if s in points else "" for s in shots) + " |"
                   for name, points in curve.items()]
@@ -126,6 +134,14 @@ def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
     return {name: points for name, points in curve.items() if len(points) > 1}
 
 
+def _few_shot_spread(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
+    """The seeds' standard deviation of test top-1 per model and shot count (0 for a single fit)."""
+    spread: dict[str, dict[Any, float]] = {}
+    for r in ranked:
+        spread.setdefault(r.name, {})[r.shot] = r.metrics.get("top1_std", 0.0)
+    return spread
+
+
 def _plots(files: ReportFiles, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
     """The confusion matrix of the best model, a reliability diagram, the few-shot curve (where there is one)."""
     import matplotlib
@@ -139,7 +155,7 @@ def _plots(files: ReportFiles, ranked: list[ModelReport], classes: list[str]) ->
         plots["reliability"] = _reliability_plot(files.plot("reliability"), calibrated)
     curve = _few_shot_curve(ranked)
     if curve:
-        plots["few_shot"] = _few_shot_plot(files.plot("few_shot"), curve)
+        plots["few_shot"] = _few_shot_plot(files.plot("few_shot"), curve, _few_shot_spread(ranked))
     return plots
 
 
@@ -193,16 +209,18 @@ def _reliability_plot(path: Path, model: ModelReport) -> Path:
     return _save(fig, path)
 
 
-def _few_shot_plot(path: Path, curve: dict[str, dict[Any, float]]) -> Path:
+def _few_shot_plot(path: Path, curve: dict[str, dict[Any, float]], spread: dict[str, dict[Any, float]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, points in curve.items():
         shots = sorted((s for s in points if s != "all"))
         xs = [*shots, *(["all"] if "all" in points else [])]
-        ax.plot(range(len(xs)), [points[s] for s in xs], marker="o", label=name)
+        ax.errorbar(range(len(xs)), [points[s] for s in xs], yerr=[spread[name].get(s, 0.0) for s in xs],
+                    marker="o", capsize=3, label=name)
         ax.set_xticks(range(len(xs)), [str(s) for s in xs])
-    ax.set(title="few-shot curve (test)", xlabel="labelled images per class", ylabel="top-1 accuracy")
+    ax.set(title="few-shot curve (test; bars: std over seeds)", xlabel="labelled images per class",
+           ylabel="top-1 accuracy")
     ax.legend()
     return _save(fig, path)
 
@@ -220,22 +238,42 @@ def compare_runs(pretrained: list[ModelReport], random: list[ModelReport],
                  more: dict[str, list[ModelReport]] | None = None) -> list[dict[str, str]]:
     """Test top-1 per model and shot count: a pretrained backbone against random init, and the gain in points.
 
-    ``more`` adds a column per further baseline (e.g. raw pixels), matched by model name and shots.
+    Each top-1 comes with its 95% bootstrap interval over the test images; the gain with a paired one
+    (the same test images resampled for both), marked ``*`` where it excludes zero. ``more`` adds a column
+    per further baseline (e.g. raw pixels), matched by model name and shots.
     """
-    def top1(models: list[ModelReport]) -> dict[tuple[str, str], float]:
-        return {(m.name, str(m.shot)): m.metrics["top1"] for m in models}
+    def by_key(models: list[ModelReport]) -> dict[tuple[str, str], ModelReport]:
+        return {(m.name, str(m.shot)): m for m in models}
 
-    other, extra = top1(random), {label: top1(models) for label, models in (more or {}).items()}
+    def cell(m: ModelReport | None) -> str:
+        if m is None:
+            return "-"
+        ci = interval(m.metrics)
+        return f"{m.metrics['top1']:.3f}" + (f" ({ci})" if ci else "")
+
+    other, extra = by_key(random), {label: by_key(models) for label, models in (more or {}).items()}
     rows = []
     for m in pretrained:
         base = other.get((m.name, str(m.shot)))
-        acc = m.metrics["top1"]
         row = {"model": "LP-FT (fine-tuned)" if m.name == "finetuned" else m.name, "shots": str(m.shot),
-               "pretrained": f"{acc:.3f}", "random": "-" if base is None else f"{base:.3f}"}
-        for label, values in extra.items():
-            value = values.get((m.name, str(m.shot)))
-            row[label] = "-" if value is None else f"{value:.3f}"
-        row["gain"] = "-" if base is None else f"{100 * (acc - base):+.1f} pts"
+               "pretrained": cell(m), "random": cell(base)}
+        for label, models in extra.items():
+            row[label] = cell(models.get((m.name, str(m.shot))))
+        row["gain"] = "-" if base is None else gain(m, base)
         rows.append(row)
     order = {"1": 0, "5": 1, "10": 2, "all": 3}
     return sorted(rows, key=lambda r: (r["model"], order.get(r["shots"], 9)))
+
+
+def gain(a: ModelReport, b: ModelReport) -> str:
+    """a's top-1 minus b's in points, with the paired 95% interval when both were scored on the same test
+    images ("+5.3 pts (+3.1 to +7.6) *"; ``*``: the interval excludes zero)."""
+    from tasks.intervals import paired_difference, unpack_hits
+
+    plain = f"{100 * (a.metrics['top1'] - b.metrics['top1']):+.1f} pts"
+    same = a.metrics.get("test_images") is not None and a.metrics.get("test_images") == b.metrics.get("test_images")
+    if not same or "hits" not in a.metrics or "hits" not in b.metrics:
+        return plain
+    diff, lo, hi = paired_difference(unpack_hits(a.metrics["hits"]), a.seeds, unpack_hits(b.metrics["hits"]), b.seeds)
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{100 * diff:+.1f} pts ({100 * lo:+.1f} to {100 * hi:+.1f}){mark}"

@@ -128,3 +128,64 @@ def test_a_thousand_classes_keep_top_confusions_not_a_million_cells(tmp_path):
     path = _confusion_plot(tmp_path / "confusion.png", report, [f"class{i}" for i in range(n_classes)])
     width, height = Image.open(path).size
     assert width < 1500 and height < 1500  # a readable chart, not a 1000 x 1000 grid
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def test_bootstrap_intervals_are_seeded_and_as_wide_as_the_binomial_says():
+    from tasks.intervals import bootstrap_interval, top1_interval
+
+    hits = np.zeros(1000, dtype=int)
+    hits[:900] = 1  # 90% top-1 on 1,000 images: standard error sqrt(0.9 * 0.1 / 1000) = 0.0095
+    lo, hi = top1_interval(hits, seeds=1)
+    assert lo < 0.9 < hi and (lo, hi) == top1_interval(hits, seeds=1)  # seeded: the same every time
+    assert (hi - lo) == pytest.approx(2 * 1.96 * np.sqrt(0.9 * 0.1 / 1000), rel=0.15)
+    small = bootstrap_interval(hits[::10])  # 100 images: about sqrt(10) times as wide
+    assert (small[1] - small[0]) > 2.5 * (hi - lo)
+    # three seeds: an image two seeds got right counts 2/3
+    lo3, hi3 = top1_interval(np.array([3, 2, 0, 3] * 50), seeds=3)
+    assert lo3 < np.mean(np.array([3, 2, 0, 3]) / 3) < hi3
+
+
+def test_paired_intervals_see_what_two_separate_intervals_cannot():
+    from tasks.intervals import pack_hits, paired_difference, top1_interval, unpack_hits
+
+    rng = np.random.default_rng(0)
+    b = (rng.random(300) < 0.8).astype(int)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:9]] = 1  # a = b plus 9 more images right: +3 points
+    diff, lo, hi = paired_difference(a, 1, b, 1)
+    assert diff == pytest.approx(9 / 300) and lo > 0  # paired: the gain is clear
+    a_lo, a_hi = top1_interval(a, 1)
+    b_lo, b_hi = top1_interval(b, 1)
+    assert a_lo < b_hi  # unpaired, the two intervals overlap
+    assert paired_difference(b, 1, b, 1) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same test images: 300 and 299"):
+        paired_difference(a, 1, b[:-1], 1)
+    assert np.array_equal(unpack_hits(pack_hits(np.array([0, 1, 3, 255]))), [0, 1, 3, 255])
+    with pytest.raises(ValueError, match="0..255"):
+        pack_hits(np.array([256]))
+
+
+def test_the_comparison_marks_a_gain_whose_paired_interval_excludes_zero():
+    from tasks.intervals import pack_hits
+    from tasks.report import compare_runs
+
+    def model(name, hits, images="same"):
+        hits = np.asarray(hits)
+        return ModelReport(name=name, kind="logistic", layer="penultimate", shot="all", seeds=1,
+                           metrics={"top1": float(hits.mean()), "n": len(hits), "hits": pack_hits(hits),
+                                    "top1_ci": [0.0, 1.0], "test_images": images})
+
+    b = np.array([1] * 160 + [0] * 40)
+    clear = b.copy()
+    clear[160:180] = 1  # +10 points, on the same images
+    noise = np.roll(b, 7)  # the same top-1, other images right
+    rows = compare_runs([model("clear", clear), model("noise", noise), model("elsewhere", clear, images="other")],
+                        [model("clear", b), model("noise", b), model("elsewhere", b)])
+    by = {r["model"]: r for r in rows}
+    assert by["clear"]["gain"].startswith("+10.0 pts (+") and by["clear"]["gain"].endswith(" *")
+    assert by["noise"]["gain"].startswith("+0.0 pts (-") and not by["noise"]["gain"].endswith("*")
+    assert by["elsewhere"]["gain"] == "+10.0 pts"  # other test images: no paired interval
+    assert by["clear"]["pretrained"] == "0.900 (0.000–1.000)"
