@@ -140,14 +140,18 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
 
 
 def _print_run(result) -> None:
+    from tasks.report import interval, recommendation_line
+
     table = Table(title=f"{result.experiment}: test results (best first)")
-    for col in ("model", "kind", "shots", "top-1", "macro-F1", "ECE", "NLL", "train s"):
+    for col in ("model", "kind", "shots", "val top-1", "top-1", "95% CI", "macro-F1", "ECE", "NLL", "train s"):
         table.add_column(col)
     for r in result.models:
         m = r.metrics
-        table.add_row(r.name, r.kind, str(r.shot), _fmt(m["top1"]), _fmt(m["macro_f1"]), _fmt(m["ece"]), _fmt(m["nll"]),
-                      f"{r.train_seconds:.1f}")
+        table.add_row(r.name, r.kind, str(r.shot), _fmt(r.val_accuracy), _fmt(m["top1"]), interval(m),
+                      _fmt(m["macro_f1"]), _fmt(m["ece"]), _fmt(m["nll"]), f"{r.train_seconds:.1f}")
     out.print(table)
+    if line := recommendation_line(result.models):
+        out.print(line, highlight=False)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
     out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
 
@@ -208,11 +212,15 @@ def results(
     root = default_cache_dir(cache_dir)
     rows = query(root, experiment, sort)
     table = Table(title=f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}")
-    for col in ("experiment", "model", "shots", "backbone", "weights", "top1", "macro_f1", "ece", "features", "when"):
+    for col in ("experiment", "model", "shots", "backbone", "weights", "val top1", "top1", "95% CI", "macro_f1", "ece",
+                "features", "when"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["experiment"], r["model"], r["shots"], r["backbone"], Path(r["weights"]).name, _fmt(r["top1"]),
-                      _fmt(r["macro_f1"]), _fmt(r["ece"]), short(r["features_key"]), r["created_at"][:16])
+        ci = f"{r['top1_lo']:.3f}–{r['top1_hi']:.3f}" if r.get("top1_lo") is not None else ""
+        pick = " ✓" if r.get("recommended") else ""  # the experiment's model chosen on validation
+        table.add_row(r["experiment"], r["model"] + pick, r["shots"], r["backbone"], Path(r["weights"]).name,
+                      _fmt(r.get("val_accuracy")), _fmt(r["top1"]), ci, _fmt(r["macro_f1"]), _fmt(r["ece"]),
+                      short(r["features_key"]), r["created_at"][:16])
     out.print(table)
 
 

@@ -30,6 +30,8 @@ COLUMNS = {
     "shots": "TEXT", "seeds": "INTEGER", "backbone": "TEXT", "weights": "TEXT", "features_key": "TEXT",
     "n_test": "INTEGER", "top1": "REAL", "top5": "REAL", "balanced_accuracy": "REAL", "macro_f1": "REAL",
     "nll": "REAL", "ece": "REAL", "report": "TEXT",
+    # since 0.6: top-1's 95% bootstrap interval, validation top-1, and the model chosen on validation (1)
+    "top1_lo": "REAL", "top1_hi": "REAL", "val_accuracy": "REAL", "recommended": "INTEGER",
 }
 METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece")
 UNIQUE = ("run_key", "model", "shots")  # one row per model of an evaluation
@@ -45,6 +47,11 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         conn.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, {cols})")
+        have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        with conn:  # a registry written by an earlier version gets the newer columns (NULL in its rows)
+            for name, kind in COLUMNS.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'results_model'").fetchone():
             with conn:  # a registry written before rows were keyed may hold duplicates: keep the latest of each
                 keyed = "run_key IS NOT NULL"

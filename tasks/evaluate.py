@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage import checkpoints, keys
 from storage import results as registry
 from storage.features import FeatureStore
+from storage.head_store import read_meta
 from storage.layout import CacheLayout
 from storage.records import ReportFiles, Records
 from tasks.backbones import BackboneSpec
@@ -157,6 +158,9 @@ class ModelReport(BaseModel):
     seeds: int
     metrics: dict[str, Any]
     train_seconds: float = 0.0  # summed over seeds
+    val_accuracy: float | None = None  # on the validation split, mean over seeds: what a recommendation may use
+    artifacts: list[str] = Field(default_factory=list, description="head keys of its fits (best on val first), or "
+                                                                   "the fine-tuning run's key")
 
 
 class EvalResult(StageResult):
@@ -206,6 +210,7 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
     per_fit: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     kinds: dict[tuple[str, str, str], tuple[str, str]] = {}
     seconds: dict[tuple[str, str, str], float] = {}
+    picked: dict[tuple[str, str, str], list[tuple[float, str]]] = {}
     for m in plan.models:
         if m.head_key:
             metrics = _head_metrics(plan, m)
@@ -214,15 +219,26 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
             metrics = classification_metrics(y, scores, softmax(scores.astype(np.float64)), n_classes)
         group = (m.name, str(m.shot), m.layer)
         per_fit.setdefault(group, []).append(metrics)
+        picked.setdefault(group, []).append(_validation(plan, m))
         kinds[group] = (m.kind, m.shot)
         seconds[group] = seconds.get(group, 0.0) + m.train_seconds
     images = _test_images(plan)
     return [
         ModelReport(name=name, kind=kinds[(name, shot, layer)][0], layer=layer, shot=kinds[(name, shot, layer)][1],
                     seeds=len(fits), metrics={**_with_interval(_average(fits), fits), "test_images": images},
-                    train_seconds=seconds[(name, shot, layer)])
+                    train_seconds=seconds[(name, shot, layer)],
+                    val_accuracy=float(np.mean([v for v, _ in picked[(name, shot, layer)]])),
+                    artifacts=[a for _, a in sorted(picked[(name, shot, layer)], key=lambda p: -p[0])])
         for (name, shot, layer), fits in per_fit.items()
     ]
+
+
+def _validation(plan: EvalPlan, m: ModelToEvaluate) -> tuple[float, str]:
+    """A model's validation top-1 as its stage recorded it, and its artifact key (a head's, a fine-tuning run's)."""
+    if m.head_key:
+        return float(read_meta(plan.cache_dir, m.head_key)["val_accuracy"]), m.head_key
+    done = checkpoints.RunFiles(m.checkpoint.parent).read_result() or {}
+    return float(done.get("best_val_accuracy", float("nan"))), m.checkpoint.parent.name
 
 
 def _test_images(plan: EvalPlan) -> str:

@@ -21,6 +21,36 @@ def ranked(models: list[ModelReport]) -> list[ModelReport]:
     return sorted(models, key=lambda r: -r.metrics["top1"])
 
 
+def recommended(models: list[ModelReport]) -> ModelReport | None:
+    """The one model to ship, chosen without the test split: the highest validation top-1 (ties: all labels
+    over few-shot, then the cheaper to train). The test ranking is a report; this is a decision."""
+    known = [m for m in models if m.val_accuracy is not None and m.val_accuracy == m.val_accuracy]  # not NaN
+    if not known:
+        return None
+    return max(known, key=lambda m: (m.val_accuracy, str(m.shot) == "all", -m.train_seconds))
+
+
+def recommendation(models: list[ModelReport]) -> dict[str, Any] | None:
+    """What report.json and the CLI say of the recommended model, with the key that loads it."""
+    pick = recommended(models)
+    if pick is None:
+        return None
+    return {"model": pick.name, "kind": pick.kind, "shots": str(pick.shot), "val_accuracy": pick.val_accuracy,
+            "test_top1": pick.metrics["top1"], "test_top1_ci": pick.metrics.get("top1_ci"),
+            "artifact": pick.artifacts[0] if pick.artifacts else None}
+
+
+def recommendation_line(models: list[ModelReport]) -> str | None:
+    rec = recommendation(models)
+    if rec is None:
+        return None
+    ci = interval({"top1_ci": rec["test_top1_ci"]}) if rec["test_top1_ci"] else ""
+    where = "heads/" if rec["kind"] != "finetune" else "finetune/"
+    return (f"Recommended (highest validation top-1; the test split was not used to choose it): {rec['model']}, "
+            f"{rec['shots']} labels per class: val {rec['val_accuracy']:.3f}, test {rec['test_top1']:.3f}"
+            + (f" ({ci})" if ci else "") + f"; artifact {where}{rec['artifact']}")
+
+
 def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> dict[str, Path]:
     """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths."""
     from tasks.machine import versions
@@ -35,6 +65,7 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> d
         "keys": {**plan.context.get("keys", {}), "evaluation": plan.key}, "versions": versions(),
     }
     context["left_out"] = left_out(plan)
+    context["recommended"] = recommendation(models)
     payload = {**context, "models": [r.model_dump() for r in models]}
     write_text(files.report_json, json.dumps(payload, indent=1, default=str))
     plots = _plots(files, models, plan.classes)
@@ -61,12 +92,15 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> li
     """One results-registry row per model."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     features = plan.context.get("keys", {}).get("features", {})
+    pick = recommended(models)
     return [
         {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": r.name, "kind": r.kind,
          "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds, "backbone": plan.backbone.name,
          "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
          "n_test": r.metrics["n"], "report": _in_cache(plan.cache_dir, report),
-         **{m: r.metrics.get(m) for m in registry.METRICS}}
+         **{m: r.metrics.get(m) for m in registry.METRICS},
+         "top1_lo": (r.metrics.get("top1_ci") or [None, None])[0], "top1_hi": (r.metrics.get("top1_ci") or [None, None])[1],
+         "val_accuracy": r.val_accuracy, "recommended": int(r is pick)}
         for r in models
     ]
 
@@ -88,7 +122,7 @@ def interval(metrics: dict[str, Any]) -> str:
 def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
     fmt = lambda v: "" if v is None else round(v, 4)  # noqa: E731
     return [
-        {"model": r.name, "kind": r.kind, "shots": r.shot, "top1": fmt(r.metrics["top1"]),
+        {"model": r.name, "kind": r.kind, "shots": r.shot, "val top1": fmt(r.val_accuracy), "top1": fmt(r.metrics["top1"]),
          "top1 95% CI": interval(r.metrics), "top5": fmt(r.metrics["top5"]),
          "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
          "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
@@ -103,6 +137,7 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
              f"Backbone `{context.get('backbone')}` (weights `{context.get('weights')}`), "
              f"{ranked[0].metrics['n'] if ranked else 0} test images. Models ranked by top-1 accuracy; its 95% "
              "interval is a bootstrap over the test images (1,000 resamples, seeded).", "",
+             *([line, ""] if (line := recommendation_line(ranked)) else []),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
     curve = _few_shot_curve(ranked)

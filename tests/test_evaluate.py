@@ -87,7 +87,7 @@ def test_report_files_hold_what_they_claim(tmp_path):
     report = json.loads(paths["json"].read_text())
     assert [m["name"] for m in report["models"]] == ["better", "worse", "better"]  # ranked by top-1
     md = paths["md"].read_text()
-    assert "| better | logistic | all | 1.0 |" in md and "## Few-shot curve" in md and "| extract | 1.0 | hit |" in md
+    assert "| better | logistic | all |  | 1.0 |" in md and "## Few-shot curve" in md and "| extract | 1.0 | hit |" in md
     for name in ("confusion_matrix", "reliability", "few_shot"):
         assert paths[name].stat().st_size > 1000 and paths[name].read_bytes()[:4] == b"\x89PNG"
 
@@ -189,3 +189,75 @@ def test_the_comparison_marks_a_gain_whose_paired_interval_excludes_zero():
     assert by["noise"]["gain"].startswith("+0.0 pts (-") and not by["noise"]["gain"].endswith("*")
     assert by["elsewhere"]["gain"] == "+10.0 pts"  # other test images: no paired interval
     assert by["clear"]["pretrained"] == "0.900 (0.000–1.000)"
+
+
+# --------------------------------------------------------------------------- the model chosen on validation
+
+
+def test_the_recommended_model_is_chosen_on_validation_not_test():
+    from tasks.report import recommended
+
+    def model(name, shot, val, test, seconds=1.0):
+        return ModelReport(name=name, kind="logistic", layer="penultimate", shot=shot, seeds=1,
+                           metrics={"top1": test}, val_accuracy=val, train_seconds=seconds)
+
+    models = [model("best on test", "all", 0.80, 0.95), model("best on val", "all", 0.90, 0.85)]
+    assert recommended(models).name == "best on val"
+    tied = [model("few", 5, 0.9, 0.9), model("all", "all", 0.9, 0.9, seconds=9), model("cheap", "all", 0.9, 0.9)]
+    assert recommended(tied).name == "cheap"  # ties: all labels over few-shot, then the cheaper
+    assert recommended([model("unknown", "all", None, 0.9)]) is None
+
+
+def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tiny_config):
+    from helpers import split_plans
+    from storage.results import query
+    from tasks.backbones import resolve
+    from tasks.data import Manifest
+    from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
+    from tasks.extract import extract_split
+    from tasks.head_configs import KNNConfig, LogisticConfig
+    from tasks.heads import fits, load_head, load_split, plan_heads, train_head
+
+    cfg = tiny_config()
+    feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}
+    plans = plan_heads([LogisticConfig(kind="logistic", C=[0.1, 1.0]), KNNConfig(kind="knn", k=[1, 3], shots=[1, "all"])],
+                       feats["train"].key, feats["val"].key, cfg.cache_dir)
+    for p in plans:
+        train_head(p)
+    models = [ModelToEvaluate(name=p.head.label, kind=p.head.kind, shot=shot, seed=seed, head_key=key)
+              for p in plans for shot, seed, key in fits(p)]
+    plan = plan_evaluation("tiny", feats["test"].key, feats["test"].manifest, cfg.cache_dir, resolve(cfg.backbone),
+                           Manifest.load(feats["train"].manifest).classes, models)
+    result = evaluate(plan)
+    vals = {(m.name, str(m.shot)): m.val_accuracy for m in result.models}
+    assert all(v is not None and 0 <= v <= 1 for v in vals.values())
+    report = json.loads(plan.files.report_json.read_text())
+    rec = report["recommended"]
+    assert rec["val_accuracy"] == max(vals.values()) and (rec["model"], rec["shots"]) in vals
+    head = load_head(cfg.cache_dir, rec["artifact"])  # the recommended model, loaded by its key
+    X, y = load_split(cfg.cache_dir, feats["test"].key, "penultimate")
+    top1 = float(np.mean(head.predict(X) == y))
+    assert top1 == pytest.approx(rec["test_top1"]) or rec["shots"] != "all"  # a few-shot pick averages its seeds
+    assert "Recommended (highest validation top-1" in result.report.read_text()
+    rows = query(cfg.cache_dir, "tiny")
+    assert sum(r["recommended"] for r in rows) == 1 and all(r["top1_lo"] <= r["top1"] <= r["top1_hi"] for r in rows)
+
+
+def test_a_registry_from_an_earlier_version_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    from storage.results import append, query, registry_path
+
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:  # 0.5's table: no interval, validation or recommendation columns
+        conn.execute("CREATE TABLE results (id INTEGER PRIMARY KEY, created_at TEXT, experiment TEXT, run_key TEXT, "
+                     "model TEXT, kind TEXT, layer TEXT, shots TEXT, seeds INTEGER, backbone TEXT, weights TEXT, "
+                     "features_key TEXT, n_test INTEGER, top1 REAL, top5 REAL, balanced_accuracy REAL, macro_f1 REAL, "
+                     "nll REAL, ece REAL, report TEXT)")
+        conn.execute("INSERT INTO results (experiment, run_key, model, shots, top1) VALUES ('old', 'r0', 'm', 'all', 0.5)")
+    append(tmp_path, [{"experiment": "new", "run_key": "r1", "model": "m", "shots": "all", "top1": 0.7,
+                       "top1_lo": 0.6, "top1_hi": 0.8, "val_accuracy": 0.75, "recommended": 1}])
+    rows = {r["experiment"]: r for r in query(tmp_path)}
+    assert rows["old"]["top1_lo"] is None and rows["old"]["recommended"] is None
+    assert rows["new"]["top1_hi"] == 0.8 and rows["new"]["recommended"] == 1
