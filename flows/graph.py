@@ -128,9 +128,25 @@ def _head_units(work: Work) -> list[Unit]:
 def _plan_finetune(config: ExperimentConfig, graph: Graph) -> list[Work]:
     split = features(graph)
     probes = heads.probe_candidates(graph["heads"].plans()) if "heads" in graph else []
-    plan = finetune.plan_finetune(config.finetune, resolve(config.backbone, config.cache_dir), split["train"].manifest,
-                                  config.cache_dir, {s: f.key for s, f in split.items()}, probes)
-    return [Work(config.backbone.name, plan, finetune.is_stored(plan))]
+    spec, feature_keys = resolve(config.backbone, config.cache_dir), {s: f.key for s, f in split.items()}
+    works = []
+    for label, cfg in config.finetune.candidates():  # one run, or one per combination of finetune.search
+        plan = finetune.plan_finetune(cfg, spec, split["train"].manifest, config.cache_dir, feature_keys, probes)
+        works.append(Work(label or config.backbone.name, plan, finetune.is_stored(plan)))
+    return works
+
+
+def _chosen_finetune(graph: Graph) -> tuple[Work, list[dict[str, Any]]]:
+    """The fine-tuning run that is the experiment's fine-tuned model (best on validation; tasks.finetune.chosen),
+    and what the search tried (for the report; empty without a search)."""
+    works, tuned = graph["finetune"].works, graph["finetune"].results
+    index = finetune.pick(tuned) if tuned else finetune.chosen([w.plan for w in works])
+    tried = [] if len(works) == 1 else [
+        {"settings": w.what, "key": w.plan.key, "chosen": i == index,
+         **({"best_epoch": r.best_epoch, "best_val_accuracy": r.best_val_accuracy, "train_seconds": r.train_seconds}
+            if r is not None else {})}
+        for i, (w, r) in enumerate(zip(works, tuned or [None] * len(works)))]
+    return works[index], tried
 
 
 def _test_split(graph: Graph) -> Any:
@@ -146,17 +162,21 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     models = [ModelToEvaluate(name=p.head.label, kind=p.head.kind, layer=p.head.layer, shot=shot, seed=seed,
                               head_key=key, train_seconds=seconds.get(key, 0.0))
               for p in (graph["heads"].plans() if "heads" in graph else []) for shot, seed, key in heads.fits(p)]
+    tried: list[dict[str, Any]] = []
     if "finetune" in graph:
-        (tuning,), tuned = graph["finetune"].works, graph["finetune"].results
+        tuning, tried = _chosen_finetune(graph)
+        tuned = graph["finetune"].results
         models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=finetune.run_files(tuning.plan).best,
-                                      train_seconds=tuned[0].train_seconds if tuned else 0.0))
+                                      train_seconds=sum(r.train_seconds for r in tuned) if tuned else 0.0,
+                                      tried=[t["key"] for t in tried]))
     if not models:
         raise ValueError(f"experiment {config.name!r} has nothing to evaluate: add heads or enable finetune")
     context = {
         "config": config.model_dump(mode="json"),
         "stages": {name: summarize(s.results) for name, s in graph.items() if s.results},
         "keys": {"features": {s: f.key for s, f in split.items()}, "heads": {m.name: m.head_key for m in models},
-                 "finetune": graph["finetune"].works[0].plan.key if "finetune" in graph else None},
+                 "finetune": _chosen_finetune(graph)[0].plan.key if "finetune" in graph else None},
+        "finetune_search": tried,
     }
     plan = evaluate.plan_evaluation(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
@@ -204,7 +224,8 @@ EXTRACT = Node("extract", _plan_extract, "extract_split_task", lambda c, w: f"ex
 HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.head.label}-{w.plan.head.layer}",
              units=_head_units, why=_against(lambda c: stored_specs(c.cache_dir, "heads"), _head_damage),
              concurrent=True)
-FINETUNE = Node("finetune", _plan_finetune, "finetune_task", lambda c, w: f"finetune-{c.backbone.name}",
+FINETUNE = Node("finetune", _plan_finetune, "finetune_task",
+                lambda c, w: f"finetune-{c.backbone.name}" + ("" if w.what == c.backbone.name else f" {w.what}"),
                 why=_against(lambda c: stored_specs(c.cache_dir, "finetune"),
                              lambda w, u: finetune.run_files(w.plan).problems()))
 EVALUATE = Node("evaluate", _plan_evaluate, "evaluate_task", lambda c, w: f"evaluate-{c.name}",
@@ -307,8 +328,12 @@ def _check_shots(config: ExperimentConfig, train: Manifest) -> None:
 
 
 def _check_unfreeze(config: ExperimentConfig) -> None:
-    unfreeze = config.finetune.unfreeze
-    if unfreeze == "all" or config.finetune.last_n is not None:
+    for _, cfg in config.finetune.candidates():
+        _check_modules(config, cfg.unfreeze if cfg.last_n is None else "all")
+
+
+def _check_modules(config: ExperimentConfig, unfreeze: list[str] | str) -> None:
+    if unfreeze == "all":
         return
     names = set(module_names(config.backbone, config.cache_dir))
     bad = [n for n in unfreeze if n not in names]

@@ -59,5 +59,12 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     if evaluation is not None:
         publish_report(config.name, evaluation)
     return PipelineResult(experiment=config.name, features=graph.features(ran), heads=results.get("heads", []),
-                          finetune=results["finetune"][0] if "finetune" in results else None, evaluation=evaluation,
+                          finetune=_chosen(results.get("finetune")), evaluation=evaluation,
                           stages={stage: summarize(r) for stage, r in results.items()})
+
+
+def _chosen(tuned: list[FinetuneResult] | None) -> FinetuneResult | None:
+    """The fine-tuned model: the one run, or the search's run best on validation."""
+    from tasks.finetune import pick
+
+    return tuned[pick(tuned)] if tuned else None

@@ -125,6 +125,8 @@ class ModelToEvaluate(BaseModel):
     head_key: str | None = None
     checkpoint: Path | None = None
     train_seconds: float = 0.0
+    tried: list[str] = Field(default_factory=list, description="the fine-tuning search's run keys (in the key: the "
+                                                               "report lists them)")
 
 
 class EvalPlan(BaseModel):

@@ -14,6 +14,7 @@ transferpipe checkpoint format, which another experiment can name as its
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -38,6 +39,10 @@ class EarlyStopping(BaseModel):
 
     patience: int = Field(3, ge=1)
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+
+
+#: the settings ``finetune.search`` may try
+SEARCHABLE = ("lr_backbone", "lr_head", "last_n", "unfreeze", "epochs", "weight_decay", "freeze_bn", "warmup_epochs")
 
 
 class FinetuneConfig(BaseModel):
@@ -68,6 +73,38 @@ class FinetuneConfig(BaseModel):
     device: str = "auto"
     amp: bool = True
     num_workers: int | Literal["auto"] = "auto"
+    search: dict[str, list[Any]] | None = Field(None, description=(
+        "settings to try, each a list (e.g. lr_backbone: [1e-4, 1e-5], last_n: [1, 2]): one cached, resumable run "
+        "per combination; the run best on validation is the fine-tuned model (each run's epoch 0 is the probe)"))
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if v is None:
+            return v
+        bad = sorted(set(v) - set(SEARCHABLE))
+        if bad:
+            raise ValueError(f"search: {bad} cannot be searched; searchable: {', '.join(SEARCHABLE)}")
+        empty = [k for k, values in v.items() if not isinstance(values, list) or not values]
+        if empty:
+            raise ValueError(f"search: {empty} need a non-empty list of values each")
+        return v
+
+    def candidates(self) -> list[tuple[str, FinetuneConfig]]:
+        """(label, config) of every run the search tries: each combination of its values set on this config
+        (label "" and this config without a search). Each candidate is validated as a config of its own."""
+        if not self.search:
+            return [("", self)]
+        names, base = list(self.search), self.model_dump(exclude={"search"})
+        out = []
+        for values in itertools.product(*(self.search[n] for n in names)):
+            override = dict(zip(names, values))
+            try:
+                cfg = FinetuneConfig.model_validate({**base, **override})
+            except ValueError as exc:
+                raise ValueError(f"finetune.search candidate {override}: {exc}") from None
+            out.append((" ".join(f"{n}={v}" for n, v in override.items()), cfg))
+        return out
 
     @field_validator("unfreeze")
     @classmethod
@@ -124,10 +161,26 @@ def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, c
     """
     probes = list(probes) if cfg.init_head == "best_probe" else []
     spec = keys.finetune_spec(backbone.key_fields(), feature_keys,
-                              cfg.model_dump(exclude={"enabled", "device", "num_workers"}), probes or None,
+                              cfg.model_dump(exclude={"enabled", "device", "num_workers", "search"}), probes or None,
                               forward_precision(cfg.device, cfg.amp))
     return FinetunePlan(spec=spec, key=keys.key(spec), backbone=backbone, manifest=manifest, cache_dir=Path(cache_dir),
                         finetune=cfg, probes=probes)
+
+
+def chosen(plans: list[FinetunePlan]) -> int:
+    """Which candidate run is the fine-tuned model: the highest validation accuracy among those finished (the
+    first on ties, and the first while none has finished)."""
+    best, index = None, 0
+    for i, plan in enumerate(plans):
+        done = run_files(plan).read_result()
+        if done is not None and (best is None or done["best_val_accuracy"] > best):
+            best, index = done["best_val_accuracy"], i
+    return index
+
+
+def pick(results: list[FinetuneResult]) -> int:
+    """:func:`chosen` on finished runs' results."""
+    return max(range(len(results)), key=lambda i: (results[i].best_val_accuracy, -i))
 
 
 def run_files(plan: FinetunePlan) -> RunFiles:

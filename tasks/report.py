@@ -155,6 +155,13 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
             shown = "; ".join(f"`{e['path']}` ({e['error']})" for e in entries[:10])
             lines.append(f"- {split}: {len(entries)}: {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10
                                                                   else ""))
+    tried = context.get("finetune_search") or []
+    if tried:
+        lines += ["", "## Fine-tuning search (chosen on validation; epoch 0 is the probe it starts from)", "",
+                  "| settings | best epoch | val top-1 | train s | |", "|---|---|---|---|---|"]
+        lines += [f"| {t['settings']} | {t.get('best_epoch', '-')} | "
+                  + (f"{t['best_val_accuracy']:.4f}" if "best_val_accuracy" in t else "-")
+                  + f" | {t.get('train_seconds', 0.0):.1f} | {'chosen' if t['chosen'] else ''} |" for t in tried]
     timings = context.get("stages", {})
     if timings:
         lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]

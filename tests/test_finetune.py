@@ -138,3 +138,29 @@ def test_standardisation_does_not_amplify_dead_features():
     head = LogisticHead(C=(1.0,)).fit(X, y)
     assert head.scale_[3] >= 1e-2 * np.median(X.std(axis=0)) * 0.99
     assert np.abs(head.coef_ / head.scale_).max() < 1e3
+
+
+def test_a_search_is_a_grid_of_validated_candidates():
+    from tasks.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(enabled=True, search={"lr_backbone": [1e-4, 1e-5], "last_n": [1, 2]})
+    found = cfg.candidates()
+    assert [label for label, _ in found] == ["lr_backbone=0.0001 last_n=1", "lr_backbone=0.0001 last_n=2",
+                                            "lr_backbone=1e-05 last_n=1", "lr_backbone=1e-05 last_n=2"]
+    assert all(c.search is None for _, c in found) and found[3][1].lr_backbone == 1e-5 and found[3][1].last_n == 2
+    assert FinetuneConfig(enabled=True).candidates() == [("", FinetuneConfig(enabled=True))]
+    with pytest.raises(ValueError, match=r"search: \['seed'\] cannot be searched; searchable: lr_backbone"):
+        FinetuneConfig(search={"seed": [0, 1]})
+    with pytest.raises(ValueError, match=r"search: \['lr_head'\] need a non-empty list"):
+        FinetuneConfig(search={"lr_head": []})
+    with pytest.raises(ValueError, match=r"finetune.search candidate \{'lr_head': -1.0\}"):
+        FinetuneConfig(search={"lr_head": [1e-3, -1.0]}).candidates()
+
+
+def test_a_candidate_has_the_key_of_the_plain_config_it_equals(staged):
+    """The search is not in the key: a candidate with lr_backbone 1e-5 is the run a config that sets it would be."""
+    _, _, _, plan = staged
+    assert plan(search={"lr_backbone": [1e-4, 1e-5]}).key == plan().key
+    searched = dict(plan(search={"lr_backbone": [1e-4, 1e-5]}).finetune.candidates())
+    assert plan(lr_backbone=1e-5).key == plan(**searched["lr_backbone=1e-05"].model_dump(
+        exclude={"enabled", "search"})).key

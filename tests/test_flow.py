@@ -1,6 +1,7 @@
 """The pipeline flow in Prefect's ephemeral mode, stage by stage, and the CLI around it."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -143,6 +144,32 @@ def test_finetune_stage_runs_lp_ft_then_is_a_cache_hit(tiny_config):
         second = pipeline_flow(cfg, stop_after="finetune").finetune
     assert not first.cache_hit and first.epochs_run == 2 and first.best_checkpoint.exists()
     assert second.cache_hit and second.epochs_run == 0 and second.best_checkpoint == first.best_checkpoint
+
+
+def test_a_fine_tuning_search_keeps_the_run_best_on_validation_and_reports_what_it_tried(tiny_config):
+    """Two candidates, one with a learning rate that wrecks the weights: the pipeline evaluates the run best on
+    validation, its report lists both, and a search that adds a value reruns only the new candidate."""
+    ft = {"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0, "augment": "none", "warmup_epochs": 0,
+          "search": {"lr_head": [1e-3, 50.0]}}
+    cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}], finetune=ft)
+    with local_run_settings():
+        first = pipeline_flow(cfg)
+        grown = pipeline_flow(tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}],
+                                          finetune={**ft, "search": {"lr_head": [1e-3, 50.0, 1e-2]}}))
+    report = json.loads((first.report.parent / "report.json").read_text())
+    tried = report["finetune_search"]
+    assert [t["settings"] for t in tried] == ["lr_head=0.001", "lr_head=50.0"]
+    best = max(tried, key=lambda t: t["best_val_accuracy"])
+    assert [t["chosen"] for t in tried].count(True) == 1 and best["chosen"]
+    assert report["keys"]["finetune"] == best["key"] and first.finetune.key == best["key"]
+    assert "## Fine-tuning search" in first.report.read_text()
+    finetuned = next(m for m in first.models if m.name == "finetuned")
+    assert finetuned.val_accuracy == best["best_val_accuracy"]
+    grown_tried = json.loads((grown.report.parent / "report.json").read_text())["finetune_search"]
+    assert [t["settings"] for t in grown_tried][:2] == ["lr_head=0.001", "lr_head=50.0"] and len(grown_tried) == 3
+    assert not grown.stages["finetune"]["cache_hit"]  # the new candidate trained ...
+    for old, new in zip(tried, grown_tried):  # ... and the two before it were reused, not trained again
+        assert new["key"] == old["key"] and new["train_seconds"] == old["train_seconds"]
 
 
 def test_pipeline_end_to_end_then_all_hits_then_only_the_changed_head(tiny_config):
