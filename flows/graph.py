@@ -136,6 +136,19 @@ def _plan_finetune(config: ExperimentConfig, graph: Graph) -> list[Work]:
     return works
 
 
+def _probe_kept(graph: Graph) -> dict[str, float] | None:
+    """When no epoch of the chosen fine-tuning run beat the probe it started from on validation: the numbers
+    the report gives for it (None when fine-tuning won, or before it ran)."""
+    tuned = graph["finetune"].results
+    if not tuned:
+        return None
+    best = tuned[finetune.pick(tuned)]
+    if best.best_epoch != 0:
+        return None
+    later = [h.val_accuracy for h in best.history if h.epoch > 0]
+    return {"probe_val_accuracy": best.best_val_accuracy, "best_tuned_val_accuracy": max(later) if later else None}
+
+
 def _chosen_finetune(graph: Graph) -> tuple[Work, list[dict[str, Any]]]:
     """The fine-tuning run that is the experiment's fine-tuned model (best on validation; tasks.finetune.chosen),
     and what the search tried (for the report; empty without a search)."""
@@ -177,6 +190,7 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
         "keys": {"features": {s: f.key for s, f in split.items()}, "heads": {m.name: m.head_key for m in models},
                  "finetune": _chosen_finetune(graph)[0].plan.key if "finetune" in graph else None},
         "finetune_search": tried,
+        "finetune_probe": _probe_kept(graph) if "finetune" in graph else None,
     }
     plan = evaluate.plan_evaluation(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),

@@ -155,6 +155,13 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
             shown = "; ".join(f"`{e['path']}` ({e['error']})" for e in entries[:10])
             lines.append(f"- {split}: {len(entries)}: {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10
                                                                   else ""))
+    kept = context.get("finetune_probe")
+    if kept:
+        tuned = kept["best_tuned_val_accuracy"]
+        lines += ["", "Fine-tuning did not beat the probe it started from on validation: the probe reached "
+                  f"{kept['probe_val_accuracy']:.3f}, the best fine-tuned epoch "
+                  + ("-" if tuned is None else f"{tuned:.3f}") + ". So `finetuned` is that probe on the frozen backbone "
+                  "(epoch 0), not a worse model."]
     tried = context.get("finetune_search") or []
     if tried:
         lines += ["", "## Fine-tuning search (chosen on validation; epoch 0 is the probe it starts from)", "",

@@ -163,6 +163,8 @@ def test_a_fine_tuning_search_keeps_the_run_best_on_validation_and_reports_what_
     assert [t["chosen"] for t in tried].count(True) == 1 and best["chosen"]
     assert report["keys"]["finetune"] == best["key"] and first.finetune.key == best["key"]
     assert "## Fine-tuning search" in first.report.read_text()
+    text = first.report.read_text()
+    assert ("Fine-tuning did not beat the probe" in text) == (first.finetune.best_epoch == 0)
     finetuned = next(m for m in first.models if m.name == "finetuned")
     assert finetuned.val_accuracy == best["best_val_accuracy"]
     grown_tried = json.loads((grown.report.parent / "report.json").read_text())["finetune_search"]
