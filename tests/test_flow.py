@@ -206,7 +206,7 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
 
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}],
                       finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0})
-    monkeypatch.setenv("TRANSFERPIPE_FAULTS", "finetune.epoch:1:raise")  # right after epoch 1 is checkpointed
+    monkeypatch.setenv("TRANSFERPIPE_FAULTS", "finetune.epoch:2:raise")  # right after epoch 1 is checkpointed (epoch 0, the probe, is the first)
     with local_run_settings():
         state = pipeline_flow(cfg, return_state=True)
     assert state.is_failed() and "stage finetune-resnet18 failed: injected fault at finetune.epoch" in state.message

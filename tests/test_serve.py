@@ -134,7 +134,7 @@ def test_prefect_flow_run_retry_reruns_only_the_failed_stage_and_what_follows(pr
     cfg = tiny_config(name="retried", heads=[{"kind": "logistic", "C": [1.0]}],
                       finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0})
     config = write_config(cfg, tmp_path / "retried.yaml")
-    failed = _cli(prefect_server, "flows.cli", "run", str(config), TRANSFERPIPE_FAULTS="finetune.epoch:1:raise")
+    failed = _cli(prefect_server, "flows.cli", "run", str(config), TRANSFERPIPE_FAULTS="finetune.epoch:2:raise")  # after epoch 1 (0 is the probe)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "stage finetune-resnet18 failed: injected fault at finetune.epoch" in failed.stderr
     runs = [r for r in prefect_server.api("POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["pipeline"]}}})
