@@ -136,21 +136,17 @@ def _plan_finetune(config: ExperimentConfig, graph: Graph) -> list[Work]:
     return works
 
 
-def _probe_kept(graph: Graph) -> dict[str, float] | None:
-    """When no epoch of the chosen fine-tuning run beat the probe it started from on validation: the numbers
-    the report gives for it (None when fine-tuning won, or before it ran)."""
-    tuned = graph["finetune"].results
-    if not tuned:
-        return None
-    best = tuned[finetune.pick(tuned)]
+def _probe_kept(best: Any) -> dict[str, float] | None:
+    """When no epoch of the chosen fine-tuning run (its result) beat the probe it started from on validation: the
+    numbers the report gives for it (None when fine-tuning won)."""
     if best.best_epoch != 0:
         return None
     later = [h.val_accuracy for h in best.history if h.epoch > 0]
     return {"probe_val_accuracy": best.best_val_accuracy, "best_tuned_val_accuracy": max(later) if later else None}
 
 
-def _chosen_finetune(graph: Graph) -> tuple[Work, list[dict[str, Any]]]:
-    """The fine-tuning run that is the experiment's fine-tuned model (best on validation; tasks.finetune.chosen),
+def _chosen_finetune(graph: Graph) -> tuple[int, list[dict[str, Any]]]:
+    """Which fine-tuning run is the experiment's fine-tuned model (best on validation; tasks.finetune.chosen),
     and what the search tried (for the report; empty without a search)."""
     works, tuned = graph["finetune"].works, graph["finetune"].results
     index = finetune.pick(tuned) if tuned else finetune.chosen([w.plan for w in works])
@@ -159,7 +155,7 @@ def _chosen_finetune(graph: Graph) -> tuple[Work, list[dict[str, Any]]]:
          **({"best_epoch": r.best_epoch, "best_val_accuracy": r.best_val_accuracy, "train_seconds": r.train_seconds}
             if r is not None else {})}
         for i, (w, r) in enumerate(zip(works, tuned or [None] * len(works)))]
-    return works[index], tried
+    return index, tried
 
 
 def _test_split(graph: Graph) -> Any:
@@ -175,10 +171,11 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     models = [ModelToEvaluate(name=p.head.label, kind=p.head.kind, layer=p.head.layer, shot=shot, seed=seed,
                               head_key=key, train_seconds=seconds.get(key, 0.0))
               for p in (graph["heads"].plans() if "heads" in graph else []) for shot, seed, key in heads.fits(p)]
-    tried: list[dict[str, Any]] = []
+    tuning, tried, kept = None, [], None
     if "finetune" in graph:
-        tuning, tried = _chosen_finetune(graph)
-        tuned = graph["finetune"].results
+        index, tried = _chosen_finetune(graph)
+        tuning, tuned = graph["finetune"].works[index], graph["finetune"].results
+        kept = _probe_kept(tuned[index]) if tuned else None
         models.append(ModelToEvaluate(name="finetuned", kind="finetune", checkpoint=finetune.run_files(tuning.plan).best,
                                       train_seconds=sum(r.train_seconds for r in tuned) if tuned else 0.0,
                                       tried=[t["key"] for t in tried]))
@@ -188,9 +185,9 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
         "config": config.model_dump(mode="json"),
         "stages": {name: summarize(s.results) for name, s in graph.items() if s.results},
         "keys": {"features": {s: f.key for s, f in split.items()}, "heads": {m.name: m.head_key for m in models},
-                 "finetune": _chosen_finetune(graph)[0].plan.key if "finetune" in graph else None},
+                 "finetune": tuning.plan.key if tuning else None},
         "finetune_search": tried,
-        "finetune_probe": _probe_kept(graph) if "finetune" in graph else None,
+        "finetune_probe": kept,
     }
     plan = evaluate.plan_evaluation(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),

@@ -271,7 +271,8 @@ def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
 
 
 def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of scalar metrics over few-shot seeds (std alongside); lists and ``hits`` from the first seed."""
+    """Mean of scalar metrics over few-shot seeds (std alongside); lists from the first seed (``hits``: summed
+    over seeds by :func:`_with_interval`)."""
     if len(fits) == 1:
         return fits[0]
     out = dict(fits[0])

@@ -93,13 +93,14 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> li
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     features = plan.context.get("keys", {}).get("features", {})
     pick = recommended(models)
+    no_interval = [None, None]
     return [
         {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": r.name, "kind": r.kind,
          "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds, "backbone": plan.backbone.name,
          "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
          "n_test": r.metrics["n"], "report": _in_cache(plan.cache_dir, report),
          **{m: r.metrics.get(m) for m in registry.METRICS},
-         "top1_lo": (r.metrics.get("top1_ci") or [None, None])[0], "top1_hi": (r.metrics.get("top1_ci") or [None, None])[1],
+         **dict(zip(("top1_lo", "top1_hi"), r.metrics.get("top1_ci") or no_interval)),
          "val_accuracy": r.val_accuracy, "recommended": int(r is pick)}
         for r in models
     ]
