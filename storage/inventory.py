@@ -35,7 +35,10 @@ class FeatureInfo:
 
 
 def info(store: FeatureStore, path: Path) -> FeatureInfo:
-    """Describe a complete or partial file without trusting it (its size includes the pieces it joins)."""
+    """Describe a complete or partial file without trusting it (its size includes the pieces it joins).
+
+    Raises FileNotFoundError when the file is gone (see ``entries``).
+    """
     complete = path.suffix == ".h5"
     key = FeatureFiles.key_of(path)
     size = path.stat().st_size
@@ -53,6 +56,8 @@ def info(store: FeatureStore, path: Path) -> FeatureInfo:
                 skipped=tuple(json_attr(fh.attrs, "skipped", [])),
             )
     except (OSError, KeyError, ValueError) as exc:
+        if not path.exists():  # renamed (its extraction ended) or removed since it was listed
+            raise FileNotFoundError(f"{path} is gone") from exc
         return FeatureInfo(key, path, False, {}, 0, {}, size, "", error=str(exc))
 
 
@@ -67,12 +72,34 @@ def pieces_summary(store: FeatureStore) -> tuple[int, int, int]:
     """``(complete, partial, bytes)`` of the pieces that split files are joined from."""
     folder = store.pieces().root
     done, partial = list(folder.glob("*.h5")), list(folder.glob("*.h5.partial"))
-    return len(done), len(partial), sum(p.stat().st_size for p in done + partial)
+    return len(done), len(partial), sum(_size(p) for p in done + partial)
+
+
+def _size(path: Path) -> int:
+    """The size of a file, 0 if a concurrent run renamed or removed it since it was listed."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def entries(store: FeatureStore) -> list[FeatureInfo]:
+    """Every feature file, complete ones first; safe while other processes extract.
+
+    A running extraction renames its ``.h5.partial`` to ``.h5`` when it ends,
+    and ``cache gc`` removes files: the partial files are listed first (so a
+    file renamed meanwhile is still found as complete) and a file gone between
+    the listing and its reading is left out instead of failing the caller.
+    """
     folder = store.files.folder
-    return [info(store, p) for p in sorted(folder.glob("*.h5")) + sorted(folder.glob("*.h5.partial"))]
+    partial = sorted(folder.glob("*.h5.partial"))
+    found: list[FeatureInfo] = []
+    for path in sorted(folder.glob("*.h5")) + partial:
+        try:
+            found.append(info(store, path))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def collect(
@@ -88,7 +115,10 @@ def collect(
     now = time.time()
     removed: list[tuple[Path, str]] = []
     for path in sorted(store.files.folder.glob("*.h5.partial")):
-        age = now - path.stat().st_mtime
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:  # its extraction finished (renamed) since the listing
+            continue
         if age >= partial_older_than_s:
             try:
                 if store.remove(FeatureFiles.key_of(path), dry_run=dry_run):

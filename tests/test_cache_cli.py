@@ -143,3 +143,25 @@ def test_rm_takes_every_kind_of_key(tmp_path):
         assert not path.exists()
     missing = runner.invoke(app, ["cache", "rm", "eeee", "--cache-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "'eeee' matches no cached keys" in missing.output
+
+
+def test_files_renamed_or_removed_while_listed_are_left_out(cache):
+    """Another process ends an extraction (renames .h5.partial to .h5) or gc removes a file while this one
+    lists the cache: what vanished between the listing and the reading is left out, not an error (a sweep
+    of concurrent experiments failed on this when it explained a feature key)."""
+    from storage import inventory
+
+    cache_dir, plans, _ = cache
+    store = FeatureStore(cache_dir)
+    folder = store.files.folder
+    gone = folder / ("f" * 64 + ".h5.partial")
+    gone.symlink_to(folder / "renamed-meanwhile.h5.partial")  # listed by glob, absent when read
+    (folder / ("e" * 64 + ".h5")).symlink_to(folder / "removed-meanwhile.h5")
+    with pytest.raises(FileNotFoundError):
+        inventory.info(store, gone)
+    keys = {e.key for e in inventory.entries(store)}
+    assert keys == {plans["train"].key, plans["test"].key}
+    assert inventory.pieces_summary(store)[0] >= 2
+    assert inventory.collect(store, partial_older_than_s=0, dry_run=True) is not None
+    result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "2 feature file(s)" in result.output, result.output
