@@ -248,6 +248,43 @@ def _print_select(title: str, result) -> None:
     out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False)
 
 
+@app.command()
+@friendly_errors
+def export(
+    config: ConfigArg,
+    split: Annotated[Optional[list[str]], typer.Option(
+        "--split", help="A split to export; repeat for several. Default: the config's export.splits, else every split.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="One of backbone.layers (default penultimate).")] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help="parquet: one table with an embedding column; npy: <split>.npy + <split>.parquet metadata.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="stored (default), float16 or float32.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Copy the files here (else they stay in the cache).")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write cached features as Parquet or NumPy for pandas, polars, DuckDB or a vector index (extracting first
+    if needed); a second export of the same features is a cache hit."""
+    from tasks.export import FORMATS, ExportConfig, copy_out
+
+    cfg = _load(config, cache_dir)
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in ("stored", "float16", "float32"):
+        raise ValueError(f"--dtype {dtype!r}: use stored, float16 or float32")
+    given = {"splits": split, "layer": layer, "format": format, "dtype": dtype}
+    wanted = (cfg.export or ExportConfig()).model_copy(update={k: v for k, v in given.items() if v})
+    cfg = cfg.model_copy(update={"export": wanted})
+    result = _pipeline(config, cache_dir, "export", cfg)[1]
+    table = Table(title=f"export of {cfg.name} ({wanted.format}, layer {wanted.layer})")
+    for col in ("split", "rows", "dim", "dtype", "MB", "cache", "seconds", "key"):
+        table.add_column(col)
+    for r in result.exports:
+        table.add_row(r.split, str(r.rows), str(r.dim), r.dtype, f"{sum(r.files.values()) / 1e6:.1f}",
+                      "hit" if r.cache_hit else "written", f"{r.seconds:.1f}", short(r.key))
+    out.print(table)
+    paths = copy_out(result.exports, out_dir) if out_dir is not None else [p for r in result.exports for p in r.paths]
+    out.print("\n".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+
+
 @app.command("finetune")
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:

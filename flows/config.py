@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
+from tasks.export import ExportConfig
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
 from tasks.head_configs import HeadConfig
@@ -112,6 +113,8 @@ class ExperimentConfig(BaseModel):
     heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
     finetune: FinetuneConfig = FinetuneConfig()
     select: SelectConfig | None = Field(None, description="candidate backbones for transferpipe select")
+    export: ExportConfig | None = Field(None, description="transferpipe export: splits, layer, format (the "
+                                                          "command's flags override it)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")
     retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
     retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")

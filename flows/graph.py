@@ -23,7 +23,7 @@ from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
-from tasks import evaluate, extract, finetune, heads, select
+from tasks import evaluate, export, extract, finetune, heads, select
 from tasks.backbones import module_names, resolve
 from tasks.data import Manifest
 from tasks.evaluate import ModelToEvaluate
@@ -32,7 +32,7 @@ from tasks.machine import cuda_possible
 from tasks.result import summarize
 from tasks.sources import CodeNotRun
 
-Goal = Literal["extract", "heads", "finetune", "evaluate", "score"]
+Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export"]
 
 log = logging.getLogger("transferpipe.plan")
 
@@ -204,6 +204,18 @@ def _plan_score(config: ExperimentConfig, graph: Graph) -> list[Work]:
     return [Work(config.name, plan, select.is_stored(plan))]
 
 
+def _plan_export(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    split, wanted = features(graph), config.export or export.ExportConfig()
+    unknown = [s for s in wanted.splits if s not in split]
+    if unknown:
+        raise ValueError(f"export.splits: no split {unknown[0]!r} in this config; its splits: {', '.join(split)}")
+    if wanted.layer not in config.backbone.layers:
+        raise ValueError(f"export.layer: {wanted.layer!r} is not extracted; backbone.layers: "
+                         f"{', '.join(config.backbone.layers)} (add it there to extract it)")
+    plans = [export.plan_export(wanted, s, split[s].key, config.cache_dir) for s in wanted.splits or list(split)]
+    return [Work(p.split, p, export.is_stored(p)) for p in plans]
+
+
 def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     """``select:``'s candidates, each as an experiment: its backbone with the logistic and kNN probes."""
     if config.select is None:
@@ -243,6 +255,9 @@ EVALUATE = Node("evaluate", _plan_evaluate, "evaluate_task", lambda c, w: f"eval
                 why=_against(lambda c: stored_specs(c.cache_dir, "evaluate", c.name)))
 SCORE = Node("score", _plan_score, "score_task", lambda c, w: f"score-{w.what}",
              why=_against(lambda c: stored_specs(c.cache_dir, "scores")))
+EXPORT = Node("export", _plan_export, "export_task", lambda c, w: f"export-{w.what}-{w.plan.format}",
+               units=lambda w: [Unit(f"{w.what} {w.plan.format} {w.plan.layer}", w.plan.key, w.stored, w.plan.spec)],
+               why=_against(lambda c: stored_specs(c.cache_dir, "export")))
 RUNNERS: dict[str, Callable[[ExperimentConfig, Node, list[Work]], list[Any]]] = {"extract": _run_extract}
 
 
@@ -253,6 +268,7 @@ PATHS: dict[str, tuple[Node, ...]] = {
     "finetune": (EXTRACT, HEADS, FINETUNE),
     "evaluate": (EXTRACT, HEADS, FINETUNE, EVALUATE),
     "score": (EXTRACT, HEADS, SCORE),  # one select candidate: features, probes, transferability scores
+    "export": (EXTRACT, EXPORT),
 }
 
 
@@ -289,7 +305,7 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
 
 def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> list[str]:
     """What the later stages need, checked before anything computes: a test split, heads to train, few-shot
-    counts the classes can give, modules to unfreeze, the devices asked for. Raises for what stops a run;
+    counts the classes can give, modules to unfreeze, the splits and layer to export, the devices asked for. Raises for what stops a run;
     returns notes on what it runs without (classes with no image in a split)."""
     planned = {"extract": Stage(extraction)}
     manifest = Manifest.load(features(planned)["train"].manifest)  # one file holds every split: read it once
@@ -303,6 +319,8 @@ def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list
         _check_unfreeze(config)
     if EVALUATE in chosen:
         _test_split(planned)
+    if EXPORT in chosen:
+        _plan_export(config, planned)
     wanted = {field: device for field, device in devices.items() if device.startswith("cuda")}
     if wanted and not cuda_possible():
         field, device = next(iter(wanted.items()))

@@ -14,6 +14,7 @@ from flows.publish import publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
 from tasks.evaluate import EvalResult, ModelReport
+from tasks.export import ExportResult
 from tasks.extract import ExtractResult
 from tasks.finetune import FinetuneResult
 from tasks.heads import HeadResult
@@ -28,6 +29,7 @@ class PipelineResult(BaseModel):
     heads: list[HeadResult] = []
     finetune: FinetuneResult | None = None
     evaluation: EvalResult | None = None
+    exports: list[ExportResult] = []
     stages: dict[str, dict[str, float | bool]]
 
     @property
@@ -60,6 +62,7 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
         publish_report(config.name, evaluation)
     return PipelineResult(experiment=config.name, features=graph.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
+                          exports=results.get("export", []),
                           stages={stage: summarize(r) for stage, r in results.items()})
 
 

@@ -24,6 +24,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import ExperimentConfig
 from storage.keys import fingerprint
 from tasks.evaluate import evaluate
+from tasks.export import export_split
 from tasks.extract import extract_split
 from tasks.finetune import finetune
 from tasks.heads import train_head
@@ -73,6 +74,7 @@ train_head_task = stage_task("train-head", train_head)
 finetune_task = stage_task("finetune", finetune)
 evaluate_task = stage_task("evaluate", evaluate)
 score_task = stage_task("score-candidate", score_candidate)
+export_task = stage_task("export", export_split)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:

@@ -17,7 +17,7 @@ from typing import Any
 
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
-CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 3, "evaluate": 4, "scores": 1,
+CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 3, "evaluate": 4, "scores": 1, "export": 1, "index": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
@@ -184,6 +184,12 @@ def scores_spec(features: str, layer: str, classifier: str) -> dict[str, Any]:
     """Transferability scores of one candidate's training features (``classifier``: its weights identity)."""
     return {"kind": "scores", "version": CODE_VERSIONS["scores"], "features": features, "layer": layer,
             "classifier": classifier}
+
+
+def export_spec(features: str, layer: str, format: str, dtype: str, row_group_rows: int) -> dict[str, Any]:
+    """One split's features written out as Parquet or NumPy (tasks/export.py)."""
+    return {"kind": "export", "version": CODE_VERSIONS["export"], "features": features, "layer": layer,
+            "format": format, "dtype": dtype, "row_group_rows": row_group_rows}
 
 
 def short(key: str) -> str:

@@ -108,6 +108,12 @@ class CacheLayout:
         return self.root / "scores" / f"{key}.json"
 
 
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    def export(self, key: str) -> Path:
+        return self.exports() / key
+
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment
 

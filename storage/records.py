@@ -3,7 +3,7 @@
 | files | where (storage/layout.py) | class |
 |---|---|---|
 | one JSON record per key | ``manifests/``, ``backbones/``, ``metrics/``, ``scores/`` | :class:`Records` |
-| a stage run's key spec and its result marker (written last) | ``finetune/<key>/``, ``runs/<experiment>/<key>/`` | :class:`StageFiles` |
+| a stage run's key spec and its result marker (written last) | ``finetune/<key>/``, ``runs/<experiment>/<key>/``, ``exports/<key>/`` | :class:`StageFiles` |
 | an evaluation's report, plots and marker | ``runs/<experiment>/<key>/`` | :class:`ReportFiles` |
 | a selection's tables | ``select/<experiment>/`` | :class:`SelectionFiles` |
 
@@ -138,6 +138,7 @@ def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> lis
         "finetune": lambda: _specs(map(read_json, layout.finetune_runs().glob("*/spec.json"))),
         "evaluate": lambda: _specs(map(read_json, layout.reports(experiment).glob("*/spec.json"))),
         "scores": lambda: _specs(Records(layout.scores).values(), "spec"),
+        "export": lambda: _specs(map(read_json, layout.exports().glob("*/spec.json"))),
     }
     if kind not in files:
         raise ValueError(f"no stored specs of kind {kind!r}; kinds: {', '.join(files)}")

@@ -1,0 +1,212 @@
+"""Features out of the cache: one split's cached layer as Parquet, or as NumPy with aligned Parquet metadata.
+
+- ``parquet``: ``<split>.parquet``, one row per image: ``id`` (the image's path relative to the data root, or
+  ``shard/sample key`` for WebDataset, the row key for tables), ``label`` (int), ``class`` (string), ``split``
+  and ``embedding`` (``fixed_size_list<float16|float32>[D]``). Written in row groups of ``row_group_rows``
+  from the HDF5 file's chunks, so memory stays at one row group whatever the split's size; pyarrow, pandas,
+  polars and DuckDB read it as it is.
+- ``npy``: ``<split>.npy`` (one ``(rows, D)`` array, ``np.load(path, mmap_mode="r")``) and ``<split>.parquet``
+  with the same columns minus ``embedding``, aligned by row.
+
+The HDF5 file stays the source of truth: an export reads it checksum-verified and is refused (nothing
+written) when it fails. Each export is a cached stage keyed by the feature key, layer, format, dtype, row
+group size and code version; it is written into a temporary folder and renamed into ``exports/<key>/`` when
+complete, so a crash leaves no half export behind. ``copy_out`` copies the files to a user's folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import keys
+from storage.atomic import write_json
+from storage.features import FeatureStore
+from storage.h5file import CorruptFeatureFile, FeatureStoreError, json_attr, open_h5, values_checksum
+from storage.layout import CacheLayout
+from storage.records import StageFiles, read_json
+from tasks.result import StageResult
+
+FORMATS = ("parquet", "npy")
+
+
+class ExportConfig(BaseModel):
+    """``export:`` section; ``transferpipe export`` flags override it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    splits: list[str] = Field(default_factory=list, description="splits to export (empty: every split)")
+    layer: str = Field("penultimate", description="one of backbone.layers")
+    format: Literal["parquet", "npy"] = "parquet"
+    dtype: Literal["stored", "float16", "float32"] = Field(
+        "stored", description="the embedding's dtype; stored: as extract.dtype cached it")
+    row_group_rows: int = Field(16384, ge=1, le=1 << 20, description="rows per Parquet row group (and per read)")
+
+
+class ExportRefused(ValueError):
+    """The feature file failed its checksum: nothing was exported (the file was quarantined)."""
+
+
+class ExportPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    spec: dict[str, Any]
+    split: str
+    features: str  # the split's feature key
+    layer: str
+    format: Literal["parquet", "npy"]
+    dtype: Literal["stored", "float16", "float32"]
+    row_group_rows: int
+    cache_dir: Path
+
+    @property
+    def files(self) -> StageFiles:
+        return StageFiles(CacheLayout(self.cache_dir).export(self.key))
+
+
+class ExportResult(StageResult):
+    key: str
+    split: str
+    format: str
+    rows: int
+    dim: int
+    dtype: str
+    folder: Path
+    files: dict[str, int] = Field(description="file name: size in bytes")
+    rows_written: int = 0
+    work_fields: tuple[str, ...] = ("rows_written",)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / name for name in self.files]
+
+
+def plan_export(config: ExportConfig, split: str, feature_key: str, cache_dir: Path) -> ExportPlan:
+    spec = keys.export_spec(feature_key, config.layer, config.format, config.dtype, config.row_group_rows)
+    return ExportPlan(key=keys.key(spec), spec=spec, split=split, features=feature_key, layer=config.layer,
+                      format=config.format, dtype=config.dtype, row_group_rows=config.row_group_rows,
+                      cache_dir=cache_dir)
+
+
+def _saved(plan: ExportPlan) -> dict[str, Any] | None:
+    """The finished export's result, if every file it lists is there with its size."""
+    saved = plan.files.read_result()
+    if not saved:
+        return None
+    folder = plan.files.folder
+    ok = all((folder / name).is_file() and (folder / name).stat().st_size == size
+             for name, size in saved.get("files", {}).items())
+    return saved if ok else None
+
+
+def is_stored(plan: ExportPlan) -> bool:
+    return _saved(plan) is not None
+
+
+def export_split(plan: ExportPlan) -> ExportResult:
+    """Write the split's export (or reuse the finished one) and return where its files are."""
+    started = time.perf_counter()
+    if (saved := _saved(plan)) is not None:
+        return ExportResult.model_validate({**saved, "folder": plan.files.folder, "cache_hit": True, "seconds": 0.0})
+    folder = plan.files.folder
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rows, dim, dtype, sizes = _write(plan, tmp)
+        result = ExportResult(key=plan.key, split=plan.split, format=plan.format, rows=rows, dim=dim, dtype=dtype,
+                              folder=folder, files=sizes, rows_written=rows, cache_hit=False, seconds=0.0)
+        write_json(StageFiles(tmp).spec, plan.spec)
+        StageFiles(tmp).write_result(result.model_dump_json(exclude={"folder", "cache_hit", "seconds", "work_fields"}))
+        _publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result.model_copy(update={"seconds": time.perf_counter() - started})
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished export into place; a complete one already there (a concurrent run) is kept."""
+    if folder.exists():
+        if read_json(StageFiles(folder).result) is not None:
+            return
+        shutil.rmtree(folder)  # an older export whose files were changed or removed
+    os.replace(tmp, folder)
+
+
+def _write(plan: ExportPlan, out: Path) -> tuple[int, int, str, dict[str, int]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = FeatureStore(plan.cache_dir)
+    if store.lookup(plan.features) is None:
+        raise FeatureStoreError(f"no complete feature file for the {plan.split} split (key {keys.short(plan.features)}): "
+                                "run transferpipe extract CONFIG first")
+    rows = store.rows(plan.features, plan.layer)
+    ids = _checked_ids(store, plan)
+    dtype = np.dtype(rows.dtype if plan.dtype == "stored" else plan.dtype)
+    value_type = pa.float16() if dtype == np.float16 else pa.float32()
+    meta = {"transferpipe": json.dumps({"split": plan.split, "layer": plan.layer, "features": plan.features,
+                                        "classes": rows.classes, "export": plan.key})}
+    columns = [("id", pa.string()), ("label", pa.int64()), ("class", pa.string()), ("split", pa.string())]
+    if plan.format == "parquet":
+        columns.append(("embedding", pa.list_(value_type, rows.dim)))
+    schema = pa.schema(columns, metadata=meta)
+    classes = np.asarray(rows.classes, dtype=object)
+    array = (np.lib.format.open_memmap(out / f"{plan.split}.npy", mode="w+", dtype=dtype, shape=(rows.rows, rows.dim))
+             if plan.format == "npy" else None)
+    try:
+        with pq.ParquetWriter(out / f"{plan.split}.parquet", schema, compression="zstd",
+                              use_dictionary=["label", "class", "split"]) as writer:
+            for start, block in rows.chunks(plan.row_group_rows):
+                end = start + len(block)
+                labels = rows.labels[start:end]
+                data = {"id": ids[start:end], "label": labels, "class": classes[labels], "split": [plan.split] * len(block)}
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if array is not None:
+                    array[start:end] = block
+                else:
+                    data["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), rows.dim)
+                writer.write_table(pa.table(data, schema=schema), row_group_size=len(block))
+    except CorruptFeatureFile as exc:
+        raise ExportRefused(f"export of the {plan.split} split refused: {exc}") from exc
+    if array is not None:
+        array.flush()
+        del array
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    return rows.rows, rows.dim, dtype.name, sizes
+
+
+def _checked_ids(store: FeatureStore, plan: ExportPlan) -> list[str]:
+    """The rows' ids, verified against the file's checksum of them (every export column comes checked)."""
+    path = store.path(plan.features)
+    with open_h5(path, "r") as fh:
+        ids = list(fh["paths"].asstr()[()])
+        stored = json_attr(fh.attrs, "checksums", {}).get("paths")
+    if stored != values_checksum(ids):
+        store.quarantine(path, "corrupt", "paths checksum mismatch")
+        raise ExportRefused(f"export of the {plan.split} split refused: {path}: checksum mismatch in paths; it was "
+                            "quarantined and the next extraction recomputes it")
+    return ids
+
+
+def copy_out(results: list[ExportResult], out: Path) -> list[Path]:
+    """Copy each export's data files (not its spec and marker) into ``out``; each lands whole (written beside
+    and renamed), replacing a file of the same name."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        for path in result.paths:
+            target = out / path.name
+            tmp = out / f".{path.name}.tmp-{os.getpid()}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+            written.append(target)
+    return written
