@@ -152,6 +152,13 @@ def _print_run(result) -> None:
     out.print(table)
     if line := recommendation_line(result.models):
         out.print(line, highlight=False)
+    found = result.evaluation.retrieval if result.evaluation else None
+    if found:
+        from tasks.retrieval import label, metric_names
+
+        figures = ", ".join(f"{label(n)} {_fmt(found.get(n))}" for n in metric_names(found["k"]) if "precision_at" not in n)
+        out.print(f"retrieval ({found['queries']} test queries, {found['metric']}, {found['index']}): {figures}",
+                  highlight=False)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
     out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
 
@@ -283,6 +290,39 @@ def export(
     out.print(table)
     paths = copy_out(result.exports, out_dir) if out_dir is not None else [p for r in result.exports for p in r.paths]
     out.print("\n".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+
+
+@app.command("index")
+@friendly_errors
+def index_cmd(
+    config: ConfigArg,
+    split: Annotated[str, typer.Option("--split", help="The split to index.")] = "train",
+    kind: Annotated[Optional[str], typer.Option(
+        "--kind", help="auto (flat below 100k rows, HNSW up to 2M, IVF above), flat, hnsw or ivf.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="cosine (default) or l2.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="One of backbone.layers (default penultimate).")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Build a FAISS index over a cached split (pip install 'transferpipe[index]') and measure it against the
+    exact search: recall@10 on held-out queries, build time, size, queries per second."""
+    from tasks.index import IndexConfig
+
+    cfg = _load(config, cache_dir)
+    if kind is not None and kind not in ("auto", "flat", "hnsw", "ivf"):
+        raise ValueError(f"--kind {kind!r}: use auto, flat, hnsw or ivf")
+    if metric is not None and metric not in ("cosine", "l2"):
+        raise ValueError(f"--metric {metric!r}: use cosine or l2")
+    given = {"split": split, "kind": kind, "metric": metric, "layer": layer}
+    wanted = (cfg.index or IndexConfig()).model_copy(update={k: v for k, v in given.items() if v})
+    cfg = cfg.model_copy(update={"index": wanted})
+    r = _pipeline(config, cache_dir, "index", cfg)[1].index
+    rows = [[r.split, r.kind, str(r.rows), str(r.dim), f"{r.recall_at_k:.4f}", f"{r.build_seconds:.2f}",
+             f"{r.index_bytes / 2**20:.1f}", f"{r.peak_rss_bytes / 2**20:.0f}", f"{r.qps_index:,.0f}",
+             f"{r.qps_exact:,.0f}", f"{r.speedup:.1f}x", "hit" if r.cache_hit else "built"]]
+    print_table(f"FAISS index of {cfg.name} ({r.queries} held-out queries)",
+                ["split", "kind", "rows", "dim", f"recall@{r.k}", "build s", "MiB", "peak RSS MiB", "QPS index",
+                 "QPS exact", "speed-up", "cache"], rows)
+    out.print(f"index: {r.path}", highlight=False, soft_wrap=True)
 
 
 @app.command("finetune")

@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones import BackboneConfig
 from tasks.data import DataConfig, resolve_path
+from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
+from tasks.index import IndexConfig
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
 from tasks.head_configs import HeadConfig
@@ -112,6 +114,8 @@ class ExperimentConfig(BaseModel):
     extract: ExtractConfig = ExtractConfig()
     heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
     finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    index: IndexConfig | None = Field(None, description="transferpipe index: layer, metric, kind (its flags override)")
     select: SelectConfig | None = Field(None, description="candidate backbones for transferpipe select")
     export: ExportConfig | None = Field(None, description="transferpipe export: splits, layer, format (the "
                                                           "command's flags override it)")

@@ -32,7 +32,7 @@ from tasks.machine import cuda_possible
 from tasks.result import summarize
 from tasks.sources import CodeNotRun
 
-Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export"]
+Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export", "index"]
 
 log = logging.getLogger("transferpipe.plan")
 
@@ -192,8 +192,41 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     plan = evaluate.plan_evaluation(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
         Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
+        **_feature_reports(config, split),
     )
     return [Work(config.name, plan, evaluate.is_stored(plan))]
+
+
+def _feature_reports(config: ExperimentConfig, split: dict[str, Any]) -> dict[str, Any]:
+    """What the evaluation computes from features besides the models: retrieval (evaluate.retrieval) and the
+    embedding map (evaluate.embedding_map), each as its settings and the feature keys it reads."""
+    wanted, out = config.evaluate, {}
+    for field, layer in (("retrieval", wanted.retrieval and wanted.retrieval.layer),
+                         ("embedding_map", wanted.embedding_map.layer)):
+        if layer and layer not in config.backbone.layers:
+            raise ValueError(f"evaluate.{field}.layer: {layer!r} is not extracted; backbone.layers: "
+                             f"{', '.join(config.backbone.layers)}")
+    if wanted.retrieval is not None:
+        r = wanted.retrieval
+        gallery = split["train"].key if r.gallery == "train" else None
+        index = None
+        if r.index == "faiss":
+            from tasks.index import IndexConfig, require_faiss
+
+            if gallery is None or r.metric == "standardized":
+                raise ValueError("evaluate.retrieval.index: faiss searches the train split's index by cosine or l2 "
+                                 f"similarity; got gallery {r.gallery!r}, metric {r.metric!r}")
+            require_faiss()
+            index = {"config": IndexConfig(layer=r.layer, metric=r.metric).model_dump(mode="json"), "features": gallery, "queries_from": _held_out("train", split)}
+        out["retrieval"] = {"settings": r.model_dump(mode="json", exclude={"chunk_size"}), "queries": split["test"].key,
+                            "gallery": gallery, "index": index}
+    if wanted.embedding_map.method != "none":
+        from tasks.embedding_map import check_method
+
+        check_method(wanted.embedding_map.method)
+        out["embedding_map"] = {"settings": wanted.embedding_map.model_dump(mode="json"),
+                                "splits": {s: f.key for s, f in split.items()}}
+    return out
 
 
 def _plan_score(config: ExperimentConfig, graph: Graph) -> list[Work]:
@@ -214,6 +247,27 @@ def _plan_export(config: ExperimentConfig, graph: Graph) -> list[Work]:
                          f"{', '.join(config.backbone.layers)} (add it there to extract it)")
     plans = [export.plan_export(wanted, s, split[s].key, config.cache_dir) for s in wanted.splits or list(split)]
     return [Work(p.split, p, export.is_stored(p)) for p in plans]
+
+
+def _held_out(indexed: str, split: dict[str, Any]) -> str | None:
+    """The split whose rows measure an index's recall: test, else val, never the indexed split itself."""
+    other = next((s for s in ("test", "val") if s in split and s != indexed), None)
+    return split[other].key if other else None
+
+
+def _plan_index(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    from tasks import index
+
+    split, wanted = features(graph), config.index or index.IndexConfig()
+    name = wanted.split
+    if name not in split:
+        raise ValueError(f"--split {name!r}: no such split in this config; its splits: {', '.join(split)}")
+    if wanted.layer not in config.backbone.layers:
+        raise ValueError(f"index layer {wanted.layer!r} is not extracted; backbone.layers: "
+                         f"{', '.join(config.backbone.layers)}")
+    index.require_faiss()
+    plan = index.plan_index(wanted, name, split[name].key, config.cache_dir, _held_out(name, split))
+    return [Work(name, plan, index.is_stored(plan))]
 
 
 def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
@@ -258,6 +312,10 @@ SCORE = Node("score", _plan_score, "score_task", lambda c, w: f"score-{w.what}",
 EXPORT = Node("export", _plan_export, "export_task", lambda c, w: f"export-{w.what}-{w.plan.format}",
                units=lambda w: [Unit(f"{w.what} {w.plan.format} {w.plan.layer}", w.plan.key, w.stored, w.plan.spec)],
                why=_against(lambda c: stored_specs(c.cache_dir, "export")))
+INDEX = Node("index", _plan_index, "index_task", lambda c, w: f"index-{w.what}-{w.plan.config.kind}",
+              units=lambda w: [Unit(f"{w.what} {w.plan.config.kind} {w.plan.config.metric}", w.plan.key, w.stored,
+                                    w.plan.spec)],
+              why=_against(lambda c: stored_specs(c.cache_dir, "index")))
 RUNNERS: dict[str, Callable[[ExperimentConfig, Node, list[Work]], list[Any]]] = {"extract": _run_extract}
 
 
@@ -269,6 +327,7 @@ PATHS: dict[str, tuple[Node, ...]] = {
     "evaluate": (EXTRACT, HEADS, FINETUNE, EVALUATE),
     "score": (EXTRACT, HEADS, SCORE),  # one select candidate: features, probes, transferability scores
     "export": (EXTRACT, EXPORT),
+    "index": (EXTRACT, INDEX),
 }
 
 
@@ -318,9 +377,11 @@ def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list
         devices["finetune.device"] = config.finetune.device
         _check_unfreeze(config)
     if EVALUATE in chosen:
-        _test_split(planned)
+        _feature_reports(config, features(planned) | {"test": _test_split(planned)})
     if EXPORT in chosen:
         _plan_export(config, planned)
+    if INDEX in chosen:
+        _plan_index(config, planned)
     wanted = {field: device for field, device in devices.items() if device.startswith("cuda")}
     if wanted and not cuda_possible():
         field, device = next(iter(wanted.items()))

@@ -16,6 +16,7 @@ from flows.local import experiment_run_name
 from tasks.evaluate import EvalResult, ModelReport
 from tasks.export import ExportResult
 from tasks.extract import ExtractResult
+from tasks.index import IndexResult
 from tasks.finetune import FinetuneResult
 from tasks.heads import HeadResult
 from tasks.result import summarize
@@ -30,6 +31,7 @@ class PipelineResult(BaseModel):
     finetune: FinetuneResult | None = None
     evaluation: EvalResult | None = None
     exports: list[ExportResult] = []
+    index: IndexResult | None = None
     stages: dict[str, dict[str, float | bool]]
 
     @property
@@ -62,7 +64,7 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
         publish_report(config.name, evaluation)
     return PipelineResult(experiment=config.name, features=graph.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
-                          exports=results.get("export", []),
+                          exports=results.get("export", []), index=(results.get("index") or [None])[0],
                           stages={stage: summarize(r) for stage, r in results.items()})
 
 

@@ -1,7 +1,9 @@
 """Results as Prefect artifacts: visible on the flow run in the Prefect UI."""
 from __future__ import annotations
 
+import base64
 import re
+from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -14,9 +16,20 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
 
 
+def with_map_inline(markdown: str, folder: Path) -> str:
+    """The report with its embedding map as a data URI: the Prefect UI shows an artifact's text, not the files
+    beside the report."""
+    png = folder / "embedding_map.png"
+    link = "![embedding_map](embedding_map.png)"
+    if link not in markdown or not png.is_file():
+        return markdown
+    return markdown.replace(link, f"![embedding_map](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+
+
 def publish_report(experiment: str, evaluation: EvalResult) -> None:
     key = artifact_key(experiment)
-    create_markdown_artifact(markdown=evaluation.report.read_text(), key=f"{key}-report",
+    report = evaluation.report
+    create_markdown_artifact(markdown=with_map_inline(report.read_text(), report.parent), key=f"{key}-report",
                              description=f"{experiment}: test results")
     create_table_artifact(table=summary_rows(evaluation.models), key=f"{key}-models",
                           description=f"{experiment}: models ranked by top-1")

@@ -26,6 +26,7 @@ from storage.keys import fingerprint
 from tasks.evaluate import evaluate
 from tasks.export import export_split
 from tasks.extract import extract_split
+from tasks.index import build_index
 from tasks.finetune import finetune
 from tasks.heads import train_head
 from tasks.select import score_candidate
@@ -75,6 +76,7 @@ finetune_task = stage_task("finetune", finetune)
 evaluate_task = stage_task("evaluate", evaluate)
 score_task = stage_task("score-candidate", score_candidate)
 export_task = stage_task("export", export_split)
+index_task = stage_task("index", build_index)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:

@@ -17,7 +17,7 @@ from typing import Any
 
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
-CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 3, "evaluate": 4, "scores": 1, "export": 1, "index": 1,
+CODE_VERSIONS = {"features": 1, "heads": 3, "finetune": 3, "evaluate": 5, "scores": 1, "export": 1, "index": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
@@ -169,10 +169,19 @@ def finetune_spec(
             "finetune": finetune, "probe": probe, "precision": precision}
 
 
-def evaluation_spec(experiment: str, test: str, models: list[dict[str, Any]]) -> dict[str, Any]:
-    """An experiment's evaluation: the test features and the identity of every model scored on them."""
+def evaluation_spec(experiment: str, test: str, models: list[dict[str, Any]],
+                    extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An experiment's evaluation: the test features, the identity of every model scored on them, and what else
+    the report computes from features (``retrieval``, ``embedding_map``: their settings and feature keys)."""
     return {"kind": "evaluate", "version": CODE_VERSIONS["evaluate"], "experiment": experiment, "test": test,
-            "models": models}
+            "models": models, **(extras or {})}
+
+
+def retrieval_spec(queries: str, gallery: str | None, settings: dict[str, Any], index: Any) -> dict[str, Any]:
+    """Retrieval metrics of one query split against one gallery (None: leave-one-out), remembered across
+    evaluations (``index``: the FAISS index searched instead of the exact search)."""
+    return {"kind": "retrieval", "version": CODE_VERSIONS["evaluate"], "queries": queries, "gallery": gallery,
+            "settings": settings, "index": index}
 
 
 def metrics_spec(test: str, fit: str) -> dict[str, Any]:

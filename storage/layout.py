@@ -114,6 +114,12 @@ class CacheLayout:
     def export(self, key: str) -> Path:
         return self.exports() / key
 
+    def indexes(self) -> Path:
+        return self.root / "indexes"
+
+    def index(self, key: str) -> Path:
+        return self.indexes() / key
+
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment
 

@@ -139,6 +139,7 @@ def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> lis
         "evaluate": lambda: _specs(map(read_json, layout.reports(experiment).glob("*/spec.json"))),
         "scores": lambda: _specs(Records(layout.scores).values(), "spec"),
         "export": lambda: _specs(map(read_json, layout.exports().glob("*/spec.json"))),
+        "index": lambda: _specs(map(read_json, layout.indexes().glob("*/spec.json"))),
     }
     if kind not in files:
         raise ValueError(f"no stored specs of kind {kind!r}; kinds: {', '.join(files)}")

@@ -32,8 +32,11 @@ COLUMNS = {
     "nll": "REAL", "ece": "REAL", "report": "TEXT",
     # since 0.6: top-1's 95% bootstrap interval, validation top-1, and the model chosen on validation (1)
     "top1_lo": "REAL", "top1_hi": "REAL", "val_accuracy": "REAL", "recommended": "INTEGER",
+    # since 0.7: retrieval (evaluate.retrieval), on its own row per evaluation: model "retrieval"
+    "map_at_r": "REAL", "r_precision": "REAL", "recall_at_1": "REAL", "recall_at_5": "REAL", "recall_at_10": "REAL",
 }
-METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece")
+METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece", "map_at_r", "recall_at_1", "recall_at_5",
+           "recall_at_10")
 UNIQUE = ("run_key", "model", "shots")  # one row per model of an evaluation
 
 

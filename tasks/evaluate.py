@@ -28,8 +28,10 @@ from tasks.machine import pick_device
 from tasks.softmax import softmax
 from tasks.heads import load_head, load_split
 from tasks.intervals import pack_hits, top1_interval, unpack_hits
+from tasks.embedding_map import MapConfig
 from tasks.report import ranked, registry_rows, write_report
 from tasks.result import StageResult
+from tasks.retrieval import RetrievalConfig
 
 ECE_BINS = 15
 
@@ -112,6 +114,15 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray 
     return out
 
 
+class EvaluateConfig(BaseModel):
+    """``evaluate:`` section: what the report computes besides the models' scores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retrieval: RetrievalConfig | None = Field(None, description="Recall@k, precision@k and mAP@R of test queries")
+    embedding_map: MapConfig = MapConfig()
+
+
 class ModelToEvaluate(BaseModel):
     """A trained head (by artifact key) or the fine-tuned checkpoint."""
 
@@ -144,6 +155,9 @@ class EvalPlan(BaseModel):
     classes: list[str]
     models: list[ModelToEvaluate]
     device: str = "auto"
+    retrieval: dict[str, Any] | None = Field(None, description="settings, queries' and gallery's feature keys, "
+                                                                 "FAISS index key")
+    embedding_map: dict[str, Any] | None = Field(None, description="settings and the feature key of each split")
     context: dict[str, Any] = Field(default_factory=dict, description="report context (config, stage timings, keys); "
                                                                       "not in the key")
 
@@ -169,16 +183,20 @@ class EvalResult(StageResult):
     key: str
     models: list[ModelReport]  # best first (test top-1)
     report: Path
+    retrieval: dict[str, Any] | None = None
 
 
 def plan_evaluation(experiment: str, test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec,
                     classes: list[str], models: list[ModelToEvaluate], device: str = "auto",
-                    context: dict[str, Any] | None = None) -> EvalPlan:
+                    context: dict[str, Any] | None = None, retrieval: dict[str, Any] | None = None,
+                    embedding_map: dict[str, Any] | None = None) -> EvalPlan:
+    extras = {name: value for name, value in (("retrieval", retrieval), ("embedding_map", embedding_map)) if value}
     spec = keys.evaluation_spec(experiment, test_key, [
-        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models])
+        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models],
+        extras)
     return EvalPlan(key=keys.key(spec), spec=spec, experiment=experiment, test_key=test_key, manifest=manifest,
                     cache_dir=cache_dir, backbone=backbone, classes=classes, models=models, device=device,
-                    context=context or {})
+                    context=context or {}, retrieval=retrieval, embedding_map=embedding_map)
 
 
 def _ckpt_id(m: ModelToEvaluate) -> str | None:
@@ -197,9 +215,11 @@ def evaluate(plan: EvalPlan) -> EvalResult:
         return EvalResult.model_validate({**saved, "report": plan.files.report_md, "cache_hit": True, "seconds": 0.0})
     plan.files.write_spec(plan.spec)
     reports = ranked(score_models(plan))
-    paths = write_report(plan, reports, seconds=time.perf_counter() - started)
-    registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"]))
-    result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False,
+    found = retrieval(plan)
+    drawn = embedding_map(plan)
+    paths = write_report(plan, reports, seconds=time.perf_counter() - started, retrieval=found, embedding_map=drawn)
+    registry.append(plan.cache_dir, registry_rows(plan, reports, paths["json"], found))
+    result = EvalResult(key=plan.key, models=reports, report=paths["md"], cache_hit=False, retrieval=found,
                         seconds=time.perf_counter() - started)
     movable = result.model_copy(update={"report": Path(plan.files.report_md.name)})  # relative: the cache can move
     plan.files.write_result(movable.model_dump_json(exclude={"cache_hit", "seconds"}))  # last: marks it done
@@ -309,3 +329,51 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
     keep = set(FeatureStore(plan.cache_dir).paths(plan.test_key))
     rows = [i for i, (p, _) in enumerate(items) if p in keep]
     return np.concatenate(out)[rows], np.array([items[i][1] for i in rows])
+
+
+def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
+    """The retrieval metrics of the plan's settings, remembered by (queries, gallery, settings, index) key: an
+    evaluation that changed only a head does not search again."""
+    from tasks.heads import memory_budget
+    from tasks.retrieval import Rows, retrieval_metrics
+
+    wanted = plan.retrieval
+    if not wanted:
+        return None
+    cfg = RetrievalConfig.model_validate(wanted["settings"])
+    spec = keys.retrieval_spec(wanted["queries"], wanted["gallery"], wanted["settings"], wanted.get("index"))
+    remembered, key = Records(CacheLayout(plan.cache_dir).metrics), keys.key(spec)
+    if (found := remembered.read(key)) is not None:
+        return found
+    started = time.perf_counter()
+    store = FeatureStore(plan.cache_dir)
+    queries = Rows.stored(store.rows(wanted["queries"], cfg.layer), cfg.chunk_size)
+    if wanted.get("index"):
+        from tasks.index import indexed_retrieval
+
+        found = indexed_retrieval(plan.cache_dir, wanted["index"], queries, cfg)  # builds the index if missing
+    else:
+        gallery = Rows.stored(store.rows(wanted["gallery"], cfg.layer), cfg.chunk_size) if wanted["gallery"] else None
+        found = retrieval_metrics(queries, gallery, cfg.k, cfg.metric, memory_bytes=memory_budget())
+    found = {**found, "layer": cfg.layer, "index": "faiss" if wanted.get("index") else "exact",
+             "seconds": time.perf_counter() - started}
+    remembered.write(key, found)
+    return found
+
+
+def embedding_map(plan: EvalPlan) -> dict[str, Any] | None:
+    """The report's map of the embedding space (``embedding_map.png``), or None when the config turned it off."""
+    from tasks.embedding_map import draw, sample
+
+    wanted = plan.embedding_map
+    if not wanted:
+        return None
+    cfg = MapConfig.model_validate(wanted["settings"])
+    store, splits = FeatureStore(plan.cache_dir), {}
+    for split, key in wanted["splits"].items():
+        rows = store.rows(key, cfg.layer)
+        index = sample(rows.rows, cfg.points)
+        splits[split] = (rows.take(index), rows.labels[index])
+    path = plan.files.plot("embedding_map")
+    info = draw(path, splits, plan.classes, cfg.method, f"{plan.experiment}, layer {cfg.layer}")
+    return {**info, "file": path.name}

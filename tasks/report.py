@@ -51,8 +51,12 @@ def recommendation_line(models: list[ModelReport]) -> str | None:
             + (f" ({ci})" if ci else "") + f"; artifact {where}{rec['artifact']}")
 
 
-def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> dict[str, Path]:
-    """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths."""
+def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float, retrieval: dict[str, Any] | None = None,
+                 embedding_map: dict[str, Any] | None = None) -> dict[str, Path]:
+    """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths.
+
+    ``retrieval``: tasks.retrieval's metrics; ``embedding_map``: what tasks.embedding_map drew (its PNG is in the
+    folder already)."""
     from tasks.machine import versions
 
     models = ranked(models)
@@ -66,9 +70,12 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float) -> d
     }
     context["left_out"] = left_out(plan)
     context["recommended"] = recommendation(models)
+    context["retrieval"], context["embedding_map"] = retrieval, embedding_map
     payload = {**context, "models": [r.model_dump() for r in models]}
     write_text(files.report_json, json.dumps(payload, indent=1, default=str))
     plots = _plots(files, models, plan.classes)
+    if embedding_map:
+        plots["embedding_map"] = files.folder / embedding_map["file"]
     write_text(files.report_md, report_markdown(models, context, plots))
     return {"json": files.report_json, "md": files.report_md, **plots}
 
@@ -88,8 +95,10 @@ def left_out(plan: EvalPlan) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> list[dict[str, Any]]:
-    """One results-registry row per model."""
+def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path,
+                  retrieval: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One results-registry row per model, and one for retrieval (model ``retrieval``; its top1 is
+    precision@1, the share of queries whose nearest gallery image has their class)."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     features = plan.context.get("keys", {}).get("features", {})
     pick = recommended(models)
@@ -103,7 +112,19 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path) -> li
          **dict(zip(("top1_lo", "top1_hi"), r.metrics.get("top1_ci") or no_interval)),
          "val_accuracy": r.val_accuracy, "recommended": int(r is pick)}
         for r in models
-    ]
+    ] + ([_retrieval_row(plan, retrieval, now, features, report)] if retrieval else [])
+
+
+def _retrieval_row(plan: EvalPlan, found: dict[str, Any], now: str, features: dict[str, str],
+                   report: Path) -> dict[str, Any]:
+    return {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": "retrieval",
+            "kind": f"retrieval:{found['metric']}" + ("" if found["index"] == "exact" else "+faiss"),
+            "layer": found["layer"], "shots": "all", "seeds": 1, "backbone": plan.backbone.name,
+            "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
+            "n_test": found["queries"], "report": _in_cache(plan.cache_dir, report),
+            "top1": found.get("precision_at_1"), "map_at_r": found.get("map_at_r"),
+            "r_precision": found.get("r_precision"),
+            **{f"recall_at_{k}": found.get(f"recall_at_{k}") for k in (1, 5, 10)}}
 
 
 def _in_cache(cache_dir: Path, path: Path) -> str:
@@ -156,6 +177,11 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
             shown = "; ".join(f"`{e['path']}` ({e['error']})" for e in entries[:10])
             lines.append(f"- {split}: {len(entries)}: {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10
                                                                   else ""))
+    lines += retrieval_markdown(context.get("retrieval"))
+    drawn = context.get("embedding_map")
+    if drawn:
+        points = ", ".join(f"{split} {n}" for split, n in drawn["points"].items())
+        lines += ["", f"Embedding map above: {drawn['method']}, fitted on the train sample; points drawn: {points}."]
     kept = context.get("finetune_probe")
     if kept:
         tuned = kept["best_tuned_val_accuracy"]
@@ -175,6 +201,28 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
         lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]
         lines += [f"| {k} | {v['seconds']:.1f} | {'hit' if v['cache_hit'] else 'computed'} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def retrieval_markdown(found: dict[str, Any] | None) -> list[str]:
+    """The report's retrieval section: every metric, and what was searched."""
+    if not found:
+        return []
+    from tasks.retrieval import label, metric_names
+
+    names = metric_names(found["k"])
+    gallery = (f"leave-one-out within the test split ({found['gallery']} images)" if found["leave_one_out"]
+               else f"the train split ({found['gallery']} images)")
+    lines = ["", "## Retrieval (test images as queries)", "",
+             f"Gallery: {gallery}; {found['metric']} similarity on layer `{found['layer']}`, "
+             f"{'exact search' if found['index'] == 'exact' else 'FAISS index'}; {found['queries']} queries"
+             + (f" ({found['queries_without_relevant']} left out: no image of their class in the gallery)"
+                if found["queries_without_relevant"] else "") + f"; {found['seconds']:.1f} s.", "",
+             "| " + " | ".join(label(n) for n in names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join("-" if found.get(n) is None else f"{found[n]:.4f}" for n in names) + " |"]
+    if found.get("index_recall") is not None:
+        lines += ["", f"The index found {found['index_recall']:.4f} of the exact search's {found['index_k']} nearest "
+                      f"neighbours (recall lost: {1 - found['index_recall']:.4f})."]
+    return lines
 
 
 def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:

@@ -1,7 +1,6 @@
 """``transferpipe export``: cached features as Parquet or NumPy, checked against the HDF5 file they come from."""
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

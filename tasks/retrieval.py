@@ -1,0 +1,215 @@
+"""Retrieval evaluation on cached features: Recall@k, precision@k, R-precision and mAP@R, blockwise.
+
+Queries (the test split) search a gallery (the train split, or the test split itself leaving each query out);
+an item is relevant when it has the query's class. With R the number of relevant gallery items of a query:
+
+- Recall@k: 1 if any of the k nearest is relevant (the metric-learning convention), averaged over queries;
+- precision@k: the share of the k nearest that is relevant;
+- R-precision: precision@R;
+- mAP@R ("A Metric Learning Reality Check", Musgrave et al. 2020): (1/R) sum over i <= R of P(i) where the i-th
+  nearest is relevant, P(i) the precision at i.
+
+Queries without a relevant gallery item (R = 0) are left out and counted. Neighbours are ranked by similarity,
+ties by the lower gallery row (as :func:`tasks.estimators._top_k` breaks them). The search never forms a query x
+gallery matrix: each block of queries streams the gallery in chunks with a running top-K (K = max(k, R)), and
+a chunk whose every similarity is below a query's current K-th is skipped for it. Memory is
+O(block x (K + chunk)) plus the gallery when it fits the heads' memory budget (else it is read from its HDF5
+file once per query block). Similarities: cosine (default), ``l2`` (negative squared distance), or cosine after
+standardising with the gallery's mean and standard deviation (``standardized``, as the heads' preprocessing).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.estimators import _top_k
+
+Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]
+BLOCK_BYTES = 256 * 2**20  # the running top-K of one query block (similarities, indices and the merge)
+
+
+class RetrievalConfig(BaseModel):
+    """``evaluate.retrieval``: test images as queries against a gallery, on the stored features."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="Recall@k and precision@k")
+    gallery: Literal["train", "test"] = Field(
+        "train", description="train: the test split searches the train split; test: leave-one-out within test")
+    metric: Literal["cosine", "l2", "standardized"] = "cosine"
+    layer: str = "penultimate"
+    index: Literal["exact", "faiss"] = Field(
+        "exact", description="faiss: search the split's FAISS index (transferpipe index) and report the recall lost")
+    chunk_size: int = Field(4096, ge=1, le=1 << 20, description="gallery rows scored at once")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every k must be >= 1, got {v}")
+        return sorted(set(v))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Feature rows in chunks: labels in memory, ``chunks()`` yielding ``(start, block)`` in row order."""
+
+    labels: np.ndarray
+    chunks: Chunks
+    dim: int
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def of(cls, X: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> Rows:
+        return cls(np.asarray(labels), lambda: ((i, X[i : i + chunk]) for i in range(0, len(X), chunk)), X.shape[1])
+
+    @classmethod
+    def stored(cls, rows: Any, chunk: int = 4096) -> Rows:
+        """A :class:`storage.features.FeatureRows` (the first full pass verifies its checksum)."""
+        passes = iter(range(1 << 62))
+        return cls(rows.labels, lambda: rows.chunks(chunk, verify=next(passes) == 0), rows.dim)
+
+
+def transform(metric: str, gallery: Rows) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows as the metric compares them: L2-normalised (cosine), standardised then normalised, or as they are."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    if metric == "cosine":
+        return lambda x: unit(np.asarray(x, dtype=np.float32))
+    if metric == "l2":
+        return lambda x: np.asarray(x, dtype=np.float32)
+    if metric == "standardized":
+        total, squares = np.zeros(gallery.dim), np.zeros(gallery.dim)
+        for _, block in gallery.chunks():
+            block = np.asarray(block, dtype=np.float64)
+            total += block.sum(axis=0)
+            squares += (block * block).sum(axis=0)
+        mean = total / gallery.n
+        std = np.sqrt(np.maximum(squares / gallery.n - mean * mean, 0.0))
+        mean32, std32 = mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        return lambda x: unit((np.asarray(x, dtype=np.float32) - mean32) / std32)
+    raise ValueError(f"retrieval metric {metric!r}: use cosine, l2 or standardized")
+
+
+def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric: str = "cosine",
+                      memory_bytes: float = 0.0, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
+    """Every metric of one query set against one gallery (``None``: the queries themselves, leaving each out).
+
+    ``memory_bytes``: the gallery is held in memory (as float32, transformed) when it fits, else streamed.
+    """
+    leave_one_out = gallery is None
+    gallery = queries if gallery is None else gallery
+    if gallery.dim != queries.dim:
+        raise ValueError(f"queries have {queries.dim} dimensions, the gallery {gallery.dim}")
+    n_gallery = gallery.n - int(leave_one_out)
+    counts = np.bincount(gallery.labels, minlength=int(max(queries.labels.max(initial=0), gallery.labels.max(initial=0))) + 1)
+    relevant = counts[queries.labels] - int(leave_one_out)
+    K = int(min(max(max(ks), int(relevant.max(initial=0))), n_gallery))
+    if K < 1:
+        raise ValueError("the gallery has no image to retrieve")
+    fn = transform(metric, gallery)
+    chunks = _gallery_chunks(gallery, fn, metric, memory_bytes)
+    block = int(np.clip(block_bytes // (K * 12 * 3), 1, 8192))
+    sums: dict[str, float] = {}
+    for q0, qb in _blocks(queries, block):
+        sims, index = _search(fn(qb), chunks, K, q0 if leave_one_out else None)
+        _accumulate(sums, gallery.labels[index] == queries.labels[q0 : q0 + len(qb), None],
+                    relevant[q0 : q0 + len(qb)], ks)
+    used = int(sums.pop("queries", 0))
+    out: dict[str, Any] = {name: value / used if used else None for name, value in sums.items()}
+    return {"queries": used, "queries_without_relevant": int((relevant <= 0).sum()), "gallery": n_gallery,
+            "metric": metric, "leave_one_out": leave_one_out, "k": list(ks), **out}
+
+
+def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Query blocks of ``size`` rows from the rows' chunks, whatever the chunks' own size."""
+    pending, start = [], 0
+    for s, block in rows.chunks():
+        pending.append(np.asarray(block))
+        while sum(len(p) for p in pending) >= size:
+            joined = np.concatenate(pending)
+            yield start, joined[:size]
+            start, pending = start + size, [joined[size:]]
+    rest = np.concatenate(pending) if pending else np.empty((0, rows.dim))
+    if len(rest):
+        yield start, rest
+
+
+def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float) -> Chunks:
+    """The transformed gallery, in memory when it fits, with ``-|g|^2 / 2`` per row for ``l2``."""
+    def prepared(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        g = fn(block)
+        return g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
+
+    if gallery.n * gallery.dim * 4 <= memory_bytes:
+        held = [(start, *prepared(block)) for start, block in gallery.chunks()]
+        return lambda: iter(held)
+    return lambda: ((start, *prepared(block)) for start, block in gallery.chunks())
+
+
+def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's K most similar gallery rows (best first); ``self_start``: the queries' first row in the
+    gallery, whose own row is left out."""
+    n = len(q)
+    best_s, best_i = np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
+    own = np.arange(n) + (self_start or 0)
+    for g0, g, bias in chunks():
+        sim = q @ g.T
+        if bias is not None:
+            sim += bias
+        if self_start is not None:
+            mine = np.flatnonzero((own >= g0) & (own < g0 + len(g)))
+            sim[mine, own[mine] - g0] = -np.inf
+        full = best_s.shape[1] == K
+        # a later row ties after the current K-th (higher index): only strictly better rows can enter
+        rows = np.flatnonzero((sim > best_s[:, -1:]).any(axis=1)) if full else np.arange(n)
+        if not len(rows):
+            continue
+        cs, ci = _top_k(sim[rows], None, min(K, sim.shape[1]), offset=g0)
+        width = min(K, best_s.shape[1] + cs.shape[1])
+        ms, mi = _top_k(np.concatenate([best_s[rows], cs], 1), np.concatenate([best_i[rows], ci], 1), width)
+        if full:
+            best_s[rows], best_i[rows] = ms, mi
+        else:
+            best_s, best_i = ms, mi
+    return best_s, best_i
+
+
+def _accumulate(sums: dict[str, float], rel: np.ndarray, R: np.ndarray, ks: list[int]) -> None:
+    """Add one block's per-query metrics (queries with R > 0) to ``sums``."""
+    keep = R > 0
+    rel, R = rel[keep], R[keep]
+    if not len(R):
+        return
+    pos = np.arange(1, rel.shape[1] + 1)
+    within = pos[None, :] <= R[:, None]
+    hits = np.cumsum(rel, axis=1)
+    add = {"queries": float(len(R)),
+           "map_at_r": float((((hits / pos) * rel * within).sum(axis=1) / R).sum()),
+           "r_precision": float(((rel * within).sum(axis=1) / R).sum())}
+    for k in ks:
+        add[f"recall_at_{k}"] = float(rel[:, :k].any(axis=1).sum())
+        add[f"precision_at_{k}"] = float((hits[:, min(k, rel.shape[1]) - 1] / k).sum())
+    for name, value in add.items():
+        sums[name] = sums.get(name, 0.0) + value
+
+
+def metric_names(ks: list[int]) -> list[str]:
+    return [*(f"recall_at_{k}" for k in ks), *(f"precision_at_{k}" for k in ks), "r_precision", "map_at_r"]
+
+
+def label(name: str) -> str:
+    """``recall_at_5`` as the report writes it: ``Recall@5``."""
+    names = {"r_precision": "R-precision", "map_at_r": "mAP@R"}
+    if name in names:
+        return names[name]
+    what, k = name.rsplit("_at_", 1)
+    return f"{what.capitalize()}@{k}"
