@@ -10,7 +10,7 @@ an item is relevant when it has the query's class. With R the number of relevant
   nearest is relevant, P(i) the precision at i.
 
 Queries without a relevant gallery item (R = 0) are left out and counted. Neighbours are ranked by similarity,
-ties by the lower gallery row (as :func:`tasks.estimators._top_k` breaks them). The search never forms a query x
+ties by the lower gallery row (as the kNN head's search, :func:`tasks.estimators._top_k`, breaks them). The search never forms a query x
 gallery matrix: each block of queries streams the gallery in chunks with a running top-K (K = max(k, R)), and
 a chunk whose every similarity is below a query's current K-th is skipped for it. Memory is
 O(block x (K + chunk)) plus the gallery when it fits the heads' memory budget (else it is read from its HDF5
@@ -25,8 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from tasks.estimators import _top_k
 
 Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]
 BLOCK_BYTES = 256 * 2**20  # the running top-K of one query block (similarities, indices and the merge)
@@ -116,7 +114,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
     if K < 1:
         raise ValueError("the gallery has no image to retrieve")
     fn = transform(metric, gallery)
-    chunks = _gallery_chunks(gallery, fn, metric, memory_bytes)
+    chunks = _gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
     block = int(np.clip(block_bytes // (K * 12 * 3), 1, 8192))
     sums: dict[str, float] = {}
     for q0, qb in _blocks(queries, block):
@@ -143,23 +141,52 @@ def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, rest
 
 
-def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float) -> Chunks:
-    """The transformed gallery, in memory when it fits, with ``-|g|^2 / 2`` per row for ``l2``."""
+def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: int = 0) -> Chunks:
+    """The transformed gallery, in memory when it fits, with ``-|g|^2 / 2`` per row for ``l2``; chunks of at
+    least ``rows`` rows (stored chunks joined), so merging the running top-K costs O(1) per gallery row."""
     def prepared(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         g = fn(block)
         return g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
 
+    def blocks():
+        pending: list[np.ndarray] = []
+        for start, block in gallery.chunks():
+            pending.append(np.asarray(block))
+            if sum(len(p) for p in pending) >= rows:
+                yield start - sum(len(p) for p in pending[:-1]), np.concatenate(pending)
+                pending = []
+        if pending:
+            yield gallery.n - sum(len(p) for p in pending), np.concatenate(pending)
+
     if gallery.n * gallery.dim * 4 <= memory_bytes:
-        held = [(start, *prepared(block)) for start, block in gallery.chunks()]
+        held = [(start, *prepared(block)) for start, block in blocks()]
         return lambda: iter(held)
-    return lambda: ((start, *prepared(block)) for start, block in gallery.chunks())
+    return lambda: ((start, *prepared(block)) for start, block in blocks())
+
+
+def ranking_keys(sim: np.ndarray, start: int) -> np.ndarray:
+    """One uint64 per similarity that sorts as (similarity descending, gallery row ascending): the float32's
+    order-preserving bits above, the complement of the row below. Keys are unique, so a partial sort
+    (``np.partition``) picks the same top K as a full stable sort would, ties included."""
+    bits = np.ascontiguousarray(sim, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    ordered = np.where(bits >> np.uint64(31), ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
+    rows = np.uint64(0xFFFFFFFF) - np.arange(start, start + sim.shape[1], dtype=np.uint64)
+    return (ordered << np.uint64(32)) | rows
+
+
+def rows_of(keys: np.ndarray) -> np.ndarray:
+    return (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
 
 
 def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's K most similar gallery rows (best first); ``self_start``: the queries' first row in the
-    gallery, whose own row is left out."""
+    """Each query's K most similar gallery rows, best first, as (ranking keys, rows); ``self_start``: the
+    queries' first row in the gallery, whose own row is left out.
+
+    A running top-K of :func:`ranking_keys`: each chunk's keys joined to it and partitioned (linear time), a
+    query skipped when none of the chunk beats its K-th; one sort at the end.
+    """
     n = len(q)
-    best_s, best_i = np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
+    best = np.empty((n, 0), np.uint64)
     own = np.arange(n) + (self_start or 0)
     for g0, g, bias in chunks():
         sim = q @ g.T
@@ -168,19 +195,19 @@ def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.n
         if self_start is not None:
             mine = np.flatnonzero((own >= g0) & (own < g0 + len(g)))
             sim[mine, own[mine] - g0] = -np.inf
-        full = best_s.shape[1] == K
-        # a later row ties after the current K-th (higher index): only strictly better rows can enter
-        rows = np.flatnonzero((sim > best_s[:, -1:]).any(axis=1)) if full else np.arange(n)
-        if not len(rows):
+        keys = ranking_keys(sim, g0)
+        if best.shape[1] < K:
+            joined = np.concatenate([best, keys], axis=1)
+            width = min(K, joined.shape[1])
+            best = np.partition(joined, joined.shape[1] - width, axis=1)[:, joined.shape[1] - width:]
             continue
-        cs, ci = _top_k(sim[rows], None, min(K, sim.shape[1]), offset=g0)
-        width = min(K, best_s.shape[1] + cs.shape[1])
-        ms, mi = _top_k(np.concatenate([best_s[rows], cs], 1), np.concatenate([best_i[rows], ci], 1), width)
-        if full:
-            best_s[rows], best_i[rows] = ms, mi
-        else:
-            best_s, best_i = ms, mi
-    return best_s, best_i
+        floor = best.min(axis=1, keepdims=True)
+        rows = np.flatnonzero((keys > floor).any(axis=1))
+        if len(rows):
+            joined = np.concatenate([best[rows], keys[rows]], axis=1)
+            best[rows] = np.partition(joined, joined.shape[1] - K, axis=1)[:, -K:]
+    best = np.sort(best, axis=1)[:, ::-1]
+    return best, rows_of(best)
 
 
 def _accumulate(sums: dict[str, float], rel: np.ndarray, R: np.ndarray, ks: list[int]) -> None:
