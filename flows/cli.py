@@ -210,7 +210,8 @@ def serve(
 def results(
     experiment: Annotated[Optional[str], typer.Option(
         "--experiment", help="Only this experiment; * and ? match any text (a sweep: 'NAME-*').")] = None,
-    sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece")] = "top1",
+    sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece | map_at_r | "
+                                                     "recall_at_1 | recall_at_5 | recall_at_10")] = "top1",
     cache_dir: CacheDir = None,
 ) -> None:
     """Compare every evaluated model across experiments (the results registry)."""
@@ -220,14 +221,14 @@ def results(
     rows = query(root, experiment, sort)
     table = Table(title=f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}")
     for col in ("experiment", "model", "shots", "backbone", "weights", "val top1", "top1", "95% CI", "macro_f1", "ece",
-                "features", "when"):
+                "mAP@R", "features", "when"):
         table.add_column(col, overflow="fold")
     for r in rows:
         ci = f"{r['top1_lo']:.3f}–{r['top1_hi']:.3f}" if r.get("top1_lo") is not None else ""
         pick = " ✓" if r.get("recommended") else ""  # the experiment's model chosen on validation
         table.add_row(r["experiment"], r["model"] + pick, r["shots"], r["backbone"], Path(r["weights"]).name,
                       _fmt(r.get("val_accuracy")), _fmt(r["top1"]), ci, _fmt(r["macro_f1"]), _fmt(r["ece"]),
-                      short(r["features_key"]), r["created_at"][:16])
+                      _fmt(r.get("map_at_r")), short(r["features_key"]), r["created_at"][:16])
     out.print(table)
 
 
@@ -316,12 +317,13 @@ def index_cmd(
     wanted = (cfg.index or IndexConfig()).model_copy(update={k: v for k, v in given.items() if v})
     cfg = cfg.model_copy(update={"index": wanted})
     r = _pipeline(config, cache_dir, "index", cfg)[1].index
-    rows = [[r.split, r.kind, str(r.rows), str(r.dim), f"{r.recall_at_k:.4f}", f"{r.build_seconds:.2f}",
-             f"{r.index_bytes / 2**20:.1f}", f"{r.peak_rss_bytes / 2**20:.0f}", f"{r.qps_index:,.0f}",
-             f"{r.qps_exact:,.0f}", f"{r.speedup:.1f}x", "hit" if r.cache_hit else "built"]]
-    print_table(f"FAISS index of {cfg.name} ({r.queries} held-out queries)",
-                ["split", "kind", "rows", "dim", f"recall@{r.k}", "build s", "MiB", "peak RSS MiB", "QPS index",
-                 "QPS exact", "speed-up", "cache"], rows)
+    figures = [("kind", f"{r.kind} ({'cached' if r.cache_hit else 'built'})"), ("rows x dims", f"{r.rows} x {r.dim}"),
+               (f"recall@{r.k} vs exact ({r.queries} held-out queries)", f"{r.recall_at_k:.4f}"),
+               ("build", f"{r.build_seconds:.2f} s"), ("size", f"{r.index_bytes / 2**20:.1f} MiB"),
+               ("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"), ("queries/s: index", f"{r.qps_index:,.0f}"),
+               ("queries/s: exact search", f"{r.qps_exact:,.0f}"), ("speed-up", f"{r.speedup:.1f}x")]
+    print_table(f"FAISS index of {cfg.name}, {r.split} split ({wanted.metric})", ["figure", "value"],
+                [list(f) for f in figures])
     out.print(f"index: {r.path}", highlight=False, soft_wrap=True)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from storage.records import ReportFiles
 from tasks.evaluate import EvalResult
 from tasks.report import summary_rows
 
@@ -19,8 +20,8 @@ def artifact_key(name: str) -> str:
 def with_map_inline(markdown: str, folder: Path) -> str:
     """The report with its embedding map as a data URI: the Prefect UI shows an artifact's text, not the files
     beside the report."""
-    png = folder / "embedding_map.png"
-    link = "![embedding_map](embedding_map.png)"
+    png = ReportFiles(folder).plot("embedding_map")
+    link = f"![embedding_map]({png.name})"
     if link not in markdown or not png.is_file():
         return markdown
     return markdown.replace(link, f"![embedding_map](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")

@@ -188,11 +188,11 @@ def _rows_at(rows: Rows, take: np.ndarray):
 
 
 def _tune(faiss: Any, index: Any, k: int) -> None:
-    """Search settings that keep recall high: HNSW's efSearch at least 2k, IVF probing 1/16 of its lists."""
+    """Search settings that keep recall high: HNSW's efSearch at least 2k, IVF probing 1/8 of its lists."""
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = max(64, 2 * k)
     if hasattr(index, "nprobe"):
-        index.nprobe = max(1, index.nlist // 16)
+        index.nprobe = max(1, index.nlist // 8)
 
 
 def _queries(store: FeatureStore, plan: IndexPlan, rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:

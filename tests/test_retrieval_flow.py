@@ -88,3 +88,23 @@ def test_embedding_map_can_be_turned_off_and_umap_is_named_when_missing(tiny_con
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install 'transferpipe\[umap\]'"):
         check_method("umap")
+
+
+def test_index_command_prints_its_measurements_and_names_bad_flags(tiny_config, tmp_path):
+    pytest.importorskip("faiss")
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg = tiny_config(heads=HEADS)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    runner = CliRunner()
+    done = runner.invoke(app, ["index", str(path)], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert "flat (built)" in done.output and "recall@10 vs exact" in done.output and "index.faiss" in done.output
+    bad = runner.invoke(app, ["index", str(path), "--kind", "lsh"])
+    assert bad.exit_code == 2 and "--kind 'lsh'" in bad.output and "hnsw" in bad.output
+    missing = runner.invoke(app, ["index", str(path), "--split", "holdout"])
+    assert missing.exit_code == 2 and "no such split" in missing.output
