@@ -146,7 +146,7 @@ def index_rows(tmp: Path, key: str, queries: int) -> list[list[str]]:
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    print(f"\n{title}\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print(f"\n**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -11,7 +11,7 @@ cache and Prefect home, whose markdown table replaces what the markers hold.
 After bumping a dependency: ``bash .ci/lock``, then this script, then commit
 both (``tests/test_readme.py`` checks the demo's table against a real run).
 
-    python -m benchmarks.readme [--only demo imagenet cli] [--check]
+    python -m benchmarks.readme [--only demo imagenet cli export] [--check]
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ SECTIONS: dict[str, list[str]] = {
     "demo": [*TP, "demo", "--markdown", "--cache-dir", "{cache}"],
     "imagenet": [*TP, "demo", "--imagenet", "--markdown", "--cache-dir", "{cache}"],
     "cli": [sys.executable, "-m", "benchmarks.cli", "--markdown"],
+    "export": [sys.executable, "-m", "benchmarks.export"],
 }
 
 
@@ -48,8 +49,16 @@ def section(text: str, name: str) -> str:
 
 
 def table(stdout: str) -> str:
-    """The markdown table in a command's output: its lines that start with ``|``."""
-    return "".join(line + "\n" for line in stdout.splitlines() if line.startswith("|"))
+    """The markdown tables in a command's output: its lines that start with ``|``, each table after its
+    ``**caption**`` line when it has one (then separated by blank lines)."""
+    kept = [line for line in stdout.splitlines() if line.startswith(("|", "**"))]
+    out = []
+    for line in kept:
+        if line.startswith("**"):
+            out += ([""] if out else []) + [line, ""]
+        else:
+            out.append(line)
+    return "".join(line + "\n" for line in out)
 
 
 def measure(name: str, workdir: Path) -> str:
