@@ -167,15 +167,28 @@ def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: i
 def ranking_keys(sim: np.ndarray, start: int) -> np.ndarray:
     """One uint64 per similarity that sorts as (similarity descending, gallery row ascending): the float32's
     order-preserving bits above, the complement of the row below. Keys are unique, so a partial sort
-    (``np.partition``) picks the same top K as a full stable sort would, ties included."""
-    bits = np.ascontiguousarray(sim, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    (``np.partition``) picks the same top K as a full stable sort would, ties included. ``sim``'s columns are
+    gallery rows ``start``, ``start + 1``, ..."""
+    return encode(sim, np.arange(start, start + sim.shape[-1], dtype=np.uint64))
+
+
+def encode(sim: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`ranking_keys` of similarities whose gallery rows are ``rows`` (broadcast against ``sim``)."""
+    sim = np.asarray(sim, dtype=np.float32) + np.float32(0.0)  # -0.0 becomes 0.0: equal similarities, equal bits
+    bits = np.ascontiguousarray(sim).view(np.uint32).astype(np.uint64)
     ordered = np.where(bits >> np.uint64(31), ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
-    rows = np.uint64(0xFFFFFFFF) - np.arange(start, start + sim.shape[1], dtype=np.uint64)
-    return (ordered << np.uint64(32)) | rows
+    return (ordered << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.asarray(rows, dtype=np.uint64))
 
 
 def rows_of(keys: np.ndarray) -> np.ndarray:
     return (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+
+
+def similarities_of(keys: np.ndarray) -> np.ndarray:
+    """The float32 similarity each ranking key holds (:func:`ranking_keys` inverted)."""
+    ordered = keys >> np.uint64(32)
+    bits = np.where(ordered & np.uint64(0x80000000), ordered ^ np.uint64(0x80000000), ~ordered & np.uint64(0xFFFFFFFF))
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -195,16 +208,22 @@ def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.n
         if self_start is not None:
             mine = np.flatnonzero((own >= g0) & (own < g0 + len(g)))
             sim[mine, own[mine] - g0] = -np.inf
-        keys = ranking_keys(sim, g0)
         if best.shape[1] < K:
-            joined = np.concatenate([best, keys], axis=1)
+            joined = np.concatenate([best, ranking_keys(sim, g0)], axis=1)
             width = min(K, joined.shape[1])
             best = np.partition(joined, joined.shape[1] - width, axis=1)[:, joined.shape[1] - width:]
             continue
-        floor = best.min(axis=1, keepdims=True)
-        rows = np.flatnonzero((keys > floor).any(axis=1))
+        # only a similarity >= a query's K-th can enter (an equal one may: the keys decide); once the running
+        # top-K has settled that is a few columns of a chunk, so only those are encoded and merged
+        passing = sim >= similarities_of(best.min(axis=1))[:, None]
+        rows = np.flatnonzero(passing.any(axis=1))
         if len(rows):
-            joined = np.concatenate([best[rows], keys[rows]], axis=1)
+            r, c = np.nonzero(passing[rows])
+            counts = np.bincount(r, minlength=len(rows))
+            slot = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
+            candidates = np.zeros((len(rows), int(counts.max())), np.uint64)  # 0 ranks below every key
+            candidates[r, slot] = encode(sim[rows[r], c], c.astype(np.uint64) + np.uint64(g0))
+            joined = np.concatenate([best[rows], candidates], axis=1)
             best[rows] = np.partition(joined, joined.shape[1] - K, axis=1)[:, -K:]
     best = np.sort(best, axis=1)[:, ::-1]
     return best, rows_of(best)

@@ -21,6 +21,7 @@ def test_shipped_config_loads():
     assert cfg.name == "digits-resnet18"
     assert cfg.backbone.layers == ["penultimate", "layer3"]
     assert cfg.extract.dtype == "float16"
+    assert cfg.evaluate.retrieval.k == [1, 5, 10]
 
 
 def test_unknown_keys_name_the_path_and_the_allowed_keys(tmp_path):

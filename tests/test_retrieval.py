@@ -90,3 +90,18 @@ def test_config_validates_k_and_names_the_field():
     assert RetrievalConfig(k=[10, 1, 1]).k == [1, 10]
     with pytest.raises(ValueError, match="every k must be >= 1"):
         RetrievalConfig(k=[0, 5])
+
+
+def test_embedding_map_samples_the_same_rows_and_colours_only_the_largest_classes(tmp_path):
+    from tasks.embedding_map import draw, sample
+
+    assert np.array_equal(sample(50_000, 20_000), sample(50_000, 20_000)) and len(sample(50_000, 20_000)) == 20_000
+    assert np.array_equal(sample(300, 20_000), np.arange(300))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 1000, 3000)
+    y[:400] = 7  # the largest class
+    X = rng.normal(size=(3000, 16)).astype(np.float32)
+    info = draw(tmp_path / "map.png", {"train": (X, y), "test": (X[:500], y[:500])}, [f"c{i}" for i in range(1000)],
+                "pca", "t")
+    assert info["coloured_classes"] == 20 and info["points"] == {"train": 3000, "test": 500}
+    assert info["method"].startswith("PCA") and (tmp_path / "map.png").stat().st_size > 10_000
