@@ -166,10 +166,11 @@ def _unused_pieces(store: FeatureStore, gone: set[Path], older_than_s: float, no
 
 def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
     """Every artifact of the later stages by its key (reports by the 12 digits their folder is named by):
-    heads, fine-tuning runs, evaluations, scores and remembered metrics."""
+    heads, fine-tuning runs, evaluations, scores, remembered metrics, exports, indexes and embedding maps."""
     layout, found = CacheLayout(cache_dir), {}
     folders = [*layout.heads().glob("*"), *layout.finetune_runs().glob("*"), *layout.reports("_").parent.glob("*/*"),
-               *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json")]
+               *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json"),
+               *layout.exports().glob("*"), *layout.indexes().glob("*"), *layout.embedding_map("*").parent.glob("*.png")]
     for path in folders:
         if not path.name.startswith("."):
             found.setdefault(path.name.split(".")[0], []).append(path)
@@ -195,8 +196,8 @@ def remove_artifacts(cache_dir: Path, prefixes: list[str], dry_run: bool = False
     return matched
 
 
-#: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders
-TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*")
+#: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders, exports, indexes, maps
+TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*", "exports/*.tmp-*", "indexes/*.tmp-*", "maps/*.tmp-*")
 
 
 def collect_scans(cache_dir: Path, dry_run: bool = False) -> list[tuple[Path, str]]:

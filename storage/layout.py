@@ -104,6 +104,10 @@ class CacheLayout:
     def metrics(self, key: str) -> Path:
         return self.root / "metrics" / f"{key}.json"
 
+    def embedding_map(self, key: str) -> Path:
+        """A drawn embedding map, reused by every report of the same features and settings."""
+        return self.root / "maps" / f"{key}.png"
+
     def scores(self, key: str) -> Path:
         return self.root / "scores" / f"{key}.json"
 

@@ -9,6 +9,8 @@ the results registry once, when it computes; a finished evaluation is reused.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -369,11 +371,22 @@ def embedding_map(plan: EvalPlan) -> dict[str, Any] | None:
     if not wanted:
         return None
     cfg = MapConfig.model_validate(wanted["settings"])
-    store, splits = FeatureStore(plan.cache_dir), {}
-    for split, key in wanted["splits"].items():
-        rows = store.rows(key, cfg.layer)
-        index = sample(rows.rows, cfg.points)
-        splits[split] = (rows.take(index), rows.labels[index])
-    path = plan.files.plot("embedding_map")
-    info = draw(path, splits, plan.classes, cfg.method, f"{plan.experiment}, layer {cfg.layer}")
+    path, layout = plan.files.plot("embedding_map"), CacheLayout(plan.cache_dir)
+    key = keys.key({"kind": "embedding_map", "version": keys.CODE_VERSIONS["evaluate"], **wanted,
+                    "title": plan.experiment})
+    drawn, remembered = layout.embedding_map(key), Records(layout.metrics)
+    info = remembered.read(key)
+    if info is None or not drawn.is_file():  # drawn once per features and settings: a head change reuses it
+        store, splits = FeatureStore(plan.cache_dir), {}
+        for split, features in wanted["splits"].items():
+            rows = store.rows(features, cfg.layer)
+            index = sample(rows.rows, cfg.points)
+            splits[split] = (rows.take(index), rows.labels[index])
+        drawn.parent.mkdir(parents=True, exist_ok=True)
+        tmp = drawn.with_name(f"{drawn.stem}.tmp-{os.getpid()}.png")
+        info = draw(tmp, splits, plan.classes, cfg.method, f"{plan.experiment}, layer {cfg.layer}")
+        os.replace(tmp, drawn)
+        remembered.write(key, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(drawn, path)
     return {**info, "file": path.name}

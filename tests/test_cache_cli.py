@@ -122,7 +122,8 @@ def test_every_cache_command_has_help():
 
 
 def test_rm_takes_every_kind_of_key(tmp_path):
-    """A head, a fine-tuning run, a report or scores named by an error message can be removed by its key."""
+    """A head, a fine-tuning run, a report, scores, an export, an index or an embedding map named by an error
+    message can be removed by its key."""
     import numpy as np
 
     from storage.head_store import save_head
@@ -131,13 +132,18 @@ def test_rm_takes_every_kind_of_key(tmp_path):
     run = tmp_path / "finetune" / ("b" * 64)
     report = tmp_path / "runs" / "exp" / ("c" * 12)
     scores = tmp_path / "scores" / ("d" * 64 + ".json")
-    for folder in (run, report):
+    export, index = tmp_path / "exports" / ("1" * 64), tmp_path / "indexes" / ("2" * 64)
+    drawn = tmp_path / "maps" / ("3" * 64 + ".png")
+    for folder in (run, report, export, index):
         folder.mkdir(parents=True)
         (folder / "result.json").write_text("{}")
     scores.parent.mkdir()
     scores.write_text("{}")
+    drawn.parent.mkdir()
+    drawn.write_bytes(b"png")
     runner = CliRunner()
-    for prefix, path in (("aaaa", head), ("b" * 64, run), ("c" * 64, report), ("dddd", scores)):
+    for prefix, path in (("aaaa", head), ("b" * 64, run), ("c" * 64, report), ("dddd", scores), ("1111", export),
+                         ("2222", index), ("3333", drawn)):
         result = runner.invoke(app, ["cache", "rm", prefix, "--cache-dir", str(tmp_path)], env={"COLUMNS": "400"})
         assert result.exit_code == 0 and f"removed {path}" in result.output, result.output
         assert not path.exists()

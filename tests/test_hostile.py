@@ -116,10 +116,19 @@ def test_gc_collects_what_killed_writes_left(tmp_path):
         path.write_bytes(b"x")
     half_head = cache / "heads" / ".0123456789ab-xyz"
     half_head.mkdir(parents=True)
+    half_export, half_index = cache / "exports" / ("e" * 64 + ".tmp-12-34"), cache / "indexes" / ("f" * 64 + ".tmp-5-6")
+    half_map = cache / "maps" / ("a" * 64 + ".tmp-7.png")
+    for folder in (half_export, half_index):
+        (folder / "part").mkdir(parents=True)
+    half_map.parent.mkdir()
+    half_map.write_bytes(b"z")
     kept = cache / "finetune" / "k" / "best.pt"
     kept.write_bytes(b"y")
+    done_export = cache / "exports" / ("e" * 64)
+    done_export.mkdir()
     removed = {p for p, _ in inventory.collect_temporary(cache, older_than_s=0)}
-    assert removed == {*leftovers, half_head} and kept.exists()
+    assert removed == {*leftovers, half_head, half_export, half_index, half_map} and kept.exists()
+    assert done_export.exists()
 
 
 # --------------------------------------------------------------------------- a cache a team shares

@@ -42,9 +42,13 @@ def test_retrieval_in_report_registry_and_a_head_change_does_not_search_again(ti
     (row,) = [r for r in query(cfg.cache_dir, cfg.name, "map_at_r") if r["model"] == "retrieval"]
     assert row["map_at_r"] == found["map_at_r"] and row["top1"] == found["precision_at_1"]
     assert row["kind"] == "retrieval:cosine" and row["n_test"] == found["queries"]
+    (drawn,) = (cfg.cache_dir / "maps").glob("*.png")
+    drawn_at = drawn.stat().st_mtime_ns
     changed = cfg.model_copy(update={"heads": [cfg.heads[0].model_copy(update={"C": [0.5]})]})
     again = run(changed)
     assert again.evaluation.retrieval["seconds"] == found["seconds"]  # remembered, not searched again
+    assert list((cfg.cache_dir / "maps").glob("*.png")) == [drawn] and drawn.stat().st_mtime_ns == drawn_at
+    assert again.report.with_name("embedding_map.png").read_bytes() == drawn.read_bytes()  # drawn once, copied
     off = changed.model_copy(update={"evaluate": changed.evaluate.model_copy(update={"retrieval": None})})
     assert [s for s in explain(off) if s.stage == "evaluate" and not s.cached], "the settings are in the key"
 
