@@ -48,7 +48,7 @@ def project(train: np.ndarray, others: list[np.ndarray], method: str, seed: int 
     if method == "umap":
         import umap
 
-        reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, max(2, len(X) - 1)))
+        reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, max(2, len(X) - 1)), n_jobs=1)
         return [reducer.fit_transform(X), *(reducer.transform(np.asarray(o, np.float32)) for o in others)], "UMAP"
     from sklearn.decomposition import PCA
 

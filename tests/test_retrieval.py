@@ -105,3 +105,15 @@ def test_embedding_map_samples_the_same_rows_and_colours_only_the_largest_classe
                 "pca", "t")
     assert info["coloured_classes"] == 20 and info["points"] == {"train": 3000, "test": 500}
     assert info["method"].startswith("PCA") and (tmp_path / "map.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_umap_map_when_umap_learn_is_installed(tmp_path):
+    pytest.importorskip("umap")
+    from tasks.embedding_map import draw
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 5, 300)
+    info = draw(tmp_path / "map.png", {"train": (X, y), "test": (X[:50], y[:50])}, list("abcde"), "umap", "t")
+    assert info["method"] == "UMAP" and info["points"] == {"train": 300, "test": 50}
+    assert (tmp_path / "map.png").stat().st_size > 5_000
