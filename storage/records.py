@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,23 @@ class StageFiles:
 
     def read_result(self) -> dict[str, Any] | None:
         return read_json(self.result)
+
+    @contextmanager
+    def staged(self, sound: Callable[[], bool] | None = None) -> Iterator[StageFiles]:
+        """A temporary folder beside this one (``<name>.tmp-<pid>-<thread>``) to write a whole run into, its
+        result last. When the block ends without error it is renamed into place, unless a sound run is already
+        there (``sound``, default :meth:`done`: a concurrent writer finished first), which is kept; an unsound
+        one is replaced. The temporary folder never outlives the block (``cache gc`` removes a killed one's)."""
+        tmp = self.folder.with_name(f"{self.folder.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield StageFiles(tmp)
+            if not (sound or self.done)():
+                shutil.rmtree(self.folder, ignore_errors=True)
+                os.replace(tmp, self.folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

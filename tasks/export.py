@@ -11,14 +11,13 @@
 The HDF5 file stays the source of truth: an export reads it checksum-verified and is refused (nothing
 written) when it fails. Each export is a cached stage keyed by the feature key, layer, format, dtype, row
 group size and code version; it is written into a temporary folder and renamed into ``exports/<key>/`` when
-complete, so a crash leaves no half export behind. ``copy_out`` copies the files to a user's folder.
+complete (``StageFiles.staged``), so a crash leaves no half export behind. ``copy_out`` copies the files to a user's folder.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +26,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
-from storage.atomic import write_json
 from storage.features import FeatureStore
 from storage.h5file import CorruptFeatureFile, FeatureStoreError, json_attr, open_h5, values_checksum
 from storage.layout import CacheLayout
-from storage.records import StageFiles, read_json
+from storage.records import StageFiles
 from tasks.result import StageResult
 
 FORMATS = ("parquet", "npy")
@@ -116,29 +114,13 @@ def export_split(plan: ExportPlan) -> ExportResult:
     started = time.perf_counter()
     if (saved := _saved(plan)) is not None:
         return ExportResult.model_validate({**saved, "folder": plan.files.folder, "cache_hit": True, "seconds": 0.0})
-    folder = plan.files.folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        rows, dim, dtype, sizes = _write(plan, tmp)
+    with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
+        rows, dim, dtype, sizes = _write(plan, staged.folder)
         result = ExportResult(key=plan.key, split=plan.split, format=plan.format, rows=rows, dim=dim, dtype=dtype,
-                              folder=folder, files=sizes, rows_written=rows, cache_hit=False, seconds=0.0)
-        write_json(StageFiles(tmp).spec, plan.spec)
-        StageFiles(tmp).write_result(result.model_dump_json(exclude={"folder", "cache_hit", "seconds", "work_fields"}))
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                              folder=plan.files.folder, files=sizes, rows_written=rows, cache_hit=False, seconds=0.0)
+        staged.write_spec(plan.spec)
+        staged.write_result(result.model_dump_json(exclude={"folder", "cache_hit", "seconds", "work_fields"}))
     return result.model_copy(update={"seconds": time.perf_counter() - started})
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """Rename the finished export into place; a complete one already there (a concurrent run) is kept."""
-    if folder.exists():
-        if read_json(StageFiles(folder).result) is not None:
-            return
-        shutil.rmtree(folder)  # an older export whose files were changed or removed
-    os.replace(tmp, folder)
 
 
 def _write(plan: ExportPlan, out: Path) -> tuple[int, int, str, dict[str, int]]:

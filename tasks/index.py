@@ -15,9 +15,6 @@ The index is written with ``faiss.write_index`` (FAISS's own binary format, neve
 from __future__ import annotations
 
 import resource
-import shutil
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +23,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
-from storage.atomic import write_json
 from storage.features import FeatureStore
 from storage.layout import CacheLayout
 from storage.records import StageFiles
@@ -143,22 +139,15 @@ def build_index(plan: IndexPlan) -> IndexResult:
     if self_rows is not None:
         found = np.array([[j for j in row if j != own][:k] for row, own in zip(found, self_rows)])
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
-    folder, tmp = plan.files.folder, plan.files.folder.with_name(f"{plan.key}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        faiss.write_index(index, str(tmp / "index.faiss"))
+    with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
+        faiss.write_index(index, str(staged.folder / plan.path.name))
         result = IndexResult(
             key=plan.key, split=plan.split, kind=kind, rows=rows.n, dim=rows.dim, build_seconds=build_seconds,
-            index_bytes=(tmp / "index.faiss").stat().st_size, peak_rss_bytes=_peak_rss(), queries=len(q),
+            index_bytes=(staged.folder / plan.path.name).stat().st_size, peak_rss_bytes=_peak_rss(), queries=len(q),
             recall_at_k=recall, k=k, qps_index=len(q) / max(index_s, 1e-9), qps_exact=len(q) / max(exact_s, 1e-9),
             path=plan.path, cache_hit=False, seconds=0.0)
-        write_json(StageFiles(tmp).spec, plan.spec)
-        StageFiles(tmp).write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.write_spec(plan.spec)
+        staged.write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
     return result.model_copy(update={"seconds": time.perf_counter() - started})
 
 

@@ -49,6 +49,10 @@ def test_parquet_holds_every_row_as_stored_in_row_groups_and_a_second_export_is_
     _, again = exported(cfg, row_group_rows=4)
     assert all(r.cache_hit and r.rows_written == 0 for r in again.exports)
     assert [r.paths for r in again.exports] == [r.paths for r in first.exports]
+    gone = first.exports[0].paths[0]
+    gone.unlink()  # an export whose file was removed is written again, in place
+    _, repaired = exported(cfg, row_group_rows=4)
+    assert not repaired.exports[0].cache_hit and gone.is_file()
 
 
 def test_plan_lists_exports_and_says_why_one_computes(tiny_config):
