@@ -27,7 +27,7 @@ from storage.features import FeatureStore
 from storage.layout import CacheLayout
 from storage.records import StageFiles
 from tasks.result import StageResult
-from tasks.retrieval import Rows, _search, transform
+from tasks.retrieval import Rows, _blocks, _gallery_chunks, _search, retrieval_metrics, transform
 
 HNSW_MAX_ROWS = 2_000_000
 
@@ -188,21 +188,16 @@ def _tune(faiss: Any, index: Any, k: int) -> None:
 def _queries(store: FeatureStore, plan: IndexPlan, rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:
     """Held-out queries: another split's rows, or the indexed split's (then their row numbers, left out)."""
     n = plan.config.queries
-    if plan.queries_from:
+    if plan.queries_from:  # its first n rows: only the chunks that hold them are read
         other = Rows.stored(store.rows(plan.queries_from, plan.config.layer))
-        take = np.arange(min(n, other.n))
-        return np.concatenate([b for _, b in _rows_at(other, take)]), None
+        return next(_blocks(other, min(n, other.n)))[1], None
     take = np.sort(np.random.default_rng(0).choice(rows.n, min(n, rows.n), replace=False))
     return np.concatenate([b for _, b in _rows_at(rows, take)]), take
 
 
 def _exact(q: np.ndarray, rows: Rows, fn, metric: str, k: int, self_rows: np.ndarray | None) -> np.ndarray:
     """The exact k nearest (tasks.retrieval's blockwise search), leaving a query's own row out."""
-    def chunks():
-        for start, block in rows.chunks():
-            g = fn(block)
-            yield start, g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
-
+    chunks = _gallery_chunks(rows, fn, metric, memory_bytes=0)
     if self_rows is None:
         return _search(q, chunks, k, None)[1]
     _, index = _search(q, chunks, k + 1, None)
@@ -216,8 +211,6 @@ def _peak_rss() -> int:
 def indexed_retrieval(cache_dir: Path, wanted: dict[str, Any], queries: Rows, cfg: Any) -> dict[str, Any]:
     """Retrieval metrics with the gallery searched through its index (built first if missing), and the share of
     the exact search's nearest neighbours it found (``index_recall``, at the largest k)."""
-    from tasks.retrieval import _accumulate, _blocks
-
     faiss = require_faiss()
     plan = plan_index(IndexConfig.model_validate(wanted["config"]), "train", wanted["features"], cache_dir,
                       wanted.get("queries_from"))
@@ -225,23 +218,15 @@ def indexed_retrieval(cache_dir: Path, wanted: dict[str, Any], queries: Rows, cf
     index = faiss.read_index(str(plan.path))
     gallery = Rows.stored(FeatureStore(cache_dir).rows(plan.features, plan.config.layer))
     fn = transform(plan.config.metric, gallery)
-    counts = np.bincount(gallery.labels, minlength=int(max(gallery.labels.max(initial=0),
-                                                           queries.labels.max(initial=0))) + 1)
-    relevant = counts[queries.labels]
-    K = int(min(max(max(cfg.k), int(relevant.max(initial=0))), gallery.n))
-    _tune(faiss, index, K)
-    sums: dict[str, float] = {}
-    overlap, k_max = 0.0, min(max(cfg.k), gallery.n)
-    for q0, qb in _blocks(queries, 1024):
-        q = np.ascontiguousarray(fn(qb))
-        _, found = index.search(q, K)
-        _accumulate(sums, gallery.labels[np.maximum(found, 0)] == queries.labels[q0 : q0 + len(qb), None],
-                    relevant[q0 : q0 + len(qb)], cfg.k)
+    k_max, overlap = min(max(cfg.k), gallery.n), [0]
+
+    def search(q: np.ndarray, K: int) -> np.ndarray:
+        _tune(faiss, index, K)
+        found = index.search(np.ascontiguousarray(q), K)[1]
         exact = _exact(q, gallery, fn, plan.config.metric, k_max, None)
-        overlap += sum(len(set(a[:k_max]) & set(b)) for a, b in zip(found, exact))
-    used = int(sums.pop("queries", 0))
-    return {"queries": used, "queries_without_relevant": int((relevant <= 0).sum()), "gallery": gallery.n,
-            "metric": plan.config.metric, "leave_one_out": False, "k": list(cfg.k),
-            **{name: value / used if used else None for name, value in sums.items()},
-            "index_kind": built.kind, "index_key": plan.key, "index_recall": overlap / (queries.n * k_max),
+        overlap[0] += sum(len(set(a[:k_max]) & set(b)) for a, b in zip(found, exact))
+        return found
+
+    found = retrieval_metrics(queries, gallery, cfg.k, plan.config.metric, search=search)
+    return {**found, "index_kind": built.kind, "index_key": plan.key, "index_recall": overlap[0] / (queries.n * k_max),
             "index_k": k_max}

@@ -59,6 +59,7 @@ class Rows:
     labels: np.ndarray
     chunks: Chunks
     dim: int
+    chunk: int  # rows per chunk
 
     @property
     def n(self) -> int:
@@ -66,13 +67,14 @@ class Rows:
 
     @classmethod
     def of(cls, X: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> Rows:
-        return cls(np.asarray(labels), lambda: ((i, X[i : i + chunk]) for i in range(0, len(X), chunk)), X.shape[1])
+        return cls(np.asarray(labels), lambda: ((i, X[i : i + chunk]) for i in range(0, len(X), chunk)), X.shape[1],
+                   chunk)
 
     @classmethod
     def stored(cls, rows: Any, chunk: int = 4096) -> Rows:
         """A :class:`storage.features.FeatureRows` (the first full pass verifies its checksum)."""
         passes = iter(range(1 << 62))
-        return cls(rows.labels, lambda: rows.chunks(chunk, verify=next(passes) == 0), rows.dim)
+        return cls(rows.labels, lambda: rows.chunks(chunk, verify=next(passes) == 0), rows.dim, chunk)
 
 
 def transform(metric: str, gallery: Rows) -> Callable[[np.ndarray], np.ndarray]:
@@ -98,10 +100,13 @@ def transform(metric: str, gallery: Rows) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric: str = "cosine",
-                      memory_bytes: float = 0.0, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
+                      memory_bytes: float = 0.0, block_bytes: int = BLOCK_BYTES,
+                      search: Callable[[np.ndarray, int], np.ndarray] | None = None) -> dict[str, Any]:
     """Every metric of one query set against one gallery (``None``: the queries themselves, leaving each out).
 
     ``memory_bytes``: the gallery is held in memory (as float32, transformed) when it fits, else streamed.
+    ``search(queries, K)``: another search of the gallery (an index, tasks/index.py) in place of the exact one;
+    it gets transformed queries and returns their K nearest gallery rows, best first (-1: none found).
     """
     leave_one_out = gallery is None
     gallery = queries if gallery is None else gallery
@@ -114,13 +119,15 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
     if K < 1:
         raise ValueError("the gallery has no image to retrieve")
     fn = transform(metric, gallery)
-    chunks = _gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
+    if search is None:
+        chunks = _gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
     block = int(np.clip(block_bytes // (K * 12 * 3), 1, 8192))
     sums: dict[str, float] = {}
     for q0, qb in _blocks(queries, block):
-        sims, index = _search(fn(qb), chunks, K, q0 if leave_one_out else None)
-        _accumulate(sums, gallery.labels[index] == queries.labels[q0 : q0 + len(qb), None],
-                    relevant[q0 : q0 + len(qb)], ks)
+        q = fn(qb)
+        index = search(q, K) if search else _search(q, chunks, K, q0 if leave_one_out else None)[1]
+        hit = (gallery.labels[np.maximum(index, 0)] == queries.labels[q0 : q0 + len(qb), None]) & (index >= 0)
+        _accumulate(sums, hit, relevant[q0 : q0 + len(qb)], ks)
     used = int(sums.pop("queries", 0))
     out: dict[str, Any] = {name: value / used if used else None for name, value in sums.items()}
     return {"queries": used, "queries_without_relevant": int((relevant <= 0).sum()), "gallery": n_gallery,
@@ -128,7 +135,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
 
 
 def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Query blocks of ``size`` rows from the rows' chunks, whatever the chunks' own size."""
+    """Blocks of ``size`` rows (the last may be shorter) from the rows' chunks, whatever the chunks' own size."""
     pending, start = [], 0
     for s, block in rows.chunks():
         pending.append(np.asarray(block))
@@ -143,20 +150,14 @@ def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
 
 def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: int = 0) -> Chunks:
     """The transformed gallery, in memory when it fits, with ``-|g|^2 / 2`` per row for ``l2``; chunks of at
-    least ``rows`` rows (stored chunks joined), so merging the running top-K costs O(1) per gallery row."""
+    least ``rows`` rows (stored chunks joined), so merging the running top-K costs O(1) per gallery row.
+    Yields ``(start, rows, bias)`` as :func:`_search` takes them."""
     def prepared(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         g = fn(block)
         return g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
 
     def blocks():
-        pending: list[np.ndarray] = []
-        for start, block in gallery.chunks():
-            pending.append(np.asarray(block))
-            if sum(len(p) for p in pending) >= rows:
-                yield start - sum(len(p) for p in pending[:-1]), np.concatenate(pending)
-                pending = []
-        if pending:
-            yield gallery.n - sum(len(p) for p in pending), np.concatenate(pending)
+        return _blocks(gallery, max(rows, gallery.chunk))
 
     if gallery.n * gallery.dim * 4 <= memory_bytes:
         held = [(start, *prepared(block)) for start, block in blocks()]
