@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -256,6 +257,17 @@ def _print_select(title: str, result) -> None:
     out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False)
 
 
+def _with_flags(cfg, section: str, model, given: dict):
+    """The config with a command's flags (those given) over its ``section:``; a flag whose field takes a fixed
+    set of values is checked against it, named as the flag."""
+    for field, value in given.items():
+        allowed = typing.get_args(model.model_fields[field].annotation)
+        if value is not None and allowed and all(isinstance(a, str) for a in allowed) and value not in allowed:
+            raise ValueError(f"--{field} {value!r}: use one of {', '.join(allowed)}")
+    wanted = (getattr(cfg, section) or model()).model_copy(update={k: v for k, v in given.items() if v})
+    return cfg.model_copy(update={section: wanted})
+
+
 @app.command()
 @friendly_errors
 def export(
@@ -271,16 +283,11 @@ def export(
 ) -> None:
     """Write cached features as Parquet or NumPy for pandas, polars, DuckDB or a vector index (extracting first
     if needed); a second export of the same features is a cache hit."""
-    from tasks.export import FORMATS, ExportConfig, copy_out
+    from tasks.export import ExportConfig, copy_out
 
-    cfg = _load(config, cache_dir)
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype not in ("stored", "float16", "float32"):
-        raise ValueError(f"--dtype {dtype!r}: use stored, float16 or float32")
-    given = {"splits": split, "layer": layer, "format": format, "dtype": dtype}
-    wanted = (cfg.export or ExportConfig()).model_copy(update={k: v for k, v in given.items() if v})
-    cfg = cfg.model_copy(update={"export": wanted})
+    cfg = _with_flags(_load(config, cache_dir), "export", ExportConfig,
+                      {"splits": split, "layer": layer, "format": format, "dtype": dtype})
+    wanted = cfg.export
     result = _pipeline(config, cache_dir, "export", cfg)[1]
     table = Table(title=f"export of {cfg.name} ({wanted.format}, layer {wanted.layer})")
     for col in ("split", "rows", "dim", "dtype", "MB", "cache", "seconds", "key"):
@@ -308,14 +315,9 @@ def index_cmd(
     exact search: recall@10 on held-out queries, build time, size, queries per second."""
     from tasks.index import IndexConfig
 
-    cfg = _load(config, cache_dir)
-    if kind is not None and kind not in ("auto", "flat", "hnsw", "ivf"):
-        raise ValueError(f"--kind {kind!r}: use auto, flat, hnsw or ivf")
-    if metric is not None and metric not in ("cosine", "l2"):
-        raise ValueError(f"--metric {metric!r}: use cosine or l2")
-    given = {"split": split, "kind": kind, "metric": metric, "layer": layer}
-    wanted = (cfg.index or IndexConfig()).model_copy(update={k: v for k, v in given.items() if v})
-    cfg = cfg.model_copy(update={"index": wanted})
+    cfg = _with_flags(_load(config, cache_dir), "index", IndexConfig,
+                      {"split": split, "kind": kind, "metric": metric, "layer": layer})
+    wanted = cfg.index
     r = _pipeline(config, cache_dir, "index", cfg)[1].index
     figures = [("kind", f"{r.kind} ({'cached' if r.cache_hit else 'built'})"), ("rows x dims", f"{r.rows} x {r.dim}"),
                (f"recall@{r.k} vs exact ({r.queries} held-out queries)", f"{r.recall_at_k:.4f}"),

@@ -201,11 +201,9 @@ def _feature_reports(config: ExperimentConfig, split: dict[str, Any]) -> dict[st
     """What the evaluation computes from features besides the models: retrieval (evaluate.retrieval) and the
     embedding map (evaluate.embedding_map), each as its settings and the feature keys it reads."""
     wanted, out = config.evaluate, {}
-    for field, layer in (("retrieval", wanted.retrieval and wanted.retrieval.layer),
-                         ("embedding_map", wanted.embedding_map.layer)):
-        if layer and layer not in config.backbone.layers:
-            raise ValueError(f"evaluate.{field}.layer: {layer!r} is not extracted; backbone.layers: "
-                             f"{', '.join(config.backbone.layers)}")
+    if wanted.retrieval is not None:
+        _check_layer(config, "evaluate.retrieval.layer", wanted.retrieval.layer)
+    _check_layer(config, "evaluate.embedding_map.layer", wanted.embedding_map.layer)
     if wanted.retrieval is not None:
         r = wanted.retrieval
         gallery = split["train"].key if r.gallery == "train" else None
@@ -217,7 +215,8 @@ def _feature_reports(config: ExperimentConfig, split: dict[str, Any]) -> dict[st
                 raise ValueError("evaluate.retrieval.index: faiss searches the train split's index by cosine or l2 "
                                  f"similarity; got gallery {r.gallery!r}, metric {r.metric!r}")
             require_faiss()
-            index = {"config": IndexConfig(layer=r.layer, metric=r.metric).model_dump(mode="json"), "features": gallery, "queries_from": _held_out("train", split)}
+            index = {"config": IndexConfig(layer=r.layer, metric=r.metric).model_dump(mode="json"),
+                     "features": gallery, "queries_from": _held_out("train", split)}
         out["retrieval"] = {"settings": r.model_dump(mode="json", exclude={"chunk_size"}), "queries": split["test"].key,
                             "gallery": gallery, "index": index}
     if wanted.embedding_map.method != "none":
@@ -242,11 +241,16 @@ def _plan_export(config: ExperimentConfig, graph: Graph) -> list[Work]:
     unknown = [s for s in wanted.splits if s not in split]
     if unknown:
         raise ValueError(f"export.splits: no split {unknown[0]!r} in this config; its splits: {', '.join(split)}")
-    if wanted.layer not in config.backbone.layers:
-        raise ValueError(f"export.layer: {wanted.layer!r} is not extracted; backbone.layers: "
-                         f"{', '.join(config.backbone.layers)} (add it there to extract it)")
+    _check_layer(config, "export.layer", wanted.layer)
     plans = [export.plan_export(wanted, s, split[s].key, config.cache_dir) for s in wanted.splits or list(split)]
     return [Work(p.split, p, export.is_stored(p)) for p in plans]
+
+
+def _check_layer(config: ExperimentConfig, field: str, layer: str) -> None:
+    """A layer a later stage reads must be one the extraction stores."""
+    if layer not in config.backbone.layers:
+        raise ValueError(f"{field}: {layer!r} is not extracted; backbone.layers: {', '.join(config.backbone.layers)} "
+                         "(add it there to extract it)")
 
 
 def _held_out(indexed: str, split: dict[str, Any]) -> str | None:
@@ -262,9 +266,7 @@ def _plan_index(config: ExperimentConfig, graph: Graph) -> list[Work]:
     name = wanted.split
     if name not in split:
         raise ValueError(f"--split {name!r}: no such split in this config; its splits: {', '.join(split)}")
-    if wanted.layer not in config.backbone.layers:
-        raise ValueError(f"index layer {wanted.layer!r} is not extracted; backbone.layers: "
-                         f"{', '.join(config.backbone.layers)}")
+    _check_layer(config, "index.layer", wanted.layer)
     index.require_faiss()
     plan = index.plan_index(wanted, name, split[name].key, config.cache_dir, _held_out(name, split))
     return [Work(name, plan, index.is_stored(plan))]
@@ -364,8 +366,8 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
 
 def _check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> list[str]:
     """What the later stages need, checked before anything computes: a test split, heads to train, few-shot
-    counts the classes can give, modules to unfreeze, the splits and layer to export, the devices asked for. Raises for what stops a run;
-    returns notes on what it runs without (classes with no image in a split)."""
+    counts the classes can give, modules to unfreeze, the splits and layers later stages read, the devices asked
+    for. Raises for what stops a run; returns notes on what it runs without (classes with no image in a split)."""
     planned = {"extract": Stage(extraction)}
     manifest = Manifest.load(features(planned)["train"].manifest)  # one file holds every split: read it once
     devices = {"extract.device": config.extract.device}

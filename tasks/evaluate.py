@@ -158,7 +158,7 @@ class EvalPlan(BaseModel):
     models: list[ModelToEvaluate]
     device: str = "auto"
     retrieval: dict[str, Any] | None = Field(None, description="settings, queries' and gallery's feature keys, "
-                                                                 "FAISS index key")
+                                                                 "the FAISS index's settings (or None)")
     embedding_map: dict[str, Any] | None = Field(None, description="settings and the feature key of each split")
     context: dict[str, Any] = Field(default_factory=dict, description="report context (config, stage timings, keys); "
                                                                       "not in the key")

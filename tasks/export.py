@@ -32,8 +32,6 @@ from storage.layout import CacheLayout
 from storage.records import StageFiles
 from tasks.result import StageResult
 
-FORMATS = ("parquet", "npy")
-
 
 class ExportConfig(BaseModel):
     """``export:`` section; ``transferpipe export`` flags override it."""
