@@ -16,13 +16,10 @@ from storage.keys import short
 
 def explain(config: ExperimentConfig) -> list[Step]:
     """What a run of ``config`` would compute, stage by stage, and why; with an ``export:`` section, also what
-    ``transferpipe export`` would write; with ``index:``, the index ``transferpipe index`` would build; with a ``select:`` section, what ``transferpipe select`` would compute
-    for each candidate."""
-    steps = walk(config)
-    if config.export is not None:  # what transferpipe export would write (its extraction is listed above)
-        steps += [step for step in walk(config, "export") if step.stage == "export"]
-    if config.index is not None:  # what transferpipe index would build
-        steps += [step for step in walk(config, "index") if step.stage == "index"]
+    ``transferpipe export`` would write; with ``index:``, the index ``transferpipe index`` would build; with a
+    ``select:`` section, what ``transferpipe select`` would compute for each candidate."""
+    steps = walk(config, also=tuple(g for g, section in (("export", config.export), ("index", config.index))
+                                    if section is not None))
     if config.select is not None:
         steps += [step for _, candidate in candidates(config) for step in walk(candidate, "score")]
     return steps

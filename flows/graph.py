@@ -468,14 +468,27 @@ class Step:
     why: list[str]
 
 
-def walk(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Step]:
+def walk(config: ExperimentConfig, goal: Goal = "evaluate", also: tuple[Goal, ...] = ()) -> list[Step]:
     """Plan the graph as :func:`run` would and run nothing: every unit, cached or not, and why.
 
     A stage whose planning fails (no heads, no test split) is listed with the error a run would stop on.
+    ``also``: other goals' later stages (``export``, ``index``), planned from the same extraction plans (a
+    dataset is scanned once).
     """
     chosen, graph = nodes(config, goal), {}
+    steps = _walk(config, chosen, chosen, graph)
+    for extra in also:
+        if "extract" in graph:
+            done = {"extract": graph["extract"]}
+            steps += _walk(config, [n for n in nodes(config, extra) if n.stage not in done], chosen, done)
+    return steps
+
+
+def _walk(config: ExperimentConfig, todo: list[Node], chosen: list[Node], graph: Graph) -> list[Step]:
+    """:func:`walk` over the nodes ``todo``, adding their plans to ``graph``; ``chosen``: the run's nodes, whose
+    inputs are checked once extraction is planned."""
     steps: list[Step] = []
-    for node in chosen:
+    for node in todo:
         try:
             works = node.plan(config, graph)
         except CodeNotRun as exc:  # a dry run never runs a config's code: the first run computes from here on
