@@ -99,32 +99,27 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path,
                   retrieval: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One results-registry row per model, and one for retrieval (model ``retrieval``; its top1 is
     precision@1, the share of queries whose nearest gallery image has their class)."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     features = plan.context.get("keys", {}).get("features", {})
+    evaluation = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "experiment": plan.experiment, "run_key": plan.key, "backbone": plan.backbone.name,
+                  "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
+                  "report": _in_cache(plan.cache_dir, report)}
     pick = recommended(models)
     no_interval = [None, None]
-    return [
-        {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": r.name, "kind": r.kind,
-         "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds, "backbone": plan.backbone.name,
-         "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
-         "n_test": r.metrics["n"], "report": _in_cache(plan.cache_dir, report),
-         **{m: r.metrics.get(m) for m in registry.METRICS},
+    rows = [
+        {**evaluation, "model": r.name, "kind": r.kind, "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds,
+         "n_test": r.metrics["n"], **{m: r.metrics.get(m) for m in registry.METRICS},
          **dict(zip(("top1_lo", "top1_hi"), r.metrics.get("top1_ci") or no_interval)),
          "val_accuracy": r.val_accuracy, "recommended": int(r is pick)}
         for r in models
-    ] + ([_retrieval_row(plan, retrieval, now, features, report)] if retrieval else [])
-
-
-def _retrieval_row(plan: EvalPlan, found: dict[str, Any], now: str, features: dict[str, str],
-                   report: Path) -> dict[str, Any]:
-    return {"created_at": now, "experiment": plan.experiment, "run_key": plan.key, "model": "retrieval",
-            "kind": f"retrieval:{found['metric']}" + ("" if found["index"] == "exact" else "+faiss"),
-            "layer": found["layer"], "shots": "all", "seeds": 1, "backbone": plan.backbone.name,
-            "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
-            "n_test": found["queries"], "report": _in_cache(plan.cache_dir, report),
-            "top1": found.get("precision_at_1"), "map_at_r": found.get("map_at_r"),
-            "r_precision": found.get("r_precision"),
-            **{f"recall_at_{k}": found.get(f"recall_at_{k}") for k in (1, 5, 10)}}
+    ]
+    if retrieval:
+        rows.append({**evaluation, "model": "retrieval", "layer": retrieval["layer"], "shots": "all", "seeds": 1,
+                     "kind": f"retrieval:{retrieval['metric']}" + ("" if retrieval["index"] == "exact" else "+faiss"),
+                     "n_test": retrieval["queries"], "top1": retrieval.get("precision_at_1"),
+                     **{m: retrieval.get(m) for m in ("map_at_r", "r_precision", "recall_at_1", "recall_at_5",
+                                                      "recall_at_10")}})
+    return rows
 
 
 def _in_cache(cache_dir: Path, path: Path) -> str:
