@@ -10,6 +10,7 @@ head trains only what is new. Features are read from HDF5 once per process.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -26,8 +27,11 @@ from storage import keys
 from tasks.head_configs import HeadConfig, Shot
 from tasks.result import StageResult
 
+log = logging.getLogger("transferpipe.heads")
+
 if TYPE_CHECKING:
     from tasks.estimators import GridHead
+
 
 class HeadPlan(BaseModel):
     """One head config on one set of features; small enough to cross a task boundary."""
@@ -267,6 +271,9 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
         X, y = data.train
         idx = few_shot_indices(y, shot, seed)
         est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
+    if getattr(est, "converged_", True) is False:
+        log.warning("head %r (shot %s, seed %s): L-BFGS stopped at max_iter=%s before converging; raise "
+                    "max_iter in its config", h.label, shot, seed, est.max_iter)
     record = FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
                        val_accuracy=est.val_accuracy_, best_param=est.best_param_, grid=est.grid_,
                        seconds=time.perf_counter() - t0)
@@ -276,6 +283,8 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
         "n_train": record.n_train, "val_accuracy": record.val_accuracy, "best_param": record.best_param,
         "grid": record.grid, "fit_seconds": record.seconds, "spec": fit_spec(plan, shot, seed),
     }
+    if hasattr(est, "converged_"):
+        meta["n_iter"], meta["converged"] = int(est.n_iter_[0]), est.converged_
     bank = getattr(est, "bank_rows_", None)
     if bank is not None:  # a kNN bank bigger than memory stays in its feature file
         meta["bank"] = {"key": bank.key, "layer": bank.layer}

@@ -31,6 +31,20 @@ def test_metrics_on_a_hand_checked_case():
     assert m["top5"] is None  # fewer than 5 classes
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nll_is_sklearn_log_loss_and_counts_the_zero_probabilities(dtype):
+    """A kNN head gives its true class exactly 0 on some images: NLL clips them as log_loss does (machine eps of
+    the dtype, not 1e-12), and the metrics say how many there were."""
+    from sklearn.metrics import log_loss
+
+    y = np.array([0, 1, 2, 2, 1])
+    proba = np.array([[1.0, 0, 0], [0.5, 0.5, 0], [0, 1.0, 0], [0.2, 0.2, 0.6], [1.0, 0, 0]], dtype=dtype)
+    m = classification_metrics(y, proba, proba, n_classes=3)
+    assert m["nll"] == pytest.approx(log_loss(y, proba, labels=[0, 1, 2]), rel=1e-6)
+    assert m["nll_zero"] == 2
+    assert classification_metrics(y[:2], proba[:2], proba[:2], n_classes=3)["nll_zero"] == 0
+
+
 def test_a_class_without_test_images_has_no_accuracy_and_does_not_drag_macro_f1():
     y = np.array([0, 0, 1, 1])  # class 2 has no test image (a class of one image keeps it for training)
     proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
