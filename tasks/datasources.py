@@ -436,7 +436,9 @@ class Table(DataSource):
         paths: as files."""
         import hashlib
 
-        out = []
+        from tasks import tables
+
+        out, referenced = [], {}
         for item, label in items:
             row = TABLE_ROW.match(item)
             if row is None:
@@ -445,8 +447,15 @@ class Table(DataSource):
                 with self.open(root, item, options) as fh:
                     out.append(hashlib.sha256(fh.read()).hexdigest())
             else:
-                st = os.stat(os.path.join(root, row["file"]))
+                table = os.path.join(root, row["file"])
+                st = os.stat(table)
                 out.append([st.st_size, st.st_mtime_ns, int(row["row"])])
+                if table not in referenced:  # a Hugging Face struct's path: that file's identity too
+                    referenced[table] = tables.referenced_paths(table, tables.image_column(table, options["image"]))
+                name = referenced[table] and referenced[table][int(row["row"])]
+                if name and os.path.isfile(target := tables.referenced_file(table, name)):
+                    ref = os.stat(target)
+                    out[-1] += [ref.st_size, ref.st_mtime_ns]
         return out
 
     def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:
@@ -460,7 +469,7 @@ class Table(DataSource):
         path = os.path.join(root, row["file"])
         data = tables.image_bytes(path, int(row["row"]), tables.image_column(path, options["image"]))
         if data is None:
-            raise OSError(f"{path} row {row['row']} has no image bytes")
+            raise OSError(f"{path} row {row['row']} has no image bytes (and no path to read them from)")
         return io.BytesIO(data)
 
 

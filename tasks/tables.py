@@ -122,12 +122,47 @@ def batches(path: str, columns: list[str] | None) -> Iterator[Any]:
 
 
 def image_bytes(path: str, row: int, column: Column) -> bytes | None:
-    """Row ``row``'s image bytes (Parquet): its row group's image column is read once and kept."""
+    """Row ``row``'s image bytes (Parquet): its row group's image column is read once and kept.
+
+    A Hugging Face struct whose ``bytes`` is null (``Dataset.cast_column("image", Image())`` on file paths, then
+    ``to_parquet``) names its image by ``path``: read from that file, relative to the table's folder unless
+    absolute (``datasets`` resolves it so when it loads the table).
+    """
     st = os.stat(path)
     group, first = _row_group(path, st.st_size, st.st_mtime_ns, row)
     values = _group_images(path, st.st_size, st.st_mtime_ns, group, column.name)
     value = values[row - first]
-    return value.get("bytes") if column.struct and value is not None else value
+    if not column.struct or value is None:
+        return value
+    if value.get("bytes") is None and value.get("path"):
+        return _referenced(path, row, value["path"])
+    return value.get("bytes")
+
+
+def referenced_file(table: str, name: str) -> str:
+    """Where a struct's ``path`` points: absolute as it is, relative to the table's folder."""
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(table)), name)
+
+
+def _referenced(table: str, row: int, name: str) -> bytes:
+    target = referenced_file(table, name)
+    try:
+        with open(target, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise FileNotFoundError(f"{table} row {row}: its image bytes are null and its path {name!r} cannot be read "
+                                f"({target}: {exc.strerror or exc}); a relative path is read from the table's "
+                                "folder") from None
+
+
+def referenced_paths(path: str, column: Column) -> list[str | None] | None:
+    """Every row's struct ``path`` (None where there is none), or None when the column is not a struct with one."""
+    if not column.struct or "path" not in _schema(path).field(column.name).type.names:
+        return None
+    out: list[str | None] = []
+    for batch in batches(path, [f"{column.name}.path"]):
+        out += [None if v is None else v["path"] for v in batch.column(0).to_pylist()]
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -59,7 +59,9 @@ def make_shards(folder: Path, out: Path, per_shard: int = 7, label: str = "cls",
 def make_table(folder: Path, path: Path, holds: str = "struct", split: bool = False, class_label: bool = False,
                row_group: int = 5) -> Path:
     """An image folder (``<class>/<image>``) as a table, one row per image: ``image`` as the Hugging Face struct
-    ``{bytes, path}`` (``struct``), raw ``bytes``, or a ``path`` relative to ``folder``; ``label`` the class name
+    ``{bytes, path}`` (``struct``), the struct with null bytes and a path relative to the table (``struct-paths``: what
+    ``Dataset.cast_column("image", Image())`` on file paths writes), raw ``bytes``, or a ``path`` relative to
+    ``folder``; ``label`` the class name
     (or with ``class_label`` its index and a Hugging Face ``ClassLabel`` in the schema); ``split`` optional."""
     import json
 
@@ -70,7 +72,11 @@ def make_table(folder: Path, path: Path, holds: str = "struct", split: bool = Fa
     images = sorted(p for p in folder.rglob("*") if p.is_file())
     names = sorted({p.parent.name for p in images})
     rel = [p.relative_to(folder).as_posix() for p in images]
+    import os
+
+    by_path = [{"bytes": None, "path": os.path.relpath(p, path.parent)} for p in images]  # as datasets writes files
     columns = {"image": {"struct": [{"bytes": p.read_bytes(), "path": r} for p, r in zip(images, rel)],
+                         "struct-paths": by_path,
                          "bytes": [p.read_bytes() for p in images], "path": rel}[holds],
                "label": [names.index(p.parent.name) if class_label else p.parent.name for p in images]}
     if split:

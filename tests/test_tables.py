@@ -48,6 +48,34 @@ def test_a_folder_a_csv_list_shards_and_a_parquet_table_give_identical_features(
             np.testing.assert_array_equal(found[image], runs["folder"][image], err_msg=f"{name}: {image}")
 
 
+def test_a_hugging_face_struct_without_bytes_reads_its_path_relative_to_the_table(tiny_config, tmp_path):
+    """``Dataset.from_dict({"image": paths}).cast_column("image", Image()).to_parquet(...)`` writes
+    ``{bytes: null, path}``; ``datasets`` decodes those rows from the path, so does the table source."""
+    folder = make_imagefolder(tmp_path / "images")
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    table = make_table(folder, tmp_path / "hf" / "images.parquet", holds="struct-paths")
+
+    def extract(**data):
+        return extract_split(split_plans(tiny_config(data={**ALL_TRAIN, "root": None, **data}))["train"]).path
+
+    by_path = _by_image(extract(source="table", path=str(table)), lambda i: images[int(i.split("#")[1])])
+    folder_features = _by_image(extract(source="imagefolder", root=str(folder)), lambda i: i)
+    assert sorted(by_path) == images
+    for image in images:
+        np.testing.assert_array_equal(by_path[image], folder_features[image], err_msg=image)
+
+    cfg = DataConfig(source="table", path=str(table), **ALL_TRAIN)
+    before = build_manifest(cfg, tmp_path / "cache").fingerprints
+    (folder / images[3]).write_bytes((folder / images[4]).read_bytes())  # the table is unchanged, an image is not
+    assert build_manifest(cfg, tmp_path / "cache").fingerprints != before
+    (folder / images[3]).unlink()
+    manifest = build_manifest(cfg, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match=r"images.parquet row 3: its image bytes are null and its path "
+                                                r"'\.\./images/.*' cannot be read .*relative path is read from the "
+                                                r"table's folder"):
+        manifest.image("images.parquet#000000003")
+
+
 def test_parquet_ids_class_labels_and_a_split_column(tmp_path):
     folder = make_imagefolder(tmp_path / "images")
     table = make_table(folder, tmp_path / "hf.parquet", holds="bytes", split=True, class_label=True)
