@@ -13,6 +13,7 @@ folder (``storage/layout.py``), its Prefect task (``flows/stage_tasks.py``), one
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from storage import head_store
 from storage.records import stored_specs
 from tasks import evaluate, export, extract, finetune, heads, select
 from tasks.backbones import module_names, resolve
-from tasks.data import Manifest
+from tasks.data import BadImageError, Manifest
 from tasks.evaluate import ModelToEvaluate
 from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible
@@ -442,8 +443,23 @@ def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[
     if node.concurrent:
         futures = [stage_tasks.submit_stage(task, w.plan, config, stored=w.stored, name=node.run_name(config, w))
                    for w in works]
-        return [f.result() for f in futures]
-    return [stage_tasks.run_stage(task, w.plan, config, stored=w.stored, name=node.run_name(config, w)) for w in works]
+        calls = [f.result for f in futures]
+    else:
+        calls = [functools.partial(stage_tasks.run_stage, task, w.plan, config, stored=w.stored,
+                                   name=node.run_name(config, w)) for w in works]
+    results, bad = [], []
+    for call in calls:
+        try:
+            results.append(call())
+        except stage_tasks.StageInputError as exc:
+            if not isinstance(exc.__cause__, BadImageError):
+                raise
+            bad.append(exc)  # the other splits still run: one failed run names every undecodable image
+    if bad:
+        names = ", ".join(str(e).split(" failed: ")[0].removeprefix("stage ") for e in bad)
+        joined = BadImageError.joined([e.__cause__ for e in bad])
+        raise stage_tasks.StageInputError(f"stage{'s' if len(bad) > 1 else ''} {names} failed: {joined}") from joined
+    return results
 
 
 def _missing(config: ExperimentConfig, node: Node, works: list[Work],

@@ -103,13 +103,31 @@ def test_bad_input_is_not_retried(tiny_config):
     with local_run_settings():
         state = pipeline_flow(cfg, stop_after="extract", return_state=True)
     assert state.is_failed()
-    deadline = time.monotonic() + 15  # the API records the failure from an event, possibly after the flow returned
+    deadline = time.monotonic() + 300  # the API records the failure from an event, possibly after the flow returned
     while not (failed := [run for run in task_runs(state).values() if run.state.is_failed()]) \
             and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(failed) == 1 and failed[0].run_count == 1
     with pytest.raises(ValueError, match="cannot be decoded: class1/000.png"):
         state.result()
+
+
+def test_one_failed_run_names_the_undecodable_images_of_every_split(tiny_config):
+    """The hash split puts three bad files in three splits: the error names all of them, not the first split's."""
+    from tasks.data import build_manifest
+
+    cfg = tiny_config()
+    manifest = build_manifest(cfg.data, cfg.cache_dir)
+    bad = {split: manifest.splits[split][0][0] for split in ("train", "val", "test")}
+    for item in bad.values():
+        (cfg.data.root / item).write_bytes(b"not an image")
+    with local_run_settings():
+        state = pipeline_flow(cfg, stop_after="extract", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"stages extract-\S+-train, extract-\S+-val, extract-\S+-test failed: 3 "
+                                         r"image\(s\) in the train split .* and the val split .* and the test split") as err:
+        state.result()
+    assert all(item in str(err.value) for item in bad.values())
 
 
 def heads_flow(cfg):
