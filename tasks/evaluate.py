@@ -313,6 +313,8 @@ def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, float):
             values = [f[name] for f in fits]
             out[name], out[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
+    if fits[0].get("nll_zero") is not None:  # a count per fit: its mean over the seeds
+        out["nll_zero"] = float(np.mean([f["nll_zero"] for f in fits]))
     return out
 
 

@@ -161,7 +161,8 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
     if zero:
         lines += ["", "NLL is scikit-learn's `log_loss`: a probability of 0 for the true class counts as machine "
                   "epsilon (-log eps = 36.0 in float64, 15.9 in float32). " +
-                  "; ".join(f"`{name}` gave it to {k} of {n} test images" for name, k, n in zero) + "."]
+                  "; ".join(f"`{name}` gave it to {k:.3g} of {n} test images" for name, k, n in zero) +
+                  " (a mean where there are several few-shot seeds)."]
     curve = _few_shot_curve(ranked)
     if curve:
         shots = sorted({s for points in curve.values() for s in points}, key=lambda s: (s == "all", s if s != "all" else 0))
@@ -251,11 +252,6 @@ def _plots(files: ReportFiles, ranked: list[ModelReport], classes: list[str]) ->
     calibrated = next((r for r in ranked if r.metrics["reliability"]), None)
     if calibrated:
         plots["reliability"] = _reliability_plot(files.plot("reliability"), calibrated)
-    zero = [(r.name, r.metrics["nll_zero"], r.metrics["n"]) for r in ranked if r.metrics.get("nll_zero")]
-    if zero:
-        lines += ["", "NLL is scikit-learn's `log_loss`: a probability of 0 for the true class counts as machine "
-                  "epsilon (-log eps = 36.0 in float64, 15.9 in float32). " +
-                  "; ".join(f"`{name}` gave it to {k} of {n} test images" for name, k, n in zero) + "."]
     curve = _few_shot_curve(ranked)
     if curve:
         plots["few_shot"] = _few_shot_plot(files.plot("few_shot"), curve, _few_shot_spread(ranked))

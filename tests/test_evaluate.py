@@ -90,7 +90,9 @@ def test_report_files_hold_what_they_claim(tmp_path):
     y = np.array([0, 1, 1, 0])
     good = classification_metrics(y, np.eye(2)[y] * 0.9 + 0.05, np.eye(2)[y] * 0.9 + 0.05, 2)
     bad = classification_metrics(y, np.eye(2)[1 - y], None, 2)
+    knn = classification_metrics(y, np.eye(2)[1 - y], np.eye(2)[1 - y], 2)  # the true class gets 0 every time
     models = [
+        ModelReport(name="knn", kind="knn", layer="penultimate", shot="all", seeds=1, metrics=knn),
         ModelReport(name="worse", kind="ridge", layer="penultimate", shot="all", seeds=1, metrics=bad),
         ModelReport(name="better", kind="logistic", layer="penultimate", shot="all", seeds=1, metrics=good),
         ModelReport(name="better", kind="logistic", layer="penultimate", shot=1, seeds=3, metrics=bad),
@@ -99,8 +101,9 @@ def test_report_files_hold_what_they_claim(tmp_path):
     paths = write_report(plan, models, seconds=0.5)
     assert paths["json"].parent == tmp_path / "runs" / "exp" / plan.key[:12]
     report = json.loads(paths["json"].read_text())
-    assert [m["name"] for m in report["models"]] == ["better", "worse", "better"]  # ranked by top-1
+    assert [m["name"] for m in report["models"]] == ["better", "knn", "worse", "better"]  # ranked by top-1
     md = paths["md"].read_text()
+    assert "NLL is scikit-learn's `log_loss`" in md and "`knn` gave it to 4 of 4 test images" in md
     assert "| better | logistic | all |  | 1.0 |" in md and "## Few-shot curve" in md and "| extract | 1.0 | hit |" in md
     for name in ("confusion_matrix", "reliability", "few_shot"):
         assert paths[name].stat().st_size > 1000 and paths[name].read_bytes()[:4] == b"\x89PNG"
