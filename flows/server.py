@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flows.defaults import DEFAULT_PORT
 
-START_TIMEOUT_S = 120
+START_TIMEOUT_S = 600  # ends when the server answers (about 20 s idle; minutes on a busy machine)
 STATE_FILE = "transferpipe-server.json"
 
 

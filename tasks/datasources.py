@@ -195,6 +195,8 @@ class WebDataset(DataSource):
         for split, paths in shards.items():
             for path in paths:
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
+                if os.path.getsize(path) == 0:
+                    log.warning("shard %s is empty (0 bytes): it holds no sample", path)
                 try:
                     truncated, samples = _wds_scan(path, ext, field, memo)
                 except tar_index.ShardError as exc:
@@ -275,7 +277,7 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
     from tasks import tar_index
 
     st = os.stat(path)
-    key = fingerprint({"kind": "shard-scan", "version": 2, "path": os.path.abspath(path), "size": st.st_size,
+    key = fingerprint({"kind": "shard-scan", "version": 3, "path": os.path.abspath(path), "size": st.st_size,
                        "mtime_ns": st.st_mtime_ns, "label": [ext, field]})
     known = memo.read(key)
     try:  # flat lists: a million samples decode in about a second; a damaged record counts as absent
@@ -288,7 +290,13 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
     samples = []
     with tar_index.reader(path) as read:  # one open file per shard for its labels
         for name, members in found.samples.items():
+            if _not_utf8(name):  # an id must be text: name it by its escaped bytes, leave it out or fail
+                name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                samples.append((name, "", "its member names are not UTF-8"))
+                continue
             label, why = _wds_label(read, members, ext, field)
+            if why is None and name in found.duplicates:
+                why = f"the shard holds sample key {name!r} more than once (members {', '.join(found.duplicates[name])})"
             if why is None and not any(f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS for e in members):
                 why = f"no image member (has {', '.join(sorted(members))})"
             samples.append((name, label, why))
@@ -301,20 +309,38 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
     return found.truncated, samples
 
 
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+#: longer label members are refused (a 2-million-digit "label" exceeded Python's integer digit limit)
+MAX_LABEL_CHARS = 1000
+
+
 def _wds_label(read, members: dict[str, tuple[int, int]], ext: str, field: str) -> tuple[str, str | None]:
     """A sample's label as text (``read``: a shard's member reader), or ``("", why)`` when it has none."""
     import json
 
     if ext not in members:
         return "", f"no {ext!r} member for data.label_key"
+    if members[ext][1] > 64 * MAX_LABEL_CHARS:
+        return "", f"its {ext!r} member is {members[ext][1]:,} bytes: not a label"
     text = read(members[ext]).decode("utf-8", errors="replace").strip()
+    if not field and len(text) > MAX_LABEL_CHARS:
+        return "", f"its {ext!r} label is {len(text):,} characters long (at most {MAX_LABEL_CHARS:,})"
     if not field:
         return (text, None) if text else ("", f"empty {ext!r} label")
     try:
-        value = json.loads(text)[field]
-    except (ValueError, KeyError, TypeError):
+        value = str(json.loads(text)[field])
+    except (ValueError, KeyError, TypeError):  # a huge integer's str() is a ValueError too
         return "", f"no field {field!r} in its {ext!r} member"
-    return str(value), None
+    if len(value) > MAX_LABEL_CHARS:
+        return "", f"its {ext!r} label is {len(value):,} characters long (at most {MAX_LABEL_CHARS:,})"
+    return value, None
 
 
 def _wds_classes(named: Path, labels: list[str]) -> list[str]:

@@ -260,3 +260,105 @@ def test_a_server_that_is_not_there_is_named_before_anything_runs(tiny_config, t
     assert done.returncode == 1 and done.stderr.startswith(
         f"error: the Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL) refuses connections"), done.stderr
     assert nothing_extracted(tiny_config())
+
+
+# --------------------------------------------------------------------------- hostile tar shards
+
+
+def _shards(tmp_path: Path) -> list[Path]:
+    from helpers import make_shards
+
+    return make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "shards", per_shard=9)
+
+
+def _header_field(shard: Path, member: int, start: int, width: int, value: bytes) -> None:
+    """Overwrite one field of the ``member``-th ustar header (0-based; every member here is < 512 bytes of data
+    after the first, so headers are found by walking) and fix the header checksum."""
+    data = bytearray(shard.read_bytes())
+    pos = 0
+    for _ in range(member):
+        size = int(data[pos + 124 : pos + 136].split(b"\0")[0] or b"0", 8)
+        pos += 512 + (size + 511) // 512 * 512
+    data[pos + start : pos + start + width] = value.ljust(width, b"\0")[:width]
+    data[pos + 148 : pos + 156] = b" " * 8
+    data[pos + 148 : pos + 156] = f"{sum(data[pos : pos + 512]):06o}\0 ".encode()
+    shard.write_bytes(bytes(data))
+
+
+def _wds(tmp_path: Path, on_bad_image: str = "error") -> DataConfig:
+    return DataConfig(source="webdataset", shards=str(tmp_path / "shards" / "shard-{000..001}.tar"),
+                      val_fraction=0, test_fraction=0, on_bad_image=on_bad_image)
+
+
+@pytest.mark.parametrize("size", [b"-1000", b"9999", b"0x1f", b"77777777777"])
+def test_a_tar_size_field_that_is_negative_not_octal_or_past_the_end_is_named_not_a_hang(tmp_path, size):
+    """A size of -1000 moved the header scan backwards: every command that scanned the shards hung."""
+    import subprocess
+    import sys
+
+    shards = _shards(tmp_path)
+    _header_field(shards[0], 2, 124, 12, size)
+    script = ("from tasks.data import DataConfig, build_manifest; import sys\n"
+              f"build_manifest(DataConfig(source='webdataset', shards={str(tmp_path / 'shards' / 'shard-{000..001}.tar')!r}, "
+              "val_fraction=0, test_fraction=0, on_bad_image='skip'), sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(DataError, match=r"shard-000.tar: (unreadable tar header at byte 3072 after 2 "
+                                           r"member\(s\) \(not an octal number|member .* is cut short)"):
+        build_manifest(_wds(tmp_path), tmp_path / "cache")
+
+
+def test_a_shard_cut_short_while_it_is_read_is_an_error_naming_it_not_a_sigbus(tmp_path):
+    """Through a memory map, a read past the file's new end killed the interpreter (SIGBUS, rc 135)."""
+    import subprocess
+    import sys
+
+    shard = _shards(tmp_path)[0]
+    script = ("import os, sys\nfrom tasks import tar_index\n"
+              "path = sys.argv[1]\nfound = tar_index.index(path)\nlast = list(found.samples.values())[-1]\n"
+              "with tar_index.reader(path) as read:\n"
+              "    os.truncate(path, 1024)\n"
+              "    try:\n        read(next(iter(last.values())))\n"
+              "    except tar_index.ShardError as exc:\n        print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(shard)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert f"shard {shard} changed while it was read" in done.stdout
+
+
+def test_tar_oddities_name_the_shard_and_sample_and_follow_on_bad_image(tmp_path, caplog):
+    """A member name that is not UTF-8, a 20-digit pax length, a 2-million-digit label, a sample key twice,
+    an empty shard: each is named (shard + key), fails with ``error`` and is left out with ``skip``."""
+    import io
+    import tarfile
+
+    shards = _shards(tmp_path)
+    with tarfile.open(shards[1], "a", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in ((b"class0_bad\xff.cls".decode("utf-8", "surrogateescape"), b"class0"),
+                           ("class2_005.cls", b"class2"), ("huge_label.png", shards[0].read_bytes()[:10]),
+                           ("huge_label.cls", b"7" * 2_000_000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError) as err:
+        build_manifest(_wds(tmp_path), tmp_path / "cache")
+    message = str(err.value)
+    assert r"shard-001.tar/class0_bad\xff: its member names are not UTF-8" in message
+    assert "shard-001.tar/class2_005: the shard holds sample key 'class2_005' more than once" in message
+    assert "shard-001.tar/huge_label: its 'cls' member is 2,000,000 bytes: not a label" in message
+    kept = build_manifest(_wds(tmp_path, "skip"), tmp_path / "cache")
+    assert len(kept.splits["train"]) == 17  # 18 samples, less the duplicated one
+
+    (tmp_path / "shards" / "shard-002.tar").write_bytes(b"")
+    pax = tmp_path / "shards" / "shard-003.tar"
+    record = b"99999999999999999999 path=x\n"
+    header = tarfile.TarInfo("PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    pax.write_bytes(header.tobuf(format=tarfile.USTAR_FORMAT) + record.ljust(512, b"\0") + bytes(1024))
+    cfg = DataConfig(source="webdataset", shards=str(tmp_path / "shards" / "shard-{000..003}.tar"),
+                     val_fraction=0, test_fraction=0, on_bad_image="skip")
+    with caplog.at_level("WARNING", logger="transferpipe.data"):
+        build_manifest(cfg, tmp_path / "cache")
+    assert "shard-002.tar is empty (0 bytes)" in caplog.text
+    assert "shard-003.tar is not a readable tar file (OverflowError" in caplog.text  # was: an abort, named nothing
