@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from flows.defaults import default_cache_dir
-from flows.console import CacheDir, friendly_errors, out
+from flows.console import CacheDir, friendly_errors, out, styled
 from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import short
@@ -86,7 +86,7 @@ def verify(
             continue
         bad += 1
         moved = store.quarantine(store.path(key), "corrupt", "; ".join(problems))
-        out.print(f"[red]{short(key)}  CORRUPT[/]  {'; '.join(problems)} -> moved to {moved}", highlight=False)
+        out.print(styled(f"{short(key)}  CORRUPT", "red", f"  {'; '.join(problems)} -> moved to {moved}"), highlight=False)
     out.print(f"{len(chosen)} checked, {bad} corrupt")
     if bad:
         raise typer.Exit(1)

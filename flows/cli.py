@@ -12,7 +12,7 @@ from rich.table import Table
 
 from flows import cache_cli
 from flows.defaults import DEFAULT_PORT, default_cache_dir
-from flows.console import CacheDir, err, friendly_errors, out, print_table
+from flows.console import CacheDir, err, friendly_errors, out, print_table, styled
 from storage.keys import short
 
 
@@ -136,7 +136,7 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
     out.print(f"every model: transferpipe results --experiment '{name}-*'", highlight=False)
     if result.failed:
         for experiment, why in result.failed.items():
-            err.print(f"[bold red]failed:[/] {experiment}: {why}", highlight=False)
+            err.print(styled("failed:", "bold red", f" {experiment}: {why}"), highlight=False)
         raise typer.Exit(1)
 
 
@@ -180,7 +180,7 @@ def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None)
             items = explain(experiment)
             todo = sum(not i.cached for i in items)
             units = sum(i.stage != "note" for i in items)
-            out.print(f"[bold]{experiment.name}[/]: {units - todo} cached, {todo} to compute", highlight=False)
+            out.print(styled(experiment.name, "bold", f": {units - todo} cached, {todo} to compute"), highlight=False)
             out.print("\n".join(render(items)), highlight=False, markup=False, soft_wrap=True)
 
 

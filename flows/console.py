@@ -15,8 +15,17 @@ from flows.defaults import CACHE_DIR_HELP
 #: the ``--cache-dir`` option of every command that reads or writes the cache
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help=CACHE_DIR_HELP)]
 
-out = Console()
-err = Console(stderr=True)
+# user text (paths, config values, error messages) is never read as rich markup: a path holding "[/x]"
+# crashed the error printer with a MarkupError. Styles go through ``styled``.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+
+def styled(head: str, style: str, rest: str = "") -> Any:
+    """``head`` in ``style``, then ``rest`` as plain text (no markup parsed in either)."""
+    from rich.text import Text
+
+    return Text.assemble((head, style), rest)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]], markdown: bool = False) -> None:
@@ -50,7 +59,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - the boundary of the program
             if os.environ.get("TRANSFERPIPE_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(styled("error:", "bold red", f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
 
     return wrapper

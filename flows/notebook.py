@@ -69,14 +69,26 @@ class CachedSplit:
 
 def cached_features(config: str | Path | ExperimentConfig, split: str = "train", layer: str = "penultimate",
                     cache_dir: str | Path | None = None) -> CachedSplit:
-    """The cached features of ``split`` for an experiment config (a YAML path or a parsed config)."""
-    from tasks.extract import is_stored, plan_extraction
+    """The cached features of ``split`` for an experiment config (a YAML path or a parsed config).
 
-    if isinstance(config, ExperimentConfig):
-        cfg = config.model_copy(update={"cache_dir": Path(cache_dir)}) if cache_dir else config
-    else:
-        cfg = load_config(config, cache_dir)
-    plans = plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
+    Reading computes nothing and runs nothing a config names: a ``source: python`` factory is neither
+    imported nor called (as in ``transferpipe plan``); what its key needs comes from what the run that
+    extracted the features remembered in the cache.
+    """
+    from tasks.extract import is_stored, plan_extraction
+    from tasks.sources import CodeNotRun, without_user_code
+
+    try:
+        with without_user_code():
+            if isinstance(config, ExperimentConfig):
+                cfg = config.model_copy(update={"cache_dir": Path(cache_dir)}) if cache_dir else config
+            else:
+                cfg = load_config(config, cache_dir)
+            plans = plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
+    except CodeNotRun as exc:
+        where = "CONFIG" if isinstance(config, ExperimentConfig) else config
+        raise NotCached(f"the features of {where} are not known to the cache ({exc}); reading never runs a "
+                        f"config's code: `transferpipe extract {where}` computes them") from None
     if split not in plans:
         raise NotCached(f"experiment {cfg.name!r} has no split {split!r}; its splits: {', '.join(plans)}")
     plan = plans[split]

@@ -126,7 +126,7 @@ def flip_a_feature_byte(path: Path) -> None:
         fh.write(bytes([byte[0] ^ 0x10]))
 
 
-def task_runs(flow_state, wait_s: float = 15.0) -> dict[str, object]:
+def task_runs(flow_state, wait_s: float = 300.0) -> dict[str, object]:
     """The task runs of a flow run (by name), read from the Prefect API once every one has reached a final state.
 
     Prefect 3 records task run states from events, after the flow has returned: read at once under load, the

@@ -148,6 +148,6 @@ def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_process():
     queue = ctx.Queue()
     child = ctx.Process(target=_workers_in_child, args=(queue,), daemon=True)
     child.start()
-    assert queue.get(timeout=120) == (0, 0)  # a daemonic process may not start DataLoader workers
-    child.join(timeout=60)
+    assert queue.get(timeout=1800) == (0, 0)  # a daemonic process may not start DataLoader workers
+    child.join(timeout=1800)
     assert num_workers_for(3, 100) == 3 and num_workers_for("auto", 2) == 0

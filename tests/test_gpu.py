@@ -209,7 +209,7 @@ def test_the_gpu_kit_runs_without_prefect(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     bench = subprocess.run([sys.executable, "-c", BLOCK + "import runpy; sys.argv = ['gpu', '--quick', '--device', 'cpu']; "
                             "runpy.run_module('benchmarks.gpu', run_name='__main__')"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
     for group in ("1. extraction from uint8 tensors", "2. extraction from 48 JPEG files", "3. heads", "4. kNN",
                   "5. fine-tuning"):
@@ -218,7 +218,7 @@ def test_the_gpu_kit_runs_without_prefect(tmp_path):
 
     tests = subprocess.run([sys.executable, "-c", BLOCK + "import pytest; sys.exit(pytest.main(['-q', '-p', "
                             "'no:cacheprovider', 'tests/test_gpu.py', '-k', 'cpu and (amp or decoding)']))"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
     assert "2 passed" in tests.stdout, tests.stdout[-2000:]
     # the blocker works: the same child cannot import Prefect

@@ -164,7 +164,7 @@ def test_a_failed_run_from_the_shell_ends_in_one_error_line_without_tracebacks(t
     (cfg.data.root / "class0" / "zero.png").write_bytes(b"")
     path = write_config(cfg, tmp_path / "bad.yaml")
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[1], timeout=1800)
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in output, output
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
@@ -195,7 +195,7 @@ def _plan(path: Path):
     import sys
 
     return subprocess.run([sys.executable, "-m", "flows.cli", "plan", str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+                          cwd=Path(__file__).resolve().parents[1], timeout=1800)
 
 
 def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
@@ -213,6 +213,24 @@ def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
     assert done.returncode == 0 and "is code (source: python): `transferpipe plan` neither imports nor calls it" in (
         done.stderr + done.stdout), done.stderr
     assert "computes, and so does every later stage" in done.stdout
+
+
+def test_the_notebook_reader_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
+    """``cached_features`` computes nothing: before, it called ``os:system`` named as a backbone factory."""
+    import yaml
+
+    from flows.notebook import NotCached, cached_features
+
+    marker = tmp_path / "pwned"
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["backbone"] = {"source": "python", "name": "os:system", "kwargs": {"command": f"touch {marker}"},
+                       "weights": "DEFAULT", "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear",
+                                                            "mean": [0.5] * 3, "std": [0.5] * 3}}
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(NotCached, match=r"reading never runs a config's code: `transferpipe extract .*hostile.yaml`"):
+        cached_features(path)
+    assert not marker.exists()
 
 
 @pytest.mark.slow
@@ -255,7 +273,7 @@ def test_a_server_that_is_not_there_is_named_before_anything_runs(tiny_config, t
         port = s.getsockname()[1]
     path = write_config(tiny_config(heads=[{"kind": "logistic", "C": [1.0]}]), tmp_path / "c.yaml")
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], timeout=1800,
                           env={**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
     assert done.returncode == 1 and done.stderr.startswith(
         f"error: the Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL) refuses connections"), done.stderr

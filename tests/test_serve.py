@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS = [{"kind": "logistic", "C": [1.0]}, {"kind": "knn", "k": [1, 3]}]
 
 
-def _cli(server, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def _cli(server, *args: str, timeout: float = 1800, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=server.env(**env), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -68,12 +68,12 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
             except Exception:  # noqa: BLE001 - not registered yet
                 return None
 
-        dep = _wait("the deployment to be registered", deployment, 120, [log])
+        dep = _wait("the deployment to be registered", deployment, 1800, [log])
         schedules = [s["schedule"] for s in dep["schedules"]]
         assert [(s.get("cron"), s.get("timezone")) for s in schedules] == [("0 3 * * *", "UTC")]
         assert dep["parameters"] == {"config": str(config)}
 
-        triggered = _cli(prefect_server, "prefect", "deployment", "run", "pipeline-from-config/nightly", timeout=60)
+        triggered = _cli(prefect_server, "prefect", "deployment", "run", "pipeline-from-config/nightly", timeout=1800)
         assert triggered.returncode == 0, triggered.stdout + triggered.stderr
         runs = _deployment_runs(prefect_server, dep["id"], auto_scheduled=False)
         assert len(runs) == 1
@@ -83,18 +83,18 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
             state = _flow_run(prefect_server, run_id)["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        state = _wait("the triggered run to finish", finished, 300, [log])
+        state = _wait("the triggered run to finish", finished, 1800, [log])
         assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
         names = {t["name"] for t in _task_runs(prefect_server, run_id)}
         assert {"extract-resnet18-train", "head-logistic-penultimate", "evaluate-tiny"} <= names
         assert list((cfg.cache_dir / "runs" / "tiny").glob("*/report.md"))
         upcoming = _wait("the scheduler to create the nightly runs",
-                         lambda: _deployment_runs(prefect_server, dep["id"], auto_scheduled=True), 60)
+                         lambda: _deployment_runs(prefect_server, dep["id"], auto_scheduled=True), 1800)
         assert all(r["expected_start_time"][11:16] == "03:00" for r in upcoming)
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:
-            serve.wait(timeout=30)
+            serve.wait(timeout=1800)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
@@ -117,9 +117,9 @@ def test_serve_refuses_without_a_server_and_names_bad_schedules(tiny_config, tmp
 
 
 def test_prefect_yaml_deploys_the_same_pipeline_to_a_process_pool(prefect_server):
-    pool = _cli(prefect_server, "prefect", "work-pool", "create", "transferpipe", "--type", "process", timeout=120)
+    pool = _cli(prefect_server, "prefect", "work-pool", "create", "transferpipe", "--type", "process", timeout=1800)
     assert pool.returncode == 0, pool.stdout + pool.stderr
-    deployed = _cli(prefect_server, "prefect", "--no-prompt", "deploy", "--all", timeout=120)
+    deployed = _cli(prefect_server, "prefect", "--no-prompt", "deploy", "--all", timeout=1800)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     dep = prefect_server.api("GET", "/deployments/name/pipeline-from-config/digits-nightly")
     assert dep["entrypoint"] == "flows/serve.py:pipeline_from_config" and dep["work_pool_name"] == "transferpipe"
@@ -182,11 +182,11 @@ def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_conf
                            env=server.env(TRANSFERPIPE_FAULTS="extract.batch:2:delay=300"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait("an extraction in progress", lambda: list((tmp_path / "cache" / "features").rglob("*.h5.partial")), 120)
+        _wait("an extraction in progress", lambda: list((tmp_path / "cache" / "features").rglob("*.h5.partial")), 1800)
     finally:
         stop_server(server, proc)
     stopped = time.monotonic()
-    out, err = run.communicate(timeout=120)
+    out, err = run.communicate(timeout=1800)
     assert run.returncode == 1, err
     assert time.monotonic() - stopped < 45
     errors = [line for line in (out + err).splitlines() if line.startswith("error: ")]

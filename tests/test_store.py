@@ -96,7 +96,7 @@ def test_kill_9_then_rerun_resumes_to_identical_bytes(experiment, tmp_path, faul
     reference = extract_split(experiment("reference"))
     plan = experiment("crashy")
     proc = child(plan, tmp_path, faults)
-    proc.wait(timeout=120)
+    proc.wait(timeout=1800)
     assert proc.returncode == -9, proc.stderr.read()
     store = FeatureStore(plan.cache_dir)
     assert partial(plan).exists() and store.lookup(plan.key) is None
@@ -121,7 +121,7 @@ def test_resume_with_skipped_images_records_them_once(experiment, tmp_path):
     reference = extract_split(experiment("reference", on_bad_image="skip"))
     plan = experiment("crashy", on_bad_image="skip")
     proc = child(plan, tmp_path, "store.complete:1:kill")
-    assert proc.wait(timeout=120) == -9
+    assert proc.wait(timeout=1800) == -9
     resumed = extract_split(plan)
     assert resumed.skipped == 2 and resumed.rows == reference.rows
     assert len(json.loads(contents(resumed.path)["skipped"])) == 2
@@ -144,12 +144,12 @@ def test_torn_partial_is_set_aside_never_deleted_and_extraction_restarts(experim
 def test_second_run_with_the_same_key_waits_then_reuses(experiment, tmp_path, caplog):
     plan = experiment("shared")
     first = child(plan, tmp_path, "extract.batch:2:delay=4")  # holds the lock for 4 s mid-run
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 1800  # a hang guard: the wait ends when the file appears
     while not partial(plan).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     with caplog.at_level(logging.INFO, logger="transferpipe"):
         second = extract_split(plan)
-    assert first.wait(timeout=60) == 0, first.stderr.read()
+    assert first.wait(timeout=1800) == 0, first.stderr.read()
     assert "another run is extracting" in caplog.text
     assert second.cache_hit and second.forward_batches == 0
     assert json.loads(first.stdout.read())["forward_batches"] == 8
@@ -159,7 +159,7 @@ def test_different_keys_proceed_in_parallel(experiment, tmp_path):
     slow = child(experiment("parallel"), tmp_path, "extract.batch:1:delay=20")
     other = experiment("parallel", split="test")
     store = FeatureStore(other.cache_dir)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 1800  # a hang guard: the wait ends when the file appears
     while not list(store.pieces().root.glob("*.partial")) and time.monotonic() < deadline:
         time.sleep(0.05)
     result = extract_split(other)
@@ -193,7 +193,7 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     filler = tiny_disk / "filler"
     free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
     filler.write_bytes(b"\0" * (free - (1 << 20)))  # someone else's file leaves 1 MiB
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=1800)
     assert proc.returncode == 1, err
     assert "FeatureStoreError: not enough disk space in" in err
     kept = int(re.search(r"is kept at row (\d+) and resumes", err).group(1))
@@ -226,7 +226,7 @@ def test_a_file_size_limit_fails_before_writing_and_exits_without_a_crash(experi
     reference = extract_split(experiment("reference"))
     plan = experiment("limited")
     proc = child(plan, tmp_path, fsize=8 << 10)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=1800)
     assert proc.returncode == 1, err  # an error, not 139
     assert "would grow to" in err and "past this process's file size limit of 0.0 MiB (ulimit -f)" in err, err
     assert "nothing was written" in err
