@@ -28,9 +28,33 @@ def _run_name() -> str:
     return f"scheduled-{Path(flow_run.parameters['config']).stem}"
 
 
+#: set by :func:`serve` in the serving process (and the flow-run processes it starts): the one config file and
+#: cache folder its deployment may run. The Prefect API on loopback takes no credentials, so a run's parameters
+#: come from anyone who can reach it; this process-local record cannot be changed through the API.
+SERVED_ENV = "TRANSFERPIPE_SERVED"
+
+
+def check_served(config: str, cache_dir: str | None) -> None:
+    """Refuse a run of the served deployment with another config file or cache folder than the one served."""
+    import json
+
+    served = os.environ.get(SERVED_ENV)
+    if not served:
+        return  # not started by `transferpipe serve` (a direct call, or a worker's deployment: see the README)
+    allowed = json.loads(served)
+    asked = {"config": str(Path(config).resolve()),
+             "cache_dir": None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())}
+    for field, value in asked.items():
+        if value != allowed[field]:
+            raise ConfigError(f"this deployment serves {field} {allowed[field]!r} only; a run asked for {value!r}: "
+                              "refused (serve another config with its own `transferpipe serve`)")
+
+
 @flow(name=DEPLOYED_FLOW, flow_run_name=_run_name)
 def pipeline_from_config(config: str, cache_dir: str | None = None) -> PipelineResult:
-    """The whole pipeline for the experiment config at ``config`` (a YAML path), read at run time."""
+    """The whole pipeline for the experiment config at ``config`` (a YAML path), read at run time; when served,
+    only the config and cache folder it was served with (:func:`check_served`)."""
+    check_served(config, cache_dir)
     return pipeline_flow(load_config(config, cache_dir))
 
 
@@ -79,9 +103,12 @@ def serve(
     cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
     wanted = schedules(list(cron), list(interval), timezone)
     require_server()
+    import json
+
     parameters = {"config": str(Path(config).resolve())}
     if cache_dir is not None:
         parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    os.environ[SERVED_ENV] = json.dumps({"config": parameters["config"], "cache_dir": parameters.get("cache_dir")})
     pipeline_from_config.serve(
         name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
         description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],

@@ -380,3 +380,20 @@ def test_tar_oddities_name_the_shard_and_sample_and_follow_on_bad_image(tmp_path
         build_manifest(cfg, tmp_path / "cache")
     assert "shard-002.tar is empty (0 bytes)" in caplog.text
     assert "shard-003.tar is not a readable tar file (OverflowError" in caplog.text  # was: an abort, named nothing
+
+
+def test_a_served_deployment_runs_only_the_config_and_cache_it_was_served_with(tmp_path, monkeypatch):
+    """`prefect deployment run … --param config=evil.yaml` on the unauthenticated loopback API made the serving
+    user run that file; the flow now refuses any config or cache folder but the served ones, before reading it."""
+    import json
+
+    from flows.config import ConfigError
+    from flows.serve import SERVED_ENV, pipeline_from_config
+
+    served, evil = tmp_path / "served.yaml", tmp_path / "evil.yaml"
+    monkeypatch.setenv(SERVED_ENV, json.dumps({"config": str(served), "cache_dir": None}))
+    with pytest.raises(ConfigError, match=r"this deployment serves config '.*served.yaml' only; a run asked for "
+                                          r"'.*evil.yaml': refused"):
+        pipeline_from_config.fn(str(evil))
+    with pytest.raises(ConfigError, match=r"serves cache_dir None only; a run asked for '.*elsewhere'"):
+        pipeline_from_config.fn(str(served), str(tmp_path / "elsewhere"))

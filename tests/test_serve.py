@@ -88,6 +88,28 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
         names = {t["name"] for t in _task_runs(prefect_server, run_id)}
         assert {"extract-resnet18-train", "head-logistic-penultimate", "evaluate-tiny"} <= names
         assert list((cfg.cache_dir / "runs" / "tiny").glob("*/report.md"))
+        # anyone who reaches the loopback API can ask for a run: with another config it is refused, nothing runs
+        marker = tmp_path / "pwned"
+        evil = tmp_path / "evil.yaml"
+        import yaml
+
+        hostile = yaml.safe_load(config.read_text())
+        hostile["backbone"] = {"source": "python", "name": "os:system", "kwargs": {"command": f"touch {marker}"},
+                               "weights": "DEFAULT", "preprocess": hostile["backbone"]["preprocess"]}
+        evil.write_text(yaml.safe_dump(hostile))
+        asked = _cli(prefect_server, "prefect", "deployment", "run", "pipeline-from-config/nightly", "--param",
+                     f"config={evil}", timeout=1800)
+        assert asked.returncode == 0, asked.stdout + asked.stderr
+        refused_id = next(r["id"] for r in _deployment_runs(prefect_server, dep["id"], auto_scheduled=False)
+                          if r["id"] != run_id)
+
+        def refused():
+            state = _flow_run(prefect_server, refused_id)["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait("the run with another config to be refused", refused, 1800, [log])
+        assert state["type"] == "FAILED" and "serves config" in state["message"], state
+        assert not marker.exists()
         upcoming = _wait("the scheduler to create the nightly runs",
                          lambda: _deployment_runs(prefect_server, dep["id"], auto_scheduled=True), 1800)
         assert all(r["expected_start_time"][11:16] == "03:00" for r in upcoming)
