@@ -134,8 +134,27 @@ def collect(
     pieces = store.pieces()
     if pieces.root.is_dir() and not pieces.root.is_symlink():  # never follow a link out of the cache
         removed += collect(pieces, partial_older_than_s, dry_run=dry_run)  # partial pieces of stopped runs
-        removed += _unused_pieces(store, {p for p, _ in removed}, partial_older_than_s, now, dry_run)
+        # a running extraction's complete pieces are joined only at its end: while any writer holds a lock,
+        # no unjoined piece is removed (`gc --partial-hours 0` used to fail a running extraction)
+        if not _writing(store) and not _writing(pieces):
+            removed += _unused_pieces(store, {p for p, _ in removed}, partial_older_than_s, now, dry_run)
     return removed
+
+
+def _writing(store: FeatureStore) -> bool:
+    """Whether a writer holds any of the store's locks now (an extraction or a join is running)."""
+    from filelock import FileLock, Timeout
+
+    for path in store.files.folder.glob("*.h5.lock"):
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return True
+        except OSError:
+            continue
+        lock.release()
+    return False
 
 
 def _unused_pieces(store: FeatureStore, gone: set[Path], older_than_s: float, now: float,
@@ -219,12 +238,24 @@ def collect_scans(cache_dir: Path, dry_run: bool = False) -> list[tuple[Path, st
     return removed
 
 
+def _through_link(root: Path, path: Path) -> bool:
+    """Whether a folder between ``root`` and ``path`` is a symbolic link."""
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        if parent.is_symlink():
+            return True
+        parent = parent.parent
+    return False
+
+
 def collect_temporary(cache_dir: Path, older_than_s: float, dry_run: bool = False) -> list[tuple[Path, str]]:
     """Remove what interrupted writes left behind (their writer is gone when they are this old); links are
     removed, never followed."""
     now, removed = time.time(), []
     for pattern in TEMPORARY:
         for path in sorted(Path(cache_dir).glob(pattern)):
+            if _through_link(Path(cache_dir), path):
+                continue  # glob descends into linked folders: what lies behind a link is not the cache's
             age = now - path.lstat().st_mtime
             if age < older_than_s or (pattern.startswith("heads") and not path.is_dir()):
                 continue

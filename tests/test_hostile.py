@@ -108,6 +108,45 @@ def test_gc_removes_links_and_never_follows_them_out_of_the_cache(tmp_path):
     assert precious.exists()
 
 
+def test_gc_never_deletes_tmp_files_behind_a_linked_folder(tmp_path):
+    """`cache gc` with its defaults deleted *.tmp files outside the cache through symlinked folders."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    precious = [outside / "notes.tmp", outside / "deeper" / "work.tmp"]
+    for path in precious:
+        path.write_bytes(b"someone else's")
+    cache = tmp_path / "cache"
+    (cache / "scores").mkdir(parents=True)
+    os.symlink(outside, cache / "linked")
+    os.symlink(outside, cache / "scores" / "linked")
+    leftover = cache / "scores" / "half.tmp"
+    leftover.write_bytes(b"x")
+    removed = {p for p, _ in inventory.collect_temporary(cache, older_than_s=0)}
+    assert removed == {leftover} and all(p.exists() for p in precious)
+
+
+def test_gc_keeps_the_unjoined_pieces_of_a_running_extraction(tmp_path):
+    """`gc --partial-hours 0` removed the complete pieces of an extraction that was still running (it failed
+    at its join): while a writer holds a lock, no unjoined piece is removed; once none does, they go."""
+    import numpy as np
+
+    store = FeatureStore(tmp_path / "cache")
+    pieces = store.pieces()
+    piece = "b" * 64
+    from helpers import synthetic_spec
+
+    pieces.write(piece, [{"penultimate": np.ones((2, 4), np.float16)}], np.zeros(2, np.int64), classes=["a"],
+                 dims={"penultimate": 4}, paths=["x", "y"], spec=synthetic_spec("gc", 2, 0))
+    running = store.lock("c" * 64)
+    running.acquire()  # the split's extraction, still computing its other pieces
+    try:
+        assert inventory.collect(store, partial_older_than_s=0) == []
+        assert pieces.path(piece).exists()
+    finally:
+        running.release()
+    assert [p for p, _ in inventory.collect(store, partial_older_than_s=0)] == [pieces.path(piece)]
+
+
 def test_gc_collects_what_killed_writes_left(tmp_path):
     cache = tmp_path / "cache"
     leftovers = [cache / "finetune" / "k" / "last.pt.tmp", cache / "scores" / "tmpabc.tmp"]
