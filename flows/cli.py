@@ -283,8 +283,10 @@ def export(
 ) -> None:
     """Write cached features as Parquet or NumPy for pandas, polars, DuckDB or a vector index (extracting first
     if needed); a second export of the same features is a cache hit."""
-    from tasks.export import ExportConfig, copy_out
+    from tasks.export import ExportConfig, check_out, copy_out
 
+    if out_dir is not None:
+        check_out(out_dir)  # before the export runs
     cfg = _with_flags(_load(config, cache_dir), "export", ExportConfig,
                       {"splits": split, "layer": layer, "format": format, "dtype": dtype})
     wanted = cfg.export

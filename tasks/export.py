@@ -177,16 +177,32 @@ def _checked_ids(store: FeatureStore, plan: ExportPlan) -> list[str]:
     return ids
 
 
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet): checked before anything is exported."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder: name a folder for the exported files")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: this user cannot write into that folder")
+
+
 def copy_out(results: list[ExportResult], out: Path) -> list[Path]:
     """Copy each export's data files (not its spec and marker) into ``out``; each lands whole (written beside
-    and renamed), replacing a file of the same name."""
+    and renamed), replacing a file of the same name. A copy that fails (a full disk) leaves nothing behind."""
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for result in results:
         for path in result.paths:
             target = out / path.name
             tmp = out / f".{path.name}.tmp-{os.getpid()}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            except BaseException as exc:
+                tmp.unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise OSError(f"cannot copy {path.name} into --out {out}: {exc.strerror or exc}; the export "
+                                  f"stays in the cache ({path.parent})") from None
+                raise
             written.append(target)
     return written

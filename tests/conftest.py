@@ -120,3 +120,16 @@ def prefect_server():
         APILogWorker.drain_all(timeout=10)  # logs of runs this process sent to the server, before it goes
         EventsWorker.drain_all(timeout=10)
         stop_server(server, proc)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs), where mounting is allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    import subprocess
+
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -1,6 +1,8 @@
 """``transferpipe export``: cached features as Parquet or NumPy, checked against the HDF5 file they come from."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -108,6 +110,27 @@ def test_readable_by_pandas_polars_and_duckdb(tiny_config, tmp_path):
     assert frame["embedding"].to_numpy().shape == train.features["penultimate"].shape
     counts = dict(duckdb.sql(f"select split, count(*) from '{out}/*.parquet' group by split").fetchall())
     assert counts == {s: len(stored(cfg, s).labels) for s in ("train", "val", "test")}
+
+
+def test_out_that_is_a_file_fails_before_exporting_and_a_full_disk_leaves_no_temporary(tiny_config, tmp_path,
+                                                                                        tiny_disk):
+    from tasks.export import copy_out
+
+    cfg = tiny_config()
+    taken = tmp_path / "taken.parquet"
+    taken.write_bytes(b"mine")
+    result = CliRunner().invoke(app, ["export", str(_yaml(cfg, tmp_path)), "--out", str(taken)])
+    assert result.exit_code == 2 and "is an existing file, not a folder" in result.output, result.output
+    assert not (cfg.cache_dir / "features").exists() and taken.read_bytes() == b"mine"  # nothing ran
+
+    with local_run_settings():
+        exports = pipeline_flow(cfg, stop_after="export").exports
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 4096))  # someone else's file leaves 4 KiB
+    with pytest.raises(OSError, match=r"cannot copy \w+\.parquet into --out .*: No space left on device; the "
+                                      r"export stays in the cache"):
+        copy_out(exports, tiny_disk / "out")
+    assert [p.name for p in (tiny_disk / "out").iterdir()] == []
 
 
 def test_export_errors_name_the_value_and_what_is_allowed(tiny_config, tmp_path):

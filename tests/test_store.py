@@ -169,17 +169,6 @@ def test_different_keys_proceed_in_parallel(experiment, tmp_path):
     assert still_running and not result.cache_hit and result.rows == 7
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs), where mounting is allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(experiment, tmp_path, tiny_disk):
     reference = extract_split(experiment("reference"))
     done = extract_split(experiment("disk/cache", split="test"))
