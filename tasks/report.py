@@ -157,7 +157,8 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
              *([line, ""] if (line := recommendation_line(ranked)) else []),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
-    zero = [(r.name, r.metrics["nll_zero"], r.metrics["n"]) for r in ranked if r.metrics.get("nll_zero")]
+    zero = [(f"{r.name}, {r.shot} labels per class", r.metrics["nll_zero"], r.metrics["n"]) for r in ranked
+            if r.metrics.get("nll_zero")]
     if zero:
         lines += ["", "NLL is scikit-learn's `log_loss`: a probability of 0 for the true class counts as machine "
                   "epsilon (-log eps = 36.0 in float64, 15.9 in float32). " +

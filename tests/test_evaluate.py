@@ -103,7 +103,7 @@ def test_report_files_hold_what_they_claim(tmp_path):
     report = json.loads(paths["json"].read_text())
     assert [m["name"] for m in report["models"]] == ["better", "knn", "worse", "better"]  # ranked by top-1
     md = paths["md"].read_text()
-    assert "NLL is scikit-learn's `log_loss`" in md and "`knn` gave it to 4 of 4 test images" in md
+    assert "NLL is scikit-learn's `log_loss`" in md and "`knn, all labels per class` gave it to 4 of 4 test images" in md
     assert "| better | logistic | all |  | 1.0 |" in md and "## Few-shot curve" in md and "| extract | 1.0 | hit |" in md
     for name in ("confusion_matrix", "reliability", "few_shot"):
         assert paths[name].stat().st_size > 1000 and paths[name].read_bytes()[:4] == b"\x89PNG"
