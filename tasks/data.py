@@ -77,6 +77,10 @@ class DataConfig(BaseModel):
     image: str = Field("image", description="table: the column with image bytes, a {bytes, path} struct, or paths")
     label: str = Field("label", description="table: the column with integer labels or class names")
     split: str | None = Field(None, description="table: a column with train / val (validation) / test")
+    paths: Literal["anywhere", "inside_root"] = Field(
+        "anywhere", description="csv/table of paths: 'anywhere' reads every file a row names (absolute, or "
+                                "relative with '..'); 'inside_root' leaves out (or fails on) a row whose file, links "
+                                "resolved, is not under data.root")
     label_key: str = Field("cls", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$",
                            description="webdataset: the member holding the label (cls, txt, or json.<field>)")
 

@@ -427,6 +427,10 @@ class Table(DataSource):
                     missing = [c for c in wanted if c not in values]
                     if missing:
                         raise DataError(f"{file}: no column(s) {missing}; columns: {', '.join(batch.schema.names)}")
+                    if pa_floating(batch.schema.field(cfg.label).type):
+                        raise DataError(f"{file}: column {cfg.label!r} (data.label) holds floating-point numbers "
+                                        f"({batch.schema.field(cfg.label).type}, e.g. {values[cfg.label][0]!r}); "
+                                        "class labels are integers or names: cast the column to int64 or string")
                     for i in range(batch.num_rows):
                         where = f"{os.path.basename(file)}#{row + i}"
                         label = values[cfg.label][i]
@@ -444,6 +448,13 @@ class Table(DataSource):
                     row += batch.num_rows
             except tables.TableError as exc:
                 raise DataError(str(exc)) from None
+        if holds_paths and cfg.paths == "inside_root":
+            inside = os.path.realpath(root)
+            outside = {item for pairs in raw.values() for item, _ in pairs
+                       if os.path.commonpath([inside, os.path.realpath(os.path.join(root, item))]) != inside}
+            bad += sorted((f"{item} (row of {cfg.path})", f"outside data.root {root} (data.paths: inside_root)", split)
+                          for split, pairs in raw.items() for item, _ in pairs if item in outside)
+            raw = {s: [(i, y) for i, y in pairs if i not in outside] for s, pairs in raw.items()}
         if holds_paths:
             gone = {item for pairs in raw.values() for item, _ in pairs if not os.path.isfile(os.path.join(root, item))}
             bad += sorted((f"{item} (row of {cfg.path})", f"no such file under {root}", split)
@@ -497,6 +508,12 @@ class Table(DataSource):
         if data is None:
             raise OSError(f"{path} row {row['row']} has no image bytes (and no path to read them from)")
         return io.BytesIO(data)
+
+
+def pa_floating(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_floating(kind)
 
 
 def _table_files(pattern: str | None) -> list[str]:

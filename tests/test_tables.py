@@ -2,6 +2,7 @@
 paths): the same features as the folder they describe, bad rows named or skipped, the column in the key."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -111,6 +112,37 @@ def test_bad_rows_are_named_or_skipped(tmp_path):
                                         r"\(row of .*list.csv\): no such file under"):
         build_manifest(DataConfig(**cfg), tmp_path / "cache")
     assert len(build_manifest(DataConfig(**cfg, on_bad_image="skip"), tmp_path / "cache").splits["train"]) == 18
+
+
+def test_rows_naming_files_outside_the_root_are_read_or_with_inside_root_named(tmp_path):
+    """A CSV may name any file the user can read (``../x``, absolute paths): that is the default, documented;
+    ``data.paths: inside_root`` leaves those rows out (or fails on them), links resolved."""
+    folder = make_imagefolder(tmp_path / "images")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((folder / "class0" / "000.png").read_bytes())
+    csv = make_table(folder, folder / "list.csv", holds="path")
+    os.symlink(secret, folder / "class1" / "link.png")
+    csv.write_text(csv.read_text() + f'"../secret.png","class0"\n"{secret}","class1"\n"class1/link.png","class1"\n')
+    cfg = {"source": "table", "path": str(csv), **ALL_TRAIN}
+    assert len(build_manifest(DataConfig(**cfg), tmp_path / "cache").splits["train"]) == 21
+    with pytest.raises(DataError, match=r"3 bad row\(s\) in .*list.csv: .*secret.png \(row of .*\): outside data.root "
+                                        r".*images \(data.paths: inside_root\)"):
+        build_manifest(DataConfig(**cfg, paths="inside_root"), tmp_path / "cache")
+    kept = build_manifest(DataConfig(**cfg, paths="inside_root", on_bad_image="skip"), tmp_path / "cache")
+    assert len(kept.splits["train"]) == 18
+
+
+def test_float_labels_are_refused_not_turned_into_class_names(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = make_table(make_imagefolder(tmp_path / "images"), tmp_path / "t.parquet", class_label=True)
+    floats = pq.read_table(table)
+    floats = floats.set_column(1, "label", pa.array([float(v) for v in floats["label"].to_pylist()]))
+    pq.write_table(floats, table)
+    with pytest.raises(DataError, match=r"t.parquet: column 'label' \(data.label\) holds floating-point numbers "
+                                        r"\(double, e.g. 0.0\); class labels are integers or names"):
+        build_manifest(DataConfig(source="table", path=str(table), **ALL_TRAIN), tmp_path / "cache")
 
 
 @pytest.mark.parametrize("over, message", [
