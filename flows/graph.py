@@ -270,7 +270,7 @@ def _plan_index(config: ExperimentConfig, graph: Graph) -> list[Work]:
     _check_layer(config, "index.layer", wanted.layer)
     index.require_faiss()
     plan = index.plan_index(wanted, name, split[name].key, config.cache_dir, _held_out(name, split))
-    return [Work(name, plan, index.is_stored(plan))]
+    return [Work(name, plan, index.is_sound(plan))]
 
 
 def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:

@@ -9,11 +9,13 @@ index returns. The queries are held out: up to ``queries`` rows of another split
 experiment has one, else of the indexed split with each query's own row left out of both searches.
 
 The index is written with ``faiss.write_index`` (FAISS's own binary format, never pickle) into
-``indexes/<key>/index.faiss``, keyed by the split's feature key and these settings; a second build is a hit.
+``indexes/<key>/index.faiss``, keyed by the split's feature key and these settings, with its sha256 in the result;
+a second build is a hit once the file matches it (a damaged index is quarantined and built again).
 ``pip install 'transferpipe[index]'`` installs faiss-cpu.
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ class IndexResult(StageResult):
     qps_index: float
     qps_exact: float
     path: Path
+    sha256: str = ""  # of index.faiss, checked before the file is read
     work_fields: tuple[str, ...] = ()
 
     @property
@@ -105,13 +108,37 @@ def plan_index(config: IndexConfig, split: str, feature_key: str, cache_dir: Pat
 
 
 def is_stored(plan: IndexPlan) -> bool:
-    return plan.files.read_result() is not None and plan.path.is_file()
+    """A result with its checksum, and an index file of the size it records (the checksum is read later)."""
+    saved = plan.files.read_result()
+    try:
+        return bool(saved and saved.get("sha256")) and plan.path.stat().st_size == saved["index_bytes"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def is_sound(plan: IndexPlan) -> bool:
+    """Whether the stored index is the one that was built: its sha256 as recorded. A damaged one (truncated,
+    overwritten, its vectors permuted) is moved to ``indexes/quarantine/`` and the caller builds it again."""
+    import logging
+
+    saved = plan.files.read_result()
+    if not (saved and saved.get("sha256") and plan.path.is_file()):
+        return False  # never built (or built before checksums: built again)
+    if is_stored(plan) and keys.file_sha256(plan.path) == saved["sha256"]:
+        return True
+    aside = plan.files.folder.parent / "quarantine" / f"{plan.key}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(plan.files.folder, aside)
+    logging.getLogger("transferpipe.index").warning(
+        "index %s does not match its checksum (damaged since it was built): moved to %s; building it again",
+        plan.path, aside)
+    return False
 
 
 def build_index(plan: IndexPlan) -> IndexResult:
-    """Build, measure and store the index (or reuse the stored one)."""
+    """Build, measure and store the index (or reuse the stored one, once its checksum holds)."""
     started = time.perf_counter()
-    if is_stored(plan):
+    if is_sound(plan):
         saved = plan.files.read_result()
         return IndexResult.model_validate({**saved, "path": plan.path, "cache_hit": True, "seconds": 0.0})
     faiss = require_faiss()
@@ -140,12 +167,13 @@ def build_index(plan: IndexPlan) -> IndexResult:
         found = np.array([[j for j in row if j != own][:k] for row, own in zip(found, self_rows)])
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
-        faiss.write_index(index, str(staged.folder / plan.path.name))
+        written = staged.folder / plan.path.name
+        faiss.write_index(index, str(written))
         result = IndexResult(
             key=plan.key, split=plan.split, kind=kind, rows=rows.n, dim=rows.dim, build_seconds=build_seconds,
-            index_bytes=(staged.folder / plan.path.name).stat().st_size, peak_rss_bytes=_peak_rss(), queries=len(q),
+            index_bytes=written.stat().st_size, peak_rss_bytes=_peak_rss(), queries=len(q),
             recall_at_k=recall, k=k, qps_index=len(q) / max(index_s, 1e-9), qps_exact=len(q) / max(exact_s, 1e-9),
-            path=plan.path, cache_hit=False, seconds=0.0)
+            path=plan.path, sha256=keys.file_sha256(written), cache_hit=False, seconds=0.0)
         staged.write_spec(plan.spec)
         staged.write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
     return result.model_copy(update={"seconds": time.perf_counter() - started})

@@ -111,3 +111,28 @@ def test_index_command_prints_its_measurements_and_names_bad_flags(tiny_config, 
     assert bad.exit_code == 2 and "--kind 'lsh'" in bad.output and "hnsw" in bad.output
     missing = runner.invoke(app, ["index", str(path), "--split", "holdout"])
     assert missing.exit_code == 2 and "no such split" in missing.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "permute"])
+def test_a_damaged_index_is_caught_by_its_checksum_set_aside_and_built_again(tiny_config, damage):
+    """Before: a truncated index.faiss failed every run without naming it, and one whose vectors were permuted
+    (same size) gave mAP@R 0.05 with rc 0 while `transferpipe index` called it cached."""
+    faiss = pytest.importorskip("faiss")
+    import numpy as np
+
+    cfg = tiny_config(heads=HEADS, index={"kind": "flat"})
+    built = run(cfg, "index").index
+    if damage == "truncate":
+        built.path.write_bytes(built.path.read_bytes()[: built.index_bytes // 2])
+    else:
+        index = faiss.read_index(str(built.path))
+        vectors = index.reconstruct_n(0, index.ntotal)
+        permuted = faiss.IndexFlatIP(index.d)
+        permuted.add(np.ascontiguousarray(vectors[::-1]))
+        faiss.write_index(permuted, str(built.path))
+        assert built.path.stat().st_size == built.index_bytes
+    again = run(cfg, "index").index
+    assert not again.cache_hit and again.sha256 == built.sha256
+    assert len(list((cfg.cache_dir / "indexes" / "quarantine").iterdir())) == 1
+    faiss_cfg = tiny_config(heads=HEADS, index={"kind": "flat"}, evaluate={"retrieval": {"index": "faiss"}})
+    assert run(faiss_cfg).evaluation.retrieval["index_recall"] == 1.0
