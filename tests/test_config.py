@@ -31,7 +31,26 @@ def test_unknown_keys_name_the_path_and_the_allowed_keys(tmp_path):
     msg = str(exc.value)
     assert str(path) in msg
     assert "colour: unknown key; allowed here: name, data, backbone" in msg
-    assert "data.sead: unknown key; allowed here: source, root, val_fraction" in msg
+    assert "data.sead: unknown key (did you mean 'seed'?); allowed here: source, root, val_fraction" in msg
+
+
+@pytest.mark.parametrize("raw, line", [
+    # a head's typo listed the top-level keys, with no suggestion
+    ({"heads": [{"kind": "logistic", "shot": [1]}]},
+     "heads.0.logistic.shot: unknown key (did you mean 'shots'?); allowed here: name, layer, preprocess, shots"),
+    ({"heads": [{"kind": "knn", "kk": [1]}]}, "heads.0.knn.kk: unknown key (did you mean 'k'?); allowed here: name"),
+    ({"finetune": {"epoch": 3}}, "finetune.epoch: unknown key (did you mean 'epochs'?); allowed here: enabled"),
+    ({"finetune": {"early_stopping": {"patiense": 3}}},
+     "finetune.early_stopping.patiense: unknown key (did you mean 'patience'?); allowed here: "),
+    ({"backbone": {"preprocess": {"crop_size": 3}}}, "backbone.preprocess.crop_size: unknown key (did you mean 'crop'?)"),
+    ({"extrct": {}}, "extrct: unknown key (did you mean 'extract'?); allowed here: name, data, backbone, extract"),
+])
+def test_a_typo_lists_the_keys_of_its_own_section_and_the_close_match(raw, line):
+    from flows.config import parse_config
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"name": "x", **raw})
+    assert line in str(exc.value)
 
 
 @pytest.mark.parametrize(

@@ -47,14 +47,14 @@ def test_a_grid_and_a_list_expand_to_named_validated_experiments(tiny_config, tm
 
 @pytest.mark.parametrize(("sweep", "message"), [
     ({"grid": {"finetune.lr_bakbone": [0.1]}},
-     r"sweep.yaml: experiment 1 \(tiny-01-lr_bakbone-0.1\): 1 problem.*finetune.lr_bakbone: unknown key; allowed here: "),
+     r"sweep.yaml: experiment 1 \(tiny-01-lr_bakbone-0.1\): 1 problem.*finetune.lr_bakbone: unknown key \(did you mean 'lr_backbone'\?\); allowed here: "),
     ({"experiments": [{"finetune.epochs": 0}]}, r"experiment 1 .*finetune.epochs: Input should be greater than or equal to 1"),
     ({"experiments": [{"name": "a"}, {"name": "a"}]}, r"experiment 2 \(tiny-a\): duplicate experiment name"),
     ({"experiments": [{"name": "bad name"}]}, r"experiment 1 \(tiny-bad name\).*name: String should match pattern"),
     ({"grid": {"heads.kind": ["knn"]}}, r"override 'heads.kind': heads is a list, not a mapping"),
     ({"grid": {"heads": []}}, r"sweep.yaml: 1 problem\(s\) in the sweep.*grid: grid values must be non-empty lists; empty: heads"),
     ({}, r"a sweep needs a grid: mapping of dotted paths to value lists, or an experiments: list"),
-    ({"grid": {"seed": [1]}, "concurency": 2}, r"concurency: unknown key; allowed here: name, grid, experiments, concurrency"),
+    ({"grid": {"seed": [1]}, "concurency": 2}, r"concurency: unknown key \(did you mean 'concurrency'\?\); allowed here: name, grid, experiments, concurrency"),
 ])
 def test_bad_sweeps_name_the_file_the_experiment_and_the_field(tiny_config, tmp_path, sweep, message):
     config, path = _files(tmp_path, tiny_config(heads=HEADS), sweep)
