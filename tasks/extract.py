@@ -34,8 +34,11 @@ log = logging.getLogger("transferpipe.extract")
 
 class ExtractConfig(BaseModel):
     """``extract:`` section. Of these, ``dtype`` (storage) and the precision that ``device`` and ``amp`` give
-    (:func:`tasks.machine.forward_precision`) are in the feature key; batch size, workers and channels_last
-    do not change the features."""
+    (:func:`tasks.machine.forward_precision`) are in the feature key; workers do not change the features, and
+    batch size and channels_last only choose the kernels (every forward pass is padded to ``batch_size`` rows),
+    whose sums may differ in the last bit: left out of the key on purpose, so another batch size reuses the
+    cached bytes. With one setting, an image's features are the same bits whatever shares its batch and
+    whichever source cut the batches."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
