@@ -191,7 +191,7 @@ def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
                *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json"),
                *layout.exports().glob("*"), *layout.indexes().glob("*"), *layout.embedding_map("*").parent.glob("*.png")]
     for path in folders:
-        if not path.name.startswith("."):
+        if not path.name.startswith(".") and path.name != "quarantine":  # set aside, not a stage's artifact
             found.setdefault(path.name.split(".")[0], []).append(path)
     return found
 

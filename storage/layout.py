@@ -124,6 +124,10 @@ class CacheLayout:
     def index(self, key: str) -> Path:
         return self.indexes() / key
 
+    def index_quarantine(self, key: str, stamp: str) -> Path:
+        """Where a damaged index is set aside (``indexes/quarantine/<key>-<time>``)."""
+        return self.indexes() / "quarantine" / f"{key}-{stamp}"
+
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment
 

@@ -126,7 +126,7 @@ def is_sound(plan: IndexPlan) -> bool:
         return False  # never built (or built before checksums: built again)
     if is_stored(plan) and keys.file_sha256(plan.path) == saved["sha256"]:
         return True
-    aside = plan.files.folder.parent / "quarantine" / f"{plan.key}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside = CacheLayout(plan.cache_dir).index_quarantine(plan.key, time.strftime("%Y%m%dT%H%M%S"))
     aside.parent.mkdir(parents=True, exist_ok=True)
     os.replace(plan.files.folder, aside)
     logging.getLogger("transferpipe.index").warning(
