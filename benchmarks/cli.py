@@ -61,7 +61,10 @@ def main() -> None:
     tp = [sys.executable, "-m", "flows.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
-        env.update(PREFECT_HOME=f"{tmp}/prefect", TRANSFERPIPE_CACHE_DIR=f"{tmp}/cache", DO_NOT_TRACK="1")
+        env.update(PREFECT_HOME=f"{tmp}/prefect", TRANSFERPIPE_CACHE_DIR=f"{tmp}/cache", DO_NOT_TRACK="1",
+                   # as transferpipe sets it (flows/__init__.py), for the plain Prefect baseline too: a busy machine
+                   # took longer than Prefect's default 20 s to start the ephemeral server, and the baseline failed
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
         config = yaml.safe_load(CONFIG.read_text())
         if quick:
             config.update(data=QUICK_DIGITS, heads=config["heads"][:2])
