@@ -237,7 +237,8 @@ def _plan(path: Path):
                           cwd=Path(__file__).resolve().parents[1], timeout=1800)
 
 
-def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
+def _os_system_config(tiny_config, tmp_path: Path) -> tuple[Path, Path]:
+    """A config whose backbone factory is ``os:system`` touching a marker file: (config, marker)."""
     import yaml
 
     marker = tmp_path / "pwned"
@@ -247,6 +248,11 @@ def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
                                                             "mean": [0.5] * 3, "std": [0.5] * 3}}
     path = tmp_path / "hostile.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path, marker
+
+
+def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
+    path, marker = _os_system_config(tiny_config, tmp_path)
     done = _plan(path)
     assert not marker.exists()
     assert done.returncode == 0 and "is code (source: python): `transferpipe plan` neither imports nor calls it" in (
@@ -256,17 +262,9 @@ def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
 
 def test_the_notebook_reader_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
     """``cached_features`` computes nothing: before, it called ``os:system`` named as a backbone factory."""
-    import yaml
-
     from flows.notebook import NotCached, cached_features
 
-    marker = tmp_path / "pwned"
-    cfg = tiny_config().model_dump(mode="json")
-    cfg["backbone"] = {"source": "python", "name": "os:system", "kwargs": {"command": f"touch {marker}"},
-                       "weights": "DEFAULT", "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear",
-                                                            "mean": [0.5] * 3, "std": [0.5] * 3}}
-    path = tmp_path / "hostile.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, marker = _os_system_config(tiny_config, tmp_path)
     with pytest.raises(NotCached, match=r"reading never runs a config's code: `transferpipe extract .*hostile.yaml`"):
         cached_features(path)
     assert not marker.exists()
