@@ -456,9 +456,10 @@ def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[
                 raise
             bad.append(exc)  # the other splits still run: one failed run names every undecodable image
     if bad:
-        names = ", ".join(str(e).split(" failed: ")[0].removeprefix("stage ") for e in bad)
+        names = ", ".join(e.stage for e in bad)
         joined = BadImageError.joined([e.__cause__ for e in bad])
-        raise stage_tasks.StageInputError(f"stage{'s' if len(bad) > 1 else ''} {names} failed: {joined}") from joined
+        raise stage_tasks.StageInputError(f"stage{'s' if len(bad) > 1 else ''} {names} failed: {joined}",
+                                          stage=names) from joined
     return results
 
 

@@ -87,7 +87,12 @@ def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str
 
 
 class StageFailed(RuntimeError):
-    """A stage's task failed (after its retries); the message names the stage, ``__cause__`` is the error."""
+    """A stage's task failed (after its retries); the message names the stage (also ``stage``), ``__cause__`` is
+    the error."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class StageInputError(StageFailed, ValueError):
@@ -100,7 +105,7 @@ def stage_result(state: Any, name: str) -> Any:
         result = state.result()
     except Exception as exc:
         kind = StageInputError if isinstance(exc, ValueError) else StageFailed
-        raise kind(f"stage {name} failed: {exc}") from exc
+        raise kind(f"stage {name} failed: {exc}", stage=name) from exc
     return result.cached() if state.name == "Cached" else result
 
 
