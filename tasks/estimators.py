@@ -118,13 +118,15 @@ class GridHead(ClassifierMixin, BaseEstimator):
             refit_on = (np.vstack([Xp, self._transform(X_val)]), np.concatenate([y_idx, yv]))
         elif X_val is None and len(grid) > 1:
             refit_on = (Xp, y_idx)  # the holdout was carved from train: use all of it now
-        self._set_state(self._final_state(states[best], refit_on, single=len(grid) == 1))
+        self._set_state(self._final_state(states[best], refit_on or (Xt, yt), refit=refit_on is not None,
+                                          single=len(grid) == 1))
         return self
 
-    def _final_state(self, state: dict[str, np.ndarray], refit_on: tuple[np.ndarray, np.ndarray] | None,
+    def _final_state(self, state: dict[str, np.ndarray], data: tuple[np.ndarray, np.ndarray], refit: bool,
                      single: bool) -> dict[str, np.ndarray]:
-        """The kept fit: the best candidate, or refitted on ``refit_on`` (warm from it) when there is one."""
-        return self._fit_candidates([self.best_param_], *refit_on, warm=state)[0] if refit_on else state
+        """The kept fit: the best candidate (fitted on ``data``), or with ``refit`` fitted again on ``data``
+        warm from it."""
+        return self._fit_candidates([self.best_param_], *data, warm=state)[0] if refit else state
 
     def _select(self, grid: list[Any], states: list[dict[str, np.ndarray]], Xv: np.ndarray, yv: np.ndarray) -> int:
         """Score every candidate on val; keep the grid and the best (ties: the first, the most regularised)."""
@@ -319,11 +321,9 @@ class LogisticHead(GridHead):
         self.align = align
         self.max_iter, self.tol, self.n_jobs, self.random_state = max_iter, tol, n_jobs, random_state
 
-    def _final_state(self, state, refit_on, single):
-        X, y = refit_on if refit_on is not None else self._candidate_data
-        del self._candidate_data
+    def _final_state(self, state, data, refit, single):
         # the one candidate of a one-value grid was a cold fit already
-        final = state if single and refit_on is None else self._warm_run([self.best_param_], X, y, None)[0]
+        final = state if single and not refit else self._warm_run([self.best_param_], *data, None)[0]
         self.converged_ = bool(final["n_iter_"][0] < self.max_iter)
         if not self.converged_:
             warnings.warn(f"logistic head: L-BFGS stopped at max_iter={self.max_iter} before converging at "
@@ -336,7 +336,6 @@ class LogisticHead(GridHead):
         self.converged_ = bool(state["n_iter_"][0] < self.max_iter)
 
     def _fit_candidates(self, grid, X, y, warm=None):
-        self._candidate_data = (X, y)  # the kept C is refitted cold on these (_final_state)
         grid = list(grid)
         order = np.argsort(grid)
         n_runs = min(len(grid), effective_n_jobs(self.n_jobs))  # -1: one run per core
