@@ -31,7 +31,9 @@ from PIL import Image
 from benchmarks import parse_args
 from tasks.backbones import BackboneConfig
 from tasks.models import build
-from tasks.data import DataConfig, Manifest, load_rgb
+from tasks.data.config import DataConfig
+from tasks.data.manifest import Manifest
+from tasks.data.images import load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 
 

@@ -161,7 +161,9 @@ def jpeg_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[R
     """The same JPEGs three ways: PIL in DataLoader workers + a bare forward loop; the stage; decode on the device."""
     from torch.utils.data import DataLoader
 
-    from tasks.data import DataConfig, Manifest, load_rgb, num_workers_for
+    from tasks.data.config import DataConfig
+    from tasks.data.manifest import Manifest
+    from tasks.data.images import load_rgb, num_workers_for
     from tasks.decode import decode_jpegs, read_files, to_batch
     from tasks.extract import ExtractConfig, extract_split, plan_extraction
     from tasks.machine import autocast_dtype, forward_precision
@@ -291,7 +293,7 @@ def knn_rows(device: torch.device, s: Sizes) -> list[Row]:
 def finetune_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[Row]:
     """One epoch of the stage (``layer4`` unfrozen, random head, no augmentation), AMP off and on: the training
     pass's images/s as the stage records it, after one warm-up run."""
-    from tasks.data import DataConfig
+    from tasks.data.config import DataConfig
     from tasks.extract import ExtractConfig, plan_extraction
     from tasks.finetune import FinetuneConfig, finetune, plan_finetune
     from tasks.machine import forward_precision

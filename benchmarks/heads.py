@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader
 from benchmarks import QUICK_DIGITS, parse_args
 from tasks.backbones import BackboneConfig
 from tasks.models import build
-from tasks.data import DataConfig, Manifest, load_rgb
+from tasks.data.config import DataConfig
+from tasks.data.manifest import Manifest
+from tasks.data.images import load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 from tasks.heads import load_split
 from tasks.estimators import KNNHead, LogisticHead, RidgeHead, TorchLinearHead

@@ -130,13 +130,15 @@ def run_stage(stage: str, n: int, work: Path) -> str:
     """Do one stage at size ``n``; return a note for the table."""
     cache = work / "cache"
     if stage == "manifest":
-        from tasks.data import DataConfig, build_manifest
+        from tasks.data.config import DataConfig
+        from tasks.data.manifest import build_manifest
 
         root = empty_files(work / f"files-{n}", n)
         m = build_manifest(DataConfig(source="imagefolder", root=root, val_fraction=0.02, test_fraction=0.05), cache)
         return f"{sum(len(v) for v in m.splits.values()):,} files"
     if stage == "shards":
-        from tasks.data import DataConfig, build_manifest
+        from tasks.data.config import DataConfig
+        from tasks.data.manifest import build_manifest
 
         root = tar_shards(work / f"shards-{n}", n)
         m = build_manifest(DataConfig(source="webdataset", shards=sorted(str(p) for p in root.glob("*.tar")),
@@ -153,7 +155,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         return grow(work, n)
     if stage == "extract":
         from tasks.backbones import BackboneConfig
-        from tasks.data import DataConfig
+        from tasks.data.config import DataConfig
         from tasks.extract import ExtractConfig, extract_split, plan_extraction
 
         root = tiny_pngs(work / f"pngs-{n}", n)
@@ -207,7 +209,7 @@ def plan_config(work: Path, n: int) -> Path:
 def grow(work: Path, n: int) -> str:
     """Extract ``n`` samples in 10 shards, then the same plus an 11th: what the second run computes."""
     from tasks.backbones import BackboneConfig
-    from tasks.data import DataConfig
+    from tasks.data.config import DataConfig
     from tasks.extract import ExtractConfig, extract_split, plan_extraction
 
     root = tar_shards(work / f"grow-{n}", n * 11 // 10, per_shard=n // 10)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones import BackboneConfig
-from tasks.data import DataConfig, resolve_path
+from tasks.data.config import DataConfig, resolve_path
 from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
 from tasks.index import IndexConfig

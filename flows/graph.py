@@ -26,7 +26,8 @@ from storage import head_store
 from storage.records import stored_specs
 from tasks import evaluate, export, extract, finetune, heads, select
 from tasks.backbones import module_names, resolve
-from tasks.data import BadImageError, Manifest
+from tasks.data.errors import BadImageError
+from tasks.data.manifest import Manifest
 from tasks.evaluate import ModelToEvaluate
 from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible

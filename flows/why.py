@@ -16,7 +16,7 @@ from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import closest
 from storage.layout import CacheLayout
-from tasks.data import Manifest
+from tasks.data.manifest import Manifest
 from tasks.pieces import Piece
 
 

@@ -5,9 +5,9 @@
   features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
   features/pieces/<piece key>.h5               pieces of splits    tasks/pieces.py, storage/piece_join.py
   features/quarantine/                         files set aside     storage/h5file.py
-  manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data.py)
-  scans/<key>.json                             one shard's samples storage/records.py (Records; tasks/datasources.py)
-  datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data.py
+  manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data/)
+  scans/<key>.json                             one shard's samples storage/records.py (Records; tasks/data/)
+  datasets/digits-v1[-variant]/                the digits as PNGs  tasks/data/
   backbones/<key>.json                         what a source says  storage/records.py (Records)
   heads/<key>/                                 trained heads       storage/head_store.py
   finetune/<key>/                              fine-tuning runs    storage/checkpoints.py (RunFiles)

@@ -25,7 +25,7 @@ from storage.head_store import read_meta
 from storage.layout import CacheLayout
 from storage.records import ReportFiles, Records
 from tasks.backbones import BackboneSpec
-from tasks.data import Manifest
+from tasks.data.manifest import Manifest
 from tasks.machine import pick_device
 from tasks.softmax import softmax
 from tasks.heads import load_head, load_split

@@ -26,7 +26,9 @@ from storage.keys import feature_key, feature_spec, short
 from tasks.backbones import BackboneConfig, BackboneSpec, resolve
 from tasks.result import StageResult
 from tasks.machine import forward_precision
-from tasks.data import BadImageError, DataConfig, build_manifest
+from tasks.data.errors import BadImageError
+from tasks.data.config import DataConfig
+from tasks.data.manifest import build_manifest
 from tasks.pieces import Piece, join, plan_pieces, store_of
 
 log = logging.getLogger("transferpipe.extract")

@@ -27,8 +27,8 @@ from storage.checkpoints import RunFiles
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
 from tasks.backbones import Preprocess
-from tasks.data import Manifest
-from tasks.data import num_workers_for, worker_init
+from tasks.data.manifest import Manifest
+from tasks.data.images import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES, best_probe
 from tasks.models import classifier, load_model
 from tasks.machine import autocast_dtype, pick_device

@@ -25,11 +25,11 @@ from pydantic import BaseModel, ConfigDict
 from storage.features import FeatureStore
 from storage.keys import piece_key
 from storage.piece_join import join_pieces
-from tasks import datasources
+from tasks.data.config import get as data_source
 from tasks.machine import versions
 
 if TYPE_CHECKING:
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
     from tasks.extract import SplitPlan
 
 
@@ -67,7 +67,7 @@ def _hash(item: str) -> int:
 
 def plan_pieces(manifest: Manifest, split: str, spec: dict, mean: int) -> tuple[Piece, ...]:
     """The pieces of ``split`` in row order, each with its key (cheap: ids and identities only)."""
-    source = datasources.get(manifest.source)
+    source = data_source(manifest.source)
     items, files = manifest.splits[split], manifest.files.get(split) or [None] * len(manifest.splits[split])
     ids = [p for p, _ in items]
     pieces = []
@@ -94,7 +94,7 @@ def missing(plan: SplitPlan) -> list[Piece]:
 def join(plan: SplitPlan, manifest: Manifest | None = None) -> Path:
     """The split's feature file from its (complete) pieces; its ``skipped`` names what the pieces could not
     decode and what the scan left out of the split. Use under the split's lock."""
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
 
     manifest = manifest or Manifest.load(plan.manifest)
     pieces = store_of(plan)

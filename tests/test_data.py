@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.data import BadImageError, DataConfig, DataError, build_manifest, load_rgb, split_by_fraction, to_rgb
+from tasks.data.errors import BadImageError
+from tasks.data.config import DataConfig
+from tasks.data.errors import DataError
+from tasks.data.manifest import build_manifest, split_by_fraction
+from tasks.data.images import load_rgb, to_rgb
 from helpers import make_image, make_imagefolder
 
 
@@ -149,7 +153,7 @@ def test_bad_image_error_lists_paths():
 
 
 def test_digits_halves_are_disjoint_balanced_and_the_second_scanner_looks_different(tmp_path):
-    from tasks.data import DigitsConfig
+    from tasks.data.config import DigitsConfig
 
     first = manifest(tmp_path, source="digits", digits=DigitsConfig(half="first", style="clean"))
     second = manifest(tmp_path, source="digits", digits=DigitsConfig(half="second", style="scanner2"))
@@ -169,7 +173,7 @@ def test_digits_halves_are_disjoint_balanced_and_the_second_scanner_looks_differ
 
 
 def test_digits_class_subset(tmp_path):
-    from tasks.data import DigitsConfig
+    from tasks.data.config import DigitsConfig
 
     m = manifest(tmp_path, source="digits", digits=DigitsConfig(half="first", classes=[4, 0, 2]))
     assert m.classes == ["0", "2", "4"]

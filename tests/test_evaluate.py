@@ -229,7 +229,7 @@ def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tin
     from helpers import split_plans
     from storage.results import query
     from tasks.backbones import resolve
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
     from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
     from tasks.extract import extract_split
     from tasks.head_configs import KNNConfig, LogisticConfig

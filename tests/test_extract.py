@@ -9,7 +9,9 @@ import torch
 
 from storage.features import FeatureStore
 from tasks.models import build
-from tasks.data import BadImageError, Manifest, load_rgb
+from tasks.data.errors import BadImageError
+from tasks.data.manifest import Manifest
+from tasks.data.images import load_rgb
 from helpers import split_plans
 from tasks.extract import extract_split
 
@@ -134,7 +136,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tiny_config):
 
 
 def _workers_in_child(queue) -> None:
-    from tasks.data import num_workers_for
+    from tasks.data.images import num_workers_for
 
     queue.put((num_workers_for("auto", 100), num_workers_for(3, 100)))
 
@@ -142,7 +144,7 @@ def _workers_in_child(queue) -> None:
 def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_process():
     import multiprocessing
 
-    from tasks.data import num_workers_for
+    from tasks.data.images import num_workers_for
 
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

@@ -8,7 +8,7 @@ import torch
 
 from tasks.backbones import resolve
 from tasks.models import build, load_model
-from tasks.data import Manifest
+from tasks.data.manifest import Manifest
 from helpers import state_of
 from tasks.finetune import finetune, run_files
 from tasks.finetune_loop import (
@@ -70,7 +70,7 @@ def test_lp_ft_head_starts_as_the_probe(staged):
     init_head_from_probe(model, "fc", p.cache_dir, probe)
     manifest = Manifest.load(p.manifest)
     pre = p.backbone.preprocess
-    from tasks.data import load_rgb
+    from tasks.data.images import load_rgb
 
     x = torch.stack([pre(load_rgb(manifest.root / path)) for path, _ in manifest.splits["val"]])
     with torch.no_grad():

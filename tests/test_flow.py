@@ -114,7 +114,7 @@ def test_bad_input_is_not_retried(tiny_config):
 
 def test_one_failed_run_names_the_undecodable_images_of_every_split(tiny_config):
     """The hash split puts three bad files in three splits: the error names all of them, not the first split's."""
-    from tasks.data import build_manifest
+    from tasks.data.manifest import build_manifest
 
     cfg = tiny_config()
     manifest = build_manifest(cfg.data, cfg.cache_dir)

@@ -15,7 +15,10 @@ from helpers import make_imagefolder, split_plans
 from storage import atomic, inventory
 from storage.features import FeatureStore
 from storage.head_store import save_head
-from tasks.data import BadImageError, DataConfig, DataError, build_manifest
+from tasks.data.errors import BadImageError
+from tasks.data.config import DataConfig
+from tasks.data.errors import DataError
+from tasks.data.manifest import build_manifest
 
 
 def nothing_extracted(cfg) -> bool:
@@ -370,7 +373,7 @@ def test_a_shard_cut_short_while_it_is_read_is_an_error_naming_it_not_a_sigbus(t
     import sys
 
     shard = _shards(tmp_path)[0]
-    script = ("import os, sys\nfrom tasks import tar_index\n"
+    script = ("import os, sys\nfrom tasks.data import tar_index\n"
               "path = sys.argv[1]\nfound = tar_index.index(path)\nlast = list(found.samples.values())[-1]\n"
               "with tar_index.reader(path) as read:\n"
               "    os.truncate(path, 1024)\n"

@@ -72,7 +72,7 @@ def test_editing_one_image_changes_only_its_split(tiny_config):
     cfg = tiny_config()
     plans = split_plans(cfg)
     before = {s: p.key for s, p in plans.items()}
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
 
     manifest = Manifest.load(plans["train"].manifest)
     touched = manifest.root / manifest.splits["test"][0][0]

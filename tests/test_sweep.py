@@ -74,7 +74,7 @@ def test_concurrent_experiments_extract_each_feature_key_once_and_land_in_the_re
     from flows.local import local_run_settings
     from flows.sweep import run_sweep
     from storage.results import query
-    from tasks.data import Manifest
+    from tasks.data.manifest import Manifest
 
     sweep = {
         "name": "cmp", "concurrency": 3,

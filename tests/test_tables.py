@@ -12,7 +12,9 @@ import yaml
 
 from flows.config import load_config
 from helpers import make_imagefolder, make_shards, make_table, split_plans
-from tasks.data import DataConfig, DataError, build_manifest
+from tasks.data.config import DataConfig
+from tasks.data.errors import DataError
+from tasks.data.manifest import build_manifest
 from tasks.extract import extract_split
 
 ALL_TRAIN = {"val_fraction": 0, "test_fraction": 0}
@@ -185,7 +187,7 @@ def test_threads_reading_one_row_group_read_it_once(tmp_path, monkeypatch):
 
     import pyarrow.parquet as pq
 
-    from tasks import tables
+    from tasks.data import arrow as tables
 
     table = make_table(make_imagefolder(tmp_path / "images"), tmp_path / "t.parquet", holds="bytes", row_group=18)
     reads = []

@@ -14,7 +14,9 @@ import yaml
 from flows.config import load_config
 from storage.features import FeatureStore
 from helpers import make_imagefolder, make_shards, split_plans
-from tasks.data import DataConfig, DataError, build_manifest
+from tasks.data.config import DataConfig
+from tasks.data.errors import DataError
+from tasks.data.manifest import build_manifest
 from tasks.extract import extract_split
 
 
@@ -143,7 +145,7 @@ def test_pax_and_long_names_are_read_by_tarfile_and_give_the_same_samples(tmp_pa
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    from tasks import tar_index
+    from tasks.data import tar_index
 
     assert tar_index._ustar_members(str(tmp_path / "pax.tar"), (tmp_path / "pax.tar").stat().st_size) is None
     fast, slow = tar_index.index(tmp_path / "ustar.tar"), tar_index.index(tmp_path / "pax.tar")
@@ -199,7 +201,7 @@ def test_what_skip_leaves_out_is_in_the_feature_file_and_the_report(tiny_config,
 
 def test_a_warm_scan_reads_no_tar_and_gc_drops_the_scans_of_changed_shards(tmp_path, monkeypatch):
     from storage import inventory
-    from tasks import tar_index
+    from tasks.data import tar_index
 
     shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=9)
     cfg = DataConfig(source="webdataset", shards=[str(p) for p in shards], val_fraction=0, test_fraction=0)
