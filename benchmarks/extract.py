@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from benchmarks import parse_args
-from tasks.backbones import BackboneConfig
-from tasks.models import build
+from tasks.backbones.config import BackboneConfig
+from tasks.backbones.models import build
 from tasks.data.config import DataConfig
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import parse_args
 from benchmarks.extract import make_images
-from tasks.backbones import BackboneConfig, resolve
+from tasks.backbones.config import BackboneConfig, resolve
 from tasks.data.config import DataConfig
 from tasks.extract import ExtractConfig, plan_extraction
 from tasks.finetune import FinetuneConfig, finetune, plan_finetune

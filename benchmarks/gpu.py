@@ -38,8 +38,8 @@ import torch
 
 from benchmarks import parse_args
 from benchmarks.extract import make_images
-from tasks.backbones import BackboneConfig, resolve
-from tasks.models import build
+from tasks.backbones.config import BackboneConfig, resolve
+from tasks.backbones.models import build
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader
 
 from benchmarks import QUICK_DIGITS, parse_args
-from tasks.backbones import BackboneConfig
-from tasks.models import build
+from tasks.backbones.config import BackboneConfig
+from tasks.backbones.models import build
 from tasks.data.config import DataConfig
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb

@@ -154,7 +154,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
     if stage == "grow":
         return grow(work, n)
     if stage == "extract":
-        from tasks.backbones import BackboneConfig
+        from tasks.backbones.config import BackboneConfig
         from tasks.data.config import DataConfig
         from tasks.extract import ExtractConfig, extract_split, plan_extraction
 
@@ -208,7 +208,7 @@ def plan_config(work: Path, n: int) -> Path:
 
 def grow(work: Path, n: int) -> str:
     """Extract ``n`` samples in 10 shards, then the same plus an 11th: what the second run computes."""
-    from tasks.backbones import BackboneConfig
+    from tasks.backbones.config import BackboneConfig
     from tasks.data.config import DataConfig
     from tasks.extract import ExtractConfig, extract_split, plan_extraction
 

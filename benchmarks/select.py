@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks import QUICK_DIGITS, parse_args
-from tasks.backbones import BackboneConfig
+from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
 from tasks.heads import load_split

@@ -171,7 +171,7 @@ def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None)
     neither imports nor calls a python factory named in the config."""
     from flows.config import load_sweep
     from flows.explain import explain, render
-    from tasks.sources import without_user_code
+    from tasks.backbones.source import without_user_code
 
     with without_user_code():
         cfg = _load(config, cache_dir)

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
-from tasks.backbones import BackboneConfig
+from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig, resolve_path
 from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig

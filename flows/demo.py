@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.selection import SelectResult, select_flow
-from tasks.backbones import BackboneConfig
+from tasks.backbones.config import BackboneConfig
 from tasks.select import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

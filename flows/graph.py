@@ -25,14 +25,14 @@ from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
 from tasks import evaluate, export, extract, finetune, heads, select
-from tasks.backbones import module_names, resolve
+from tasks.backbones.config import module_names, resolve
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest
 from tasks.evaluate import ModelToEvaluate
 from tasks.head_configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible
 from tasks.result import summarize
-from tasks.sources import CodeNotRun
+from tasks.backbones.source import CodeNotRun
 
 Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export", "index"]
 

@@ -76,7 +76,7 @@ def cached_features(config: str | Path | ExperimentConfig, split: str = "train",
     extracted the features remembered in the cache.
     """
     from tasks.extract import is_stored, plan_extraction
-    from tasks.sources import CodeNotRun, without_user_code
+    from tasks.backbones.source import CodeNotRun, without_user_code
 
     try:
         with without_user_code():

@@ -1,7 +1,7 @@
 """JPEG decoding on the extraction device: ``torchvision.io.decode_jpeg`` on a batch of encoded files
 (nvJPEG on CUDA, libjpeg-turbo on the CPU), then the backbone's resize and crop on the same device.
 
-The stage decodes with PIL in DataLoader workers (:class:`tasks.backbones.Preprocess`); this path is
+The stage decodes with PIL in DataLoader workers (:class:`tasks.backbones.config.Preprocess`); this path is
 what ``benchmarks/gpu.py`` measures against it, and ``tests/test_gpu.py`` checks that it decodes the
 same pixels as PIL (within ±1 on CUDA). It is not wired into the stage: its resize runs on tensors,
 whose rounding differs from PIL's, so its features would need a key of their own.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.backbones import Preprocess
+from tasks.backbones.config import Preprocess
 
 
 def read_files(paths: Sequence[str | Path]) -> list[torch.Tensor]:

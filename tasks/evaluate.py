@@ -24,7 +24,7 @@ from storage.features import FeatureStore
 from storage.head_store import read_meta
 from storage.layout import CacheLayout
 from storage.records import ReportFiles, Records
-from tasks.backbones import BackboneSpec
+from tasks.backbones.config import BackboneSpec
 from tasks.data.manifest import Manifest
 from tasks.machine import pick_device
 from tasks.softmax import softmax
@@ -321,7 +321,7 @@ def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:
 def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from tasks.models import load_model
+    from tasks.backbones.models import load_model
 
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits["test"]

@@ -23,7 +23,7 @@ from storage import inventory
 from storage.features import CorruptFeatureFile, FeatureStore
 from storage.layout import CacheLayout
 from storage.keys import feature_key, feature_spec, short
-from tasks.backbones import BackboneConfig, BackboneSpec, resolve
+from tasks.backbones.config import BackboneConfig, BackboneSpec, resolve
 from tasks.result import StageResult
 from tasks.machine import forward_precision
 from tasks.data.errors import BadImageError

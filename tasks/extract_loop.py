@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from storage.faults import fault_point
 from storage.features import FeatureStore
-from tasks.backbones import BackboneSpec, Preprocess
+from tasks.backbones.config import BackboneSpec, Preprocess
 from tasks.data.images import DECODE_ERRORS
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest, check_headers
 from tasks.data.images import num_workers_for, worker_init
-from tasks.models import FeatureExtractor, build
+from tasks.backbones.models import FeatureExtractor, build
 from tasks.machine import autocast_dtype, pick_device, versions
 from storage.keys import piece_spec
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from storage import keys
 from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
-from tasks.backbones import BackboneSpec
+from tasks.backbones.config import BackboneSpec
 from tasks.result import StageResult
 from tasks.machine import forward_precision
 

@@ -26,11 +26,11 @@ from storage.head_store import load_head_arrays
 from storage.checkpoints import RunFiles
 from storage.faults import fault_point
 from storage.keys import canonical_json, short
-from tasks.backbones import Preprocess
+from tasks.backbones.config import Preprocess
 from tasks.data.manifest import Manifest
 from tasks.data.images import num_workers_for, worker_init
 from tasks.heads import LINEAR_PROBES, best_probe
-from tasks.models import classifier, load_model
+from tasks.backbones.models import classifier, load_model
 from tasks.machine import autocast_dtype, pick_device
 
 log = logging.getLogger("transferpipe.finetune")

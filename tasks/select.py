@@ -26,7 +26,7 @@ from storage import keys
 from storage.atomic import write_text
 from storage.records import Records, SelectionFiles
 from storage.layout import CacheLayout
-from tasks.backbones import BackboneConfig, BackboneSpec
+from tasks.backbones.config import BackboneConfig, BackboneSpec
 from tasks.heads import load_split
 from tasks.result import StageResult
 
@@ -180,7 +180,7 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
     for name, fn in (("logme", logme), ("h_score", h_score)):
         t0 = time.perf_counter()
         scores[name] = Score(value=fn(X, y), seconds=time.perf_counter() - t0)
-    from tasks.models import source_classifier
+    from tasks.backbones.models import source_classifier
 
     classifier = source_classifier(plan.backbone) if plan.layer == "penultimate" else "scores need the penultimate layer"
     if isinstance(classifier, str):

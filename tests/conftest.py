@@ -68,7 +68,7 @@ FT = {"enabled": True, "epochs": 3, "batch_size": 4, "num_workers": 0, "augment"
 def staged(tiny_config):
     """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
     from helpers import split_plans
-    from tasks.backbones import resolve
+    from tasks.backbones.config import resolve
     from tasks.extract import extract_split
     from tasks.finetune import FinetuneConfig, FinetunePlan, plan_finetune
     from tasks.heads import best_probe, plan_heads, train_head

@@ -7,9 +7,10 @@ import torch
 from torchvision.models import ResNet18_Weights, get_model
 
 from storage.checkpoints import CHECKPOINT_FORMAT
-from tasks.backbones import BackboneConfig, BackboneError, resolve
-from tasks.sources import WeightsNotFoundError
-from tasks.models import build, hub_file
+from tasks.backbones.config import BackboneConfig, resolve
+from tasks.backbones.config import BackboneError
+from tasks.backbones.source import WeightsNotFoundError
+from tasks.backbones.models import build, hub_file
 
 
 def features(extractor, x):

@@ -78,7 +78,7 @@ def test_top5_and_scores_without_probabilities():
 
 
 def _plan(cache_dir, context):
-    from tasks.backbones import BackboneConfig, resolve
+    from tasks.backbones.config import BackboneConfig, resolve
     from tasks.evaluate import ModelToEvaluate, plan_evaluation
 
     models = [ModelToEvaluate(name="m", kind="logistic", head_key="h" * 64)]
@@ -228,7 +228,7 @@ def test_the_recommended_model_is_chosen_on_validation_not_test():
 def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tiny_config):
     from helpers import split_plans
     from storage.results import query
-    from tasks.backbones import resolve
+    from tasks.backbones.config import resolve
     from tasks.data.manifest import Manifest
     from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
     from tasks.extract import extract_split

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from storage.features import FeatureStore
-from tasks.models import build
+from tasks.backbones.models import build
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb

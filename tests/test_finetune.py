@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.backbones import resolve
-from tasks.models import build, load_model
+from tasks.backbones.config import resolve
+from tasks.backbones.models import build, load_model
 from tasks.data.manifest import Manifest
 from helpers import state_of
 from tasks.finetune import finetune, run_files

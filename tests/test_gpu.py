@@ -140,7 +140,7 @@ def jpeg(side: tuple[int, int], seed: int, mode: str = "RGB") -> bytes:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decoding_on_the_device_gives_pils_pixels(tmp_path, device):
-    from tasks.backbones import BackboneConfig, resolve
+    from tasks.backbones.config import BackboneConfig, resolve
 
     sizes = [(97, 131), (224, 224), (301, 157), (64, 48)]
     paths = []

@@ -12,13 +12,13 @@ import pytest
 
 from helpers import make_imagefolder, make_shards, make_table
 from storage.keys import canonical_json
-from tasks import sources
+from tasks.backbones import sources
 from tasks.data.config import SOURCES as DATA_SOURCES, get as data_source
-from tasks.backbones import BackboneConfig, resolve
+from tasks.backbones.config import BackboneConfig, resolve
 from tasks.data.config import DataConfig
 from tasks.data.manifest import build_manifest
 from tasks.data.images import decode
-from tasks.sources import PREPROCESS_FIELDS, BackboneError
+from tasks.backbones.source import PREPROCESS_FIELDS, BackboneError
 
 # --------------------------------------------------------------------------- backbone sources
 

@@ -10,9 +10,10 @@ import torch
 
 from flows.config import ConfigError, load_config
 from storage.keys import feature_key, feature_spec
-from tasks.backbones import BackboneConfig, BackboneError, resolve
-from tasks.models import build
-from tasks.sources import MissingExtraError, WeightsNotFoundError
+from tasks.backbones.config import BackboneConfig, resolve
+from tasks.backbones.config import BackboneError
+from tasks.backbones.models import build
+from tasks.backbones.source import MissingExtraError, WeightsNotFoundError
 
 timm = pytest.importorskip("timm")
 
@@ -107,7 +108,7 @@ def test_unknown_timm_names_list_close_matches():
 def test_a_source_whose_package_is_missing_names_the_extra(monkeypatch):
     from importlib.metadata import PackageNotFoundError
 
-    import tasks.sources
+    import tasks.backbones.hub
 
     def version(name):
         if name == "timm":
@@ -115,7 +116,7 @@ def test_a_source_whose_package_is_missing_names_the_extra(monkeypatch):
         return "1.0"
 
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like: to import
-    monkeypatch.setattr(tasks.sources, "version", version)  # and to package metadata
+    monkeypatch.setattr(tasks.backbones.hub, "version", version)  # and to package metadata
     with pytest.raises(ValueError, match=r"needs the 'timm' package, which is not installed: pip install 'transferpipe\[timm\]'"):
         BackboneConfig(source="timm", name="a_model_not_seen_before_by_the_cache", weights="none")
     with pytest.raises(MissingExtraError):

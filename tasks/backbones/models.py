@@ -1,6 +1,6 @@
 """The backbone as a torch module: weights loaded (never downloaded), classifier dropped, feature layers hooked.
 
-:mod:`tasks.backbones` resolves a config into a :class:`~tasks.backbones.BackboneSpec`
+:mod:`tasks.backbones.config` resolves a config into a :class:`~tasks.backbones.config.BackboneSpec`
 without torch; this module builds it.
 """
 from __future__ import annotations
@@ -14,16 +14,15 @@ import torch
 import torchvision
 from torch import nn
 
-
 from storage import checkpoints
 from storage.checkpoints import WeightsFileError
-from tasks import sources
-from tasks.backbones import PENULTIMATE, BackboneError, BackboneSpec
+from tasks.backbones.config import PENULTIMATE, BackboneError, BackboneSpec
+from tasks.backbones.sources import get
 
 
 def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
     """Where torchvision keeps (and looks for) this weights file: $TORCH_HOME/hub/checkpoints/."""
-    return sources.get("torchvision").hub_file(f"{type(weights).__name__}.{weights.name}")
+    return get("torchvision").hub_file(f"{type(weights).__name__}.{weights.name}")
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Backbone configs and specs, without torch: which network, which weights, which layers, how to preprocess.
 
 A backbone config is resolved into a :class:`BackboneSpec` (cheap: no weights
-are loaded) whose ``key_fields`` enter the feature key; :func:`tasks.models.build`
+are loaded) whose ``key_fields`` enter the feature key; :func:`tasks.backbones.models.build`
 turns a spec into a torch module. What differs between torchvision, timm and
-the user's own factory lives in :mod:`tasks.sources`. Preprocessing always
+the user's own factory lives in :mod:`tasks.backbones.sources`. Preprocessing always
 comes from the weights' own definition unless the config overrides it. No code
 path downloads: named weights are read from the local caches, and a missing
 file is an error that says which file to put where.
@@ -22,18 +22,28 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from storage.records import Records
 from storage.keys import backbone_memo_key, file_sha256
 from storage.layout import CacheLayout
-from tasks import sources
-from tasks.sources import PREPROCESS_FIELDS, BackboneError
+from storage.records import Records
+from tasks.backbones.source import PREPROCESS_FIELDS, BackboneError, CodeNotRun, Source
+from tasks.backbones.sources import SOURCES, get
 
 if TYPE_CHECKING:
     import torch
 
+
 PENULTIMATE = "penultimate"
+
+
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -45,7 +55,7 @@ def _memo(cache_dir: Path | None, what: dict[str, Any], compute: Callable[[], An
     """``compute()``, remembered as JSON under ``backbones/`` when there is a cache.
 
     ``what`` must name everything the answer depends on (the source's library
-    version or the factory file's size and mtime: :meth:`tasks.sources.Source.identity`).
+    version or the factory file's size and mtime: :meth:`tasks.backbones.source.Source.identity`).
     """
     if cache_dir is None:
         return compute()
@@ -84,7 +94,7 @@ class BackboneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal[tuple(sources.SOURCES)] = "torchvision"  # the registry's names (tasks/sources.py)
+    source: Literal[tuple(SOURCES)] = "torchvision"  # the registry's names (tasks/backbones/sources.py)
     search_path: list[str] = Field(default_factory=lambda: ["."], validate_default=True,
                                    description="python source: folders searched first for the factory's module, "
                                                "relative to the config's folder")
@@ -105,11 +115,11 @@ class BackboneConfig(BaseModel):
     @classmethod
     def _known_name(cls, v: str, info: ValidationInfo) -> str:
         source = info.data.get("source", "torchvision")
-        src = sources.get(source, tuple(info.data.get("search_path") or ()))
+        src = get(source, tuple(info.data.get("search_path") or ()))
         try:
             _memo(_context(info).get("cache_dir"), {"what": "check", "source": source, "name": v,
                                                      **src.identity(v, {})}, lambda: src.check(v))
-        except sources.CodeNotRun:
+        except CodeNotRun:
             pass  # a dry run checks no code it may not run: the first run checks it
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
@@ -127,15 +137,15 @@ class BackboneConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> BackboneConfig:
         cache = _context(info).get("cache_dir")
-        src = sources.get(self.source, tuple(self.search_path))
+        src = get(self.source, tuple(self.search_path))
         if self.kwargs and not src.takes_kwargs:
-            takers = " or ".join(name for name, s in sources.SOURCES.items() if s.takes_kwargs)
+            takers = " or ".join(name for name, s in SOURCES.items() if s.takes_kwargs)
             raise ValueError(f"backbone.kwargs applies to source {takers}, not {self.source}")
         try:
             if not _looks_like_file(self.weights) and self.weights.lower() != "none":
                 _named_weights(src, self.name, self.weights, cache)
             names = module_names(self, cache)
-        except sources.CodeNotRun:
+        except CodeNotRun:
             return self  # as above: the layers are checked by the first run, before anything computes
         except BackboneError as exc:
             raise ValueError(str(exc)) from None
@@ -153,7 +163,7 @@ class BackboneConfig(BaseModel):
 
 def module_names(cfg: BackboneConfig, cache_dir: Path | None) -> list[str]:
     """Every module name of the backbone (dotted), as its source says; remembered in the cache."""
-    src = sources.get(cfg.source, tuple(cfg.search_path))
+    src = get(cfg.source, tuple(cfg.search_path))
     ident = {"source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs, **src.identity(cfg.name, cfg.kwargs)}
     return _memo(cache_dir, {"what": "modules", **ident}, lambda: src.modules(cfg.name, cfg.kwargs))
 
@@ -162,7 +172,7 @@ def _looks_like_file(value: str) -> bool:
     return value.endswith(WEIGHT_FILE_SUFFIXES) or "/" in value or value.startswith("~")
 
 
-def _named_weights(src: sources.Source, name: str, weights: str, cache_dir: Path | None) -> str:
+def _named_weights(src: Source, name: str, weights: str, cache_dir: Path | None) -> str:
     """What the key says for named weights; their file must be on this machine when the source keeps one."""
     ident = {"what": "named-weights", "source": src.name, "name": name, "weights": weights, **src.identity(name, {})}
     resolved, path = _memo(cache_dir, ident, lambda: [str(x) if x else None for x in src.named_weights(name, weights)])
@@ -179,7 +189,7 @@ def _file_digest(path: Path, cache_dir: Path | None) -> str:
                              "mtime_ns": st.st_mtime_ns}, lambda: file_sha256(path))
 
 
-def _preprocessing(src: sources.Source, cfg: BackboneConfig, weights: str, cache_dir: Path | None) -> dict[str, Any]:
+def _preprocessing(src: Source, cfg: BackboneConfig, weights: str, cache_dir: Path | None) -> dict[str, Any]:
     ident = {"what": "preprocess", "source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs, "weights": weights,
              **src.identity(cfg.name, cfg.kwargs)}
     return _memo(cache_dir, ident, lambda: src.preprocessing(cfg.name, weights, cfg.kwargs))
@@ -260,8 +270,8 @@ class BackboneSpec:
     def weights_file(self) -> Path | None:
         return Path(self.weights) if self.weights_id.startswith("sha256:") else None
 
-    def origin(self) -> sources.Source:
-        return sources.get(self.source, self.search_path)
+    def origin(self) -> Source:
+        return get(self.source, self.search_path)
 
 
 def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
@@ -270,7 +280,7 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
     With ``cache_dir``, what the source says and the files' hashes are remembered there.
     """
     search = tuple(cfg.search_path)
-    src = sources.get(cfg.source, search)
+    src = get(cfg.source, search)
     if cfg.weights.lower() == "none":
         weights, weights_id = "none", f"none(seed={cfg.init_seed})"
         base = _preprocessing(src, cfg, "DEFAULT", cache_dir)
