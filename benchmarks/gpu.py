@@ -239,7 +239,7 @@ def head_rows(tmp: Path, device: torch.device, s: Sizes) -> list[Row]:
     """A 3-candidate sweep, 30 iterations each, chosen on a validation split of a tenth of the size."""
     from storage.features import FeatureStore
     from storage.keys import feature_key, feature_spec
-    from tasks.estimators import LogisticHead, TorchLinearHead
+    from tasks.heads.linear import LogisticHead, TorchLinearHead
 
     X, y = synthetic_features(s.head_rows, s.head_dim, s.head_classes, 1)
     Xv, yv = synthetic_features(s.head_rows // 10, s.head_dim, s.head_classes, 2)
@@ -273,7 +273,7 @@ def head_rows(tmp: Path, device: torch.device, s: Sizes) -> list[Row]:
 
 
 def knn_rows(device: torch.device, s: Sizes) -> list[Row]:
-    from tasks.estimators import knn_search, knn_torch
+    from tasks.heads.neighbours import knn_search, knn_torch
 
     bank, _ = synthetic_features(s.head_rows, s.head_dim, s.head_classes, 3)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)

@@ -33,8 +33,9 @@ from tasks.data.config import DataConfig
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
-from tasks.heads import load_split
-from tasks.estimators import KNNHead, LogisticHead, RidgeHead, TorchLinearHead
+from tasks.heads.stage import load_split
+from tasks.heads.neighbours import KNNHead
+from tasks.heads.linear import LogisticHead, RidgeHead, TorchLinearHead
 
 BACKBONE = BackboneConfig(name="resnet18", weights="none", preprocess={"resize": 32, "crop": 32})
 

@@ -166,8 +166,8 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         result = extract_split(plans["train"])
         return f"{result.rows / result.seconds:,.0f} img/s"
     if stage in ("linear", "knn", "logistic"):
-        from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig
-        from tasks.heads import plan_heads, train_head
+        from tasks.heads.configs import KNNConfig, LinearConfig, LogisticConfig
+        from tasks.heads.stage import plan_heads, train_head
 
         train = synthetic_features(work / "features", "train", n)
         val = synthetic_features(work / "features", "val", 2000, seed=1)
@@ -233,7 +233,7 @@ def imagenet_probe(rows: int, work: Path) -> str:
     """The streaming linear probe at ImageNet's size, 1.28 M x 2048 x 1,000 classes (float16 on disk): its
     statistics pass and one L-BFGS iteration through ``fit_rows``, the code path the heads stage runs."""
     from storage.features import FeatureStore
-    from tasks.estimators import TorchLinearHead
+    from tasks.heads.linear import TorchLinearHead
 
     train = synthetic_features(work / "features", "imagenet-train", rows, dim=2048, classes=1000)
     val = synthetic_features(work / "features", "imagenet-val", 10_000, dim=2048, classes=1000, seed=1)

@@ -18,8 +18,8 @@ from benchmarks import QUICK_DIGITS, parse_args
 from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig
 from tasks.extract import ExtractConfig, extract_split, plan_extraction
-from tasks.heads import load_split
-from tasks.estimators import LogisticHead
+from tasks.heads.stage import load_split
+from tasks.heads.linear import LogisticHead
 from tasks.select import h_score, logme
 
 

@@ -27,7 +27,7 @@ from tasks.export import ExportConfig
 from tasks.index import IndexConfig
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
-from tasks.head_configs import HeadConfig
+from tasks.heads.configs import HeadConfig
 from tasks.select import SelectConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -29,7 +29,7 @@ from tasks.backbones.config import module_names, resolve
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest
 from tasks.evaluate import ModelToEvaluate
-from tasks.head_configs import KNNConfig, LogisticConfig
+from tasks.heads.configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible
 from tasks.result import summarize
 from tasks.backbones.source import CodeNotRun

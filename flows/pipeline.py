@@ -18,7 +18,7 @@ from tasks.export import ExportResult
 from tasks.extract import ExtractResult
 from tasks.index import IndexResult
 from tasks.finetune import FinetuneResult
-from tasks.heads import HeadResult
+from tasks.heads.stage import HeadResult
 from tasks.result import summarize
 
 Stop = graph.Goal

@@ -28,7 +28,7 @@ from tasks.export import export_split
 from tasks.extract import extract_split
 from tasks.index import build_index
 from tasks.finetune import finetune
-from tasks.heads import train_head
+from tasks.heads.stage import train_head
 from tasks.select import score_candidate
 from tasks.piece_groups import extract_group, join_group
 

@@ -28,7 +28,7 @@ from tasks.backbones.config import BackboneSpec
 from tasks.data.manifest import Manifest
 from tasks.machine import pick_device
 from tasks.softmax import softmax
-from tasks.heads import load_head, load_split
+from tasks.heads.stage import load_head, load_split
 from tasks.intervals import pack_hits, top1_interval, unpack_hits
 from tasks.embedding_map import MapConfig
 from tasks.report import ranked, registry_rows, write_report
@@ -349,7 +349,7 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
 def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
     """The retrieval metrics of the plan's settings, remembered by (queries, gallery, settings, index) key: an
     evaluation that changed only a head does not search again."""
-    from tasks.heads import memory_budget
+    from tasks.heads.stage import memory_budget
     from tasks.retrieval import Rows, retrieval_metrics
 
     wanted = plan.retrieval

@@ -156,7 +156,7 @@ def plan_finetune(cfg: FinetuneConfig, backbone: BackboneSpec, manifest: Path, c
                   feature_keys: dict[str, str], probes: list[str]) -> FinetunePlan:
     """Key: feature inputs (backbone + split fingerprints) + finetune config + the LP-FT probes to choose from.
 
-    The probes are fit keys (:func:`tasks.heads.probe_candidates`): which one is best on val follows from them,
+    The probes are fit keys (:func:`tasks.heads.stage.probe_candidates`): which one is best on val follows from them,
     so the key is known before any head is trained.
     """
     probes = list(probes) if cfg.init_head == "best_probe" else []

@@ -29,7 +29,8 @@ from storage.keys import canonical_json, short
 from tasks.backbones.config import Preprocess
 from tasks.data.manifest import Manifest
 from tasks.data.images import num_workers_for, worker_init
-from tasks.heads import LINEAR_PROBES, best_probe
+from tasks.heads.configs import CONFIGS
+from tasks.heads.stage import best_probe
 from tasks.backbones.models import classifier, load_model
 from tasks.machine import autocast_dtype, pick_device
 
@@ -115,7 +116,7 @@ def init_head_from_probe(model: nn.Module, head: str, cache_dir: Path, probe_key
     W z + b = (W / scale) x + (b - (W / scale) mean).
     """
     meta, arrays = load_head_arrays(cache_dir, probe_key)
-    if meta["kind"] not in LINEAR_PROBES or meta["params"]["preprocess"] == "l2":
+    if not CONFIGS[meta["kind"]].linear_probe or meta["params"]["preprocess"] == "l2":
         raise ValueError(f"head {short(probe_key)} ({meta['kind']}, {meta['params']['preprocess']}) is not a linear probe")
     layer = model.get_submodule(head)
     W = arrays["coef_"].astype(np.float64) / arrays["scale_"].astype(np.float64)

@@ -10,7 +10,7 @@ an item is relevant when it has the query's class. With R the number of relevant
   nearest is relevant, P(i) the precision at i.
 
 Queries without a relevant gallery item (R = 0) are left out and counted. Neighbours are ranked by similarity,
-ties by the lower gallery row (as the kNN head's search, :func:`tasks.estimators._top_k`, breaks them). The search never forms a query x
+ties by the lower gallery row (as the kNN head's search, :func:`tasks.heads.neighbours._top_k`, breaks them). The search never forms a query x
 gallery matrix: each block of queries streams the gallery in chunks with a running top-K (K = max(k, R)), and
 a chunk whose every similarity is below a query's current K-th is skipped for it. Memory is
 O(block x (K + chunk)) plus the gallery when it fits the heads' memory budget (else it is read from its HDF5

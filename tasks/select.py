@@ -27,7 +27,7 @@ from storage.atomic import write_text
 from storage.records import Records, SelectionFiles
 from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig, BackboneSpec
-from tasks.heads import load_split
+from tasks.heads.stage import load_split
 from tasks.result import StageResult
 
 SCORES = ("logme", "h_score", "nce", "leep")

@@ -71,7 +71,7 @@ def staged(tiny_config):
     from tasks.backbones.config import resolve
     from tasks.extract import extract_split
     from tasks.finetune import FinetuneConfig, FinetunePlan, plan_finetune
-    from tasks.heads import best_probe, plan_heads, train_head
+    from tasks.heads.stage import best_probe, plan_heads, train_head
 
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
     feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}

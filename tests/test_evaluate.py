@@ -232,8 +232,8 @@ def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tin
     from tasks.data.manifest import Manifest
     from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
     from tasks.extract import extract_split
-    from tasks.head_configs import KNNConfig, LogisticConfig
-    from tasks.heads import fits, load_head, load_split, plan_heads, train_head
+    from tasks.heads.configs import KNNConfig, LogisticConfig
+    from tasks.heads.stage import fits, load_head, load_split, plan_heads, train_head
 
     cfg = tiny_config()
     feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}

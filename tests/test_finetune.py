@@ -14,7 +14,7 @@ from tasks.finetune import finetune, run_files
 from tasks.finetune_loop import (
     build_optimizer, build_schedule, freeze, init_head_from_probe, unfrozen_modules,
 )
-from tasks.heads import load_head
+from tasks.heads.stage import load_head
 
 
 def test_only_unfrozen_blocks_change_and_frozen_batchnorm_keeps_its_statistics(staged):
@@ -129,7 +129,7 @@ def test_freeze_bn_all_keeps_every_batchnorm_statistic(staged):
 
 
 def test_standardisation_does_not_amplify_dead_features():
-    from tasks.estimators import LogisticHead
+    from tasks.heads.linear import LogisticHead
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 8)).astype(np.float32)

@@ -28,7 +28,8 @@ from PIL import Image
 from helpers import FINETUNE_CHILD, blobs, split_plans, state_of, store_split
 from storage.features import FeatureStore
 from tasks.decode import decode_jpegs, read_files, to_batch
-from tasks.estimators import KNNHead, TorchLinearHead, knn_search, knn_torch
+from tasks.heads.neighbours import KNNHead, knn_search, knn_torch
+from tasks.heads.linear import TorchLinearHead
 from tasks.extract import extract_split
 from tasks.finetune import finetune, run_files
 from tasks.machine import forward_precision
@@ -109,7 +110,7 @@ def test_linear_and_knn_heads_predict_the_same_on_the_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_streaming_linear_head_moves_its_chunks_to_the_device(tmp_path, device):
-    from tasks.heads import load_split
+    from tasks.heads.stage import load_split
 
     cache = tmp_path / "cache"
     train, val = store_split(cache, "train", 3000, 1), store_split(cache, "val", 600, 2)

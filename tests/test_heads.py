@@ -9,9 +9,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from storage.head_store import CorruptArtifact, head_dir, save_head
 from helpers import split_plans
-from tasks.head_configs import KNNConfig, LogisticConfig
-from tasks.heads import few_shot_indices, load_head, load_split, plan_heads, train_head
-from tasks.estimators import HEADS, KNNHead, LogisticHead, PrototypeHead, RidgeHead, SVMHead, TorchLinearHead, knn_search
+from tasks.heads.configs import KNNConfig, LogisticConfig
+from tasks.heads.stage import few_shot_indices, load_head, load_split, plan_heads, train_head
+from tasks.heads.estimators import HEADS
+from tasks.heads.neighbours import KNNHead, PrototypeHead, knn_search
+from tasks.heads.linear import LogisticHead, RidgeHead, SVMHead, TorchLinearHead
 
 CPU = {"linear": {"device": "cpu"}, "knn": {"device": "cpu"}}
 
@@ -78,7 +80,7 @@ def test_the_logistic_probe_is_scikit_learns_converged_fit_at_the_chosen_C(optio
     target = Xt if options.get("align") else None
     head = LogisticHead(**options).fit(X, y, Xv, yv, X_target=target)
     if options.get("align"):  # CORAL maps train and val; the plain fit sees the mapped features
-        from tasks.estimators import coral_map
+        from tasks.heads.grid import coral_map
 
         to_target = coral_map(X, Xt)
         X, Xv, Xt = to_target(X), to_target(Xv), to_target(Xt)
@@ -197,7 +199,7 @@ def test_stage_trains_every_shot_and_seed_then_reuses_them(features):
 
 
 def test_features_are_read_once_per_process(features):
-    from tasks.heads import _load
+    from tasks.heads.stage import _load
 
     cache_dir, train_key, _ = features
     load_split(cache_dir, train_key, "penultimate")
@@ -255,7 +257,7 @@ def test_each_estimator_takes_exactly_its_configs_parameters_and_defaults(kind):
     """One schema: a head's config fields are its estimator's parameters, with the same defaults."""
     import inspect
 
-    from tasks.head_configs import CONFIGS, default
+    from tasks.heads.configs import CONFIGS, default
 
     config = CONFIGS[kind](kind=kind)
     signature = inspect.signature(HEADS[kind].__init__).parameters
@@ -319,7 +321,7 @@ def test_the_prototype_head_with_one_label_per_class():
 
 
 def test_a_prototype_head_centred_on_the_target_needs_a_test_split(features):
-    from tasks.head_configs import PrototypeConfig
+    from tasks.heads.configs import PrototypeConfig
 
     cache_dir, train_key, val_key = features
     heads = [PrototypeConfig(kind="prototype", centre="target", shots=[1, "all"], seeds=1)]

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from storage.features import FeatureStore, FeatureStoreError
-from tasks.estimators import KNNHead, TorchLinearHead, knn_search
-from tasks.head_configs import KNNConfig, LinearConfig, LogisticConfig
-from tasks.heads import MEMORY_ENV, SplitTooBig, load_head, load_split
-from tasks.heads import plan_heads, train_head
+from tasks.heads.neighbours import KNNHead, knn_search
+from tasks.heads.linear import TorchLinearHead
+from tasks.heads.configs import KNNConfig, LinearConfig, LogisticConfig
+from tasks.heads.stage import MEMORY_ENV, SplitTooBig, load_head, load_split
+from tasks.heads.stage import plan_heads, train_head
 from helpers import store_split
 
 
@@ -145,7 +146,7 @@ def test_streaming_probe_matches_scikit_learns_logistic_regression(splits):
 
 
 def test_top_k_breaks_ties_by_the_lower_bank_index_like_a_stable_sort():
-    from tasks.estimators import _top_k
+    from tasks.heads.neighbours import _top_k
 
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -1,6 +1,6 @@
 """The head configs (``heads:`` entries): the one schema of every head kind's parameters and their defaults.
 
-The estimators (:mod:`tasks.estimators`) take their constructor defaults from
+The estimators (:mod:`tasks.heads.estimators`) take their constructor defaults from
 here (:func:`default`), and ``tests/test_heads.py`` checks that every
 estimator's parameters are exactly its config's, so a parameter is spelled in
 its config and its estimator's signature, and its default only here. Importing
@@ -8,7 +8,7 @@ this module imports neither scikit-learn nor torch.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,9 @@ Shot = Union[int, Literal["all"]]
 
 class _HeadBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: a linear probe on the backbone's features: LP-FT may start the fine-tuned classifier from it
+    linear_probe: ClassVar[bool] = False
 
     name: str | None = Field(None, description="label in reports; default: the kind")
     layer: str = "penultimate"
@@ -41,6 +44,10 @@ class _HeadBase(BaseModel):
     def label(self) -> str:
         return self.name or self.kind  # type: ignore[attr-defined]
 
+    def needs_target(self) -> bool:
+        """Whether the head reads the test split's features (no labels) while it is trained."""
+        return self.align == "coral"
+
     def estimator_params(self) -> dict[str, Any]:
         """Constructor arguments of the estimator: this config minus the stage's own fields."""
         stage = {"name", "layer", "shots", "seeds", "seed", "kind"}
@@ -62,6 +69,7 @@ def _grid(values: tuple) -> Any:
 
 class LogisticConfig(_HeadBase):
     kind: Literal["logistic"]
+    linear_probe = True
     C: list[float] = _grid(tuple(10.0 ** e for e in range(-6, 7)))
     max_iter: int = Field(1000, ge=1)
     tol: float = Field(1e-6, gt=0, description="L-BFGS stops when no gradient component of the mean loss exceeds "
@@ -74,6 +82,7 @@ class LogisticConfig(_HeadBase):
 
 class LinearConfig(_HeadBase):
     kind: Literal["linear"]
+    linear_probe = True
     weight_decay: list[float] = _grid((0.0, 1e-4, 1e-3, 1e-2, 1e-1))
     optimizer: Literal["lbfgs", "adamw"] = "lbfgs"
     max_iter: int = Field(200, ge=1)
@@ -123,11 +132,15 @@ class PrototypeConfig(_HeadBase):
 
     _check = field_validator("temperature")(lambda v: _positive(v, "temperature"))
 
+    def needs_target(self) -> bool:
+        return super().needs_target() or self.centre == "target"
+
 
 #: the config class of each head kind (``kind:``)
 CONFIGS: dict[str, type[_HeadBase]] = {c.model_fields["kind"].annotation.__args__[0]: c
                                        for c in (LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig,
                                                  PrototypeConfig)}
+
 
 HeadConfig = Annotated[
     Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig, PrototypeConfig],

@@ -20,17 +20,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from storage.faults import fault_point
-from storage.head_store import head_exists, load_head_arrays, read_meta, save_head
-from storage.features import FeatureRows, FeatureStore, FeatureStoreError
 from storage import keys
-from tasks.head_configs import HeadConfig, Shot
+from storage.faults import fault_point
+from storage.features import FeatureRows, FeatureStore, FeatureStoreError
+from storage.head_store import head_exists, load_head_arrays, read_meta, save_head
+from tasks.heads.configs import HeadConfig, Shot
 from tasks.result import StageResult
 
-log = logging.getLogger("transferpipe.heads")
-
 if TYPE_CHECKING:
-    from tasks.estimators import GridHead
+    from tasks.heads.grid import GridHead
+
+
+log = logging.getLogger("transferpipe.heads")
 
 
 class HeadPlan(BaseModel):
@@ -86,16 +87,13 @@ def plan_heads(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
-    def needs_target(h) -> bool:
-        return h.align == "coral" or getattr(h, "centre", "train") == "target"
-
-    aligned = [h.label for h in heads if needs_target(h)]
+    aligned = [h.label for h in heads if h.needs_target()]
     if aligned and target_key is None:
         raise ValueError(f"heads {aligned} use align: coral or centre: target, which needs a test split as the "
                          "target domain")
     plans = []
     for h in heads:
-        target = target_key if needs_target(h) else None
+        target = target_key if h.needs_target() else None
         key = keys.key(keys.head_spec(h.model_dump(), train_key, val_key, target))
         plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
                               cache_dir=Path(cache_dir)))
@@ -135,10 +133,8 @@ def stored_result(plan: HeadPlan) -> HeadResult:
                       records=[_reused(plan, key) for _, _, key in fits(plan)])
 
 
-# --------------------------------------------------------------------------- features
-
-
 _load_lock = threading.Lock()
+
 
 MEMORY_ENV = "TRANSFERPIPE_HEADS_MEMORY_GB"
 
@@ -188,9 +184,6 @@ def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(np.flatnonzero(labels == c))[:shot] for c in np.unique(labels)]
     return np.sort(np.concatenate(picked))
-
-
-# --------------------------------------------------------------------------- stage
 
 
 def _single_threaded_blas() -> None:
@@ -292,13 +285,10 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
     return record
 
 
-LINEAR_PROBES = ("logistic", "linear")
-
-
 def probe_candidates(plans: list[HeadPlan]) -> list[str]:
     """Fit keys of the heads LP-FT may start from: linear probes on the penultimate layer, all labels, raw or
     standardised features. Known before any head is trained, so the fine-tune key is too (``transferpipe plan``)."""
-    return [key for p in plans if p.head.kind in LINEAR_PROBES and p.head.layer == "penultimate"
+    return [key for p in plans if p.head.linear_probe and p.head.layer == "penultimate"
             and p.head.preprocess in ("none", "standardize") for shot, _, key in fits(p) if shot == "all"]
 
 
@@ -310,14 +300,14 @@ def best_probe(cache_dir: Path, candidates: list[str]) -> str | None:
 
 def estimator(head: HeadConfig) -> GridHead:
     """The unfitted estimator of a head config (scikit-learn or torch imported here, not with the config)."""
-    from tasks.estimators import HEADS
+    from tasks.heads.estimators import HEADS
 
     return HEADS[head.kind](**head.estimator_params())
 
 
 def load_head(cache_dir: Path, key: str) -> GridHead:
     """A saved head, ready to predict (checksum-verified; never unpickled)."""
-    from tasks.estimators import HEADS
+    from tasks.heads.estimators import HEADS
 
     meta, arrays = load_head_arrays(cache_dir, key)
     extra = {"best_param": meta["best_param"], "val_accuracy": meta["val_accuracy"], "grid": meta["grid"]}
