@@ -1,7 +1,7 @@
 """Extraction throughput: the full stage against a bare forward loop, same images, same run.
 
 (a) bare: ``model(x)`` over tensors decoded and transformed beforehand (the ceiling);
-(b) stage: ``tasks.extract.extract_split`` — decode → transform → forward → HDF5,
+(b) stage: ``tasks.extract.stage.extract_split`` — decode → transform → forward → HDF5,
     with ``num_workers`` 0 and auto.
 
 Prints images/s and the ratio b/a (1.0 = the stage costs nothing beyond the model).
@@ -34,7 +34,8 @@ from tasks.backbones.models import build
 from tasks.data.config import DataConfig
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb
-from tasks.extract import ExtractConfig, extract_split, plan_extraction
+from tasks.extract.plan import ExtractConfig, plan_extraction
+from tasks.extract.stage import extract_split
 
 
 def make_images(root: Path, n: int, size: int, classes: int = 4) -> None:

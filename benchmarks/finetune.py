@@ -16,7 +16,7 @@ from benchmarks import parse_args
 from benchmarks.extract import make_images
 from tasks.backbones.config import BackboneConfig, resolve
 from tasks.data.config import DataConfig
-from tasks.extract import ExtractConfig, plan_extraction
+from tasks.extract.plan import ExtractConfig, plan_extraction
 from tasks.finetune import FinetuneConfig, finetune, plan_finetune
 
 

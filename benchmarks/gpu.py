@@ -10,7 +10,7 @@ grows). The groups (docs/GPU.md says what each row means and the targets):
 1. extraction from uint8 tensors already on the device, per backbone: fp32; AMP (bf16 where
    supported); channels_last; both; ``torch.compile`` with both (``--compile``, default on a GPU);
 2. extraction from JPEG files: a bare loop (PIL decode in DataLoader workers, ``model(x)``), the stage
-   (``tasks.extract.extract_split``: the same decode, and the HDF5 store), and ``torchvision.io.decode_jpeg``
+   (``tasks.extract.stage.extract_split``: the same decode, and the HDF5 store), and ``torchvision.io.decode_jpeg``
    batched on the device (nvJPEG on CUDA; libjpeg-turbo in the main process on the CPU);
 3. heads on synthetic cached features: scikit-learn's logistic sweep on the CPU (the baseline), the torch
    linear head's sweep on the device, and the same head streaming the split from HDF5 in chunks;
@@ -164,8 +164,9 @@ def jpeg_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[R
     from tasks.data.config import DataConfig
     from tasks.data.manifest import Manifest
     from tasks.data.images import load_rgb, num_workers_for
-    from tasks.decode import decode_jpegs, read_files, to_batch
-    from tasks.extract import ExtractConfig, extract_split, plan_extraction
+    from tasks.extract.gpu_decode import decode_jpegs, read_files, to_batch
+    from tasks.extract.plan import ExtractConfig, plan_extraction
+    from tasks.extract.stage import extract_split
     from tasks.machine import autocast_dtype, forward_precision
 
     backbone = BackboneConfig(name=s.models[-1], weights="none",
@@ -294,7 +295,7 @@ def finetune_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> li
     """One epoch of the stage (``layer4`` unfrozen, random head, no augmentation), AMP off and on: the training
     pass's images/s as the stage records it, after one warm-up run."""
     from tasks.data.config import DataConfig
-    from tasks.extract import ExtractConfig, plan_extraction
+    from tasks.extract.plan import ExtractConfig, plan_extraction
     from tasks.finetune import FinetuneConfig, finetune, plan_finetune
     from tasks.machine import forward_precision
 

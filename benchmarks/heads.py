@@ -32,7 +32,8 @@ from tasks.backbones.models import build
 from tasks.data.config import DataConfig
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb
-from tasks.extract import ExtractConfig, extract_split, plan_extraction
+from tasks.extract.plan import ExtractConfig, plan_extraction
+from tasks.extract.stage import extract_split
 from tasks.heads.stage import load_split
 from tasks.heads.neighbours import KNNHead
 from tasks.heads.linear import LogisticHead, RidgeHead, TorchLinearHead

@@ -156,7 +156,8 @@ def run_stage(stage: str, n: int, work: Path) -> str:
     if stage == "extract":
         from tasks.backbones.config import BackboneConfig
         from tasks.data.config import DataConfig
-        from tasks.extract import ExtractConfig, extract_split, plan_extraction
+        from tasks.extract.plan import ExtractConfig, plan_extraction
+        from tasks.extract.stage import extract_split
 
         root = tiny_pngs(work / f"pngs-{n}", n)
         plans = plan_extraction(DataConfig(source="imagefolder", root=root, val_fraction=0, test_fraction=0),
@@ -210,7 +211,8 @@ def grow(work: Path, n: int) -> str:
     """Extract ``n`` samples in 10 shards, then the same plus an 11th: what the second run computes."""
     from tasks.backbones.config import BackboneConfig
     from tasks.data.config import DataConfig
-    from tasks.extract import ExtractConfig, extract_split, plan_extraction
+    from tasks.extract.plan import ExtractConfig, plan_extraction
+    from tasks.extract.stage import extract_split
 
     root = tar_shards(work / f"grow-{n}", n * 11 // 10, per_shard=n // 10)
     shards = sorted(str(p) for p in root.glob("*.tar"))

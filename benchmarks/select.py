@@ -17,7 +17,8 @@ from pathlib import Path
 from benchmarks import QUICK_DIGITS, parse_args
 from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig
-from tasks.extract import ExtractConfig, extract_split, plan_extraction
+from tasks.extract.plan import ExtractConfig, plan_extraction
+from tasks.extract.stage import extract_split
 from tasks.heads.stage import load_split
 from tasks.heads.linear import LogisticHead
 from tasks.select import h_score, logme

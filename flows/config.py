@@ -25,7 +25,7 @@ from tasks.data.config import DataConfig, resolve_path
 from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
 from tasks.index import IndexConfig
-from tasks.extract import ExtractConfig
+from tasks.extract.plan import ExtractConfig
 from tasks.finetune import FinetuneConfig
 from tasks.heads.configs import HeadConfig
 from tasks.select import SelectConfig

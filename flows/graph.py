@@ -24,7 +24,9 @@ from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
-from tasks import evaluate, export, extract, finetune, heads, select
+from tasks import evaluate, export, finetune, select
+from tasks.extract import plan as extract
+from tasks.heads import stage as heads
 from tasks.backbones.config import module_names, resolve
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest

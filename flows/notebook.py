@@ -75,7 +75,8 @@ def cached_features(config: str | Path | ExperimentConfig, split: str = "train",
     imported nor called (as in ``transferpipe plan``); what its key needs comes from what the run that
     extracted the features remembered in the cache.
     """
-    from tasks.extract import is_stored, plan_extraction
+    from tasks.extract.plan import is_stored
+    from tasks.extract.plan import plan_extraction
     from tasks.backbones.source import CodeNotRun, without_user_code
 
     try:

@@ -15,7 +15,7 @@ from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
 from tasks.evaluate import EvalResult, ModelReport
 from tasks.export import ExportResult
-from tasks.extract import ExtractResult
+from tasks.extract.plan import ExtractResult
 from tasks.index import IndexResult
 from tasks.finetune import FinetuneResult
 from tasks.heads.stage import HeadResult

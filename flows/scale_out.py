@@ -1,6 +1,6 @@
 """Extraction sharded over Dask workers with Prefect's Dask task runner (prefect-dask).
 
-The pieces of each split that are not stored yet (:mod:`tasks.pieces`: a
+The pieces of each split that are not stored yet (:mod:`tasks.extract.pieces`: a
 WebDataset shard, or a content-defined run of images) are dealt to the workers
 in groups of whole pieces; every group is a cached, retryable task that a
 worker extracts to the pieces' own files (``features/pieces/``), one GPU per
@@ -21,8 +21,9 @@ from prefect import flow
 from flows.config import DaskConfig, ExperimentConfig
 from flows.local import experiment_run_name
 from flows.stage_tasks import extract_pieces_task, extract_split_task, join_pieces_task, run_stage, submit_stage
-from tasks.extract import ExtractResult, SplitPlan, is_stored
-from tasks.piece_groups import plan_groups
+from tasks.extract.plan import ExtractResult, SplitPlan
+from tasks.extract.plan import is_stored
+from tasks.extract.groups import plan_groups
 
 log = logging.getLogger("transferpipe.scale_out")
 

@@ -25,12 +25,12 @@ from flows.config import ExperimentConfig
 from storage.keys import fingerprint
 from tasks.evaluate import evaluate
 from tasks.export import export_split
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 from tasks.index import build_index
 from tasks.finetune import finetune
 from tasks.heads.stage import train_head
 from tasks.select import score_candidate
-from tasks.piece_groups import extract_group, join_group
+from tasks.extract.groups import extract_group, join_group
 
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from storage.features import FeatureStore
 from storage.keys import closest
 from storage.layout import CacheLayout
 from tasks.data.manifest import Manifest
-from tasks.pieces import Piece
+from tasks.extract.pieces import Piece
 
 
 def why_not_cached(spec: dict[str, Any], stored: list[dict[str, Any]]) -> list[str]:

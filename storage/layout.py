@@ -3,7 +3,7 @@
 ```
 <cache_dir>/
   features/<key>.h5 (.partial, .lock, .used)   feature files      storage/features.py
-  features/pieces/<piece key>.h5               pieces of splits    tasks/pieces.py, storage/piece_join.py
+  features/pieces/<piece key>.h5               pieces of splits    tasks/extract/pieces.py, storage/piece_join.py
   features/quarantine/                         files set aside     storage/h5file.py
   manifests/<dataset id>.json                  images per split    storage/records.py (Records; format: tasks/data/)
   scans/<key>.json                             one shard's samples storage/records.py (Records; tasks/data/)

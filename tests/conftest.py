@@ -69,7 +69,7 @@ def staged(tiny_config):
     """Features and a logistic probe on the tiny dataset; returns a plan factory for fine-tuning."""
     from helpers import split_plans
     from tasks.backbones.config import resolve
-    from tasks.extract import extract_split
+    from tasks.extract.stage import extract_split
     from tasks.finetune import FinetuneConfig, FinetunePlan, plan_finetune
     from tasks.heads.stage import best_probe, plan_heads, train_head
 

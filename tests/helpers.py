@@ -105,7 +105,7 @@ def write_config(cfg, path: Path) -> Path:
 
 def split_plans(cfg) -> dict:
     """The extraction plan of every split of an experiment config."""
-    from tasks.extract import plan_extraction
+    from tasks.extract.plan import plan_extraction
 
     return plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from storage.faults import ENV, InjectedFault
 from storage.features import FeatureStore
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, split_plans
 
 runner = CliRunner()

@@ -231,7 +231,7 @@ def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tin
     from tasks.backbones.config import resolve
     from tasks.data.manifest import Manifest
     from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
-    from tasks.extract import extract_split
+    from tasks.extract.stage import extract_split
     from tasks.heads.configs import KNNConfig, LogisticConfig
     from tasks.heads.stage import fits, load_head, load_split, plan_heads, train_head
 

@@ -14,7 +14,7 @@ from flows.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
 from tasks.export import ExportRefused, export_split, plan_export, ExportConfig
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, split_plans
 
 

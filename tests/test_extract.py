@@ -13,7 +13,7 @@ from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest
 from tasks.data.images import load_rgb
 from helpers import split_plans
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 
 
 def test_feature_file_is_self_describing_and_readable_with_plain_h5py(tiny_config):

@@ -27,10 +27,10 @@ from PIL import Image
 
 from helpers import FINETUNE_CHILD, blobs, split_plans, state_of, store_split
 from storage.features import FeatureStore
-from tasks.decode import decode_jpegs, read_files, to_batch
+from tasks.extract.gpu_decode import decode_jpegs, read_files, to_batch
 from tasks.heads.neighbours import KNNHead, knn_search, knn_torch
 from tasks.heads.linear import TorchLinearHead
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 from tasks.finetune import finetune, run_files
 from tasks.machine import forward_precision
 

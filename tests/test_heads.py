@@ -172,7 +172,7 @@ def test_bad_hyperparameters_are_value_errors():
 
 @pytest.fixture
 def features(tiny_config):
-    from tasks.extract import extract_split
+    from tasks.extract.stage import extract_split
 
     cfg = tiny_config()
     plans = split_plans(cfg)

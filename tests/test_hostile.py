@@ -83,7 +83,7 @@ def test_names_that_are_not_utf8_are_named_or_left_out(tmp_path):
 
 
 def test_a_symlink_loop_is_a_bad_image_not_a_crash(tiny_config, tmp_path):
-    from tasks.extract import extract_split
+    from tasks.extract.stage import extract_split
 
     cfg = tiny_config()
     root = cfg.data.root

@@ -12,7 +12,7 @@ import yaml
 from flows.notebook import NotCached, cached_features
 from helpers import split_plans
 from storage.features import FeatureStore
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 
 REPO = Path(__file__).resolve().parent.parent
 

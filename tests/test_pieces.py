@@ -11,8 +11,9 @@ import pytest
 from helpers import make_image, split_plans
 from storage import inventory
 from storage.features import CorruptFeatureFile, FeatureStore
-from tasks.extract import extract_pieces, extract_split
-from tasks.pieces import cuts, join, missing
+from tasks.extract.stage import extract_pieces, extract_split
+from tasks.extract.pieces import cuts
+from tasks.extract.stage import join, missing
 
 
 def _whole(_: str) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from storage.features import FeatureStore
 from helpers import split_plans
-from tasks.extract import extract_split
-from tasks.piece_groups import plan_groups
+from tasks.extract.stage import extract_split
+from tasks.extract.groups import plan_groups
 
 
 def test_pieces_are_dealt_to_workers_whole_in_row_order(tiny_config):

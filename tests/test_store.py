@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from storage.features import CorruptFeatureFile, FeatureStore
-from tasks.extract import SplitPlan, extract_split
+from tasks.extract.plan import SplitPlan
+from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, make_imagefolder, split_plans
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from helpers import make_imagefolder, make_shards, make_table, split_plans
 from tasks.data.config import DataConfig
 from tasks.data.errors import DataError
 from tasks.data.manifest import build_manifest
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 
 ALL_TRAIN = {"val_fraction": 0, "test_fraction": 0}
 

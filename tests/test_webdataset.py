@@ -17,7 +17,7 @@ from helpers import make_imagefolder, make_shards, split_plans
 from tasks.data.config import DataConfig
 from tasks.data.errors import DataError
 from tasks.data.manifest import build_manifest
-from tasks.extract import extract_split
+from tasks.extract.stage import extract_split
 
 
 def _add(tar_path: Path, members: dict[str, bytes]) -> None:

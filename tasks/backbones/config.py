@@ -219,7 +219,7 @@ class Preprocess:
 
     def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
         """The same resize and crop on a decoded uint8 (3, H, W) tensor on any device (the GPU decode path,
-        :mod:`tasks.decode`). Pixels differ from the PIL path's by the resampling kernels' rounding."""
+        :mod:`tasks.extract.gpu_decode`). Pixels differ from the PIL path's by the resampling kernels' rounding."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 

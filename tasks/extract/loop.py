@@ -1,13 +1,14 @@
 """The extraction loop: decode (DataLoader workers) → forward (inference mode, channels_last, AMP on
 CUDA) → append (a writer thread), batch by batch, piece after piece, resuming a partial piece at its last
-flushed batch. One model and one set of decode workers serve every piece of the run."""
+flushed batch. One model and one set of decode workers serve every piece of the run.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,20 +17,17 @@ from tqdm.auto import tqdm
 
 from storage.faults import fault_point
 from storage.features import FeatureStore
-from tasks.backbones.config import BackboneSpec, Preprocess
-from tasks.data.images import DECODE_ERRORS
-from tasks.data.errors import BadImageError
-from tasks.data.manifest import Manifest, check_headers
-from tasks.data.images import num_workers_for, worker_init
-from tasks.backbones.models import FeatureExtractor, build
-from tasks.machine import autocast_dtype, pick_device, versions
 from storage.keys import piece_spec
+from tasks.backbones.config import BackboneSpec, Preprocess
+from tasks.backbones.models import FeatureExtractor, build
+from tasks.data.errors import BadImageError
+from tasks.data.images import DECODE_ERRORS, num_workers_for, worker_init
+from tasks.data.manifest import Manifest, check_headers
+from tasks.extract.pieces import Piece
+from tasks.extract.plan import ExtractConfig, SplitPlan
+from tasks.machine import autocast_dtype, pick_device, versions
 
 log = logging.getLogger("transferpipe.extract")
-
-if TYPE_CHECKING:
-    from tasks.extract import ExtractConfig, SplitPlan
-    from tasks.pieces import Piece
 
 
 class _Images(Dataset):

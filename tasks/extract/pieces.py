@@ -11,26 +11,18 @@ new piece). For the other sources the cuts are content-defined over the
 split's sorted ids: a piece ends after an id whose hash is 0 modulo
 ``extract.piece_size`` (pieces of that many images on average), so an inserted
 or changed file touches its own piece only and never shifts the cuts of the
-others. Dask workers are dealt whole pieces (:mod:`tasks.piece_groups`).
+others. Dask workers are dealt whole pieces (:mod:`tasks.extract.groups`).
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from storage.features import FeatureStore
 from storage.keys import piece_key
-from storage.piece_join import join_pieces
 from tasks.data.config import get as data_source
-from tasks.machine import versions
-
-if TYPE_CHECKING:
-    from tasks.data.manifest import Manifest
-    from tasks.extract import SplitPlan
+from tasks.data.manifest import Manifest
 
 
 class Piece(BaseModel):
@@ -78,29 +70,3 @@ def plan_pieces(manifest: Manifest, split: str, spec: dict, mean: int) -> tuple[
             f"piece {n + 1} ({ids[start]})" if stop - start == 1 else f"piece {n + 1} ({ids[start]} … {ids[stop - 1]})")
         pieces.append(Piece(key=key, start=start, stop=stop, name=name))
     return tuple(pieces)
-
-
-def store_of(plan: SplitPlan) -> FeatureStore:
-    """Where every split's pieces live: ``features/pieces/`` of the plan's cache."""
-    return FeatureStore(plan.cache_dir).pieces()
-
-
-def missing(plan: SplitPlan) -> list[Piece]:
-    """The plan's pieces that have no complete file (a cheap check: the file is there)."""
-    store = store_of(plan)
-    return [p for p in plan.pieces if not store.path(p.key).exists()]
-
-
-def join(plan: SplitPlan, manifest: Manifest | None = None) -> Path:
-    """The split's feature file from its (complete) pieces; its ``skipped`` names what the pieces could not
-    decode and what the scan left out of the split. Use under the split's lock."""
-    from tasks.data.manifest import Manifest
-
-    manifest = manifest or Manifest.load(plan.manifest)
-    pieces = store_of(plan)
-    return join_pieces(
-        FeatureStore(plan.cache_dir), plan.key, [pieces.path(p.key) for p in plan.pieces],
-        dict(manifest.splits[plan.split]), spec=plan.spec, classes=manifest.classes, versions=versions(),
-        batch_size=plan.extract.batch_size, attrs={"dataset_root": str(manifest.root)},
-        left_out=manifest.left_out.get(plan.split, []),
-    )

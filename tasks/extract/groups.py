@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict
 
 from storage.features import FeatureStore
 from storage.keys import fingerprint
-from tasks.extract import ExtractResult, SplitPlan, extract_pieces, reuse
-from tasks.pieces import Piece, join, missing
-
+from tasks.extract.pieces import Piece
+from tasks.extract.plan import ExtractResult, SplitPlan
+from tasks.extract.stage import extract_pieces, join, missing, reuse
 
 
 class PieceGroup(BaseModel):
