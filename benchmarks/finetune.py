@@ -17,7 +17,8 @@ from benchmarks.extract import make_images
 from tasks.backbones.config import BackboneConfig, resolve
 from tasks.data.config import DataConfig
 from tasks.extract.plan import ExtractConfig, plan_extraction
-from tasks.finetune import FinetuneConfig, finetune, plan_finetune
+from tasks.finetune.plan import FinetuneConfig, plan_finetune
+from tasks.finetune.stage import finetune
 
 
 def one_epoch(manifest: Path, cache: Path, args, **unfreeze) -> float:

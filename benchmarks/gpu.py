@@ -296,7 +296,8 @@ def finetune_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> li
     pass's images/s as the stage records it, after one warm-up run."""
     from tasks.data.config import DataConfig
     from tasks.extract.plan import ExtractConfig, plan_extraction
-    from tasks.finetune import FinetuneConfig, finetune, plan_finetune
+    from tasks.finetune.plan import FinetuneConfig, plan_finetune
+    from tasks.finetune.stage import finetune
     from tasks.machine import forward_precision
 
     data = DataConfig(source="imagefolder", root=images, val_fraction=0.1, test_fraction=0)

@@ -26,7 +26,7 @@ from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
 from tasks.index import IndexConfig
 from tasks.extract.plan import ExtractConfig
-from tasks.finetune import FinetuneConfig
+from tasks.finetune.plan import FinetuneConfig
 from tasks.heads.configs import HeadConfig
 from tasks.select import SelectConfig
 

@@ -24,7 +24,8 @@ from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
-from tasks import evaluate, export, finetune, select
+from tasks import evaluate, export, select
+from tasks.finetune import plan as finetune
 from tasks.extract import plan as extract
 from tasks.heads import stage as heads
 from tasks.backbones.config import module_names, resolve
@@ -150,7 +151,7 @@ def _probe_kept(best: Any) -> dict[str, float] | None:
 
 
 def _chosen_finetune(graph: Graph) -> tuple[int, list[dict[str, Any]]]:
-    """Which fine-tuning run is the experiment's fine-tuned model (best on validation; tasks.finetune.chosen),
+    """Which fine-tuning run is the experiment's fine-tuned model (best on validation; tasks.finetune.plan.chosen),
     and what the search tried (for the report; empty without a search)."""
     works, tuned = graph["finetune"].works, graph["finetune"].results
     index = finetune.pick(tuned) if tuned else finetune.chosen([w.plan for w in works])

@@ -17,7 +17,7 @@ from tasks.evaluate import EvalResult, ModelReport
 from tasks.export import ExportResult
 from tasks.extract.plan import ExtractResult
 from tasks.index import IndexResult
-from tasks.finetune import FinetuneResult
+from tasks.finetune.plan import FinetuneResult
 from tasks.heads.stage import HeadResult
 from tasks.result import summarize
 
@@ -70,6 +70,6 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
 
 def _chosen(tuned: list[FinetuneResult] | None) -> FinetuneResult | None:
     """The fine-tuned model: the one run, or the search's run best on validation."""
-    from tasks.finetune import pick
+    from tasks.finetune.plan import pick
 
     return tuned[pick(tuned)] if tuned else None

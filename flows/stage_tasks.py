@@ -27,7 +27,7 @@ from tasks.evaluate import evaluate
 from tasks.export import export_split
 from tasks.extract.stage import extract_split
 from tasks.index import build_index
-from tasks.finetune import finetune
+from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
 from tasks.select import score_candidate
 from tasks.extract.groups import extract_group, join_group

@@ -70,7 +70,7 @@ def staged(tiny_config):
     from helpers import split_plans
     from tasks.backbones.config import resolve
     from tasks.extract.stage import extract_split
-    from tasks.finetune import FinetuneConfig, FinetunePlan, plan_finetune
+    from tasks.finetune.plan import FinetuneConfig, FinetunePlan, plan_finetune
     from tasks.heads.stage import best_probe, plan_heads, train_head
 
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])

@@ -10,10 +10,9 @@ from tasks.backbones.config import resolve
 from tasks.backbones.models import build, load_model
 from tasks.data.manifest import Manifest
 from helpers import state_of
-from tasks.finetune import finetune, run_files
-from tasks.finetune_loop import (
-    build_optimizer, build_schedule, freeze, init_head_from_probe, unfrozen_modules,
-)
+from tasks.finetune.stage import finetune
+from tasks.finetune.plan import run_files
+from tasks.finetune.surgery import build_optimizer, build_schedule, freeze, init_head_from_probe, unfrozen_modules
 from tasks.heads.stage import load_head
 
 
@@ -141,7 +140,7 @@ def test_standardisation_does_not_amplify_dead_features():
 
 
 def test_a_search_is_a_grid_of_validated_candidates():
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune.plan import FinetuneConfig
 
     cfg = FinetuneConfig(enabled=True, search={"lr_backbone": [1e-4, 1e-5], "last_n": [1, 2]})
     found = cfg.candidates()

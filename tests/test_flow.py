@@ -220,7 +220,7 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
 
     from flows.stage_tasks import StageFailed
     from storage.faults import InjectedFault
-    from tasks.finetune import FinetuneResult
+    from tasks.finetune.plan import FinetuneResult
 
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [1.0]}],
                       finetune={"enabled": True, "epochs": 2, "batch_size": 4, "num_workers": 0})

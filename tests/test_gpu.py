@@ -31,7 +31,8 @@ from tasks.extract.gpu_decode import decode_jpegs, read_files, to_batch
 from tasks.heads.neighbours import KNNHead, knn_search, knn_torch
 from tasks.heads.linear import TorchLinearHead
 from tasks.extract.stage import extract_split
-from tasks.finetune import finetune, run_files
+from tasks.finetune.stage import finetune
+from tasks.finetune.plan import run_files
 from tasks.machine import forward_precision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +169,7 @@ def test_decoding_on_the_device_gives_pils_pixels(tmp_path, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_fine_tune_epoch_resumes_exactly_after_a_kill(staged, tmp_path, device):
     """kill -9 in the second of three epochs, then resume: the same weights, bit for bit, as a run never killed
-    (deterministic kernels: tasks.finetune_loop.deterministic_kernels)."""
+    (deterministic kernels: tasks.finetune.loop.deterministic_kernels)."""
     _, _, _, plan = staged
     reference = plan(cache_dir=tmp_path / "reference", device=device)
     crashy = plan(cache_dir=tmp_path / "crashy", device=device)

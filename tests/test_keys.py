@@ -125,7 +125,7 @@ def test_amp_planned_but_run_on_a_cpu_is_refused():
 
 def test_finetune_key_names_its_precision(tiny_config):
     from tasks.backbones.config import resolve
-    from tasks.finetune import FinetuneConfig, plan_finetune
+    from tasks.finetune.plan import FinetuneConfig, plan_finetune
 
     cfg = tiny_config()
     plan = plan_finetune(FinetuneConfig(enabled=True, init_head="random"), resolve(cfg.backbone, cfg.cache_dir),
