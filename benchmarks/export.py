@@ -1,10 +1,10 @@
 """Features out: export throughput, retrieval evaluation at growing gallery sizes, FAISS against exact search.
 
 1. Export of one split (synthetic features in a real cache file) as Parquet and as NumPy by the stage
-   (``tasks.export.export_split``: checksum-verified reads, row groups, atomic publish) against a plain script
+   (``tasks.export.stage.export_split``: checksum-verified reads, row groups, atomic publish) against a plain script
    that reads the HDF5 dataset with h5py in the same chunks and writes the same columns with pyarrow: rows/s,
    MB/s of features, ratio to the plain script.
-2. Retrieval evaluation (Recall@k, mAP@R; ``tasks.retrieval``) of the same queries against galleries of 10k, 100k
+2. Retrieval evaluation (Recall@k, mAP@R; ``tasks.index.retrieval``) of the same queries against galleries of 10k, 100k
    and 1M rows (1,000 classes, so R grows with the gallery), each in its own process from an HDF5 file: seconds
    and peak RSS, as ratios to the 10k gallery.
 3. FAISS on the largest gallery: HNSW and IVF against the exact blockwise search on held-out queries:
@@ -75,7 +75,7 @@ def plain_export(h5: Path, out: Path, chunk: int) -> None:
 
 
 def export_rows(tmp: Path, rows: int, dim: int) -> list[list[str]]:
-    from tasks.export import ExportConfig, export_split, plan_export
+    from tasks.export.stage import ExportConfig, export_split, plan_export
 
     cache = tmp / "cache"
     h5 = write_split(cache, rows, dim)
@@ -99,7 +99,7 @@ def export_rows(tmp: Path, rows: int, dim: int) -> list[list[str]]:
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from tasks.retrieval import Rows, retrieval_metrics
+from tasks.index.retrieval import Rows, retrieval_metrics
 from storage.features import FeatureStore
 cache, query_key, gallery_key = sys.argv[1:4]
 store = FeatureStore(Path(cache))
@@ -134,7 +134,8 @@ def retrieval_rows(tmp: Path, sizes: list[int], dim: int, queries: int) -> tuple
 
 
 def index_rows(tmp: Path, key: str, queries: int) -> list[list[str]]:
-    from tasks.index import IndexConfig, build_index, plan_index
+    from tasks.index.plan import IndexConfig, plan_index
+    from tasks.index.stage import build_index
 
     out = []
     for kind in ("flat", "hnsw", "ivf"):

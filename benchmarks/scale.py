@@ -180,10 +180,11 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         result = train_head(plan_heads([head], train, val, work / "features")[0])
         return f"val acc {result.records[0].val_accuracy:.3f}"
     if stage == "evaluate":
-        from tasks.evaluate import ModelReport, classification_metrics
+        from tasks.evaluate.plan import ModelReport
+        from tasks.evaluate.metrics import classification_metrics
         from tasks.softmax import softmax
         from storage.records import ReportFiles
-        from tasks.report import _plots
+        from tasks.evaluate.plots import _plots
 
         rng = np.random.default_rng(0)
         y = rng.integers(0, 1000, n)

@@ -21,7 +21,7 @@ from tasks.extract.plan import ExtractConfig, plan_extraction
 from tasks.extract.stage import extract_split
 from tasks.heads.stage import load_split
 from tasks.heads.linear import LogisticHead
-from tasks.select import h_score, logme
+from tasks.select.scores import h_score, logme
 
 
 def main() -> None:

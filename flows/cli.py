@@ -141,7 +141,7 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
 
 
 def _print_run(result) -> None:
-    from tasks.report import interval, recommendation_line
+    from tasks.evaluate.report import interval, recommendation_line
 
     table = Table(title=f"{result.experiment}: test results (best first)")
     for col in ("model", "kind", "shots", "val top-1", "top-1", "95% CI", "macro-F1", "ECE", "NLL", "train s"):
@@ -155,7 +155,7 @@ def _print_run(result) -> None:
         out.print(line, highlight=False)
     found = result.evaluation.retrieval if result.evaluation else None
     if found:
-        from tasks.retrieval import label, metric_names
+        from tasks.index.retrieval import label, metric_names
 
         figures = ", ".join(f"{label(n)} {_fmt(found.get(n))}" for n in metric_names(found["k"]) if "precision_at" not in n)
         out.print(f"retrieval ({found['queries']} test queries, {found['metric']}, {found['index']}): {figures}",
@@ -244,7 +244,7 @@ def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 
 def _print_select(title: str, result) -> None:
-    from tasks.select import SCORES
+    from tasks.select.scores import SCORES
 
     table = Table(title=title)
     for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
@@ -283,7 +283,7 @@ def export(
 ) -> None:
     """Write cached features as Parquet or NumPy for pandas, polars, DuckDB or a vector index (extracting first
     if needed); a second export of the same features is a cache hit."""
-    from tasks.export import ExportConfig, check_out, copy_out
+    from tasks.export.stage import ExportConfig, check_out, copy_out
 
     if out_dir is not None:
         check_out(out_dir)  # before the export runs
@@ -315,7 +315,7 @@ def index_cmd(
 ) -> None:
     """Build a FAISS index over a cached split (pip install 'transferpipe[index]') and measure it against the
     exact search: recall@10 on held-out queries, build time, size, queries per second."""
-    from tasks.index import IndexConfig
+    from tasks.index.plan import IndexConfig
 
     cfg = _with_flags(_load(config, cache_dir), "index", IndexConfig,
                       {"split": split, "kind": kind, "metric": metric, "layer": layer})
@@ -367,7 +367,7 @@ def demo(
         "--markdown", help="Print the comparison as a markdown table (the README's, as it is).")] = False,
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
-    from tasks.report import compare_runs
+    from tasks.evaluate.report import compare_runs
 
     if imagenet:
         return _imagenet_demo(cache_dir, markdown)
@@ -393,7 +393,7 @@ def demo(
 
 def _imagenet_demo(cache_dir: Path | None, markdown: bool) -> None:
     from flows.demo import imagenet_demo_flow
-    from tasks.report import compare_runs
+    from tasks.evaluate.report import compare_runs
 
     result = _run_local(imagenet_demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models})

@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig, resolve_path
-from tasks.evaluate import EvaluateConfig
-from tasks.export import ExportConfig
-from tasks.index import IndexConfig
+from tasks.evaluate.plan import EvaluateConfig
+from tasks.export.stage import ExportConfig
+from tasks.index.plan import IndexConfig
 from tasks.extract.plan import ExtractConfig
 from tasks.finetune.plan import FinetuneConfig
 from tasks.heads.configs import HeadConfig
-from tasks.select import SelectConfig
+from tasks.select.stage import SelectConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_SWEEP = 1000

@@ -17,7 +17,7 @@ from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.selection import SelectResult, select_flow
 from tasks.backbones.config import BackboneConfig
-from tasks.select import SelectConfig
+from tasks.select.stage import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -24,18 +24,20 @@ from flows.config import ExperimentConfig
 from flows.why import why_features, why_not_cached
 from storage import head_store
 from storage.records import stored_specs
-from tasks import evaluate, export, select
-from tasks.finetune import plan as finetune
-from tasks.extract import plan as extract
-from tasks.heads import stage as heads
 from tasks.backbones.config import module_names, resolve
+from tasks.backbones.source import CodeNotRun
 from tasks.data.errors import BadImageError
 from tasks.data.manifest import Manifest
-from tasks.evaluate import ModelToEvaluate
+from tasks.evaluate import plan as evaluate
+from tasks.evaluate.plan import ModelToEvaluate
+from tasks.export import stage as export
+from tasks.extract import plan as extract
+from tasks.finetune import plan as finetune
+from tasks.heads import stage as heads
 from tasks.heads.configs import KNNConfig, LogisticConfig
 from tasks.machine import cuda_possible
 from tasks.result import summarize
-from tasks.backbones.source import CodeNotRun
+from tasks.select import stage as select
 
 Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export", "index"]
 
@@ -214,7 +216,7 @@ def _feature_reports(config: ExperimentConfig, split: dict[str, Any]) -> dict[st
         gallery = split["train"].key if r.gallery == "train" else None
         index = None
         if r.index == "faiss":
-            from tasks.index import IndexConfig, require_faiss
+            from tasks.index.plan import IndexConfig, require_faiss
 
             if gallery is None or r.metric == "standardized":
                 raise ValueError("evaluate.retrieval.index: faiss searches the train split's index by cosine or l2 "
@@ -225,7 +227,7 @@ def _feature_reports(config: ExperimentConfig, split: dict[str, Any]) -> dict[st
         out["retrieval"] = {"settings": r.model_dump(mode="json", exclude={"chunk_size"}), "queries": split["test"].key,
                             "gallery": gallery, "index": index}
     if wanted.embedding_map.method != "none":
-        from tasks.embedding_map import check_method
+        from tasks.evaluate.projection import check_method
 
         check_method(wanted.embedding_map.method)
         out["embedding_map"] = {"settings": wanted.embedding_map.model_dump(mode="json"),
@@ -265,7 +267,7 @@ def _held_out(indexed: str, split: dict[str, Any]) -> str | None:
 
 
 def _plan_index(config: ExperimentConfig, graph: Graph) -> list[Work]:
-    from tasks import index
+    from tasks.index import plan as index
 
     split, wanted = features(graph), config.index or index.IndexConfig()
     name = wanted.split

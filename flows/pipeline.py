@@ -13,10 +13,10 @@ from flows import graph
 from flows.publish import publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
-from tasks.evaluate import EvalResult, ModelReport
-from tasks.export import ExportResult
+from tasks.evaluate.plan import EvalResult, ModelReport
+from tasks.export.stage import ExportResult
 from tasks.extract.plan import ExtractResult
-from tasks.index import IndexResult
+from tasks.index.plan import IndexResult
 from tasks.finetune.plan import FinetuneResult
 from tasks.heads.stage import HeadResult
 from tasks.result import summarize

@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.records import ReportFiles
-from tasks.evaluate import EvalResult
-from tasks.report import summary_rows
+from tasks.evaluate.plan import EvalResult
+from tasks.evaluate.report import summary_rows
 
 
 def artifact_key(name: str) -> str:

@@ -8,7 +8,7 @@ from flows import graph
 from flows.publish import publish_table
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
-from tasks import select
+from tasks.select import stage as select
 
 
 class SelectResult(BaseModel):

@@ -23,13 +23,13 @@ from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
 from storage.keys import fingerprint
-from tasks.evaluate import evaluate
-from tasks.export import export_split
+from tasks.evaluate.stage import evaluate
+from tasks.export.stage import export_split
 from tasks.extract.stage import extract_split
-from tasks.index import build_index
+from tasks.index.stage import build_index
 from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
-from tasks.select import score_candidate
+from tasks.select.stage import score_candidate
 from tasks.extract.groups import extract_group, join_group
 
 

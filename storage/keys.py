@@ -196,7 +196,7 @@ def scores_spec(features: str, layer: str, classifier: str) -> dict[str, Any]:
 
 
 def export_spec(features: str, layer: str, format: str, dtype: str, row_group_rows: int) -> dict[str, Any]:
-    """One split's features written out as Parquet or NumPy (tasks/export.py)."""
+    """One split's features written out as Parquet or NumPy (tasks/export/stage.py)."""
     return {"kind": "export", "version": CODE_VERSIONS["export"], "features": features, "layer": layer,
             "format": format, "dtype": dtype, "row_group_rows": row_group_rows}
 

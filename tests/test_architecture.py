@@ -1,4 +1,6 @@
-"""The layers point downwards (flows → tasks → storage), no module imports itself back, and no test imports another."""
+"""The house rules: layers point downwards (flows -> tasks -> storage), the stage packages of tasks/ import
+only what the table below allows, no module imports itself back (also through ``TYPE_CHECKING``), modules
+stay under 400 lines and functions under 60, and no test imports another."""
 from __future__ import annotations
 
 import ast
@@ -9,41 +11,97 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"storage": 0, "tasks": 1, "flows": 2}
 
+#: what each stage package of tasks/ may import besides storage/ and the shared modules (tasks/*.py);
+#: the same table is in tasks/__init__.py
+PACKAGES = {
+    "data": set(),
+    "backbones": set(),
+    "heads": set(),
+    "index": set(),
+    "export": set(),
+    "extract": {"data", "backbones"},
+    "finetune": {"data", "backbones", "heads"},
+    "select": {"backbones", "heads"},
+    "evaluate": {"data", "backbones", "heads", "index"},
+}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+#: module names that say the same thing in every stage package
+REPEATABLE = {"__init__", "plan", "stage", "loop", "config"}
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except the bodies of ``if TYPE_CHECKING:`` (imports for annotations only)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            continue
-        yield node
-        yield from _runtime_nodes(node)
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Modules of this project that ``path`` imports at run time, at module level or inside functions."""
+def _paths() -> list[Path]:
+    return sorted(p for layer in LAYERS for p in (REPO / layer).rglob("*.py"))
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Modules of this project that ``path`` imports, at module level, inside functions and under
+    ``TYPE_CHECKING`` (an import for annotations is still a dependency). ``from p import m`` where ``p.m`` is a
+    module counts as importing ``p.m`` only, not the package ``p``."""
     names = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}
+    me = _module_name(path)
+    package = me if path.stem == "__init__" else me.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names} & modules
+            names |= subs if len(subs) == len(node.names) else subs | {base}
         elif isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
-    return {n for n in names if n.split(".")[0] in LAYERS}
+    return {n for n in names if n in modules and n != me}
 
 
 def _modules() -> dict[str, set[str]]:
-    found = {}
-    for layer in LAYERS:
-        for path in (REPO / layer).glob("*.py"):
-            name = f"{layer}.{path.stem}" if path.stem != "__init__" else layer
-            found[name] = _imports(path)
-    return {name: {i for i in imports if i in found and i != name} for name, imports in found.items()}
+    paths = _paths()
+    names = {_module_name(p) for p in paths}
+    return {_module_name(p): _imports(p, names) for p in paths}
+
+
+def _package(module: str) -> str | None:
+    """The stage package of a tasks module (``tasks.heads.stage`` -> ``heads``), None for the shared ones."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "tasks" and len(parts) > 1 and parts[1] in PACKAGES else None
+
+
+def test_the_walk_sees_every_package():
+    found = {_package(m) for m in _modules()} - {None}
+    assert found == set(PACKAGES), "a package of tasks/ is missing from PACKAGES (or PACKAGES names one gone)"
 
 
 def test_imports_point_downwards_only():
     upward = [(name, imported) for name, imports in _modules().items() for imported in imports
               if LAYERS[imported.split(".")[0]] > LAYERS[name.split(".")[0]]]
     assert upward == []
+
+
+def test_stage_packages_import_only_what_they_may():
+    bad = []
+    for name, imports in _modules().items():
+        if not name.startswith("tasks"):
+            continue
+        mine = _package(name)
+        for imported in imports:
+            theirs = _package(imported)
+            if not imported.startswith("tasks.") or theirs is None or theirs == mine:
+                continue
+            if mine is None or theirs not in PACKAGES[mine]:
+                bad.append(f"{name} imports {imported}")
+    assert bad == []
+
+
+def test_a_module_never_imports_its_own_package():
+    """``tasks/heads/__init__.py`` imports the package's modules; a module importing ``tasks.heads`` back is a
+    circle Python resolves only by import order."""
+    bad = [(name, imported) for name, imports in _modules().items() for imported in imports
+           if name.startswith(imported + ".")]
+    assert bad == []
 
 
 def test_no_import_cycles():
@@ -63,6 +121,21 @@ def test_no_import_cycles():
     assert [name for name in graph if in_cycle(name)] == []
 
 
+def test_modules_and_functions_stay_small():
+    big = []
+    for path in _paths():
+        text = path.read_text()
+        rel = path.relative_to(REPO)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            big.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    big.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
+    assert big == []
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "tests").glob("test_*.py")) + sorted((REPO / "benchmarks").glob("*.py")),
                          ids=lambda p: p.name)
 def test_no_test_or_benchmark_imports_a_test_module(path):
@@ -76,8 +149,8 @@ CACHE_NAMES = {"features", "heads", "finetune", "runs", "scores", "manifests", "
 CACHE_SUFFIXES = (".json", ".md", ".png", ".pt", ".h5", ".partial", ".lock", ".sqlite", ".safetensors")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "tasks").glob("*.py")) + sorted((REPO / "flows").glob("*.py")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", sorted((REPO / "tasks").rglob("*.py")) + sorted((REPO / "flows").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_only_storage_spells_the_cache_layout(path):
     """Paths into the cache are built by storage/ (layout.py and the files classes), never by ``x / "name"``."""
     spelled = [node.right.value for node in ast.walk(ast.parse(path.read_text()))
@@ -88,6 +161,7 @@ def test_only_storage_spells_the_cache_layout(path):
 
 
 def test_module_names_say_one_thing():
-    """No two modules share a name across layers (a ``runtime.py`` in flows/ and one in tasks/ meant two things)."""
-    names = [p.stem for layer in LAYERS for p in (REPO / layer).glob("*.py") if p.stem != "__init__"]
+    """No two modules share a name across layers and packages (a ``runtime.py`` in flows/ and one in tasks/ meant
+    two things), except the names every stage package uses for the same parts (``plan``, ``stage``, ``loop``)."""
+    names = [p.stem for p in _paths() if p.stem not in REPEATABLE]
     assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from tasks.evaluate import ModelReport, classification_metrics, expected_calibration_error
-from tasks.report import write_report
+from tasks.evaluate.plan import ModelReport
+from tasks.evaluate.metrics import classification_metrics, expected_calibration_error
+from tasks.evaluate.report import write_report
 
 
 def test_metrics_on_a_hand_checked_case():
@@ -79,7 +80,7 @@ def test_top5_and_scores_without_probabilities():
 
 def _plan(cache_dir, context):
     from tasks.backbones.config import BackboneConfig, resolve
-    from tasks.evaluate import ModelToEvaluate, plan_evaluation
+    from tasks.evaluate.plan import ModelToEvaluate, plan_evaluation
 
     models = [ModelToEvaluate(name="m", kind="logistic", head_key="h" * 64)]
     return plan_evaluation("exp", "t" * 64, cache_dir / "m.json", cache_dir, resolve(BackboneConfig(weights="none")),
@@ -110,7 +111,7 @@ def test_report_files_hold_what_they_claim(tmp_path):
 
 
 def test_demo_comparison_pairs_each_model_and_shot_with_its_random_init_twin():
-    from tasks.report import compare_runs
+    from tasks.evaluate.report import compare_runs
 
     def model(name, shot, top1):
         return ModelReport(name=name, kind="logistic", layer="penultimate", shot=shot, seeds=1, metrics={"top1": top1})
@@ -129,8 +130,8 @@ def test_demo_comparison_pairs_each_model_and_shot_with_its_random_init_twin():
 def test_a_thousand_classes_keep_top_confusions_not_a_million_cells(tmp_path):
     from PIL import Image
 
-    from tasks.evaluate import ModelReport
-    from tasks.report import _confusion_plot
+    from tasks.evaluate.plan import ModelReport
+    from tasks.evaluate.plots import _confusion_plot
 
     n_classes = 1000
     y = np.repeat(np.arange(n_classes), 3)
@@ -151,7 +152,7 @@ def test_a_thousand_classes_keep_top_confusions_not_a_million_cells(tmp_path):
 
 
 def test_bootstrap_intervals_are_seeded_and_as_wide_as_the_binomial_says():
-    from tasks.intervals import bootstrap_interval, top1_interval
+    from tasks.evaluate.intervals import bootstrap_interval, top1_interval
 
     hits = np.zeros(1000, dtype=int)
     hits[:900] = 1  # 90% top-1 on 1,000 images: standard error sqrt(0.9 * 0.1 / 1000) = 0.0095
@@ -166,7 +167,7 @@ def test_bootstrap_intervals_are_seeded_and_as_wide_as_the_binomial_says():
 
 
 def test_paired_intervals_see_what_two_separate_intervals_cannot():
-    from tasks.intervals import pack_hits, paired_difference, top1_interval, unpack_hits
+    from tasks.evaluate.intervals import pack_hits, paired_difference, top1_interval, unpack_hits
 
     rng = np.random.default_rng(0)
     b = (rng.random(300) < 0.8).astype(int)
@@ -186,8 +187,8 @@ def test_paired_intervals_see_what_two_separate_intervals_cannot():
 
 
 def test_the_comparison_marks_a_gain_whose_paired_interval_excludes_zero():
-    from tasks.intervals import pack_hits
-    from tasks.report import compare_runs
+    from tasks.evaluate.intervals import pack_hits
+    from tasks.evaluate.report import compare_runs
 
     def model(name, hits, images="same"):
         hits = np.asarray(hits)
@@ -212,7 +213,7 @@ def test_the_comparison_marks_a_gain_whose_paired_interval_excludes_zero():
 
 
 def test_the_recommended_model_is_chosen_on_validation_not_test():
-    from tasks.report import recommended
+    from tasks.evaluate.report import recommended
 
     def model(name, shot, val, test, seconds=1.0):
         return ModelReport(name=name, kind="logistic", layer="penultimate", shot=shot, seeds=1,
@@ -230,7 +231,8 @@ def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tin
     from storage.results import query
     from tasks.backbones.config import resolve
     from tasks.data.manifest import Manifest
-    from tasks.evaluate import ModelToEvaluate, evaluate, plan_evaluation
+    from tasks.evaluate.plan import ModelToEvaluate, plan_evaluation
+    from tasks.evaluate.stage import evaluate
     from tasks.extract.stage import extract_split
     from tasks.heads.configs import KNNConfig, LogisticConfig
     from tasks.heads.stage import fits, load_head, load_split, plan_heads, train_head

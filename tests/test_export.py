@@ -13,7 +13,7 @@ from flows.explain import explain
 from flows.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
-from tasks.export import ExportRefused, export_split, plan_export, ExportConfig
+from tasks.export.stage import ExportRefused, export_split, plan_export, ExportConfig
 from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, split_plans
 
@@ -114,7 +114,7 @@ def test_readable_by_pandas_polars_and_duckdb(tiny_config, tmp_path):
 
 def test_out_that_is_a_file_fails_before_exporting_and_a_full_disk_leaves_no_temporary(tiny_config, tmp_path,
                                                                                         tiny_disk):
-    from tasks.export import copy_out
+    from tasks.export.stage import copy_out
 
     cfg = tiny_config()
     taken = tmp_path / "taken.parquet"

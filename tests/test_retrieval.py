@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.retrieval import Rows, RetrievalConfig, retrieval_metrics
+from tasks.index.retrieval import Rows, RetrievalConfig, retrieval_metrics
 
 
 def brute_force(Q, yq, G, yg, ks, metric, leave_one_out=False):
@@ -93,7 +93,7 @@ def test_config_validates_k_and_names_the_field():
 
 
 def test_embedding_map_samples_the_same_rows_and_colours_only_the_largest_classes(tmp_path):
-    from tasks.embedding_map import draw, sample
+    from tasks.evaluate.projection import draw, sample
 
     assert np.array_equal(sample(50_000, 20_000), sample(50_000, 20_000)) and len(sample(50_000, 20_000)) == 20_000
     assert np.array_equal(sample(300, 20_000), np.arange(300))
@@ -110,7 +110,7 @@ def test_embedding_map_samples_the_same_rows_and_colours_only_the_largest_classe
 @pytest.mark.slow
 def test_umap_map_when_umap_learn_is_installed(tmp_path):
     pytest.importorskip("umap")
-    from tasks.embedding_map import draw
+    from tasks.evaluate.projection import draw
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 5, 300)

@@ -10,7 +10,7 @@ from flows.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
 from storage.results import query
-from tasks.retrieval import Rows, retrieval_metrics
+from tasks.index.retrieval import Rows, retrieval_metrics
 from helpers import split_plans
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_index_is_built_measured_cached_and_used_by_retrieval(tiny_config):
 
 
 def test_embedding_map_can_be_turned_off_and_umap_is_named_when_missing(tiny_config, monkeypatch):
-    from tasks.embedding_map import check_method
+    from tasks.evaluate.projection import check_method
 
     cfg = tiny_config(heads=HEADS, evaluate={"embedding_map": {"method": "none"}})
     report = run(cfg).report

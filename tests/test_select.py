@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.select import h_score, leep, logme, nce
+from tasks.select.scores import h_score, leep, logme, nce
 
 
 def logme_reference(f: np.ndarray, labels: np.ndarray, max_iter: int = 11, tol: float = 1e-3) -> float:
@@ -104,7 +104,7 @@ def test_select_flow_ranks_candidates_and_explains_skipped_scores(tiny_config, t
 
 
 def test_kendall_tau_ignores_skipped_scores():
-    from tasks.select import kendall_tau
+    from tasks.select.scores import kendall_tau
 
     assert kendall_tau([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
     assert kendall_tau([0.3, 0.2, 0.1], [0.5, 0.6, 0.7]) == pytest.approx(-1.0)

@@ -105,7 +105,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
     """Every metric of one query set against one gallery (``None``: the queries themselves, leaving each out).
 
     ``memory_bytes``: the gallery is held in memory (as float32, transformed) when it fits, else streamed.
-    ``search(queries, K)``: another search of the gallery (an index, tasks/index.py) in place of the exact one;
+    ``search(queries, K)``: another search of the gallery (an index, tasks/index/stage.py) in place of the exact one;
     it gets transformed queries and returns their K nearest gallery rows, best first (-1: none found).
     """
     leave_one_out = gallery is None
@@ -120,12 +120,12 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
         raise ValueError("the gallery has no image to retrieve")
     fn = transform(metric, gallery)
     if search is None:
-        chunks = _gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
+        chunks = gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
     block = int(np.clip(block_bytes // (K * 12 * 3), 1, 8192))
     sums: dict[str, float] = {}
-    for q0, qb in _blocks(queries, block):
+    for q0, qb in blocks(queries, block):
         q = fn(qb)
-        index = search(q, K) if search else _search(q, chunks, K, q0 if leave_one_out else None)[1]
+        index = search(q, K) if search else exact_search(q, chunks, K, q0 if leave_one_out else None)[1]
         hit = (gallery.labels[np.maximum(index, 0)] == queries.labels[q0 : q0 + len(qb), None]) & (index >= 0)
         _accumulate(sums, hit, relevant[q0 : q0 + len(qb)], ks)
     used = int(sums.pop("queries", 0))
@@ -134,7 +134,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
             "metric": metric, "leave_one_out": leave_one_out, "k": list(ks), **out}
 
 
-def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
+def blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
     """Blocks of ``size`` rows (the last may be shorter) from the rows' chunks, whatever the chunks' own size."""
     pending, start = [], 0
     for s, block in rows.chunks():
@@ -148,16 +148,16 @@ def _blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, rest
 
 
-def _gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: int = 0) -> Chunks:
+def gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: int = 0) -> Chunks:
     """The transformed gallery, in memory when it fits, with ``-|g|^2 / 2`` per row for ``l2``; chunks of at
     least ``rows`` rows (stored chunks joined), so merging the running top-K costs O(1) per gallery row.
-    Yields ``(start, rows, bias)`` as :func:`_search` takes them."""
+    Yields ``(start, rows, bias)`` as :func:`exact_search` takes them."""
     def prepared(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         g = fn(block)
         return g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
 
     def blocks():
-        return _blocks(gallery, max(rows, gallery.chunk))
+        return blocks(gallery, max(rows, gallery.chunk))
 
     if gallery.n * gallery.dim * 4 <= memory_bytes:
         held = [(start, *prepared(block)) for start, block in blocks()]
@@ -192,7 +192,7 @@ def similarities_of(keys: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-def _search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(q: np.ndarray, chunks, K: int, self_start: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Each query's K most similar gallery rows, best first, as (ranking keys, rows); ``self_start``: the
     queries' first row in the gallery, whose own row is left out.
 

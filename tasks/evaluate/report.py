@@ -1,19 +1,16 @@
-"""The experiment report: report.json, report.md and PNG plots in the report folder, and registry rows."""
+"""The experiment report: report.json, report.md and PNG plots in the report folder, and registry rows.
+"""
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from storage import results as registry
 from storage.atomic import write_text
-from storage.records import ReportFiles
-
-if TYPE_CHECKING:
-    from tasks.evaluate import EvalPlan, ModelReport
+from tasks.evaluate.plan import EvalPlan, ModelReport
+from tasks.evaluate.plots import draw_plots, few_shot_curve
 
 
 def ranked(models: list[ModelReport]) -> list[ModelReport]:
@@ -55,7 +52,7 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float, retr
                  embedding_map: dict[str, Any] | None = None) -> dict[str, Path]:
     """report.json, report.md and PNG plots in the plan's report folder (models ranked); returns their paths.
 
-    ``retrieval``: tasks.retrieval's metrics; ``embedding_map``: what tasks.embedding_map drew (its PNG is in the
+    ``retrieval``: tasks.index.retrieval's metrics; ``embedding_map``: what tasks.evaluate.projection drew (its PNG is in the
     folder already)."""
     from tasks.machine import versions
 
@@ -73,7 +70,7 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float, retr
     context["retrieval"], context["embedding_map"] = retrieval, embedding_map
     payload = {**context, "models": [r.model_dump() for r in models]}
     write_text(files.report_json, json.dumps(payload, indent=1, default=str))
-    plots = _plots(files, models, plan.classes)
+    plots = draw_plots(files, models, plan.classes)
     if embedding_map:
         plots["embedding_map"] = files.folder / embedding_map["file"]
     write_text(files.report_md, report_markdown(models, context, plots))
@@ -164,7 +161,7 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
                   "epsilon (-log eps = 36.0 in float64, 15.9 in float32). " +
                   "; ".join(f"`{name}` gave it to {k:.3g} of {n} test images" for name, k, n in zero) +
                   " (a mean where there are several few-shot seeds)."]
-    curve = _few_shot_curve(ranked)
+    curve = few_shot_curve(ranked)
     if curve:
         shots = sorted({s for points in curve.values() for s in points}, key=lambda s: (s == "all", s if s != "all" else 0))
         lines += ["", "## Few-shot curve (test top-1, mean over seeds; the plot's bars: their standard deviation)", "",
@@ -209,7 +206,7 @@ def retrieval_markdown(found: dict[str, Any] | None) -> list[str]:
     """The report's retrieval section: every metric, and what was searched."""
     if not found:
         return []
-    from tasks.retrieval import label, metric_names
+    from tasks.index.retrieval import label, metric_names
 
     names = metric_names(found["k"])
     gallery = (f"leave-one-out within the test split ({found['gallery']} images)" if found["leave_one_out"]
@@ -225,113 +222,6 @@ def retrieval_markdown(found: dict[str, Any] | None) -> list[str]:
         lines += ["", f"The index found {found['index_recall']:.4f} of the exact search's {found['index_k']} nearest "
                       f"neighbours (recall lost: {1 - found['index_recall']:.4f})."]
     return lines
-
-
-def _few_shot_curve(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
-    curve: dict[str, dict[Any, float]] = {}
-    for r in ranked:
-        curve.setdefault(r.name, {})[r.shot] = r.metrics["top1"]
-    return {name: points for name, points in curve.items() if len(points) > 1}
-
-
-def _few_shot_spread(ranked: list[ModelReport]) -> dict[str, dict[Any, float]]:
-    """The seeds' standard deviation of test top-1 per model and shot count (0 for a single fit)."""
-    spread: dict[str, dict[Any, float]] = {}
-    for r in ranked:
-        spread.setdefault(r.name, {})[r.shot] = r.metrics.get("top1_std", 0.0)
-    return spread
-
-
-def _plots(files: ReportFiles, ranked: list[ModelReport], classes: list[str]) -> dict[str, Path]:
-    """The confusion matrix of the best model, a reliability diagram, the few-shot curve (where there is one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    if not ranked:
-        return {}
-    plots = {"confusion_matrix": _confusion_plot(files.plot("confusion_matrix"), ranked[0], classes)}
-    calibrated = next((r for r in ranked if r.metrics["reliability"]), None)
-    if calibrated:
-        plots["reliability"] = _reliability_plot(files.plot("reliability"), calibrated)
-    curve = _few_shot_curve(ranked)
-    if curve:
-        plots["few_shot"] = _few_shot_plot(files.plot("few_shot"), curve, _few_shot_spread(ranked))
-    return plots
-
-
-MATRIX_PLOT_MAX_CLASSES = 30  # above: a bar chart of the top confusions, readable at 1,000 classes
-
-
-def _confusion_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
-    import matplotlib.pyplot as plt
-
-    if best.metrics.get("confusion_matrix") is None or len(best.metrics["confusion_matrix"]) > MATRIX_PLOT_MAX_CLASSES:
-        return _top_confusions_plot(path, best, classes)
-    cm = np.asarray(best.metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(title=f"confusion matrix: {best.name} ({best.shot})", xlabel="predicted", ylabel="true",
-           xticks=range(len(cm)), yticks=range(len(cm)))
-    if len(cm) <= 20:
-        if classes:
-            ax.set_xticklabels(classes, rotation=90)
-            ax.set_yticklabels(classes)
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
-    return _save(fig, path)
-
-
-def _top_confusions_plot(path: Path, best: ModelReport, classes: list[str]) -> Path:
-    import matplotlib.pyplot as plt
-
-    cells = best.metrics.get("top_confusions") or []
-    name = (lambda i: classes[i] if i < len(classes) else str(i))  # noqa: E731
-    labels = [f"{name(c['true'])} → {name(c['predicted'])}" for c in cells][::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(cells), 4) + 1))
-    ax.barh(range(len(cells)), [c["count"] for c in cells][::-1], color="tab:blue")
-    ax.set_yticks(range(len(cells)), labels, fontsize=7)
-    ax.set(title=f"top confusions: {best.name} ({best.shot}), {len(classes)} classes",
-           xlabel="test images (true → predicted)")
-    return _save(fig, path)
-
-
-def _reliability_plot(path: Path, model: ModelReport) -> Path:
-    import matplotlib.pyplot as plt
-
-    bins = [b for b in model.metrics["reliability"] if b["count"]]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=bins[0]["upper"] - bins[0]["lower"],
-           alpha=0.7, edgecolor="black", label="accuracy per confidence bin")
-    ax.set(title=f"reliability: {model.name} (ECE {model.metrics['ece']:.3f})", xlabel="confidence",
-           ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
-    return _save(fig, path)
-
-
-def _few_shot_plot(path: Path, curve: dict[str, dict[Any, float]], spread: dict[str, dict[Any, float]]) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, points in curve.items():
-        shots = sorted((s for s in points if s != "all"))
-        xs = [*shots, *(["all"] if "all" in points else [])]
-        ax.errorbar(range(len(xs)), [points[s] for s in xs], yerr=[spread[name].get(s, 0.0) for s in xs],
-                    marker="o", capsize=3, label=name)
-        ax.set_xticks(range(len(xs)), [str(s) for s in xs])
-    ax.set(title="few-shot curve (test; bars: std over seeds)", xlabel="labelled images per class",
-           ylabel="top-1 accuracy")
-    ax.legend()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def compare_runs(pretrained: list[ModelReport], random: list[ModelReport],
@@ -368,7 +258,7 @@ def compare_runs(pretrained: list[ModelReport], random: list[ModelReport],
 def gain(a: ModelReport, b: ModelReport) -> str:
     """a's top-1 minus b's in points, with the paired 95% interval when both were scored on the same test
     images ("+5.3 pts (+3.1 to +7.6) *"; ``*``: the interval excludes zero)."""
-    from tasks.intervals import paired_difference, unpack_hits
+    from tasks.evaluate.intervals import paired_difference, unpack_hits
 
     plain = f"{100 * (a.metrics['top1'] - b.metrics['top1']):+.1f} pts"
     same = a.metrics.get("test_images") is not None and a.metrics.get("test_images") == b.metrics.get("test_images")

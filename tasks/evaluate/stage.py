@@ -4,7 +4,7 @@ Metrics come from scikit-learn where it has them (accuracy, top-k, balanced
 accuracy, macro-F1, confusion matrix, log loss); expected calibration error is
 the standard 15-bin estimate over the top-class confidence. Few-shot heads are
 evaluated per (shot, seed) and averaged per shot into a label-efficiency curve.
-The stage writes the experiment's report (:mod:`tasks.report`) and its rows in
+The stage writes the experiment's report (:mod:`tasks.evaluate.report`) and its rows in
 the results registry once, when it computes; a finished evaluation is reused.
 """
 from __future__ import annotations
@@ -16,208 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from storage import checkpoints, keys
 from storage import results as registry
 from storage.features import FeatureStore
 from storage.head_store import read_meta
 from storage.layout import CacheLayout
-from storage.records import ReportFiles, Records
-from tasks.backbones.config import BackboneSpec
+from storage.records import Records
 from tasks.data.manifest import Manifest
+from tasks.evaluate.intervals import pack_hits, top1_interval, unpack_hits
+from tasks.evaluate.metrics import classification_metrics
+from tasks.evaluate.plan import EvalPlan, EvalResult, ModelReport, ModelToEvaluate
+from tasks.evaluate.projection import MapConfig
+from tasks.evaluate.report import ranked, registry_rows, write_report
+from tasks.heads.stage import load_head, load_split
+from tasks.index.retrieval import RetrievalConfig
 from tasks.machine import pick_device
 from tasks.softmax import softmax
-from tasks.heads.stage import load_head, load_split
-from tasks.intervals import pack_hits, top1_interval, unpack_hits
-from tasks.embedding_map import MapConfig
-from tasks.report import ranked, registry_rows, write_report
-from tasks.result import StageResult
-from tasks.retrieval import RetrievalConfig
-
-ECE_BINS = 15
-
-
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
-    """ECE over equal-width confidence bins, and the reliability-diagram data per bin."""
-    conf = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece, diagram = 0.0, []
-    for b in range(bins):
-        mask = which == b
-        n = int(mask.sum())
-        acc = float(correct[mask].mean()) if n else 0.0
-        mean_conf = float(conf[mask].mean()) if n else 0.0
-        ece += n / len(y) * abs(acc - mean_conf)
-        diagram.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
-                        "accuracy": acc, "confidence": mean_conf})
-    return float(ece), diagram
-
-
-FULL_CONFUSION_MAX_CLASSES = 100  # above: the matrix is not stored (1000 classes = a million numbers per model)
-
-
-def top_confusions(cm: np.ndarray, n: int = 20) -> list[dict[str, int]]:
-    """The ``n`` largest off-diagonal cells: which true class is most often predicted as which."""
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    flat = np.argsort(off, axis=None, kind="stable")[::-1][:n]
-    cells = [np.unravel_index(i, off.shape) for i in flat]
-    return [{"true": int(i), "predicted": int(j), "count": int(off[i, j])} for i, j in cells if off[i, j] > 0]
-
-
-def _top5(score, y: np.ndarray, scores: np.ndarray, labels: np.ndarray, rows: int = 4096) -> float:
-    """scikit-learn's top-5 accuracy, over row chunks: it argsorts every score (400 MB at 50k x 1,000 classes)."""
-    hits = sum(score(y[i : i + rows], scores[i : i + rows], k=5, labels=labels, normalize=False)
-               for i in range(0, len(y), rows))
-    return float(hits / len(y))
-
-
-def _balanced_accuracy(score, y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y``; predicting a class absent from a small test set is normal
-    at 1,000 classes, so scikit-learn's warning about it is not shown."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(score(y, pred))
-
-
-def log_loss(y: np.ndarray, proba: np.ndarray) -> tuple[float, int]:
-    """``sklearn.metrics.log_loss`` (probabilities clipped to [eps, 1 - eps], eps the machine epsilon of their
-    dtype) and how many images gave their true class probability 0, whose terms are the clip's ``-log(eps)``.
-
-    Reads the true class's probability only: log_loss one-hot encodes y (50k x 1,000 classes: 1.4 GiB).
-    """
-    true = proba[np.arange(len(y)), y]
-    eps = np.finfo(proba.dtype).eps
-    clipped = np.clip(true, eps, 1 - eps).astype(np.float64)
-    return float(-np.mean(np.log(clipped))), int(np.count_nonzero(true <= 0))
-
-
-def classification_metrics(y: np.ndarray, scores: np.ndarray, proba: np.ndarray | None, n_classes: int) -> dict[str, Any]:
-    """Every metric of one model on one test set; NLL and ECE need probabilities (else None)."""
-    from sklearn.metrics import (
-        accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score,
-    )
-
-    labels = np.arange(n_classes)
-    pred = scores.argmax(axis=1)
-    cm = confusion_matrix(y, pred, labels=labels)
-    support = cm.sum(axis=1)
-    per_class = [float(hit / n) if n else None for hit, n in zip(np.diag(cm), support)]  # None: no test image
-    seen = np.flatnonzero(support + cm.sum(axis=0))  # classes in the test labels or predicted
-    out: dict[str, Any] = {
-        "n": int(len(y)),
-        "top1": float(accuracy_score(y, pred)),
-        "top5": _top5(top_k_accuracy_score, y, scores, labels) if n_classes >= 5 else None,
-        "balanced_accuracy": _balanced_accuracy(balanced_accuracy_score, y, pred),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=seen, zero_division=0)),
-        "per_class_accuracy": per_class,
-        "confusion_matrix": cm.tolist() if n_classes <= FULL_CONFUSION_MAX_CLASSES else None,
-        "top_confusions": top_confusions(cm),
-        "nll": None, "nll_zero": None, "ece": None, "reliability": None,
-        "hits": pack_hits(pred == y),  # per image: classified correctly (tasks.intervals)
-    }
-    if proba is not None:
-        out["nll"], out["nll_zero"] = log_loss(y, proba)
-        out["ece"], out["reliability"] = expected_calibration_error(y, proba)
-    return out
-
-
-class EvaluateConfig(BaseModel):
-    """``evaluate:`` section: what the report computes besides the models' scores."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    retrieval: RetrievalConfig | None = Field(None, description="Recall@k, precision@k and mAP@R of test queries")
-    embedding_map: MapConfig = MapConfig()
-
-
-class ModelToEvaluate(BaseModel):
-    """A trained head (by artifact key) or the fine-tuned checkpoint."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    kind: str
-    layer: str = "penultimate"
-    shot: int | str = "all"
-    seed: int = 0
-    head_key: str | None = None
-    checkpoint: Path | None = None
-    train_seconds: float = 0.0
-    tried: list[str] = Field(default_factory=list, description="the fine-tuning search's run keys (in the key: the "
-                                                               "report lists them)")
-
-
-class EvalPlan(BaseModel):
-    """Every model to score on the test split, and what the experiment's report says besides the scores."""
-
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
-    experiment: str
-    test_key: str
-    manifest: Path
-    cache_dir: Path
-    backbone: BackboneSpec
-    classes: list[str]
-    models: list[ModelToEvaluate]
-    device: str = "auto"
-    retrieval: dict[str, Any] | None = Field(None, description="settings, queries' and gallery's feature keys, "
-                                                                 "the FAISS index's settings (or None)")
-    embedding_map: dict[str, Any] | None = Field(None, description="settings and the feature key of each split")
-    context: dict[str, Any] = Field(default_factory=dict, description="report context (config, stage timings, keys); "
-                                                                      "not in the key")
-
-    @property
-    def files(self) -> ReportFiles:
-        return ReportFiles(CacheLayout(self.cache_dir).report(self.experiment, self.key))
-
-
-class ModelReport(BaseModel):
-    name: str
-    kind: str
-    layer: str
-    shot: int | str
-    seeds: int
-    metrics: dict[str, Any]
-    train_seconds: float = 0.0  # summed over seeds
-    val_accuracy: float | None = None  # on the validation split, mean over seeds: what a recommendation may use
-    artifacts: list[str] = Field(default_factory=list, description="head keys of its fits (best on val first), or "
-                                                                   "the fine-tuning run's key")
-
-
-class EvalResult(StageResult):
-    key: str
-    models: list[ModelReport]  # best first (test top-1)
-    report: Path
-    retrieval: dict[str, Any] | None = None
-
-
-def plan_evaluation(experiment: str, test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec,
-                    classes: list[str], models: list[ModelToEvaluate], device: str = "auto",
-                    context: dict[str, Any] | None = None, retrieval: dict[str, Any] | None = None,
-                    embedding_map: dict[str, Any] | None = None) -> EvalPlan:
-    extras = {name: value for name, value in (("retrieval", retrieval), ("embedding_map", embedding_map)) if value}
-    spec = keys.evaluation_spec(experiment, test_key, [
-        m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models],
-        extras)
-    return EvalPlan(key=keys.key(spec), spec=spec, experiment=experiment, test_key=test_key, manifest=manifest,
-                    cache_dir=cache_dir, backbone=backbone, classes=classes, models=models, device=device,
-                    context=context or {}, retrieval=retrieval, embedding_map=embedding_map)
-
-
-def _ckpt_id(m: ModelToEvaluate) -> str | None:
-    return m.checkpoint.parent.name if m.checkpoint else None  # finetune/<key>/best.pt: the key says it all
-
-
-def is_stored(plan: EvalPlan) -> bool:
-    return plan.files.read_result() is not None
 
 
 def evaluate(plan: EvalPlan) -> EvalResult:
@@ -278,13 +93,13 @@ def _validation(plan: EvalPlan, m: ModelToEvaluate) -> tuple[float, str]:
 
 def _test_images(plan: EvalPlan) -> str:
     """A fingerprint of the test images, in row order: two evaluations with the same one scored the same images,
-    so their difference may take a paired interval (tasks.report.gain)."""
+    so their difference may take a paired interval (tasks.evaluate.report.gain)."""
     return keys.fingerprint({"test_images": FeatureStore(plan.cache_dir).paths(plan.test_key)})
 
 
 def _with_interval(metrics: dict[str, Any], fits: list[dict[str, Any]]) -> dict[str, Any]:
     """``hits``: per image, how many seeds got it right; ``top1_ci``: top-1's 95% bootstrap interval over test
-    images (tasks.intervals)."""
+    images (tasks.evaluate.intervals)."""
     hits = sum(unpack_hits(f["hits"]) for f in fits)
     return {**metrics, "hits": pack_hits(hits), "top1_ci": list(top1_interval(hits, len(fits)))}
 
@@ -350,7 +165,7 @@ def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
     """The retrieval metrics of the plan's settings, remembered by (queries, gallery, settings, index) key: an
     evaluation that changed only a head does not search again."""
     from tasks.heads.stage import memory_budget
-    from tasks.retrieval import Rows, retrieval_metrics
+    from tasks.index.retrieval import Rows, retrieval_metrics
 
     wanted = plan.retrieval
     if not wanted:
@@ -364,7 +179,7 @@ def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
     store = FeatureStore(plan.cache_dir)
     queries = Rows.stored(store.rows(wanted["queries"], cfg.layer), cfg.chunk_size)
     if wanted.get("index"):
-        from tasks.index import indexed_retrieval
+        from tasks.index.stage import indexed_retrieval
 
         found = indexed_retrieval(plan.cache_dir, wanted["index"], queries, cfg)  # builds the index if missing
     else:
@@ -378,7 +193,7 @@ def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
 
 def embedding_map(plan: EvalPlan) -> dict[str, Any] | None:
     """The report's map of the embedding space (``embedding_map.png``), or None when the config turned it off."""
-    from tasks.embedding_map import draw, sample
+    from tasks.evaluate.projection import draw, sample
 
     wanted = plan.embedding_map
     if not wanted:
