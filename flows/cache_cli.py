@@ -5,14 +5,15 @@ file; rm: a key is being written); 2 bad input (unknown or ambiguous key).
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from flows.defaults import default_cache_dir
+from flows import views
 from flows.console import CacheDir, friendly_errors, out, styled
 from storage import inventory
 from storage.features import FeatureStore
@@ -44,27 +45,33 @@ def _keys(store: FeatureStore, prefixes: list[str]) -> list[str]:
 
 @app.command("ls")
 @friendly_errors
-def ls(cache_dir: CacheDir = None) -> None:
-    """One row per feature file: key, backbone, weights, dataset, split, rows x dims, dtype, size, dates, state."""
+def ls(wide: views.Wide = False, output: views.Output = "table", cache_dir: CacheDir = None) -> None:
+    """One row per feature file: key, backbone, dataset, split, rows x dims, size, state (--wide: weights,
+    dtype, dates; -o json: every field)."""
+    views.check_output(output)
     store = _store(cache_dir)
     entries = inventory.entries(store)
+    if output == "json":
+        return views.print_json([dataclasses.asdict(e) for e in entries])
     done, partial, size = inventory.pieces_summary(store)
-    table = Table(title=f"{len(entries)} feature file(s) in {store.root}",
-                  caption=f"joined from {done} piece(s), {_size(size)} in {store.pieces().root}"
-                          + (f"; {partial} partial piece(s): an extraction in progress or interrupted" if partial else ""))
-    for col in ("key", "backbone", "weights", "dataset", "split", "rows x dims", "dtype", "size", "created", "used", "state"):
-        table.add_column(col, overflow="fold")
+    cols = [views.Col("key"), views.Col("backbone", fold=True), views.Col("weights", wide_only=True, fold=True),
+            views.Col("dataset", fold=True), views.Col("split"), views.Col("rows x dims"),
+            views.Col("dtype", wide_only=True), views.Col("size"), views.Col("created", wide_only=True),
+            views.Col("used", wide_only=True), views.Col("state")]
+    rows = []
     for e in entries:
         spec = e.spec
         used = datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M") if e.last_used else "-"
         state = "complete" if e.complete else ("unreadable" if e.error else "partial")
         dims = "+".join(str(d) for d in e.dims.values())
-        table.add_row(
-            short(e.key), spec.get("backbone", "?"), spec.get("weights", "?"), Path(e.dataset_root).name or "?",
-            spec.get("split", "?"), f"{e.rows} x {dims}", spec.get("dtype", "?"), _size(e.size_bytes),
-            e.created_at[:16].replace("T", " ") or "-", used, state,
-        )
-    out.print(table)
+        rows.append([short(e.key), spec.get("backbone", "?"), spec.get("weights", "?"), Path(e.dataset_root).name or "?",
+                     spec.get("split", "?"), f"{e.rows} x {dims}", spec.get("dtype", "?"), _size(e.size_bytes),
+                     e.created_at[:16].replace("T", " ") or "-", used, state])
+    caption = (f"joined from {done} piece(s), {_size(size)} in {store.pieces().root}"
+               + (f"; {partial} partial piece(s): an extraction in progress or interrupted" if partial else ""))
+    views.show(f"{len(entries)} feature file(s) in {store.root}", cols, rows, wide=wide,
+               caption=caption + ("" if wide else "\nmore columns: --wide; every field: -o json"))
+
 
 @app.command()
 @friendly_errors

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from flows import cache_cli
-from flows.defaults import DEFAULT_PORT, default_cache_dir
+from flows import cache_cli, server_cli, views
+from flows.defaults import default_cache_dir
 from flows.console import CacheDir, err, friendly_errors, out, print_table, styled
-from storage.keys import short
 
 
 app = typer.Typer(
@@ -24,9 +22,6 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", sho
 SweepFile = Annotated[Optional[Path], typer.Option(
     "--sweep", help="Sweep file (grid or list of overrides); the config's own sweep: section otherwise.")]
 
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _run_local(flow_fn, *args, **kwargs):
@@ -55,24 +50,13 @@ def _setup_logging() -> None:
     logging.getLogger("transferpipe").setLevel(logging.INFO)
 
 
-def _print_features(cfg, results) -> None:
-    table = Table(title=f"features of {cfg.name} ({cfg.backbone.name}, weights {cfg.backbone.weights})")
-    for col in ("split", "rows", "dims", "skipped", "cache", "seconds", "key"):
-        table.add_column(col)
-    for split, r in results.items():
-        dims = " ".join(f"{k}={v}" for k, v in r.dims.items())
-        cache = "hit" if r.cache_hit else "computed"
-        table.add_row(split, str(r.rows), dims, str(r.skipped), cache, f"{r.seconds:.1f}", short(r.key))
-    out.print(table)
-    out.print(f"feature files: {next(iter(results.values())).path.parent}/<key>.h5", highlight=False)
-
 
 @app.command()
 @friendly_errors
 def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Extract frozen-backbone features of every split into the HDF5 cache (the pipeline up to extract)."""
     cfg, result = _pipeline(config, cache_dir, "extract")
-    _print_features(cfg, result.features)
+    views.features(cfg, result.features)
 
 
 @app.command()
@@ -80,28 +64,14 @@ def extract(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 def heads(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Train every head of the config on its cached features (extracting them first if needed)."""
     cfg, result = _pipeline(config, cache_dir, "heads")
-    _print_features(cfg, result.features)
-    _print_heads(result.heads)
+    views.features(cfg, result.features)
+    views.heads(result.heads)
 
-
-def _print_heads(results) -> None:
-    table = Table(title="heads (validation accuracy; mean ± std over few-shot seeds)")
-    for col in ("head", "kind", "layer", "shots", "val acc", "best", "fits", "seconds"):
-        table.add_column(col)
-    for r in results:
-        for shot, s in r.summary().items():
-            best = [rec.best_param for rec in r.records if str(rec.shot) == shot]
-            spread = f" ± {s['std']:.3f}" if s["n"] > 1 else ""
-            table.add_row(
-                r.name, r.kind, r.layer, shot, f"{s['mean']:.3f}{spread}", ", ".join(f"{b:g}" for b in best[:3]),
-                "cached" if r.cache_hit else str(r.fits), f"{r.seconds:.1f}",
-            )
-    out.print(table)
 
 
 @app.command()
 @friendly_errors
-def run(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) -> None:
+def run(config: ConfigArg, sweep: SweepFile = None, wide: views.Wide = False, cache_dir: CacheDir = None) -> None:
     """The whole pipeline: extract → heads → finetune (if enabled) → evaluate; prints the ranking and the report.
 
     With --sweep (or a sweep: section) it runs every experiment of the sweep,
@@ -111,7 +81,7 @@ def run(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None) 
     if sweep is not None or cfg.sweep is not None:
         _sweep(config, sweep, cache_dir)
         return
-    _print_run(_pipeline(config, cache_dir, "evaluate", cfg)[1])
+    views.run(_pipeline(config, cache_dir, "evaluate", cfg)[1], wide)
 
 
 def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
@@ -125,43 +95,13 @@ def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
-    table = Table(title=f"sweep {name}: experiments by their best model's test top-1")
-    table.add_column("experiment", no_wrap=True)
-    for col in ("best model", "shots", "top-1", "macro-F1", "forward batches", "head fits"):
-        table.add_column(col, overflow="fold")
-    for r in result.rows():
-        table.add_row(r["experiment"], r["best model"], r["shots"], _fmt(r["top1"]), _fmt(r["macro_f1"]),
-                      str(r["forward batches"]), str(r["head fits"]))
-    out.print(table)
+    views.sweep(name, result)
     out.print(f"every model: transferpipe results --experiment '{name}-*'", highlight=False)
     if result.failed:
         for experiment, why in result.failed.items():
             err.print(styled("failed:", "bold red", f" {experiment}: {why}"), highlight=False)
         raise typer.Exit(1)
 
-
-def _print_run(result) -> None:
-    from tasks.evaluate.report import interval, recommendation_line
-
-    table = Table(title=f"{result.experiment}: test results (best first)")
-    for col in ("model", "kind", "shots", "val top-1", "top-1", "95% CI", "macro-F1", "ECE", "NLL", "train s"):
-        table.add_column(col)
-    for r in result.models:
-        m = r.metrics
-        table.add_row(r.name, r.kind, str(r.shot), _fmt(r.val_accuracy), _fmt(m["top1"]), interval(m),
-                      _fmt(m["macro_f1"]), _fmt(m["ece"]), _fmt(m["nll"]), f"{r.train_seconds:.1f}")
-    out.print(table)
-    if line := recommendation_line(result.models):
-        out.print(line, highlight=False)
-    found = result.evaluation.retrieval if result.evaluation else None
-    if found:
-        from tasks.index.retrieval import label, metric_names
-
-        figures = ", ".join(f"{label(n)} {_fmt(found.get(n))}" for n in metric_names(found["k"]) if "precision_at" not in n)
-        out.print(f"retrieval ({found['queries']} test queries, {found['metric']}, {found['index']}): {figures}",
-                  highlight=False)
-    stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
-    out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
 
 
 @app.command()
@@ -213,6 +153,8 @@ def results(
         "--experiment", help="Only this experiment; * and ? match any text (a sweep: 'NAME-*').")] = None,
     sort: Annotated[str, typer.Option("--sort", help="top1 | top5 | balanced_accuracy | macro_f1 | nll | ece | map_at_r | "
                                                      "recall_at_1 | recall_at_5 | recall_at_10")] = "top1",
+    wide: views.Wide = False,
+    output: views.Output = "table",
     cache_dir: CacheDir = None,
 ) -> None:
     """Compare every evaluated model across experiments (the results registry)."""
@@ -220,17 +162,9 @@ def results(
 
     root = default_cache_dir(cache_dir)
     rows = query(root, experiment, sort)
-    table = Table(title=f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}")
-    for col in ("experiment", "model", "shots", "backbone", "weights", "val top1", "top1", "95% CI", "macro_f1", "ece",
-                "mAP@R", "features", "when"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        ci = f"{r['top1_lo']:.3f}–{r['top1_hi']:.3f}" if r.get("top1_lo") is not None else ""
-        pick = " ✓" if r.get("recommended") else ""  # the experiment's model chosen on validation
-        table.add_row(r["experiment"], r["model"] + pick, r["shots"], r["backbone"], Path(r["weights"]).name,
-                      _fmt(r.get("val_accuracy")), _fmt(r["top1"]), ci, _fmt(r["macro_f1"]), _fmt(r["ece"]),
-                      _fmt(r.get("map_at_r")), short(r["features_key"]), r["created_at"][:16])
-    out.print(table)
+    if views.check_output(output) == "json":
+        return views.print_json(rows)
+    views.results(rows, f"{len(rows)} evaluated model(s) in {registry_path(root)}, by {sort}", wide)
 
 
 @app.command()
@@ -240,21 +174,8 @@ def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     cfg = _load(config, cache_dir)
     from flows.selection import select_flow
 
-    _print_select(f"{cfg.name}: candidate backbones, ranked by LogME", _run_local(select_flow, cfg))
+    views.select(f"{cfg.name}: candidate backbones, ranked by LogME", _run_local(select_flow, cfg))
 
-
-def _print_select(title: str, result) -> None:
-    from tasks.select.scores import SCORES
-
-    table = Table(title=title)
-    for col in ("candidate", *SCORES, "kNN val", "probe val", "LogME s", "probe s"):
-        table.add_column(col)
-    for r in result.rows:
-        table.add_row(r["candidate"], *(_fmt(r[s], ".4g") for s in SCORES), _fmt(r["knn_val_acc"], ".4g"),
-                      _fmt(r["logistic_val_acc"], ".4g"), f"{r['logme_s']:.3f}", f"{r['logistic_s']:.2f}")
-    out.print(table)
-    taus = ", ".join(f"{k} {_fmt(v, '.4g')}" for k, v in result.kendall_tau.items())
-    out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False)
 
 
 def _with_flags(cfg, section: str, model, given: dict):
@@ -291,13 +212,7 @@ def export(
                       {"splits": split, "layer": layer, "format": format, "dtype": dtype})
     wanted = cfg.export
     result = _pipeline(config, cache_dir, "export", cfg)[1]
-    table = Table(title=f"export of {cfg.name} ({wanted.format}, layer {wanted.layer})")
-    for col in ("split", "rows", "dim", "dtype", "MB", "cache", "seconds", "key"):
-        table.add_column(col)
-    for r in result.exports:
-        table.add_row(r.split, str(r.rows), str(r.dim), r.dtype, f"{sum(r.files.values()) / 1e6:.1f}",
-                      "hit" if r.cache_hit else "written", f"{r.seconds:.1f}", short(r.key))
-    out.print(table)
+    views.exports(f"export of {cfg.name} ({wanted.format}, layer {wanted.layer})", result.exports)
     paths = copy_out(result.exports, out_dir) if out_dir is not None else [p for r in result.exports for p in r.paths]
     out.print("\n".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
@@ -337,22 +252,13 @@ def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
     """Fine-tune the unfrozen blocks end to end (LP-FT from the best probe); resumes an interrupted run."""
     cfg, run = _pipeline(config, cache_dir, "finetune")
     result = run.finetune
-    table = Table(title=f"fine-tuning {cfg.backbone.name} ({'cached' if result.cache_hit else 'trained'})")
-    for col in ("epoch", "train loss", "val loss", "val acc", "img/s", "lr backbone", "lr head"):
-        table.add_column(col)
-    for h in result.history:
-        mark = " *" if h.epoch == result.best_epoch else ""
-        if h.epoch == 0:
-            table.add_row(f"0 (probe){mark}", "-", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}", "-", "-", "-")
-            continue
-        table.add_row(f"{h.epoch}{mark}", f"{h.train_loss:.4f}", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}",
-                      f"{h.images_per_s:.0f}", f"{h.lr_backbone:.2e}", f"{h.lr_head:.2e}")
-    out.print(table)
+    views.finetune(f"fine-tuning {cfg.backbone.name} ({'cached' if result.cache_hit else 'trained'})", result)
     if result.best_epoch == 0:
         out.print("no epoch of fine-tuning beat the probe it started from on validation: best.pt is the probe on "
                   "the frozen backbone (epoch 0)", highlight=False)
-    out.print(f"best (epoch {result.best_epoch}, val acc {result.best_val_accuracy:.4f}): {result.best_checkpoint}\n"
-              f"use it as another experiment's backbone.weights", highlight=False)
+    out.print(f"best (epoch {result.best_epoch}, val acc {result.best_val_accuracy:.4f}), to use as another "
+              "experiment's backbone.weights:", highlight=False)
+    out.print(str(result.best_checkpoint), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -388,7 +294,7 @@ def demo(
         from flows.demo import selection_check_flow
 
         ranked = _run_local(selection_check_flow, default_cache_dir(cache_dir))
-        _print_select("second-scanner digits: which backbone to pick?", ranked)
+        views.select("second-scanner digits: which backbone to pick?", ranked)
 
 
 def _imagenet_demo(cache_dir: Path | None, markdown: bool) -> None:
@@ -404,47 +310,8 @@ def _imagenet_demo(cache_dir: Path | None, markdown: bool) -> None:
               highlight=False)
 
 
-server_app = typer.Typer(no_args_is_help=True, help=(
-    "A persistent local Prefect server (127.0.0.1, SQLite in $PREFECT_HOME) that later commands reuse: "
-    "saves the ~8 s an ephemeral server costs each command."))
-
-
-@server_app.command("start")
-@friendly_errors
-def server_start(port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = DEFAULT_PORT) -> None:
-    """Start the local server in the background (or say where the running one is); commands then use it."""
-    from flows.server import start_persistent
-
-    server, started = start_persistent(port)
-    out.print(f"{'started' if started else 'already running'}: {server.url} (UI {server.url.removesuffix('/api')}, "
-              f"log {server.log}); commands use it until `transferpipe server stop`", highlight=False)
-
-
-@server_app.command("status")
-@friendly_errors
-def server_status() -> None:
-    """Whether the local server runs and where (exit 1 if it does not)."""
-    from flows.server import remembered
-
-    server = remembered()
-    if server is None:
-        out.print("no local server running: commands use Prefect's ephemeral mode (start one: transferpipe server start)")
-        raise typer.Exit(1)
-    out.print(f"running: {server.url} (pid {server.pid}, log {server.log})", highlight=False)
-
-
-@server_app.command("stop")
-@friendly_errors
-def server_stop() -> None:
-    """Stop the local server; commands go back to Prefect's ephemeral mode."""
-    from flows.server import stop_persistent
-
-    server = stop_persistent()
-    out.print(f"stopped {server.url}" if server else "no local server was running", highlight=False)
-
-
 app.add_typer(cache_cli.app, name="cache")
-app.add_typer(server_app, name="server")
+app.add_typer(server_cli.app, name="server")
 
 
 def main() -> None:

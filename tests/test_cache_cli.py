@@ -39,7 +39,7 @@ def cli(*args: str):
 
 def test_ls_shows_complete_and_partial_files(cache):
     cache_dir, plans, _ = cache
-    result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["cache", "ls", "--wide", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "2 feature file(s)" in result.output and "1 partial piece(s)" in " ".join(result.output.split())
     for split, state in (("train", "complete"), ("test", "complete")):
@@ -169,5 +169,22 @@ def test_files_renamed_or_removed_while_listed_are_left_out(cache):
     assert keys == {plans["train"].key, plans["test"].key}
     assert inventory.pieces_summary(store)[0] >= 2
     assert inventory.collect(store, partial_older_than_s=0, dry_run=True) is not None
-    result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["cache", "ls", "--wide", "--cache-dir", str(cache_dir)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "2 feature file(s)" in result.output, result.output
+
+
+def test_ls_reads_at_80_columns_and_gives_the_rest_wide_or_as_json(cache):
+    import json
+
+    cache_dir, plans, done = cache
+    narrow = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir)], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.output.splitlines()
+    assert max(map(len, lines)) <= 80, narrow.output
+    for split in ("train", "test"):
+        row = next(ln for ln in lines if plans[split].key[:12] in ln)  # one line per file, values whole
+        assert all(v in row for v in ("resnet18", "images", split, f"{done[split].rows} x 512", "complete")), row
+    assert "--wide" in narrow.output and "none(seed=0)" not in narrow.output
+    records = json.loads(runner.invoke(app, ["cache", "ls", "-o", "json", "--cache-dir", str(cache_dir)]).output)
+    assert sorted(r["key"] for r in records) == sorted(plans[s].key for s in ("train", "test"))
+    assert all(r["spec"]["weights"] == "none(seed=0)" and r["complete"] for r in records)

@@ -97,3 +97,47 @@ def test_a_config_seen_before_loads_and_plans_without_torch(imagefolder, tmp_pat
     assert runs[1].stdout.strip() == "heavy:"
     # model name, module names, preprocessing, which layers are channels-last
     assert len(list((tmp_path / "c" / "backbones").glob("*.json"))) == 4
+
+
+@pytest.mark.slow
+def test_every_table_reads_at_80_columns(imagefolder, tmp_path):
+    """What a user reads in an 80 x 24 terminal: no line longer than 80, every row on one line with its values
+    whole (rich folded 13 columns into 4-character fragments: ``resn/et18``, ``0.6/10``)."""
+    import os
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-at-eighty-columns",
+        "data": {"source": "imagefolder", "root": str(imagefolder), "val_fraction": 0.2, "test_fraction": 0.2},
+        "backbone": {"name": "resnet18", "weights": "none", "preprocess": {"resize": 32, "crop": 32}},
+        "extract": {"batch_size": 4, "num_workers": 0},
+        "heads": [{"kind": "logistic", "shots": [1, "all"], "seeds": 2}, {"kind": "knn", "name": "knn-cosine"}],
+        "finetune": {"enabled": True, "epochs": 1, "batch_size": 4, "num_workers": 0, "early_stopping": None},
+        "cache_dir": str(tmp_path / "cache"), "retries": 0,
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1", COLUMNS="80", LINES="24")
+    wanted = {
+        ("extract",): ["train", "val", "test"],
+        ("heads",): ["logistic", "knn-cosine"],
+        ("run",): ["logistic", "knn-cosine", "finetuned"],
+        ("finetune",): ["0 (probe)"],
+        ("export",): ["train", "test"],
+        ("results",): ["tiny-at-eighty-columns", "resnet18"],
+        ("cache", "ls"): ["resnet18", "complete"],
+    }
+    for command, values in wanted.items():
+        args = [*command, *([str(config)] if command[0] not in ("results", "cache") else []),
+                "--cache-dir", str(tmp_path / "cache")]
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=1800)
+        assert result.returncode == 0, (command, result.stderr)
+        # a path alone on its line is printed whole, to be copied
+        lines = [ln for ln in result.stdout.splitlines() if " " in ln.strip()]
+        assert max(map(len, lines)) <= 80, (command, result.stdout)
+        for value in values:  # each row on one line, its values whole
+            assert any(value in line for line in lines), (command, value, result.stdout)
+        fragments = [ln for ln in lines if ln.strip() and len(ln.strip()) <= 4]
+        assert not fragments, (command, result.stdout)

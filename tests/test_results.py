@@ -34,7 +34,7 @@ def test_results_command_prints_the_registry(tmp_path):
          "top1": 0.7, "macro_f1": 0.69, "ece": None, "features_key": "f" * 64, "created_at": "2026-11-22T08:01:00"},
     ])
     runner = CliRunner()
-    result = runner.invoke(app, ["results", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["results", "--wide", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert result.output.index("exp-a") < result.output.index("exp-b") and "best.pt" in result.output
     only_b = runner.invoke(app, ["results", "--experiment", "exp-b", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
@@ -96,3 +96,35 @@ def test_a_damaged_registry_is_named_and_set_aside_by_the_next_evaluation(tmp_pa
     registry.append(tmp_path, [ROW])
     assert [r["model"] for r in registry.query(tmp_path)] == ["logistic"]
     assert len(list(tmp_path.glob("results.sqlite.damaged-*"))) == 1
+
+
+def test_results_reads_at_80_columns_and_gives_the_rest_wide_or_as_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    registry.append(tmp_path, [
+        {"experiment": "digits-resnet18-sweep-lr0.01", "model": "logistic", "shots": "all", "backbone": "resnet18",
+         "weights": "/w/best.pt", "top1": 0.9612, "top1_lo": 0.9411, "top1_hi": 0.9777, "macro_f1": 0.96,
+         "ece": 0.05, "features_key": "f" * 64, "created_at": "2026-11-22T08:00:00"},
+        {"experiment": "digits-resnet18-sweep-lr0.01", "model": "prototype", "shots": "10", "backbone": "vit_b_16",
+         "weights": "DEFAULT", "top1": 0.7, "top1_lo": 0.65, "top1_hi": 0.75, "macro_f1": 0.69, "ece": None,
+         "features_key": "e" * 64, "created_at": "2026-11-22T08:01:00"},
+    ])
+    runner = CliRunner()
+    narrow = runner.invoke(app, ["results", "--cache-dir", str(tmp_path)], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.output.splitlines()
+    assert max(map(len, lines)) <= 80, narrow.output
+    row = next(ln for ln in lines if "prototype" in ln)  # one line per row: no value broken across lines
+    assert all(v in row for v in ("digits-resnet18-sweep-lr0.01", "10", "vit_b_16", "0.700", "0.650–0.750")), row
+    assert "--wide" in narrow.output and "best.pt" not in narrow.output
+    wide = runner.invoke(app, ["results", "--wide", "--cache-dir", str(tmp_path)], env={"COLUMNS": "80"})
+    row = next(ln for ln in wide.output.splitlines() if "logistic" in ln)
+    assert all(v in row for v in ("best.pt", "0.960", "0.050", "ffffffffffff", "2026-11-22T08:00")), row
+    records = json.loads(runner.invoke(app, ["results", "-o", "json", "--cache-dir", str(tmp_path)]).output)
+    assert [r["model"] for r in records] == ["logistic", "prototype"] and records[0]["features_key"] == "f" * 64
+    bad = runner.invoke(app, ["results", "-o", "yaml", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--output 'yaml': use table or json" in bad.output

@@ -123,7 +123,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
         chunks = gallery_chunks(gallery, fn, metric, memory_bytes, rows=2 * K)
     block = int(np.clip(block_bytes // (K * 12 * 3), 1, 8192))
     sums: dict[str, float] = {}
-    for q0, qb in blocks(queries, block):
+    for q0, qb in row_blocks(queries, block):
         q = fn(qb)
         index = search(q, K) if search else exact_search(q, chunks, K, q0 if leave_one_out else None)[1]
         hit = (gallery.labels[np.maximum(index, 0)] == queries.labels[q0 : q0 + len(qb), None]) & (index >= 0)
@@ -134,7 +134,7 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
             "metric": metric, "leave_one_out": leave_one_out, "k": list(ks), **out}
 
 
-def blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
+def row_blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
     """Blocks of ``size`` rows (the last may be shorter) from the rows' chunks, whatever the chunks' own size."""
     pending, start = [], 0
     for s, block in rows.chunks():
@@ -157,7 +157,7 @@ def gallery_chunks(gallery: Rows, fn, metric: str, memory_bytes: float, rows: in
         return g, (-0.5 * (g * g).sum(axis=1)) if metric == "l2" else None
 
     def blocks():
-        return blocks(gallery, max(rows, gallery.chunk))
+        return row_blocks(gallery, max(rows, gallery.chunk))
 
     if gallery.n * gallery.dim * 4 <= memory_bytes:
         held = [(start, *prepared(block)) for start, block in blocks()]

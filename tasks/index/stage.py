@@ -24,10 +24,10 @@ from tasks.index.plan import (
 )
 from tasks.index.retrieval import (
     Rows,
-    blocks,
     exact_search,
     gallery_chunks,
     retrieval_metrics,
+    row_blocks,
     transform,
 )
 
@@ -115,7 +115,7 @@ def _queries(store: FeatureStore, plan: IndexPlan, rows: Rows) -> tuple[np.ndarr
     n = plan.config.queries
     if plan.queries_from:  # its first n rows: only the chunks that hold them are read
         other = Rows.stored(store.rows(plan.queries_from, plan.config.layer))
-        return next(blocks(other, min(n, other.n)))[1], None
+        return next(row_blocks(other, min(n, other.n)))[1], None
     take = np.sort(np.random.default_rng(0).choice(rows.n, min(n, rows.n), replace=False))
     return np.concatenate([b for _, b in _rows_at(rows, take)]), take
 
