@@ -9,7 +9,8 @@ changes as files added, removed or changed), or "never computed". The graph
 from __future__ import annotations
 
 from flows.config import ExperimentConfig
-from flows.graph import Step, candidates, walk
+from flows.graph import Step, walk
+from flows.nodes import candidates, side_goals
 from storage.keys import short
 
 
@@ -18,8 +19,7 @@ def explain(config: ExperimentConfig) -> list[Step]:
     """What a run of ``config`` would compute, stage by stage, and why; with an ``export:`` section, also what
     ``transferpipe export`` would write; with ``index:``, the index ``transferpipe index`` would build; with a
     ``select:`` section, what ``transferpipe select`` would compute for each candidate."""
-    steps = walk(config, also=tuple(g for g, section in (("export", config.export), ("index", config.index))
-                                    if section is not None))
+    steps = walk(config, also=side_goals(config))
     if config.select is not None:
         steps += [step for _, candidate in candidates(config) for step in walk(candidate, "score")]
     return steps

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows import graph
+from flows import graph, nodes
 from flows.publish import publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
@@ -21,7 +21,7 @@ from tasks.finetune.plan import FinetuneResult
 from tasks.heads.stage import HeadResult
 from tasks.result import summarize
 
-Stop = graph.Goal
+Stop = nodes.Goal
 
 
 class PipelineResult(BaseModel):
@@ -62,7 +62,7 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     evaluation = results["evaluate"][0] if "evaluate" in results else None
     if evaluation is not None:
         publish_report(config.name, evaluation)
-    return PipelineResult(experiment=config.name, features=graph.features(ran), heads=results.get("heads", []),
+    return PipelineResult(experiment=config.name, features=nodes.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
                           exports=results.get("export", []), index=(results.get("index") or [None])[0],
                           stages={stage: summarize(r) for stage, r in results.items()})

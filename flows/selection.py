@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows import graph
+from flows import graph, nodes
 from flows.publish import publish_table
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
@@ -22,7 +22,7 @@ def select_flow(config: ExperimentConfig) -> SelectResult:
     """Every candidate: features (cached), cheap scores, and the kNN and logistic probes' val accuracy."""
     config = as_config(config)
     rows = []
-    for label, candidate in graph.candidates(config):
+    for label, candidate in nodes.candidates(config):
         ran = graph.run(candidate, "score")  # features, the two probes, the scores: cached like any stage
         rows.append(select.candidate_row(label, candidate.backbone, ran["score"].results[0],
                                          {h.kind: h for h in ran["heads"].results}))

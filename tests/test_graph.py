@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.explain import explain
-from flows.graph import EVALUATE, EXTRACT, FINETUNE, HEADS, SCORE, nodes
+from flows.nodes import EVALUATE, EXTRACT, FINETUNE, HEADS, NODES, SCORE, nodes
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from flows.selection import select_flow
@@ -24,6 +24,8 @@ EVERY_STAGE = {
         {"label": "b", "backbone": {"name": "resnet18", "weights": "none", "init_seed": 1,
                                     "preprocess": {"resize": 32, "crop": 32}}},
     ]},
+    "export": {"format": "npy"},
+    "index": {"split": "train", "kind": "flat"},
 }
 
 
@@ -35,11 +37,15 @@ def written(cache: Path) -> dict[str, set[str]]:
         "finetune": {p.name for p in (cache / "finetune").iterdir()},
         "evaluate": {p.name for p in (cache / "runs").glob("*/*") if p.is_dir()},
         "score": {p.stem for p in (cache / "scores").glob("*.json")},
+        "export": {p.name for p in (cache / "exports").iterdir()},
+        "index": {p.name for p in (cache / "indexes").iterdir() if p.name != "quarantine"},
     }
 
 
 @pytest.mark.slow
 def test_plan_announces_exactly_what_run_and_select_write(tiny_config):
+    """Every stage of the graph (flows/nodes.py: NODES), planned on an empty cache, then run."""
+    pytest.importorskip("faiss")
     cfg = tiny_config(**EVERY_STAGE)
     planned = explain(cfg)
     assert planned and not any(step.cached for step in planned)
@@ -51,7 +57,10 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config):
     with local_run_settings():
         pipeline_flow(cfg)
         select_flow(cfg)
+        pipeline_flow(cfg, stop_after="export")
+        pipeline_flow(cfg, stop_after="index")
 
+    assert set(written(cfg.cache_dir)) == {node.stage for node in NODES}, "a stage this test does not cover"
     assert written(cfg.cache_dir) == announced
     assert all(step.cached for step in explain(cfg))
 

@@ -83,18 +83,8 @@ class Table(DataSource):
                     row += batch.num_rows
             except arrow.TableError as exc:
                 raise DataError(str(exc)) from None
-        if holds_paths and cfg.paths == "inside_root":
-            inside = os.path.realpath(root)
-            outside = {item for pairs in raw.values() for item, _ in pairs
-                       if os.path.commonpath([inside, os.path.realpath(os.path.join(root, item))]) != inside}
-            bad += sorted((f"{item} (row of {cfg.path})", f"outside data.root {root} (data.paths: inside_root)", split)
-                          for split, pairs in raw.items() for item, _ in pairs if item in outside)
-            raw = {s: [(i, y) for i, y in pairs if i not in outside] for s, pairs in raw.items()}
         if holds_paths:
-            gone = {item for pairs in raw.values() for item, _ in pairs if not os.path.isfile(os.path.join(root, item))}
-            bad += sorted((f"{item} (row of {cfg.path})", f"no such file under {root}", split)
-                          for split, pairs in raw.items() for item, _ in pairs if item in gone)
-            raw = {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
+            raw = _files_named(cfg, root, raw, bad)
         classes = named or sorted_labels(label for pairs in raw.values() for _, label in pairs)
         items = labelled(raw, classes, named is not None, bad, "is not one of the classes")
         left_out = bad_items(bad, f"row(s) in {cfg.path}", cfg.on_bad_image)
@@ -143,6 +133,23 @@ class Table(DataSource):
         if data is None:
             raise OSError(f"{path} row {row['row']} has no image bytes (and no path to read them from)")
         return io.BytesIO(data)
+
+
+def _files_named(cfg: DataConfig, root: Path, raw: dict[str, list[tuple[str, str]]],
+                 bad: list[tuple[str, str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """The rows whose image file exists (and, with ``data.paths: inside_root``, is under the root); the others
+    join ``bad``."""
+    if cfg.paths == "inside_root":
+        inside = os.path.realpath(root)
+        outside = {item for pairs in raw.values() for item, _ in pairs
+                   if os.path.commonpath([inside, os.path.realpath(os.path.join(root, item))]) != inside}
+        bad += sorted((f"{item} (row of {cfg.path})", f"outside data.root {root} (data.paths: inside_root)", split)
+                      for split, pairs in raw.items() for item, _ in pairs if item in outside)
+        raw = {s: [(i, y) for i, y in pairs if i not in outside] for s, pairs in raw.items()}
+    gone = {item for pairs in raw.values() for item, _ in pairs if not os.path.isfile(os.path.join(root, item))}
+    bad += sorted((f"{item} (row of {cfg.path})", f"no such file under {root}", split)
+                  for split, pairs in raw.items() for item, _ in pairs if item in gone)
+    return {s: [(i, y) for i, y in pairs if i not in gone] for s, pairs in raw.items()}
 
 
 def pa_floating(kind: Any) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -133,8 +134,6 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
     the first undecodable image, but every piece left is still decoded so the
     error lists them all.
     """
-    from filelock import Timeout
-
     manifest = Manifest.load(plan.manifest)
     items = manifest.splits[plan.split]
     todo = [p for p in pieces if store.lookup(p.key, mark=False) is None]
@@ -153,13 +152,7 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
             if undecodable:  # decode only, to name every bad image
                 undecodable += loader.run(piece.start, piece.start, piece.stop, None)
                 continue
-            lock = store.lock(piece.key)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("another run is extracting %s; waiting for it", piece.name)
-                lock.acquire()
-            try:
+            with _piece_lock(store, piece):
                 if store.lookup(piece.key, mark=False) is not None:  # the run we waited for made it
                     continue
                 span = items[piece.start : piece.stop]
@@ -177,8 +170,6 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
                 rows, skipped, computed = rows + len(kept), skipped + len(dropped), computed + len(span) - first
                 for s in writer.skipped:
                     log.warning("skipped %s: %s", s["path"], s["error"])
-            finally:
-                lock.release()
     if undecodable:
         raise BadImageError(undecodable, f"the {plan.split} split of {manifest.root}")
     seconds = time.perf_counter() - started
@@ -187,6 +178,23 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
              f", {skipped} skipped" if skipped else "", store.root)
     return Computed(rows=rows, dims=dims, skipped=skipped, forward_batches=runner.batches)
 
+
+
+@contextlib.contextmanager
+def _piece_lock(store: FeatureStore, piece: Piece) -> Iterator[None]:
+    """The piece's lock, waiting (and saying so) while another run extracts it."""
+    from filelock import Timeout
+
+    lock = store.lock(piece.key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another run is extracting %s; waiting for it", piece.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 class Computed(NamedTuple):
     rows: int
