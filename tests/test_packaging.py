@@ -2,6 +2,7 @@
 tasks/), and an installed wheel imports and plans without the source tree."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_wheel_holds_every_module_and_imports_without_the_source_tree(tmp_path):
+    # built from a copy of the tracked files: a build/ folder left in the checkout would hide a missing package
+    tree = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=1800)
+                            "-w", str(tmp_path / "dist"), str(tree)], capture_output=True, text=True, timeout=1800)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("transferpipe-*.whl"))
     sources = {p.relative_to(REPO).as_posix() for layer in ("flows", "tasks", "storage")
