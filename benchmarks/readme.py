@@ -1,6 +1,6 @@
-"""Regenerate the README's measured tables from real runs of the commands they describe.
+"""Regenerate the measured tables of the README and docs/ from real runs of the commands they describe.
 
-Each table sits between two markers in README.md::
+Each table sits between two markers in its page (``SECTIONS`` says which)::
 
     <!-- readme:demo -->
     | ... the table ... |
@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PERFORMANCE = REPO / "docs" / "performance.md"
 TP = [sys.executable, "-m", "flows.cli"]
 
 #: section name -> the command whose markdown table it holds (``{cache}``: a fresh cache folder)
@@ -34,6 +35,12 @@ SECTIONS: dict[str, list[str]] = {
     "cli": [sys.executable, "-m", "benchmarks.cli", "--markdown"],
     "export": [sys.executable, "-m", "benchmarks.export"],
 }
+#: the page that holds each section's table
+PAGES: dict[str, Path] = {"demo": README, "imagenet": PERFORMANCE, "cli": PERFORMANCE, "export": PERFORMANCE}
+
+
+def page(name: str) -> Path:
+    return PAGES[name]
 
 
 def _pattern(name: str) -> re.Pattern[str]:
@@ -44,7 +51,8 @@ def section(text: str, name: str) -> str:
     """The table the README holds for ``name`` (a missing marker is an error naming it)."""
     found = _pattern(name).search(text)
     if found is None:
-        raise ValueError(f"README.md has no <!-- readme:{name} --> ... <!-- /readme:{name} --> block")
+        raise ValueError(f"{PAGES.get(name, README).relative_to(REPO)} has no <!-- readme:{name} --> ... "
+                         f"<!-- /readme:{name} --> block")
     return found.group(2)
 
 
@@ -79,20 +87,23 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--check", action="store_true", help="only say which tables differ; exit 1 if any does")
     args = parser.parse_args()
-    text, stale = README.read_text(), []
+    texts = {path: path.read_text() for path in {page(name) for name in args.only}}
+    stale = []
     for name in args.only:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"{name}: {' '.join(SECTIONS[name])}", flush=True)
             new = measure(name, Path(tmp))
+        text = texts[page(name)]
         if new != section(text, name):
             stale.append(name)
-            text = _pattern(name).sub(lambda m: m.group(1) + new + m.group(3), text)
+            texts[page(name)] = _pattern(name).sub(lambda m: m.group(1) + new + m.group(3), text)
         print(new, flush=True)
     if args.check:
-        print(f"differ from the README: {', '.join(stale) or 'none'}")
+        print(f"differ from the pages: {', '.join(stale) or 'none'}")
         raise SystemExit(1 if stale else 0)
-    README.write_text(text)
-    print(f"README.md: {', '.join(stale) or 'nothing'} updated")
+    for path, text in texts.items():
+        path.write_text(text)
+    print(f"{', '.join(f'{n} ({page(n).relative_to(REPO)})' for n in stale) or 'nothing'} updated")
 
 
 if __name__ == "__main__":
