@@ -142,10 +142,8 @@ CONFIGS: dict[str, type[_HeadBase]] = {c.model_fields["kind"].annotation.__args_
                                                  PrototypeConfig)}
 
 
-HeadConfig = Annotated[
-    Union[LogisticConfig, LinearConfig, KNNConfig, RidgeConfig, SVMConfig, PrototypeConfig],
-    Field(discriminator="kind"),
-]
+#: a ``heads:`` entry: one of CONFIGS, told apart by ``kind``
+HeadConfig = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="kind")]
 
 
 def default(config: type[_HeadBase], name: str) -> Any:
