@@ -86,6 +86,7 @@ print("heavy:", ",".join(sorted(m for m in ("torch", "torchvision", "sklearn") i
 """
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_a_config_seen_before_loads_and_plans_without_torch(imagefolder, tmp_path):
     """What torchvision says about a backbone is remembered in the cache: the second load needs no torch."""
     raw = {"name": "x", "data": {"source": "imagefolder", "root": str(imagefolder)}, "cache_dir": str(tmp_path / "c"),

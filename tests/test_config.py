@@ -6,6 +6,7 @@ import pytest
 
 from flows.config import ConfigError, load_config
 from flows.defaults import CACHE_ENV
+from tasks.data import SOURCES as DATA_SOURCES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,10 +54,18 @@ def test_a_typo_lists_the_keys_of_its_own_section_and_the_close_match(raw, line)
     assert line in str(exc.value)
 
 
+def _listed(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+_SOURCE_NAMES = _listed(list(DATA_SOURCES))  # the registry's names in its order, not a list written here
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("data: {source: parquet}", "data.source: Input should be 'digits', 'mnist5k', 'imagefolder', 'csv', 'webdataset' or 'table' (got 'parquet')"),
+        ("data: {source: parquet}", f"data.source: Input should be {_SOURCE_NAMES} (got 'parquet')"),
         ("data: {on_bad_image: ignore}", "data.on_bad_image: Input should be 'error' or 'skip' (got 'ignore')"),
         ("data: {val_fraction: 0.6, test_fraction: 0.5}", "val_fraction + test_fraction must be < 1"),
         ("data: {source: imagefolder}", "source 'imagefolder' needs data.root"),

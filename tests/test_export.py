@@ -29,6 +29,7 @@ def stored(cfg, split: str, layer: str = "penultimate"):
     return FeatureStore(cfg.cache_dir).read(plan.key, [layer])
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_parquet_holds_every_row_as_stored_in_row_groups_and_a_second_export_is_a_hit(tiny_config):
     cfg = tiny_config()
     cfg, first = exported(cfg, row_group_rows=4)

@@ -16,6 +16,7 @@ from tasks.finetune.surgery import build_optimizer, build_schedule, freeze, init
 from tasks.heads.stage import load_head
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_only_unfrozen_blocks_change_and_frozen_batchnorm_keeps_its_statistics(staged):
     cfg, _, _, plan = staged
     p = plan(unfreeze=["layer4"])
@@ -79,6 +80,7 @@ def test_lp_ft_head_starts_as_the_probe(staged):
     np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_config):
     cfg, _, _, plan = staged
     p = plan()
@@ -95,6 +97,7 @@ def test_best_checkpoint_is_a_backbone_for_the_next_experiment(staged, tiny_conf
         torch.testing.assert_close(build(spec)(x)["penultimate"], model.eval()(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_lp_ft_never_ends_below_the_probe_it_starts_from_on_validation(staged):
     """Epoch 0 is the probe on the frozen backbone, validated first: a fine-tune that only makes things worse
     (here a learning rate that wrecks the weights) returns it."""
@@ -116,6 +119,7 @@ def test_fine_tuning_needs_a_probe_or_random_init(staged):
     p = plan().model_copy(update={"probes": []})
     with pytest.raises(ValueError, match="init_head is best_probe but no linear probe was trained"):
         finetune(p)
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_freeze_bn_all_keeps_every_batchnorm_statistic(staged):
     _, _, _, plan = staged
     p = plan(unfreeze=["layer4"], freeze_bn="all", epochs=1)

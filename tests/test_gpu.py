@@ -110,6 +110,7 @@ def test_linear_and_knn_heads_predict_the_same_on_the_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_streaming_linear_head_moves_its_chunks_to_the_device(tmp_path, device):
     from tasks.heads.stage import load_split
 

@@ -254,6 +254,7 @@ def _os_system_config(tiny_config, tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_plan_never_calls_a_factory_named_in_a_config(tiny_config, tmp_path):
     path, marker = _os_system_config(tiny_config, tmp_path)
     done = _plan(path)

@@ -54,6 +54,7 @@ def test_pieces_join_into_the_file_a_single_piece_gives(tiny_config, tmp_path):
     assert extract_split(many).cache_hit
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_a_folder_that_grows_extracts_only_the_pieces_with_new_images(tiny_config, tmp_path):
     cfg = tiny_config(extract={"piece_size": 3}, data={"val_fraction": 0, "test_fraction": 0})
     before = split_plans(cfg)["train"]
@@ -139,6 +140,7 @@ def test_gc_removes_stale_partial_pieces_and_pieces_no_file_joins(tiny_config, m
     assert removed == {pieces.path(p.key) for p in val.pieces}
 
 
+@pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
 def test_a_join_of_more_pieces_than_open_files_allowed(tiny_config, tmp_path):
     """A 1.28M-image split is ~1,250 pieces: joining keeps one piece open at a time (``ulimit -n`` is often 1024;
     here 40 files for 60 pieces)."""
