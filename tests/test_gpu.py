@@ -56,6 +56,7 @@ def extracted(tiny_config, tmp_path: Path, device: str, amp: bool, cache: str):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_extraction_on_the_device_matches_the_cpu_in_fp32(tiny_config, tmp_path, device):
     cpu_result, cpu = extracted(tiny_config, tmp_path, "cpu", False, "cpu")
     result, got = extracted(tiny_config, tmp_path, device, False, f"on-{device}")

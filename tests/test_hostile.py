@@ -82,6 +82,7 @@ def test_names_that_are_not_utf8_are_named_or_left_out(tmp_path):
     assert len(manifest.splits["train"]) == 18  # the six of each class, the odd one left out
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_a_symlink_loop_is_a_bad_image_not_a_crash(tiny_config, tmp_path):
     from tasks.extract.stage import extract_split
 
@@ -302,6 +303,7 @@ def test_plan_imports_no_module_beside_the_config_even_after_a_run(tiny_config, 
     assert (folder / "imported.log").read_text() == imports  # plan imported nothing
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_a_server_that_is_not_there_is_named_before_anything_runs(tiny_config, tmp_path):
     import socket
     import subprocess

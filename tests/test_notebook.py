@@ -47,6 +47,7 @@ def test_a_split_not_in_the_cache_says_which_command_computes_it(tiny_config, tm
         cached_features(cfg, "holdout")
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_reading_a_cache_imports_neither_torch_nor_prefect(tiny_config, tmp_path):
     cfg = tiny_config()
     extract_split(split_plans(cfg)["test"])  # this process has torch; the reader below must not need it

@@ -76,6 +76,7 @@ def test_a_folder_that_grows_extracts_only_the_pieces_with_new_images(tiny_confi
     assert np.array_equal(x.labels, y.labels)
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_a_new_class_renumbers_labels_without_recomputing_features(tiny_config):
     cfg = tiny_config(extract={"piece_size": 4}, data={"val_fraction": 0, "test_fraction": 0})
     old = split_plans(cfg)["train"]
@@ -101,6 +102,7 @@ def test_a_missing_piece_is_never_read_as_zeros(tiny_config):
     assert not result.cache_hit and result.forward_batches == 1 and store.verify(plan.key) == []
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_a_corrupt_piece_fails_the_join_by_name_and_is_recomputed_on_rerun(tiny_config):
     plan = split_plans(tiny_config(extract={"piece_size": 2}))["train"]
     extract_pieces(plan)
@@ -114,6 +116,7 @@ def test_a_corrupt_piece_fails_the_join_by_name_and_is_recomputed_on_rerun(tiny_
     assert result.forward_batches == 1 and FeatureStore(plan.cache_dir).verify(plan.key) == []
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_gc_removes_stale_partial_pieces_and_pieces_no_file_joins(tiny_config, monkeypatch):
     from storage.faults import ENV, InjectedFault
 

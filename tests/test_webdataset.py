@@ -174,6 +174,7 @@ def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_pat
     assert second.rows == 24 and second.forward_batches == 2  # the new shard only
 
 
+@pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_what_skip_leaves_out_is_in_the_feature_file_and_the_report(tiny_config, tmp_path):
     import json
 
