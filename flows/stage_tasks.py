@@ -12,10 +12,10 @@ Every stage task gets the same treatment:
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from prefect import Task, task
 from prefect.context import TaskRunContext
@@ -25,12 +25,15 @@ from flows.config import ExperimentConfig
 from storage.keys import fingerprint
 from tasks.evaluate.stage import evaluate
 from tasks.export.stage import export_split
+from tasks.extract.groups import extract_group, join_group
 from tasks.extract.stage import extract_split
-from tasks.index.stage import build_index
 from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
+from tasks.index.stage import build_index
+from tasks.result import StageResult
 from tasks.select.stage import score_candidate
-from tasks.extract.groups import extract_group, join_group
+
+log = logging.getLogger("transferpipe.stages")
 
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -99,6 +102,11 @@ class StageInputError(StageFailed, ValueError):
     """A stage failed on bad input (config or data): not retried, exit code 2 at the CLI."""
 
 
+class UnreadableRecord(Exception):
+    """A Prefect cache hit whose stored result is not a stage result: written by a version whose result class
+    lived elsewhere (a record names its class), or damaged."""
+
+
 def stage_result(state: Any, name: str) -> Any:
     """The stage's result from its final state; a failure is raised as StageFailed naming the stage."""
     try:
@@ -106,25 +114,43 @@ def stage_result(state: Any, name: str) -> Any:
     except Exception as exc:
         kind = StageInputError if isinstance(exc, ValueError) else StageFailed
         raise kind(f"stage {name} failed: {exc}", stage=name) from exc
-    return result.cached() if state.name == "Cached" else result
+    if state.name != "Cached":
+        return result
+    if not isinstance(result, StageResult):
+        raise UnreadableRecord(f"{name}: Prefect's record holds {type(result).__name__}, not a stage result")
+    return result.cached()
+
+
+def _again(task: Task, plan: Any, config: ExperimentConfig, name: str, why: UnreadableRecord) -> Any:
+    """The stage run once more past Prefect's record (the stage itself reuses what its store holds, cheaply)
+    and a fresh record written."""
+    log.info("%s; running the stage past it (what the store holds is reused)", why)
+    return stage_result(_configured(task, config, stored=False, name=name)(plan, return_state=True), name)
 
 
 def run_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> Any:
     """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
-    return stage_result(_configured(task, config, stored=stored, name=name)(plan, return_state=True), name)
+    try:
+        return stage_result(_configured(task, config, stored=stored, name=name)(plan, return_state=True), name)
+    except UnreadableRecord as why:
+        return _again(task, plan, config, name, why)
 
 
 class StageFuture:
     """A stage running concurrently: :meth:`result` waits and returns (or raises) like :func:`run_stage`."""
 
-    def __init__(self, future: Any, name: str) -> None:
-        self.future, self.name = future, name
+    def __init__(self, future: Any, name: str, again: Callable[[UnreadableRecord], Any]) -> None:
+        self.future, self.name, self.again = future, name, again
 
     def result(self) -> Any:
         self.future.wait()
-        return stage_result(self.future.state, self.name)
+        try:
+            return stage_result(self.future.state, self.name)
+        except UnreadableRecord as why:
+            return self.again(why)
 
 
 def submit_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> StageFuture:
     """Like :func:`run_stage`, concurrently."""
-    return StageFuture(_configured(task, config, stored=stored, name=name).submit(plan), name)
+    return StageFuture(_configured(task, config, stored=stored, name=name).submit(plan), name,
+                       lambda why: _again(task, plan, config, name, why))

@@ -267,3 +267,31 @@ def test_random_transient_faults_are_retried_to_the_same_results_as_a_clean_run(
     for plan in split_plans(clean_cfg).values():
         clean_set, faulty_set = (FeatureStore(c.cache_dir).read(plan.key) for c in (clean_cfg, faulty_cfg))
         assert (clean_set.features["penultimate"] == faulty_set.features["penultimate"]).all()
+
+
+@pytest.mark.slow
+def test_a_prefect_record_naming_a_result_class_that_moved_is_run_past_not_a_crash(tiny_config):
+    """Prefect's JSON records name the result's class (``tasks.extract.ExtractResult`` before tasks/ became
+    packages); a record whose class no longer imports read back as a dict, and the run died on
+    ``'dict' object has no attribute 'cached'``. Now the stage runs past it, reusing its store."""
+    from prefect.settings import get_current_settings
+
+    from storage.keys import fingerprint
+
+    cfg = tiny_config(heads=[{"kind": "knn", "k": [1]}])
+    with local_run_settings():
+        first = pipeline_flow(cfg, stop_after="heads")
+        storage = get_current_settings().results.local_storage_path
+        moved, mine = 0, fingerprint(str(cfg.cache_dir.resolve()))[:16]  # this cache's records (their key's end)
+        for record in storage.glob(f"*-{mine}"):
+            stored = json.loads(record.read_text())
+            result = stored.get("result")
+            if isinstance(result, str) and '"__class__": "tasks.' in result:
+                stored["result"] = result.replace('"__class__": "tasks.', '"__class__": "tasks.gone_since.')
+                record.write_text(json.dumps(stored))
+                moved += 1
+        assert moved >= 4  # three splits and the head
+        again = pipeline_flow(cfg, stop_after="heads")
+    assert {s: r.key for s, r in again.features.items()} == {s: r.key for s, r in first.features.items()}
+    assert all(r.cache_hit for r in again.features.values()) and all(h.cache_hit for h in again.heads)
+    assert [rec.key for h in again.heads for rec in h.records] == [rec.key for h in first.heads for rec in h.records]
