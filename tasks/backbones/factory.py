@@ -12,14 +12,7 @@ from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import Any
 
-from tasks.backbones.source import (
-    _RUN_CODE,
-    PREPROCESS_FIELDS,
-    BackboneError,
-    CodeNotRun,
-    Source,
-    choices,
-)
+from tasks.backbones.source import _RUN_CODE, PREPROCESS_FIELDS, BackboneError, CodeNotRun, Source, choices
 
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 

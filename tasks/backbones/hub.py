@@ -12,13 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from tasks.backbones.source import (
-    BackboneError,
-    Source,
-    WeightsNotFoundError,
-    _require,
-    choices,
-)
+from tasks.backbones.source import BackboneError, Source, WeightsNotFoundError, _require, choices
 
 
 class Torchvision(Source):

@@ -11,10 +11,10 @@ Modules: ``config`` (the section, the source contract, the registry), ``errors``
 from tasks.data.config import SOURCES, DataConfig
 from tasks.data.errors import BadImageError, DataError
 from tasks.data.folder import Csv, Digits, ImageFolder, Mnist5k
+from tasks.data.images import read_image
+from tasks.data.manifest import Manifest, build_manifest
 from tasks.data.table import Table
 from tasks.data.webdataset import WebDataset
-from tasks.data.manifest import Manifest, build_manifest
-from tasks.data.images import read_image
 
 # The registry, in the order error messages list the names. Adding a source: a DataSource subclass in its
 # own module, listed here.

@@ -27,13 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
 from storage.features import FeatureStore
-from storage.h5file import (
-    CorruptFeatureFile,
-    FeatureStoreError,
-    json_attr,
-    open_h5,
-    values_checksum,
-)
+from storage.h5file import CorruptFeatureFile, FeatureStoreError, json_attr, open_h5, values_checksum
 from storage.layout import CacheLayout
 from storage.records import StageFiles
 from tasks.result import StageResult

@@ -14,13 +14,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import LinearSVC
 
-from tasks.heads.configs import (
-    LinearConfig,
-    LogisticConfig,
-    RidgeConfig,
-    SVMConfig,
-    default,
-)
+from tasks.heads.configs import LinearConfig, LogisticConfig, RidgeConfig, SVMConfig, default
 from tasks.heads.grid import GridHead, _one_row, _two_class
 from tasks.machine import pick_device
 

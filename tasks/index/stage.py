@@ -22,14 +22,7 @@ from tasks.index.plan import (
     plan_index,
     require_faiss,
 )
-from tasks.index.retrieval import (
-    Rows,
-    exact_search,
-    gallery_chunks,
-    retrieval_metrics,
-    row_blocks,
-    transform,
-)
+from tasks.index.retrieval import Rows, exact_search, gallery_chunks, retrieval_metrics, row_blocks, transform
 
 
 def build_index(plan: IndexPlan) -> IndexResult:
