@@ -225,11 +225,18 @@ class FeatureStore:
         self.mark_used(key)
         return FeatureRows(self, key, layer, rows, dim, dtype, labels, classes, stored.get(f"features/{layer}", ""))
 
-    def paths(self, key: str) -> list[str]:
-        """Only the row paths of a complete file (cheap checks; no feature is read)."""
-        with open_h5(self.path(key), "r") as fh:
+    def paths(self, key: str, checked: bool = False) -> list[str]:
+        """Only the row paths of a complete file (cheap checks; no feature is read). ``checked``: also against
+        the file's checksum of them; a mismatch quarantines the file and raises :class:`CorruptFeatureFile`."""
+        path = self.path(key)
+        with open_h5(path, "r") as fh:
             check_invariants(fh, key)
-            return list(fh["paths"].asstr()[()])
+            ids = list(fh["paths"].asstr()[()])
+            stored = json_attr(fh.attrs, "checksums", {}).get("paths")
+        if checked and stored != values_checksum(ids):
+            self.quarantine(path, "corrupt", "paths checksum mismatch")
+            raise CorruptFeatureFile(f"{path}: checksum mismatch in paths; it was quarantined")
+        return ids
 
     def verify(self, key: str) -> list[str]:
         """Recompute the checksums of a complete file; return the problems found. In a file joined from pieces a

@@ -105,12 +105,30 @@ class StageFiles:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            yield StageFiles(tmp)
+            yield type(self)(tmp)
             if not (sound or self.done)():
                 shutil.rmtree(self.folder, ignore_errors=True)
                 os.replace(tmp, self.folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ExportFiles(StageFiles):
+    """An export's folder: each split as ``<split>.parquet``, with ``format: npy`` also ``<split>.npy``."""
+
+    def table(self, split: str) -> Path:
+        return self.folder / f"{split}.parquet"
+
+    def array(self, split: str) -> Path:
+        return self.folder / f"{split}.npy"
+
+
+class IndexFiles(StageFiles):
+    """A FAISS index's folder: ``index.faiss`` beside its spec and result."""
+
+    @property
+    def index(self) -> Path:
+        return self.folder / "index.faiss"
 
 
 @dataclass(frozen=True)

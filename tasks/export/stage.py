@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
 from storage.features import FeatureStore
-from storage.h5file import CorruptFeatureFile, FeatureStoreError, json_attr, open_h5, values_checksum
+from storage.h5file import CorruptFeatureFile, FeatureStoreError
 from storage.layout import CacheLayout
-from storage.records import StageFiles
+from storage.records import ExportFiles
 from tasks.result import StageResult
 
 
@@ -64,8 +64,8 @@ class ExportPlan(BaseModel):
     cache_dir: Path
 
     @property
-    def files(self) -> StageFiles:
-        return StageFiles(CacheLayout(self.cache_dir).export(self.key))
+    def files(self) -> ExportFiles:
+        return ExportFiles(CacheLayout(self.cache_dir).export(self.key))
 
 
 class ExportResult(StageResult):
@@ -113,7 +113,7 @@ def export_split(plan: ExportPlan) -> ExportResult:
     if (saved := _saved(plan)) is not None:
         return ExportResult.model_validate({**saved, "folder": plan.files.folder, "cache_hit": True, "seconds": 0.0})
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
-        rows, dim, dtype, sizes = _write(plan, staged.folder)
+        rows, dim, dtype, sizes = _write(plan, staged)
         result = ExportResult(key=plan.key, split=plan.split, format=plan.format, rows=rows, dim=dim, dtype=dtype,
                               folder=plan.files.folder, files=sizes, rows_written=rows, cache_hit=False, seconds=0.0)
         staged.write_spec(plan.spec)
@@ -121,7 +121,7 @@ def export_split(plan: ExportPlan) -> ExportResult:
     return result.model_copy(update={"seconds": time.perf_counter() - started})
 
 
-def _write(plan: ExportPlan, out: Path) -> tuple[int, int, str, dict[str, int]]:
+def _write(plan: ExportPlan, out: ExportFiles) -> tuple[int, int, str, dict[str, int]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -140,10 +140,10 @@ def _write(plan: ExportPlan, out: Path) -> tuple[int, int, str, dict[str, int]]:
         columns.append(("embedding", pa.list_(value_type, rows.dim)))
     schema = pa.schema(columns, metadata=meta)
     classes = np.asarray(rows.classes, dtype=object)
-    array = (np.lib.format.open_memmap(out / f"{plan.split}.npy", mode="w+", dtype=dtype, shape=(rows.rows, rows.dim))
+    array = (np.lib.format.open_memmap(out.array(plan.split), mode="w+", dtype=dtype, shape=(rows.rows, rows.dim))
              if plan.format == "npy" else None)
     try:
-        with pq.ParquetWriter(out / f"{plan.split}.parquet", schema, compression="zstd",
+        with pq.ParquetWriter(out.table(plan.split), schema, compression="zstd",
                               use_dictionary=["label", "class", "split"]) as writer:
             for start, block in rows.chunks(plan.row_group_rows):
                 end = start + len(block)
@@ -160,21 +160,17 @@ def _write(plan: ExportPlan, out: Path) -> tuple[int, int, str, dict[str, int]]:
     if array is not None:
         array.flush()
         del array
-    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    sizes = {p.name: p.stat().st_size for p in sorted(out.folder.iterdir())}
     return rows.rows, rows.dim, dtype.name, sizes
 
 
 def _checked_ids(store: FeatureStore, plan: ExportPlan) -> list[str]:
     """The rows' ids, verified against the file's checksum of them (every export column comes checked)."""
-    path = store.path(plan.features)
-    with open_h5(path, "r") as fh:
-        ids = list(fh["paths"].asstr()[()])
-        stored = json_attr(fh.attrs, "checksums", {}).get("paths")
-    if stored != values_checksum(ids):
-        store.quarantine(path, "corrupt", "paths checksum mismatch")
-        raise ExportRefused(f"export of the {plan.split} split refused: {path}: checksum mismatch in paths; it was "
-                            "quarantined and the next extraction recomputes it")
-    return ids
+    try:
+        return store.paths(plan.features, checked=True)
+    except CorruptFeatureFile as exc:
+        raise ExportRefused(f"export of the {plan.split} split refused: {exc}, and the next extraction "
+                            "recomputes it") from exc
 
 
 def check_out(out: Path) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
 from storage.layout import CacheLayout
-from storage.records import StageFiles
+from storage.records import IndexFiles
 from tasks.result import StageResult
 
 HNSW_MAX_ROWS = 2_000_000
@@ -56,12 +56,12 @@ class IndexPlan(BaseModel):
     cache_dir: Path
 
     @property
-    def files(self) -> StageFiles:
-        return StageFiles(CacheLayout(self.cache_dir).index(self.key))
+    def files(self) -> IndexFiles:
+        return IndexFiles(CacheLayout(self.cache_dir).index(self.key))
 
     @property
     def path(self) -> Path:
-        return self.files.folder / "index.faiss"
+        return self.files.index
 
 
 class IndexResult(StageResult):

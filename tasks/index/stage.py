@@ -57,7 +57,7 @@ def build_index(plan: IndexPlan) -> IndexResult:
         found = np.array([[j for j in row if j != own][:k] for row, own in zip(found, self_rows)])
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
-        written = staged.folder / plan.path.name
+        written = staged.index
         faiss.write_index(index, str(written))
         result = IndexResult(
             key=plan.key, split=plan.split, kind=kind, rows=rows.n, dim=rows.dim, build_seconds=build_seconds,
