@@ -184,7 +184,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         from tasks.evaluate.metrics import classification_metrics
         from tasks.softmax import softmax
         from storage.records import ReportFiles
-        from tasks.evaluate.plots import _plots
+        from tasks.evaluate.plots import draw_plots
 
         rng = np.random.default_rng(0)
         y = rng.integers(0, 1000, n)
@@ -193,7 +193,7 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         metrics = classification_metrics(y, scores, softmax(scores), 1000)
         report = ModelReport(name="probe", kind="linear", layer="penultimate", shot="all", seeds=1, metrics=metrics)
         (work / "report").mkdir(exist_ok=True)
-        _plots(ReportFiles(work / "report"), [report], [f"class{i}" for i in range(1000)])
+        draw_plots(ReportFiles(work / "report"), [report], [f"class{i}" for i in range(1000)])
         return f"top1 {metrics['top1']:.3f}"
     raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(BASE)}")
 

@@ -246,6 +246,14 @@ def index_cmd(
     out.print(f"index: {r.path}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@friendly_errors
+def quality(config: ConfigArg, cache_dir: CacheDir = None) -> None:
+    """Near-duplicates and train/test leaks, label-issue candidates and outliers, from the cached features
+    (extracting first if needed); a report with contact sheets under <cache_dir>/quality/<key>/."""
+    views.quality(_pipeline(config, cache_dir, "quality")[1].quality)
+
+
 @app.command("finetune")
 @friendly_errors
 def finetune_cmd(config: ConfigArg, cache_dir: CacheDir = None) -> None:
@@ -284,6 +292,8 @@ def demo(
     print_table("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
                 ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"],
                 [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows], markdown)
+    if result.quality is not None:
+        views.quality(result.quality)
     src = next(m for m in result.source.models if m.name == "finetuned")
     out.print(
         f"source model (scanner 1, own test split): top-1 {src.metrics['top1']:.3f}; checkpoint {result.checkpoint}\n"

@@ -25,6 +25,7 @@ from tasks.data.config import DataConfig, resolve_path
 from tasks.evaluate.plan import EvaluateConfig
 from tasks.export.stage import ExportConfig
 from tasks.index.plan import IndexConfig
+from tasks.quality.plan import QualityConfig
 from tasks.extract.plan import ExtractConfig
 from tasks.finetune.plan import FinetuneConfig
 from tasks.heads.configs import HeadConfig
@@ -119,6 +120,8 @@ class ExperimentConfig(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     index: IndexConfig | None = Field(None, description="transferpipe index: layer, metric, kind (its flags override)")
     select: SelectConfig | None = Field(None, description="candidate backbones for transferpipe select")
+    quality: QualityConfig | None = Field(None, description="near-duplicates, leaks, label issues and outliers "
+                                                            "(transferpipe quality; a run too when set)")
     export: ExportConfig | None = Field(None, description="transferpipe export: splits, layer, format (the "
                                                           "command's flags override it)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")

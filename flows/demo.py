@@ -17,6 +17,7 @@ from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.selection import SelectResult, select_flow
 from tasks.backbones.config import BackboneConfig
+from tasks.quality.plan import QualityConfig, QualityResult
 from tasks.select.stage import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -27,6 +28,7 @@ class DemoResult(BaseModel):
     pretrained: PipelineResult
     random: PipelineResult
     checkpoint: Path
+    quality: QualityResult | None = None  # what the quality stage finds in the target data
 
 
 @flow(name="demo", flow_run_name="demo")
@@ -41,10 +43,13 @@ def demo_flow(cache_dir: Path | None = None) -> DemoResult:
         "name": "demo-target-pretrained",
         "backbone": target.backbone.model_copy(update={"weights": str(src.finetune_checkpoint)}),
     })
+    ran = pipeline_flow(pretrained)
+    # the target data through the pretrained backbone's cached features: no forward pass
+    checked = pipeline_flow(pretrained.model_copy(update={"quality": QualityConfig()}), stop_after="quality")
     return DemoResult(
-        source=src, pretrained=pipeline_flow(pretrained),
+        source=src, pretrained=ran,
         random=pipeline_flow(target.model_copy(update={"name": "demo-target-random"})),
-        checkpoint=src.finetune_checkpoint,
+        checkpoint=src.finetune_checkpoint, quality=checked.quality,
     )
 
 

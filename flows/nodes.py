@@ -28,7 +28,7 @@ from tasks.heads.configs import KNNConfig, LogisticConfig
 from tasks.result import summarize
 from tasks.select import stage as select
 
-Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export", "index"]
+Goal = Literal["extract", "heads", "finetune", "evaluate", "score", "export", "index", "quality"]
 
 
 @dataclass(frozen=True)
@@ -255,6 +255,18 @@ def _plan_index(config: ExperimentConfig, graph: Graph) -> list[Work]:
     return [Work(name, plan, index.is_sound(plan))]
 
 
+def _plan_quality(config: ExperimentConfig, graph: Graph) -> list[Work]:
+    from tasks.quality import plan as quality
+
+    split, wanted = features(graph), config.quality or quality.QualityConfig()
+    if "train" not in split:
+        raise ValueError("quality: needs a train split")
+    _check_layer(config, "quality.layer", wanted.layer)
+    plan = quality.plan_quality(wanted, {s: f.key for s, f in split.items()}, split["train"].manifest,
+                                config.cache_dir, config.name)
+    return [Work(config.name, plan, quality.is_stored(plan))]
+
+
 def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     """``select:``'s candidates, each as an experiment: its backbone with the logistic and kNN probes."""
     if config.select is None:
@@ -315,8 +327,11 @@ INDEX = Node("index", _plan_index, "index_task", lambda c, w: f"index-{w.what}-{
               why=_against(lambda c: stored_specs(c.cache_dir, "index")), section="index")
 
 
+QUALITY = Node("quality", _plan_quality, "quality_task", lambda c, w: f"quality-{c.name}",
+                why=_against(lambda c: stored_specs(c.cache_dir, "quality")))
+
 #: every stage of the graph
-NODES: tuple[Node, ...] = (EXTRACT, HEADS, FINETUNE, EVALUATE, SCORE, EXPORT, INDEX)
+NODES: tuple[Node, ...] = (EXTRACT, HEADS, FINETUNE, EVALUATE, SCORE, EXPORT, INDEX, QUALITY)
 
 
 #: the stages each goal runs through, in order; heads and fine-tuning only where the config (or the goal) asks
@@ -324,20 +339,21 @@ PATHS: dict[str, tuple[Node, ...]] = {
     "extract": (EXTRACT,),
     "heads": (EXTRACT, HEADS),
     "finetune": (EXTRACT, HEADS, FINETUNE),
-    "evaluate": (EXTRACT, HEADS, FINETUNE, EVALUATE),
+    "evaluate": (EXTRACT, QUALITY, HEADS, FINETUNE, EVALUATE),  # quality when the config has a quality: section
     "score": (EXTRACT, HEADS, SCORE),  # one select candidate: features, probes, transferability scores
     "export": (EXTRACT, EXPORT),
     "index": (EXTRACT, INDEX),
+    "quality": (EXTRACT, QUALITY),
 }
 
 
 def nodes(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Node]:
     """The stages a run of ``config`` up to ``goal`` executes, in order.
 
-    Heads run when the config has some, fine-tuning when ``finetune.enabled``;
-    the ``goal`` stage runs even when the config leaves it out.
+    Heads run when the config has some, fine-tuning when ``finetune.enabled``, quality with a ``quality:``
+    section; the ``goal`` stage runs even when the config leaves it out.
     """
-    optional = {HEADS: bool(config.heads), FINETUNE: config.finetune.enabled}
+    optional = {HEADS: bool(config.heads), FINETUNE: config.finetune.enabled, QUALITY: config.quality is not None}
     return [node for node in PATHS[goal] if optional.get(node, True) or node.stage == goal]
 
 

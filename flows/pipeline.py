@@ -17,6 +17,7 @@ from tasks.evaluate.plan import EvalResult, ModelReport
 from tasks.export.stage import ExportResult
 from tasks.extract.plan import ExtractResult
 from tasks.index.plan import IndexResult
+from tasks.quality.plan import QualityResult
 from tasks.finetune.plan import FinetuneResult
 from tasks.heads.stage import HeadResult
 from tasks.result import summarize
@@ -32,6 +33,7 @@ class PipelineResult(BaseModel):
     evaluation: EvalResult | None = None
     exports: list[ExportResult] = []
     index: IndexResult | None = None
+    quality: QualityResult | None = None
     stages: dict[str, dict[str, float | bool]]
 
     @property
@@ -65,6 +67,7 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     return PipelineResult(experiment=config.name, features=nodes.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
                           exports=results.get("export", []), index=(results.get("index") or [None])[0],
+                          quality=(results.get("quality") or [None])[0],
                           stages={stage: summarize(r) for stage, r in results.items()})
 
 

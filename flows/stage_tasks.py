@@ -30,6 +30,7 @@ from tasks.extract.stage import extract_split
 from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
 from tasks.index.stage import build_index
+from tasks.quality.stage import assess
 from tasks.result import StageResult
 from tasks.select.stage import score_candidate
 
@@ -80,6 +81,7 @@ evaluate_task = stage_task("evaluate", evaluate)
 score_task = stage_task("score-candidate", score_candidate)
 export_task = stage_task("export", export_split)
 index_task = stage_task("index", build_index)
+quality_task = stage_task("quality", assess)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:

@@ -117,6 +117,8 @@ def run(result: Any, wide: bool = False) -> None:
         figures = ", ".join(f"{label(n)} {fmt(found.get(n))}" for n in metric_names(found["k"]) if "precision_at" not in n)
         out.print(f"retrieval ({found['queries']} test queries, {found['metric']}, {found['index']}): {figures}",
                   highlight=False)
+    if result.quality is not None:
+        quality(result.quality)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
     out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
 
@@ -168,3 +170,15 @@ def finetune(title: str, result: Any) -> None:
         rows.append([f"{h.epoch}{mark}", f"{h.train_loss:.4f}", f"{h.val_loss:.4f}", f"{h.val_accuracy:.4f}",
                      f"{h.images_per_s:.0f}", f"{h.lr_backbone:.2e}", f"{h.lr_head:.2e}"])
     show(title, cols, rows)
+
+
+def quality(result: Any) -> None:
+    """One line per finding, and where the pictures are."""
+    pairs = ", ".join(f"{name} {n}" for name, n in result.duplicates.items())
+    out.print(f"near-duplicate pairs: {pairs} ({result.exact_duplicates} byte-identical)", highlight=False)
+    out.print(f"leaks: {result.leaked_test} test image(s) with a near-duplicate in train or val", highlight=False)
+    issues = ", ".join(f"{split} {n}" for split, n in result.label_issues.items())
+    out.print(f"label-issue candidates: {issues}", highlight=False)
+    outliers = ", ".join(f"{split} {n}" for split, n in result.outliers.items())
+    out.print(f"outliers listed: {outliers}", highlight=False)
+    out.print(f"quality report: {result.report}", highlight=False, soft_wrap=True)

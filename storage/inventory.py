@@ -189,7 +189,8 @@ def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
     layout, found = CacheLayout(cache_dir), {}
     folders = [*layout.heads().glob("*"), *layout.finetune_runs().glob("*"), *layout.reports("_").parent.glob("*/*"),
                *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json"),
-               *layout.exports().glob("*"), *layout.indexes().glob("*"), *layout.embedding_map("*").parent.glob("*.png")]
+               *layout.exports().glob("*"), *layout.indexes().glob("*"), *layout.qualities().glob("*"),
+               *layout.embedding_map("*").parent.glob("*.png")]
     for path in folders:
         if not path.name.startswith(".") and path.name != "quarantine":  # set aside, not a stage's artifact
             found.setdefault(path.name.split(".")[0], []).append(path)
@@ -216,7 +217,8 @@ def remove_artifacts(cache_dir: Path, prefixes: list[str], dry_run: bool = False
 
 
 #: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders, exports, indexes, maps
-TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*", "exports/*.tmp-*", "indexes/*.tmp-*", "maps/*.tmp-*")
+TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*", "exports/*.tmp-*", "indexes/*.tmp-*", "quality/*.tmp-*",
+             "maps/*.tmp-*")
 
 
 def collect_scans(cache_dir: Path, dry_run: bool = False) -> list[tuple[Path, str]]:

@@ -18,6 +18,7 @@ from typing import Any
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
 CODE_VERSIONS = {"features": 1, "heads": 4, "finetune": 3, "evaluate": 6, "scores": 1, "export": 1, "index": 1,
+                 "quality": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
@@ -199,6 +200,11 @@ def export_spec(features: str, layer: str, format: str, dtype: str, row_group_ro
     """One split's features written out as Parquet or NumPy (tasks/export/stage.py)."""
     return {"kind": "export", "version": CODE_VERSIONS["export"], "features": features, "layer": layer,
             "format": format, "dtype": dtype, "row_group_rows": row_group_rows}
+
+
+def quality_spec(features: dict[str, str], settings: dict[str, Any]) -> dict[str, Any]:
+    """The data-quality findings of one dataset's features (tasks/quality/): every split's feature key."""
+    return {"kind": "quality", "version": CODE_VERSIONS["quality"], "features": features, "settings": settings}
 
 
 def short(key: str) -> str:

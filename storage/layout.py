@@ -128,6 +128,12 @@ class CacheLayout:
         """Where a damaged index is set aside (``indexes/quarantine/<key>-<time>``)."""
         return self.indexes() / "quarantine" / f"{key}-{stamp}"
 
+    def qualities(self) -> Path:
+        return self.root / "quality"
+
+    def quality(self, key: str) -> Path:
+        return self.qualities() / key
+
     def selection(self, experiment: str) -> Path:
         return self.root / "select" / experiment
 

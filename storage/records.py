@@ -123,6 +123,21 @@ class ExportFiles(StageFiles):
         return self.folder / f"{split}.npy"
 
 
+class QualityFiles(StageFiles):
+    """A quality run's folder: ``findings.json``, ``quality.md`` and one contact sheet per finding."""
+
+    @property
+    def findings(self) -> Path:
+        return self.folder / "findings.json"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "quality.md"
+
+    def sheet(self, finding: str) -> Path:
+        return self.folder / f"{finding}.png"
+
+
 class IndexFiles(StageFiles):
     """A FAISS index's folder: ``index.faiss`` beside its spec and result."""
 
@@ -178,6 +193,7 @@ def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> lis
         "scores": lambda: _specs(Records(layout.scores).values(), "spec"),
         "export": lambda: _specs(map(read_json, layout.exports().glob("*/spec.json"))),
         "index": lambda: _specs(map(read_json, layout.indexes().glob("*/spec.json"))),
+        "quality": lambda: _specs(map(read_json, layout.qualities().glob("*/spec.json"))),
     }
     if kind not in files:
         raise ValueError(f"no stored specs of kind {kind!r}; kinds: {', '.join(files)}")

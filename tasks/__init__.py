@@ -13,6 +13,7 @@ modules here (``machine``: devices, precision, versions; ``result``: the stage r
     finetune    data, backbones, heads               LP-FT, checkpointed
     select      backbones, heads                     transferability scores, backbone ranking
     evaluate    data, backbones, heads, index        metrics, intervals, report, plots
+    quality     data, heads, index                   near-duplicates, leaks, label issues, outliers
 
 ``tests/test_architecture.py`` holds the same table and fails on an import it does not allow, on any
 import circle (``TYPE_CHECKING`` imports included), on a module over 400 lines and a function over 60.

@@ -157,7 +157,8 @@ def state_of(path: Path) -> dict:
 #: a child process that runs one fine-tune plan (argv[1]: its JSON), to be killed mid-run
 FINETUNE_CHILD = """
 import sys
-from tasks.finetune import FinetunePlan, finetune
+from tasks.finetune.plan import FinetunePlan
+from tasks.finetune.stage import finetune
 finetune(FinetunePlan.model_validate_json(open(sys.argv[1]).read()))
 """
 

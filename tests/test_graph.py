@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.explain import explain
-from flows.nodes import EVALUATE, EXTRACT, FINETUNE, HEADS, NODES, SCORE, nodes
+from flows.nodes import EVALUATE, EXTRACT, FINETUNE, HEADS, NODES, QUALITY, SCORE, nodes
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from flows.selection import select_flow
@@ -26,6 +26,7 @@ EVERY_STAGE = {
     ]},
     "export": {"format": "npy"},
     "index": {"split": "train", "kind": "flat"},
+    "quality": {"neighbours": 3, "folds": 2},
 }
 
 
@@ -39,6 +40,7 @@ def written(cache: Path) -> dict[str, set[str]]:
         "score": {p.stem for p in (cache / "scores").glob("*.json")},
         "export": {p.name for p in (cache / "exports").iterdir()},
         "index": {p.name for p in (cache / "indexes").iterdir() if p.name != "quarantine"},
+        "quality": {p.name for p in (cache / "quality").iterdir()},
     }
 
 
@@ -67,7 +69,7 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config):
 
 def test_each_goal_runs_its_stages_in_order(tiny_config):
     full = tiny_config(**EVERY_STAGE)
-    assert nodes(full) == [EXTRACT, HEADS, FINETUNE, EVALUATE]
+    assert nodes(full) == [EXTRACT, QUALITY, HEADS, FINETUNE, EVALUATE]
     assert nodes(full, "heads") == [EXTRACT, HEADS]
     assert nodes(full, "score") == [EXTRACT, HEADS, SCORE]
     bare = tiny_config()  # no heads, no fine-tuning: each runs only when asked for

@@ -1,0 +1,77 @@
+"""The quality plan: the ``quality:`` config, its key (every split's feature key and these settings) and result.
+
+The stage and the finders import it, never the other way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import keys
+from storage.layout import CacheLayout
+from storage.records import QualityFiles
+from tasks.result import StageResult
+
+#: the near-duplicate threshold (cosine of penultimate features) when the config names none: measured on the
+#: digits with planted copies (benchmarks/quality.py): copies and re-encoded copies sit above it, distinct
+#: images of the same class below (docs/evaluation.md#data-quality)
+DUPLICATE_COSINE = 0.98
+
+
+class QualityConfig(BaseModel):
+    """``quality:`` what to look for in the data, from the cached features (no backbone pass)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: str = "penultimate"
+    duplicate_cosine: float = Field(DUPLICATE_COSINE, gt=0, le=1,
+                                    description="pairs at or above this cosine are near-duplicates (leaks across splits)")
+    neighbours: int = Field(10, ge=2, le=100, description="neighbours searched per image (duplicates, outliers, votes)")
+    folds: int = Field(5, ge=2, le=20, description="folds of the out-of-fold probe on the training split")
+    top: int = Field(20, ge=1, le=1000, description="findings listed (and drawn) per kind and split")
+    seed: int = 0
+
+
+class QualityPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    spec: dict[str, Any]
+    experiment: str
+    features: dict[str, str]  # split -> feature key
+    manifest: Path
+    config: QualityConfig
+    cache_dir: Path
+
+    @property
+    def files(self) -> QualityFiles:
+        return QualityFiles(CacheLayout(self.cache_dir).quality(self.key))
+
+
+class QualityResult(StageResult):
+    key: str
+    folder: Path
+    #: near-duplicate pairs by split pair ("train", "train-test", ...); exact: identical image bytes
+    duplicates: dict[str, int]
+    exact_duplicates: int
+    #: label-issue candidates: Confident Learning on train, kNN vote disagreement on val and test
+    label_issues: dict[str, int]
+    outliers: dict[str, int]
+    leaked_test: int  # test images with a near-duplicate in train or val
+
+    @property
+    def report(self) -> Path:
+        return QualityFiles(self.folder).report
+
+
+def plan_quality(config: QualityConfig, features: dict[str, str], manifest: Path, cache_dir: Path,
+                 experiment: str) -> QualityPlan:
+    spec = keys.quality_spec(features, config.model_dump(mode="json"))
+    return QualityPlan(key=keys.key(spec), spec=spec, experiment=experiment, features=features,
+                       manifest=Path(manifest), config=config, cache_dir=Path(cache_dir))
+
+
+def is_stored(plan: QualityPlan) -> bool:
+    return plan.files.done()

@@ -1,0 +1,82 @@
+"""The neighbour searches the findings need, streamed: each block of query rows against the gallery's chunks
+with a running top-k (:func:`tasks.index.retrieval.exact_search`), never a rows x rows matrix.
+
+- :func:`near_pairs`: near-duplicates, within a split (each pair once) or from one split into another;
+- :func:`kth_similarity`: how far each row is from its k-th neighbour (overall, or within its class), the
+  outlier score;
+- :func:`neighbour_labels`: the labels of each row's nearest gallery rows (the vote for val/test labels).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.index.retrieval import Rows, exact_search, gallery_chunks, row_blocks, similarities_of, transform
+
+QUERY_BLOCK = 1024
+
+
+#: features are compared centred and scaled by the gallery's mean and deviation, then by cosine: raw post-ReLU
+#: features share a large positive component, so any two images of a dataset sit near cosine 1
+METRIC = "standardized"
+
+
+def _search(queries: Rows, gallery: Rows | None, k: int, memory_bytes: float, centre: Rows | None = None):
+    """Yield ``(first row, similarities, gallery rows)`` per block of queries, best first; ``gallery`` None:
+    the queries themselves, each leaving itself out. ``centre``: the rows whose statistics standardise both
+    sides (default the gallery)."""
+    within = gallery is None
+    gallery = queries if within else gallery
+    K = int(min(k, gallery.n - int(within)))
+    if K < 1:
+        return
+    fn = transform(METRIC, centre or gallery)
+    chunks = gallery_chunks(gallery, fn, METRIC, memory_bytes, rows=2 * K)
+    for q0, qb in row_blocks(queries, QUERY_BLOCK):
+        keys, rows = exact_search(fn(qb), chunks, K, q0 if within else None)
+        yield q0, similarities_of(keys), rows
+
+
+def near_pairs(queries: Rows, gallery: Rows | None, k: int, threshold: float, memory_bytes: float,
+               centre: Rows | None = None) -> np.ndarray:
+    """``(query row, gallery row, cosine)`` of every neighbour at or above ``threshold`` (the ``k`` nearest at
+    most), most similar first; within one split each pair once (lower row first)."""
+    found = []
+    for q0, sims, rows in _search(queries, gallery, k, memory_bytes, centre):
+        r, c = np.nonzero(sims >= threshold)
+        found.append(np.stack([q0 + r, rows[r, c], sims[r, c]], axis=1))
+    pairs = np.concatenate(found) if found else np.empty((0, 3))
+    if gallery is None and len(pairs):
+        lo, hi = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
+        pairs = np.stack([lo, hi, pairs[:, 2]], axis=1)
+        _, first = np.unique(pairs[:, :2], axis=0, return_index=True)
+        pairs = pairs[np.sort(first)]
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -pairs[:, 2])) if len(pairs) else []
+    return pairs[order]
+
+
+def kth_similarity(rows: Rows, k: int, memory_bytes: float) -> np.ndarray:
+    """Each row's cosine to its k-th nearest other row (lower: further from everything)."""
+    out = np.ones(rows.n, dtype=np.float32)
+    for q0, sims, _ in _search(rows, None, k, memory_bytes):
+        out[q0 : q0 + len(sims)] = sims[:, -1]
+    return out
+
+
+def kth_similarity_in_class(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Each row's cosine to its k-th nearest other row of its own class (1 for a class of one image)."""
+    out = np.ones(len(labels), dtype=np.float32)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            continue
+        sub = Rows.of(X[members], labels[members])
+        out[members] = kth_similarity(sub, min(k, len(members) - 1), memory_bytes=float("inf"))
+    return out
+
+
+def neighbour_labels(queries: Rows, gallery: Rows, k: int, memory_bytes: float) -> np.ndarray:
+    """The labels of each query's ``k`` nearest gallery rows."""
+    out = np.zeros((queries.n, int(min(k, gallery.n))), dtype=np.int64)
+    for q0, _, rows in _search(queries, gallery, k, memory_bytes):
+        out[q0 : q0 + len(rows)] = gallery.labels[rows]
+    return out

@@ -1,0 +1,191 @@
+"""The quality stage: near-duplicates and leaks, label issues and outliers of a dataset, from its feature
+files, written as ``findings.json``, ``quality.md`` and one contact sheet per finding under
+``quality/<key>/`` (a cached stage: the same features and settings are a hit).
+
+Near-duplicates and outliers stream each split's features in chunks (memory flat in the number of images,
+beyond the gallery's chunks); the label probe on the training split holds its features in memory (float32)
+and is left out, said in the findings, above the heads' memory budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from storage.features import FeatureStore
+from tasks.data.config import get as data_source
+from tasks.data.manifest import Manifest
+from tasks.heads.stage import memory_budget
+from tasks.index.retrieval import Rows
+from tasks.quality import label_issues as cl
+from tasks.quality.search import kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
+from tasks.quality.plan import QualityPlan, QualityResult, is_stored
+from tasks.quality.sheets import draw
+
+log = logging.getLogger("transferpipe.quality")
+
+#: split pairs searched for near-duplicates: within each split, and each later split into each earlier one
+ORDER = ("train", "val", "test")
+EXACT_COSINE = 1 - 1e-6
+
+
+def assess(plan: QualityPlan) -> QualityResult:
+    started = time.perf_counter()
+    if is_stored(plan):
+        return QualityResult(**plan.files.read_result(), cache_hit=True, seconds=time.perf_counter() - started)
+    store, manifest = FeatureStore(plan.cache_dir), Manifest.load(plan.manifest)
+    budget = memory_budget()
+    splits = [s for s in ORDER if s in plan.features]
+    stored = {s: store.rows(plan.features[s], plan.config.layer) for s in splits}
+    rows = {s: Rows.stored(stored[s]) for s in splits}
+    ids = {s: store.paths(plan.features[s], checked=True) for s in splits}
+    findings: dict[str, Any] = {"classes": manifest.classes, "splits": {s: rows[s].n for s in splits}}
+    findings["duplicates"] = _duplicates(plan, manifest, rows, ids, budget)
+    findings["label_issues"] = _label_issues(plan, store, manifest, rows, ids, budget)
+    findings["outliers"] = _outliers(plan, store, rows, ids, budget)
+    leaked = {p["b"] for name, pairs in findings["duplicates"].items() if name.endswith("-test") for p in pairs}
+    findings["leaked_test"] = sorted(leaked)
+    with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
+        sheets = _sheets(staged, manifest, findings, plan.config.top)
+        staged.findings.write_text(json.dumps(findings, indent=1))
+        staged.report.write_text(markdown(findings, sheets))
+        result = QualityResult(
+            key=plan.key, folder=plan.files.folder, cache_hit=False, seconds=0.0,
+            duplicates={name: len(pairs) for name, pairs in findings["duplicates"].items()},
+            exact_duplicates=sum(p["exact"] for pairs in findings["duplicates"].values() for p in pairs),
+            label_issues={s: len(v["flagged"]) for s, v in findings["label_issues"].items()},
+            outliers={s: len(v) for s, v in findings["outliers"].items()}, leaked_test=len(leaked))
+        staged.write_spec(plan.spec)
+        staged.write_result(result.model_dump_json(exclude={"cache_hit", "seconds", "work_fields"}))
+    log.info("quality of %s: %s", plan.experiment, summary(result))
+    return result.model_copy(update={"seconds": time.perf_counter() - started})
+
+
+def summary(result: QualityResult) -> str:
+    pairs = ", ".join(f"{n} {name}" for name, n in result.duplicates.items())
+    issues = ", ".join(f"{n} {s}" for s, n in result.label_issues.items())
+    return (f"near-duplicate pairs: {pairs} ({result.exact_duplicates} byte-identical; {result.leaked_test} test "
+            f"image(s) leaked); label-issue candidates: {issues}; outliers listed: "
+            f"{sum(result.outliers.values())}")
+
+
+def _duplicates(plan: QualityPlan, manifest: Manifest, rows: dict[str, Rows], ids: dict[str, list[str]],
+                budget: float) -> dict[str, list[dict[str, Any]]]:
+    """Pairs at or above the threshold: within each split (``train``), and from each later split into each
+    earlier one (``train-test``: ``a`` in train, ``b`` in test)."""
+    cfg, out = plan.config, {}
+    names = list(rows)
+    for i, later in enumerate(names):
+        for earlier in names[: i + 1]:
+            within = later == earlier
+            found = near_pairs(rows[later], None if within else rows[earlier], cfg.neighbours, cfg.duplicate_cosine,
+                               budget, centre=rows["train"])  # one standardisation for every pair
+            pairs = []
+            for q, g, cosine in found:
+                a, b = (ids[later][int(q)], ids[later][int(g)]) if within else (ids[earlier][int(g)], ids[later][int(q)])
+                exact = bool(cosine >= EXACT_COSINE) and _same_bytes(manifest, a, b)
+                pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
+            out[later if within else f"{earlier}-{later}"] = pairs
+    return out
+
+
+def _same_bytes(manifest: Manifest, x: str, y: str) -> bool:
+    def digest(item: str) -> str:
+        with data_source(manifest.source).open(manifest.root, item, manifest.options) as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+
+    return digest(x) == digest(y)
+
+
+def _label_issues(plan: QualityPlan, store: FeatureStore, manifest: Manifest, rows: dict[str, Rows],
+                  ids: dict[str, list[str]], budget: float) -> dict[str, dict[str, Any]]:
+    cfg, n_classes, out = plan.config, len(manifest.classes), {}
+    train = rows["train"]
+    if train.n * train.dim * 4 > budget:
+        out["train"] = {"flagged": [], "left_out": f"{train.n} x {train.dim} features exceed the memory budget"}
+    else:
+        X = store.read(plan.features["train"], [cfg.layer]).features[cfg.layer].astype(np.float32)
+        proba = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed)
+        flagged = np.flatnonzero(cl.confident_learning(train.labels, proba))
+        confidence = cl.self_confidence(train.labels, proba)
+        flagged = flagged[np.argsort(confidence[flagged], kind="stable")]
+        out["train"] = {"method": "confident learning on out-of-fold logistic probabilities", "flagged": [
+            {"id": ids["train"][i], "given": int(train.labels[i]), "predicted": int(proba[i].argmax()),
+             "self_confidence": round(float(confidence[i]), 6)} for i in flagged]}
+    for split in (s for s in rows if s != "train"):
+        votes = neighbour_labels(rows[split], train, cfg.neighbours, budget)
+        against, majority = cl.vote_disagreement(votes, rows[split].labels, n_classes)
+        flagged = np.flatnonzero((majority != rows[split].labels) & (against > 0.5))
+        flagged = flagged[np.argsort(-against[flagged], kind="stable")]
+        out[split] = {"method": f"the {votes.shape[1]} nearest training images vote", "flagged": [
+            {"id": ids[split][i], "given": int(rows[split].labels[i]), "predicted": int(majority[i]),
+             "against": round(float(against[i]), 6)} for i in flagged]}
+    return out
+
+
+def _outliers(plan: QualityPlan, store: FeatureStore, rows: dict[str, Rows], ids: dict[str, list[str]],
+              budget: float) -> dict[str, list[dict[str, Any]]]:
+    cfg, out = plan.config, {}
+    for split, r in rows.items():
+        overall = 1.0 - kth_similarity(r, cfg.neighbours, budget)
+        in_class = None
+        if r.n * r.dim * 4 <= budget:
+            X = store.read(plan.features[split], [cfg.layer]).features[cfg.layer].astype(np.float32)
+            in_class = 1.0 - kth_similarity_in_class(X, r.labels, cfg.neighbours)
+        top = np.argsort(-overall, kind="stable")[: cfg.top]
+        out[split] = [{"id": ids[split][i], "label": int(r.labels[i]), "distance": round(float(overall[i]), 6),
+                       **({"distance_in_class": round(float(in_class[i]), 6)} if in_class is not None else {})}
+                      for i in top]
+    return out
+
+
+def _sheets(files: Any, manifest: Manifest, findings: dict[str, Any], top: int) -> dict[str, str]:
+    classes, drawn = findings["classes"], {}
+    pairs = sorted(((name, p) for name, ps in findings["duplicates"].items() for p in ps),
+                   key=lambda np_: ("-" not in np_[0], -np_[1]["cosine"]))[:top]
+    if pairs:
+        drawn["duplicates"] = draw(files.sheet("duplicates"), manifest,
+                                   [([p["a"], p["b"]], f"{name} {p['cosine']:.3f}") for name, p in pairs],
+                                   "near-duplicate pairs (cross-split first)", columns=3).name
+    issues = [(s, f) for s, v in findings["label_issues"].items() for f in v["flagged"][:top]][:top]
+    if issues:
+        drawn["label_issues"] = draw(files.sheet("label_issues"), manifest,
+                                     [([f["id"]], f"{s}: {classes[f['given']]} -> {classes[f['predicted']]}")
+                                      for s, f in issues], "label-issue candidates (given -> predicted)").name
+    far = [(s, o) for s, os_ in findings["outliers"].items() for o in os_[: max(1, top // len(findings["outliers"]))]]
+    if far:
+        drawn["outliers"] = draw(files.sheet("outliers"), manifest,
+                                 [([o["id"]], f"{s} {classes[o['label']]} {o['distance']:.3f}") for s, o in far],
+                                 "outliers (cosine distance to the k-th neighbour)").name
+    return drawn
+
+
+def markdown(findings: dict[str, Any], sheets: dict[str, str]) -> str:
+    classes = findings["classes"]
+    lines = ["# Data quality", "", "## Near-duplicates and leaks", ""]
+    for name, pairs in findings["duplicates"].items():
+        exact = sum(p["exact"] for p in pairs)
+        lines.append(f"- {name}: {len(pairs)} pair(s), {exact} byte-identical")
+    lines += [f"- test images with a near-duplicate in train or val: {len(findings['leaked_test'])}", ""]
+    for name, pairs in findings["duplicates"].items():
+        lines += [f"| {name} | a | b | cosine |", "|---|---|---|---|"] + [
+            f"| {'exact' if p['exact'] else ''} | {p['a']} | {p['b']} | {p['cosine']:.4f} |" for p in pairs[:20]] + [""]
+    if "duplicates" in sheets:
+        lines += [f"![near-duplicates]({sheets['duplicates']})", ""]
+    lines += ["## Label issues", ""]
+    for split, found in findings["label_issues"].items():
+        lines.append(f"- {split}: {len(found['flagged'])} candidate(s) ({found.get('method') or found.get('left_out')})")
+        lines += [f"  - {f['id']}: given {classes[f['given']]}, predicted {classes[f['predicted']]}"
+                  for f in found["flagged"][:20]]
+    if "label_issues" in sheets:
+        lines += ["", f"![label issues]({sheets['label_issues']})"]
+    lines += ["", "## Outliers (cosine distance to the k-th neighbour)", ""]
+    for split, found in findings["outliers"].items():
+        lines += [f"- {split}: " + ", ".join(f"{o['id']} ({o['distance']:.3f})" for o in found[:10])]
+    if "outliers" in sheets:
+        lines += ["", f"![outliers]({sheets['outliers']})"]
+    return "\n".join(lines) + "\n"
