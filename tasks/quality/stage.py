@@ -171,7 +171,7 @@ def markdown(findings: dict[str, Any], sheets: dict[str, str]) -> str:
         exact = sum(p["exact"] for p in pairs)
         lines.append(f"- {name}: {len(pairs)} pair(s), {exact} byte-identical")
     lines += [f"- test images with a near-duplicate in train or val: {len(findings['leaked_test'])}", ""]
-    for name, pairs in findings["duplicates"].items():
+    for name, pairs in ((n, p) for n, p in findings["duplicates"].items() if p):
         lines += [f"| {name} | a | b | cosine |", "|---|---|---|---|"] + [
             f"| {'exact' if p['exact'] else ''} | {p['a']} | {p['b']} | {p['cosine']:.4f} |" for p in pairs[:20]] + [""]
     if "duplicates" in sheets:
