@@ -175,7 +175,7 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     plan = evaluate.plan_evaluation(
         config.name, test.key, test.manifest, config.cache_dir, resolve(config.backbone, config.cache_dir),
         Manifest.load(test.manifest).classes, models, device=config.extract.device, context=context,
-        **feature_reports(config, split),
+        quality=graph["quality"].works[0].plan.key if "quality" in graph else None, **feature_reports(config, split),
     )
     return [Work(config.name, plan, evaluate.is_stored(plan))]
 

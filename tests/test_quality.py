@@ -93,10 +93,12 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
     root = make_imagefolder(tmp_path / "planted", n_per_class=8, splits=("train", "test"))
     shutil.copy2(root / "train/class0/003.png", root / "test/class0/leak.png")  # byte-identical
     shutil.move(root / "train/class1/005.png", root / "train/class2/flipped.png")
-    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5})
+    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5},
+                      heads=[{"kind": "knn", "k": [1]}])
     with local_run_settings():
         first = pipeline_flow(cfg, stop_after="quality").quality
         again = pipeline_flow(cfg, stop_after="quality").quality
+        run = pipeline_flow(cfg)  # the evaluation scores the test split with and without its leaked images
     findings = json.loads((first.folder / "findings.json").read_text())
     leak = {"a": "train/class0/003.png", "b": "test/class0/leak.png"}
     assert any(p["a"] == leak["a"] and p["b"] == leak["b"] and p["exact"] for p in findings["duplicates"]["train-test"])
@@ -105,3 +107,6 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
     assert (first.folder / "duplicates.png").stat().st_size > 0 and (first.folder / "outliers.png").exists()
     assert "## Near-duplicates and leaks" in first.report.read_text()
     assert again.cache_hit and again.key == first.key and again.duplicates == first.duplicates
+    metrics = run.models[0].metrics
+    assert metrics["leaked_test_images"] == first.leaked_test and metrics["top1_without_leaks"] is not None
+    assert run.quality.cache_hit and "top1 without leaks" in run.report.read_text()

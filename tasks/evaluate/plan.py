@@ -61,6 +61,8 @@ class EvalPlan(BaseModel):
     retrieval: dict[str, Any] | None = Field(None, description="settings, queries' and gallery's feature keys, "
                                                                  "the FAISS index's settings (or None)")
     embedding_map: dict[str, Any] | None = Field(None, description="settings and the feature key of each split")
+    quality: str | None = Field(None, description="the quality findings' key: their leaked test images are left out "
+                                                  "of top1_without_leaks")
     context: dict[str, Any] = Field(default_factory=dict, description="report context (config, stage timings, keys); "
                                                                       "not in the key")
 
@@ -92,14 +94,17 @@ class EvalResult(StageResult):
 def plan_evaluation(experiment: str, test_key: str, manifest: Path, cache_dir: Path, backbone: BackboneSpec,
                     classes: list[str], models: list[ModelToEvaluate], device: str = "auto",
                     context: dict[str, Any] | None = None, retrieval: dict[str, Any] | None = None,
-                    embedding_map: dict[str, Any] | None = None) -> EvalPlan:
-    extras = {name: value for name, value in (("retrieval", retrieval), ("embedding_map", embedding_map)) if value}
+                    embedding_map: dict[str, Any] | None = None, quality: str | None = None) -> EvalPlan:
+    """``quality``: the key of the experiment's quality findings: its leaked test images are left out of a second
+    top-1 (``top1_without_leaks``)."""
+    extras = {name: value for name, value in (("retrieval", retrieval), ("embedding_map", embedding_map),
+                                              ("quality", quality)) if value}
     spec = keys.evaluation_spec(experiment, test_key, [
         m.model_dump(mode="json", exclude={"checkpoint", "train_seconds"}) | {"ckpt": _ckpt_id(m)} for m in models],
         extras)
     return EvalPlan(key=keys.key(spec), spec=spec, experiment=experiment, test_key=test_key, manifest=manifest,
                     cache_dir=cache_dir, backbone=backbone, classes=classes, models=models, device=device,
-                    context=context or {}, retrieval=retrieval, embedding_map=embedding_map)
+                    context=context or {}, retrieval=retrieval, embedding_map=embedding_map, quality=quality)
 
 
 def _ckpt_id(m: ModelToEvaluate) -> str | None:

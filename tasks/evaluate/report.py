@@ -139,7 +139,8 @@ def summary_rows(ranked: list[ModelReport]) -> list[dict[str, Any]]:
         {"model": r.name, "kind": r.kind, "shots": r.shot, "val top1": fmt(r.val_accuracy), "top1": fmt(r.metrics["top1"]),
          "top1 95% CI": interval(r.metrics), "top5": fmt(r.metrics["top5"]),
          "balanced_acc": fmt(r.metrics["balanced_accuracy"]), "macro_f1": fmt(r.metrics["macro_f1"]),
-         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2)}
+         "nll": fmt(r.metrics["nll"]), "ece": fmt(r.metrics["ece"]), "train_s": round(r.train_seconds, 2),
+         **({"top1 without leaks": fmt(r.metrics["top1_without_leaks"])} if "top1_without_leaks" in r.metrics else {})}
         for r in ranked
     ]
 

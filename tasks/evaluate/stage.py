@@ -22,7 +22,7 @@ from storage import results as registry
 from storage.features import FeatureStore
 from storage.head_store import read_meta
 from storage.layout import CacheLayout
-from storage.records import Records
+from storage.records import QualityFiles, Records, read_json
 from tasks.data.manifest import Manifest
 from tasks.evaluate.intervals import pack_hits, top1_interval, unpack_hits
 from tasks.evaluate.metrics import classification_metrics
@@ -72,10 +72,11 @@ def score_models(plan: EvalPlan) -> list[ModelReport]:
         picked.setdefault(group, []).append(_validation(plan, m))
         kinds[group] = (m.kind, m.shot)
         seconds[group] = seconds.get(group, 0.0) + m.train_seconds
-    images = _test_images(plan)
+    images, leaked = _test_images(plan), _leaked(plan)
     return [
         ModelReport(name=name, kind=kinds[(name, shot, layer)][0], layer=layer, shot=kinds[(name, shot, layer)][1],
-                    seeds=len(fits), metrics={**_with_interval(_average(fits), fits), "test_images": images},
+                    seeds=len(fits), metrics={**_with_interval(_average(fits), fits), "test_images": images,
+                                              **_without_leaks(fits, leaked)},
                     train_seconds=seconds[(name, shot, layer)],
                     val_accuracy=float(np.mean([v for v, _ in picked[(name, shot, layer)]])),
                     artifacts=[a for _, a in sorted(picked[(name, shot, layer)], key=lambda p: -p[0])])
@@ -95,6 +96,24 @@ def _test_images(plan: EvalPlan) -> str:
     """A fingerprint of the test images, in row order: two evaluations with the same one scored the same images,
     so their difference may take a paired interval (tasks.evaluate.report.gain)."""
     return keys.fingerprint({"test_images": FeatureStore(plan.cache_dir).paths(plan.test_key)})
+
+
+def _leaked(plan: EvalPlan) -> np.ndarray | None:
+    """Which test rows the quality stage found leaked from train or val (a mask in row order), or None."""
+    if plan.quality is None:
+        return None
+    found = read_json(QualityFiles(CacheLayout(plan.cache_dir).quality(plan.quality)).findings) or {}
+    leaked = set(found.get("leaked_test", []))
+    return np.array([p in leaked for p in FeatureStore(plan.cache_dir).paths(plan.test_key)], dtype=bool)
+
+
+def _without_leaks(fits: list[dict[str, Any]], leaked: np.ndarray | None) -> dict[str, Any]:
+    """Top-1 on the test images without a near-duplicate in train or val, and how many were left out."""
+    if leaked is None:
+        return {}
+    hits, keep = sum(unpack_hits(f["hits"]) for f in fits), ~leaked
+    top1 = float(hits[keep].sum() / (keep.sum() * len(fits))) if keep.any() else None
+    return {"top1_without_leaks": top1, "leaked_test_images": int(leaked.sum())}
 
 
 def _with_interval(metrics: dict[str, Any], fits: list[dict[str, Any]]) -> dict[str, Any]:
