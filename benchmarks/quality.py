@@ -10,7 +10,12 @@ leaks (planted pairs among the train-test pairs), precision and recall of the la
 |planted| (ranked by self-confidence), the cosines of planted near-copies against the nearest distinct
 training image (what the default threshold is chosen from), and the stage's seconds as a ratio to extraction.
 
+With ``--scale 10000,30000``: the streamed searches alone (near-duplicate pairs within a split and the k-th
+neighbour distance, from an HDF5 feature file of that many synthetic 512-d rows, each size in its own
+process with the gallery streamed, not held): seconds and peak RSS as ratios to the first size.
+
     python -m benchmarks.quality [--dups 60] [--flips 60] [--imagenet] [--quick]
+    python -m benchmarks.quality --scale 10000,30000 [--dim 512]
 """
 from __future__ import annotations
 
@@ -74,7 +79,14 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=60)
     parser.add_argument("--imagenet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few planted images, to check the code path")
+    parser.add_argument("--scale", help="comma-separated row counts: time the streamed searches at each")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: one size in this process
     args = parser.parse_args()
+    if args.one:
+        return _one(Path(args.one[0]), int(args.one[1]), args.dim)
+    if args.scale:
+        return _scale([int(n) for n in args.scale.split(",")], args.dim)
     if args.quick:
         args.dups, args.flips = 6, 6
     from flows.config import parse_config
@@ -136,6 +148,44 @@ def _threshold(cfg, ran, pairs) -> None:
     print(f"cosine (standardized): planted copies min {min(copies):.4f}; nearest distinct train image of a clean "
           f"test image: median {np.median(distinct):.4f}, 99th percentile {np.percentile(distinct, 99):.4f}, "
           f"max {max(distinct):.4f}")
+
+
+def _one(cache: Path, rows: int, dim: int) -> None:
+    """One size: write the features, then time the two streamed searches; print seconds and peak RSS."""
+    import json
+    import resource
+
+    from benchmarks.export import write_split
+    from storage.features import FeatureStore
+    from tasks.index.retrieval import Rows
+    from tasks.quality.search import kth_similarity, near_pairs
+
+    write_split(cache, rows, dim, classes=100)
+    stored = Rows.stored(FeatureStore(cache).rows("e" * 64, "penultimate"))
+    started = time.perf_counter()
+    pairs = near_pairs(stored, None, 10, 0.98, memory_bytes=0.0)  # streamed: the gallery is never held
+    kth_similarity(stored, 10, memory_bytes=0.0)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"rows": rows, "seconds": seconds, "pairs": len(pairs),
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _scale(sizes: list[int], dim: int) -> None:
+    import json
+    import subprocess
+
+    measured = []
+    for rows in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--one", tmp, str(rows), "--dim", str(dim)],
+                                  capture_output=True, text=True, check=True)
+        measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = measured[0]
+    print(f"| rows | seconds / {base['rows']:,} rows | peak RSS / {base['rows']:,} rows |")
+    print("|---|---|---|")
+    for m in measured:
+        print(f"| {m['rows']:,} | {m['seconds'] / base['seconds']:.2f} | {m['rss'] / base['rss']:.2f} |")
+    print(f"({base['rows']:,} rows: {base['seconds']:.1f} s, {base['rss'] / 2**20:.0f} MiB peak RSS)")
 
 
 if __name__ == "__main__":
