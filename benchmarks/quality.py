@@ -134,18 +134,19 @@ def main() -> None:
 def _threshold(cfg, ran, pairs) -> None:
     """Planted near-copies' cosine to their original against each test image's nearest distinct train image."""
     from storage.features import FeatureStore
-    from tasks.index.retrieval import Rows, transform
+    from tasks.index.retrieval import Rows
+    from tasks.quality.search import centred
 
     store = FeatureStore(cfg.cache_dir)
     train, test = (store.read(ran.features[s].key, ["penultimate"]) for s in ("train", "test"))
-    fn = transform("standardized", Rows.of(train.features["penultimate"].astype(np.float32), train.labels))
+    fn = centred(Rows.of(train.features["penultimate"].astype(np.float32), train.labels))
     a, b = fn(train.features["penultimate"]), fn(test.features["penultimate"])
     sims = b @ a.T
     where_train = {p: i for i, p in enumerate(train.paths)}
     planted_test = {t: s for s, t in pairs}
     copies = [sims[j, where_train[planted_test[p]]] for j, p in enumerate(test.paths) if p in planted_test]
     distinct = [np.sort(sims[j])[-1] for j, p in enumerate(test.paths) if p not in planted_test]
-    print(f"cosine (standardized): planted copies min {min(copies):.4f}; nearest distinct train image of a clean "
+    print(f"cosine (centred): planted copies min {min(copies):.4f}; nearest distinct train image of a clean "
           f"test image: median {np.median(distinct):.4f}, 99th percentile {np.percentile(distinct, 99):.4f}, "
           f"max {max(distinct):.4f}")
 

@@ -14,9 +14,9 @@ from storage.layout import CacheLayout
 from storage.records import QualityFiles
 from tasks.result import StageResult
 
-#: the near-duplicate threshold (cosine of penultimate features) when the config names none: measured on the
-#: digits with planted copies (benchmarks/quality.py): copies and re-encoded copies sit above it, distinct
-#: images of the same class below (docs/evaluation.md#data-quality)
+#: the near-duplicate threshold (centred cosine of penultimate features) when the config names none: measured
+#: on MNIST-5k with planted copies (benchmarks/quality.py): copies and re-encoded copies sit above it, every
+#: clean test image's nearest distinct training image below (docs/evaluation.md#data-quality)
 DUPLICATE_COSINE = 0.98
 
 
