@@ -60,3 +60,9 @@ def test_the_checker_catches_a_dead_link_and_anchor(tmp_path):
     page.write_text("# Title here\n\n[ok](#title-here) [gone](#nowhere) [file](b.md)\n```\n# not a heading\n```\n")
     assert anchors(page) == {"title-here"}
     assert links(page) == ["#title-here", "#nowhere", "b.md"]
+
+
+def test_developing_says_which_tests_cover_which_package():
+    """Every test file is in docs/DEVELOPING.md's table of packages and their tests."""
+    table = (REPO / "docs" / "DEVELOPING.md").read_text()
+    assert [p.name for p in sorted((REPO / "tests").glob("test_*.py")) if f"`{p.name}`" not in table] == []
