@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from helpers import make_imagefolder
+
 from tasks.index.retrieval import Rows
 from tasks.quality import label_issues as cl
-from tasks.quality.search import kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
+from tasks.quality.search import centred, kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
 
 
 def clustered(n: int = 300, dim: int = 16, classes: int = 4, seed: int = 0):
@@ -33,7 +33,7 @@ def test_near_pairs_streamed_equal_brute_force_within_and_across_splits():
     Q = np.concatenate([X[:5] + 1e-3, clustered(40, seed=1)[0]])  # five planted near-copies of train rows
     for memory in (0.0, float("inf")):  # streamed from chunks, and held in memory
         train, test = Rows.of(X, y, chunk=37), Rows.of(Q, np.zeros(len(Q), int), chunk=11)
-        across = near_pairs(test, train, 5, 0.99, memory, centre=train)
+        across = near_pairs(test, train, 5, 0.99, memory, centred(train))
         sims = brute(Q, X, X)
         expect = {(q, g) for q, g in zip(*np.nonzero(sims >= 0.99))}
         assert {(int(q), int(g)) for q, g, _ in across} == expect and {(i, i) for i in range(5)} <= expect

@@ -34,16 +34,16 @@ def centred(rows: Rows):
     return fn
 
 
-def _search(queries: Rows, gallery: Rows | None, k: int, memory_bytes: float, centre: Rows | None = None):
+def _search(queries: Rows, gallery: Rows | None, k: int, memory_bytes: float, fn=None):
     """Yield ``(first row, similarities, gallery rows)`` per block of queries, best first; ``gallery`` None:
-    the queries themselves, each leaving itself out. ``centre``: the rows whose statistics standardise both
-    sides (default the gallery)."""
+    the queries themselves, each leaving itself out. ``fn``: the :func:`centred` transform of both sides
+    (default: centred on the gallery, one pass over it)."""
     within = gallery is None
     gallery = queries if within else gallery
     K = int(min(k, gallery.n - int(within)))
     if K < 1:
         return
-    fn = centred(centre or gallery)
+    fn = fn or centred(gallery)
     chunks = gallery_chunks(gallery, fn, "cosine", memory_bytes, rows=2 * K)
     for q0, qb in row_blocks(queries, QUERY_BLOCK):
         keys, rows = exact_search(fn(qb), chunks, K, q0 if within else None)
@@ -51,11 +51,11 @@ def _search(queries: Rows, gallery: Rows | None, k: int, memory_bytes: float, ce
 
 
 def near_pairs(queries: Rows, gallery: Rows | None, k: int, threshold: float, memory_bytes: float,
-               centre: Rows | None = None) -> np.ndarray:
+               fn=None) -> np.ndarray:
     """``(query row, gallery row, cosine)`` of every neighbour at or above ``threshold`` (the ``k`` nearest at
-    most), most similar first; within one split each pair once (lower row first)."""
+    most), most similar first; within one split each pair once (lower row first). ``fn``: as :func:`_search`."""
     found = []
-    for q0, sims, rows in _search(queries, gallery, k, memory_bytes, centre):
+    for q0, sims, rows in _search(queries, gallery, k, memory_bytes, fn):
         r, c = np.nonzero(sims >= threshold)
         found.append(np.stack([q0 + r, rows[r, c], sims[r, c]], axis=1))
     pairs = np.concatenate(found) if found else np.empty((0, 3))

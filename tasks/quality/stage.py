@@ -8,6 +8,7 @@ and is left out, said in the findings, above the heads' memory budget.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,8 +23,8 @@ from tasks.data.manifest import Manifest
 from tasks.heads.stage import memory_budget
 from tasks.index.retrieval import Rows
 from tasks.quality import label_issues as cl
-from tasks.quality.search import kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
 from tasks.quality.plan import QualityPlan, QualityResult, is_stored
+from tasks.quality.search import centred, kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
 from tasks.quality.sheets import draw
 
 log = logging.getLogger("transferpipe.quality")
@@ -44,9 +45,10 @@ def assess(plan: QualityPlan) -> QualityResult:
     rows = {s: Rows.stored(stored[s]) for s in splits}
     ids = {s: store.paths(plan.features[s], checked=True) for s in splits}
     findings: dict[str, Any] = {"classes": manifest.classes, "splits": {s: rows[s].n for s in splits}}
+    train = _held(store, plan, "train", rows["train"], budget)  # read once: the probe and the in-class outliers
     findings["duplicates"] = _duplicates(plan, manifest, rows, ids, budget)
-    findings["label_issues"] = _label_issues(plan, store, manifest, rows, ids, budget)
-    findings["outliers"] = _outliers(plan, store, rows, ids, budget)
+    findings["label_issues"] = _label_issues(plan, train, manifest, rows, ids, budget)
+    findings["outliers"] = _outliers(plan, store, train, rows, ids, budget)
     leaked = {p["b"] for name, pairs in findings["duplicates"].items() if name.endswith("-test") for p in pairs}
     findings["leaked_test"] = sorted(leaked)
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
@@ -77,38 +79,43 @@ def _duplicates(plan: QualityPlan, manifest: Manifest, rows: dict[str, Rows], id
                 budget: float) -> dict[str, list[dict[str, Any]]]:
     """Pairs at or above the threshold: within each split (``train``), and from each later split into each
     earlier one (``train-test``: ``a`` in train, ``b`` in test)."""
-    cfg, out = plan.config, {}
-    names = list(rows)
+    cfg, out, names = plan.config, {}, list(rows)
+    fn = centred(rows["train"])  # one centring (the training mean) for every pair
+    digest = functools.cache(lambda item: _digest(manifest, item))  # a file in several pairs is hashed once
     for i, later in enumerate(names):
         for earlier in names[: i + 1]:
             within = later == earlier
             found = near_pairs(rows[later], None if within else rows[earlier], cfg.neighbours, cfg.duplicate_cosine,
-                               budget, centre=rows["train"])  # one standardisation for every pair
+                               budget, fn)
             pairs = []
             for q, g, cosine in found:
                 a, b = (ids[later][int(q)], ids[later][int(g)]) if within else (ids[earlier][int(g)], ids[later][int(q)])
-                exact = bool(cosine >= EXACT_COSINE) and _same_bytes(manifest, a, b)
+                exact = bool(cosine >= EXACT_COSINE) and digest(a) == digest(b)
                 pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
             out[later if within else f"{earlier}-{later}"] = pairs
     return out
 
 
-def _same_bytes(manifest: Manifest, x: str, y: str) -> bool:
-    def digest(item: str) -> str:
-        with data_source(manifest.source).open(manifest.root, item, manifest.options) as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-
-    return digest(x) == digest(y)
+def _digest(manifest: Manifest, item: str) -> str:
+    """sha256 of an item's encoded bytes, as its source opens them."""
+    with data_source(manifest.source).open(manifest.root, item, manifest.options) as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
-def _label_issues(plan: QualityPlan, store: FeatureStore, manifest: Manifest, rows: dict[str, Rows],
+def _held(store: FeatureStore, plan: QualityPlan, split: str, r: Rows, budget: float) -> np.ndarray | None:
+    """A split's features in memory as float32, or None above the heads' memory budget."""
+    if r.n * r.dim * 4 > budget:
+        return None
+    return store.read(plan.features[split], [plan.config.layer]).features[plan.config.layer].astype(np.float32)
+
+
+def _label_issues(plan: QualityPlan, X: np.ndarray | None, manifest: Manifest, rows: dict[str, Rows],
                   ids: dict[str, list[str]], budget: float) -> dict[str, dict[str, Any]]:
     cfg, n_classes, out = plan.config, len(manifest.classes), {}
     train = rows["train"]
-    if train.n * train.dim * 4 > budget:
+    if X is None:
         out["train"] = {"flagged": [], "left_out": f"{train.n} x {train.dim} features exceed the memory budget"}
     else:
-        X = store.read(plan.features["train"], [cfg.layer]).features[cfg.layer].astype(np.float32)
         proba = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed)
         flagged = np.flatnonzero(cl.confident_learning(train.labels, proba))
         confidence = cl.self_confidence(train.labels, proba)
@@ -127,15 +134,13 @@ def _label_issues(plan: QualityPlan, store: FeatureStore, manifest: Manifest, ro
     return out
 
 
-def _outliers(plan: QualityPlan, store: FeatureStore, rows: dict[str, Rows], ids: dict[str, list[str]],
-              budget: float) -> dict[str, list[dict[str, Any]]]:
+def _outliers(plan: QualityPlan, store: FeatureStore, train: np.ndarray | None, rows: dict[str, Rows],
+              ids: dict[str, list[str]], budget: float) -> dict[str, list[dict[str, Any]]]:
     cfg, out = plan.config, {}
     for split, r in rows.items():
         overall = 1.0 - kth_similarity(r, cfg.neighbours, budget)
-        in_class = None
-        if r.n * r.dim * 4 <= budget:
-            X = store.read(plan.features[split], [cfg.layer]).features[cfg.layer].astype(np.float32)
-            in_class = 1.0 - kth_similarity_in_class(X, r.labels, cfg.neighbours)
+        X = train if split == "train" else _held(store, plan, split, r, budget)
+        in_class = None if X is None else 1.0 - kth_similarity_in_class(X, r.labels, cfg.neighbours)
         top = np.argsort(-overall, kind="stable")[: cfg.top]
         out[split] = [{"id": ids[split][i], "label": int(r.labels[i]), "distance": round(float(overall[i]), 6),
                        **({"distance_in_class": round(float(in_class[i]), 6)} if in_class is not None else {})}
