@@ -1,5 +1,5 @@
 """What the stages run on: the device (``auto`` means CUDA when torch sees one), the numeric precision
-of its forward passes, and library versions."""
+of its forward passes, how much of a split may be held in memory, and library versions."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,23 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+MEMORY_ENV = "TRANSFERPIPE_HEADS_MEMORY_GB"
+
+
+def memory_budget() -> float:
+    """Bytes a split may take in memory as float32; above it, heads, retrieval and quality read it in chunks.
+
+    ``$TRANSFERPIPE_HEADS_MEMORY_GB``, else a quarter of the machine's memory.
+    """
+    value = os.environ.get(MEMORY_ENV)
+    if value:
+        try:
+            return float(value) * 2**30
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV}={value!r} is not a number of GB") from None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
 
 
 def pick_device(name: str | torch.device) -> torch.device:

@@ -183,7 +183,7 @@ def _finetuned_scores(plan: EvalPlan, m: ModelToEvaluate) -> tuple[np.ndarray, n
 def retrieval(plan: EvalPlan) -> dict[str, Any] | None:
     """The retrieval metrics of the plan's settings, remembered by (queries, gallery, settings, index) key: an
     evaluation that changed only a head does not search again."""
-    from tasks.heads.stage import memory_budget
+    from tasks.machine import memory_budget
     from tasks.index.retrieval import Rows, retrieval_metrics
 
     wanted = plan.retrieval

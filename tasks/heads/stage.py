@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from storage.faults import fault_point
 from storage.features import FeatureRows, FeatureStore, FeatureStoreError
 from storage.head_store import head_exists, load_head_arrays, read_meta, save_head
 from tasks.heads.configs import HeadConfig, Shot
+from tasks.machine import MEMORY_ENV, memory_budget
 from tasks.result import StageResult
 
 if TYPE_CHECKING:
@@ -134,23 +134,6 @@ def stored_result(plan: HeadPlan) -> HeadResult:
 
 
 _load_lock = threading.Lock()
-
-
-MEMORY_ENV = "TRANSFERPIPE_HEADS_MEMORY_GB"
-
-
-def memory_budget() -> float:
-    """Bytes a training split may take in memory as float32; above it, heads read it in chunks.
-
-    ``$TRANSFERPIPE_HEADS_MEMORY_GB``, else a quarter of the machine's memory.
-    """
-    value = os.environ.get(MEMORY_ENV)
-    if value:
-        try:
-            return float(value) * 2**30
-        except ValueError:
-            raise ValueError(f"{MEMORY_ENV}={value!r} is not a number of GB") from None
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
 
 
 class SplitTooBig(ValueError):

@@ -5,7 +5,7 @@ pairs within and across splits, the distance to the k-th neighbour overall and w
 the nearest training images), label issues (``label_issues``: out-of-fold probabilities of a logistic probe and
 Confident Learning), the contact sheets (``sheets``) and the stage (``stage``: findings.json, quality.md, one
 PNG per finding).
-May import: ``tasks.data`` (images for the sheets), ``tasks.index`` (the exact search), ``tasks.heads`` (the
-memory budget), ``storage`` and the shared ``tasks`` modules. No backbone pass: everything is read from the
+May import: ``tasks.data`` (images for the sheets), ``tasks.index`` (the exact search), ``storage`` and the
+shared ``tasks`` modules. No backbone pass: everything is read from the
 feature files.
 """

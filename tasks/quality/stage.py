@@ -4,7 +4,7 @@ files, written as ``findings.json``, ``quality.md`` and one contact sheet per fi
 
 Near-duplicates and outliers stream each split's features in chunks (memory flat in the number of images,
 beyond the gallery's chunks); the label probe on the training split holds its features in memory (float32)
-and is left out, said in the findings, above the heads' memory budget.
+and is left out, said in the findings, above the memory budget (tasks.machine.memory_budget).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import numpy as np
 from storage.features import FeatureStore
 from tasks.data.config import get as data_source
 from tasks.data.manifest import Manifest
-from tasks.heads.stage import memory_budget
 from tasks.index.retrieval import Rows
+from tasks.machine import memory_budget
 from tasks.quality import label_issues as cl
 from tasks.quality.plan import QualityPlan, QualityResult, is_stored
 from tasks.quality.search import centred, kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
@@ -103,7 +103,7 @@ def _digest(manifest: Manifest, item: str) -> str:
 
 
 def _held(store: FeatureStore, plan: QualityPlan, split: str, r: Rows, budget: float) -> np.ndarray | None:
-    """A split's features in memory as float32, or None above the heads' memory budget."""
+    """A split's features in memory as float32, or None above the memory budget."""
     if r.n * r.dim * 4 > budget:
         return None
     return store.read(plan.features[split], [plan.config.layer]).features[plan.config.layer].astype(np.float32)
