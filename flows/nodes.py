@@ -99,12 +99,15 @@ def _plan_heads(config: ExperimentConfig, graph: Graph) -> list[Work]:
     if not config.heads:
         raise ValueError(f"experiment {config.name!r} has no heads: add a heads: list to its config")
     keys = {split: f.key for split, f in features(graph).items()}
-    return [Work(p.head.label, p, heads.is_stored(p)) for p in heads.plan_for_splits(config.heads, keys, config.cache_dir)]
+    wanted = config.quality is not None and config.quality.exclude and "quality" in graph
+    cleaned = graph["quality"].works[0].plan.key if wanted else None
+    return [Work(p.label, p, heads.is_stored(p))
+            for p in heads.plan_for_splits(config.heads, keys, config.cache_dir, exclude=cleaned)]
 
 
 def _head_units(work: Work) -> list[Unit]:
     plan = work.plan
-    return [Unit(f"{plan.head.label} shot {shot} seed {seed}", key, head_store.head_exists(plan.cache_dir, key),
+    return [Unit(f"{plan.label} shot {shot} seed {seed}", key, head_store.head_exists(plan.cache_dir, key),
                  heads.fit_spec(plan, shot, seed)) for shot, seed, key in heads.fits(plan)]
 
 
@@ -151,7 +154,7 @@ def test_split(graph: Graph) -> Any:
 def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     split, test = features(graph), test_split(graph)
     seconds = {rec.key: rec.seconds for r in (graph["heads"].results or []) for rec in r.records} if "heads" in graph else {}
-    models = [ModelToEvaluate(name=p.head.label, kind=p.head.kind, layer=p.head.layer, shot=shot, seed=seed,
+    models = [ModelToEvaluate(name=p.label, kind=p.head.kind, layer=p.head.layer, shot=shot, seed=seed,
                               head_key=key, train_seconds=seconds.get(key, 0.0))
               for p in (graph["heads"].plans() if "heads" in graph else []) for shot, seed, key in heads.fits(p)]
     tuning, tried, kept = None, [], None
@@ -297,7 +300,7 @@ EXTRACT = Node("extract", _plan_extract, "extract_split_task", lambda c, w: f"ex
                why=_why_features)
 
 
-HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.head.label}-{w.plan.head.layer}",
+HEADS = Node("heads", _plan_heads, "train_head_task", lambda c, w: f"head-{w.plan.label}-{w.plan.head.layer}",
              units=_head_units, why=_against(lambda c: stored_specs(c.cache_dir, "heads"), _head_damage),
              concurrent=True)
 
@@ -337,8 +340,8 @@ NODES: tuple[Node, ...] = (EXTRACT, HEADS, FINETUNE, EVALUATE, SCORE, EXPORT, IN
 #: the stages each goal runs through, in order; heads and fine-tuning only where the config (or the goal) asks
 PATHS: dict[str, tuple[Node, ...]] = {
     "extract": (EXTRACT,),
-    "heads": (EXTRACT, HEADS),
-    "finetune": (EXTRACT, HEADS, FINETUNE),
+    "heads": (EXTRACT, QUALITY, HEADS),  # quality only for quality.exclude (it names the rows to leave out)
+    "finetune": (EXTRACT, QUALITY, HEADS, FINETUNE),
     "evaluate": (EXTRACT, QUALITY, HEADS, FINETUNE, EVALUATE),  # quality when the config has a quality: section
     "score": (EXTRACT, HEADS, SCORE),  # one select candidate: features, probes, transferability scores
     "export": (EXTRACT, EXPORT),
@@ -351,9 +354,11 @@ def nodes(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Node]:
     """The stages a run of ``config`` up to ``goal`` executes, in order.
 
     Heads run when the config has some, fine-tuning when ``finetune.enabled``, quality with a ``quality:``
-    section; the ``goal`` stage runs even when the config leaves it out.
+    section (before heads and fine-tuning only with ``quality.exclude``, which names the rows the cleaned heads
+    leave out); the ``goal`` stage runs even when the config leaves it out.
     """
-    optional = {HEADS: bool(config.heads), FINETUNE: config.finetune.enabled, QUALITY: config.quality is not None}
+    quality = config.quality is not None and (goal in ("evaluate", "quality") or config.quality.exclude)
+    optional = {HEADS: bool(config.heads), FINETUNE: config.finetune.enabled, QUALITY: quality}
     return [node for node in PATHS[goal] if optional.get(node, True) or node.stage == goal]
 
 

@@ -119,6 +119,12 @@ def run(result: Any, wide: bool = False) -> None:
                   highlight=False)
     if result.quality is not None:
         quality(result.quality)
+    from tasks.evaluate.report import cleaning
+
+    for c in cleaning(result.models):
+        spread = "" if c["gain_lo"] is None else f" (95% paired interval {100 * c['gain_lo']:+.1f} to {100 * c['gain_hi']:+.1f})"
+        out.print(f"cleaning: {c['model']} ({c['shots']} shots, {c['excluded_rows']} flagged rows left out) top-1 "
+                  f"{fmt(c['top1'])} vs {fmt(c['base_top1'])}: {100 * c['gain']:+.1f} pts{spread}", highlight=False)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
     out.print(f"stages: {stages}\nreport: {result.report}", highlight=False)
 

@@ -147,18 +147,21 @@ def key(spec: dict[str, Any]) -> str:
     return fingerprint(spec)
 
 
-def head_spec(head: dict[str, Any], train: str, val: str | None, target: str | None) -> dict[str, Any]:
-    """One head config (every shot and seed) on one set of feature keys."""
+def head_spec(head: dict[str, Any], train: str, val: str | None, target: str | None,
+              exclude: str | None = None) -> dict[str, Any]:
+    """One head config (every shot and seed) on one set of feature keys; ``exclude``: the quality key whose
+    training label-issue candidates it leaves out (only in the spec when set, so other keys stay as they were)."""
     return {"kind": "heads", "version": CODE_VERSIONS["heads"], "head": head, "train": train, "val": val,
-            "target": target}
+            "target": target, **({"exclude": exclude} if exclude else {})}
 
 
 def fit_spec(
-    head: dict[str, Any], train: str, val: str | None, target: str | None, shot: int | str, seed: int
+    head: dict[str, Any], train: str, val: str | None, target: str | None, shot: int | str, seed: int,
+    exclude: str | None = None,
 ) -> dict[str, Any]:
     """One fitted head: ``head`` without the fields that only label it or list its fits (name, shots, seeds)."""
     return {"kind": "head", "version": CODE_VERSIONS["heads"], "head": head, "train": train, "val": val,
-            "target": target, "shot": shot, "seed": seed}
+            "target": target, "shot": shot, "seed": seed, **({"exclude": exclude} if exclude else {})}
 
 
 def finetune_spec(

@@ -34,9 +34,14 @@ COLUMNS = {
     "top1_lo": "REAL", "top1_hi": "REAL", "val_accuracy": "REAL", "recommended": "INTEGER",
     # since 0.7: retrieval (evaluate.retrieval), on its own row per evaluation: model "retrieval"
     "map_at_r": "REAL", "r_precision": "REAL", "recall_at_1": "REAL", "recall_at_5": "REAL", "recall_at_10": "REAL",
+    # after 0.7: the quality findings (quality:): top-1 without the leaked test images, how many were leaked,
+    # the training label-issue candidates; a cleaned head's rows left out and its gain over the same head on
+    # every row with the paired 95% interval (quality.exclude)
+    "quality_key": "TEXT", "top1_without_leaks": "REAL", "leaked_test": "INTEGER", "label_issues": "INTEGER",
+    "excluded_rows": "INTEGER", "cleaning_gain": "REAL", "cleaning_gain_lo": "REAL", "cleaning_gain_hi": "REAL",
 }
 METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece", "map_at_r", "recall_at_1", "recall_at_5",
-           "recall_at_10")
+           "recall_at_10", "top1_without_leaks")
 UNIQUE = ("run_key", "model", "shots")  # one row per model of an evaluation
 
 

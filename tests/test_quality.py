@@ -112,3 +112,49 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
     metrics = run.models[0].metrics
     assert metrics["leaked_test_images"] == first.leaked_test and metrics["top1_without_leaks"] is not None
     assert run.quality.cache_hit and "top1 without leaks" in run.report.read_text()
+
+
+def test_a_cleaned_few_shot_subset_differs_only_where_a_flagged_row_was_drawn():
+    from tasks.heads.stage import few_shot_indices
+
+    labels = np.repeat(np.arange(3), 20)
+    plain = few_shot_indices(labels, 5, seed=1)
+    excluded = np.zeros(len(labels), dtype=bool)
+    excluded[plain[:2]] = True  # two drawn rows are flagged
+    excluded[np.setdiff1d(np.arange(len(labels)), plain)[:4]] = True  # and four never drawn
+    cleaned = few_shot_indices(labels, 5, seed=1, excluded=excluded)
+    assert len(cleaned) == 15 and not excluded[cleaned].any()
+    assert len(np.setdiff1d(plain, cleaned)) == 2  # only the flagged draws were replaced
+    assert np.array_equal(few_shot_indices(labels, "all", 0, excluded), np.flatnonzero(~excluded))
+
+
+@pytest.mark.slow
+def test_quality_exclude_trains_cleaned_heads_and_reports_the_paired_gain(tiny_config, tmp_path):
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+    from storage import results as registry
+
+    root = make_imagefolder(tmp_path / "planted", n_per_class=8, splits=("train", "test"))
+    for i in range(3):  # three flipped labels the probe should disagree with
+        shutil.move(root / f"train/class1/00{i}.png", root / f"train/class2/flipped{i}.png")
+    quality = {"neighbours": 3, "folds": 2, "top": 5}
+    heads = [{"kind": "logistic", "name": "probe", "C": [1.0]}]
+    plain_cfg = tiny_config(data={"root": str(root)}, quality=quality, heads=heads)
+    cfg = tiny_config(data={"root": str(root)}, quality={**quality, "exclude": True}, heads=heads)
+    with local_run_settings():
+        plain = pipeline_flow(plain_cfg)
+        run = pipeline_flow(cfg)
+    assert run.quality.key == plain.quality.key and run.quality.cache_hit  # exclude is not in the findings' key
+    names = {h.name: h for h in run.heads}
+    assert set(names) == {"probe", "probe-cleaned"}
+    assert names["probe"].key == plain.heads[0].key and names["probe"].cache_hit  # the plain head is reused
+    flagged = run.quality.label_issues["train"]
+    assert flagged >= 1 and names["probe-cleaned"].records[0].n_train == names["probe"].records[0].n_train - flagged
+    cleaned = next(m for m in run.models if m.name == "probe-cleaned")
+    assert cleaned.metrics["excluded_rows"] == flagged
+    text = run.report.read_text()
+    assert "## Cleaning" in text and "| probe-cleaned | all |" in text
+    rows = {r["model"]: r for r in registry.query(cfg.cache_dir) if r["run_key"] == run.evaluation.key}
+    assert rows["probe-cleaned"]["cleaning_gain_lo"] <= rows["probe-cleaned"]["cleaning_gain"] <= rows["probe-cleaned"]["cleaning_gain_hi"]
+    assert rows["probe"]["label_issues"] == flagged and rows["probe"]["quality_key"] == run.quality.key
+    assert rows["probe"]["cleaning_gain"] is None and rows["probe-cleaned"]["excluded_rows"] == flagged

@@ -11,6 +11,7 @@ from storage import results as registry
 from storage.atomic import write_text
 from tasks.evaluate.plan import EvalPlan, ModelReport
 from tasks.evaluate.plots import draw_plots, few_shot_curve
+from tasks.heads.stage import CLEANED
 
 
 def ranked(models: list[ModelReport]) -> list[ModelReport]:
@@ -66,6 +67,7 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float, retr
         "keys": {**plan.context.get("keys", {}), "evaluation": plan.key}, "versions": versions(),
     }
     context["left_out"] = left_out(plan)
+    context["cleaning"] = cleaning(models)
     context["recommended"] = recommendation(models)
     context["retrieval"], context["embedding_map"] = retrieval, embedding_map
     payload = {**context, "models": [r.model_dump() for r in models]}
@@ -75,6 +77,42 @@ def write_report(plan: EvalPlan, models: list[ModelReport], seconds: float, retr
         plots["embedding_map"] = files.folder / embedding_map["file"]
     write_text(files.report_md, report_markdown(models, context, plots))
     return {"json": files.report_json, "md": files.report_md, **plots}
+
+
+def cleaning(models: list[ModelReport]) -> list[dict[str, Any]]:
+    """Each head trained without the label-issue candidates (``<name>-cleaned``, quality.exclude) against the
+    same head on every row, same shots and layer: top-1 of both and the gain with its paired 95% interval over
+    the test images (None where the two were not scored on the same images)."""
+    from tasks.evaluate.intervals import paired_difference, unpack_hits
+
+    by = {(m.name, str(m.shot), m.layer): m for m in models}
+    out = []
+    for m in models:
+        base = by.get((m.name.removesuffix(CLEANED), str(m.shot), m.layer)) if m.name.endswith(CLEANED) else None
+        if base is None:
+            continue
+        row = {"model": m.name, "base": base.name, "shots": str(m.shot), "top1": m.metrics["top1"],
+               "base_top1": base.metrics["top1"], "excluded_rows": m.metrics.get("excluded_rows"),
+               "gain": m.metrics["top1"] - base.metrics["top1"], "gain_lo": None, "gain_hi": None}
+        if m.metrics.get("test_images") == base.metrics.get("test_images") and "hits" in m.metrics and "hits" in base.metrics:
+            row["gain"], row["gain_lo"], row["gain_hi"] = paired_difference(
+                unpack_hits(m.metrics["hits"]), m.seeds, unpack_hits(base.metrics["hits"]), base.seeds)
+        out.append(row)
+    return out
+
+
+def cleaning_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Cleaning (quality.exclude: heads trained without the training label-issue candidates)", "",
+             "| model | shots | rows left out | top-1 | on every row | gain (95% paired interval) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = "" if r["gain_lo"] is None else f" ({100 * r['gain_lo']:+.1f} to {100 * r['gain_hi']:+.1f})"
+        sure = " *" if r["gain_lo"] is not None and (r["gain_lo"] > 0 or r["gain_hi"] < 0) else ""
+        lines.append(f"| {r['model']} | {r['shots']} | {r['excluded_rows']} | {r['top1']:.4f} | {r['base_top1']:.4f} "
+                     f"| {100 * r['gain']:+.1f} pts{spread}{sure} |")
+    return lines + ["", "`*`: the interval excludes zero (cleaning changed top-1 beyond the test set's noise)."]
 
 
 def left_out(plan: EvalPlan) -> dict[str, list[dict[str, str]]]:
@@ -97,17 +135,21 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path,
     """One results-registry row per model, and one for retrieval (model ``retrieval``; its top1 is
     precision@1, the share of queries whose nearest gallery image has their class)."""
     features = plan.context.get("keys", {}).get("features", {})
+    quality = quality_columns(plan)
     evaluation = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "experiment": plan.experiment, "run_key": plan.key, "backbone": plan.backbone.name,
                   "weights": plan.backbone.weights, "features_key": features.get("train", plan.test_key),
                   "report": _in_cache(plan.cache_dir, report)}
     pick = recommended(models)
     no_interval = [None, None]
+    cleaned = {(c["model"], c["shots"]): c for c in cleaning(models)}
     rows = [
         {**evaluation, "model": r.name, "kind": r.kind, "layer": r.layer, "shots": str(r.shot), "seeds": r.seeds,
          "n_test": r.metrics["n"], **{m: r.metrics.get(m) for m in registry.METRICS},
          **dict(zip(("top1_lo", "top1_hi"), r.metrics.get("top1_ci") or no_interval)),
-         "val_accuracy": r.val_accuracy, "recommended": int(r is pick)}
+         "val_accuracy": r.val_accuracy, "recommended": int(r is pick), **quality,
+         "leaked_test": r.metrics.get("leaked_test_images"), "excluded_rows": r.metrics.get("excluded_rows"),
+         **{f"cleaning_{k}": cleaned.get((r.name, str(r.shot)), {}).get(k) for k in ("gain", "gain_lo", "gain_hi")}}
         for r in models
     ]
     if retrieval:
@@ -117,6 +159,18 @@ def registry_rows(plan: EvalPlan, models: list[ModelReport], report: Path,
                      **{m: retrieval.get(m) for m in ("map_at_r", "r_precision", "recall_at_1", "recall_at_5",
                                                       "recall_at_10")}})
     return rows
+
+
+def quality_columns(plan: EvalPlan) -> dict[str, Any]:
+    """The registry's quality columns of an evaluation with quality findings: their key and how many training
+    label-issue candidates they flagged (empty without findings)."""
+    from storage.layout import CacheLayout
+    from storage.records import QualityFiles, read_json
+
+    found = read_json(QualityFiles(CacheLayout(plan.cache_dir).quality(plan.quality)).findings) if plan.quality else None
+    if not found:
+        return {}
+    return {"quality_key": plan.quality, "label_issues": len(found["label_issues"]["train"]["flagged"])}
 
 
 def _in_cache(cache_dir: Path, path: Path) -> str:
@@ -177,6 +231,7 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
             shown = "; ".join(f"`{e['path']}` ({e['error']})" for e in entries[:10])
             lines.append(f"- {split}: {len(entries)}: {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10
                                                                   else ""))
+    lines += cleaning_markdown(context.get("cleaning") or [])
     lines += retrieval_markdown(context.get("retrieval"))
     drawn = context.get("embedding_map")
     if drawn:

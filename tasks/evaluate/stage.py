@@ -127,14 +127,16 @@ def _head_metrics(plan: EvalPlan, m: ModelToEvaluate) -> dict[str, Any]:
     """One head fit's metrics on the test features, remembered by (test features, fit) key: a rerun after one
     head changed scores only that head."""
     remembered, key = Records(CacheLayout(plan.cache_dir).metrics), keys.key(keys.metrics_spec(plan.test_key, m.head_key))
+    excluded = read_meta(plan.cache_dir, m.head_key).get("excluded_rows")
+    cleaned = {} if excluded is None else {"excluded_rows": excluded}  # training rows quality.exclude left out
     if (metrics := remembered.read(key)) is not None:
-        return metrics
+        return {**metrics, **cleaned}
     X, y = load_split(plan.cache_dir, plan.test_key, m.layer)
     head = load_head(plan.cache_dir, m.head_key)
     metrics = classification_metrics(y, head.class_scores(X), head.predict_proba(X) if head.has_proba else None,
                                       len(plan.classes))
     remembered.write(key, metrics)
-    return metrics
+    return {**metrics, **cleaned}
 
 
 def _average(fits: list[dict[str, Any]]) -> dict[str, Any]:

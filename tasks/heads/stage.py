@@ -23,6 +23,8 @@ from storage import keys
 from storage.faults import fault_point
 from storage.features import FeatureRows, FeatureStore, FeatureStoreError
 from storage.head_store import head_exists, load_head_arrays, read_meta, save_head
+from storage.layout import CacheLayout
+from storage.records import QualityFiles, read_json
 from tasks.heads.configs import HeadConfig, Shot
 from tasks.machine import MEMORY_ENV, memory_budget
 from tasks.result import StageResult
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("transferpipe.heads")
+
+#: the name suffix of a head trained without the quality stage's label-issue candidates (quality.exclude)
+CLEANED = "-cleaned"
 
 
 class HeadPlan(BaseModel):
@@ -45,6 +50,13 @@ class HeadPlan(BaseModel):
     val_key: str | None
     target_key: str | None = None
     cache_dir: Path
+    #: the quality findings' key whose label-issue candidates this head's training leaves out (quality.exclude)
+    exclude: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The head's name, with :data:`CLEANED` when it trains without the flagged rows."""
+        return self.head.label + (CLEANED if self.exclude else "")
 
 
 class FitRecord(BaseModel):
@@ -81,8 +93,11 @@ class HeadResult(StageResult):
 
 
 def plan_heads(
-    heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path, target_key: str | None = None
+    heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path, target_key: str | None = None,
+    exclude: str | None = None,
 ) -> list[HeadPlan]:
+    """One plan per head; with ``exclude`` (a quality key) also each head trained without that quality run's
+    training label-issue candidates (named ``<name>-cleaned``, a key of its own)."""
     names = [h.label for h in heads]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -94,21 +109,23 @@ def plan_heads(
     plans = []
     for h in heads:
         target = target_key if h.needs_target() else None
-        key = keys.key(keys.head_spec(h.model_dump(), train_key, val_key, target))
-        plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
-                              cache_dir=Path(cache_dir)))
+        for without in (None, exclude) if exclude else (None,):
+            key = keys.key(keys.head_spec(h.model_dump(), train_key, val_key, target, exclude=without))
+            plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
+                                  cache_dir=Path(cache_dir), exclude=without))
     return plans
 
 
-def plan_for_splits(heads: list[Any], feature_keys: dict[str, str], cache_dir: Path) -> list[HeadPlan]:
+def plan_for_splits(heads: list[Any], feature_keys: dict[str, str], cache_dir: Path,
+                    exclude: str | None = None) -> list[HeadPlan]:
     """:func:`plan_heads` on an experiment's splits: train, val if any, test (the CORAL target) if any."""
     return plan_heads(heads, feature_keys["train"], feature_keys.get("val"), cache_dir,
-                      target_key=feature_keys.get("test"))
+                      target_key=feature_keys.get("test"), exclude=exclude)
 
 
 def fit_spec(plan: HeadPlan, shot: Shot, seed: int) -> dict[str, Any]:
     head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
-    return keys.fit_spec(head, plan.train_key, plan.val_key, plan.target_key, shot, seed)
+    return keys.fit_spec(head, plan.train_key, plan.val_key, plan.target_key, shot, seed, exclude=plan.exclude)
 
 
 def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
@@ -129,7 +146,7 @@ def is_stored(plan: HeadPlan) -> bool:
 def stored_result(plan: HeadPlan) -> HeadResult:
     """The result of a head whose every fit is stored, from the saved descriptions (no feature is read)."""
     h = plan.head
-    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, fits=0, cache_hit=True, seconds=0.0,
+    return HeadResult(key=plan.key, name=plan.label, kind=h.kind, layer=h.layer, fits=0, cache_hit=True, seconds=0.0,
                       records=[_reused(plan, key) for _, _, key in fits(plan)])
 
 
@@ -160,12 +177,16 @@ def load_split(cache_dir: Path, key: str, layer: str) -> tuple[np.ndarray, np.nd
         return _load(str(cache_dir), key, layer)
 
 
-def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int) -> np.ndarray:
-    """``shot`` examples per class (all of a smaller class), stratified and seeded; sorted."""
+def few_shot_indices(labels: np.ndarray, shot: Shot, seed: int, excluded: np.ndarray | None = None) -> np.ndarray:
+    """``shot`` examples per class (all of a smaller class), stratified and seeded; sorted. ``excluded`` (a row
+    mask) rows are skipped in the same seeded order, so a cleaned subset differs only where a flagged row was
+    drawn."""
+    keep = np.ones(len(labels), dtype=bool) if excluded is None else ~excluded
     if shot == "all":
-        return np.arange(len(labels))
+        return np.flatnonzero(keep)
     rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:shot] for c in np.unique(labels)]
+    picked = [order[keep[order]][:shot] for order in (rng.permutation(np.flatnonzero(labels == c))
+                                                       for c in np.unique(labels))]
     return np.sort(np.concatenate(picked))
 
 
@@ -197,11 +218,11 @@ def train_head(plan: HeadPlan) -> HeadResult:
         return read(plan.cache_dir, key, h.layer) if key and todo else (None, None)
 
     data = _Splits(split(plan.train_key, train_features), split(plan.val_key, load_split),
-                   split(plan.target_key, load_split))
+                   split(plan.target_key, load_split), excluded_rows(plan) if todo else None)
     records = [_reused(plan, key) if head_exists(plan.cache_dir, key) else _fit(plan, shot, seed, key, data)
                for shot, seed, key in fits(plan)]
     fitted = sum(r.fitted for r in records)
-    return HeadResult(key=plan.key, name=h.label, kind=h.kind, layer=h.layer, records=records, fits=fitted,
+    return HeadResult(key=plan.key, name=plan.label, kind=h.kind, layer=h.layer, records=records, fits=fitted,
                       cache_hit=fitted == 0, seconds=time.perf_counter() - started)
 
 
@@ -212,6 +233,21 @@ class _Splits(NamedTuple):
     train: tuple[np.ndarray, np.ndarray] | FeatureRows
     val: tuple[np.ndarray | None, np.ndarray | None]
     target: tuple[np.ndarray | None, np.ndarray | None]
+    excluded: np.ndarray | None = None  # training rows left out (quality.exclude), a boolean mask
+
+
+def excluded_rows(plan: HeadPlan) -> np.ndarray | None:
+    """The training rows a cleaned head leaves out: its quality run's training label-issue candidates, as a
+    mask in row order (None for a head that keeps every row)."""
+    if plan.exclude is None:
+        return None
+    found = read_json(QualityFiles(CacheLayout(plan.cache_dir).quality(plan.exclude)).findings)
+    if found is None:
+        raise FileNotFoundError(f"head {plan.label!r} trains without the label issues of quality run "
+                                f"{keys.short(plan.exclude)}, whose findings are not in {plan.cache_dir}: run "
+                                "transferpipe quality CONFIG first")
+    flagged = {f["id"] for f in found["label_issues"]["train"]["flagged"]}
+    return np.array([p in flagged for p in FeatureStore(plan.cache_dir).paths(plan.train_key)], dtype=bool)
 
 
 def _reused(plan: HeadPlan, key: str) -> FitRecord:
@@ -230,14 +266,19 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
     est = estimator(h).set_params(random_state=seed)
     if isinstance(data.train, FeatureRows):
         rows = data.train
-        idx = few_shot_indices(rows.labels, shot, seed)
+        idx = few_shot_indices(rows.labels, shot, seed, data.excluded)
+        if data.excluded is not None and data.excluded.any() and shot == "all":
+            raise SplitTooBig(
+                f"head {plan.label!r} leaves {int(data.excluded.sum())} flagged rows out of a train split of "
+                f"{rows.rows:,} x {rows.dim}, above the heads' memory budget of {memory_budget() / 2**30:.1f} GiB "
+                f"(${MEMORY_ENV}); streamed fits take every row: raise ${MEMORY_ENV}, or use few-shot subsets")
         if shot != "all":  # a few shots per class fit in memory whatever the split's size
             est.fit(rows.take(idx).astype(np.float32), rows.labels[idx], Xv, yv, X_target=Xt)
         elif est.streams:
             est.fit_rows(rows, Xv, yv)
         else:
             raise SplitTooBig(
-                f"head {h.label!r} (kind {h.kind}) needs its training features in memory, but the train split is "
+                f"head {plan.label!r} (kind {h.kind}) needs its training features in memory, but the train split is "
                 f"{rows.rows:,} x {rows.dim} = {rows.nbytes_float32 / 2**30:.1f} GiB as float32, above the heads' "
                 f"memory budget of {memory_budget() / 2**30:.1f} GiB (${MEMORY_ENV}). For all labels use "
                 f"kind: linear (L-BFGS over chunks) or kind: knn (chunked search), train {h.kind} on few-shot "
@@ -245,20 +286,22 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
             )
     else:
         X, y = data.train
-        idx = few_shot_indices(y, shot, seed)
+        idx = few_shot_indices(y, shot, seed, data.excluded)
         est.fit(X[idx], y[idx], Xv, yv, X_target=Xt)
     if getattr(est, "converged_", True) is False:
         log.warning("head %r (shot %s, seed %s): L-BFGS stopped at max_iter=%s before converging; raise "
-                    "max_iter in its config", h.label, shot, seed, est.max_iter)
+                    "max_iter in its config", plan.label, shot, seed, est.max_iter)
     record = FitRecord(shot=shot, seed=seed, key=key, n_train=len(idx), fitted=True,
                        val_accuracy=est.val_accuracy_, best_param=est.best_param_, grid=est.grid_,
                        seconds=time.perf_counter() - t0)
     meta = {
-        "kind": h.kind, "name": h.label, "params": est.get_params(), "classes": est.classes_.tolist(),
+        "kind": h.kind, "name": plan.label, "params": est.get_params(), "classes": est.classes_.tolist(),
         "train_key": plan.train_key, "val_key": plan.val_key, "layer": h.layer, "shot": shot, "seed": seed,
         "n_train": record.n_train, "val_accuracy": record.val_accuracy, "best_param": record.best_param,
         "grid": record.grid, "fit_seconds": record.seconds, "spec": fit_spec(plan, shot, seed),
     }
+    if data.excluded is not None:
+        meta["excluded_rows"] = int(data.excluded.sum())
     if hasattr(est, "converged_"):
         meta["n_iter"], meta["converged"] = int(est.n_iter_[0]), est.converged_
     bank = getattr(est, "bank_rows_", None)
@@ -271,7 +314,7 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
 def probe_candidates(plans: list[HeadPlan]) -> list[str]:
     """Fit keys of the heads LP-FT may start from: linear probes on the penultimate layer, all labels, raw or
     standardised features. Known before any head is trained, so the fine-tune key is too (``transferpipe plan``)."""
-    return [key for p in plans if p.head.linear_probe and p.head.layer == "penultimate"
+    return [key for p in plans if p.head.linear_probe and p.head.layer == "penultimate" and p.exclude is None
             and p.head.preprocess in ("none", "standardize") for shot, _, key in fits(p) if shot == "all"]
 
 

@@ -32,6 +32,12 @@ class QualityConfig(BaseModel):
     folds: int = Field(5, ge=2, le=20, description="folds of the out-of-fold probe on the training split")
     top: int = Field(20, ge=1, le=1000, description="findings listed (and drawn) per kind and split")
     seed: int = 0
+    exclude: bool = Field(False, description="also train every head without the training label-issue candidates "
+                                             "(<name>-cleaned); the report gives the gain with its paired interval")
+
+
+#: settings that change what is done with the findings, not the findings (left out of the quality key)
+NOT_IN_KEY = {"exclude"}
 
 
 class QualityPlan(BaseModel):
@@ -68,7 +74,7 @@ class QualityResult(StageResult):
 
 def plan_quality(config: QualityConfig, features: dict[str, str], manifest: Path, cache_dir: Path,
                  experiment: str) -> QualityPlan:
-    spec = keys.quality_spec(features, config.model_dump(mode="json"))
+    spec = keys.quality_spec(features, config.model_dump(mode="json", exclude=NOT_IN_KEY))
     return QualityPlan(key=keys.key(spec), spec=spec, experiment=experiment, features=features,
                        manifest=Path(manifest), config=config, cache_dir=Path(cache_dir))
 
