@@ -10,16 +10,20 @@ leaks (planted pairs among the train-test pairs), precision and recall of the la
 |planted| (ranked by self-confidence), the cosines of planted near-copies against the nearest distinct
 training image (what the default threshold is chosen from), and the stage's seconds as a ratio to extraction.
 
-With ``--scale 10000,30000``: the streamed searches alone (near-duplicate pairs within a split and the k-th
-neighbour distance, from an HDF5 feature file of that many synthetic 512-d rows, each size in its own
-process with the gallery streamed, not held): seconds and peak RSS as ratios to the first size.
+With ``--scale 10000,100000,1000000``: the whole quality stage on synthetic float16 features written to HDF5
+(:func:`write_planted`: 200 near-copies of train rows planted in a test split of a 25th the size, 200 flipped
+training labels), each size in its own process: seconds and peak RSS, also as ratios to the first size, and
+how many planted copies and flips were found. ``--scale imagenet``: 1,281,167 x 2048 train and 50,000 test
+rows (5.4 GB on disk; ``$TRANSFERPIPE_BENCH_DIR`` picks the disk). ``--search exact`` forces the exact path.
 
     python -m benchmarks.quality [--dups 60] [--flips 60] [--imagenet] [--quick]
-    python -m benchmarks.quality --scale 10000,30000 [--dim 512]
+    python -m benchmarks.quality --scale 10000,100000,1000000 [--dim 512] [--search auto|exact|approximate]
+    python -m benchmarks.quality --scale 10000,imagenet
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -79,14 +83,16 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=60)
     parser.add_argument("--imagenet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few planted images, to check the code path")
-    parser.add_argument("--scale", help="comma-separated row counts: time the streamed searches at each")
+    parser.add_argument("--scale", help="comma-separated train row counts (or imagenet: 1,281,167 x 2048 and "
+                                            "50,000 test rows): the whole stage on planted synthetic features")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: one size in this process
+    parser.add_argument("--search", default="auto", choices=["auto", "exact", "approximate"])
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one size in this process
     args = parser.parse_args()
     if args.one:
-        return _one(Path(args.one[0]), int(args.one[1]), args.dim)
+        return _one(Path(args.one[0]), int(args.one[1]), int(args.one[2]), args.dim, args.search)
     if args.scale:
-        return _scale([int(n) for n in args.scale.split(",")], args.dim)
+        return _scale(args.scale.split(","), args.dim, args.search)
     if args.quick:
         args.dups, args.flips = 6, 6
     from flows.config import parse_config
@@ -151,42 +157,99 @@ def _threshold(cfg, ran, pairs) -> None:
           f"max {max(distinct):.4f}")
 
 
-def _one(cache: Path, rows: int, dim: int) -> None:
-    """One size: write the features, then time the two streamed searches; print seconds and peak RSS."""
+IMAGENET = (1_281_167, 50_000, 2048)  # --scale imagenet: ImageNet-1k train and val rows, resnet50's width
+PLANTED = 200  # near-copies of train rows planted in test, and label flips in train, at every size
+
+
+def write_planted(cache: Path, rows: int, test: int, dim: int, seed: int = 0) -> tuple[dict[str, str], Path]:
+    """Synthetic float16 features with a structure real ones have (1,000 classes in a 64-d latent space,
+    mapped to ``dim``, plus noise): a train file of ``rows`` with :data:`PLANTED` flipped labels (rows 0..), and a
+    test file of ``test`` rows whose first :data:`PLANTED` are near-copies of train rows ``PLANTED..2*PLANTED``.
+    Written by the feature store in chunks (never held), with a manifest naming both. Returns (keys, manifest)."""
+    from storage.features import FeatureStore
+    from tasks.data.manifest import Manifest
+
+    classes, latent = 1000, 64
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, latent)).astype(np.float32)
+    lift = (rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
+    labels = {"train": rng.integers(0, classes, rows), "test": rng.integers(0, classes, test)}
+    labels["test"][:PLANTED] = labels["train"][PLANTED : 2 * PLANTED]
+
+    def row_block(split: str, start: int, y: np.ndarray) -> np.ndarray:
+        r = np.random.default_rng([seed, start, split == "test"])
+        z = centres[y] + 0.35 * r.standard_normal((len(y), latent), dtype=np.float32)
+        return z @ lift + 0.15 * r.standard_normal((len(y), dim), dtype=np.float32)
+
+    copies = row_block("train", PLANTED, labels["train"][PLANTED : 2 * PLANTED])  # rows PLANTED.. of block 0
+    keys, store, names = {"train": "a" * 64, "test": "b" * 64}, FeatureStore(cache), [f"c{i}" for i in range(classes)]
+    for split, n in (("train", rows), ("test", test)):
+        def blocks(split=split, n=n):
+            for start in range(0, n, 16384):
+                y = labels[split][start : start + 16384]
+                x = row_block(split, start, y)
+                if split == "train" and start == 0:
+                    x[PLANTED : 2 * PLANTED] = copies
+                if split == "test" and start == 0:
+                    x[:PLANTED] = copies + 0.01 * np.random.default_rng(1).standard_normal(copies.shape, dtype=np.float32)
+                yield {"penultimate": x.astype(np.float16)}
+
+        given = labels[split].copy()
+        if split == "train":
+            given[:PLANTED] = (given[:PLANTED] + 1 + rng.integers(0, classes - 1, PLANTED)) % classes
+        store.write(keys[split], blocks(), given, classes=names, dims={"penultimate": dim},
+                    spec={"dtype": "float16", "layers": ["penultimate"], "format_version": 1},
+                    paths=[f"{split}/{i:08d}.png" for i in range(n)])
+    manifest = Manifest(root=cache / "no-images", classes=names, splits={"train": [], "test": []})
+    return keys, manifest.save(cache / "manifest.json")
+
+
+def _one(cache: Path, rows: int, test: int, dim: int, search: str) -> None:
+    """One size in this process: write the planted features, run the whole quality stage, print its seconds,
+    peak RSS and how many planted copies and flips it found."""
     import json
     import resource
 
-    from benchmarks.export import write_split
-    from storage.features import FeatureStore
-    from tasks.index.retrieval import Rows
-    from tasks.quality.search import kth_similarity, near_pairs
+    from tasks.quality.plan import QualityConfig, plan_quality
+    from tasks.quality.stage import assess
 
-    write_split(cache, rows, dim, classes=100)
-    stored = Rows.stored(FeatureStore(cache).rows("e" * 64, "penultimate"))
+    keys, manifest = write_planted(cache, rows, test, dim)
+    plan = plan_quality(QualityConfig(search=search, top=5), keys, manifest, cache, "scale")
     started = time.perf_counter()
-    pairs = near_pairs(stored, None, 10, 0.98, memory_bytes=0.0)  # streamed: the gallery is never held
-    kth_similarity(stored, 10, memory_bytes=0.0)
+    result = assess(plan)
     seconds = time.perf_counter() - started
-    print(json.dumps({"rows": rows, "seconds": seconds, "pairs": len(pairs),
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    found = json.loads(plan.files.findings.read_text())
+    copies = {(f"train/{PLANTED + i:08d}.png", f"test/{i:08d}.png") for i in range(PLANTED)}
+    leaks = {(p["a"], p["b"]) for p in found["duplicates"]["train-test"]}
+    flags = [f["id"] for f in found["label_issues"]["train"]["flagged"]]
+    flipped = {f"train/{i:08d}.png" for i in range(PLANTED)}
+    print(json.dumps({"rows": rows, "search": found["search"]["method"], "seconds": seconds,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "copies_found": len(leaks & copies), "pairs": len(leaks), "flags": len(flags),
+                      "flips_top": len(set(flags[:PLANTED]) & flipped), "leaked": result.leaked_test}))
 
 
-def _scale(sizes: list[int], dim: int) -> None:
+def _scale(sizes: list[str], dim: int, search: str) -> None:
     import json
     import subprocess
 
     measured = []
-    for rows in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--one", tmp, str(rows), "--dim", str(dim)],
-                                  capture_output=True, text=True, check=True)
-        measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for size in sizes:
+        rows, test, width = IMAGENET if size == "imagenet" else (int(size), max(1000, int(size) // 25), dim)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TRANSFERPIPE_BENCH_DIR")) as tmp:
+            done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--one", tmp, str(rows), str(test),
+                                   "--dim", str(width), "--search", search], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{size} rows failed:\n{done.stderr[-3000:]}")
+        measured.append({**json.loads(done.stdout.strip().splitlines()[-1]), "dim": width, "test": test})
     base = measured[0]
-    print(f"| rows | seconds / {base['rows']:,} rows | peak RSS / {base['rows']:,} rows |")
-    print("|---|---|---|")
+    print(f"| train x dim | test | search | seconds | / {base['rows']:,} | peak RSS | / {base['rows']:,} | "
+          f"copies found | flips in top {PLANTED} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in measured:
-        print(f"| {m['rows']:,} | {m['seconds'] / base['seconds']:.2f} | {m['rss'] / base['rss']:.2f} |")
-    print(f"({base['rows']:,} rows: {base['seconds']:.1f} s, {base['rss'] / 2**20:.0f} MiB peak RSS)")
+        print(f"| {m['rows']:,} x {m['dim']} | {m['test']:,} | {m['search']} | {m['seconds']:.1f} | "
+              f"{m['seconds'] / base['seconds']:.2f} | {m['rss'] / 2**30:.2f} GiB | {m['rss'] / base['rss']:.2f} | "
+              f"{m['copies_found']}/{PLANTED} | {m['flips_top']}/{PLANTED} |")
 
 
 if __name__ == "__main__":

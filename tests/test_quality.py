@@ -42,6 +42,45 @@ def test_near_pairs_streamed_equal_brute_force_within_and_across_splits():
         assert sorted((int(a), int(b)) for a, b, _ in within) == [(0, 300), (1, 301), (2, 302)]
 
 
+def _splits(dim: int = 16):
+    """Train, and a test split holding five near-copies of train rows, as Rows."""
+    X, y = clustered(600, dim)
+    Q = np.concatenate([X[:5] + 1e-3, clustered(200, dim, seed=1)[0]])
+    return {"train": Rows.of(X, y, chunk=64), "test": Rows.of(Q, np.zeros(len(Q), int), chunk=50)}, X, Q
+
+
+def test_projected_search_on_every_component_equals_the_exact_one():
+    pytest.importorskip("faiss")
+    from tasks.quality.approximate import Projected
+    from tasks.quality.search import Exact
+
+    rows, X, Q = _splits()
+    exact, projected = Exact(rows, 5, 0.0), Projected(rows, dims=16, k=5, seed=0)  # 16 of 16: a rotation
+    for query, gallery in (("test", "train"), ("train", "train"), ("test", "test")):
+        a, b = ({(int(q), int(g)): c for q, g, c in f.pairs(query, gallery, 0.95)} for f in (exact, projected))
+        assert a.keys() == b.keys() and all(abs(a[p] - b[p]) < 1e-5 for p in a)  # order may differ at ties
+        same = exact.neighbour_labels(query, gallery) == projected.neighbour_labels(query, gallery)
+        assert same.mean() > 0.99
+    assert {(i, i) for i in range(5)} <= {(int(q), int(g)) for q, g, _ in exact.pairs("test", "train", 0.95)}
+    centre = brute(X, X, X)
+    np.fill_diagonal(centre, -np.inf)
+    assert np.allclose(projected.kth_similarity("train"), np.sort(centre, axis=1)[:, -5], atol=1e-5)
+
+
+def test_projected_search_with_an_inverted_index_finds_the_planted_copies(monkeypatch):
+    pytest.importorskip("faiss")
+    from tasks.quality import approximate
+
+    monkeypatch.setattr(approximate, "FLAT_ROWS", 100)  # these few rows get an inverted-file index too
+    rows, X, Q = _splits(dim=64)
+    found = approximate.Projected(rows, dims=8, k=5, seed=0)
+    pairs = found.pairs("test", "train", 0.99)
+    assert {(i, i) for i in range(5)} <= {(int(q), int(g)) for q, g, _ in pairs}
+    assert np.allclose(pairs[:, 2], [brute(Q[[int(q)]], X[[int(g)]], X)[0, 0] for q, g, _ in pairs], atol=1e-5)
+    votes = found.neighbour_labels("train", "train")
+    assert votes.shape == (600, 5) and (votes >= -1).all() and (found.kth_similarity("train") <= 1.0001).all()
+
+
 def test_kth_neighbour_similarity_equals_brute_force_overall_and_in_class():
     X, y = clustered(120)
     sims = brute(X, X, X)
@@ -66,8 +105,9 @@ def test_neighbour_votes_say_who_disagrees_with_its_label():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_confident_learning_flags_the_rows_cleanlab_flags(seed):
+def test_confident_learning_flags_the_rows_cleanlab_flags(seed, monkeypatch):
     find_label_issues = pytest.importorskip("cleanlab.filter").find_label_issues
+    monkeypatch.setattr(cl, "BLOCK", 64)  # the rows are read in several blocks
     rng = np.random.default_rng(seed)
     n, k = 400, 3 + seed
     y = rng.integers(0, k, n)
@@ -78,6 +118,30 @@ def test_confident_learning_flags_the_rows_cleanlab_flags(seed):
     theirs = find_label_issues(y, proba, filter_by="confident_learning")
     ours = cl.confident_learning(y, proba)
     assert ours.sum() > 10 and np.array_equal(ours, theirs)
+    ranked = find_label_issues(y, proba, filter_by="low_self_confidence", return_indices_ranked_by="self_confidence")
+    assert np.array_equal(cl.low_self_confidence(y, proba), ranked)  # the same rows, in the same order
+
+
+def test_neighbour_probabilities_are_smoothed_votes_that_sum_to_one():
+    votes = np.array([[0, 0, 1], [2, 2, 2]])
+    proba = cl.neighbour_probabilities(votes, np.array([0, 1, 2, 2]), 3, prior_weight=1.0)
+    assert np.allclose(proba.sum(axis=1), 1) and (proba > 0).all()
+    assert np.allclose(proba[0], [(2 + 0.25) / 4, (1 + 0.25) / 4, (0 + 0.5) / 4])
+
+
+def test_vote_probabilities_flag_what_their_dense_matrix_flags(monkeypatch):
+    monkeypatch.setattr(cl, "BLOCK", 50)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 400)
+    neighbours = np.where(rng.random((400, 7)) < 0.7, labels[:, None], rng.integers(0, 6, (400, 7)))
+    neighbours[:40] = (labels[:40, None] + 1) % 6  # forty rows whose neighbours all say another class
+    neighbours[5, 3:] = -1  # an index that found fewer neighbours
+    votes = cl.VoteProbabilities(neighbours, labels, 6)
+    dense = cl.neighbour_probabilities(neighbours, labels, 6)
+    assert np.allclose(cl.self_confidence(labels, votes), cl.self_confidence(labels, dense))
+    assert np.array_equal(cl.confident_learning(labels, votes), cl.confident_learning(labels, dense))
+    flagged = cl.low_self_confidence(labels, votes)
+    assert np.array_equal(flagged, cl.low_self_confidence(labels, dense)) and set(range(40)) <= set(flagged)
 
 
 def test_out_of_fold_probabilities_never_see_their_row():
@@ -88,20 +152,22 @@ def test_out_of_fold_probabilities_never_see_their_row():
 
 
 @pytest.mark.slow
-def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, tmp_path):
+@pytest.mark.parametrize("search", ["exact", "approximate"])
+def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, tmp_path, search):
     from flows.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     root = make_imagefolder(tmp_path / "planted", n_per_class=8, splits=("train", "test"))
     shutil.copy2(root / "train/class0/003.png", root / "test/class0/leak.png")  # byte-identical
     shutil.move(root / "train/class1/005.png", root / "train/class2/flipped.png")
-    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5},
-                      heads=[{"kind": "knn", "k": [1]}])
+    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5, "search": search,
+                                                          "dims": 8}, heads=[{"kind": "knn", "k": [1]}])
     with local_run_settings():
         first = pipeline_flow(cfg, stop_after="quality").quality
         again = pipeline_flow(cfg, stop_after="quality").quality
         run = pipeline_flow(cfg)  # the evaluation scores the test split with and without its leaked images
     findings = json.loads((first.folder / "findings.json").read_text())
+    assert findings["search"]["method"] == search
     leak = {"a": "train/class0/003.png", "b": "test/class0/leak.png"}
     assert any(p["a"] == leak["a"] and p["b"] == leak["b"] and p["exact"] for p in findings["duplicates"]["train-test"])
     assert "test/class0/leak.png" in findings["leaked_test"] and first.leaked_test >= 1 and first.exact_duplicates >= 1

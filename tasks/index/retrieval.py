@@ -134,6 +134,15 @@ def retrieval_metrics(queries: Rows, gallery: Rows | None, ks: list[int], metric
             "metric": metric, "leave_one_out": leave_one_out, "k": list(ks), **out}
 
 
+def rows_at(rows: Rows, take: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows at the sorted indices ``take``, read chunk by chunk (one pass; chunks without one are skipped
+    after reading)."""
+    for start, block in rows.chunks():
+        inside = take[(take >= start) & (take < start + len(block))] - start
+        if len(inside):
+            yield start, np.asarray(block)[inside]
+
+
 def row_blocks(rows: Rows, size: int) -> Iterator[tuple[int, np.ndarray]]:
     """Blocks of ``size`` rows (the last may be shorter) from the rows' chunks, whatever the chunks' own size."""
     pending, start = [], 0

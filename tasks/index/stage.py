@@ -22,7 +22,7 @@ from tasks.index.plan import (
     plan_index,
     require_faiss,
 )
-from tasks.index.retrieval import Rows, exact_search, gallery_chunks, retrieval_metrics, row_blocks, transform
+from tasks.index.retrieval import Rows, exact_search, gallery_chunks, retrieval_metrics, row_blocks, rows_at, transform
 
 
 def build_index(plan: IndexPlan) -> IndexResult:
@@ -81,17 +81,9 @@ def _empty(faiss: Any, kind: str, rows: Rows, metric: str, fn) -> Any:
     quantizer = faiss.IndexFlatIP(rows.dim) if metric == "cosine" else faiss.IndexFlatL2(rows.dim)
     index = faiss.IndexIVFFlat(quantizer, rows.dim, nlist, inner)
     take = np.sort(np.random.default_rng(0).choice(rows.n, min(rows.n, 256 * nlist), replace=False))
-    sample = np.concatenate([block for start, block in _rows_at(rows, take)])
+    sample = np.concatenate([block for start, block in rows_at(rows, take)])
     index.train(np.ascontiguousarray(fn(sample)))
     return index
-
-
-def _rows_at(rows: Rows, take: np.ndarray):
-    """The rows at the sorted indices ``take``, read chunk by chunk."""
-    for start, block in rows.chunks():
-        inside = take[(take >= start) & (take < start + len(block))] - start
-        if len(inside):
-            yield start, np.asarray(block)[inside]
 
 
 def _tune(faiss: Any, index: Any, k: int) -> None:
@@ -110,7 +102,7 @@ def _queries(store: FeatureStore, plan: IndexPlan, rows: Rows) -> tuple[np.ndarr
         other = Rows.stored(store.rows(plan.queries_from, plan.config.layer))
         return next(row_blocks(other, min(n, other.n)))[1], None
     take = np.sort(np.random.default_rng(0).choice(rows.n, min(n, rows.n), replace=False))
-    return np.concatenate([b for _, b in _rows_at(rows, take)]), take
+    return np.concatenate([b for _, b in rows_at(rows, take)]), take
 
 
 def _exact(q: np.ndarray, rows: Rows, fn, metric: str, k: int, self_rows: np.ndarray | None) -> np.ndarray:

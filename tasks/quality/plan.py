@@ -5,7 +5,7 @@ The stage and the finders import it, never the other way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +32,10 @@ class QualityConfig(BaseModel):
     folds: int = Field(5, ge=2, le=20, description="folds of the out-of-fold probe on the training split")
     top: int = Field(20, ge=1, le=1000, description="findings listed (and drawn) per kind and split")
     seed: int = 0
+    search: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="exact: every row against every row; approximate: principal components and a FAISS "
+                            "index, near-duplicates re-scored exactly; auto: approximate above 50,000 rows a split")
+    dims: int = Field(128, ge=8, le=1024, description="principal components of the approximate search")
     exclude: bool = Field(False, description="also train every head without the training label-issue candidates "
                                              "(<name>-cleaned); the report gives the gain with its paired interval")
 

@@ -88,9 +88,34 @@ def kth_similarity_in_class(X: np.ndarray, labels: np.ndarray, k: int) -> np.nda
     return out
 
 
-def neighbour_labels(queries: Rows, gallery: Rows, k: int, memory_bytes: float) -> np.ndarray:
-    """The labels of each query's ``k`` nearest gallery rows."""
-    out = np.zeros((queries.n, int(min(k, gallery.n))), dtype=np.int64)
-    for q0, _, rows in _search(queries, gallery, k, memory_bytes):
-        out[q0 : q0 + len(rows)] = gallery.labels[rows]
+def neighbour_labels(queries: Rows, gallery: Rows | None, k: int, memory_bytes: float, fn=None) -> np.ndarray:
+    """The labels of each query's ``k`` nearest gallery rows (``gallery`` None: the queries' other rows)."""
+    bank = queries if gallery is None else gallery
+    out = np.zeros((queries.n, int(min(k, bank.n - int(gallery is None)))), dtype=np.int64)
+    for q0, _, rows in _search(queries, gallery, k, memory_bytes, fn):
+        out[q0 : q0 + len(rows)] = bank.labels[rows]
     return out
+
+
+class Exact:
+    """The findings' searches over every row (:func:`near_pairs`, :func:`kth_similarity`,
+    :func:`neighbour_labels`), one split's rows against another's; the approximate counterpart is
+    :class:`tasks.quality.approximate.Projected`."""
+
+    method = "exact"
+
+    def __init__(self, rows: dict[str, Rows], k: int, memory_bytes: float):
+        self.rows, self.k, self.memory = rows, k, memory_bytes
+        self.fn = centred(rows["train"])  # one centring (the training mean) for every pair
+
+    def _gallery(self, query: str, gallery: str) -> Rows | None:
+        return None if query == gallery else self.rows[gallery]
+
+    def pairs(self, query: str, gallery: str, threshold: float) -> np.ndarray:
+        return near_pairs(self.rows[query], self._gallery(query, gallery), self.k, threshold, self.memory, self.fn)
+
+    def kth_similarity(self, split: str) -> np.ndarray:
+        return kth_similarity(self.rows[split], self.k, self.memory)
+
+    def neighbour_labels(self, query: str, gallery: str) -> np.ndarray:
+        return neighbour_labels(self.rows[query], self._gallery(query, gallery), self.k, self.memory, self.fn)

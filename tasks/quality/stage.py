@@ -24,7 +24,8 @@ from tasks.index.retrieval import Rows
 from tasks.machine import memory_budget
 from tasks.quality import label_issues as cl
 from tasks.quality.plan import QualityPlan, QualityResult, is_stored
-from tasks.quality.search import centred, kth_similarity, kth_similarity_in_class, near_pairs, neighbour_labels
+from tasks.quality.approximate import EXACT_ROWS, NPROBE, Projected
+from tasks.quality.search import Exact, kth_similarity_in_class
 from tasks.quality.sheets import draw
 
 log = logging.getLogger("transferpipe.quality")
@@ -45,10 +46,14 @@ def assess(plan: QualityPlan) -> QualityResult:
     rows = {s: Rows.stored(stored[s]) for s in splits}
     ids = {s: store.paths(plan.features[s], checked=True) for s in splits}
     findings: dict[str, Any] = {"classes": manifest.classes, "splits": {s: rows[s].n for s in splits}}
-    train = _held(store, plan, "train", rows["train"], budget)  # read once: the probe and the in-class outliers
-    findings["duplicates"] = _duplicates(plan, manifest, rows, ids, budget)
-    findings["label_issues"] = _label_issues(plan, train, manifest, rows, ids, budget)
-    findings["outliers"] = _outliers(plan, store, train, rows, ids, budget)
+    finder = _finder(plan, rows, budget)
+    findings["search"] = {"method": finder.method, **({"dims": plan.config.dims, "nprobe": NPROBE}
+                                                       if finder.method == "approximate" else {})}
+    # read once, for the probe and the in-class outliers; the approximate path never holds a split
+    train = None if finder.method == "approximate" else _held(store, plan, "train", rows["train"], budget)
+    findings["duplicates"] = _duplicates(plan, manifest, finder, ids)
+    findings["label_issues"] = _label_issues(plan, train, manifest, finder, ids)
+    findings["outliers"] = _outliers(plan, store, train, finder, ids, budget)
     leaked = {p["b"] for name, pairs in findings["duplicates"].items() if name.endswith("-test") for p in pairs}
     findings["leaked_test"] = sorted(leaked)
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
@@ -75,31 +80,46 @@ def summary(result: QualityResult) -> str:
             f"{sum(result.outliers.values())}")
 
 
-def _duplicates(plan: QualityPlan, manifest: Manifest, rows: dict[str, Rows], ids: dict[str, list[str]],
-                budget: float) -> dict[str, list[dict[str, Any]]]:
+def _finder(plan: QualityPlan, rows: dict[str, Rows], budget: float) -> Exact | Projected:
+    """The exact searches, or the projected ones for ``search: approximate`` (``auto``: a split above
+    :data:`EXACT_ROWS` rows)."""
+    cfg = plan.config
+    approximate = cfg.search == "approximate" or (cfg.search == "auto" and max(r.n for r in rows.values()) > EXACT_ROWS)
+    if approximate:
+        log.info("quality of %s: approximate searches (%d principal components, FAISS inverted lists)",
+                 plan.experiment, cfg.dims)
+        return Projected(rows, cfg.dims, cfg.neighbours, cfg.seed)
+    return Exact(rows, cfg.neighbours, budget)
+
+
+def _duplicates(plan: QualityPlan, manifest: Manifest, finder: Exact | Projected,
+                ids: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
     """Pairs at or above the threshold: within each split (``train``), and from each later split into each
     earlier one (``train-test``: ``a`` in train, ``b`` in test)."""
-    cfg, out, names = plan.config, {}, list(rows)
-    fn = centred(rows["train"])  # one centring (the training mean) for every pair
+    cfg, out, names = plan.config, {}, list(finder.rows)
     digest = functools.cache(lambda item: _digest(manifest, item))  # a file in several pairs is hashed once
     for i, later in enumerate(names):
         for earlier in names[: i + 1]:
             within = later == earlier
-            found = near_pairs(rows[later], None if within else rows[earlier], cfg.neighbours, cfg.duplicate_cosine,
-                               budget, fn)
+            found = finder.pairs(later, earlier, cfg.duplicate_cosine)
             pairs = []
             for q, g, cosine in found:
                 a, b = (ids[later][int(q)], ids[later][int(g)]) if within else (ids[earlier][int(g)], ids[later][int(q)])
-                exact = bool(cosine >= EXACT_COSINE) and digest(a) == digest(b)
+                exact = bool(cosine >= EXACT_COSINE) and digest(a) is not None and digest(a) == digest(b)
                 pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
             out[later if within else f"{earlier}-{later}"] = pairs
     return out
 
 
-def _digest(manifest: Manifest, item: str) -> str:
-    """sha256 of an item's encoded bytes, as its source opens them."""
-    with data_source(manifest.source).open(manifest.root, item, manifest.options) as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
+def _digest(manifest: Manifest, item: str) -> str | None:
+    """sha256 of an item's encoded bytes, as its source opens them (None when it can no longer be opened:
+    the pair is then not marked byte-identical)."""
+    try:
+        with data_source(manifest.source).open(manifest.root, item, manifest.options) as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, ValueError) as exc:  # ValueError: a source's DataError (a shard or table changed)
+        log.warning("quality: cannot read %s to compare its bytes (%s)", item, exc)
+        return None
 
 
 def _held(store: FeatureStore, plan: QualityPlan, split: str, r: Rows, budget: float) -> np.ndarray | None:
@@ -109,22 +129,24 @@ def _held(store: FeatureStore, plan: QualityPlan, split: str, r: Rows, budget: f
     return store.read(plan.features[split], [plan.config.layer]).features[plan.config.layer].astype(np.float32)
 
 
-def _label_issues(plan: QualityPlan, X: np.ndarray | None, manifest: Manifest, rows: dict[str, Rows],
-                  ids: dict[str, list[str]], budget: float) -> dict[str, dict[str, Any]]:
-    cfg, n_classes, out = plan.config, len(manifest.classes), {}
+def _label_issues(plan: QualityPlan, X: np.ndarray | None, manifest: Manifest, finder: Exact | Projected,
+                  ids: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Train: the probe and the kNN vote averaged (the vote alone when the training features exceed the memory
+    budget), then :func:`label_issues.low_self_confidence`; val/test: the vote of the nearest training images."""
+    cfg, n_classes, out, rows = plan.config, len(manifest.classes), {}, finder.rows
     train = rows["train"]
+    near = cl.VoteProbabilities(finder.neighbour_labels("train", "train"), train.labels, n_classes)
+    vote = f"the {cfg.neighbours} nearest other training images' vote"
+    how = "; the rows Confident Learning counts, lowest self-confidence first"
     if X is None:
-        out["train"] = {"flagged": [], "left_out": f"{train.n} x {train.dim} features exceed the memory budget"}
+        why = "approximate search" if finder.method == "approximate" else "features exceed the memory budget"
+        out["train"] = _flags(train.labels, near, ids["train"], f"{vote} (no probe: {train.n} x {train.dim} {why}){how}")
     else:
-        proba = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed)
-        flagged = np.flatnonzero(cl.confident_learning(train.labels, proba))
-        confidence = cl.self_confidence(train.labels, proba)
-        flagged = flagged[np.argsort(confidence[flagged], kind="stable")]
-        out["train"] = {"method": "confident learning on out-of-fold logistic probabilities", "flagged": [
-            {"id": ids["train"][i], "given": int(train.labels[i]), "predicted": int(proba[i].argmax()),
-             "self_confidence": round(float(confidence[i]), 6)} for i in flagged]}
+        probe = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed)
+        out["train"] = _flags(train.labels, (probe + near.rows(slice(None))) / 2, ids["train"],
+                              f"the mean of out-of-fold logistic probabilities ({cfg.folds} folds) and {vote}{how}")
     for split in (s for s in rows if s != "train"):
-        votes = neighbour_labels(rows[split], train, cfg.neighbours, budget)
+        votes = finder.neighbour_labels(split, "train")
         against, majority = cl.vote_disagreement(votes, rows[split].labels, n_classes)
         flagged = np.flatnonzero((majority != rows[split].labels) & (against > 0.5))
         flagged = flagged[np.argsort(-against[flagged], kind="stable")]
@@ -134,12 +156,21 @@ def _label_issues(plan: QualityPlan, X: np.ndarray | None, manifest: Manifest, r
     return out
 
 
-def _outliers(plan: QualityPlan, store: FeatureStore, train: np.ndarray | None, rows: dict[str, Rows],
+def _flags(labels: np.ndarray, proba: Any, ids: list[str], method: str) -> dict[str, Any]:
+    confidence, flagged = cl.self_confidence(labels, proba), cl.low_self_confidence(labels, proba)
+    guesses = cl.predicted(proba, flagged)
+    return {"method": method, "flagged": [
+        {"id": ids[i], "given": int(labels[i]), "predicted": int(guess),
+         "self_confidence": round(float(confidence[i]), 6)} for i, guess in zip(flagged, guesses)]}
+
+
+def _outliers(plan: QualityPlan, store: FeatureStore, train: np.ndarray | None, finder: Exact | Projected,
               ids: dict[str, list[str]], budget: float) -> dict[str, list[dict[str, Any]]]:
     cfg, out = plan.config, {}
-    for split, r in rows.items():
-        overall = 1.0 - kth_similarity(r, cfg.neighbours, budget)
-        X = train if split == "train" else _held(store, plan, split, r, budget)
+    for split, r in finder.rows.items():
+        overall = 1.0 - finder.kth_similarity(split)
+        held = finder.method == "exact" and split != "train"
+        X = _held(store, plan, split, r, budget) if held else train
         in_class = None if X is None else 1.0 - kth_similarity_in_class(X, r.labels, cfg.neighbours)
         top = np.argsort(-overall, kind="stable")[: cfg.top]
         out[split] = [{"id": ids[split][i], "label": int(r.labels[i]), "distance": round(float(overall[i]), 6),
