@@ -170,8 +170,11 @@ def _plan_evaluate(config: ExperimentConfig, graph: Graph) -> list[Work]:
     context = {
         "config": config.model_dump(mode="json"),
         "stages": {name: summarize(s.results) for name, s in graph.items() if s.results},
-        "keys": {"features": {s: f.key for s, f in split.items()}, "heads": {m.name: m.head_key for m in models},
-                 "finetune": tuning.plan.key if tuning else None},
+        "keys": {"features": {s: f.key for s, f in split.items()},
+                 "heads": {m.name if m.shot == "all" else f"{m.name} shot {m.shot} seed {m.seed}": m.head_key
+                           for m in models if m.head_key},
+                 "finetune": tuning.plan.key if tuning else None,
+                 "quality": graph["quality"].works[0].plan.key if "quality" in graph else None},
         "finetune_search": tried,
         "finetune_probe": kept,
     }

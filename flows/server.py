@@ -69,18 +69,31 @@ def _port_taken(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+#: flow runs a persistent server keeps (ended this many days ago or less); older ones are vacuumed
+RETENTION_DAYS = 30
+
+
+def vacuum_env(retention_days: float) -> dict[str, str]:
+    """Prefect's database vacuum for a long-lived home: every hour, flow runs that ended more than
+    ``retention_days`` ago are deleted with their task runs, logs and artifacts (and events after Prefect's 7
+    days). Results stay: they are files in $PREFECT_HOME/storage, and the stages' outputs are in the cache."""
+    return {"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(int(retention_days * 86400))}
+
+
 def start_server(home: Path | None = None, port: int | None = None, scheduler_loop_s: float | None = 2,
-                 log: Path | None = None) -> tuple[PrefectServer, subprocess.Popen]:
+                 log: Path | None = None, extra_env: dict[str, str] | None = None) -> tuple[PrefectServer, subprocess.Popen]:
     """Start a server in its own process session and wait until it is healthy.
 
     ``home``: its PREFECT_HOME (default: a new temporary folder); ``scheduler_loop_s``:
-    how often its scheduler creates runs (None: Prefect's default, 60 s).
+    how often its scheduler creates runs (None: Prefect's default, 60 s); ``extra_env``: settings of the
+    server process (:func:`vacuum_env`).
     """
     home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="transferpipe-server-"))
     home.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=home, log=log or home / "server.log")
-    env = server.env()
+    env = server.env(**(extra_env or {}))
     env.pop("PREFECT_API_URL")
     if scheduler_loop_s is not None:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_s)
@@ -148,15 +161,19 @@ def remembered() -> PrefectServer | None:
     return server if server.healthy(timeout=1) else None
 
 
-def start_persistent(port: int = DEFAULT_PORT) -> tuple[PrefectServer, bool]:
-    """The persistent local server: the running one, or a new one on ``port``; True when it was started now."""
+def start_persistent(port: int = DEFAULT_PORT, retention_days: float = RETENTION_DAYS) -> tuple[PrefectServer, bool]:
+    """The persistent local server: the running one, or a new one on ``port`` with the database vacuum on
+    (:func:`vacuum_env`); True when it was started now."""
     running = remembered()
     if running:
         return running, False
     if _port_taken(port):
         raise ValueError(f"port {port} on 127.0.0.1 is taken by another program; choose one with --port")
     home = prefect_home()
-    server, _ = start_server(home, port, scheduler_loop_s=None, log=home / "transferpipe-server.log")
+    if retention_days < 1 / 24:
+        raise ValueError(f"--retention-days {retention_days}: Prefect keeps flow runs at least an hour (0.05 days)")
+    server, _ = start_server(home, port, scheduler_loop_s=None, log=home / "transferpipe-server.log",
+                             extra_env=vacuum_env(retention_days))
     _state_path().write_text(json.dumps({**asdict(server), "home": str(home), "log": str(server.log)}))
     return server, True
 

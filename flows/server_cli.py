@@ -7,6 +7,7 @@ import typer
 
 from flows.console import friendly_errors, out
 from flows.defaults import DEFAULT_PORT
+from flows.server import RETENTION_DAYS
 
 app = typer.Typer(no_args_is_help=True, help=(
     "A persistent local Prefect server (127.0.0.1, SQLite in $PREFECT_HOME) that later commands reuse: "
@@ -15,13 +16,22 @@ app = typer.Typer(no_args_is_help=True, help=(
 
 @app.command("start")
 @friendly_errors
-def server_start(port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = DEFAULT_PORT) -> None:
+def server_start(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = DEFAULT_PORT,
+    retention_days: Annotated[float, typer.Option(
+        "--retention-days", help="Flow runs (with their logs and artifacts) that ended longer ago are deleted "
+                                 "hourly by Prefect's database vacuum; results and the cache stay.")] = RETENTION_DAYS,
+) -> None:
     """Start the local server in the background (or say where the running one is); commands then use it."""
     from flows.server import start_persistent
 
-    server, started = start_persistent(port)
-    out.print(f"{'started' if started else 'already running'}: {server.url} (UI {server.url.removesuffix('/api')}, "
-              f"log {server.log}); commands use it until `transferpipe server stop`", highlight=False)
+    server, started = start_persistent(port, retention_days)
+    out.print(f"{'started' if started else 'already running'}: {server.url} (log {server.log}); commands use it "
+              "until `transferpipe server stop`", highlight=False)
+    out.print(f"UI: {server.url.removesuffix('/api')} (runs, their logs, the report artifacts)", highlight=False)
+    if started:
+        out.print(f"database vacuum: flow runs that ended over {retention_days:g} days ago are deleted hourly with "
+                  "their logs and artifacts (events after 7 days); cached results stay", highlight=False)
 
 
 @app.command("status")

@@ -55,9 +55,14 @@ def test_the_local_server_starts_is_reused_by_later_commands_and_stops(tiny_conf
         return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=1800)
 
-    started = cli("server", "start", "--port", str(port))
+    started = cli("server", "start", "--port", str(port), "--retention-days", "14")
     try:
         assert started.returncode == 0 and f"started: http://127.0.0.1:{port}/api" in started.stdout, started
+        assert f"UI: http://127.0.0.1:{port} " in started.stdout and "over 14 days ago" in started.stdout
+        settings = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=tmp_path / "home",
+                                 log=tmp_path / "log").api("GET", "/admin/settings")
+        vacuum = settings["server"]["services"]["db_vacuum"]  # what the running server itself was given
+        assert set(vacuum["enabled"]) == {"events", "flow_runs"} and vacuum["retention_period"] == "P14D"  # ISO 8601
         again = cli("server", "start", "--port", str(port))
         assert "already running" in again.stdout
         status = cli("server", "status")

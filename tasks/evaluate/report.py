@@ -251,11 +251,24 @@ def report_markdown(ranked: list[ModelReport], context: dict[str, Any], plots: d
         lines += [f"| {t['settings']} | {t.get('best_epoch', '-')} | "
                   + (f"{t['best_val_accuracy']:.4f}" if "best_val_accuracy" in t else "-")
                   + f" | {t.get('train_seconds', 0.0):.1f} | {'chosen' if t['chosen'] else ''} |" for t in tried]
+    lines += lineage_markdown(context.get("keys") or {})
     timings = context.get("stages", {})
     if timings:
         lines += ["", "## Stages", "", "| stage | seconds | cache |", "|---|---|---|"]
         lines += [f"| {k} | {v['seconds']:.1f} | {'hit' if v['cache_hit'] else 'computed'} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def lineage_markdown(keys: dict[str, Any]) -> list[str]:
+    """Which cached artifacts this evaluation read: each split's feature key, each head's fit key, the
+    fine-tuning run, the quality findings (``transferpipe cache ls`` and ``cache rm`` take these keys)."""
+    if not keys:
+        return []
+    lines = ["", "## Lineage (cache keys: `transferpipe cache ls`)", "", "| artifact | key |", "|---|---|"]
+    lines += [f"| features: {split} | `{key}` |" for split, key in (keys.get("features") or {}).items()]
+    lines += [f"| head: {name} | `{key}` |" for name, key in (keys.get("heads") or {}).items() if key]
+    lines += [f"| {what} | `{keys[what]}` |" for what in ("finetune", "quality", "evaluation") if keys.get(what)]
+    return lines
 
 
 def retrieval_markdown(found: dict[str, Any] | None) -> list[str]:
