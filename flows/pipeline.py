@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows import graph, nodes
-from flows.publish import publish_report
+from flows.publish import publish_quality, publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
 from tasks.evaluate.plan import EvalResult, ModelReport
@@ -64,6 +64,8 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     evaluation = results["evaluate"][0] if "evaluate" in results else None
     if evaluation is not None:
         publish_report(config.name, evaluation)
+    if results.get("quality"):
+        publish_quality(config.name, results["quality"][0])
     return PipelineResult(experiment=config.name, features=nodes.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
                           exports=results.get("export", []), index=(results.get("index") or [None])[0],

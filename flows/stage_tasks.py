@@ -22,11 +22,14 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
+from flows.device_slots import guarded
 from storage.keys import fingerprint
 from tasks.evaluate.stage import evaluate
 from tasks.export.stage import export_split
-from tasks.extract.groups import extract_group, join_group
+from tasks.extract import plan as extract_plan
+from tasks.extract.groups import extract_group, join_group, worker_device
 from tasks.extract.stage import extract_split
+from tasks.finetune import plan as finetune_plan
 from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
 from tasks.index.stage import build_index
@@ -72,11 +75,15 @@ def stage_task(name: str, stage: Callable[[Any], Any]) -> Task:
     return task(stage, name=name, **STAGE_TASK_OPTIONS)
 
 
-extract_split_task = stage_task("extract-split", extract_split)
-extract_pieces_task = stage_task("extract-pieces", extract_group)
+# the backbone's passes hold their GPU's slot (flows/device_slots.py): one job per GPU across runs
+extract_split_task = stage_task("extract-split", guarded(extract_split, lambda p: p.extract.device,
+                                                         extract_plan.is_stored, "extract"))
+extract_pieces_task = stage_task("extract-pieces", guarded(
+    extract_group, lambda g: worker_device(g.split).extract.device, lambda g: False, "extract pieces"))
 join_pieces_task = stage_task("join-pieces", join_group)
 train_head_task = stage_task("train-head", train_head)
-finetune_task = stage_task("finetune", finetune)
+finetune_task = stage_task("finetune", guarded(finetune, lambda p: p.finetune.device, finetune_plan.is_stored,
+                                              "finetune"))
 evaluate_task = stage_task("evaluate", evaluate)
 score_task = stage_task("score-candidate", score_candidate)
 export_task = stage_task("export", export_split)

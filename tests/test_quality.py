@@ -166,6 +166,11 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
         first = pipeline_flow(cfg, stop_after="quality").quality
         again = pipeline_flow(cfg, stop_after="quality").quality
         run = pipeline_flow(cfg)  # the evaluation scores the test split with and without its leaked images
+        from prefect.artifacts import Artifact
+
+        published = Artifact.get("tiny-quality")  # the report on the run's page, its contact sheets inline
+    assert published is not None and "## Label issues" in published.data
+    assert "data:image/png;base64," in published.data and "](duplicates.png)" not in published.data
     findings = json.loads((first.folder / "findings.json").read_text())
     assert findings["search"]["method"] == search
     leak = {"a": "train/class0/003.png", "b": "test/class0/leak.png"}
@@ -224,3 +229,13 @@ def test_quality_exclude_trains_cleaned_heads_and_reports_the_paired_gain(tiny_c
     assert rows["probe-cleaned"]["cleaning_gain_lo"] <= rows["probe-cleaned"]["cleaning_gain"] <= rows["probe-cleaned"]["cleaning_gain_hi"]
     assert rows["probe"]["label_issues"] == flagged and rows["probe"]["quality_key"] == run.quality.key
     assert rows["probe"]["cleaning_gain"] is None and rows["probe-cleaned"]["excluded_rows"] == flagged
+
+
+def test_contact_sheets_are_inlined_in_the_artifact_up_to_a_size(tmp_path):
+    from flows import publish
+
+    (tmp_path / "small.png").write_bytes(b"\x89PNG small")
+    (tmp_path / "big.png").write_bytes(b"0" * (publish.INLINE_BYTES + 1))
+    text = publish.with_pictures_inline("![a](small.png) ![b](big.png) ![c](gone.png) ![d](../up.png)", tmp_path)
+    assert text.startswith("![a](data:image/png;base64,") and "![b](big.png)" in text
+    assert "![c](gone.png)" in text and "![d](../up.png)" in text

@@ -50,7 +50,7 @@ def plan_groups(plan: SplitPlan, count: int) -> list[PieceGroup]:
 
 def extract_group(group: PieceGroup) -> ExtractResult:
     """One worker's pieces (on a machine with several GPUs, worker N uses GPU N mod count)."""
-    return extract_pieces(_worker_device(group.split), group.pieces)
+    return extract_pieces(worker_device(group.split), group.pieces)
 
 
 def join_group(plan: SplitPlan) -> ExtractResult:
@@ -62,7 +62,7 @@ def join_group(plan: SplitPlan) -> ExtractResult:
     return reuse(plan, store, path, started, plan.key, hit=False)
 
 
-def _worker_device(plan: SplitPlan) -> SplitPlan:
+def worker_device(plan: SplitPlan) -> SplitPlan:
     """On a Dask worker of a machine with several GPUs, worker N uses GPU N mod count.
 
     (Workers started one per GPU with their own CUDA_VISIBLE_DEVICES, as dask-cuda
