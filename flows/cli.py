@@ -133,6 +133,8 @@ def serve(
     timezone: Annotated[Optional[str], typer.Option("--timezone", help="Schedule time zone, e.g. Europe/Berlin (UTC).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Deployment name (default: the experiment name).")] = None,
     paused: Annotated[bool, typer.Option("--paused", help="Register the schedule paused.")] = False,
+    on_data_change: Annotated[bool, typer.Option(
+        "--on-data-change", help="Also run when `transferpipe watch` announces new data for this config.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Deploy the pipeline on a Prefect server with a schedule and run its flow runs until Ctrl-C.
@@ -143,7 +145,26 @@ def serve(
     from flows.serve import serve as serve_config
 
     serve_config(config, name=name, cron=cron, interval=interval, timezone=timezone, cache_dir=cache_dir,
-                 paused=paused)
+                 paused=paused, on_data_change=on_data_change)
+
+
+@app.command()
+@friendly_errors
+def watch(
+    config: ConfigArg,
+    every: Annotated[float, typer.Option("--every", min=0.1, help="Seconds between looks at the data.")] = 10.0,
+    quiet: Annotated[float, typer.Option("--quiet", min=0, help="Seconds the data must stay unchanged before a "
+                                                                 "change is announced (one event per burst).")] = 30.0,
+) -> None:
+    """Announce new, removed or changed data files as a Prefect event (transferpipe.data.changed) until Ctrl-C;
+    a deployment served with --on-data-change runs on each. Needs a server (PREFECT_API_URL)."""
+    from flows.config import load_config
+    from flows.serve import require_server
+    from flows.watch import emit, watch as watch_data
+
+    cfg = load_config(config)
+    require_server("transferpipe watch needs a Prefect server (its events start the served deployment's runs)")
+    watch_data(cfg, every, quiet, emit(cfg))
 
 
 @app.command()

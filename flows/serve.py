@@ -76,12 +76,12 @@ def schedules(cron: list[str], interval: list[float], timezone: str | None = Non
     return out
 
 
-def require_server() -> str:
+def require_server(why: str = "transferpipe serve needs a Prefect server (ephemeral mode cannot schedule runs)") -> str:
     """The Prefect API URL; schedules cannot live in ephemeral mode, so without one this says how to start one."""
     url = os.environ.get("PREFECT_API_URL") or _configured_url()
     if not url:
         raise ConfigError(
-            "transferpipe serve needs a Prefect server (ephemeral mode cannot schedule runs): start one with "
+            f"{why}: start one with "
             f"`transferpipe server start` (or `prefect server start` and PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api)"
         )
     return url
@@ -95,9 +95,10 @@ def _configured_url() -> str | None:
 
 def serve(
     config: Path, *, name: str | None = None, cron: list[str] = (), interval: list[float] = (),
-    timezone: str | None = None, cache_dir: Path | None = None, paused: bool = False,
+    timezone: str | None = None, cache_dir: Path | None = None, paused: bool = False, on_data_change: bool = False,
 ) -> None:
-    """Register ``pipeline-from-config/<name>`` with its schedules and run its flow runs until interrupted."""
+    """Register ``pipeline-from-config/<name>`` with its schedules (and with ``on_data_change`` a trigger on
+    ``transferpipe watch``'s events, flows/watch.py) and run its flow runs until interrupted."""
     from prefect.deployments.runner import EntrypointType
 
     cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
@@ -109,8 +110,11 @@ def serve(
     if cache_dir is not None:
         parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
     os.environ[SERVED_ENV] = json.dumps({"config": parameters["config"], "cache_dir": parameters.get("cache_dir")})
+    from flows.watch import trigger
+
     pipeline_from_config.serve(
         name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
+        triggers=[trigger(cfg)] if on_data_change else None,
         description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

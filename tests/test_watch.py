@@ -1,0 +1,128 @@
+"""New data in, a run out: ``transferpipe watch`` announces changes once the data is quiet, and a deployment
+served with ``--on-data-change`` runs on the event (against a real ``prefect server`` on loopback)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_image, make_imagefolder, write_config
+
+from flows import watch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Scripted:
+    """A clock and a sleep for :func:`flows.watch.watch`: each poll advances the clock and runs that poll's
+    action (a file dropped), so the debounce is checked without real waiting."""
+
+    def __init__(self, actions: dict[int, callable]):
+        self.now, self.poll, self.actions = 0.0, 0, actions
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.poll += 1
+        if self.poll in self.actions:
+            self.actions[self.poll]()
+
+
+def test_a_burst_of_new_files_is_one_announcement_after_the_quiet_period(tiny_config, tmp_path):
+    root = make_imagefolder(tmp_path / "data", n_per_class=2)
+    cfg = tiny_config(data={"root": str(root)})
+    drop = lambda name: lambda: make_image(root / "class0" / name, 0, 7)  # noqa: E731
+    script = Scripted({2: drop("a.png"), 3: drop("b.png"), 4: drop("c.png"),  # a burst, one poll apart
+                       12: lambda: (root / "class1" / "000.png").unlink()})
+    said = []
+    n = watch.watch(cfg, every=1, quiet=3, announce=said.append, polls=20, clock=script.clock, sleep=script.sleep)
+    assert n == 2 and [s["added_count"] for s in said] == [3, 0] and [s["removed_count"] for s in said] == [0, 1]
+    assert [Path(p).name for p in said[0]["added"]] == ["a.png", "b.png", "c.png"]
+    assert said[0]["experiment"] == cfg.name and said[1]["removed"] == [str(root / "class1" / "000.png")]
+    (root / "class0" / "partial.png.tmp").write_bytes(b"x")  # a writer in progress is not data yet
+    (root / ".hidden").write_bytes(b"x")
+    assert watch.snapshot(watch.watched(cfg)).keys() == watch.snapshot([root]).keys()
+    assert not any(p.endswith((".tmp", ".hidden")) for p in watch.snapshot([root]))
+
+
+def test_watch_refuses_without_a_server(tiny_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config = write_config(tiny_config(), tmp_path / "tiny.yaml")
+    refused = CliRunner().invoke(app, ["watch", str(config)], env={"PREFECT_API_URL": ""})
+    assert refused.exit_code == 2 and "transferpipe watch needs a Prefect server" in refused.output
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(prefect_server, tiny_config, tmp_path):
+    from storage import results as registry
+
+    root = make_imagefolder(tmp_path / "data", n_per_class=8, splits=("train", "test"))
+    cfg = tiny_config(data={"root": str(root)}, extract={"piece_size": 4}, heads=[{"kind": "knn", "k": [1]}])
+    config = write_config(cfg, tmp_path / "tiny.yaml")
+    env = prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2")
+    first = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=REPO, env=env, text=True,
+                           capture_output=True, timeout=1800)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {r["run_key"] for r in registry.query(cfg.cache_dir)}
+    pieces = lambda: set(cfg.cache_dir.rglob("pieces/*.h5"))  # noqa: E731 - every extracted piece's file
+    extracted = pieces()
+    logs = [tmp_path / "serve.log", tmp_path / "watch.log"]
+    served = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(config), "--name", "on-data",
+                               "--on-data-change"], cwd=REPO, env=env, stdout=logs[0].open("wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    watching = None
+    try:
+        from test_serve import _deployment_runs, _flow_run, _wait
+
+        def deployment():
+            try:
+                return prefect_server.api("GET", "/deployments/name/pipeline-from-config/on-data")
+            except Exception:  # noqa: BLE001 - not registered yet
+                return None
+
+        dep = _wait("the deployment to be registered", deployment, 1800, logs)
+        assert not dep["schedules"]
+
+        def automation():  # the trigger lives on the server as an automation that runs the deployment
+            return [a for a in prefect_server.api("POST", "/automations/filter", json={})
+                    if any(act.get("deployment_id") == dep["id"] for act in a["actions"])]
+
+        (auto,) = _wait("the deployment's trigger", automation, 1800, logs)
+        assert auto["trigger"]["expect"] == [watch.EVENT]
+        assert auto["trigger"]["match"] == {"prefect.resource.id": watch.resource_id(cfg.name)}
+        watching = subprocess.Popen([sys.executable, "-m", "flows.cli", "watch", str(config), "--every", "0.5",
+                                     "--quiet", "2"], cwd=REPO, env=env, stdout=logs[1].open("wb"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        _wait("the watcher to start", lambda: "watching" in logs[1].read_text(), 1800, logs)
+        shutil.copy2(root / "train/class1/003.png", root / "train/class0/new.png")  # new data lands
+        runs = _wait("a run started by the event", lambda: _deployment_runs(prefect_server, dep["id"], False), 1800,
+                     logs)
+
+        def finished():
+            state = _flow_run(prefect_server, runs[0]["id"])["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait("the triggered run to finish", finished, 1800, logs)
+        assert state["type"] == "COMPLETED", f"{state}\n{logs[0].read_text()[-4000:]}"
+        assert "event transferpipe.data.changed sent" in logs[1].read_text()
+        assert len(pieces() - extracted) == 1  # only the piece holding the new image was extracted
+        assert {r["run_key"] for r in registry.query(cfg.cache_dir)} - before  # a new evaluation in the registry
+        assert len(_deployment_runs(prefect_server, dep["id"], False)) == 1  # one event, one run
+    finally:
+        for proc in (p for p in (watching, served) if p is not None):
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
