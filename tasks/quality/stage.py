@@ -2,9 +2,11 @@
 files, written as ``findings.json``, ``quality.md`` and one contact sheet per finding under
 ``quality/<key>/`` (a cached stage: the same features and settings are a hit).
 
-Near-duplicates and outliers stream each split's features in chunks (memory flat in the number of images,
-beyond the gallery's chunks); the label probe on the training split holds its features in memory (float32)
-and is left out, said in the findings, above the memory budget (tasks.machine.memory_budget).
+The searches are exact (tasks.quality.search.Exact: every split streamed in chunks against the others) up to
+50,000 rows a split, approximate above (tasks.quality.approximate.Projected: principal components and FAISS
+inverted lists, near-duplicates re-scored exactly); ``quality.search`` forces either. The label probe on
+the training split holds its features in memory (float32): it runs on the exact path within the memory
+budget (tasks.machine.memory_budget); elsewhere the kNN vote alone scores the labels, said in the findings.
 """
 from __future__ import annotations
 
