@@ -12,6 +12,7 @@ Every stage task gets the same treatment:
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import ExperimentConfig
 from flows.device_slots import guarded
 from storage.keys import fingerprint
+from storage.layout import CacheLayout
 from tasks.evaluate.stage import evaluate
 from tasks.export.stage import export_split
 from tasks.extract import plan as extract_plan
@@ -92,10 +94,34 @@ quality_task = stage_task("quality", assess)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:
-    """The task with this run's name, the config's retries, and a forced recompute when the store lacks its output."""
+    """The task with this run's name, the config's retries, a forced recompute when the store lacks its output,
+    and its result record kept in the cache folder (:func:`records_storage`)."""
     retries, delay = config.retries, config.retry_delay_s
     delays = exponential_backoff(backoff_factor=delay)(retries) if retries and delay else 0
-    return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored)
+    return task.with_options(task_run_name=name, retries=retries, retry_delay_seconds=delays, refresh_cache=not stored,
+                             result_storage=records_storage(config.cache_dir))
+
+
+def records_storage(cache_dir: Path) -> Any:
+    """Prefect's result storage for the stages of one cache: ``<cache>/prefect-records/``, not
+    ``$PREFECT_HOME/storage``, so a hit recorded by one machine or Prefect home (a Dask worker elsewhere, a
+    served deployment, a laptop) is seen by every other that shares the cache folder. A ``local-file-system``
+    block named ``transferpipe-records-<hash of the folder>``, saved on the server in use (Prefect resolves
+    result storage there), once per process, server and home."""
+    from prefect.settings import get_current_settings
+
+    folder = str(Path(cache_dir).expanduser().resolve())
+    settings = get_current_settings()
+    return _saved_storage(folder, str(settings.api.url), str(settings.home))
+
+
+@functools.lru_cache(maxsize=32)
+def _saved_storage(folder: str, api: str, home: str) -> Any:
+    from prefect.filesystems import LocalFileSystem
+
+    block = LocalFileSystem(basepath=str(CacheLayout(folder).prefect_records()))
+    block.save(f"transferpipe-records-{fingerprint(folder)[:16]}", overwrite=True)
+    return block
 
 
 class StageFailed(RuntimeError):

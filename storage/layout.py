@@ -145,3 +145,8 @@ class CacheLayout:
 
     def registry(self) -> Path:
         return self.root / "results.sqlite"
+
+    def prefect_records(self) -> Path:
+        """Prefect's result records of the stage tasks (JSON, keyed by the tasks' cache keys): beside the cache
+        they describe, so every machine and Prefect home sharing the cache sees the same hits."""
+        return self.root / "prefect-records"

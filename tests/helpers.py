@@ -1,10 +1,12 @@
 """Helpers the tests share (fixtures live in conftest.py): synthetic images, configs on disk, corruption."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from PIL import Image
 
 from storage.features import FeatureStore
@@ -190,3 +192,24 @@ def store_split(cache: Path, name: str, n: int, seed: int, block: int = 500) -> 
     FeatureStore(cache).write(key, ({"penultimate": X[i : i + block]} for i in range(0, n, block)), y,
                               classes=[f"c{i}" for i in range(CLASSES)], dims={"penultimate": DIM}, spec=spec)
     return key
+
+
+# against a real Prefect server (test_serve, test_watch)
+def wait(what: str, check, timeout: float, logs: list[Path] = ()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    tails = "\n".join(f"--- {p}:\n{p.read_text()[-4000:]}" for p in logs if p.exists())
+    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
+
+
+def flow_run(server, run_id: str) -> dict:
+    return server.api("GET", f"/flow_runs/{run_id}")
+
+
+def deployment_runs(server, deployment_id: str, auto_scheduled: bool) -> list[dict]:
+    runs = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+    return [r for r in runs if r["auto_scheduled"] == auto_scheduled]

@@ -274,14 +274,13 @@ def test_a_prefect_record_naming_a_result_class_that_moved_is_run_past_not_a_cra
     """Prefect's JSON records name the result's class (``tasks.extract.ExtractResult`` before tasks/ became
     packages); a record whose class no longer imports read back as a dict, and the run died on
     ``'dict' object has no attribute 'cached'``. Now the stage runs past it, reusing its store."""
-    from prefect.settings import get_current_settings
-
     from storage.keys import fingerprint
+    from storage.layout import CacheLayout
 
     cfg = tiny_config(heads=[{"kind": "knn", "k": [1]}])
     with local_run_settings():
         first = pipeline_flow(cfg, stop_after="heads")
-        storage = get_current_settings().results.local_storage_path
+        storage = CacheLayout(cfg.cache_dir).prefect_records()  # the stages' records live beside their cache
         moved, mine = 0, fingerprint(str(cfg.cache_dir.resolve()))[:16]  # this cache's records (their key's end)
         for record in storage.glob(f"*-{mine}"):
             stored = json.loads(record.read_text())
@@ -295,3 +294,33 @@ def test_a_prefect_record_naming_a_result_class_that_moved_is_run_past_not_a_cra
     assert {s: r.key for s, r in again.features.items()} == {s: r.key for s, r in first.features.items()}
     assert all(r.cache_hit for r in again.features.values()) and all(h.cache_hit for h in again.heads)
     assert [rec.key for h in again.heads for rec in h.records] == [rec.key for h in first.heads for rec in h.records]
+
+
+@pytest.mark.slow
+def test_a_hit_recorded_under_one_prefect_home_is_a_hit_under_another(tiny_config, tmp_path):
+    """Prefect's result records live in the cache folder: two machines (here two Prefect homes, each its
+    own ephemeral server and database) sharing a cache see each other's hits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import write_config
+
+    cfg = tiny_config(heads=[{"kind": "knn", "k": [1]}])
+    config = write_config(cfg, tmp_path / "tiny.yaml")
+
+    def run(home: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(tmp_path / home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], env=env, text=True,
+                              capture_output=True, timeout=1800, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    first, second = run("home-a"), run("home-b")
+    stages = ("extract-resnet18-train", "head-knn-penultimate", "evaluate-tiny")
+    assert not any(f"'{s}' - Finished in state Cached" in first for s in stages)
+    assert all(f"'{s}' - Finished in state Cached" in second for s in stages), second[-4000:]
+    assert any((cfg.cache_dir / "prefect-records").iterdir())
+    assert not (tmp_path / "home-a" / "storage").exists() or not any((tmp_path / "home-a" / "storage").iterdir())

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import deployment_runs as _deployment_runs
+from helpers import flow_run as _flow_run
+from helpers import wait as _wait
 from helpers import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -22,21 +25,6 @@ def _cli(server, *args: str, timeout: float = 1800, **env: str) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
-def _wait(what: str, check, timeout: float, logs: list[Path] = ()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {p}:\n{p.read_text()[-4000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
-
-
-def _flow_run(server, run_id: str) -> dict:
-    return server.api("GET", f"/flow_runs/{run_id}")
-
-
 def _task_runs(server, run_id: str) -> list[dict]:
     """Task runs of a flow run and of its subflow runs, at any depth."""
     ids, frontier = [run_id], [run_id]
@@ -45,11 +33,6 @@ def _task_runs(server, run_id: str) -> list[dict]:
         frontier = [f["id"] for f in children]
         ids += frontier
     return server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": ids}}})
-
-
-def _deployment_runs(server, deployment_id: str, auto_scheduled: bool) -> list[dict]:
-    runs = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
-    return [r for r in runs if r["auto_scheduled"] == auto_scheduled]
 
 
 def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tiny_config, tmp_path):

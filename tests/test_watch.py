@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import deployment_runs as _deployment_runs
+from helpers import flow_run as _flow_run
 from helpers import make_image, make_imagefolder, write_config
+from helpers import wait as _wait
 
 from flows import watch
 
@@ -82,8 +85,6 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
                               stderr=subprocess.STDOUT, start_new_session=True)
     watching = None
     try:
-        from test_serve import _deployment_runs, _flow_run, _wait
-
         def deployment():
             try:
                 return prefect_server.api("GET", "/deployments/name/pipeline-from-config/on-data")
