@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from storage.features import FeatureStore
-from helpers import split_plans
+from helpers import split_plans, write_config
 from tasks.extract.stage import extract_split
 from tasks.extract.groups import plan_groups
 
@@ -80,3 +80,71 @@ def test_a_two_worker_local_cluster_extracts_the_same_features_and_heads_read_th
     runs = prefect_server.api("POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "extract-resnet18-train-pieces"}}})
     assert sorted(r["name"].removeprefix("extract-resnet18-train-") for r in runs) == [
         "pieces1of2", "pieces1of3", "pieces2of2", "pieces2of3", "pieces3of3"]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_two_dask_workers_with_their_own_prefect_homes_share_one_cache(prefect_server, tiny_config, tmp_path):
+    """Two machines in miniature: a scheduler and two worker processes, each worker with its own PREFECT_HOME,
+    one cache folder. Every piece is extracted once, the records land in the cache (not in a worker's home),
+    and a flow run from a third home finds every piece cached."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import pipeline_flow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = Path(sys.executable).with_name("dask")
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=prefect_server.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for i in range(2):
+        env = prefect_server.env()
+        env["PREFECT_HOME"] = str(tmp_path / f"home-{i}")
+        procs.append(subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--no-dashboard",
+                                       "--name", f"machine-{i}"], env=env, cwd=Path(__file__).resolve().parents[1],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        with Client(address, timeout=600) as client:
+            client.wait_for_workers(2, timeout=600)
+        pieces = {"piece_size": 2}
+        single = tiny_config(extract=pieces)
+        shared = tiny_config(extract=pieces, cache_dir=str(tmp_path / "shared"), dask={"address": address, "shards": 4})
+        with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+            expected = pipeline_flow(single, stop_after="extract").features
+            got = pipeline_flow(shared, stop_after="extract").features
+        for split, result in expected.items():
+            a = FeatureStore(single.cache_dir).read(result.key)
+            b = FeatureStore(shared.cache_dir).read(got[split].key)
+            same_to_float16_rounding(a.features["penultimate"], b.features["penultimate"])
+            assert a.paths == b.paths
+            assert got[split].forward_batches == result.forward_batches  # each piece once, none twice
+        records = {p.name for p in (shared.cache_dir / "prefect-records").iterdir()}
+        assert any(name.startswith("extract-pieces-") for name in records)  # written by the workers
+        for i in range(2):
+            assert not list((tmp_path / f"home-{i}").glob("storage/extract-pieces-*"))
+        config = write_config(shared, tmp_path / "shared.yaml")
+        third = subprocess.run([sys.executable, "-c", THIRD, str(config)], capture_output=True, text=True, timeout=1800,
+                               env={**prefect_server.env(), "PREFECT_HOME": str(tmp_path / "home-2")},
+                               cwd=Path(__file__).resolve().parents[1])
+        assert third.returncode == 0 and third.stdout.split()[-1] == "0", third.stderr[-3000:]  # no forward pass
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=120)
+
+
+THIRD = """
+import sys
+from flows.config import load_config
+from flows.pipeline import pipeline_flow
+ran = pipeline_flow(load_config(sys.argv[1]), stop_after="extract")
+print(sum(r.forward_batches for r in ran.features.values()))
+"""
