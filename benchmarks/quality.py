@@ -16,7 +16,7 @@ training labels), each size in its own process: seconds and peak RSS, also as ra
 how many planted copies and flips were found. ``--scale imagenet``: 1,281,167 x 2048 train and 50,000 test
 rows (5.4 GB on disk; ``$TRANSFERPIPE_BENCH_DIR`` picks the disk). ``--search exact`` forces the exact path.
 
-    python -m benchmarks.quality [--dups 60] [--flips 60] [--imagenet] [--quick]
+    python -m benchmarks.quality [--dups 60] [--flips 60] [--imagenet] [--quick] [--clean]
     python -m benchmarks.quality --scale 10000,100000,1000000 [--dim 512] [--search auto|exact|approximate]
     python -m benchmarks.quality --scale 10000,imagenet
 """
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=60)
     parser.add_argument("--imagenet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few planted images, to check the code path")
+    parser.add_argument("--clean", action="store_true", help="then train a logistic probe with and without the "
+                                                             "flagged rows (quality.exclude): the paired gain")
     parser.add_argument("--scale", help="comma-separated train row counts (or imagenet: 1,281,167 x 2048 and "
                                             "50,000 test rows): the whole stage on planted synthetic features")
     parser.add_argument("--dim", type=int, default=512)
@@ -135,6 +137,28 @@ def main() -> None:
         _threshold(cfg, ran, pairs)
         print(f"seconds: quality stage {ran.quality.seconds:.1f}, whole run {total:.1f} "
               f"(quality / extraction = {ran.quality.seconds / max(ran.stages['extract']['seconds'], 1e-9):.2f})")
+        if args.clean:
+            _cleaning(cfg, flipped, found)
+
+
+def _cleaning(cfg, flipped: set[str], found: dict) -> None:
+    """quality.exclude on the planted set: a logistic probe on every row and one without the flagged rows."""
+    from flows.config import parse_config
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+    from tasks.evaluate.report import cleaning
+
+    raw = cfg.model_dump(mode="json", exclude_none=True)
+    cleaned = parse_config({**raw, "quality": {**raw["quality"], "exclude": True},
+                            "heads": [{"kind": "logistic", "name": "probe"}]})
+    with local_run_settings():
+        ran = pipeline_flow(cleaned)
+    flags = {f["id"] for f in found["label_issues"]["train"]["flagged"]}
+    for c in cleaning(ran.models):
+        print(f"cleaning: {c['model']} left out {c['excluded_rows']} rows ({len(flags & flipped)} of them planted "
+              f"flips): test top-1 {c['top1']:.4f} vs {c['base_top1']:.4f} on every row, gain "
+              f"{100 * c['gain']:+.2f} pts (95% paired interval {100 * c['gain_lo']:+.2f} to {100 * c['gain_hi']:+.2f})")
+
 
 
 def _threshold(cfg, ran, pairs) -> None:
