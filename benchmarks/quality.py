@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=60)
     parser.add_argument("--imagenet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few planted images, to check the code path")
+    parser.add_argument("--pixels", action="store_true", help="also compare pixel hashes (quality.pixels)")
     parser.add_argument("--clean", action="store_true", help="then train a logistic probe with and without the "
                                                              "flagged rows (quality.exclude): the paired gain")
     parser.add_argument("--scale", help="comma-separated train row counts (or imagenet: 1,281,167 x 2048 and "
@@ -113,7 +114,7 @@ def main() -> None:
             backbone = {"name": "resnet18", "weights": "none", "preprocess": {"resize": 32, "crop": 32}}
         cfg = parse_config({"name": "planted", "data": {"source": "imagefolder", "root": str(data)},
                             "backbone": backbone, "extract": {"batch_size": 64, "num_workers": 0, "dtype": "float32"},
-                            "quality": {}, "cache_dir": str(root / "cache"), "retries": 0})
+                            "quality": {"pixels": args.pixels}, "cache_dir": str(root / "cache"), "retries": 0})
         started = time.perf_counter()
         with local_run_settings():
             ran = pipeline_flow(cfg, stop_after="quality")
@@ -122,6 +123,11 @@ def main() -> None:
 
         found = json.loads((ran.quality.folder / "findings.json").read_text())
         leaks = {(p["a"], p["b"]) for p in found["duplicates"].get("train-test", [])}
+        by_pixels = {(p["a"], p["b"]) for p in found.get("pixel_duplicates", {}).get("train-test", [])}
+        if args.pixels:
+            print(f"by pixels: {len(by_pixels)} train-test pairs, {len(by_pixels & pairs)} planted; by features "
+                  f"{len(leaks & pairs)} planted; together {len((leaks | by_pixels) & pairs)} of {len(pairs)}")
+            leaks |= by_pixels
         recall = len(leaks & pairs) / len(pairs)
         precision = len(leaks & pairs) / len(leaks) if leaks else float("nan")
         flags = [f["id"] for f in found["label_issues"]["train"]["flagged"]]

@@ -182,6 +182,9 @@ def quality(result: Any) -> None:
     """One line per finding, and where the pictures are."""
     pairs = ", ".join(f"{name} {n}" for name, n in result.duplicates.items())
     out.print(f"near-duplicate pairs: {pairs} ({result.exact_duplicates} byte-identical)", highlight=False)
+    if result.pixel_duplicates:
+        by_pixels = ", ".join(f"{name} {n}" for name, n in result.pixel_duplicates.items())
+        out.print(f"near-duplicate pairs by pixels: {by_pixels}", highlight=False)
     out.print(f"leaks: {result.leaked_test} test image(s) with a near-duplicate in train or val", highlight=False)
     issues = ", ".join(f"{split} {n}" for split, n in result.label_issues.items())
     out.print(f"label-issue candidates: {issues}", highlight=False)

@@ -160,8 +160,13 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
     root = make_imagefolder(tmp_path / "planted", n_per_class=8, splits=("train", "test"))
     shutil.copy2(root / "train/class0/003.png", root / "test/class0/leak.png")  # byte-identical
     shutil.move(root / "train/class1/005.png", root / "train/class2/flipped.png")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(root / "train/class1/004.png").convert("RGB"), dtype=np.int16)
+    noisy = np.clip(pixels + np.random.default_rng(0).integers(-3, 4, pixels.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(root / "test/class1/noisy.png")  # re-encoded with faint noise
     cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5, "search": search,
-                                                          "dims": 8}, heads=[{"kind": "knn", "k": [1]}])
+                                                          "dims": 8, "pixels": True}, heads=[{"kind": "knn", "k": [1]}])
     with local_run_settings():
         first = pipeline_flow(cfg, stop_after="quality").quality
         again = pipeline_flow(cfg, stop_after="quality").quality
@@ -173,6 +178,9 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
     assert "data:image/png;base64," in published.data and "](duplicates.png)" not in published.data
     findings = json.loads((first.folder / "findings.json").read_text())
     assert findings["search"]["method"] == search
+    by_pixels = {(p["a"], p["b"]) for p in findings["pixel_duplicates"]["train-test"]}
+    assert ("train/class1/004.png", "test/class1/noisy.png") in by_pixels and "test/class1/noisy.png" in findings["leaked_test"]
+    assert first.pixel_duplicates["train-test"] >= 2  # the noisy copy and the byte-identical one
     leak = {"a": "train/class0/003.png", "b": "test/class0/leak.png"}
     assert any(p["a"] == leak["a"] and p["b"] == leak["b"] and p["exact"] for p in findings["duplicates"]["train-test"])
     assert "test/class0/leak.png" in findings["leaked_test"] and first.leaked_test >= 1 and first.exact_duplicates >= 1
@@ -239,3 +247,23 @@ def test_contact_sheets_are_inlined_in_the_artifact_up_to_a_size(tmp_path):
     text = publish.with_pictures_inline("![a](small.png) ![b](big.png) ![c](gone.png) ![d](../up.png)", tmp_path)
     assert text.startswith("![a](data:image/png;base64,") and "![b](big.png)" in text
     assert "![c](gone.png)" in text and "![d](../up.png)" in text
+
+
+def test_pixel_hashes_find_a_faint_copy_and_not_a_different_image():
+    from PIL import Image
+
+    from tasks.quality import pixels
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((32, 32)) * 255).astype(np.uint8)
+    noisy = np.clip(base.astype(np.int16) + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8)
+    other = (rng.random((32, 32)) * 255).astype(np.uint8)
+    images = {"a": Image.fromarray(base), "b": Image.fromarray(noisy), "c": Image.fromarray(other)}
+    hashed, unreadable = pixels.hashes(lambda item: images[item] if item != "gone" else open("/nonexistent"),
+                                       ["a", "b", "c", "gone"])
+    assert list(unreadable) == [False, False, False, True]
+    pairs = pixels.close_pairs(hashed, None, skip=(unreadable, unreadable))
+    assert [(int(a), int(b)) for a, b, _ in pairs] == [(0, 1)]  # the copy, not the other image or the unreadable
+    across = pixels.close_pairs(hashed[1:2], hashed, skip=(unreadable[1:2], unreadable))
+    assert {(int(a), int(b)) for a, b, _ in across} == {(0, 0), (0, 1)}  # its original and itself
+    assert list(across[:, 2]) == sorted(across[:, 2])  # closest first

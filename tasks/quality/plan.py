@@ -36,6 +36,8 @@ class QualityConfig(BaseModel):
         "auto", description="exact: every row against every row; approximate: principal components and a FAISS "
                             "index, near-duplicates re-scored exactly; auto: approximate above 50,000 rows a split")
     dims: int = Field(128, ge=8, le=1024, description="principal components of the approximate search")
+    pixels: bool = Field(False, description="also compare images by a 64-bit hash of their pixels (one decode "
+                                            "pass): finds faintly re-encoded copies features miss")
     exclude: bool = Field(False, description="also train every head without the training label-issue candidates "
                                              "(<name>-cleaned); the report gives the gain with its paired interval")
 
@@ -69,6 +71,7 @@ class QualityResult(StageResult):
     #: label-issue candidates: Confident Learning on train, kNN vote disagreement on val and test
     label_issues: dict[str, int]
     outliers: dict[str, int]
+    pixel_duplicates: dict[str, int] = {}  # pairs by pixel hash (quality.pixels), by split pair
     leaked_test: int  # test images with a near-duplicate in train or val
 
     @property

@@ -25,6 +25,7 @@ from tasks.data.manifest import Manifest
 from tasks.index.retrieval import Rows
 from tasks.machine import memory_budget
 from tasks.quality import label_issues as cl
+from tasks.quality import pixels
 from tasks.quality.plan import QualityPlan, QualityResult, is_stored
 from tasks.quality.approximate import EXACT_ROWS, NPROBE, Projected
 from tasks.quality.search import Exact, kth_similarity_in_class
@@ -54,9 +55,14 @@ def assess(plan: QualityPlan) -> QualityResult:
     # read once, for the probe and the in-class outliers; the approximate path never holds a split
     train = None if finder.method == "approximate" else _held(store, plan, "train", rows["train"], budget)
     findings["duplicates"] = _duplicates(plan, manifest, finder, ids)
+    if plan.config.pixels:
+        findings["pixel_duplicates"] = _pixel_duplicates(manifest, finder.rows, ids)
     findings["label_issues"] = _label_issues(plan, train, manifest, finder, ids)
     findings["outliers"] = _outliers(plan, store, train, finder, ids, budget)
-    leaked = {p["b"] for name, pairs in findings["duplicates"].items() if name.endswith("-test") for p in pairs}
+    found_pairs = {**findings["duplicates"]}
+    for name, pairs in findings.get("pixel_duplicates", {}).items():
+        found_pairs[f"pixels {name}"] = pairs if isinstance(pairs, list) else []
+    leaked = {p["b"] for name, pairs in found_pairs.items() if name.endswith("-test") for p in pairs}
     findings["leaked_test"] = sorted(leaked)
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
         sheets = _sheets(staged, manifest, findings, plan.config.top)
@@ -65,6 +71,8 @@ def assess(plan: QualityPlan) -> QualityResult:
         result = QualityResult(
             key=plan.key, folder=plan.files.folder, cache_hit=False, seconds=0.0,
             duplicates={name: len(pairs) for name, pairs in findings["duplicates"].items()},
+            pixel_duplicates={name: len(pairs) for name, pairs in findings.get("pixel_duplicates", {}).items()
+                              if isinstance(pairs, list)},
             exact_duplicates=sum(p["exact"] for pairs in findings["duplicates"].values() for p in pairs),
             label_issues={s: len(v["flagged"]) for s, v in findings["label_issues"].items()},
             outliers={s: len(v) for s, v in findings["outliers"].items()}, leaked_test=len(leaked))
@@ -110,6 +118,25 @@ def _duplicates(plan: QualityPlan, manifest: Manifest, finder: Exact | Projected
                 exact = bool(cosine >= EXACT_COSINE) and digest(a) is not None and digest(a) == digest(b)
                 pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
             out[later if within else f"{earlier}-{later}"] = pairs
+    return out
+
+
+def _pixel_duplicates(manifest: Manifest, rows: dict[str, Rows], ids: dict[str, list[str]]) -> dict[str, Any]:
+    """Pairs whose pixel hashes differ in at most pixels.MAX_BITS bits, for the same split pairs as
+    :func:`_duplicates` (one decode pass over every image); left out above pixels.PIXEL_ROWS images a split."""
+    big = [s for s, r in rows.items() if r.n > pixels.PIXEL_ROWS]
+    if big:
+        return {"left_out": f"splits {big} exceed {pixels.PIXEL_ROWS:,} images (an all-pairs hash comparison)"}
+    hashed = {s: pixels.hashes(manifest.image, ids[s]) for s in rows}
+    out, names = {}, list(rows)
+    for i, later in enumerate(names):
+        for earlier in names[: i + 1]:
+            within = later == earlier
+            (hq, bad_q), (hg, bad_g) = hashed[later], hashed[earlier]
+            found = pixels.close_pairs(hq, None if within else hg, skip=(bad_q, bad_g))
+            out[later if within else f"{earlier}-{later}"] = [
+                {"a": ids[later][int(q)] if within else ids[earlier][int(g)],
+                 "b": ids[later][int(g)] if within else ids[later][int(q)], "bits": int(d)} for q, g, d in found]
     return out
 
 
@@ -214,6 +241,10 @@ def markdown(findings: dict[str, Any], sheets: dict[str, str]) -> str:
             f"| {'exact' if p['exact'] else ''} | {p['a']} | {p['b']} | {p['cosine']:.4f} |" for p in pairs[:20]] + [""]
     if "duplicates" in sheets:
         lines += [f"![near-duplicates]({sheets['duplicates']})", ""]
+    by_pixels = findings.get("pixel_duplicates")
+    if by_pixels:
+        lines += [f"By pixels (perceptual hashes within {pixels.MAX_BITS} bits): " + (by_pixels["left_out"] if "left_out"
+                  in by_pixels else ", ".join(f"{name} {len(pairs)}" for name, pairs in by_pixels.items())), ""]
     lines += ["## Label issues", ""]
     for split, found in findings["label_issues"].items():
         lines.append(f"- {split}: {len(found['flagged'])} candidate(s) ({found.get('method') or found.get('left_out')})")
