@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_BITS = 2  # hash bits two images may differ in and still be near-duplicates by pixels (measured: docs)
+MAX_BITS = 0  # hash bits two images may differ in and still be near-duplicates by pixels (measured: docs)
 PIXEL_ROWS = 200_000
 BLOCK = 1024  # query hashes compared at once
 CHUNK = 8192  # against this many gallery hashes (1024 x 8192 x 8 bytes: 64 MB a step)

@@ -133,7 +133,7 @@ def _pixel_duplicates(manifest: Manifest, rows: dict[str, Rows], ids: dict[str, 
         for earlier in names[: i + 1]:
             within = later == earlier
             (hq, bad_q), (hg, bad_g) = hashed[later], hashed[earlier]
-            found = pixels.close_pairs(hq, None if within else hg, skip=(bad_q, bad_g))
+            found = pixels.close_pairs(hq, None if within else hg, pixels.MAX_BITS, skip=(bad_q, bad_g))
             out[later if within else f"{earlier}-{later}"] = [
                 {"a": ids[later][int(q)] if within else ids[earlier][int(g)],
                  "b": ids[later][int(g)] if within else ids[later][int(q)], "bits": int(d)} for q, g, d in found]
