@@ -213,3 +213,14 @@ def flow_run(server, run_id: str) -> dict:
 def deployment_runs(server, deployment_id: str, auto_scheduled: bool) -> list[dict]:
     runs = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
     return [r for r in runs if r["auto_scheduled"] == auto_scheduled]
+
+
+def served_deployment(server, name: str, logs: list[Path] = ()) -> dict:
+    """The deployment ``pipeline-from-config/<name>`` once ``serve`` has registered it."""
+    def found():
+        try:
+            return server.api("GET", f"/deployments/name/pipeline-from-config/{name}")
+        except Exception:  # noqa: BLE001 - not registered yet
+            return None
+
+    return wait("the deployment to be registered", found, 1800, logs)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import deployment_runs as _deployment_runs
 from helpers import flow_run as _flow_run
+from helpers import served_deployment
 from helpers import wait as _wait
 from helpers import write_config
 
@@ -45,13 +46,7 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
         stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        def deployment():
-            try:
-                return prefect_server.api("GET", "/deployments/name/pipeline-from-config/nightly")
-            except Exception:  # noqa: BLE001 - not registered yet
-                return None
-
-        dep = _wait("the deployment to be registered", deployment, 1800, [log])
+        dep = served_deployment(prefect_server, "nightly", [log])
         schedules = [s["schedule"] for s in dep["schedules"]]
         assert [(s.get("cron"), s.get("timezone")) for s in schedules] == [("0 3 * * *", "UTC")]
         assert dep["parameters"] == {"config": str(config)}

@@ -13,6 +13,7 @@ import pytest
 from helpers import deployment_runs as _deployment_runs
 from helpers import flow_run as _flow_run
 from helpers import make_image, make_imagefolder, write_config
+from helpers import served_deployment
 from helpers import wait as _wait
 
 from flows import watch
@@ -85,13 +86,7 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
                               stderr=subprocess.STDOUT, start_new_session=True)
     watching = None
     try:
-        def deployment():
-            try:
-                return prefect_server.api("GET", "/deployments/name/pipeline-from-config/on-data")
-            except Exception:  # noqa: BLE001 - not registered yet
-                return None
-
-        dep = _wait("the deployment to be registered", deployment, 1800, logs)
+        dep = served_deployment(prefect_server, "on-data", logs)
         assert not dep["schedules"]
 
         def automation():  # the trigger lives on the server as an automation that runs the deployment
