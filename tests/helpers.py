@@ -224,3 +224,29 @@ def served_deployment(server, name: str, logs: list[Path] = ()) -> dict:
             return None
 
     return wait("the deployment to be registered", found, 1800, logs)
+
+
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def final_state(server, run_id: str, what: str, logs: list[Path] = ()) -> dict:
+    """A flow run's state once it is final."""
+    def done():
+        state = flow_run(server, run_id)["state"]
+        return state if state["type"] in FINAL else None
+
+    return wait(what, done, 1800, logs)
+
+
+def interrupt(proc, timeout: float = 1800) -> None:
+    """Ctrl-C a process started in its own session (``serve``, ``watch``); SIGKILL if it outlives ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,7 +1,6 @@
 """Scheduling and reruns against a real ``prefect server start`` on loopback."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from helpers import deployment_runs as _deployment_runs
+from helpers import final_state, interrupt, served_deployment, write_config
 from helpers import flow_run as _flow_run
-from helpers import served_deployment
 from helpers import wait as _wait
-from helpers import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -57,11 +55,7 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
         assert len(runs) == 1
         run_id = runs[0]["id"]
 
-        def finished():
-            state = _flow_run(prefect_server, run_id)["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        state = _wait("the triggered run to finish", finished, 1800, [log])
+        state = final_state(prefect_server, run_id, "the triggered run to finish", [log])
         assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
         names = {t["name"] for t in _task_runs(prefect_server, run_id)}
         assert {"extract-resnet18-train", "head-logistic-penultimate", "evaluate-tiny"} <= names
@@ -81,23 +75,14 @@ def test_serve_registers_a_schedule_and_runs_a_triggered_run(prefect_server, tin
         refused_id = next(r["id"] for r in _deployment_runs(prefect_server, dep["id"], auto_scheduled=False)
                           if r["id"] != run_id)
 
-        def refused():
-            state = _flow_run(prefect_server, refused_id)["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        state = _wait("the run with another config to be refused", refused, 1800, [log])
+        state = final_state(prefect_server, refused_id, "the run with another config to be refused", [log])
         assert state["type"] == "FAILED" and "serves config" in state["message"], state
         assert not marker.exists()
         upcoming = _wait("the scheduler to create the nightly runs",
                          lambda: _deployment_runs(prefect_server, dep["id"], auto_scheduled=True), 1800)
         assert all(r["expected_start_time"][11:16] == "03:00" for r in upcoming)
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=1800)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        interrupt(serve)
 
 
 def test_serve_refuses_without_a_server_and_names_bad_schedules(tiny_config, tmp_path):

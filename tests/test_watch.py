@@ -2,18 +2,21 @@
 served with ``--on-data-change`` runs on the event (against a real ``prefect server`` on loopback)."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import deployment_runs as _deployment_runs
-from helpers import flow_run as _flow_run
-from helpers import make_image, make_imagefolder, write_config
-from helpers import served_deployment
+from helpers import (
+    final_state,
+    interrupt,
+    make_image,
+    make_imagefolder,
+    served_deployment,
+    write_config,
+)
 from helpers import wait as _wait
 
 from flows import watch
@@ -104,11 +107,7 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
         runs = _wait("a run started by the event", lambda: _deployment_runs(prefect_server, dep["id"], False), 1800,
                      logs)
 
-        def finished():
-            state = _flow_run(prefect_server, runs[0]["id"])["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        state = _wait("the triggered run to finish", finished, 1800, logs)
+        state = final_state(prefect_server, runs[0]["id"], "the triggered run to finish", logs)
         assert state["type"] == "COMPLETED", f"{state}\n{logs[0].read_text()[-4000:]}"
         assert "event transferpipe.data.changed sent" in logs[1].read_text()
         assert len(pieces() - extracted) == 1  # only the piece holding the new image was extracted
@@ -116,9 +115,4 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
         assert len(_deployment_runs(prefect_server, dep["id"], False)) == 1  # one event, one run
     finally:
         for proc in (p for p in (watching, served) if p is not None):
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            interrupt(proc, timeout=120)
