@@ -56,13 +56,11 @@ def assess(plan: QualityPlan) -> QualityResult:
     train = None if finder.method == "approximate" else _held(store, plan, "train", rows["train"], budget)
     findings["duplicates"] = _duplicates(plan, manifest, finder, ids)
     if plan.config.pixels:
-        findings["pixel_duplicates"] = _pixel_duplicates(manifest, finder.rows, ids)
+        findings.update(_pixel_duplicates(manifest, finder.rows, ids))
     findings["label_issues"] = _label_issues(plan, train, manifest, finder, ids)
     findings["outliers"] = _outliers(plan, store, train, finder, ids, budget)
-    found_pairs = {**findings["duplicates"]}
-    for name, pairs in findings.get("pixel_duplicates", {}).items():
-        found_pairs[f"pixels {name}"] = pairs if isinstance(pairs, list) else []
-    leaked = {p["b"] for name, pairs in found_pairs.items() if name.endswith("-test") for p in pairs}
+    leaked = {p["b"] for found in (findings["duplicates"], findings.get("pixel_duplicates", {}))
+              for name, pairs in found.items() if name.endswith("-test") for p in pairs}
     findings["leaked_test"] = sorted(leaked)
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
         sheets = _sheets(staged, manifest, findings, plan.config.top)
@@ -71,8 +69,7 @@ def assess(plan: QualityPlan) -> QualityResult:
         result = QualityResult(
             key=plan.key, folder=plan.files.folder, cache_hit=False, seconds=0.0,
             duplicates={name: len(pairs) for name, pairs in findings["duplicates"].items()},
-            pixel_duplicates={name: len(pairs) for name, pairs in findings.get("pixel_duplicates", {}).items()
-                              if isinstance(pairs, list)},
+            pixel_duplicates={name: len(pairs) for name, pairs in findings.get("pixel_duplicates", {}).items()},
             exact_duplicates=sum(p["exact"] for pairs in findings["duplicates"].values() for p in pairs),
             label_issues={s: len(v["flagged"]) for s, v in findings["label_issues"].items()},
             outliers={s: len(v) for s, v in findings["outliers"].items()}, leaked_test=len(leaked))
@@ -106,38 +103,49 @@ def _duplicates(plan: QualityPlan, manifest: Manifest, finder: Exact | Projected
                 ids: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
     """Pairs at or above the threshold: within each split (``train``), and from each later split into each
     earlier one (``train-test``: ``a`` in train, ``b`` in test)."""
-    cfg, out, names = plan.config, {}, list(finder.rows)
     digest = functools.cache(lambda item: _digest(manifest, item))  # a file in several pairs is hashed once
+    out = {}
+    for name, later, earlier in _split_pairs(list(finder.rows)):
+        pairs = []
+        for q, g, cosine in finder.pairs(later, earlier, plan.config.duplicate_cosine):
+            a, b = _pair_ids(ids, later, earlier, q, g)
+            exact = bool(cosine >= EXACT_COSINE) and digest(a) is not None and digest(a) == digest(b)
+            pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
+        out[name] = pairs
+    return out
+
+
+def _split_pairs(names: list[str]):
+    """``(name, later, earlier)`` of every split pair searched: within each split (``train``), and each later
+    split into each earlier one (``train-test``)."""
     for i, later in enumerate(names):
         for earlier in names[: i + 1]:
-            within = later == earlier
-            found = finder.pairs(later, earlier, cfg.duplicate_cosine)
-            pairs = []
-            for q, g, cosine in found:
-                a, b = (ids[later][int(q)], ids[later][int(g)]) if within else (ids[earlier][int(g)], ids[later][int(q)])
-                exact = bool(cosine >= EXACT_COSINE) and digest(a) is not None and digest(a) == digest(b)
-                pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
-            out[later if within else f"{earlier}-{later}"] = pairs
-    return out
+            yield (later if later == earlier else f"{earlier}-{later}"), later, earlier
+
+
+def _pair_ids(ids: dict[str, list[str]], later: str, earlier: str, q: float, g: float) -> tuple[str, str]:
+    """A found pair's ids: query row ``q`` of ``later``, gallery row ``g`` of ``earlier``; ``a`` the earlier
+    split's (within one split: the lower row)."""
+    if later == earlier:
+        return ids[later][int(q)], ids[later][int(g)]
+    return ids[earlier][int(g)], ids[later][int(q)]
 
 
 def _pixel_duplicates(manifest: Manifest, rows: dict[str, Rows], ids: dict[str, list[str]]) -> dict[str, Any]:
-    """Pairs whose pixel hashes differ in at most pixels.MAX_BITS bits, for the same split pairs as
-    :func:`_duplicates` (one decode pass over every image); left out above pixels.PIXEL_ROWS images a split."""
+    """``pixel_duplicates``: pairs whose pixel hashes differ in at most pixels.MAX_BITS bits, for the same split
+    pairs as :func:`_duplicates` (one decode pass over every image); none, and ``pixel_left_out`` saying why,
+    above pixels.PIXEL_ROWS images a split."""
     big = [s for s, r in rows.items() if r.n > pixels.PIXEL_ROWS]
     if big:
-        return {"left_out": f"splits {big} exceed {pixels.PIXEL_ROWS:,} images (an all-pairs hash comparison)"}
+        return {"pixel_duplicates": {}, "pixel_left_out": f"splits {big} exceed {pixels.PIXEL_ROWS:,} images "
+                                                          "(an all-pairs hash comparison)"}
     hashed = {s: pixels.hashes(manifest.image, ids[s]) for s in rows}
-    out, names = {}, list(rows)
-    for i, later in enumerate(names):
-        for earlier in names[: i + 1]:
-            within = later == earlier
-            (hq, bad_q), (hg, bad_g) = hashed[later], hashed[earlier]
-            found = pixels.close_pairs(hq, None if within else hg, pixels.MAX_BITS, skip=(bad_q, bad_g))
-            out[later if within else f"{earlier}-{later}"] = [
-                {"a": ids[later][int(q)] if within else ids[earlier][int(g)],
-                 "b": ids[later][int(g)] if within else ids[later][int(q)], "bits": int(d)} for q, g, d in found]
-    return out
+    out = {}
+    for name, later, earlier in _split_pairs(list(rows)):
+        (hq, bad_q), (hg, bad_g) = hashed[later], hashed[earlier]
+        found = pixels.close_pairs(hq, None if later == earlier else hg, pixels.MAX_BITS, skip=(bad_q, bad_g))
+        out[name] = [dict(zip("ab", _pair_ids(ids, later, earlier, q, g)), bits=int(d)) for q, g, d in found]
+    return {"pixel_duplicates": out}
 
 
 def _digest(manifest: Manifest, item: str) -> str | None:
@@ -241,10 +249,10 @@ def markdown(findings: dict[str, Any], sheets: dict[str, str]) -> str:
             f"| {'exact' if p['exact'] else ''} | {p['a']} | {p['b']} | {p['cosine']:.4f} |" for p in pairs[:20]] + [""]
     if "duplicates" in sheets:
         lines += [f"![near-duplicates]({sheets['duplicates']})", ""]
-    by_pixels = findings.get("pixel_duplicates")
-    if by_pixels:
-        lines += [f"By pixels (perceptual hashes within {pixels.MAX_BITS} bits): " + (by_pixels["left_out"] if "left_out"
-                  in by_pixels else ", ".join(f"{name} {len(pairs)}" for name, pairs in by_pixels.items())), ""]
+    if "pixel_duplicates" in findings:
+        by_pixels = findings.get("pixel_left_out") or ", ".join(
+            f"{name} {len(pairs)}" for name, pairs in findings["pixel_duplicates"].items())
+        lines += [f"By pixels (perceptual hashes within {pixels.MAX_BITS} bits): {by_pixels}", ""]
     lines += ["## Label issues", ""]
     for split, found in findings["label_issues"].items():
         lines.append(f"- {split}: {len(found['flagged'])} candidate(s) ({found.get('method') or found.get('left_out')})")
