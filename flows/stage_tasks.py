@@ -5,15 +5,17 @@ Every stage task gets the same treatment:
 * its Prefect cache key is ``<task name>-<content key>-<cache folder>`` (namespaced: a bare
   ``INPUTS`` policy lets two tasks with equal inputs return each other's results; and the
   cache folder's path, so one cache never receives another's result);
-* results are persisted as JSON (never pickle) and stay small (paths, keys, metrics);
+* results are persisted as JSON and stay small (paths, keys, metrics); records are read only through
+  :class:`flows.trusted_records.StageRecords`, so one not in transferpipe's own shape (pickle, another
+  serializer, a ``__class__`` to import) is a miss, never code run;
 * when the store does not hold the stage's output, ``refresh_cache`` forces a
   recompute, so a Prefect cache hit never points at a deleted or corrupt file;
+* a cached stage's result (what ``run`` prints) comes from its store, never from Prefect's record;
 * retries back off exponentially and are not spent on bad input (``ValueError``).
 """
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
 from flows.device_slots import guarded
+from flows.trusted_records import StageRecords
 from storage.keys import fingerprint
 from storage.layout import CacheLayout
 from tasks.evaluate.stage import evaluate
@@ -36,11 +39,7 @@ from tasks.finetune.stage import finetune
 from tasks.heads.stage import train_head
 from tasks.index.stage import build_index
 from tasks.quality.stage import assess
-from tasks.result import StageResult
 from tasks.select.stage import score_candidate
-
-log = logging.getLogger("transferpipe.stages")
-
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """The stage's own key, namespaced by task name and cache folder; every stage takes one plan, with a ``key``.
@@ -105,8 +104,8 @@ def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str
 def records_storage(cache_dir: Path) -> Any:
     """Prefect's result storage for the stages of one cache: ``<cache>/prefect-records/``, not
     ``$PREFECT_HOME/storage``, so a hit recorded by one machine or Prefect home (a Dask worker elsewhere, a
-    served deployment, a laptop) is seen by every other that shares the cache folder. A ``local-file-system``
-    block named ``transferpipe-records-<hash of the folder>``, saved on the server in use (Prefect resolves
+    served deployment, a laptop) is seen by every other that shares the cache folder. A ``StageRecords``
+    block (records checked before Prefect reads them) named ``transferpipe-records-<hash of the folder>``, saved on the server in use (Prefect resolves
     result storage there), once per process, server and home."""
     from prefect.settings import get_current_settings
 
@@ -117,9 +116,7 @@ def records_storage(cache_dir: Path) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _saved_storage(folder: str, api: str, home: str) -> Any:
-    from prefect.filesystems import LocalFileSystem
-
-    block = LocalFileSystem(basepath=str(CacheLayout(folder).prefect_records()))
+    block = StageRecords(basepath=str(CacheLayout(folder).prefect_records()))
     block.save(f"transferpipe-records-{fingerprint(folder)[:16]}", overwrite=True)
     return block
 
@@ -137,55 +134,36 @@ class StageInputError(StageFailed, ValueError):
     """A stage failed on bad input (config or data): not retried, exit code 2 at the CLI."""
 
 
-class UnreadableRecord(Exception):
-    """A Prefect cache hit whose stored result is not a stage result: written by a version whose result class
-    lived elsewhere (a record names its class), or damaged."""
+def stage_result(state: Any, name: str, task: Task, plan: Any) -> Any:
+    """The stage's result from its final state; a failure is raised as StageFailed naming the stage.
 
-
-def stage_result(state: Any, name: str) -> Any:
-    """The stage's result from its final state; a failure is raised as StageFailed naming the stage."""
+    A cache hit is answered by the stage itself, which reuses what its store holds (cheaply: every stage reads
+    its finished output back), not by Prefect's record: the store is the source of truth, and a record is only
+    a hint that anyone who can write to the cache folder could have edited.
+    """
     try:
-        result = state.result()
+        return task.fn(plan).cached() if state.name == "Cached" else state.result()
     except Exception as exc:
         kind = StageInputError if isinstance(exc, ValueError) else StageFailed
         raise kind(f"stage {name} failed: {exc}", stage=name) from exc
-    if state.name != "Cached":
-        return result
-    if not isinstance(result, StageResult):
-        raise UnreadableRecord(f"{name}: Prefect's record holds {type(result).__name__}, not a stage result")
-    return result.cached()
-
-
-def _again(task: Task, plan: Any, config: ExperimentConfig, name: str, why: UnreadableRecord) -> Any:
-    """The stage run once more past Prefect's record (the stage itself reuses what its store holds, cheaply)
-    and a fresh record written."""
-    log.info("%s; running the stage past it (what the store holds is reused)", why)
-    return stage_result(_configured(task, config, stored=False, name=name)(plan, return_state=True), name)
 
 
 def run_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> Any:
     """Call a stage task on ``plan``. ``stored``: whether the store already holds its output."""
-    try:
-        return stage_result(_configured(task, config, stored=stored, name=name)(plan, return_state=True), name)
-    except UnreadableRecord as why:
-        return _again(task, plan, config, name, why)
+    return stage_result(_configured(task, config, stored=stored, name=name)(plan, return_state=True), name, task, plan)
 
 
 class StageFuture:
     """A stage running concurrently: :meth:`result` waits and returns (or raises) like :func:`run_stage`."""
 
-    def __init__(self, future: Any, name: str, again: Callable[[UnreadableRecord], Any]) -> None:
-        self.future, self.name, self.again = future, name, again
+    def __init__(self, future: Any, name: str, task: Task, plan: Any) -> None:
+        self.future, self.name, self.task, self.plan = future, name, task, plan
 
     def result(self) -> Any:
         self.future.wait()
-        try:
-            return stage_result(self.future.state, self.name)
-        except UnreadableRecord as why:
-            return self.again(why)
+        return stage_result(self.future.state, self.name, self.task, self.plan)
 
 
 def submit_stage(task: Task, plan: Any, config: ExperimentConfig, *, stored: bool, name: str) -> StageFuture:
     """Like :func:`run_stage`, concurrently."""
-    return StageFuture(_configured(task, config, stored=stored, name=name).submit(plan), name,
-                       lambda why: _again(task, plan, config, name, why))
+    return StageFuture(_configured(task, config, stored=stored, name=name).submit(plan), name, task, plan)
