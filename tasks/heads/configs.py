@@ -72,9 +72,9 @@ class LogisticConfig(_HeadBase):
     linear_probe = True
     C: list[float] = _grid(tuple(10.0 ** e for e in range(-6, 7)))
     max_iter: int = Field(1000, ge=1)
-    tol: float = Field(1e-6, gt=0, description="L-BFGS stops when no gradient component of the mean loss exceeds "
-                                               "this (scikit-learn's tol; its default 1e-4 stops short at weak "
-                                               "regularisation)")
+    tol: float = Field(1e-6, gt=0, description="each candidate of the C path stops when no gradient component of the "
+                                               "mean loss exceeds this (scikit-learn's tol, Newton-CG); the kept "
+                                               "model continues to tol/100")
     n_jobs: int = Field(1, description="parallel warm-started runs over the grid (-1: one per core)")
 
     _check = field_validator("C")(lambda v: _positive(v, "C"))
