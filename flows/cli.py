@@ -25,8 +25,12 @@ SweepFile = Annotated[Optional[Path], typer.Option(
 
 
 def _run_local(flow_fn, *args, **kwargs):
-    from flows.local import run_local
+    from flows.local import run_local, writable
 
+    for arg in args:  # the cache folder a flow writes to, named before anything starts
+        cache = arg if isinstance(arg, Path) else getattr(arg, "cache_dir", None)
+        if isinstance(cache, Path):
+            writable(cache, "the cache folder", "choose one with --cache-dir or cache_dir: in the config")
     return run_local(flow_fn, *args, **kwargs)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -50,6 +51,11 @@ def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
 
     url = os.environ.get("PREFECT_API_URL")
     server = None if url else remembered()
+    if not url and not server:  # ephemeral mode: Prefect's database and server live in its home
+        from prefect.settings import get_current_settings
+
+        writable(Path(get_current_settings().home), "Prefect's home (PREFECT_HOME)",
+                 "set PREFECT_HOME to a writable folder, or start a server (`transferpipe server start`)")
     if server:  # child processes (Dask workers) talk to it too
         os.environ["PREFECT_API_URL"] = url = server.url
     if url and _answer(url) == "refused":
@@ -62,6 +68,19 @@ def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
         mark_killed_runs_crashed()
         with tags(*_process_tags()):
             return flow_fn(*args, **kwargs)
+
+
+def writable(folder: Path, what: str, fix: str) -> None:
+    """``folder`` exists (made if needed) and takes a file; else one ValueError naming it, why and ``fix`` (before:
+    a home that could not be created made the demo print 52 tracebacks over 4 minutes)."""
+    import tempfile
+
+    folder = folder.expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ValueError(f"{what} {folder} cannot be created or written ({exc.strerror or exc}): {fix}") from None
 
 
 class ServerLost(RuntimeError):

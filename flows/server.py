@@ -161,17 +161,27 @@ def remembered() -> PrefectServer | None:
     return server if server.healthy(timeout=1) else None
 
 
+MAX_RETENTION_DAYS = 36_500
+
+
+def check_retention(days: float) -> None:
+    """From an hour (Prefect keeps flow runs at least that long) to 100 years (past it Prefect's date arithmetic
+    overflows); nan and inf are neither."""
+    if not 1 / 24 <= days <= MAX_RETENTION_DAYS:
+        raise ValueError(f"--retention-days {days:g}: give a number of days from 0.05 (an hour, the least Prefect "
+                         f"keeps flow runs) to {MAX_RETENTION_DAYS:,} (100 years)")
+
+
 def start_persistent(port: int = DEFAULT_PORT, retention_days: float = RETENTION_DAYS) -> tuple[PrefectServer, bool]:
     """The persistent local server: the running one, or a new one on ``port`` with the database vacuum on
     (:func:`vacuum_env`); True when it was started now."""
+    check_retention(retention_days)
     running = remembered()
     if running:
         return running, False
     if _port_taken(port):
         raise ValueError(f"port {port} on 127.0.0.1 is taken by another program; choose one with --port")
     home = prefect_home()
-    if retention_days < 1 / 24:
-        raise ValueError(f"--retention-days {retention_days}: Prefect keeps flow runs at least an hour (0.05 days)")
     server, _ = start_server(home, port, scheduler_loop_s=None, log=home / "transferpipe-server.log",
                              extra_env=vacuum_env(retention_days))
     _state_path().write_text(json.dumps({**asdict(server), "home": str(home), "log": str(server.log)}))

@@ -147,3 +147,16 @@ def test_every_table_reads_at_80_columns(imagefolder, tmp_path):
             assert any(value in line for line in lines), (command, value, result.stdout)
         fragments = [ln for ln in lines if ln.strip() and len(ln.strip()) <= 4]
         assert not fragments, (command, result.stdout)
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "1e9", "-1", "0.01"])
+def test_a_retention_that_is_not_a_number_of_days_prefect_keeps_is_one_line_naming_the_option(days, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["server", "start", "--port", "1", "--retention-days", days],
+                                env={"PREFECT_HOME": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert f"--retention-days {float(days):g}: give a number of days from 0.05" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3

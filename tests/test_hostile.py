@@ -440,3 +440,20 @@ def test_a_served_deployment_runs_only_the_config_and_cache_it_was_served_with(t
         pipeline_from_config.fn(str(evil))
     with pytest.raises(ConfigError, match=r"serves cache_dir None only; a run asked for '.*elsewhere'"):
         pipeline_from_config.fn(str(served), str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.slow  # two subprocesses that import Prefect
+@pytest.mark.parametrize("flag, named", [([], "the cache folder"), (["--cache-dir", "{tmp}/cache"], "Prefect's home")])
+def test_a_home_that_cannot_be_created_is_one_line_naming_the_folder(tmp_path, flag, named):
+    """Issue 43: a HOME that cannot be created made `transferpipe demo` print 52 tracebacks over 4 minutes."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
+    env["HOME"] = "/proc/no-such-home"  # /proc takes no new folders, even for root
+    args = [a.replace("{tmp}", str(tmp_path)) for a in flag]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "demo", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{named}" in done.stderr and "/proc/no-such-home/" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
