@@ -63,6 +63,10 @@ def test_the_local_server_starts_is_reused_by_later_commands_and_stops(tiny_conf
                                  log=tmp_path / "log").api("GET", "/admin/settings")
         vacuum = settings["server"]["services"]["db_vacuum"]  # what the running server itself was given
         assert set(vacuum["enabled"]) == {"events", "flow_runs"} and vacuum["retention_period"] == "P14D"  # ISO 8601
+        import httpx  # the UI calls the API where the UI's settings say: this server's port, not 4200 (issue 49)
+
+        ui = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+        assert ui["api_url"] == f"http://127.0.0.1:{port}/api", ui
         again = cli("server", "start", "--port", str(port))
         assert "already running" in again.stdout
         status = cli("server", "status")
