@@ -3,6 +3,7 @@ flags on the same probabilities, and a planted leak, label flip and outlier are 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -174,6 +175,9 @@ def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, 
         from prefect.artifacts import Artifact
 
         published = Artifact.get("tiny-quality")  # the report on the run's page, its contact sheets inline
+        report = Artifact.get("tiny-report")  # every plot inline too: a relative link is a broken image in the UI
+    assert report is not None and report.data.count("](data:image/png;base64,") >= 2
+    assert not re.search(r"\]\([^)]*\.png\)", report.data), "a plot the UI cannot show"
     assert published is not None and "## Label issues" in published.data
     assert "data:image/png;base64," in published.data and "](duplicates.png)" not in published.data
     findings = json.loads((first.folder / "findings.json").read_text())
@@ -245,8 +249,9 @@ def test_contact_sheets_are_inlined_in_the_artifact_up_to_a_size(tmp_path):
     (tmp_path / "small.png").write_bytes(b"\x89PNG small")
     (tmp_path / "big.png").write_bytes(b"0" * (publish.INLINE_BYTES + 1))
     text = publish.with_pictures_inline("![a](small.png) ![b](big.png) ![c](gone.png) ![d](../up.png)", tmp_path)
-    assert text.startswith("![a](data:image/png;base64,") and "![b](big.png)" in text
-    assert "![c](gone.png)" in text and "![d](../up.png)" in text
+    assert text.startswith("![a](data:image/png;base64,")
+    assert f"*(b: 1.0 MiB, too big to show here: {tmp_path / 'big.png'})*" in text  # named, not a broken image
+    assert f"*(c: {tmp_path / 'gone.png'} is gone)*" in text and "![d](../up.png)" in text
 
 
 def test_pixel_hashes_find_a_faint_copy_and_not_a_different_image():
