@@ -272,3 +272,53 @@ def test_pixel_hashes_find_a_faint_copy_and_not_a_different_image():
     across = pixels.close_pairs(hashed[1:2], hashed, skip=(unreadable[1:2], unreadable))
     assert {(int(a), int(b)) for a, b, _ in across} == {(0, 0), (0, 1)}  # its original and itself
     assert list(across[:, 2]) == sorted(across[:, 2])  # closest first
+
+
+@pytest.mark.slow
+def test_byte_identical_images_are_found_even_when_every_image_is_the_same(tiny_config, tmp_path):
+    """Issue 43: 200 byte-identical images reported 0 duplicates (every centred row is zero, so the centred
+    cosine is undefined); bit-identical feature rows are found whatever the search makes of them."""
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+
+    root = make_imagefolder(tmp_path / "same", n_per_class=6, splits=("train", "test"))
+    one = (root / "train/class0/000.png").read_bytes()
+    for png in root.rglob("*.png"):
+        png.write_bytes(one)
+    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5},
+                      heads=[{"kind": "knn", "k": [1]}])
+    with local_run_settings():
+        found = pipeline_flow(cfg, stop_after="quality").quality
+    findings = json.loads((found.folder / "findings.json").read_text())
+    assert found.leaked_test == 18 == len(findings["leaked_test"])  # every test image is a copy of a train image
+    assert len(findings["duplicates"]["train"]) == 17 and all(p["exact"] for p in findings["duplicates"]["train"])
+    assert found.exact_duplicates == sum(len(p) for p in findings["duplicates"].values())  # all byte-identical
+    assert set(findings["duplicates"]) >= {"train", "train-test"} and not findings["duplicates"].get("test")
+
+
+@pytest.mark.slow
+def test_a_class_with_one_training_image_is_voted_on_and_never_excluded_away(tiny_config, tmp_path):
+    """Issue 43: a class with one training image failed the out-of-fold probe with scikit-learn's message, and
+    quality.exclude could take a class's last rows away (the run then died at the evaluation)."""
+    from flows.local import local_run_settings
+    from flows.pipeline import pipeline_flow
+    from tasks.heads.stage import _keeping_every_class
+
+    root = make_imagefolder(tmp_path / "two", n_per_class=8, classes=2, splits=("train", "test"))
+    (root / "train/class1").rename(root / "train/keep")
+    for png in sorted((root / "train/keep").glob("*.png"))[1:]:
+        png.unlink()  # class "keep": one training image
+    (root / "test/class1").rename(root / "test/keep")
+    cfg = tiny_config(data={"root": str(root)}, quality={"neighbours": 3, "folds": 2, "top": 5, "exclude": True},
+                      heads=[{"kind": "logistic", "C": [1.0]}])
+    with local_run_settings():
+        run = pipeline_flow(cfg)
+    method = json.loads((run.quality.folder / "findings.json").read_text())["label_issues"]["train"]["method"]
+    assert "by the vote alone: their fold's probe saw one class (classes with under 2 training images: ['keep'])" in method
+    assert {m.name for m in run.models} >= {"logistic", "logistic-cleaned"}
+
+    class Rows:  # the rule itself: a class whose every row is flagged keeps them all
+        labels, classes = np.array([0, 0, 1, 1, 2]), ["a", "b", "c"]
+
+    kept = _keeping_every_class(np.array([True, False, True, True, True]), Rows(), "probe-cleaned")
+    assert kept.tolist() == [True, False, False, False, False]

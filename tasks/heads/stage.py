@@ -247,7 +247,24 @@ def excluded_rows(plan: HeadPlan) -> np.ndarray | None:
                                 f"{keys.short(plan.exclude)}, whose findings are not in {plan.cache_dir}: run "
                                 "transferpipe quality CONFIG first")
     flagged = {f["id"] for f in found["label_issues"]["train"]["flagged"]}
-    return np.array([p in flagged for p in FeatureStore(plan.cache_dir).paths(plan.train_key)], dtype=bool)
+    store = FeatureStore(plan.cache_dir)
+    mask = np.array([p in flagged for p in store.paths(plan.train_key)], dtype=bool)
+    return _keeping_every_class(mask, store.rows(plan.train_key, plan.head.layer), plan.label)
+
+
+def _keeping_every_class(mask: np.ndarray, rows: Any, head: str) -> np.ndarray:
+    """``mask`` less the rows of any class it would leave without a training image (before: the cleaned head, and
+    then the whole run, failed at the evaluation); says how many it kept and why."""
+    labels = rows.labels
+    emptied = [c for c in np.unique(labels) if mask[labels == c].all()]
+    if emptied:
+        kept = np.isin(labels, emptied)
+        log.info("head %s keeps %d flagged training image(s) of %s: every training image of %s is a label-issue "
+                 "candidate, and leaving them out would leave no training image of the class", head,
+                 int((mask & kept).sum()), ", ".join(repr(rows.classes[c]) if c < len(rows.classes) else str(c)
+                                                     for c in emptied), "it" if len(emptied) == 1 else "each")
+        mask = mask & ~kept
+    return mask
 
 
 def _reused(plan: HeadPlan, key: str) -> FitRecord:

@@ -32,7 +32,9 @@ PRIOR_WEIGHT = 1.0  # pseudo-votes of the class prior in the kNN probabilities (
 def out_of_fold(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int, C: float = PROBE_C) -> np.ndarray:
     """Each training image's class probabilities from a logistic probe that did not see it (stratified folds;
     features centred on each fold's training mean and scaled to unit length, as the searches compare them). A
-    class with fewer images than folds is dealt round-robin so every fold's probe sees the classes it can."""
+    class with fewer images than folds is dealt round-robin so every fold's probe sees the classes it can. A
+    fold whose training part holds one class only (a class with a single image, on tiny data) fits no probe:
+    its rows are NaN, and the caller scores them by the vote alone."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
@@ -46,6 +48,9 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: 
             x = x - mean
             return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+        if len(np.unique(y[fit])) < 2:
+            proba[held] = np.nan
+            continue
         model = LogisticRegression(C=C, max_iter=1000, tol=1e-4).fit(unit(X[fit]), y[fit])
         proba[np.ix_(held, model.classes_)] = model.predict_proba(unit(X[held]))
     return proba

@@ -54,7 +54,7 @@ def assess(plan: QualityPlan) -> QualityResult:
                                                        if finder.method == "approximate" else {})}
     # read once, for the probe and the in-class outliers; the approximate path never holds a split
     train = None if finder.method == "approximate" else _held(store, plan, "train", rows["train"], budget)
-    findings["duplicates"] = _duplicates(plan, manifest, finder, ids)
+    findings["duplicates"] = _duplicates(plan, manifest, finder, ids, _identical_rows(stored, ids))
     if plan.config.pixels:
         findings.update(_pixel_duplicates(manifest, finder.rows, ids))
     findings["label_issues"] = _label_issues(plan, train, manifest, finder, ids)
@@ -99,20 +99,45 @@ def _finder(plan: QualityPlan, rows: dict[str, Rows], budget: float) -> Exact | 
     return Exact(rows, cfg.neighbours, budget)
 
 
-def _duplicates(plan: QualityPlan, manifest: Manifest, finder: Exact | Projected,
-                ids: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+def _duplicates(plan: QualityPlan, manifest: Manifest, finder: Exact | Projected, ids: dict[str, list[str]],
+                identical: dict[str, list[tuple[str, str]]]) -> dict[str, list[dict[str, Any]]]:
     """Pairs at or above the threshold: within each split (``train``), and from each later split into each
-    earlier one (``train-test``: ``a`` in train, ``b`` in test)."""
+    earlier one (``train-test``: ``a`` in train, ``b`` in test); and every pair of bit-identical feature rows
+    (``identical``), whatever the search made of them."""
     digest = functools.cache(lambda item: _digest(manifest, item))  # a file in several pairs is hashed once
     out = {}
     for name, later, earlier in _split_pairs(list(finder.rows)):
-        pairs = []
+        pairs, seen = [], set()
         for q, g, cosine in finder.pairs(later, earlier, plan.config.duplicate_cosine):
             a, b = _pair_ids(ids, later, earlier, q, g)
             exact = bool(cosine >= EXACT_COSINE) and digest(a) is not None and digest(a) == digest(b)
             pairs.append({"a": a, "b": b, "cosine": round(float(cosine), 6), "exact": exact})
+            seen.add((a, b))
+        for a, b in identical.get(name, []):
+            if (a, b) not in seen and (b, a) not in seen:
+                pairs.append({"a": a, "b": b, "cosine": 1.0, "exact": digest(a) is not None and digest(a) == digest(b)})
         out[name] = pairs
     return out
+
+
+def _identical_rows(stored: dict[str, Any], ids: dict[str, list[str]]) -> dict[str, list[tuple[str, str]]]:
+    """Pairs of images whose stored features are bit-identical, by split pair as :func:`_duplicates` names them:
+    a byte-identical copy always is one (a feature depends on its image alone), even where the centred cosine
+    is undefined (every image the same: each centred row is zero). Each group of equal rows is a star on its
+    first member (in train, val, test order), so n copies give n - 1 pairs."""
+    first: dict[bytes, tuple[str, int]] = {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for split, rows in stored.items():
+        for start, block in rows.chunks(IDENTICAL_CHUNK, verify=False):
+            for i, row in enumerate(np.ascontiguousarray(block)):
+                seen = first.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), (split, start + i))
+                if seen != (split, start + i):
+                    name = split if seen[0] == split else f"{seen[0]}-{split}"
+                    out.setdefault(name, []).append((ids[seen[0]][seen[1]], ids[split][start + i]))
+    return out
+
+
+IDENTICAL_CHUNK = 16384
 
 
 def _split_pairs(names: list[str]):
@@ -179,9 +204,16 @@ def _label_issues(plan: QualityPlan, X: np.ndarray | None, manifest: Manifest, f
         why = "approximate search" if finder.method == "approximate" else "features exceed the memory budget"
         out["train"] = _flags(train.labels, near, ids["train"], f"{vote} (no probe: {train.n} x {train.dim} {why}){how}")
     else:
-        probe = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed)
-        out["train"] = _flags(train.labels, (probe + near.rows(slice(None))) / 2, ids["train"],
-                              f"the mean of out-of-fold logistic probabilities ({cfg.folds} folds) and {vote}{how}")
+        probe, votes = cl.out_of_fold(X, train.labels, n_classes, cfg.folds, cfg.seed), near.rows(slice(None))
+        alone = np.isnan(probe).any(axis=1)
+        method = f"the mean of out-of-fold logistic probabilities ({cfg.folds} folds) and {vote}{how}"
+        if alone.any():
+            few = [manifest.classes[c] for c in np.flatnonzero(np.bincount(train.labels, minlength=n_classes) < 2)]
+            method += (f"; {int(alone.sum())} image(s) by the vote alone: their fold's probe saw one class "
+                       f"(classes with under 2 training images: {few})")
+            log.info("quality of %s: %s", plan.experiment, method.split("; ")[-1])
+        out["train"] = _flags(train.labels, np.where(alone[:, None], votes, (np.nan_to_num(probe) + votes) / 2),
+                              ids["train"], method)
     for split in (s for s in rows if s != "train"):
         votes = finder.neighbour_labels(split, "train")
         against, majority = cl.vote_disagreement(votes, rows[split].labels, n_classes)
