@@ -86,6 +86,10 @@ class LogisticHead(GridHead):
             model.set_params(C=float(value))
             with warnings.catch_warnings():  # a candidate only chooses C; the kept fit warns (_final_state)
                 warnings.simplefilter("ignore", ConvergenceWarning)
+                # Newton-CG's line search at the precision floor of float32 features: it stops there, as it should
+                for message in ("Line Search failed", "The line search algorithm did not converge",
+                                "Rounding errors prevent the line search"):
+                    warnings.filterwarnings("ignore", message)
                 model.fit(X, y)
             coef, intercept = _two_class(model.coef_.astype(X.dtype), model.intercept_.astype(X.dtype))
             out.append({"coef_": coef, "intercept_": intercept, "n_iter_": np.array([int(model.n_iter_.max())])})
