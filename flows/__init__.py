@@ -17,3 +17,26 @@ for _name, _value in {
     "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
 }.items():
     os.environ.setdefault(_name, _value)
+
+
+def _route_logs_to_runs() -> None:
+    """transferpipe's lines in each run's logs on the server, also when Prefect was imported (and set up its
+    logging) before this package: a served deployment's runner, `prefect deploy`, a notebook. Prefect reads
+    PREFECT_LOGGING_EXTRA_LOGGERS once, at that set-up, so it missed the default above; this gives the
+    ``transferpipe`` logger the handlers Prefect gives its extra loggers (those of ``prefect.extra``, once) and
+    their level (PREFECT_LOGGING_LEVEL)."""
+    import logging
+    import sys
+
+    ours = logging.getLogger("transferpipe")
+    if ours.level == logging.NOTSET:  # else the root's WARNING: the stages' INFO lines would not pass
+        level = os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").upper()
+        ours.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)
+    if "prefect.logging.configuration" not in sys.modules:
+        return  # Prefect sets up later and reads the setting itself
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+
+
+_route_logs_to_runs()
