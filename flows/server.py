@@ -95,8 +95,10 @@ def start_server(home: Path | None = None, port: int | None = None, scheduler_lo
     server = PrefectServer(url=f"http://127.0.0.1:{port}/api", home=home, log=log or home / "server.log")
     env = server.env(**(extra_env or {}))
     env.pop("PREFECT_API_URL")
-    if not (env.get("PREFECT_UI_API_URL") or env.get("PREFECT_SERVER_UI_API_URL")):
-        env["PREFECT_SERVER_UI_API_URL"] = server.url  # else the UI calls port 4200 whatever --port says
+    # the UI calls the API where this says (Prefect's default: port 4200, whatever --port says); a user's own
+    # setting (a proxy in front) wins
+    env["PREFECT_SERVER_UI_API_URL"] = (os.environ.get("PREFECT_SERVER_UI_API_URL")
+                                        or os.environ.get("PREFECT_UI_API_URL") or server.url)
     if scheduler_loop_s is not None:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_s)
     proc = subprocess.Popen(
