@@ -159,16 +159,26 @@ def watch(
     every: Annotated[float, typer.Option("--every", min=0.1, help="Seconds between looks at the data.")] = 10.0,
     quiet: Annotated[float, typer.Option("--quiet", min=0, help="Seconds the data must stay unchanged before a "
                                                                  "change is announced (one event per burst).")] = 30.0,
+    max_wait: Annotated[float, typer.Option("--max-wait", min=0, help="Seconds after which a change that never "
+                                            "settles (a file rewritten all the time) is announced anyway.")] = 300.0,
 ) -> None:
     """Announce new, removed or changed data files as a Prefect event (transferpipe.data.changed) until Ctrl-C;
-    a deployment served with --on-data-change runs on each. Needs a server (PREFECT_API_URL)."""
+    a deployment served with --on-data-change runs on each. At least once: what was announced is kept in the
+    cache and a change is announced again until the server has it. Needs a server (PREFECT_API_URL or
+    `transferpipe server start`)."""
     from flows.config import load_config
     from flows.serve import require_server
     from flows.watch import emit, watch as watch_data
 
+    from storage.layout import CacheLayout
+
     cfg = load_config(config)
-    require_server("transferpipe watch needs a Prefect server (its events start the served deployment's runs)")
-    watch_data(cfg, every, quiet, emit(cfg))
+    url = require_server("transferpipe watch needs a Prefect server (its events start the served deployment's runs)")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):  # the remembered server too, not only PREFECT_API_URL's
+        watch_data(cfg, every, quiet, emit(cfg, url), max_wait=max_wait,
+                   state=CacheLayout(cfg.cache_dir).watch_state(cfg.name))
 
 
 @app.command()

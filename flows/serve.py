@@ -79,6 +79,12 @@ def schedules(cron: list[str], interval: list[float], timezone: str | None = Non
 def require_server(why: str = "transferpipe serve needs a Prefect server (ephemeral mode cannot schedule runs)") -> str:
     """The Prefect API URL; schedules cannot live in ephemeral mode, so without one this says how to start one."""
     url = os.environ.get("PREFECT_API_URL") or _configured_url()
+    if not url:  # the server `transferpipe server start` left running, as `run` finds it
+        from flows.server import remembered
+
+        server = remembered()
+        if server:
+            os.environ["PREFECT_API_URL"] = url = server.url
     if not url:
         raise ConfigError(
             f"{why}: start one with "
@@ -103,18 +109,21 @@ def serve(
 
     cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
     wanted = schedules(list(cron), list(interval), timezone)
-    require_server()
+    url = require_server()
     import json
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.watch import trigger
 
     parameters = {"config": str(Path(config).resolve())}
     if cache_dir is not None:
         parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
     os.environ[SERVED_ENV] = json.dumps({"config": parameters["config"], "cache_dir": parameters.get("cache_dir")})
-    from flows.watch import trigger
-
-    pipeline_from_config.serve(
-        name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
-        triggers=[trigger(cfg)] if on_data_change else None,
-        description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    with temporary_settings({PREFECT_API_URL: url}):  # the remembered server too, not only PREFECT_API_URL's
+        pipeline_from_config.serve(
+            name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
+            triggers=[trigger(cfg)] if on_data_change else None,
+            description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )

@@ -16,6 +16,8 @@
   select/<experiment>/                         select.md/json      storage/records.py (SelectionFiles)
   runs/<experiment>/<key>/                     reports             storage/records.py (ReportFiles)
   results.sqlite                               results registry    storage/results.py
+  prefect-records/<task>-<key>-<cache id>      Prefect's records   flows/stage_tasks.py, flows/trusted_records.py
+  watch/<experiment>.json                      last announced data flows/watch.py
 ```
 
 Inside a folder of feature files (the cache's ``features/`` or its ``pieces/``)
@@ -145,6 +147,10 @@ class CacheLayout:
 
     def registry(self) -> Path:
         return self.root / "results.sqlite"
+
+    def watch_state(self, experiment: str) -> Path:
+        """What ``transferpipe watch`` last announced for an experiment's data."""
+        return self.root / "watch" / f"{experiment}.json"
 
     def prefect_records(self) -> Path:
         """Prefect's result records of the stage tasks (JSON, keyed by the tasks' cache keys): beside the cache

@@ -109,10 +109,90 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
 
         state = final_state(prefect_server, runs[0]["id"], "the triggered run to finish", logs)
         assert state["type"] == "COMPLETED", f"{state}\n{logs[0].read_text()[-4000:]}"
-        assert "event transferpipe.data.changed sent" in logs[1].read_text()
+        assert "event transferpipe.data.changed on the server" in logs[1].read_text()  # read back by its id
         assert len(pieces() - extracted) == 1  # only the piece holding the new image was extracted
         assert {r["run_key"] for r in registry.query(cfg.cache_dir)} - before  # a new evaluation in the registry
         assert len(_deployment_runs(prefect_server, dep["id"], False)) == 1  # one event, one run
     finally:
         for proc in (p for p in (watching, served) if p is not None):
             interrupt(proc, timeout=120)
+
+
+def test_a_name_that_is_not_utf8_is_announced_escaped_not_dropped(tiny_config, tmp_path):
+    """Prefect drops an event whose payload JSON cannot encode (it logs a traceback; watch said "sent")."""
+    import json
+    import os
+
+    root = make_imagefolder(tmp_path / "data", n_per_class=2)
+    cfg = tiny_config(data={"root": str(root)})
+    odd = os.fsdecode(os.fsencode(str(root / "class0")) + b"/caf\xe9.png")
+    script = Scripted({2: lambda: Path(odd).write_bytes((root / "class0" / "000.png").read_bytes())})
+    said = []
+    watch.watch(cfg, every=1, quiet=2, announce=said.append, polls=6, clock=script.clock, sleep=script.sleep)
+    assert [s["added"] for s in said] == [[str(root / "class0") + "/caf\\xe9.png"]]
+    json.dumps(said[0], ensure_ascii=False).encode("utf-8")  # what Prefect sends: no surrogate left
+
+
+def test_the_baseline_survives_the_watcher_and_advances_only_when_the_server_took_the_event(tiny_config, tmp_path):
+    """A change made while no watcher ran, or pending when it was killed, or refused by a server that is down,
+    is announced by the next look: at least once."""
+    root = make_imagefolder(tmp_path / "data", n_per_class=2)
+    cfg = tiny_config(data={"root": str(root)})
+    state = tmp_path / "cache" / "watch" / "tiny.json"
+    said, down = [], [True]
+
+    def announce(body):
+        if down[0]:
+            down[0] = False
+            raise watch.NotAnnounced("the server is down")
+        said.append(body)
+
+    script = Scripted({2: lambda: make_image(root / "class0" / "a.png", 0, 7)})
+    n = watch.watch(cfg, every=1, quiet=2, announce=announce, polls=8, clock=script.clock, sleep=script.sleep,
+                    state=state)
+    assert n == 1 and [s["added_count"] for s in said] == [1]  # refused once, announced at the next look
+    make_image(root / "class0" / "b.png", 0, 8)  # while no watcher runs
+    said.clear()
+    script = Scripted({})
+    assert watch.watch(cfg, every=1, quiet=2, announce=said.append, polls=4, clock=script.clock,
+                       sleep=script.sleep, state=state) == 1
+    assert [Path(p).name for p in said[0]["added"]] == ["b.png"]  # a.png was announced already
+    script = Scripted({})
+    assert watch.watch(cfg, every=1, quiet=2, announce=said.append, polls=4, clock=script.clock,
+                       sleep=script.sleep, state=state) == 0  # nothing new: nothing said
+
+
+def test_a_file_that_never_settles_is_announced_after_the_longest_wait(tiny_config, tmp_path, caplog):
+    import logging
+
+    root = make_imagefolder(tmp_path / "data", n_per_class=2)
+    cfg = tiny_config(data={"root": str(root)})
+    log_file = root / "class0" / "growing.png"
+    script = Scripted({i: (lambda i=i: log_file.write_bytes(b"x" * i)) for i in range(2, 40)})  # every second
+    said = []
+    with caplog.at_level(logging.WARNING, logger="transferpipe.watch"):
+        n = watch.watch(cfg, every=1, quiet=3, announce=said.append, polls=30, clock=script.clock,
+                        sleep=script.sleep, max_wait=10)
+    assert n == 2 and said[0]["added"] == [str(log_file)]  # after 10 s of writing, not never
+    script = Scripted({3: lambda: __import__("shutil").rmtree(root / "class2")})
+    with caplog.at_level(logging.WARNING, logger="transferpipe.watch"):
+        watch.watch(tiny_config(data={"root": str(root / "class2")}), every=1, quiet=1, announce=said.append,
+                    polls=6, clock=script.clock, sleep=script.sleep)
+    assert sum("class2 is gone" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow  # waits out its confirmation time
+def test_an_event_the_server_never_got_is_not_announced(tiny_config, tmp_path):
+    """emit_event returns as if sent when the server is down; the read-back by id says it is not there."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/api"  # nothing listens once the socket is closed
+    cfg = tiny_config()
+    with temporary_settings({PREFECT_API_URL: closed}):
+        announce = watch.emit(cfg, closed, confirm_s=3)
+        with pytest.raises(watch.NotAnnounced, match="has no event .* after 3s"):
+            announce({"added_count": 1, "removed_count": 0, "changed_count": 0})
