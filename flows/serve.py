@@ -9,7 +9,10 @@ cannot schedule, so :func:`serve` refuses to start without a server.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from flows.defaults import DEFAULT_PORT
 from flows.pipeline import PipelineResult, pipeline_flow
 
 DEPLOYED_FLOW = "pipeline-from-config"
+log = logging.getLogger("transferpipe.serve")
 
 
 def _run_name() -> str:
@@ -120,10 +124,80 @@ def serve(
     if cache_dir is not None:
         parameters["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
     os.environ[SERVED_ENV] = json.dumps({"config": parameters["config"], "cache_dir": parameters.get("cache_dir")})
-    with temporary_settings({PREFECT_API_URL: url}):  # the remembered server too, not only PREFECT_API_URL's
+    name = name or cfg.name
+    with temporary_settings({PREFECT_API_URL: url}), serving(name):  # the remembered server too
+        replace_renamed(name, parameters)
         pipeline_from_config.serve(
-            name=name or cfg.name, schedules=wanted or None, paused=paused, parameters=parameters,
+            name=name, schedules=wanted or None, paused=paused, parameters=parameters,
             triggers=[trigger(cfg)] if on_data_change else None,
             description=f"transferpipe pipeline for {parameters['config']}", tags=["transferpipe"],
-            entrypoint_type=EntrypointType.MODULE_PATH,
+            entrypoint_type=EntrypointType.MODULE_PATH, pause_on_shutdown=False,  # serving() pauses, last one out
         )
+
+
+@contextlib.contextmanager
+def serving(name: str) -> Iterator[None]:
+    """This process as one server of deployment ``name``, in ``$PREFECT_HOME/transferpipe-serve/``: when the last
+    one on this machine stops, the deployment and its automations are paused (Prefect's own pause-on-shutdown
+    paused them, and deleted the scheduled runs, when any one server stopped while others went on serving)."""
+    from prefect.settings import get_current_settings
+
+    folder = Path(get_current_settings().home).expanduser() / "transferpipe-serve" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / str(os.getpid())
+    mine.write_text(name)
+    try:
+        yield
+    finally:
+        mine.unlink(missing_ok=True)
+        others = [p for p in folder.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        if others:
+            log.info("deployment %s/%s stays active: %d other serve process(es) serve it", DEPLOYED_FLOW, name,
+                     len(others))
+        else:
+            _pause(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pause(name: str) -> None:
+    """Pause the deployment (no more scheduled runs) and its automations (no runs from events nobody runs)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{DEPLOYED_FLOW}/{name}")
+        client.pause_deployment(deployment.id)
+        for automation in client.read_resource_related_automations(f"prefect.deployment.{deployment.id}"):
+            client.pause_automation(automation.id)
+    log.info("deployment %s/%s and its automations paused: the last serve process stopped (serving it again "
+             "resumes both)", DEPLOYED_FLOW, name)
+
+
+def replace_renamed(name: str, parameters: dict[str, str]) -> None:
+    """Delete the deployments (and their automations) that served this same config and cache folder under another
+    name and that no process on this machine serves now: a rename replaces, it does not add a deployment whose
+    trigger starts runs nobody runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home).expanduser() / "transferpipe-serve"
+    with get_client(sync_client=True) as client:
+        for old in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[DEPLOYED_FLOW]))):
+            same = {k: old.parameters.get(k) for k in ("config", "cache_dir")} == {
+                "config": parameters["config"], "cache_dir": parameters.get("cache_dir")}
+            served = (home / old.name).is_dir() and any(
+                p.name.isdigit() and _alive(int(p.name)) for p in (home / old.name).iterdir())
+            if same and old.name != name and not served:
+                client.delete_resource_owned_automations(f"prefect.deployment.{old.id}")
+                client.delete_deployment(old.id)
+                log.info("deployment %s/%s (the same config under its old name) replaced by %s", DEPLOYED_FLOW,
+                         old.name, name)

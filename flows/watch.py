@@ -3,7 +3,7 @@
 The watcher polls what a config's ``data:`` reads (the image folder, the shards' folders, a table's files)
 every ``every`` seconds, comparing each file's size and modification time. A change is announced once the
 data has been quiet for ``quiet`` seconds, so a burst of new shards is one event, not one per file: a
-Prefect event ``transferpipe.data.changed`` on the resource ``transferpipe.dataset.<experiment>`` whose
+Prefect event ``transferpipe.data.changed`` on the resource ``transferpipe.dataset.<experiment>.<data id>`` whose
 payload says what was added, removed and changed. ``transferpipe serve CONFIG --on-data-change`` puts a
 ``DeploymentEventTrigger`` for that event on the deployment, so each announcement starts one run, which
 extracts only the new pieces and refits and re-evaluates what depends on them (cache hits elsewhere).
@@ -35,8 +35,13 @@ LISTED = 20  # file names an event lists per kind of change (the counts are alwa
 Snapshot = dict[str, tuple[int, int]]  # path -> (size, mtime in ns)
 
 
-def resource_id(experiment: str) -> str:
-    return f"transferpipe.dataset.{experiment}"
+def resource_id(cfg: ExperimentConfig) -> str:
+    """The event's resource: the experiment's name and what identifies its data (the ``data:`` section and the
+    cache folder), so two configs that share a name never trigger each other's deployments."""
+    from storage.keys import fingerprint
+
+    data = {"data": cfg.data.model_dump(mode="json"), "cache_dir": str(Path(cfg.cache_dir).expanduser().resolve())}
+    return f"transferpipe.dataset.{cfg.name}.{fingerprint(data)[:12]}"
 
 
 def watched(cfg: ExperimentConfig) -> list[Path]:
@@ -177,7 +182,7 @@ def emit(cfg: ExperimentConfig, api_url: str, confirm_s: float = 60.0) -> Callab
     from prefect.events import emit_event
 
     def announce(body: dict[str, Any]) -> None:
-        event = emit_event(event=EVENT, resource={"prefect.resource.id": resource_id(cfg.name),
+        event = emit_event(event=EVENT, resource={"prefect.resource.id": resource_id(cfg),
                                                   "prefect.resource.name": cfg.name}, payload=body)
         if event is None:
             raise NotAnnounced("Prefect emitted no event (events are off in this process)")
@@ -203,4 +208,4 @@ def trigger(cfg: ExperimentConfig) -> Any:
     from prefect.events import DeploymentEventTrigger
 
     return DeploymentEventTrigger(name=f"{cfg.name} data changed", expect={EVENT},
-                                  match={"prefect.resource.id": resource_id(cfg.name)})
+                                  match={"prefect.resource.id": resource_id(cfg)})

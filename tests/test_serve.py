@@ -177,3 +177,45 @@ def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_conf
     errors = [line for line in (out + err).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"the Prefect server at {server.url} refuses connections" in errors[0], errors
     assert "Traceback" not in err
+
+
+def test_stopping_one_of_two_serves_leaves_the_deployment_served_and_a_rename_replaces_it(prefect_server,
+                                                                                        tiny_config, tmp_path):
+    """Issue 43: stopping one of two `serve` processes paused the shared deployment (deleting its scheduled runs)
+    while the other kept serving; automations outlived every serve; a --name change added another automation."""
+    config = write_config(tiny_config(), tmp_path / "tiny.yaml")
+    logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "c.log"]
+
+    def serve(name: str, log: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(config), "--name", name, "--cron",
+                                 "0 3 * * *", "--on-data-change"], cwd=REPO, env=prefect_server.env(),
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def automations(dep: dict) -> list[dict]:
+        return prefect_server.api("GET", f"/automations/related-to/prefect.deployment.{dep['id']}")
+
+    registry = prefect_server.home / "transferpipe-serve" / "pair"
+    first, second = serve("pair", logs[0]), serve("pair", logs[1])
+    try:
+        dep = served_deployment(prefect_server, "pair", logs)
+        _wait("both serve processes", lambda: len(list(registry.iterdir())) == 2 or None, 1800, logs)
+        _wait("the trigger's automation", lambda: automations(dep) or None, 1800, logs)
+        interrupt(first)
+        now = prefect_server.api("GET", f"/deployments/{dep['id']}")
+        assert not now["paused"] and all(a["enabled"] for a in automations(dep)), logs[0].read_text()[-3000:]
+        assert "stays active: 1 other serve process(es) serve it" in logs[0].read_text()
+        interrupt(second)
+        assert prefect_server.api("GET", f"/deployments/{dep['id']}")["paused"]
+        assert automations(dep) and not any(a["enabled"] for a in automations(dep))  # no runs nobody runs
+
+        renamed = serve("renamed", logs[2])
+        new = served_deployment(prefect_server, "renamed", logs)
+        _wait("the old name to be replaced", lambda: not prefect_server.api(
+            "POST", "/deployments/filter", json={"deployments": {"name": {"any_": ["pair"]}}}) or None, 1800, logs)
+        _wait("the renamed trigger", lambda: automations(new) or None, 1800, logs)
+        assert not prefect_server.api("GET", f"/deployments/{new['id']}")["paused"]
+        assert automations(dep) == []  # the old deployment's automation went with it
+    finally:
+        for proc in (first, second, locals().get("renamed")):
+            if proc is not None and proc.poll() is None:
+                interrupt(proc)

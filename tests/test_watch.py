@@ -98,7 +98,7 @@ def test_a_new_image_runs_the_served_pipeline_which_extracts_only_its_piece(pref
 
         (auto,) = _wait("the deployment's trigger", automation, 1800, logs)
         assert auto["trigger"]["expect"] == [watch.EVENT]
-        assert auto["trigger"]["match"] == {"prefect.resource.id": watch.resource_id(cfg.name)}
+        assert auto["trigger"]["match"] == {"prefect.resource.id": watch.resource_id(cfg)}
         watching = subprocess.Popen([sys.executable, "-m", "flows.cli", "watch", str(config), "--every", "0.5",
                                      "--quiet", "2"], cwd=REPO, env=env, stdout=logs[1].open("wb"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
