@@ -314,19 +314,21 @@ def demo(
                            "needs pip install 'transferpipe[demo]'.")] = False,
     markdown: Annotated[bool, typer.Option(
         "--markdown", help="Print the comparison as a markdown table (the README's, as it is).")] = False,
+    wide: views.Wide = False,
 ) -> None:
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
     from tasks.evaluate.report import compare_runs
 
     if imagenet:
-        return _imagenet_demo(cache_dir, markdown)
+        return _imagenet_demo(cache_dir, markdown, wide)
     from flows.demo import demo_flow
 
     result = _run_local(demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.pretrained.models, result.random.models)
-    print_table("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
-                ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"],
-                [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows], markdown)
+    views.comparison("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
+                     ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"],
+                     [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows],
+                     wide=wide, markdown=markdown)
     if result.quality is not None:
         views.quality(result.quality)
     src = next(m for m in result.source.models if m.name == "finetuned")
@@ -342,15 +344,16 @@ def demo(
         views.select("second-scanner digits: which backbone to pick?", ranked)
 
 
-def _imagenet_demo(cache_dir: Path | None, markdown: bool) -> None:
+def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
     from flows.demo import imagenet_demo_flow
     from tasks.evaluate.report import compare_runs
 
     result = _run_local(imagenet_demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models})
-    print_table("MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels",
-                ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"],
-                [[r["model"], r["shots"], r["pretrained"], r["random"], r["pixels"], r["gain"]] for r in rows], markdown)
+    views.comparison("MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels",
+                     ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"],
+                     [[r["model"], r["shots"], r["pretrained"], r["random"], r["pixels"], r["gain"]] for r in rows],
+                     wide=wide, markdown=markdown)
     out.print(f"reports: {result.imagenet.report}\n         {result.random.report}\n         {result.pixels.report}",
               highlight=False)
 

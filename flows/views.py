@@ -191,3 +191,23 @@ def quality(result: Any) -> None:
     outliers = ", ".join(f"{split} {n}" for split, n in result.outliers.items())
     out.print(f"outliers listed: {outliers}", highlight=False)
     out.print(f"quality report: {result.report}", highlight=False, soft_wrap=True)
+
+
+def comparison(title: str, columns: list[str], rows: list[list[str]], *, wide: bool = False,
+               markdown: bool = False) -> None:
+    """The demo's comparison: ``columns`` are model, labels per class, one top-1 column per backbone and the
+    gain. At 80 columns each top-1 shows without its interval (the gain keeps its own: it says whether the
+    difference is real), so no number is cut; ``--wide`` and ``--markdown`` (the README's) show everything."""
+    from flows.console import print_table
+
+    if markdown:
+        print_table(title, columns, rows, markdown=True)
+        return
+    if wide:
+        show(title, [Col(c) for c in columns], rows, wide=True)
+        return
+    short = {"pretrained on scanner 1": "pretrained", "random init": "random", "raw pixels": "pixels"}
+    narrow = ["model", "labels", *(short.get(c, c) for c in columns[2:-1]), "gain (95% CI)"]
+    values = [[*row[:2], *(cell.split(" (")[0] for cell in row[2:-1]), row[-1]] for row in rows]
+    show(title, [Col(c) for c in narrow], values,
+         caption="top-1 on the test images; their 95% intervals: --wide, or the report")

@@ -31,3 +31,26 @@ def test_demo_prints_the_readme_table(tmp_path: Path):
     assert printed == readme.section(readme.README.read_text(), "demo"), (
         "transferpipe demo no longer prints the README's table: python -m benchmarks.readme --only demo, "
         f"then commit README.md with constraints.txt\nprinted:\n{printed}")
+
+
+@pytest.mark.parametrize("wide, width", [(False, 80), (True, 200)])
+def test_the_demo_table_shows_whole_numbers_at_80_columns_and_everything_wide(wide, width, capsys):
+    """Issue 46: at 80 columns the table cut intervals mid-number and folded each row over three lines."""
+    from flows import views
+    from flows.console import out
+
+    table = readme.section(readme.README.read_text(), "demo").splitlines()
+    columns = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    old = out.width
+    out.width = width
+    try:
+        views.comparison("second-scanner digits", columns, rows, wide=wide)
+    finally:
+        out.width = old
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= width
+    body = "\n".join(lines)
+    for row in rows:  # one line a row, every number whole
+        cells = row if wide else [*row[:2], *(c.split(" (")[0] for c in row[2:-1]), row[-1]]
+        assert any(all(c in line for c in cells) for line in lines), (cells, body)
