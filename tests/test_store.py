@@ -1,5 +1,8 @@
 """A feature cache you can trust: kill -9 and resume, integrity, one writer per key, full disks.
 
+The in-process integrity checks (a truncated file, an inherited lock) run in the fast loop (``-m "not slow"``):
+they go through storage/features.py, h5file.py, writer.py and piece_join.py in about a second each.
+
 Every crash here is real: a subprocess killed with SIGKILL at a chosen point
 (``TRANSFERPIPE_FAULTS``, storage/faults.py) or stopped by a file-size limit.
 """
@@ -23,7 +26,6 @@ from tasks.extract.plan import SplitPlan
 from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, make_imagefolder, split_plans
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = """
@@ -85,6 +87,7 @@ def assert_identical(a: Path, b: Path) -> None:
     assert ca["checksums"] == cb["checksums"] and ca["skipped"] == cb["skipped"]
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 @pytest.mark.parametrize(
     ("faults", "batches_left"),
     [
@@ -113,6 +116,7 @@ def test_kill_9_then_rerun_resumes_to_identical_bytes(experiment, tmp_path, faul
     assert not partial(plan).exists()
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_resume_with_skipped_images_records_them_once(experiment, tmp_path):
     from tasks.data.manifest import Manifest
 
@@ -129,6 +133,7 @@ def test_resume_with_skipped_images_records_them_once(experiment, tmp_path):
     assert_identical(resumed.path, reference.path)
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_torn_partial_is_set_aside_never_deleted_and_extraction_restarts(experiment):
     reference = extract_split(experiment("reference"))
     plan = experiment("torn")
@@ -142,6 +147,7 @@ def test_torn_partial_is_set_aside_never_deleted_and_extraction_restarts(experim
     assert len(kept) == 1 and kept[0].read_bytes().endswith(b"torn write")
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_second_run_with_the_same_key_waits_then_reuses(experiment, tmp_path, caplog):
     plan = experiment("shared")
     first = child(plan, tmp_path, "extract.batch:2:delay=4")  # holds the lock for 4 s mid-run
@@ -156,6 +162,7 @@ def test_second_run_with_the_same_key_waits_then_reuses(experiment, tmp_path, ca
     assert json.loads(first.stdout.read())["forward_batches"] == 8
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_different_keys_proceed_in_parallel(experiment, tmp_path):
     slow = child(experiment("parallel"), tmp_path, "extract.batch:1:delay=20")
     other = experiment("parallel", split="test")
@@ -170,6 +177,7 @@ def test_different_keys_proceed_in_parallel(experiment, tmp_path):
     assert still_running and not result.cache_hit and result.rows == 7
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(experiment, tmp_path, tiny_disk):
     reference = extract_split(experiment("reference"))
     done = extract_split(experiment("disk/cache", split="test"))
@@ -197,6 +205,7 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
     assert_identical(resumed.path, reference.path)
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_a_full_disk_stops_a_checkpoint_before_it_is_written_and_says_so(tiny_config, tiny_disk):
     """torch.save on a full disk said only `unexpected pos …` and left a .tmp of up to 60 MB behind."""
     from flows.local import local_run_settings
@@ -211,6 +220,7 @@ def test_a_full_disk_stops_a_checkpoint_before_it_is_written_and_says_so(tiny_co
     assert list((tiny_disk / "cache" / "features").glob("*.h5"))  # what was computed is kept
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_a_file_size_limit_fails_before_writing_and_exits_without_a_crash(experiment, tmp_path):
     """``ulimit -f`` once made HDF5 fail mid-flush with EFBIG, and the process then segfaulted at exit (h5py #914)."""
     reference = extract_split(experiment("reference"))
@@ -224,6 +234,7 @@ def test_a_file_size_limit_fails_before_writing_and_exits_without_a_crash(experi
     assert_identical(extract_split(plan).path, reference.path)  # without the limit, the next run does the job
 
 
+@pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_bit_flip_is_caught_on_read_quarantined_and_recomputed(experiment):
     plan = experiment("flip")
     first = extract_split(plan)
