@@ -32,7 +32,6 @@ log = logging.getLogger("transferpipe.storage")
 
 CHUNK_BYTES = 1 << 20
 SPACE_MARGIN = 1 << 20  # for HDF5 metadata growth
-DTYPES = ("float16", "float32")
 STRING = h5py.string_dtype("utf-8")
 
 

@@ -123,9 +123,9 @@ def test_confident_learning_flags_the_rows_cleanlab_flags(seed, monkeypatch):
     assert np.array_equal(cl.low_self_confidence(y, proba), ranked)  # the same rows, in the same order
 
 
-def test_neighbour_probabilities_are_smoothed_votes_that_sum_to_one():
+def test_vote_probabilities_are_smoothed_votes_that_sum_to_one():
     votes = np.array([[0, 0, 1], [2, 2, 2]])
-    proba = cl.neighbour_probabilities(votes, np.array([0, 1, 2, 2]), 3, prior_weight=1.0)
+    proba = cl.VoteProbabilities(votes, np.array([0, 1, 2, 2]), 3, prior_weight=1.0).rows(slice(None))
     assert np.allclose(proba.sum(axis=1), 1) and (proba > 0).all()
     assert np.allclose(proba[0], [(2 + 0.25) / 4, (1 + 0.25) / 4, (0 + 0.5) / 4])
 
@@ -138,7 +138,7 @@ def test_vote_probabilities_flag_what_their_dense_matrix_flags(monkeypatch):
     neighbours[:40] = (labels[:40, None] + 1) % 6  # forty rows whose neighbours all say another class
     neighbours[5, 3:] = -1  # an index that found fewer neighbours
     votes = cl.VoteProbabilities(neighbours, labels, 6)
-    dense = cl.neighbour_probabilities(neighbours, labels, 6)
+    dense = votes.rows(slice(None))  # the whole matrix at once
     assert np.allclose(cl.self_confidence(labels, votes), cl.self_confidence(labels, dense))
     assert np.array_equal(cl.confident_learning(labels, votes), cl.confident_learning(labels, dense))
     flagged = cl.low_self_confidence(labels, votes)

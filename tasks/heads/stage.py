@@ -143,13 +143,6 @@ def is_stored(plan: HeadPlan) -> bool:
     return all(head_exists(plan.cache_dir, key) for _, _, key in fits(plan))
 
 
-def stored_result(plan: HeadPlan) -> HeadResult:
-    """The result of a head whose every fit is stored, from the saved descriptions (no feature is read)."""
-    h = plan.head
-    return HeadResult(key=plan.key, name=plan.label, kind=h.kind, layer=h.layer, fits=0, cache_hit=True, seconds=0.0,
-                      records=[_reused(plan, key) for _, _, key in fits(plan)])
-
-
 _load_lock = threading.Lock()
 
 

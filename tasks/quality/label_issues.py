@@ -81,12 +81,6 @@ class VoteProbabilities:
         return (same + self.weight * self.prior[labels]) / (valid.sum(axis=1) + self.weight)
 
 
-def neighbour_probabilities(neighbour_labels: np.ndarray, labels: np.ndarray, n_classes: int,
-                            prior_weight: float = PRIOR_WEIGHT) -> np.ndarray:
-    """:class:`VoteProbabilities` as one dense matrix (small splits)."""
-    return VoteProbabilities(neighbour_labels, labels, n_classes, prior_weight).rows(slice(None))
-
-
 def _votes(neighbour_labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the neighbours of each class and how many neighbours there are (-1: none found there)."""
     n, k = neighbour_labels.shape
