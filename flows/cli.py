@@ -166,16 +166,15 @@ def watch(
     a deployment served with --on-data-change runs on each. At least once: what was announced is kept in the
     cache and a change is announced again until the server has it. Needs a server (PREFECT_API_URL or
     `transferpipe server start`)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.config import load_config
     from flows.serve import require_server
     from flows.watch import emit, watch as watch_data
-
     from storage.layout import CacheLayout
 
     cfg = load_config(config)
     url = require_server("transferpipe watch needs a Prefect server (its events start the served deployment's runs)")
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     with temporary_settings({PREFECT_API_URL: url}):  # the remembered server too, not only PREFECT_API_URL's
         watch_data(cfg, every, quiet, emit(cfg, url), max_wait=max_wait,
                    state=CacheLayout(cfg.cache_dir).watch_state(cfg.name))
