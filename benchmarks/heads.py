@@ -12,11 +12,12 @@ runs) against plain LogisticRegression loops over the same C grid on the same
 features, at scikit-learn's defaults and converged: time ratios and best
 validation accuracies.
 
-    python -m benchmarks.heads [--epochs 10] [--quick]
+    python -m benchmarks.heads [--epochs 10] [--quick] [--markdown]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import warnings
 import time
@@ -81,10 +82,10 @@ def pipeline(plans, cache: Path, epochs: int, batch_size: int) -> tuple[float, d
     return time.perf_counter() - started, accuracy
 
 
-def sweep_versus_loop(cache: Path, train_key: str, val_key: str) -> None:
+def sweep_versus_loop(cache: Path, train_key: str, val_key: str) -> tuple[str, dict[str, tuple[float, float, float]]]:
     """The sweep against plain loops of cold ``LogisticRegression`` fits over the same grid on the head's own
     preprocessed features: at scikit-learn's defaults (lbfgs, tol 1e-4: what a user writes) and converged as the
-    sweep's kept model is (tol 1e-8). Each line: time, the best val accuracy and its C, loop/sweep."""
+    sweep's kept model is (tol 1e-8). Its title and, per line, the time, the best val accuracy and its C."""
     X, y = load_split(cache, train_key, "penultimate")
     Xv, yv = load_split(cache, val_key, "penultimate")
     grid = tuple(float(c) for c in np.logspace(-6, 6, 13))
@@ -99,14 +100,10 @@ def sweep_versus_loop(cache: Path, train_key: str, val_key: str) -> None:
         started = time.perf_counter()
         scores = [LogisticRegression(C=c, tol=tol, max_iter=10_000).fit(Xs, y).score(Xvs, yv) for c in grid]
         loops[label] = (time.perf_counter() - started, max(scores), grid[int(np.argmax(scores))])
-    t_plain = loops["defaults, tol 1e-4"][0]
-    print(f"logistic sweep, {len(grid)} C values on {X.shape[0]} x {X.shape[1]} features (ratios: plain loop at "
-          f"defaults / this line):")
     lines = {f"plain LogisticRegression loop, {k}": v for k, v in loops.items()}
     lines.update({f"sweep, {'one warm path (default)' if j == 1 else 'parallel runs, one per core'}": v
                   for j, v in runs.items()})
-    for label, (t, acc, best) in lines.items():
-        print(f"  {label:44s} {t:6.2f} s   best val acc {acc:.4f} at C={best:<8g} {t_plain / t:5.2f}x")
+    return f"logistic sweep, {len(grid)} C values on {X.shape[0]} x {X.shape[1]} features", lines
 
 
 def main() -> None:
@@ -114,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--markdown", action="store_true", help="the tables docs/performance.md holds")
     args = parse_args(parser, {"epochs": 2})
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
@@ -123,13 +121,46 @@ def main() -> None:
         t_a = tutorial(train_plan, args.epochs, args.batch_size)
         t_b, accuracy = pipeline(plans, cache, args.epochs, args.batch_size)
         n = len(Manifest.load(train_plan.manifest).splits["train"])
-        print(f"heads benchmark: digits ({n} train images), resnet18 frozen @ 32 px, {args.epochs} epochs, batch {args.batch_size}")
-        print(f"  (a) tutorial: backbone re-run every epoch, linear layer only   {t_a:7.2f} s")
-        print(f"  (b) extract once + the same linear head + 3 more heads          {t_b:7.2f} s")
-        print(f"  a/b = {t_a / t_b:.2f}   (val accuracy of (b)'s heads: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + ")")
         keys = {split: p.key for split, p in plans.items()}
-        sweep_versus_loop(cache, keys["train"], keys["val"])
+        title, sweep = sweep_versus_loop(cache, keys["train"], keys["val"])
+    report = (print_markdown if args.markdown else print_text)
+    report(f"digits ({n} train images), resnet18 frozen @ 32 px, {args.epochs} epochs, batch {args.batch_size}",
+           t_a, t_b, accuracy, title, sweep)
+
+
+def print_text(setting: str, t_a: float, t_b: float, accuracy: dict[str, float], title: str,
+               sweep: dict[str, tuple[float, float, float]]) -> None:
+    print(f"heads benchmark: {setting}")
+    print(f"  (a) tutorial: backbone re-run every epoch, linear layer only   {t_a:7.2f} s")
+    print(f"  (b) extract once + the same linear head + 3 more heads          {t_b:7.2f} s")
+    print(f"  a/b = {t_a / t_b:.2f}   (val accuracy of (b)'s heads: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + ")")
+    t_plain = next(iter(sweep.values()))[0]
+    print(f"{title} (ratios: plain loop at defaults / this line):")
+    for label, (t, acc, best) in sweep.items():
+        print(f"  {label:44s} {t:6.2f} s   best val acc {acc:.4f} at C={best:<8g} {t_plain / t:5.2f}x")
+
+
+def print_markdown(setting: str, t_a: float, t_b: float, accuracy: dict[str, float], title: str,
+                   sweep: dict[str, tuple[float, float, float]]) -> None:
+    """The tables docs/performance.md holds (``python -m benchmarks.readme --only heads``), with the date and
+    the machine's load they were measured at."""
+    import datetime
+    import platform
+
+    load = os.getloadavg()[0]
+    print(f"**{setting}; measured {datetime.date.today()} on {os.cpu_count()} cores ({platform.machine()}, "
+          f"load {load:.1f})**")
+    print("| approach | seconds | ratio |")
+    print("|---|---|---|")
+    print(f"| (a) the backbone re-run every epoch, linear layer only | {t_a:.2f} | 1.00 |")
+    print(f"| (b) extract once + the same linear head + 3 more heads | {t_b:.2f} | {t_a / t_b:.2f}x |")
+    t_plain = next(iter(sweep.values()))[0]
+    print(f"**{title}: ratio to the plain loop at scikit-learn's defaults**")
+    print("| run | seconds | best val acc (C) | ratio |")
+    print("|---|---|---|---|")
+    for label, (t, acc, best) in sweep.items():
+        print(f"| {label} | {t:.2f} | {acc:.4f} ({best:g}) | {t_plain / t:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ cache and Prefect home, whose markdown table replaces what the markers hold.
 After bumping a dependency: ``bash .ci/lock``, then this script, then commit
 both (``tests/test_readme.py`` checks the demo's table against a real run).
 
-    python -m benchmarks.readme [--only demo imagenet cli export] [--check]
+    python -m benchmarks.readme [--only demo imagenet cli export heads] [--check]
 """
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ SECTIONS: dict[str, list[str]] = {
     "imagenet": [*TP, "demo", "--imagenet", "--markdown", "--cache-dir", "{cache}"],
     "cli": [sys.executable, "-m", "benchmarks.cli", "--markdown"],
     "export": [sys.executable, "-m", "benchmarks.export"],
+    "heads": [sys.executable, "-m", "benchmarks.heads", "--markdown"],
 }
 #: the page that holds each section's table
-PAGES: dict[str, Path] = {"demo": README, "imagenet": PERFORMANCE, "cli": PERFORMANCE, "export": PERFORMANCE}
+PAGES: dict[str, Path] = {"demo": README, "imagenet": PERFORMANCE, "cli": PERFORMANCE, "export": PERFORMANCE,
+                          "heads": PERFORMANCE}
 
 
 def page(name: str) -> Path:
