@@ -150,7 +150,12 @@ def serving(name: str) -> Iterator[None]:
         yield
     finally:
         mine.unlink(missing_ok=True)
-        others = [p for p in folder.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        others = []
+        for entry in folder.iterdir():
+            if entry.name.isdigit() and _alive(int(entry.name)):
+                others.append(entry)
+            else:
+                entry.unlink(missing_ok=True)  # left by a serve that was killed
         if others:
             log.info("deployment %s/%s stays active: %d other serve process(es) serve it", DEPLOYED_FLOW, name,
                      len(others))
