@@ -27,7 +27,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import ExperimentConfig
 from flows.device_slots import guarded
 from flows.trusted_records import StageRecords
-from storage.keys import fingerprint
+from storage import keys
 from storage.layout import CacheLayout
 from tasks.evaluate.stage import evaluate
 from tasks.export.stage import export_split
@@ -49,7 +49,7 @@ def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     """
     (plan,) = parameters.values()
     cache_dir = getattr(plan, "cache_dir", None) or plan.split.cache_dir  # a piece group's plan holds its split's
-    return f"{context.task.name}-{plan.key}-{fingerprint(str(Path(cache_dir).resolve()))[:16]}"
+    return keys.prefect_cache_key(context.task.name, plan.key, cache_dir)
 
 
 def retry_unless_bad_input(task: Task, task_run: Any, state: Any) -> bool:
@@ -117,7 +117,7 @@ def records_storage(cache_dir: Path) -> Any:
 @functools.lru_cache(maxsize=32)
 def _saved_storage(folder: str, api: str, home: str) -> Any:
     block = StageRecords(basepath=str(CacheLayout(folder).prefect_records()))
-    block.save(f"transferpipe-records-{fingerprint(folder)[:16]}", overwrite=True)
+    block.save(keys.records_block_name(folder), overwrite=True)
     return block
 
 

@@ -38,10 +38,9 @@ Snapshot = dict[str, tuple[int, int]]  # path -> (size, mtime in ns)
 def resource_id(cfg: ExperimentConfig) -> str:
     """The event's resource: the experiment's name and what identifies its data (the ``data:`` section and the
     cache folder), so two configs that share a name never trigger each other's deployments."""
-    from storage.keys import fingerprint
+    from storage.keys import dataset_resource
 
-    data = {"data": cfg.data.model_dump(mode="json"), "cache_dir": str(Path(cfg.cache_dir).expanduser().resolve())}
-    return f"transferpipe.dataset.{cfg.name}.{fingerprint(data)[:12]}"
+    return dataset_resource(cfg.name, cfg.data.model_dump(mode="json"), cfg.cache_dir)
 
 
 def watched(cfg: ExperimentConfig) -> list[Path]:

@@ -210,6 +210,44 @@ def quality_spec(features: dict[str, str], settings: dict[str, Any]) -> dict[str
     return {"kind": "quality", "version": CODE_VERSIONS["quality"], "features": features, "settings": settings}
 
 
+# ---------------------------------------------------------------- keys of bookkeeping, not of stored results
+# (their formulas are fixed: changing one makes existing caches' records, memos or pieces miss once)
+
+
+def cache_id(cache_dir: str | Path) -> str:
+    """A cache folder's identity (16 hex digits of its resolved path): in Prefect cache keys and block names."""
+    return fingerprint(str(Path(cache_dir).resolve()))[:16]
+
+
+def prefect_cache_key(task_name: str, key: str, cache_dir: str | Path) -> str:
+    """A stage task's Prefect cache key: task name (tasks with equal inputs never share a record), the stage's
+    own key, and the cache folder (two caches side by side each get their own record)."""
+    return f"{task_name}-{key}-{cache_id(cache_dir)}"
+
+
+def records_block_name(folder: str) -> str:
+    """The Prefect storage block of one cache's stage records (``folder``: the resolved cache path)."""
+    return f"transferpipe-records-{fingerprint(folder)[:16]}"
+
+
+def shard_scan_key(path: str, size: int, mtime_ns: int, label: list[str]) -> str:
+    """What a scan of one WebDataset shard found, by the shard's path, size and mtime and the label it reads."""
+    return fingerprint({"kind": "shard-scan", "version": 3, "path": path, "size": size, "mtime_ns": mtime_ns,
+                        "label": label})
+
+
+def piece_group_key(split: str, pieces: list[str]) -> str:
+    """A group of pieces one scale-out worker extracts: the split's key and the pieces' keys."""
+    return fingerprint({"kind": "piece-group", "split": split, "pieces": pieces})
+
+
+def dataset_resource(experiment: str, data: dict[str, Any], cache_dir: str | Path) -> str:
+    """The Prefect event resource of an experiment's data (``transferpipe watch``): its name and a fingerprint
+    of its ``data:`` section and cache folder, so two configs sharing a name never trigger each other."""
+    ident = {"data": data, "cache_dir": str(Path(cache_dir).expanduser().resolve())}
+    return f"transferpipe.dataset.{experiment}.{fingerprint(ident)[:12]}"
+
+
 def short(key: str) -> str:
     """The first 12 hex digits: enough to name a key in tables and logs."""
     return key[:12]

@@ -178,3 +178,15 @@ def test_module_names_say_one_thing():
     two things), except the names every stage package uses for the same parts (``plan``, ``stage``, ``loop``)."""
     names = [p.stem for p in _paths() if p.stem not in REPEATABLE]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_keys_are_computed_in_storage_keys_only():
+    """Every key (a stage's, Prefect's cache key, a memo's, a piece group's, an event resource's) comes from a
+    function of storage/keys.py, which holds their formulas and versions; elsewhere only ``keys.fingerprint``
+    of a value that is not a key (the test images' identity) is allowed."""
+    callers = {}
+    for path in [*sorted((REPO / "tasks").rglob("*.py")), *sorted((REPO / "flows").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "fingerprint":
+                callers.setdefault(str(path.relative_to(REPO)), []).append(node.lineno)
+    assert set(callers) <= {"tasks/evaluate/stage.py"}, callers

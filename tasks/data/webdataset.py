@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from storage.keys import fingerprint
+from storage.keys import shard_scan_key
 from storage.layout import CacheLayout
 from storage.records import Records
 from tasks.data.config import DataConfig, DataSource, Scan
@@ -136,8 +136,7 @@ def _wds_scan(path: str, ext: str, field: str, memo: Records) -> tuple[str | Non
     from tasks.data import tar_index
 
     st = os.stat(path)
-    key = fingerprint({"kind": "shard-scan", "version": 3, "path": os.path.abspath(path), "size": st.st_size,
-                       "mtime_ns": st.st_mtime_ns, "label": [ext, field]})
+    key = shard_scan_key(os.path.abspath(path), st.st_size, st.st_mtime_ns, [ext, field])
     known = memo.read(key)
     try:  # flat lists: a million samples decode in about a second; a damaged record counts as absent
         bad = known["bad"]

@@ -11,7 +11,7 @@ import time
 from pydantic import BaseModel, ConfigDict
 
 from storage.features import FeatureStore
-from storage.keys import fingerprint
+from storage.keys import piece_group_key
 from tasks.extract.pieces import Piece
 from tasks.extract.plan import ExtractResult, SplitPlan
 from tasks.extract.stage import extract_pieces, join, missing, reuse
@@ -29,7 +29,7 @@ class PieceGroup(BaseModel):
 
     @property
     def key(self) -> str:
-        return fingerprint({"kind": "piece-group", "split": self.split.key, "pieces": [p.key for p in self.pieces]})
+        return piece_group_key(self.split.key, [p.key for p in self.pieces])
 
 
 def plan_groups(plan: SplitPlan, count: int) -> list[PieceGroup]:
