@@ -145,8 +145,15 @@ def test_no_test_or_benchmark_imports_a_test_module(path):
     assert not bad
 
 
-CACHE_NAMES = {"features", "heads", "finetune", "runs", "scores", "manifests", "backbones", "metrics", "select",
-               "datasets", "quarantine", "shards"}
+def _layout_names() -> set[str]:
+    """Every folder and file name storage/layout.py spells (``root / "name"``): derived, so a folder added to the
+    layout is guarded here at once (and one removed from it stops being)."""
+    tree = ast.parse((REPO / "storage" / "layout.py").read_text())
+    return {node.right.value for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)}
+
+
+CACHE_NAMES = _layout_names() | {"shards"}  # shards/: where pieces lived before features/pieces/
 CACHE_SUFFIXES = (".json", ".md", ".png", ".pt", ".h5", ".partial", ".lock", ".sqlite", ".safetensors", ".faiss",
                   ".parquet", ".npy")
 
