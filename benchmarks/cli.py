@@ -104,15 +104,20 @@ def main() -> None:
             rows.append(("  the rest: start-up, evaluation, report", rows[-2][1] - fit, None))
         finally:
             timed(tp + ["server", "stop"], env)
-    base = {0: rows[0][1], 1: plain, 3: t_trivial, 9: t_trivial_server}
+    report(rows, {0: rows[0][1], 1: plain, 3: t_trivial, 9: t_trivial_server}, args.markdown)
+
+
+def report(rows: list[tuple[str, float, int | None]], base: dict[int, float], markdown: bool) -> None:
+    """Each row with its ratio to the baseline it names (0: the imports, 1: the plain script, 3 and 9: a trivial
+    flow, ephemeral and against a server)."""
     names = {0: "import h5py, sklearn", 1: "plain script", 3: "trivial flow, ephemeral", 9: "trivial flow, server"}
-    if args.markdown:
+    if markdown:
         print("| command | seconds | ratio to its baseline |\n|---|---|---|")
     else:
         print(f"CLI benchmark (from the shell, start-up included; {os.cpu_count()} cores)")
     for what, seconds, against in rows:
         ratio = f"{seconds / base[against]:5.2f}x {names[against]}" if against in base else ""
-        if args.markdown:
+        if markdown:
             print(f"| {what.strip()} | {seconds:.2f} | {ratio.strip() or '(baseline)'} |")
         else:
             print(f"  {what:<55} {seconds:7.2f} s   {ratio}")

@@ -126,47 +126,51 @@ def synthetic_features(cache: Path, name: str, rows: int, dim: int = DIM, classe
 # --------------------------------------------------------------------------- one stage, in a child process
 
 
-def run_stage(stage: str, n: int, work: Path) -> str:
-    """Do one stage at size ``n``; return a note for the table."""
-    cache = work / "cache"
-    if stage == "manifest":
-        from tasks.data.config import DataConfig
-        from tasks.data.manifest import build_manifest
+def _manifest(n: int, work: Path) -> str:
+    from tasks.data.config import DataConfig
+    from tasks.data.manifest import build_manifest
 
-        root = empty_files(work / f"files-{n}", n)
-        m = build_manifest(DataConfig(source="imagefolder", root=root, val_fraction=0.02, test_fraction=0.05), cache)
-        return f"{sum(len(v) for v in m.splits.values()):,} files"
-    if stage == "shards":
-        from tasks.data.config import DataConfig
-        from tasks.data.manifest import build_manifest
+    root = empty_files(work / f"files-{n}", n)
+    m = build_manifest(DataConfig(source="imagefolder", root=root, val_fraction=0.02, test_fraction=0.05),
+                       work / "cache")
+    return f"{sum(len(v) for v in m.splits.values()):,} files"
 
-        root = tar_shards(work / f"shards-{n}", n)
-        m = build_manifest(DataConfig(source="webdataset", shards=sorted(str(p) for p in root.glob("*.tar")),
-                                      val_fraction=0.02, test_fraction=0.05), cache)
-        return f"{sum(len(v) for v in m.splits.values()):,} samples in {len(list(root.glob('*.tar')))} shards"
-    if stage == "plan":
-        from flows.config import load_config
-        from flows.explain import explain
 
-        steps = explain(load_config(plan_config(work, n)))
-        pieces = [why for step in steps if step.stage == "extract" for why in step.why if why.startswith("pieces")]
-        return f"{len(steps)} steps; train {pieces[0]}"
-    if stage == "grow":
-        return grow(work, n)
-    if stage == "extract":
-        from tasks.backbones.config import BackboneConfig
-        from tasks.data.config import DataConfig
-        from tasks.extract.plan import ExtractConfig, plan_extraction
-        from tasks.extract.stage import extract_split
+def _shards(n: int, work: Path) -> str:
+    from tasks.data.config import DataConfig
+    from tasks.data.manifest import build_manifest
 
-        root = tiny_pngs(work / f"pngs-{n}", n)
-        plans = plan_extraction(DataConfig(source="imagefolder", root=root, val_fraction=0, test_fraction=0),
-                                BackboneConfig(name="resnet18", weights="none",
-                                               preprocess={"resize": 32, "crop": 32}),
-                                ExtractConfig(batch_size=64, num_workers=0), cache / f"x{n}")
-        result = extract_split(plans["train"])
-        return f"{result.rows / result.seconds:,.0f} img/s"
-    if stage in ("linear", "knn", "logistic"):
+    root = tar_shards(work / f"shards-{n}", n)
+    m = build_manifest(DataConfig(source="webdataset", shards=sorted(str(p) for p in root.glob("*.tar")),
+                                  val_fraction=0.02, test_fraction=0.05), work / "cache")
+    return f"{sum(len(v) for v in m.splits.values()):,} samples in {len(list(root.glob('*.tar')))} shards"
+
+
+def _plan(n: int, work: Path) -> str:
+    from flows.config import load_config
+    from flows.explain import explain
+
+    steps = explain(load_config(plan_config(work, n)))
+    pieces = [why for step in steps if step.stage == "extract" for why in step.why if why.startswith("pieces")]
+    return f"{len(steps)} steps; train {pieces[0]}"
+
+
+def _extract(n: int, work: Path) -> str:
+    from tasks.backbones.config import BackboneConfig
+    from tasks.data.config import DataConfig
+    from tasks.extract.plan import ExtractConfig, plan_extraction
+    from tasks.extract.stage import extract_split
+
+    root = tiny_pngs(work / f"pngs-{n}", n)
+    plans = plan_extraction(DataConfig(source="imagefolder", root=root, val_fraction=0, test_fraction=0),
+                            BackboneConfig(name="resnet18", weights="none", preprocess={"resize": 32, "crop": 32}),
+                            ExtractConfig(batch_size=64, num_workers=0), work / "cache" / f"x{n}")
+    result = extract_split(plans["train"])
+    return f"{result.rows / result.seconds:,.0f} img/s"
+
+
+def _head(kind: str):
+    def run(n: int, work: Path) -> str:
         from tasks.heads.configs import KNNConfig, LinearConfig, LogisticConfig
         from tasks.heads.stage import plan_heads, train_head
 
@@ -174,28 +178,41 @@ def run_stage(stage: str, n: int, work: Path) -> str:
         val = synthetic_features(work / "features", "val", 2000, seed=1)
         head = {"linear": LinearConfig(kind="linear", weight_decay=[1e-4], max_iter=10),
                 "knn": KNNConfig(kind="knn", k=[10]),
-                "logistic": LogisticConfig(kind="logistic", C=[1.0], max_iter=20)}[stage]
-        os.environ["TRANSFERPIPE_HEADS_MEMORY_GB"] = "1e-6" if stage != "logistic" else "1000"
+                "logistic": LogisticConfig(kind="logistic", C=[1.0], max_iter=20)}[kind]
+        os.environ["TRANSFERPIPE_HEADS_MEMORY_GB"] = "1e-6" if kind != "logistic" else "1000"
         shutil.rmtree(work / "features" / "heads", ignore_errors=True)  # a kept --work folder: train, not reuse
         result = train_head(plan_heads([head], train, val, work / "features")[0])
         return f"val acc {result.records[0].val_accuracy:.3f}"
-    if stage == "evaluate":
-        from tasks.evaluate.plan import ModelReport
-        from tasks.evaluate.metrics import classification_metrics
-        from tasks.softmax import softmax
-        from storage.records import ReportFiles
-        from tasks.evaluate.plots import draw_plots
 
-        rng = np.random.default_rng(0)
-        y = rng.integers(0, 1000, n)
-        scores = rng.standard_normal((n, 1000)).astype(np.float32)
-        scores[np.arange(n), y] += 3.0
-        metrics = classification_metrics(y, scores, softmax(scores), 1000)
-        report = ModelReport(name="probe", kind="linear", layer="penultimate", shot="all", seeds=1, metrics=metrics)
-        (work / "report").mkdir(exist_ok=True)
-        draw_plots(ReportFiles(work / "report"), [report], [f"class{i}" for i in range(1000)])
-        return f"top1 {metrics['top1']:.3f}"
-    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(BASE)}")
+    return run
+
+
+def _evaluate(n: int, work: Path) -> str:
+    from storage.records import ReportFiles
+    from tasks.evaluate.metrics import classification_metrics
+    from tasks.evaluate.plan import ModelReport
+    from tasks.evaluate.plots import draw_plots
+    from tasks.softmax import softmax
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 1000, n)
+    scores = rng.standard_normal((n, 1000)).astype(np.float32)
+    scores[np.arange(n), y] += 3.0
+    metrics = classification_metrics(y, scores, softmax(scores), 1000)
+    report = ModelReport(name="probe", kind="linear", layer="penultimate", shot="all", seeds=1, metrics=metrics)
+    (work / "report").mkdir(exist_ok=True)
+    draw_plots(ReportFiles(work / "report"), [report], [f"class{i}" for i in range(1000)])
+    return f"top1 {metrics['top1']:.3f}"
+
+
+def run_stage(stage: str, n: int, work: Path) -> str:
+    """Do one stage at size ``n``; return a note for the table."""
+    runs = {"manifest": _manifest, "shards": _shards, "plan": _plan, "grow": lambda n, w: grow(w, n),
+            "extract": _extract, "linear": _head("linear"), "knn": _head("knn"), "logistic": _head("logistic"),
+            "evaluate": _evaluate}
+    if stage not in runs:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(BASE)}")
+    return runs[stage](n, work)
 
 
 def plan_config(work: Path, n: int) -> Path:
