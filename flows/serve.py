@@ -150,12 +150,7 @@ def serving(name: str) -> Iterator[None]:
         yield
     finally:
         mine.unlink(missing_ok=True)
-        others = []
-        for entry in folder.iterdir():
-            if entry.name.isdigit() and _alive(int(entry.name)):
-                others.append(entry)
-            else:
-                entry.unlink(missing_ok=True)  # left by a serve that was killed
+        others = live_servers(folder)
         if others:
             log.info("deployment %s/%s stays active: %d other serve process(es) serve it", DEPLOYED_FLOW, name,
                      len(others))
@@ -163,14 +158,18 @@ def serving(name: str) -> Iterator[None]:
             _pause(name)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def live_servers(folder: Path) -> list[Path]:
+    """The serve processes registered in ``folder`` that still run; the files of killed ones are removed."""
+    alive = []
+    for entry in (folder.iterdir() if folder.is_dir() else ()):
+        try:
+            os.kill(int(entry.name), 0)
+            alive.append(entry)
+        except PermissionError:  # another user's process: running
+            alive.append(entry)
+        except (ValueError, ProcessLookupError):
+            entry.unlink(missing_ok=True)  # left by a serve that was killed
+    return alive
 
 
 def _pause(name: str) -> None:
@@ -199,8 +198,7 @@ def replace_renamed(name: str, parameters: dict[str, str]) -> None:
         for old in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[DEPLOYED_FLOW]))):
             same = {k: old.parameters.get(k) for k in ("config", "cache_dir")} == {
                 "config": parameters["config"], "cache_dir": parameters.get("cache_dir")}
-            served = (home / old.name).is_dir() and any(
-                p.name.isdigit() and _alive(int(p.name)) for p in (home / old.name).iterdir())
+            served = bool(live_servers(home / old.name))
             if same and old.name != name and not served:
                 client.delete_resource_owned_automations(f"prefect.deployment.{old.id}")
                 client.delete_deployment(old.id)
