@@ -75,7 +75,8 @@ def plain_export(h5: Path, out: Path, chunk: int) -> None:
 
 
 def export_rows(tmp: Path, rows: int, dim: int) -> list[list[str]]:
-    from tasks.export.stage import ExportConfig, export_split, plan_export
+    from tasks.export.plan import ExportConfig, plan_export
+    from tasks.export.stage import export_split
 
     cache = tmp / "cache"
     h5 = write_split(cache, rows, dim)

@@ -172,7 +172,8 @@ def _extract(n: int, work: Path) -> str:
 def _head(kind: str):
     def run(n: int, work: Path) -> str:
         from tasks.heads.configs import KNNConfig, LinearConfig, LogisticConfig
-        from tasks.heads.stage import plan_heads, train_head
+        from tasks.heads.plan import plan_heads
+        from tasks.heads.stage import train_head
 
         train = synthetic_features(work / "features", "train", n)
         val = synthetic_features(work / "features", "val", 2000, seed=1)

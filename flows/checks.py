@@ -7,44 +7,33 @@ from __future__ import annotations
 from collections import Counter
 
 from flows.config import ExperimentConfig
-from flows.nodes import (
-    EVALUATE,
-    EXPORT,
-    FINETUNE,
-    HEADS,
-    INDEX,
-    Node,
-    Stage,
-    Work,
-    feature_reports,
-    features,
-    test_split,
-)
+from tasks.declare import Planned, Stage, Work, features
+from tasks.evaluate.plan import feature_reports, test_split
+from tasks.stages import BY_NAME
 from tasks.backbones.config import module_names
 from tasks.data.manifest import Manifest
 from tasks.machine import cuda_possible
 
 
-def check_inputs(config: ExperimentConfig, chosen: list[Node], extraction: list[Work]) -> list[str]:
+def check_inputs(config: ExperimentConfig, chosen: list[Stage], extraction: list[Work]) -> list[str]:
     """What the later stages need, checked before anything computes: a test split, heads to train, few-shot
     counts the classes can give, modules to unfreeze, the splits and layers later stages read, the devices asked
     for. Raises for what stops a run; returns notes on what it runs without (classes with no image in a split)."""
-    planned = {"extract": Stage(extraction)}
+    planned, names = {"extract": Planned(extraction)}, {s.name for s in chosen}
     manifest = Manifest.load(features(planned)["train"].manifest)  # one file holds every split: read it once
     devices = {"extract.device": config.extract.device}
-    if HEADS in chosen:
-        HEADS.plan(config, planned)
+    if "heads" in names:
+        BY_NAME["heads"].plan(config, planned)
         _check_shots(config, manifest)
         devices |= {f"heads.{h.label}.device": h.device for h in config.heads if hasattr(h, "device")}
-    if FINETUNE in chosen:
+    if "finetune" in names:
         devices["finetune.device"] = config.finetune.device
         _check_unfreeze(config)
-    if EVALUATE in chosen:
+    if "evaluate" in names:
         feature_reports(config, features(planned) | {"test": test_split(planned)})
-    if EXPORT in chosen:
-        EXPORT.plan(config, planned)
-    if INDEX in chosen:
-        INDEX.plan(config, planned)
+    for side in ("export", "index"):  # their splits and layers
+        if side in names:
+            BY_NAME[side].plan(config, planned)
     wanted = {field: device for field, device in devices.items() if device.startswith("cuda")}
     if wanted and not cuda_possible():
         field, device = next(iter(wanted.items()))

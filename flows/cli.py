@@ -238,7 +238,8 @@ def export(
 ) -> None:
     """Write cached features as Parquet or NumPy for pandas, polars, DuckDB or a vector index (extracting first
     if needed); a second export of the same features is a cache hit."""
-    from tasks.export.stage import ExportConfig, check_out, copy_out
+    from tasks.export.plan import ExportConfig
+    from tasks.export.stage import check_out, copy_out
 
     if out_dir is not None:
         check_out(out_dir)  # before the export runs

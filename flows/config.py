@@ -1,7 +1,8 @@
 """The experiment config: one YAML file per experiment, validated once at the entry point.
 
-Stage configs live beside their stage (``tasks/*.py``); this model composes
-them. Errors name the file, the field path, the bad value and what is allowed.
+Stage configs live beside their stage (``tasks/*/plan.py``) and each stage declares its section
+(tasks/stages.py); this model composes them. Errors name the file, the field path, the bad value and what is
+allowed.
 """
 from __future__ import annotations
 
@@ -17,19 +18,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from flows.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir_override
 from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig, resolve_path
-from tasks.evaluate.plan import EvaluateConfig
-from tasks.export.stage import ExportConfig
-from tasks.index.plan import IndexConfig
-from tasks.quality.plan import QualityConfig
-from tasks.extract.plan import ExtractConfig
-from tasks.finetune.plan import FinetuneConfig
-from tasks.heads.configs import HeadConfig
-from tasks.select.stage import SelectConfig
+from tasks.stages import STAGES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_SWEEP = 1000
@@ -106,7 +109,7 @@ class SweepConfig(BaseModel):
         return [dict(entry) for entry in self.experiments] + combos
 
 
-class ExperimentConfig(BaseModel):
+class _Experiment(BaseModel):
     """One experiment: data, backbone and stage settings. Frozen: never mutated after loading."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -114,26 +117,28 @@ class ExperimentConfig(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = Field(default_factory=BackboneConfig.model_construct)  # the default is valid: no torchvision at import
-    extract: ExtractConfig = ExtractConfig()
-    heads: list[HeadConfig] = Field(default_factory=list, description="heads trained on the cached features")
-    finetune: FinetuneConfig = FinetuneConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    index: IndexConfig | None = Field(None, description="transferpipe index: layer, metric, kind (its flags override)")
-    select: SelectConfig | None = Field(None, description="candidate backbones for transferpipe select")
-    quality: QualityConfig | None = Field(None, description="near-duplicates, leaks, label issues and outliers "
-                                                            "(transferpipe quality; a run too when set)")
-    export: ExportConfig | None = Field(None, description="transferpipe export: splits, layer, format (the "
-                                                          "command's flags override it)")
-    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")
-    retries: int = Field(2, ge=0, le=20, description="retries of a failed stage")
-    retry_delay_s: float = Field(5.0, ge=0, description="first retry delay; doubles each retry")
-    sweep: SweepConfig | None = Field(None, description="run many experiments from this one (transferpipe run)")
-    dask: DaskConfig | None = Field(None, description="shard extraction over Dask workers")
 
-    @field_validator("cache_dir")
-    @classmethod
-    def _cache_dir(cls, v: Path, info: ValidationInfo) -> Path:
-        return resolve_path(v, info)
+
+#: the settings after the stages' sections
+_RUN_FIELDS: dict[str, Any] = {
+    "cache_dir": (Path, Field(DEFAULT_CACHE_DIR, description=f"overridden by ${CACHE_ENV} and --cache-dir")),
+    "retries": (int, Field(2, ge=0, le=20, description="retries of a failed stage")),
+    "retry_delay_s": (float, Field(5.0, ge=0, description="first retry delay; doubles each retry")),
+    "sweep": (SweepConfig | None, Field(None, description="run many experiments from this one (transferpipe run)")),
+    "dask": (DaskConfig | None, Field(None, description="shard extraction over Dask workers")),
+}
+
+
+def _cache_dir(cls: type, v: Path, info: ValidationInfo) -> Path:
+    return resolve_path(v, info)
+
+
+#: name, data and backbone, one section per declared stage (tasks/stages.py, in run order), then the run's settings
+ExperimentConfig = create_model(
+    "ExperimentConfig", __base__=_Experiment, __module__=__name__,
+    __validators__={"_cache_dir": field_validator("cache_dir")(classmethod(_cache_dir))},
+    **{s.section.name: (s.section.model, s.section.default) for s in STAGES if s.section}, **_RUN_FIELDS,
+)
 
 
 def as_config(value: ExperimentConfig | dict[str, Any]) -> ExperimentConfig:

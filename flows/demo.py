@@ -18,7 +18,7 @@ from flows.pipeline import PipelineResult, pipeline_flow
 from flows.selection import SelectResult, select_flow
 from tasks.backbones.config import BackboneConfig
 from tasks.quality.plan import QualityConfig, QualityResult
-from tasks.select.stage import SelectConfig
+from tasks.select.plan import SelectConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,14 +1,14 @@
 """The experiment graph: which stages a run executes, in which order, and how each is planned.
 
-This is the only module that orders stages. Each :class:`Node` plans its stage
+The engine that plans and runs the declared stages. Each stage plans itself
 from the config and the plans of the stages before it (keys only: cheap,
 nothing computed), so ``transferpipe plan`` names every key a run writes, even
 on an empty cache. :func:`run` executes the graph (the pipeline flow, and
 through it sweeps, the demo and ``select``, which runs it up to the heads);
 :func:`walk` plans it and runs nothing (``transferpipe plan``, flows/explain.py).
 
-The stages themselves are records in flows/nodes.py; this module is the engine that plans
-and runs them.
+The stages themselves are declared by their packages (tasks/stages.py lists them, flows/nodes.py
+derives each goal's path); this module is the engine that plans and runs them.
 
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 from flows.checks import check_inputs
 from flows.config import ExperimentConfig
-from flows.nodes import EXTRACT, Goal, Graph, Node, Stage, Unit, Work, nodes
+from flows.nodes import Goal, Graph, Planned, Unit, Work, nodes
+from tasks.declare import Stage as Node
 from tasks.backbones.source import CodeNotRun
 from tasks.data.errors import BadImageError
 
@@ -50,19 +51,19 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
     chosen, graph = nodes(config, goal), {}
     for node in chosen:
         works = node.plan(config, graph)
-        if node is EXTRACT:
+        if node.name == "extract":
             for note in check_inputs(config, chosen, works):
                 log.warning("%s", note)
         for work, unit, why in _missing(config, node, works, first_only=True):
-            log.info("%s %s: computing because %s", node.stage, unit.what, "; ".join(why))
-        graph[node.stage] = Stage(works, RUNNERS.get(node.stage, _run_tasks)(config, node, works))
+            log.info("%s %s: computing because %s", node.name, unit.what, "; ".join(why))
+        graph[node.name] = Planned(works, RUNNERS.get(node.name, _run_tasks)(config, node, works))
     return graph
 
 
 def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:
     from flows import stage_tasks
 
-    task = getattr(stage_tasks, node.task)
+    task = stage_tasks.TASKS[node.name]
     if node.concurrent:
         futures = [stage_tasks.submit_stage(task, w.plan, config, stored=w.stored, name=node.run_name(config, w))
                    for w in works]
@@ -120,7 +121,7 @@ def walk(config: ExperimentConfig, goal: Goal = "evaluate", also: tuple[Goal, ..
     for extra in also:
         if "extract" in graph:
             done = {"extract": graph["extract"]}
-            steps += _walk(config, [n for n in nodes(config, extra) if n.stage not in done], chosen, done)
+            steps += _walk(config, [n for n in nodes(config, extra) if n.name not in done], chosen, done)
     return steps
 
 
@@ -132,16 +133,16 @@ def _walk(config: ExperimentConfig, todo: list[Node], chosen: list[Node], graph:
         try:
             works = node.plan(config, graph)
         except CodeNotRun as exc:  # a dry run never runs a config's code: the first run computes from here on
-            steps.append(Step(node.stage, config.name, None, False, [f"computes, and so does every later stage: {exc}"]))
+            steps.append(Step(node.name, config.name, None, False, [f"computes, and so does every later stage: {exc}"]))
             break
         except ValueError as exc:
-            steps.append(Step(node.stage, config.name, None, False, [f"a run stops here: {exc}"]))
+            steps.append(Step(node.name, config.name, None, False, [f"a run stops here: {exc}"]))
             break
         reasons = {(id(w), u.key): why for w, u, why in _missing(config, node, works)}
-        steps += [Step(node.stage, u.what, u.key, u.stored, reasons.get((id(w), u.key), []))
+        steps += [Step(node.name, u.what, u.key, u.stored, reasons.get((id(w), u.key), []))
                   for w in works for u in node.units(w)]
-        graph[node.stage] = Stage(works)
-        if node is EXTRACT:
+        graph[node.name] = Planned(works)
+        if node.name == "extract":
             try:
                 steps += [Step("note", config.name, None, True, [note]) for note in check_inputs(config, chosen, works)]
             except ValueError as exc:

@@ -1,9 +1,11 @@
 """The pipeline flow: the experiment graph (flows/graph.py: extract → heads → finetune if enabled → evaluate) run
-as one Prefect flow, its results as one small model."""
+as one Prefect flow, its results as one small model: every stage's results by name (``outputs``), and the
+classic stages' also as fields."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -14,12 +16,12 @@ from flows.publish import publish_quality, publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
 from tasks.evaluate.plan import EvalResult, ModelReport
-from tasks.export.stage import ExportResult
+from tasks.export.plan import ExportResult
 from tasks.extract.plan import ExtractResult
 from tasks.index.plan import IndexResult
 from tasks.quality.plan import QualityResult
 from tasks.finetune.plan import FinetuneResult
-from tasks.heads.stage import HeadResult
+from tasks.heads.plan import HeadResult
 from tasks.result import summarize
 
 Stop = nodes.Goal
@@ -35,6 +37,7 @@ class PipelineResult(BaseModel):
     index: IndexResult | None = None
     quality: QualityResult | None = None
     stages: dict[str, dict[str, float | bool]]
+    outputs: dict[str, list[Any]] = {}  #: every stage that ran, its results by stage name
 
     @property
     def models(self) -> list[ModelReport]:
@@ -66,10 +69,10 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
         publish_report(config.name, evaluation)
     if results.get("quality"):
         publish_quality(config.name, results["quality"][0])
+    first = {name: (results.get(name) or [None])[0] for name in ("index", "quality")}
     return PipelineResult(experiment=config.name, features=nodes.features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
-                          exports=results.get("export", []), index=(results.get("index") or [None])[0],
-                          quality=(results.get("quality") or [None])[0],
+                          exports=results.get("export", []), **first, outputs=results,
                           stages={stage: summarize(r) for stage, r in results.items()})
 
 

@@ -20,7 +20,7 @@ from prefect import flow
 
 from flows.config import DaskConfig, ExperimentConfig
 from flows.local import experiment_run_name
-from flows.stage_tasks import extract_pieces_task, extract_split_task, join_pieces_task, run_stage, submit_stage
+from flows.stage_tasks import TASKS, extract_pieces_task, join_pieces_task, run_stage, submit_stage
 from tasks.extract.plan import ExtractResult, SplitPlan
 from tasks.extract.plan import is_stored
 from tasks.extract.groups import plan_groups
@@ -64,7 +64,7 @@ def sharded_extract_flow(config: ExperimentConfig, plans: list[SplitPlan]) -> di
     results = {}
     for plan in plans:
         if plan.split not in todo:
-            results[plan.split] = run_stage(extract_split_task, plan, config, stored=True, name=f"{name}-{plan.split}")
+            results[plan.split] = run_stage(TASKS["extract"], plan, config, stored=True, name=f"{name}-{plan.split}")
             continue
         groups = [future.result() for future in futures[plan.split]]
         joined = run_stage(join_pieces_task, plan, config, stored=False, name=f"join-{config.backbone.name}-{plan.split}")

@@ -16,6 +16,7 @@ Every stage task gets the same treatment:
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,9 @@ from flows.device_slots import guarded
 from flows.trusted_records import StageRecords
 from storage import keys
 from storage.layout import CacheLayout
-from tasks.evaluate.stage import evaluate
-from tasks.export.stage import export_split
-from tasks.extract import plan as extract_plan
+from tasks.declare import Stage
 from tasks.extract.groups import extract_group, join_group, worker_device
-from tasks.extract.stage import extract_split
-from tasks.finetune import plan as finetune_plan
-from tasks.finetune.stage import finetune
-from tasks.heads.stage import train_head
-from tasks.index.stage import build_index
-from tasks.quality.stage import assess
-from tasks.select.stage import score_candidate
+from tasks.stages import STAGES
 
 def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """The stage's own key, namespaced by task name and cache folder; every stage takes one plan, with a ``key``.
@@ -76,20 +69,22 @@ def stage_task(name: str, stage: Callable[[Any], Any]) -> Task:
     return task(stage, name=name, **STAGE_TASK_OPTIONS)
 
 
-# the backbone's passes hold their GPU's slot (flows/device_slots.py): one job per GPU across runs
-extract_split_task = stage_task("extract-split", guarded(extract_split, lambda p: p.extract.device,
-                                                         extract_plan.is_stored, "extract"))
+def declared_task(stage: Stage) -> Task:
+    """A declared stage's Prefect task: its run function (``module:function``) under its task name; a stage with
+    a device holds that GPU's slot while it computes (flows/device_slots.py: one job per GPU across runs)."""
+    module, _, name = stage.run.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    if stage.device is not None:
+        fn = guarded(fn, stage.device, stage.stored, stage.name)
+    return stage_task(stage.task, fn)
+
+
+#: every declared stage's task, by stage name
+TASKS: dict[str, Task] = {stage.name: declared_task(stage) for stage in STAGES}
+# a split's pieces on Dask workers (flows/scale_out.py): the extraction's own scale-out tasks
 extract_pieces_task = stage_task("extract-pieces", guarded(
     extract_group, lambda g: worker_device(g.split).extract.device, lambda g: False, "extract pieces"))
 join_pieces_task = stage_task("join-pieces", join_group)
-train_head_task = stage_task("train-head", train_head)
-finetune_task = stage_task("finetune", guarded(finetune, lambda p: p.finetune.device, finetune_plan.is_stored,
-                                              "finetune"))
-evaluate_task = stage_task("evaluate", evaluate)
-score_task = stage_task("score-candidate", score_candidate)
-export_task = stage_task("export", export_split)
-index_task = stage_task("index", build_index)
-quality_task = stage_task("quality", assess)
 
 
 def _configured(task: Task, config: ExperimentConfig, *, stored: bool, name: str) -> Task:

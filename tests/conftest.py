@@ -71,7 +71,8 @@ def staged(tiny_config):
     from tasks.backbones.config import resolve
     from tasks.extract.stage import extract_split
     from tasks.finetune.plan import FinetuneConfig, FinetunePlan, plan_finetune
-    from tasks.heads.stage import best_probe, plan_heads, train_head
+    from tasks.heads.plan import plan_heads
+    from tasks.heads.stage import best_probe, train_head
 
     cfg = tiny_config(heads=[{"kind": "logistic", "C": [0.1, 1.0]}])
     feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}

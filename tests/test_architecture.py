@@ -8,23 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tasks.stages import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"storage": 0, "tasks": 1, "flows": 2}
 
-#: what each stage package of tasks/ may import besides storage/ and the shared modules (tasks/*.py);
-#: the same table is in tasks/__init__.py
-PACKAGES = {
-    "data": set(),
-    "backbones": set(),
-    "heads": set(),
-    "index": set(),
-    "export": set(),
-    "extract": {"data", "backbones"},
-    "finetune": {"data", "backbones", "heads"},
-    "select": {"backbones", "heads"},
-    "evaluate": {"data", "backbones", "heads", "index"},
-    "quality": {"data", "index"},
-}
+#: what each package of tasks/ may import besides storage/ and the shared modules (tasks/*.py): the two that
+#: hold no stage import no other; each stage's own declaration says what its package may import
+PACKAGES = {"data": set(), "backbones": set()} | {s.package: set(s.imports) for s in STAGES}
+#: the shared module that lists every stage (and so imports every stage package)
+STAGE_LIST = "tasks.stages"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 #: module names that say the same thing in every stage package
@@ -88,7 +81,7 @@ def test_stage_packages_import_only_what_they_may():
         if not name.startswith("tasks"):
             continue
         mine = _package(name)
-        for imported in imports:
+        for imported in imports if name != STAGE_LIST else ():
             theirs = _package(imported)
             if not imported.startswith("tasks.") or theirs is None or theirs == mine:
                 continue
@@ -197,3 +190,23 @@ def test_keys_are_computed_in_storage_keys_only():
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "fingerprint":
                 callers.setdefault(str(path.relative_to(REPO)), []).append(node.lineno)
     assert set(callers) <= {"tasks/evaluate/stage.py"}, callers
+
+
+def test_every_declared_stage_is_listed():
+    """A package whose plan declares a ``STAGE`` that tasks/stages.py does not list would never run: found by
+    walking the packages, not by being told."""
+    import importlib
+    import pkgutil
+
+    import tasks
+
+    declared = set()
+    for info in pkgutil.iter_modules(tasks.__path__):
+        if info.ispkg and (REPO / "tasks" / info.name / "plan.py").is_file():
+            stage = getattr(importlib.import_module(f"tasks.{info.name}.plan"), "STAGE", None)
+            if stage is not None:
+                declared.add(stage.name)
+    assert declared == {s.name for s in STAGES}, "a package declares a STAGE that tasks/stages.py lacks"
+    assert len({s.name for s in STAGES}) == len(STAGES) and len({s.task for s in STAGES}) == len(STAGES)
+    for s in STAGES:
+        assert set(s.after) <= {t.name for t in STAGES[:STAGES.index(s)]}, f"{s.name} comes after a later stage"

@@ -235,7 +235,8 @@ def test_an_evaluation_recommends_a_loadable_model_and_the_registry_keeps_it(tin
     from tasks.evaluate.stage import evaluate
     from tasks.extract.stage import extract_split
     from tasks.heads.configs import KNNConfig, LogisticConfig
-    from tasks.heads.stage import fits, load_head, load_split, plan_heads, train_head
+    from tasks.heads.plan import fits, plan_heads
+    from tasks.heads.stage import load_head, load_split, train_head
 
     cfg = tiny_config()
     feats = {s: extract_split(p) for s, p in split_plans(cfg).items()}

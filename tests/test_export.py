@@ -13,7 +13,8 @@ from flows.explain import explain
 from flows.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
-from tasks.export.stage import ExportRefused, export_split, plan_export, ExportConfig
+from tasks.export.plan import ExportConfig, plan_export
+from tasks.export.stage import ExportRefused, export_split
 from tasks.extract.stage import extract_split
 from helpers import flip_a_feature_byte, split_plans
 

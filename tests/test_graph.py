@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from flows.explain import explain
-from flows.nodes import EVALUATE, EXTRACT, FINETUNE, HEADS, NODES, QUALITY, SCORE, nodes
+from flows.nodes import NODES, nodes
+from tasks.stages import EVALUATE, EXTRACT, FINETUNE, HEADS, QUALITY, SCORE
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from flows.selection import select_flow
@@ -62,7 +63,7 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config):
         pipeline_flow(cfg, stop_after="export")
         pipeline_flow(cfg, stop_after="index")
 
-    assert set(written(cfg.cache_dir)) == {node.stage for node in NODES}, "a stage this test does not cover"
+    assert set(written(cfg.cache_dir)) == {node.name for node in NODES}, "a stage this test does not cover"
     assert written(cfg.cache_dir) == announced
     assert all(step.cached for step in explain(cfg))
 

@@ -10,7 +10,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from storage.head_store import CorruptArtifact, head_dir, save_head
 from helpers import split_plans
 from tasks.heads.configs import KNNConfig, LogisticConfig
-from tasks.heads.stage import few_shot_indices, load_head, load_split, plan_heads, train_head
+from tasks.heads.plan import plan_heads
+from tasks.heads.stage import few_shot_indices, load_head, load_split, train_head
 from tasks.heads.estimators import HEADS
 from tasks.heads.neighbours import KNNHead, PrototypeHead, knn_search
 from tasks.heads.linear import LogisticHead, RidgeHead, SVMHead, TorchLinearHead

@@ -9,7 +9,8 @@ from tasks.heads.neighbours import KNNHead, knn_search
 from tasks.heads.linear import TorchLinearHead
 from tasks.heads.configs import KNNConfig, LinearConfig, LogisticConfig
 from tasks.heads.stage import MEMORY_ENV, SplitTooBig, load_head, load_split
-from tasks.heads.stage import plan_heads, train_head
+from tasks.heads.plan import plan_heads
+from tasks.heads.stage import train_head
 from helpers import store_split
 
 

@@ -11,7 +11,7 @@ from storage import results as registry
 from storage.atomic import write_text
 from tasks.evaluate.plan import EvalPlan, ModelReport
 from tasks.evaluate.plots import draw_plots, few_shot_curve
-from tasks.heads.stage import CLEANED
+from tasks.heads.plan import CLEANED
 
 
 def ranked(models: list[ModelReport]) -> list[ModelReport]:

@@ -20,91 +20,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from storage import keys
 from storage.features import FeatureStore
 from storage.h5file import CorruptFeatureFile, FeatureStoreError
-from storage.layout import CacheLayout
+from storage.keys import short
 from storage.records import ExportFiles
-from tasks.result import StageResult
-
-
-class ExportConfig(BaseModel):
-    """``export:`` section; ``transferpipe export`` flags override it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    splits: list[str] = Field(default_factory=list, description="splits to export (empty: every split)")
-    layer: str = Field("penultimate", description="one of backbone.layers")
-    format: Literal["parquet", "npy"] = "parquet"
-    dtype: Literal["stored", "float16", "float32"] = Field(
-        "stored", description="the embedding's dtype; stored: as extract.dtype cached it")
-    row_group_rows: int = Field(16384, ge=1, le=1 << 20, description="rows per Parquet row group (and per read)")
+from tasks.export.plan import ExportConfig, ExportPlan, ExportResult, _saved, is_stored  # noqa: F401 - ExportConfig: the stage's config, also from here
 
 
 class ExportRefused(ValueError):
     """The feature file failed its checksum: nothing was exported (the file was quarantined)."""
-
-
-class ExportPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
-    split: str
-    features: str  # the split's feature key
-    layer: str
-    format: Literal["parquet", "npy"]
-    dtype: Literal["stored", "float16", "float32"]
-    row_group_rows: int
-    cache_dir: Path
-
-    @property
-    def files(self) -> ExportFiles:
-        return ExportFiles(CacheLayout(self.cache_dir).export(self.key))
-
-
-class ExportResult(StageResult):
-    key: str
-    split: str
-    format: str
-    rows: int
-    dim: int
-    dtype: str
-    folder: Path
-    files: dict[str, int] = Field(description="file name: size in bytes")
-    rows_written: int = 0
-    work_fields: tuple[str, ...] = ("rows_written",)
-
-    @property
-    def paths(self) -> list[Path]:
-        return [self.folder / name for name in self.files]
-
-
-def plan_export(config: ExportConfig, split: str, feature_key: str, cache_dir: Path) -> ExportPlan:
-    spec = keys.export_spec(feature_key, config.layer, config.format, config.dtype, config.row_group_rows)
-    return ExportPlan(key=keys.key(spec), spec=spec, split=split, features=feature_key, layer=config.layer,
-                      format=config.format, dtype=config.dtype, row_group_rows=config.row_group_rows,
-                      cache_dir=cache_dir)
-
-
-def _saved(plan: ExportPlan) -> dict[str, Any] | None:
-    """The finished export's result, if every file it lists is there with its size."""
-    saved = plan.files.read_result()
-    if not saved:
-        return None
-    folder = plan.files.folder
-    ok = all((folder / name).is_file() and (folder / name).stat().st_size == size
-             for name, size in saved.get("files", {}).items())
-    return saved if ok else None
-
-
-def is_stored(plan: ExportPlan) -> bool:
-    return _saved(plan) is not None
 
 
 def export_split(plan: ExportPlan) -> ExportResult:
@@ -127,7 +54,7 @@ def _write(plan: ExportPlan, out: ExportFiles) -> tuple[int, int, str, dict[str,
 
     store = FeatureStore(plan.cache_dir)
     if store.lookup(plan.features) is None:
-        raise FeatureStoreError(f"no complete feature file for the {plan.split} split (key {keys.short(plan.features)}): "
+        raise FeatureStoreError(f"no complete feature file for the {plan.split} split (key {short(plan.features)}): "
                                 "run transferpipe extract CONFIG first")
     rows = store.rows(plan.features, plan.layer)
     ids = _checked_ids(store, plan)

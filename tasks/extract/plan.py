@@ -15,7 +15,9 @@ from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig, BackboneSpec, resolve
 from tasks.data.config import DataConfig
 from tasks.data.manifest import build_manifest
+from tasks.declare import Graph, Section, Stage, Unit, Work
 from tasks.extract.pieces import Piece, plan_pieces
+from tasks.extract.why import why_features
 from tasks.machine import forward_precision
 from tasks.result import StageResult
 
@@ -115,3 +117,18 @@ def store_of(plan: SplitPlan) -> FeatureStore:
 def is_stored(plan: SplitPlan) -> bool:
     """Whether the store holds a complete, sound file for this plan (a bad one is quarantined)."""
     return FeatureStore(plan.cache_dir).lookup(plan.key) is not None
+
+
+def _plan(config: Any, graph: Graph) -> list[Work]:
+    plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
+    return [Work(split, plan, is_stored(plan)) for split, plan in plans.items()]
+
+
+def _why(config: Any, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
+    return [why_features(config.cache_dir, w.what, w.plan.manifest, u.spec, w.plan.pieces) for w, u in missing]
+
+
+STAGE = Stage("extract", _plan, "tasks.extract.stage:extract_split", "extract-split",
+              lambda c, w: f"extract-{c.backbone.name}-{w.what}", why=_why,
+              section=Section("extract", ExtractConfig, ExtractConfig()), device=lambda p: p.extract.device,
+              stored=is_stored, imports=frozenset({"data", "backbones"}))

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from storage import keys
 from storage.checkpoints import RunFiles
 from storage.layout import CacheLayout
-from tasks.backbones.config import BackboneSpec
+from tasks.backbones.config import BackboneSpec, resolve
+from tasks.declare import Graph, Section, Stage, Work, against, features
+from tasks.heads.plan import probe_candidates
 from tasks.machine import forward_precision
 from tasks.result import StageResult
 
@@ -173,3 +175,22 @@ def run_files(plan: FinetunePlan) -> RunFiles:
 
 def is_stored(plan: FinetunePlan) -> bool:
     return run_files(plan).finished()
+
+
+def _plan(config: Any, graph: Graph) -> list[Work]:
+    split = features(graph)
+    probes = probe_candidates(graph["heads"].plans()) if "heads" in graph else []
+    spec, feature_keys = resolve(config.backbone, config.cache_dir), {s: f.key for s, f in split.items()}
+    works = []
+    for label, cfg in config.finetune.candidates():  # one run, or one per combination of finetune.search
+        plan = plan_finetune(cfg, spec, split["train"].manifest, config.cache_dir, feature_keys, probes)
+        works.append(Work(label or config.backbone.name, plan, is_stored(plan)))
+    return works
+
+
+STAGE = Stage("finetune", _plan, "tasks.finetune.stage:finetune", "finetune",
+              lambda c, w: f"finetune-{c.backbone.name}" + ("" if w.what == c.backbone.name else f" {w.what}"),
+              after=("extract", "quality", "heads"), when=lambda c, goal: c.finetune.enabled,
+              why=against("finetune", lambda w, u: run_files(w.plan).problems()), device=lambda p: p.finetune.device,
+              stored=is_stored, section=Section("finetune", FinetuneConfig, FinetuneConfig()),
+              imports=frozenset({"data", "backbones", "heads"}))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from storage import keys
 from storage.faults import fault_point
@@ -26,122 +25,14 @@ from storage.head_store import head_exists, load_head_arrays, read_meta, save_he
 from storage.layout import CacheLayout
 from storage.records import QualityFiles, read_json
 from tasks.heads.configs import HeadConfig, Shot
+from tasks.heads.plan import CLEANED, FitRecord, HeadPlan, HeadResult, fit_spec, fits, is_stored, probe_candidates  # noqa: F401
 from tasks.machine import MEMORY_ENV, memory_budget
-from tasks.result import StageResult
 
 if TYPE_CHECKING:
     from tasks.heads.grid import GridHead
 
 
 log = logging.getLogger("transferpipe.heads")
-
-#: the name suffix of a head trained without the quality stage's label-issue candidates (quality.exclude)
-CLEANED = "-cleaned"
-
-
-class HeadPlan(BaseModel):
-    """One head config on one set of features; small enough to cross a task boundary."""
-
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    head: HeadConfig
-    train_key: str
-    val_key: str | None
-    target_key: str | None = None
-    cache_dir: Path
-    #: the quality findings' key whose label-issue candidates this head's training leaves out (quality.exclude)
-    exclude: str | None = None
-
-    @property
-    def label(self) -> str:
-        """The head's name, with :data:`CLEANED` when it trains without the flagged rows."""
-        return self.head.label + (CLEANED if self.exclude else "")
-
-
-class FitRecord(BaseModel):
-    """One trained (shot, seed); ``seconds`` is what its fit took, also when it is reused."""
-
-    shot: Shot
-    seed: int
-    key: str
-    n_train: int
-    val_accuracy: float
-    best_param: Any
-    grid: list[dict[str, Any]]
-    fitted: bool
-    seconds: float
-
-
-class HeadResult(StageResult):
-    """Every (shot, seed) of one head config, and the mean val accuracy per shot count."""
-
-    work_fields: tuple[str, ...] = ("fits",)
-    key: str
-    name: str
-    kind: str
-    layer: str
-    records: list[FitRecord]
-    fits: int
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for shot in dict.fromkeys(r.shot for r in self.records):
-            accs = [r.val_accuracy for r in self.records if r.shot == shot]
-            out[str(shot)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
-        return out
-
-
-def plan_heads(
-    heads: list[Any], train_key: str, val_key: str | None, cache_dir: Path, target_key: str | None = None,
-    exclude: str | None = None,
-) -> list[HeadPlan]:
-    """One plan per head; with ``exclude`` (a quality key) also each head trained without that quality run's
-    training label-issue candidates (named ``<name>-cleaned``, a key of its own)."""
-    names = [h.label for h in heads]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"heads: names must be unique, {dupes} repeat; set name: on each")
-    aligned = [h.label for h in heads if h.needs_target()]
-    if aligned and target_key is None:
-        raise ValueError(f"heads {aligned} use align: coral or centre: target, which needs a test split as the "
-                         "target domain")
-    plans = []
-    for h in heads:
-        target = target_key if h.needs_target() else None
-        for without in (None, exclude) if exclude else (None,):
-            key = keys.key(keys.head_spec(h.model_dump(), train_key, val_key, target, exclude=without))
-            plans.append(HeadPlan(key=key, head=h, train_key=train_key, val_key=val_key, target_key=target,
-                                  cache_dir=Path(cache_dir), exclude=without))
-    return plans
-
-
-def plan_for_splits(heads: list[Any], feature_keys: dict[str, str], cache_dir: Path,
-                    exclude: str | None = None) -> list[HeadPlan]:
-    """:func:`plan_heads` on an experiment's splits: train, val if any, test (the CORAL target) if any."""
-    return plan_heads(heads, feature_keys["train"], feature_keys.get("val"), cache_dir,
-                      target_key=feature_keys.get("test"), exclude=exclude)
-
-
-def fit_spec(plan: HeadPlan, shot: Shot, seed: int) -> dict[str, Any]:
-    head = plan.head.model_dump(exclude={"name", "shots", "seeds"})
-    return keys.fit_spec(head, plan.train_key, plan.val_key, plan.target_key, shot, seed, exclude=plan.exclude)
-
-
-def fit_key(plan: HeadPlan, shot: Shot, seed: int) -> str:
-    return keys.key(fit_spec(plan, shot, seed))
-
-
-def fits(plan: HeadPlan) -> list[tuple[Shot, int, str]]:
-    """Every (shot, seed) of the head and its fit's key."""
-    h = plan.head
-    pairs = [(shot, h.seed + i) for shot in h.shots for i in range(1 if shot == "all" else h.seeds)]
-    return [(shot, seed, fit_key(plan, shot, seed)) for shot, seed in pairs]
-
-
-def is_stored(plan: HeadPlan) -> bool:
-    return all(head_exists(plan.cache_dir, key) for _, _, key in fits(plan))
-
 
 _load_lock = threading.Lock()
 
@@ -319,13 +210,6 @@ def _fit(plan: HeadPlan, shot: Shot, seed: int, key: str, data: _Splits) -> FitR
         meta["bank"] = {"key": bank.key, "layer": bank.layer}
     save_head(plan.cache_dir, record.key, est.to_arrays(), meta)
     return record
-
-
-def probe_candidates(plans: list[HeadPlan]) -> list[str]:
-    """Fit keys of the heads LP-FT may start from: linear probes on the penultimate layer, all labels, raw or
-    standardised features. Known before any head is trained, so the fine-tune key is too (``transferpipe plan``)."""
-    return [key for p in plans if p.head.linear_probe and p.head.layer == "penultimate" and p.exclude is None
-            and p.head.preprocess in ("none", "standardize") for shot, _, key in fits(p) if shot == "all"]
 
 
 def best_probe(cache_dir: Path, candidates: list[str]) -> str | None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage import keys
 from storage.layout import CacheLayout
 from storage.records import IndexFiles
+from tasks.declare import Graph, Section, Stage, Unit, Work, against, check_layer, features, held_out
 from tasks.result import StageResult
 
 HNSW_MAX_ROWS = 2_000_000
@@ -129,3 +130,22 @@ def is_sound(plan: IndexPlan) -> bool:
         "index %s does not match its checksum (damaged since it was built): moved to %s; building it again",
         plan.path, aside)
     return False
+
+
+def _plan(config: Any, graph: Graph) -> list[Work]:
+    split, wanted = features(graph), config.index or IndexConfig()
+    name = wanted.split
+    if name not in split:
+        raise ValueError(f"--split {name!r}: no such split in this config; its splits: {', '.join(split)}")
+    check_layer(config, "index.layer", wanted.layer)
+    require_faiss()
+    plan = plan_index(wanted, name, split[name].key, config.cache_dir, held_out(name, split))
+    return [Work(name, plan, is_sound(plan))]
+
+
+STAGE = Stage("index", _plan, "tasks.index.stage:build_index", "index", lambda c, w: f"index-{w.what}-{w.plan.config.kind}",
+              after=("extract",), side_goal=True, why=against("index"), stored=is_stored,
+              units=lambda w: [Unit(f"{w.what} {w.plan.config.kind} {w.plan.config.metric}", w.plan.key, w.stored,
+                                    w.plan.spec)],
+              section=Section("index", IndexConfig | None, Field(
+                  None, description="transferpipe index: layer, metric, kind (its flags override)")))

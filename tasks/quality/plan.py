@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage import keys
 from storage.layout import CacheLayout
 from storage.records import QualityFiles
+from tasks.declare import Graph, Section, Stage, Work, against, check_layer, features
 from tasks.result import StageResult
 
 #: the near-duplicate threshold (centred cosine of penultimate features) when the config names none: measured
@@ -88,3 +89,27 @@ def plan_quality(config: QualityConfig, features: dict[str, str], manifest: Path
 
 def is_stored(plan: QualityPlan) -> bool:
     return plan.files.done()
+
+
+def _plan(config: Any, graph: Graph) -> list[Work]:
+    split, wanted = features(graph), config.quality or QualityConfig()
+    if "train" not in split:
+        raise ValueError("quality: needs a train split")
+    check_layer(config, "quality.layer", wanted.layer)
+    plan = plan_quality(wanted, {s: f.key for s, f in split.items()}, split["train"].manifest, config.cache_dir,
+                        config.name)
+    return [Work(config.name, plan, is_stored(plan))]
+
+
+def _runs(config: Any, goal: str) -> bool:
+    """With a ``quality:`` section, in a run to the evaluation; before the heads only with ``quality.exclude``
+    (it names the rows the cleaned heads leave out)."""
+    return config.quality is not None and (goal in ("evaluate", "quality") or config.quality.exclude)
+
+
+STAGE = Stage("quality", _plan, "tasks.quality.stage:assess", "quality", lambda c, w: f"quality-{c.name}",
+              after=("extract",), when=_runs, why=against("quality"), stored=is_stored,
+              section=Section("quality", QualityConfig | None, Field(
+                  None, description="near-duplicates, leaks, label issues and outliers (transferpipe quality; a run "
+                                    "too when set)")),
+              imports=frozenset({"data", "index"}))

@@ -20,75 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage import keys
 from storage.atomic import write_text
 from storage.layout import CacheLayout
-from storage.records import Records, SelectionFiles
-from tasks.backbones.config import BackboneConfig, BackboneSpec
+from storage.records import SelectionFiles
+from tasks.backbones.config import BackboneConfig
 from tasks.heads.stage import load_split
-from tasks.result import StageResult
+from tasks.select.plan import Candidate, Score, ScorePlan, ScoreResult, SelectConfig, _scores, is_stored, plan_scores  # noqa: F401
 from tasks.select.scores import SCORES, h_score, kendall_tau, leep, logme, nce
-
-
-class Candidate(BaseModel):
-    """One backbone to score: a label and a backbone section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    label: str
-    backbone: BackboneConfig
-
-
-class SelectConfig(BaseModel):
-    """``select:`` section: candidate backbones ranked on this experiment's data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    candidates: list[Candidate] = Field(min_length=2)
-    layer: str = "penultimate"
-
-    @field_validator("candidates")
-    @classmethod
-    def _unique(cls, v: list[Candidate]) -> list[Candidate]:
-        labels = [c.label for c in v]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"candidate labels must be unique, got {labels}")
-        return v
-
-
-def is_stored(plan: ScorePlan) -> bool:
-    return _scores(plan.cache_dir).read(plan.key) is not None
-
-
-class ScorePlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
-    label: str
-    train_key: str
-    layer: str
-    cache_dir: Path
-    backbone: BackboneSpec
-
-
-class Score(BaseModel):
-    value: float | None
-    seconds: float
-    skipped: str | None = None
-
-
-class ScoreResult(StageResult):
-    key: str
-    label: str
-    scores: dict[str, Score]
-
-
-def plan_scores(label: str, train_key: str, layer: str, cache_dir: Path, backbone: BackboneSpec) -> ScorePlan:
-    spec = keys.scores_spec(train_key, layer, backbone.weights_id)
-    return ScorePlan(key=keys.key(spec), spec=spec, label=label, train_key=train_key, layer=layer, cache_dir=cache_dir, backbone=backbone)
 
 
 def score_candidate(plan: ScorePlan) -> ScoreResult:
@@ -120,10 +59,6 @@ def score_candidate(plan: ScorePlan) -> ScoreResult:
     _scores(plan.cache_dir).write(plan.key, {**result.model_dump(mode="json", exclude={"cache_hit", "seconds"}),
                                              "spec": plan.spec})
     return result
-
-
-def _scores(cache_dir: Path) -> Records:
-    return Records(CacheLayout(cache_dir).scores)
 
 
 def candidate_row(label: str, backbone: BackboneConfig, scored: ScoreResult, probes: dict[str, Any]) -> dict[str, Any]:

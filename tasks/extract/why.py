@@ -1,6 +1,6 @@
-"""Why a stage computes: the key fields that differ from the closest cached entry of its kind.
+"""Why a split's features compute: the key fields that differ from the closest cached feature file.
 
-Shared by ``transferpipe plan`` (flows/explain.py) and a run's log (flows/graph.py), so both
+Shared by ``transferpipe plan`` and a run's log (both through the extract stage's ``why``), so both
 give the same reasons. Data changes are told as items added, removed or changed, and per piece of a
 split that extracts again (a new shard, the items new in a folder's piece).
 """
@@ -18,12 +18,6 @@ from storage.keys import closest
 from storage.layout import CacheLayout
 from tasks.data.manifest import Manifest
 from tasks.extract.pieces import Piece
-
-
-def why_not_cached(spec: dict[str, Any], stored: list[dict[str, Any]]) -> list[str]:
-    """What differs from the closest stored spec of the same kind, or that there is none."""
-    found = closest(spec, stored)
-    return ["never computed"] if found is None else (found[1] or ["the cached entry is incomplete"])
 
 
 def feature_specs(cache_dir: Path) -> list[dict[str, Any]]:
