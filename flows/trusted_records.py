@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ def stage_result_classes() -> set[str]:
     return found
 
 
+def is_stage_result(qualified: Any) -> bool:
+    """Whether ``qualified`` names a stage result class: one of :func:`stage_result_classes`, or a name an
+    already-imported module of transferpipe gives one (a class that moved to its package's plan module and is
+    still imported where records written before the move name it). Checked in ``sys.modules`` only: nothing is
+    imported."""
+    if not isinstance(qualified, str):
+        return False
+    if qualified in stage_result_classes():
+        return True
+    module, _, name = qualified.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None) if module.startswith("tasks.") else None
+    return isinstance(found, type) and issubclass(found, StageResult)
+
+
 def problem(name: str, content: bytes) -> str | None:
     """Why ``content`` (the record stored as ``name``) is not one transferpipe writes; None when it is."""
     try:
@@ -80,7 +95,7 @@ def problem(name: str, content: bytes) -> str | None:
         return "result not JSON"
     if not isinstance(result, dict) or set(result) != {"__class__", "data"} or not isinstance(result["data"], dict):
         return "result not one stage result"
-    if result["__class__"] not in stage_result_classes():
+    if not is_stage_result(result["__class__"]):
         return f"result class {_short(result['__class__'])} is not a stage result of this version"
     if _names_a_class(result["data"]):
         return "a __class__ inside the result"

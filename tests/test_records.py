@@ -71,6 +71,24 @@ def test_a_record_a_stage_writes_passes():
     assert problem(KEY, own_record()) is None
 
 
+@pytest.mark.parametrize("where", ["tasks.heads.stage.HeadResult", "tasks.export.stage.ExportResult",
+                                   "tasks.select.stage.ScoreResult"])
+def test_a_record_naming_a_result_class_where_it_was_before_the_plan_modules_passes(where):
+    """Records written before heads, export and select got plan modules name their result class in the stage
+    module, which still imports it: read as a hit (no warning, no recompute), and nothing new is imported."""
+    import sys
+
+    import tasks.export.stage, tasks.heads.stage, tasks.select.stage  # noqa: E401, F401 - imported by any run
+
+    record = json.loads(own_record())
+    record["result"] = json.dumps({"__class__": where, "data": {}})
+    before = set(sys.modules)
+    assert problem(KEY, json.dumps(record).encode()) is None
+    assert "is not a stage result" in problem(KEY, json.dumps({**record, "result": json.dumps(
+        {"__class__": "tasks.heads.stage.load_split", "data": {}})}).encode())
+    assert set(sys.modules) == before
+
+
 @pytest.mark.parametrize("change, why", [
     (lambda r: r["metadata"].update(serializer={"type": "pickle", "picklelib": "cloudpickle"}), "serializer"),
     (lambda r: r["metadata"].update(serializer={**r["metadata"]["serializer"], "object_decoder": "os.system"}),
