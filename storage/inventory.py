@@ -14,6 +14,7 @@ import h5py
 from storage.features import FeatureStore
 from storage.h5file import FeatureStoreError, json_attr, open_h5
 from storage.layout import CacheLayout, FeatureFiles
+from storage.records import STAGE_FOLDERS, stage_folders
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
     layout, found = CacheLayout(cache_dir), {}
     folders = [*layout.heads().glob("*"), *layout.finetune_runs().glob("*"), *layout.reports("_").parent.glob("*/*"),
                *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json"),
-               *layout.exports().glob("*"), *layout.indexes().glob("*"), *layout.qualities().glob("*"),
+               *(p for folder in stage_folders(cache_dir) for p in folder.glob("*")),
                *layout.embedding_map("*").parent.glob("*.png")]
     for path in folders:
         if not path.name.startswith(".") and path.name != "quarantine":  # set aside, not a stage's artifact
@@ -217,8 +218,8 @@ def remove_artifacts(cache_dir: Path, prefixes: list[str], dry_run: bool = False
 
 
 #: temporary files of writes that a kill interrupted: atomic records, checkpoints, head folders, exports, indexes, maps
-TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*", "exports/*.tmp-*", "indexes/*.tmp-*", "quality/*.tmp-*",
-             "maps/*.tmp-*")
+TEMPORARY = ("*/*.tmp", "*/*/*.tmp", "*/*/*/*.tmp", "heads/.*-*", "maps/*.tmp-*",
+             *(f"{cls.cache_folder}/*.tmp-*" for cls in STAGE_FOLDERS.values()))
 
 
 def collect_scans(cache_dir: Path, dry_run: bool = False) -> list[tuple[Path, str]]:

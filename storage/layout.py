@@ -114,6 +114,10 @@ class CacheLayout:
         return self.root / "scores" / f"{key}.json"
 
 
+    def stage_folder(self, name: str) -> Path:
+        """A stage's own folder, as its files class declares it (storage/records.py: ``StageFiles``)."""
+        return self.root / name
+
     def exports(self) -> Path:
         return self.root / "exports"
 

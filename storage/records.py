@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from storage.atomic import write_json, write_text
 from storage.layout import CacheLayout
@@ -71,9 +71,29 @@ class Records:
 @dataclass(frozen=True)
 class StageFiles:
     """A stage run's folder: ``spec.json`` (its key's fields, written when it starts) and ``result.json``
-    (written last: the run is done)."""
+    (written last: the run is done).
+
+    A subclass that owns a folder of the cache declares it, ``class PredictionFiles(StageFiles,
+    folder="predictions", kind="predict")``: one folder per key under ``<cache>/<folder>/``, found by
+    :data:`STAGE_FOLDERS` (``cache rm``, ``cache gc``, ``plan``'s reasons) instead of being listed by hand."""
 
     folder: Path
+
+    #: the cache folder of a subclass's runs (``<cache>/<name>/<key>/``) and the stage kind it stores
+    cache_folder: ClassVar[str | None] = None
+    kind: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, folder: str | None = None, kind: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if folder is not None:
+            cls.cache_folder, cls.kind = folder, kind or folder
+            STAGE_FOLDERS[cls.kind] = cls
+
+    @classmethod
+    def of(cls, cache_dir: str | Path, key: str) -> Any:
+        """The files of one key's run of a subclass that declares its folder."""
+        assert cls.cache_folder is not None, f"{cls.__name__} declares no cache folder"
+        return cls(CacheLayout(cache_dir).stage_folder(cls.cache_folder) / key)
 
     @property
     def spec(self) -> Path:
@@ -113,7 +133,11 @@ class StageFiles:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ExportFiles(StageFiles):
+#: every stage files class that declares its cache folder, by the stage kind it stores
+STAGE_FOLDERS: dict[str, type[StageFiles]] = {}
+
+
+class ExportFiles(StageFiles, folder="exports", kind="export"):
     """An export's folder: each split as ``<split>.parquet``, with ``format: npy`` also ``<split>.npy``."""
 
     def table(self, split: str) -> Path:
@@ -123,7 +147,7 @@ class ExportFiles(StageFiles):
         return self.folder / f"{split}.npy"
 
 
-class QualityFiles(StageFiles):
+class QualityFiles(StageFiles, folder="quality"):
     """A quality run's folder: ``findings.json``, ``quality.md`` and one contact sheet per finding."""
 
     @property
@@ -138,7 +162,7 @@ class QualityFiles(StageFiles):
         return self.folder / f"{finding}.png"
 
 
-class IndexFiles(StageFiles):
+class IndexFiles(StageFiles, folder="indexes", kind="index"):
     """A FAISS index's folder: ``index.faiss`` beside its spec and result."""
 
     @property
@@ -191,10 +215,18 @@ def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> lis
         "finetune": lambda: _specs(map(read_json, layout.finetune_runs().glob("*/spec.json"))),
         "evaluate": lambda: _specs(map(read_json, layout.reports(experiment).glob("*/spec.json"))),
         "scores": lambda: _specs(Records(layout.scores).values(), "spec"),
-        "export": lambda: _specs(map(read_json, layout.exports().glob("*/spec.json"))),
-        "index": lambda: _specs(map(read_json, layout.indexes().glob("*/spec.json"))),
-        "quality": lambda: _specs(map(read_json, layout.qualities().glob("*/spec.json"))),
+        **{kind: _spec_files(layout, cls) for kind, cls in STAGE_FOLDERS.items()},
     }
     if kind not in files:
         raise ValueError(f"no stored specs of kind {kind!r}; kinds: {', '.join(files)}")
     return files[kind]()
+
+
+def _spec_files(layout: CacheLayout, cls: type[StageFiles]) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: _specs(map(read_json, layout.stage_folder(cls.cache_folder or "").glob("*/spec.json")))
+
+
+def stage_folders(cache_dir: str | Path) -> list[Path]:
+    """The folders of every stage files class that declares one (``exports/``, ``quality/``, ...)."""
+    layout = CacheLayout(cache_dir)
+    return [layout.stage_folder(cls.cache_folder) for cls in STAGE_FOLDERS.values() if cls.cache_folder]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.records import STAGE_FOLDERS
 from tasks.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def _layout_names() -> set[str]:
             and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)}
 
 
-CACHE_NAMES = _layout_names() | {"shards"}  # shards/: where pieces lived before features/pieces/
+CACHE_NAMES = _layout_names() | {c.cache_folder for c in STAGE_FOLDERS.values()} | {"shards"}  # shards/: pieces before features/pieces/
 CACHE_SUFFIXES = (".json", ".md", ".png", ".pt", ".h5", ".partial", ".lock", ".sqlite", ".safetensors", ".faiss",
                   ".parquet", ".npy")
 
