@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from flows import cache_cli, server_cli, views
+from flows import cache_cli, server_cli, stage_commands, views
 from flows.defaults import default_cache_dir
 from flows.console import CacheDir, err, friendly_errors, out, print_table, styled
+from flows.stage_commands import with_flags
 
 
 app = typer.Typer(
@@ -85,7 +85,11 @@ def run(config: ConfigArg, sweep: SweepFile = None, wide: views.Wide = False, ca
     if sweep is not None or cfg.sweep is not None:
         _sweep(config, sweep, cache_dir)
         return
-    views.run(_pipeline(config, cache_dir, "evaluate", cfg)[1], wide)
+    result = _pipeline(config, cache_dir, "evaluate", cfg)[1]
+    views.run(result, wide)
+    for stage in stage_commands.STAGES:  # a stage that joins a run (predict:) prints as its command does
+        if "evaluate" in stage.joins and stage.command and result.outputs.get(stage.name):
+            stage_commands.show(stage, cfg, result.outputs[stage.name])
 
 
 def _sweep(config: Path, sweep: Path | None, cache_dir: Path | None) -> None:
@@ -212,17 +216,6 @@ def select(config: ConfigArg, cache_dir: CacheDir = None) -> None:
 
 
 
-def _with_flags(cfg, section: str, model, given: dict):
-    """The config with a command's flags (those given) over its ``section:``; a flag whose field takes a fixed
-    set of values is checked against it, named as the flag."""
-    for field, value in given.items():
-        allowed = typing.get_args(model.model_fields[field].annotation)
-        if value is not None and allowed and all(isinstance(a, str) for a in allowed) and value not in allowed:
-            raise ValueError(f"--{field} {value!r}: use one of {', '.join(allowed)}")
-    wanted = (getattr(cfg, section) or model()).model_copy(update={k: v for k, v in given.items() if v})
-    return cfg.model_copy(update={section: wanted})
-
-
 @app.command()
 @friendly_errors
 def export(
@@ -243,7 +236,7 @@ def export(
 
     if out_dir is not None:
         check_out(out_dir)  # before the export runs
-    cfg = _with_flags(_load(config, cache_dir), "export", ExportConfig,
+    cfg = with_flags(_load(config, cache_dir), "export", ExportConfig,
                       {"splits": split, "layer": layer, "format": format, "dtype": dtype})
     wanted = cfg.export
     result = _pipeline(config, cache_dir, "export", cfg)[1]
@@ -267,7 +260,7 @@ def index_cmd(
     exact search: recall@10 on held-out queries, build time, size, queries per second."""
     from tasks.index.plan import IndexConfig
 
-    cfg = _with_flags(_load(config, cache_dir), "index", IndexConfig,
+    cfg = with_flags(_load(config, cache_dir), "index", IndexConfig,
                       {"split": split, "kind": kind, "metric": metric, "layer": layer})
     wanted = cfg.index
     r = _pipeline(config, cache_dir, "index", cfg)[1].index
@@ -358,6 +351,7 @@ def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
               highlight=False)
 
 
+stage_commands.register(app, _pipeline, _load)
 app.add_typer(cache_cli.app, name="cache")
 app.add_typer(server_cli.app, name="server")
 

@@ -3,7 +3,8 @@ executes, in which order, and which other goals ``plan`` walks.
 
 A goal is a stage's name; its path is the stages its declaration comes ``after`` and then itself, each run
 when its ``when`` says so (heads when the config has some, fine-tuning when enabled, quality with a
-``quality:`` section); the goal's own stage always runs.
+``quality:`` section); the goal's own stage always runs, and a stage that ``joins`` the goal follows it when
+the config asks (``predict:`` after a run's evaluation).
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def path(goal: Goal) -> tuple[Stage, ...]:
 
 
 def nodes(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Stage]:
-    """The stages a run of ``config`` up to ``goal`` executes, in order."""
-    return [s for s in path(goal) if s.name == goal or s.when(config, goal)]
+    """The stages a run of ``config`` up to ``goal`` executes, in order: its path, then the stages that join a
+    run to this goal when the config asks for them (``predict:`` after the evaluation)."""
+    chosen = [s for s in path(goal) if s.name == goal or s.when(config, goal)]
+    return chosen + [s for s in STAGES if goal in s.joins and s.when(config, goal) and s not in chosen]
 
 
 def side_goals(config: ExperimentConfig) -> tuple[Goal, ...]:

@@ -18,7 +18,7 @@ from typing import Any
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
 CODE_VERSIONS = {"features": 1, "heads": 5, "finetune": 3, "evaluate": 6, "scores": 1, "export": 1, "index": 1,
-                 "quality": 2,
+                 "quality": 2, "predict": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
@@ -212,6 +212,15 @@ def quality_spec(features: dict[str, str], settings: dict[str, Any]) -> dict[str
 
 # ---------------------------------------------------------------- keys of bookkeeping, not of stored results
 # (their formulas are fixed: changing one makes existing caches' records, memos or pieces miss once)
+
+
+def predict_spec(model: dict[str, Any], data: str, calibration: str, train: str, settings: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Predictions on new images (tasks/predict/): the model (a head's fit key, or the evaluation whose
+    recommendation it is), the new images' feature key, the features the temperature, the conformal threshold
+    (calibration: val) and the OOD detector (train) are fitted on, and the settings."""
+    return {"kind": "predict", "version": CODE_VERSIONS["predict"], "model": model, "data": data,
+            "calibration": calibration, "train": train, "settings": settings}
 
 
 def cache_id(cache_dir: str | Path) -> str:

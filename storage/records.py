@@ -3,7 +3,7 @@
 | files | where (storage/layout.py) | class |
 |---|---|---|
 | one JSON record per key | ``manifests/``, ``backbones/``, ``metrics/``, ``scores/`` | :class:`Records` |
-| a stage run's key spec and its result marker (written last) | ``finetune/<key>/``, ``runs/<experiment>/<key>/``, ``exports/<key>/`` | :class:`StageFiles` |
+| a stage run's key spec and its result marker (written last) | ``finetune/<key>/``, ``runs/<experiment>/<key>/``, and each folder a subclass declares (``exports/``, ``quality/``, ``indexes/``, ``predictions/``) | :class:`StageFiles` |
 | an evaluation's report, plots and marker | ``runs/<experiment>/<key>/`` | :class:`ReportFiles` |
 | a selection's tables | ``select/<experiment>/`` | :class:`SelectionFiles` |
 
@@ -168,6 +168,18 @@ class IndexFiles(StageFiles, folder="indexes", kind="index"):
     @property
     def index(self) -> Path:
         return self.folder / "index.faiss"
+
+
+class PredictionFiles(StageFiles, folder="predictions", kind="predict"):
+    """A prediction run's folder: ``predictions.parquet`` (or ``.csv``), and ``bad_images.csv`` listing the
+    images that could not be decoded (with ``on_bad_image: skip``)."""
+
+    def table(self, format: str) -> Path:
+        return self.folder / f"predictions.{format}"
+
+    @property
+    def bad_images(self) -> Path:
+        return self.folder / "bad_images.csv"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class Command:
 
     help: str
     flags: tuple[str, ...] = ()
+    data_flag: bool = False  #: ``--data PATH``: the section's ``data`` read from a folder, table file or shards
+    out_flag: bool = False  #: ``--out FILE``: the result's ``path`` copied there (atomically)
     show: Callable[[Any, list[Any]], tuple[str, list[str], list[list[Any]], list[str]]] | None = None
 
 
@@ -90,6 +92,8 @@ class Stage:
     task: str  #: its Prefect task's name (part of the Prefect cache key: never rename)
     run_name: Callable[[Any, Work], str]  #: the task run's name in the UI
     after: tuple[str, ...] = ()  #: every stage a run to this goal passes through first, in order
+    #: goals whose runs also end with this stage when its ``when`` holds (``predict:`` makes ``run`` predict)
+    joins: tuple[str, ...] = ()
     section: Section | None = None  #: its config section
     #: whether it runs on the way to ``goal`` (always when it is the goal itself)
     when: Callable[[Any, str], bool] = always

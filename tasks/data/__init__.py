@@ -10,7 +10,7 @@ Modules: ``config`` (the section, the source contract, the registry), ``errors``
 """
 from tasks.data.config import SOURCES, DataConfig
 from tasks.data.errors import BadImageError, DataError
-from tasks.data.folder import Csv, Digits, ImageFolder, Mnist5k
+from tasks.data.folder import Csv, Digits, Files, ImageFolder, Mnist5k
 from tasks.data.images import read_image
 from tasks.data.manifest import Manifest, build_manifest
 from tasks.data.table import Table
@@ -18,6 +18,7 @@ from tasks.data.webdataset import WebDataset
 
 # The registry, in the order error messages list the names. Adding a source: a DataSource subclass in its
 # own module, listed here.
-SOURCES.update((source.name, source) for source in (Digits(), Mnist5k(), ImageFolder(), Csv(), WebDataset(), Table()))
+SOURCES.update((source.name, source) for source in (Digits(), Mnist5k(), ImageFolder(), Files(), Csv(), WebDataset(),
+                                                                   Table()))
 
 __all__ = ["SOURCES", "BadImageError", "DataConfig", "DataError", "Manifest", "build_manifest", "read_image"]

@@ -1,4 +1,4 @@
-"""Folder sources: ``imagefolder`` (``root/<class>/<image>``), ``csv`` (a path,label[,split] file), and the
+"""Folder sources: ``imagefolder`` (``root/<class>/<image>``), ``files`` (every image under a folder, unlabelled), ``csv`` (a path,label[,split] file), and the
 bundled ``digits`` and ``mnist5k`` (written as folders first).
 """
 from __future__ import annotations
@@ -21,6 +21,26 @@ class ImageFolder(DataSource):
 
     def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
         return Scan(cfg.root, *_scan_imagefolder(cfg.root, cfg.on_bad_image))
+
+
+class Files(DataSource):
+    """Every image under ``root`` (sub-folders too), unlabelled: what ``transferpipe predict`` scores. One class,
+    ``unlabelled``; an item's id is its path relative to the root, so two ``a.jpg`` in different folders stay
+    two rows."""
+
+    name = "files"
+    classes = ["unlabelled"]
+
+    def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:
+        root = cfg.root
+        if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+            raise DataError(f"data.root {root} is not a readable folder")
+        unnamable: list[str] = []
+        images = _list_images(root, root, unnamable)
+        _unnamable(root, unnamable, cfg.on_bad_image)
+        if not images:
+            raise DataError(f"{root} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return Scan(root, list(self.classes), {"all": [(path, 0) for path in images]})
 
 
 class Csv(DataSource):
@@ -75,7 +95,7 @@ def _list_images(folder: Path, root: Path, unnamable: list[str]) -> list[str]:
     UTF-8 cannot be keyed or stored: it goes to ``unnamable`` (as ``repr``) instead. An entry that cannot be
     stat'ed (a link loop) is listed: reading it fails later, and names it, like any bad image.
     """
-    prefix = folder.relative_to(root).as_posix()
+    prefix = "" if folder == root else folder.relative_to(root).as_posix()
     out: list[str] = []
     stack = [(str(folder), prefix)]
     while stack:

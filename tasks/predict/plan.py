@@ -1,0 +1,162 @@
+"""The predict plan: the ``predict:`` config, one :class:`PredictPlan` (its key: the model, the new images'
+feature key, the calibration and training features, the settings) and the result; the stage imports it.
+
+The new images go through the extraction stage's own plan (content keys and pieces: images already extracted
+are read back, a folder that grew extracts only its new pieces). The model is a head's fit, named or the
+evaluation's recommendation (chosen on val; which one is known once the evaluation ran, so the key names the
+evaluation instead).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import keys
+from storage.records import PredictionFiles
+from tasks.data.config import DataConfig
+from tasks.declare import Command, Graph, Section, Stage, Work, against, features
+from tasks.extract.plan import SplitPlan, plan_extraction
+from tasks.heads.plan import fits
+from tasks.result import StageResult
+
+RECOMMENDED = "recommended"
+
+
+class PredictConfig(BaseModel):
+    """``predict:`` section: the images to score and how (``transferpipe predict`` flags override it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataConfig | None = Field(None, description="the new images, any data source (labels not needed: "
+                                                      "source: files reads every image under a folder)")
+    model: str = Field(RECOMMENDED, description="recommended (the evaluation's pick, chosen on val) or a head's name")
+    top_k: int = Field(3, ge=1, le=1000, description="labels and probabilities kept per image")
+    coverage: float = Field(0.9, gt=0, lt=1, description="the prediction sets' target coverage (split conformal on val)")
+    method: Literal["lac", "aps"] = Field("lac", description="conformal score: lac (smallest sets) or aps (adaptive)")
+    ood_pass: float = Field(0.95, gt=0, lt=1, description="share of val images under the out-of-distribution "
+                                                           "threshold (kNN distance to the training features)")
+    format: Literal["parquet", "csv"] = Field("parquet", description="the table: parquet or csv (lists joined by |)")
+
+    def settings(self) -> dict[str, Any]:
+        """What the key holds besides the model and the features."""
+        return self.model_dump(mode="json", exclude={"data", "model"})
+
+
+class PredictPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    spec: dict[str, Any]
+    experiment: str
+    data: SplitPlan  # the new images' extraction
+    head: str | None = Field(None, description="a named head's fit key; None: the evaluation's recommendation")
+    name: str
+    evaluation: str | None = Field(None, description="the evaluation's key (whose recommendation is the model)")
+    train: str
+    val: str
+    test: str | None
+    settings: PredictConfig
+    cache_dir: Path
+
+    @property
+    def files(self) -> PredictionFiles:
+        return PredictionFiles.of(self.cache_dir, self.key)
+
+
+class PredictResult(StageResult):
+    work_fields: tuple[str, ...] = ("rows_scored",)
+    key: str
+    model: str  # the model's name as the report gives it
+    head: str  # its fit key
+    layer: str
+    rows: int
+    single: int  # images whose prediction set holds one label
+    empty: int  # images whose set is empty (no label reaches the coverage's threshold)
+    ood: int  # images flagged out of distribution
+    bad_images: int
+    temperature: float
+    threshold: float
+    ood_threshold: float
+    calibration: dict[str, float] = Field(description="val NLL and ECE before and after the temperature, val rows")
+    test: dict[str, Any] = Field(default_factory=dict, description="on the test split: coverage (marginal, per "
+                                                                   "class, by rank of the true class), set size")
+    path: Path
+    rows_scored: int = 0
+
+
+def _model(config: Any, graph: Graph, name: str) -> tuple[str | None, str]:
+    """The named head's fit key (all labels, first seed), or None for the recommendation; refuses an unknown name
+    listing the known ones and how to train one."""
+    if name == RECOMMENDED:
+        return None, name
+    plans = graph["heads"].plans() if "heads" in graph else []
+    known = [p.label for p in plans]
+    if name == "finetuned":
+        raise ValueError("predict.model: the fine-tuned model is not served by predict yet; use its checkpoint as "
+                         "backbone.weights of another experiment and predict with its heads")
+    match = next((p for p in plans if p.label == name), None)
+    if match is None:
+        raise ValueError(f"predict.model {name!r}: no such head; heads: {', '.join(known) or 'none'} or "
+                         f"{RECOMMENDED} (add it to heads: and run transferpipe heads CONFIG)")
+    fit = next(((shot, key) for shot, _, key in fits(match) if shot == "all"), None) or fits(match)[0][::2]
+    return fit[1], name
+
+
+def _plan(config: Any, graph: Graph) -> list[Work]:
+    wanted = config.predict or PredictConfig()
+    if wanted.data is None:
+        raise ValueError("predict.data: no images to score; set predict.data (for example {source: files, root: "
+                         "FOLDER}) or pass --data FOLDER")
+    root, cache = wanted.data.root, Path(config.cache_dir).expanduser().resolve()
+    if root is not None and (Path(root).resolve() == cache or cache in Path(root).resolve().parents):
+        raise ValueError(f"predict.data.root {root} is inside the cache folder {cache}; score images kept elsewhere")
+    split = features(graph)
+    if "val" not in split:
+        raise ValueError("predict: calibrates on the val split; set data.val_fraction > 0 or add a val folder")
+    data = wanted.data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0})  # every image is scored
+    new = plan_extraction(data, config.backbone, config.extract, config.cache_dir)["train"]
+    head, name = _model(config, graph, wanted.model)
+    evaluation = graph["evaluate"].works[0].plan.key if head is None else None
+    spec = keys.predict_spec({"head": head} if head else {"recommended_by": evaluation}, new.key, split["val"].key,
+                             split["train"].key, wanted.settings())
+    plan = PredictPlan(key=keys.key(spec), spec=spec, experiment=config.name, data=new, head=head, name=name,
+                       evaluation=evaluation, train=split["train"].key, val=split["val"].key,
+                       test=split["test"].key if "test" in split else None, settings=wanted,
+                       cache_dir=Path(config.cache_dir))
+    return [Work(config.name, plan, is_stored(plan))]
+
+
+def is_stored(plan: PredictPlan) -> bool:
+    saved = plan.files.read_result()
+    return bool(saved) and plan.files.table(plan.settings.format).is_file()
+
+
+def _show(config: Any, results: list[PredictResult]) -> tuple[str, list[str], list[list[Any]], list[str]]:
+    r = results[0]
+    cal = r.calibration
+    rows = [["images scored", f"{r.rows:,}" + (" (cached)" if r.cache_hit else "")],
+            ["single-label sets", f"{r.single:,} ({r.single / max(r.rows, 1):.1%})"],
+            ["empty sets", f"{r.empty:,}"],
+            ["flagged out of distribution", f"{r.ood:,} ({r.ood / max(r.rows, 1):.1%})"],
+            ["images that failed to decode", f"{r.bad_images:,}"],
+            ["temperature (val NLL before -> after)", f"{r.temperature:.3f} ({cal['nll_before']:.3f} -> "
+                                                       f"{cal['nll_after']:.3f})"]]
+    if r.test:
+        rows.append([f"test coverage (target {config.predict.coverage if config.predict else 0.9:g})",
+                     f"{r.test['coverage']:.3f}, mean set size {r.test['mean_set_size']:.2f}"])
+    return f"predictions of {r.model} ({r.layer}) for {config.name}", ["figure", "value"], rows, [f"predictions: {r.path}"]
+
+
+STAGE = Stage("predict", _plan, "tasks.predict.stage:predict", "predict", lambda c, w: f"predict-{c.name}",
+              after=("extract", "quality", "heads", "finetune", "evaluate"), joins=("evaluate",),
+              when=lambda c, goal: c.predict is not None, why=against("predict"), stored=is_stored,
+              device=lambda p: p.data.extract.device,
+              section=Section("predict", PredictConfig | None, Field(
+                  None, description="transferpipe predict: new images scored with the chosen model (a run too when set)")),
+              command=Command("Score new images with the recommended model (or --model NAME): top-k labels, calibrated "
+                              "probabilities, conformal prediction sets and out-of-distribution flags, as Parquet.",
+                              flags=("model", "top_k", "coverage", "method", "format"), data_flag=True, out_flag=True,
+                              show=_show),
+              imports=frozenset({"data", "backbones", "extract", "heads", "evaluate"}))

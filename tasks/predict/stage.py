@@ -1,0 +1,235 @@
+"""The predict stage: the new images' features (through the extraction stage), the model's probabilities,
+temperature, conformal sets and OOD scores, written as one Parquet (or CSV) table.
+
+Rows stream: the new images' features are read in blocks and written in row groups, so memory holds one
+block whatever the number of images (only the training bank, for the OOD score, is read whole). The table is
+written into a temporary folder and renamed into ``predictions/<key>/`` when complete (``StageFiles.staged``):
+a killed run leaves nothing half-written, and its features (the expensive part) are kept as pieces.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.features import FeatureStore
+from storage.keys import short
+from storage.records import PredictionFiles, ReportFiles
+from storage.layout import CacheLayout
+from tasks.evaluate.plan import EvalResult
+from tasks.evaluate.report import recommended
+from tasks.extract.stage import extract_split
+from tasks.heads.stage import load_head
+from tasks.predict import trust
+from tasks.predict.plan import PredictPlan, PredictResult, is_stored
+from tasks.softmax import softmax
+
+log = logging.getLogger("transferpipe.predict")
+BLOCK_ROWS = 8192
+FOLDER_SOURCES = ("imagefolder", "files", "digits", "mnist5k")
+
+
+def predict(plan: PredictPlan) -> PredictResult:
+    """Score the plan's images (or reuse the finished table) and return the figures and where the table is."""
+    started = time.perf_counter()
+    if is_stored(plan):
+        saved = plan.files.read_result()
+        return PredictResult.model_validate({**saved, "path": plan.files.table(plan.settings.format),
+                                             "cache_hit": True, "seconds": 0.0})
+    extracted = extract_split(plan.data)  # cached by pieces: only images never extracted go through the backbone
+    key, name = _model(plan)
+    head = load_head(plan.cache_dir, key)
+    meta_layer = _layer(plan.cache_dir, key)
+    store = FeatureStore(plan.cache_dir)
+    classes = store.rows(plan.train, meta_layer).classes
+    calibrated = _calibrate(plan, head, store, meta_layer)
+    with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
+        counts = _write(plan, staged, head, store, meta_layer, classes, name, calibrated)
+        bad = _bad_images(plan, store, staged)
+        result = PredictResult(key=plan.key, model=name, head=key, layer=meta_layer, bad_images=bad,
+                               path=plan.files.table(plan.settings.format), cache_hit=False, seconds=0.0,
+                               rows_scored=counts["rows"], **counts, **calibrated.figures())
+        staged.write_spec(plan.spec)
+        staged.write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
+    log.info("predict: %d images scored with %s (features: %s)", counts["rows"], name,
+             "cached" if extracted.cache_hit else f"{extracted.forward_batches} forward batches")
+    return result.model_copy(update={"seconds": time.perf_counter() - started})
+
+
+def _model(plan: PredictPlan) -> tuple[str, str]:
+    """The fit key and name of the model: the named head's, or the evaluation's recommendation among the heads
+    (the first artifact of the model chosen on val)."""
+    if plan.head is not None:
+        return plan.head, plan.name
+    files = ReportFiles(CacheLayout(plan.cache_dir).report(plan.experiment, plan.evaluation or ""))
+    saved = files.read_result()
+    if saved is None:
+        raise ValueError(f"predict: the evaluation {short(plan.evaluation or '')} of {plan.experiment} is not in the "
+                         "cache; run transferpipe run CONFIG first (or name a head with --model)")
+    models = EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0}).models
+    heads = [m for m in models if m.kind != "finetune" and m.artifacts]
+    pick = recommended(models)
+    if pick is not None and pick.kind == "finetune":
+        best = recommended(heads)
+        log.warning("predict: the recommended model is the fine-tuned one, which predict does not serve yet; "
+                    "scoring with the best head on val instead: %s", best.name if best else "none")
+        pick = best
+    if pick is None or not pick.artifacts:
+        raise ValueError(f"predict: the evaluation of {plan.experiment} recommends no head (no validation split "
+                         "scores); name one with --model")
+    return pick.artifacts[0], pick.name if str(pick.shot) == "all" else f"{pick.name} shot {pick.shot}"
+
+
+def _layer(cache_dir: Path, key: str) -> str:
+    from storage.head_store import read_meta
+
+    return read_meta(cache_dir, key)["layer"]
+
+
+def probabilities(head: Any, X: np.ndarray) -> np.ndarray:
+    """The head's class probabilities (a softmax of its class scores for heads without them: ridge, SVM)."""
+    return head.predict_proba(X) if head.has_proba else softmax(head.class_scores(X))
+
+
+class Calibrated:
+    """The temperature, the conformal threshold and the OOD detector, fitted on val (and train for the bank)."""
+
+    def __init__(self, temperature: float, threshold: float, bank: np.ndarray, ood_threshold: float,
+                 calibration: dict[str, float], test: dict[str, Any]) -> None:
+        self.temperature, self.threshold, self.bank, self.ood_threshold = temperature, threshold, bank, ood_threshold
+        self.calibration, self.test = calibration, test
+
+    def figures(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "threshold": self.threshold, "ood_threshold": self.ood_threshold,
+                "calibration": self.calibration, "test": self.test}
+
+
+def _calibrate(plan: PredictPlan, head: Any, store: FeatureStore, layer: str) -> Calibrated:
+    s = plan.settings
+    val = store.read(plan.val, [layer])
+    probs, labels = probabilities(head, val.features[layer].astype(np.float32)), val.labels.astype(np.int64)
+    temperature = trust.fit_temperature(probs, labels)
+    calibrated = trust.scaled(probs, temperature)
+    q = trust.threshold(calibrated, labels, s.coverage, s.method)
+    bank = trust.unit_rows(store.read(plan.train, [layer]).features[layer])
+    val_ood = trust.ood_scores(trust.unit_rows(val.features[layer]), bank)
+    ood_threshold = float(np.quantile(val_ood, s.ood_pass, method="higher"))
+    figures = {"val_rows": float(len(labels)), "nll_before": trust.nll(probs, labels),
+               "nll_after": trust.nll(calibrated, labels), "ece_before": trust.ece(probs, labels),
+               "ece_after": trust.ece(calibrated, labels)}
+    test = _test_figures(plan, head, store, layer, temperature, q) if plan.test else {}
+    return Calibrated(temperature, q, bank, ood_threshold, figures, test)
+
+
+def _test_figures(plan: PredictPlan, head: Any, store: FeatureStore, layer: str, temperature: float, q: float
+                  ) -> dict[str, Any]:
+    """Coverage of the sets on the (labelled) test split: marginal, per class, by the rank of the true class."""
+    test = store.read(plan.test or "", [layer])
+    probs = trust.scaled(probabilities(head, test.features[layer].astype(np.float32)), temperature)
+    labels = test.labels.astype(np.int64)
+    mask = trust.sets(probs, q, plan.settings.method)
+    covered = mask[np.arange(len(labels)), labels]
+    rank = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(axis=1)  # 0: the true class is top-1
+    by_rank = {("1" if r == 0 else "2" if r == 1 else "3+"): float(covered[sel].mean())
+               for r, sel in ((0, rank == 0), (1, rank == 1), (2, rank >= 2)) if sel.any()}
+    per_class = {test.classes[c]: float(covered[labels == c].mean()) for c in np.unique(labels)}
+    return {"rows": int(len(labels)), "coverage": float(covered.mean()), "mean_set_size": float(mask.sum(1).mean()),
+            "coverage_by_class": per_class, "coverage_by_rank": by_rank, "top1": float((probs.argmax(1) == labels).mean())}
+
+
+def _blocks(plan: PredictPlan, store: FeatureStore, layer: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    rows = store.rows(plan.data.key, layer)
+    ids = store.paths(plan.data.key)
+    for start, block in rows.chunks(BLOCK_ROWS):
+        yield ids[start:start + len(block)], np.asarray(block, dtype=np.float32)
+
+
+def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureStore, layer: str, classes: list[str],
+           name: str, fit: Calibrated) -> dict[str, int]:
+    """The table, block by block: id, path, top-k labels and probabilities, the set, the OOD score and flag."""
+    s, names = plan.settings, np.asarray(classes, dtype=object)
+    root = _data_root(plan)
+    counts = {"rows": 0, "single": 0, "empty": 0, "ood": 0}
+    with _Table(out.table(s.format), s.format) as table:
+        for ids, X in _blocks(plan, store, layer):
+            probs = trust.scaled(probabilities(head, X), fit.temperature)
+            k = min(s.top_k, probs.shape[1])
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            mask = trust.sets(probs, fit.threshold, s.method)
+            ood = trust.ood_scores(trust.unit_rows(X), fit.bank)
+            flagged = ood > fit.ood_threshold
+            sizes = mask.sum(axis=1)
+            table.write({
+                "id": ids, "path": [str(root / i) if root else i for i in ids],
+                "label": [str(names[t[0]]) for t in top],
+                "probability": [float(probs[r, t[0]]) for r, t in enumerate(top)],
+                "top_labels": [[str(names[c]) for c in t] for t in top],
+                "top_probabilities": [[float(probs[r, c]) for c in t] for r, t in enumerate(top)],
+                "prediction_set": [[str(names[c]) for c in np.flatnonzero(m)] for m in mask],
+                "set_size": sizes.astype(np.int64).tolist(), "ood_score": ood.tolist(), "ood": flagged.tolist(),
+                "model": [name] * len(ids),
+            })
+            counts["rows"] += len(ids)
+            counts["single"] += int((sizes == 1).sum())
+            counts["empty"] += int((sizes == 0).sum())
+            counts["ood"] += int(flagged.sum())
+    return counts
+
+
+def _data_root(plan: PredictPlan) -> Path | None:
+    from tasks.data.manifest import Manifest
+
+    manifest = Manifest.load(plan.data.manifest)  # folder sources: an id is a path under the root
+    return Path(manifest.root) if manifest.source in FOLDER_SOURCES else None
+
+
+def _bad_images(plan: PredictPlan, store: FeatureStore, out: PredictionFiles) -> int:
+    """The images the extraction left out (``on_bad_image: skip``), listed beside the table."""
+    skipped = store.read(plan.data.key, []).skipped
+    if skipped:
+        with open(out.bad_images, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "error"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(skipped)
+    return len(skipped)
+
+
+class _Table:
+    """A Parquet file written one row group per block (pyarrow), or a CSV with the lists joined by ``|``."""
+
+    def __init__(self, path: Path, format: str) -> None:
+        self.path, self.format, self.writer, self.fh = path, format, None, None
+
+    def __enter__(self) -> _Table:
+        return self
+
+    def write(self, columns: dict[str, list[Any]]) -> None:
+        if self.format == "csv":
+            if self.fh is None:
+                self.fh = open(self.path, "w", newline="", encoding="utf-8")
+                self.writer = csv.writer(self.fh)
+                self.writer.writerow(list(columns))
+            lists = {n for n, v in columns.items() if v and isinstance(v[0], list)}
+            for row in zip(*columns.values()):
+                self.writer.writerow(["|".join(map(str, v)) if n in lists else v for n, v in zip(columns, row)])
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        batch = pa.table(columns)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, batch.schema)
+        self.writer.write_table(batch)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.format == "csv":
+            if self.fh is None:
+                self.fh = open(self.path, "w", encoding="utf-8")
+            self.fh.close()
+        elif self.writer is not None:
+            self.writer.close()
