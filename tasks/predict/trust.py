@@ -6,7 +6,8 @@ All fitted on the experiment's own splits, never on the images being scored:
   negative log-likelihood on val (bounded search over ``log T``); top-1 never changes;
 * **conformal sets** (split conformal on val, the calibration split): ``lac`` (least ambiguous set-valued
   classifier, Sadinle et al. 2019: score ``1 - p_y``) or ``aps`` (adaptive prediction sets, Romano et al.
-  2020, without randomisation: the mass of the labels ranked up to and including ``y``). The threshold is the
+  2020, without randomisation: the mass of the labels ranked up to and including ``y``; a set holds the labels
+  whose score is within the threshold, so, like LAC's, it may be empty). The threshold is the
   ``ceil((n + 1)(1 - alpha)) / n`` empirical quantile of the calibration scores, which guarantees coverage of at
   least ``1 - alpha`` on exchangeable data; with too few calibration rows for that (``n < 1/alpha - 1``) it is
   refused, naming both numbers;
@@ -95,12 +96,10 @@ def sets(probs: np.ndarray, q: float, method: Method) -> np.ndarray:
         return (1.0 - probs) <= q + 1e-12
     order = np.argsort(-probs, axis=1, kind="stable")
     cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
-    # a label is in when the mass before it is below q (the label that crosses q is included: include_last_label)
-    before = cumulative - np.take_along_axis(probs, order, axis=1)
-    keep = before < q - 1e-12
-    keep[:, 0] = True
-    mask = np.zeros_like(keep)
-    np.put_along_axis(mask, order, keep, axis=1)
+    # a label is in when its score (the mass ranked up to and including it) is within q: the score's own
+    # definition, so the coverage guarantee holds as it is (MAPIE's include_last_label=False)
+    mask = np.zeros(probs.shape, dtype=bool)
+    np.put_along_axis(mask, order, cumulative <= q + 1e-12, axis=1)
     return mask
 
 
