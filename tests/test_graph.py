@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,11 @@ EVERY_STAGE = {
 
 
 def written(cache: Path) -> dict[str, set[str]]:
-    """The keys of every artifact in a cache, by the stage that writes it (reports are named by short key)."""
+    """The keys of every artifact in a cache, by the stage that writes it (reports are named by short key; the
+    new images' features by the predictions that read them)."""
+    predicted = {json.loads(p.read_text())["data"]: p.parent.name for p in (cache / "predictions").glob("*/spec.json")}
     return {
-        "extract": {p.name.split(".")[0] for p in (cache / "features").glob("*.h5")},
+        "extract": {p.name.split(".")[0] for p in (cache / "features").glob("*.h5")} - set(predicted),
         "heads": {p.name for p in (cache / "heads").iterdir() if not p.name.startswith(".")},
         "finetune": {p.name for p in (cache / "finetune").iterdir()},
         "evaluate": {p.name for p in (cache / "runs").glob("*/*") if p.is_dir()},
@@ -42,14 +45,16 @@ def written(cache: Path) -> dict[str, set[str]]:
         "export": {p.name for p in (cache / "exports").iterdir()},
         "index": {p.name for p in (cache / "indexes").iterdir() if p.name != "quarantine"},
         "quality": {p.name for p in (cache / "quality").iterdir()},
+        "predict": {p.name for p in (cache / "predictions").iterdir()} | set(predicted),
     }
 
 
 @pytest.mark.slow
-def test_plan_announces_exactly_what_run_and_select_write(tiny_config):
+def test_plan_announces_exactly_what_run_and_select_write(tiny_config, imagefolder):
     """Every stage of the graph (flows/nodes.py: NODES), planned on an empty cache, then run."""
     pytest.importorskip("faiss")
-    cfg = tiny_config(**EVERY_STAGE)
+    cfg = tiny_config(**EVERY_STAGE, predict={"data": {"source": "files", "root": str(imagefolder)}, "coverage": 0.5,
+                                              "model": "knn"})
     planned = explain(cfg)
     assert planned and not any(step.cached for step in planned)
     assert all(step.key for step in planned), [s for s in planned if not s.key]  # every key known on an empty cache

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage import keys
 from storage.records import PredictionFiles
 from tasks.data.config import DataConfig
-from tasks.declare import Command, Graph, Section, Stage, Work, against, features
+from tasks.declare import Command, Graph, Section, Stage, Unit, Work, against, features
 from tasks.extract.plan import SplitPlan, plan_extraction
+from tasks.extract.plan import is_stored as extract_stored
+from tasks.extract.why import why_features
 from tasks.heads.plan import fits
 from tasks.result import StageResult
 
@@ -128,6 +130,21 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     return [Work(config.name, plan, is_stored(plan))]
 
 
+def _units(work: Work) -> list[Unit]:
+    """The new images' features (the extraction's pieces, written by this stage) and the predictions."""
+    data = work.plan.data
+    return [Unit(f"{work.what} new images", data.key, extract_stored(data), data.spec),
+            Unit(work.what, work.plan.key, work.stored, work.plan.spec)]
+
+
+def _why(config: Any, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
+    """Features: what the extraction says (data added, pieces to extract); predictions: the closest stored spec."""
+    tables = [(w, u) for w, u in missing if u.key == w.plan.key]
+    reasons = iter(against("predict")(config, tables))
+    return [why_features(config.cache_dir, "train", w.plan.data.manifest, u.spec, w.plan.data.pieces)
+            if u.key != w.plan.key else next(reasons) for w, u in missing]
+
+
 def is_stored(plan: PredictPlan) -> bool:
     saved = plan.files.read_result()
     return bool(saved) and plan.files.table(plan.settings.format).is_file()
@@ -151,7 +168,7 @@ def _show(config: Any, results: list[PredictResult]) -> tuple[str, list[str], li
 
 STAGE = Stage("predict", _plan, "tasks.predict.stage:predict", "predict", lambda c, w: f"predict-{c.name}",
               after=("extract", "quality", "heads", "finetune", "evaluate"), joins=("evaluate",),
-              when=lambda c, goal: c.predict is not None, why=against("predict"), stored=is_stored,
+              when=lambda c, goal: c.predict is not None, units=_units, why=_why, stored=is_stored,
               device=lambda p: p.data.extract.device,
               section=Section("predict", PredictConfig | None, Field(
                   None, description="transferpipe predict: new images scored with the chosen model (a run too when set)")),
