@@ -14,6 +14,7 @@ from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from flows.selection import select_flow
 from storage.keys import short
+from storage.records import STAGE_FOLDERS
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS_CFG = [{"kind": "logistic", "C": [0.1, 1.0], "shots": [1, "all"], "seeds": 2}, {"kind": "knn", "k": [1, 3]}]
@@ -33,20 +34,22 @@ EVERY_STAGE = {
 
 
 def written(cache: Path) -> dict[str, set[str]]:
-    """The keys of every artifact in a cache, by the stage that writes it (reports are named by short key; the
-    new images' features by the predictions that read them)."""
+    """The keys of every artifact in a cache, by the stage that writes it (reports are named by short key; a
+    stage whose files class declares its folder, by the folders in it; the new images' features by the
+    predictions that read them)."""
     predicted = {json.loads(p.read_text())["data"]: p.parent.name for p in (cache / "predictions").glob("*/spec.json")}
-    return {
+    found = {
         "extract": {p.name.split(".")[0] for p in (cache / "features").glob("*.h5")} - set(predicted),
         "heads": {p.name for p in (cache / "heads").iterdir() if not p.name.startswith(".")},
         "finetune": {p.name for p in (cache / "finetune").iterdir()},
         "evaluate": {p.name for p in (cache / "runs").glob("*/*") if p.is_dir()},
         "score": {p.stem for p in (cache / "scores").glob("*.json")},
-        "export": {p.name for p in (cache / "exports").iterdir()},
-        "index": {p.name for p in (cache / "indexes").iterdir() if p.name != "quarantine"},
-        "quality": {p.name for p in (cache / "quality").iterdir()},
-        "predict": {p.name for p in (cache / "predictions").iterdir()} | set(predicted),
     }
+    for kind, files in STAGE_FOLDERS.items():
+        folder = cache / files.cache_folder
+        found[kind] = {p.name for p in folder.iterdir() if p.name != "quarantine"} if folder.is_dir() else set()
+    found["predict"] |= set(predicted)
+    return found
 
 
 @pytest.mark.slow

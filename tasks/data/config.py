@@ -70,6 +70,8 @@ class DataSource:
     name = ""
     #: needs ``data.root`` (a folder or a file); bundled sources write their images into the cache instead
     needs_root = True
+    #: its items have class labels (at least two classes); an unlabelled source (``files``) has one, ``unlabelled``
+    labelled = True
     #: the ``data:`` fields only this source reads (set for another source, they are an error)
     fields: tuple[str, ...] = ()
     #: of those, the ones it cannot do without, each with how to set it

@@ -29,6 +29,7 @@ class Files(DataSource):
     two rows."""
 
     name = "files"
+    labelled = False
     classes = ["unlabelled"]
 
     def scan(self, cfg: DataConfig, cache_dir: Path) -> Scan:

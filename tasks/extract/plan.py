@@ -13,7 +13,7 @@ from storage.features import FeatureStore
 from storage.keys import feature_key, feature_spec
 from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig, BackboneSpec, resolve
-from tasks.data.config import DataConfig
+from tasks.data.config import SOURCES, DataConfig
 from tasks.data.manifest import build_manifest
 from tasks.declare import Graph, Section, Stage, Unit, Work
 from tasks.extract.pieces import Piece, plan_pieces
@@ -120,6 +120,9 @@ def is_stored(plan: SplitPlan) -> bool:
 
 
 def _plan(config: Any, graph: Graph) -> list[Work]:
+    if not SOURCES[config.data.source].labelled:
+        raise ValueError(f"data.source {config.data.source!r} has no labels to train on: it reads images to score "
+                         "(predict.data); train on imagefolder, csv, table, webdataset or a bundled dataset")
     plans = plan_extraction(config.data, config.backbone, config.extract, config.cache_dir)
     return [Work(split, plan, is_stored(plan)) for split, plan in plans.items()]
 
