@@ -324,6 +324,8 @@ def demo(
                      wide=wide, markdown=markdown)
     if result.quality is not None:
         views.quality(result.quality)
+    if result.predictions is not None:
+        views.demo_batch(result.predictions, result.flagged)
     src = next(m for m in result.source.models if m.name == "finetuned")
     out.print(
         f"source model (scanner 1, own test split): top-1 {src.metrics['top1']:.3f}; checkpoint {result.checkpoint}\n"

