@@ -59,7 +59,8 @@ def demo_flow(cache_dir: Path | None = None) -> DemoResult:
     # kind); the recommended model scores it from the cache, with sets and out-of-distribution flags
     batch = write_new_batch(CacheLayout(pretrained.cache_dir).datasets())
     scored = pipeline_flow(pretrained.model_copy(update={"predict": PredictConfig(
-        data=DataConfig(source="files", root=batch))}), stop_after="predict").outputs["predict"][0]
+        data=DataConfig(source="files", root=batch), ood_data=DataConfig(source="files", root=batch / "other"))}),
+        stop_after="predict").outputs["predict"][0]
     return DemoResult(source=src, pretrained=ran, random=random, checkpoint=src.finetune_checkpoint,
                       quality=checked.quality, predictions=scored, flagged=_flagged(scored.path))
 

@@ -196,10 +196,12 @@ def quality(result: Any) -> None:
 def demo_batch(result: Any, flagged: dict[str, list[int]]) -> None:
     """The demo's last mile: the new batch scored, in two lines."""
     digits, other = flagged.get("scanner2", [0, 0]), flagged.get("other", [0, 0])
-    out.print(f"new batch ({result.rows} unlabelled images, {result.model}): {result.single} single-label sets at "
+    out.print(f"new batch ({result.rows} unlabelled images, {result.model}): {result.single} single-label sets, "
+              f"{result.empty} empty (no label sure enough: for a person) at "
               f"{result.test.get('coverage', float('nan')):.2f} test coverage; flagged out of distribution: "
-              f"{other[0]} of {other[1]} pictures of another kind, {digits[0]} of {digits[1]} new digits",
-              highlight=False)
+              f"{other[0]} of {other[1]} pictures of another kind, {digits[0]} of {digits[1]} new digits"
+              + (f" (OOD score vs the test split: AUROC {ood['auroc']:.3f}, FPR95 {ood['fpr95']:.3f})"
+                 if (ood := result.test.get("ood")) else ""), highlight=False)
     out.print(f"predictions: {result.path}", highlight=False, soft_wrap=True)
 
 

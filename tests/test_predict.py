@@ -96,6 +96,19 @@ def test_ood_score_is_one_minus_the_nearest_cosine():
     assert np.allclose(trust.ood_scores(queries, bank, chunk=2), [0.0, 1 - np.sqrt(0.5), 1.0])
 
 
+def test_ood_figures_against_their_definitions():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(4)
+    inside, outside = rng.normal(0, 1, 2000), rng.normal(1.5, 1, 500)
+    found = trust.ood_figures(inside, outside)
+    fpr, tpr, _ = roc_curve(np.r_[np.zeros(2000), np.ones(500)], np.r_[inside, outside])
+    assert abs(found["auroc"] - np.trapezoid(tpr, fpr)) < 1e-9
+    # FPR95: OOD images passing where 95% of the in-distribution pass (the ROC read at 5% of inside flagged)
+    assert abs(found["fpr95"] - (1 - tpr[np.searchsorted(fpr, 0.05, side="right") - 1])) < 0.01
+    assert trust.ood_figures(np.zeros(10), np.ones(10)) == {"auroc": 1.0, "fpr95": 0.0, "ood_rows": 10.0}
+
+
 # ------------------------------------------------------------------ the stage, on a real flow
 
 
@@ -124,7 +137,10 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     from flows.pipeline import pipeline_flow
 
     new, config = scored
-    cfg = config()
+    odd = new.parent / "odd"
+    for i in range(5):
+        make_image(odd / f"{i}.png", 5 + i, 0)  # colours no class has
+    cfg = config(ood_data={"source": "files", "root": str(odd)})
     with local_run_settings():
         first = pipeline_flow(cfg).outputs["predict"][0]
         again = pipeline_flow(cfg).outputs["predict"][0]
@@ -140,6 +156,7 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     assert 0 < first.temperature < 20 and first.calibration["val_rows"] >= 4  # coverage 0.8 needs 4
     assert again.cache_hit and again.rows_scored == 0 and again.path == first.path
     assert first.model in ("logistic", "knn")  # the evaluation's pick on val
+    assert first.test["ood"]["ood_rows"] == 5 and 0 <= first.test["ood"]["auroc"] <= 1
 
 
 @pytest.mark.slow

@@ -41,10 +41,12 @@ class PredictConfig(BaseModel):
     ood_pass: float = Field(0.95, gt=0, lt=1, description="share of val images under the out-of-distribution "
                                                            "threshold (kNN distance to the training features)")
     format: Literal["parquet", "csv"] = Field("parquet", description="the table: parquet or csv (lists joined by |)")
+    ood_data: DataConfig | None = Field(None, description="images known to be out of distribution: the OOD score's "
+                                                          "AUROC and FPR95 against the test split are measured on them")
 
     def settings(self) -> dict[str, Any]:
         """What the key holds besides the model and the features."""
-        return self.model_dump(mode="json", exclude={"data", "model"})
+        return self.model_dump(mode="json", exclude={"data", "model", "ood_data"})
 
 
 class PredictPlan(BaseModel):
@@ -54,6 +56,7 @@ class PredictPlan(BaseModel):
     spec: dict[str, Any]
     experiment: str
     data: SplitPlan  # the new images' extraction
+    ood: SplitPlan | None = None  # the OOD set's extraction (predict.ood_data)
     head: str | None = Field(None, description="a named head's fit key; None: the evaluation's recommendation")
     name: str
     evaluation: str | None = Field(None, description="the evaluation's key (whose recommendation is the model)")
@@ -127,11 +130,17 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
         raise ValueError("predict: calibrates on the val split; set data.val_fraction > 0 or add a val folder")
     data = wanted.data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0})  # every image is scored
     new = plan_extraction(data, config.backbone, config.extract, config.cache_dir)["train"]
+    ood = None
+    if wanted.ood_data is not None:
+        _outside_the_cache(wanted.ood_data.root, config.cache_dir)
+        ood = plan_extraction(wanted.ood_data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0}),
+                              config.backbone, config.extract, config.cache_dir)["train"]
     head, name = _model(config, graph, wanted.model)
     evaluation = graph["evaluate"].works[0].plan.key if head is None else None
+    settings = wanted.settings() | ({"ood_data": ood.key} if ood else {})
     spec = keys.predict_spec({"head": head} if head else {"recommended_by": evaluation}, new.key, split["val"].key,
-                             split["train"].key, wanted.settings())
-    plan = PredictPlan(key=keys.key(spec), spec=spec, experiment=config.name, data=new, head=head, name=name,
+                             split["train"].key, settings)
+    plan = PredictPlan(key=keys.key(spec), spec=spec, experiment=config.name, data=new, ood=ood, head=head, name=name,
                        evaluation=evaluation, train=split["train"].key, val=split["val"].key,
                        test=split["test"].key if "test" in split else None, settings=wanted,
                        cache_dir=Path(config.cache_dir))
@@ -140,8 +149,9 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
 
 def _units(work: Work) -> list[Unit]:
     """The new images' features (the extraction's pieces, written by this stage) and the predictions."""
-    data = work.plan.data
+    data, ood = work.plan.data, work.plan.ood
     return [Unit(f"{work.what} new images", data.key, extract_stored(data), data.spec),
+            *([Unit(f"{work.what} OOD set", ood.key, extract_stored(ood), ood.spec)] if ood else []),
             Unit(work.what, work.plan.key, work.stored, work.plan.spec)]
 
 
@@ -149,7 +159,10 @@ def _why(config: Any, missing: list[tuple[Work, Unit]]) -> list[list[str]]:
     """Features: what the extraction says (data added, pieces to extract); predictions: the closest stored spec."""
     tables = [(w, u) for w, u in missing if u.key == w.plan.key]
     reasons = iter(against("predict")(config, tables))
-    return [why_features(config.cache_dir, "train", w.plan.data.manifest, u.spec, w.plan.data.pieces)
+    def features_of(w: Work, u: Unit) -> Any:
+        return w.plan.data if u.key == w.plan.data.key else w.plan.ood
+
+    return [why_features(config.cache_dir, "train", features_of(w, u).manifest, u.spec, features_of(w, u).pieces)
             if u.key != w.plan.key else next(reasons) for w, u in missing]
 
 
@@ -171,6 +184,9 @@ def _show(config: Any, results: list[PredictResult]) -> tuple[str, list[str], li
     if r.test:
         rows.append([f"test coverage (target {config.predict.coverage if config.predict else 0.9:g})",
                      f"{r.test['coverage']:.3f}, mean set size {r.test['mean_set_size']:.2f}"])
+    if r.test.get("ood"):
+        rows.append([f"OOD score on {int(r.test['ood']['ood_rows'])} known-OOD images vs test",
+                     f"AUROC {r.test['ood']['auroc']:.3f}, FPR95 {r.test['ood']['fpr95']:.3f}"])
     return f"predictions of {r.model} ({r.layer}) for {config.name}", ["figure", "value"], rows, [f"predictions: {r.path}"]
 
 

@@ -123,6 +123,11 @@ def _calibrate(plan: PredictPlan, head: Any, store: FeatureStore, layer: str) ->
                "nll_after": trust.nll(calibrated, labels), "ece_before": trust.ece(probs, labels),
                "ece_after": trust.ece(calibrated, labels)}
     test = _test_figures(plan, head, store, layer, temperature, q) if plan.test else {}
+    if plan.ood is not None and plan.test:  # how well the OOD score separates the test split from a known OOD set
+        extract_split(plan.ood)
+        inside = trust.ood_scores(trust.unit_rows(store.read(plan.test, [layer]).features[layer]), bank)
+        outside = trust.ood_scores(trust.unit_rows(store.read(plan.ood.key, [layer]).features[layer]), bank)
+        test["ood"] = trust.ood_figures(inside, outside)
     return Calibrated(temperature, q, bank, ood_threshold, figures, test)
 
 

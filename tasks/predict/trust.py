@@ -115,3 +115,15 @@ def ood_scores(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) -> np.n
         sims = queries[start:start + chunk] @ bank.T
         out[start:start + chunk] = 1.0 - sims.max(axis=1)
     return out
+
+
+def ood_figures(inside: np.ndarray, outside: np.ndarray, passing: float = 0.95) -> dict[str, float]:
+    """How well the OOD score separates in-distribution images (``inside``: the test split) from an OOD set:
+    AUROC (OOD as the positive class, higher score = more OOD) and FPR95, the share of OOD images that pass
+    the threshold at which 95% of the in-distribution images pass (lower is better)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    cut = float(np.quantile(inside, passing, method="higher"))
+    return {"auroc": float(roc_auc_score(truth, np.r_[inside, outside])), "fpr95": float((outside <= cut).mean()),
+            "ood_rows": float(len(outside))}
