@@ -109,26 +109,35 @@ class Calibrated:
                 "calibration": self.calibration, "test": self.test}
 
 
-def _calibrate(plan: PredictPlan, head: Any, store: FeatureStore, layer: str) -> Calibrated:
-    s = plan.settings
-    val = store.read(plan.val, [layer])
-    probs, labels = probabilities(head, val.features[layer].astype(np.float32)), val.labels.astype(np.int64)
+def fit_trust(cache_dir: Path, head: Any, layer: str, val: str, train: str, settings: Any) -> Calibrated:
+    """The temperature and conformal threshold (on val) and the OOD bank (train) and threshold (val) of a
+    head: what predict applies and what export-model puts inside the artifact."""
+    store = FeatureStore(cache_dir)
+    found = store.read(val, [layer])
+    probs, labels = probabilities(head, found.features[layer].astype(np.float32)), found.labels.astype(np.int64)
     temperature = trust.fit_temperature(probs, labels)
     calibrated = trust.scaled(probs, temperature)
-    q = trust.threshold(calibrated, labels, s.coverage, s.method)
-    bank = trust.unit_rows(store.read(plan.train, [layer]).features[layer])
-    val_ood = trust.ood_scores(trust.unit_rows(val.features[layer]), bank)
-    ood_threshold = float(np.quantile(val_ood, s.ood_pass, method="higher"))
+    q = trust.threshold(calibrated, labels, settings.coverage, settings.method)
+    bank = trust.unit_rows(store.read(train, [layer]).features[layer])
+    val_ood = trust.ood_scores(trust.unit_rows(found.features[layer]), bank)
+    ood_threshold = float(np.quantile(val_ood, settings.ood_pass, method="higher"))
     figures = {"val_rows": float(len(labels)), "nll_before": trust.nll(probs, labels),
                "nll_after": trust.nll(calibrated, labels), "ece_before": trust.ece(probs, labels),
                "ece_after": trust.ece(calibrated, labels)}
+    return Calibrated(temperature, q, bank, ood_threshold, figures, {})
+
+
+def _calibrate(plan: PredictPlan, head: Any, store: FeatureStore, layer: str) -> Calibrated:
+    fitted = fit_trust(plan.cache_dir, head, layer, plan.val, plan.train, plan.settings)
+    temperature, q, bank = fitted.temperature, fitted.threshold, fitted.bank
     test = _test_figures(plan, head, store, layer, temperature, q) if plan.test else {}
     if plan.ood is not None and plan.test:  # how well the OOD score separates the test split from a known OOD set
         extract_split(plan.ood)
         inside = trust.ood_scores(trust.unit_rows(store.read(plan.test, [layer]).features[layer]), bank)
         outside = trust.ood_scores(trust.unit_rows(store.read(plan.ood.key, [layer]).features[layer]), bank)
         test["ood"] = trust.ood_figures(inside, outside)
-    return Calibrated(temperature, q, bank, ood_threshold, figures, test)
+    fitted.test = test
+    return fitted
 
 
 def _test_figures(plan: PredictPlan, head: Any, store: FeatureStore, layer: str, temperature: float, q: float
