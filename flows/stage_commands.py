@@ -26,8 +26,17 @@ TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 def with_flags(cfg: Any, section: str, model: type, given: dict[str, Any]) -> Any:
     """The config with a command's flags (those given) over its ``section:``; a flag whose field takes a fixed
     set of values is checked against it, named as the flag."""
-    for field, value in given.items():
-        allowed = typing.get_args(model.model_fields[field].annotation)
+    for field, value in list(given.items()):
+        annotation = model.model_fields[field].annotation
+        if typing.get_origin(annotation) is list and isinstance(value, str):  # --formats onnx,pt2
+            given[field] = value = [v.strip() for v in value.split(",") if v.strip()]
+            annotation = typing.get_args(annotation)[0]
+            allowed = typing.get_args(annotation)
+            bad = [v for v in value if allowed and v not in allowed]
+            if bad:
+                raise ValueError(f"--{field.replace('_', '-')} {bad[0]!r}: use one or more of {', '.join(allowed)}")
+            continue
+        allowed = typing.get_args(annotation)
         if value is not None and allowed and all(isinstance(a, str) for a in allowed) and value not in allowed:
             raise ValueError(f"--{field.replace('_', '-')} {value!r}: use one of {', '.join(allowed)}")
     current = getattr(cfg, section) or model()
@@ -49,20 +58,30 @@ def data_from(path: Path) -> dict[str, Any]:
                      "shard")
 
 
-def check_out(path: Path) -> None:
-    """``--out``: its folder must exist and be writable; said before anything runs."""
+def check_out(path: Path, folder: bool = False, force: bool = False) -> None:
+    """``--out``: its parent must exist and be writable, and a folder to write must not exist (unless
+    ``--force``); said before anything runs."""
     import os
 
-    folder = path.expanduser().resolve().parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {path}: its folder {folder} does not exist or is not writable")
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path}: its folder {parent} does not exist or is not writable")
+    if folder and path.exists() and not force:
+        raise ValueError(f"--out {path} exists; choose a new folder or pass --force to replace it")
 
 
 def copy_out(source: Path, target: Path) -> Path:
-    """Copy a stage's table to ``target`` through a temporary name (no half-written file under the name)."""
+    """Copy a stage's table (or folder, without its spec and result) to ``target`` through a temporary name: no
+    half-written file or folder under the name."""
     target = target.expanduser().resolve()
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
+    if source.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("spec.json", "result.json"))
+        if target.exists():
+            shutil.rmtree(target)
+    else:
+        shutil.copyfile(source, tmp)
     tmp.replace(target)
     return target
 
@@ -87,8 +106,12 @@ def _parameters(stage: Stage) -> list[inspect.Parameter]:
             Optional[_flag_type(field.annotation)], typer.Option(
                 f"--{name.replace('_', '-')}", help=f"{field.description or name} (default {field.default!r}).")]))
     if command.out_flag:
+        what = "folder" if command.out_folder else "table"
         params.append(inspect.Parameter("out_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            Optional[Path], typer.Option("--out", help="Copy the table here too (it stays in the cache).")]))
+            Optional[Path], typer.Option("--out", help=f"Copy the {what} here too (it stays in the cache).")]))
+    if command.out_folder:
+        params.append(inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--force", help="Replace --out when it exists.")]))
     params.append(inspect.Parameter("cache_dir", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=CacheDir))
     return params
 
@@ -100,15 +123,16 @@ def command(stage: Stage, pipeline: Any, load: Any) -> Any:
     model = next(a for a in typing.get_args(model) if a is not type(None)) if typing.get_args(model) else model
 
     def run(config: Path, data: Path | None = None, out_file: Path | None = None, cache_dir: Path | None = None,
-            **flags: Any) -> None:
+            force: bool = False, **flags: Any) -> None:
         if out_file is not None:
-            check_out(out_file)
+            check_out(out_file, folder=stage.command.out_folder, force=force)
         given = dict(flags) | ({"data": data_from(data)} if data is not None else {})
         cfg = with_flags(load(config, cache_dir), stage.section.name, model, given)
         result = pipeline(config, cache_dir, stage.name, cfg)[1]
         show(stage, cfg, result.outputs[stage.name])
         if out_file is not None:
-            path = copy_out(result.outputs[stage.name][0].path, out_file)
+            done = result.outputs[stage.name][0]
+            path = copy_out(done.folder if stage.command.out_folder else done.path, out_file)
             out.print(f"copied to {path}", highlight=False, soft_wrap=True)
 
     run.__signature__ = inspect.Signature(_parameters(stage))  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from typing import Any
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
 CODE_VERSIONS = {"features": 1, "heads": 5, "finetune": 3, "evaluate": 6, "scores": 1, "export": 1, "index": 1,
-                 "quality": 2, "predict": 1,
+                 "quality": 2, "predict": 1, "model": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}
 FEATURE_FORMAT_VERSION = CODE_VERSIONS["features"]
@@ -221,6 +221,14 @@ def predict_spec(model: dict[str, Any], data: str, calibration: str, train: str,
     (calibration: val) and the OOD detector (train) are fitted on, and the settings."""
     return {"kind": "predict", "version": CODE_VERSIONS["predict"], "model": model, "data": data,
             "calibration": calibration, "train": train, "settings": settings}
+
+
+def model_export_spec(model: dict[str, Any], backbone: str, calibration: str, train: str, test: str,
+                      settings: dict[str, Any]) -> dict[str, Any]:
+    """A model exported for other runtimes (tasks/model_export/): the head (or the evaluation that recommends
+    it), the backbone's weights, the features its trust is fitted on and its parity is checked on, the settings."""
+    return {"kind": "model", "version": CODE_VERSIONS["model"], "model": model, "backbone": backbone,
+            "calibration": calibration, "train": train, "test": test, "settings": settings}
 
 
 def cache_id(cache_dir: str | Path) -> str:

@@ -182,6 +182,14 @@ class PredictionFiles(StageFiles, folder="predictions", kind="predict"):
         return self.folder / "bad_images.csv"
 
 
+class ModelFiles(StageFiles, folder="models", kind="model"):
+    """An exported model's folder: ``model.onnx``, ``model.pt2``, ``model.safetensors``, ``config.json`` and
+    ``README.md`` (the model card), beside its spec and result."""
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+
 @dataclass(frozen=True)
 class ReportFiles(StageFiles):
     """An evaluation's folder: its spec and result marker, ``report.json``, ``report.md`` and PNG plots."""

@@ -75,6 +75,8 @@ class Command:
     flags: tuple[str, ...] = ()
     data_flag: bool = False  #: ``--data PATH``: the section's ``data`` read from a folder, table file or shards
     out_flag: bool = False  #: ``--out FILE``: the result's ``path`` copied there (atomically)
+    #: ``--out DIR`` instead: the result's ``folder`` copied there, refused when it exists unless ``--force``
+    out_folder: bool = False
     show: Callable[[Any, list[Any]], tuple[str, list[str], list[list[Any]], list[str]]] | None = None
 
 

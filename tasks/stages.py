@@ -12,11 +12,13 @@ from tasks.extract.plan import STAGE as EXTRACT
 from tasks.finetune.plan import STAGE as FINETUNE
 from tasks.heads.plan import STAGE as HEADS
 from tasks.index.plan import STAGE as INDEX
+from tasks.model_export.plan import STAGE as EXPORT_MODEL
 from tasks.predict.plan import STAGE as PREDICT
 from tasks.quality.plan import STAGE as QUALITY
 from tasks.select.plan import STAGE as SCORE
 
-STAGES: tuple[Stage, ...] = (EXTRACT, QUALITY, HEADS, FINETUNE, EVALUATE, PREDICT, SCORE, EXPORT, INDEX)
+STAGES: tuple[Stage, ...] = (EXTRACT, QUALITY, HEADS, FINETUNE, EVALUATE, PREDICT, EXPORT_MODEL, SCORE, EXPORT,
+                                 INDEX)
 
 #: by name
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

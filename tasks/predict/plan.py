@@ -92,7 +92,7 @@ class PredictResult(StageResult):
     rows_scored: int = 0
 
 
-def _model(config: Any, graph: Graph, name: str) -> tuple[str | None, str]:
+def resolve_head(graph: Graph, name: str, field_name: str = "predict.model") -> tuple[str | None, str]:
     """The named head's fit key (all labels, first seed), or None for the recommendation; refuses an unknown name
     listing the known ones and how to train one."""
     if name == RECOMMENDED:
@@ -100,11 +100,11 @@ def _model(config: Any, graph: Graph, name: str) -> tuple[str | None, str]:
     plans = graph["heads"].plans() if "heads" in graph else []
     known = [p.label for p in plans]
     if name == "finetuned":
-        raise ValueError("predict.model: the fine-tuned model is not served by predict yet; use its checkpoint as "
-                         "backbone.weights of another experiment and predict with its heads")
+        raise ValueError(f"{field_name}: the fine-tuned model is not served yet; use its checkpoint as "
+                         "backbone.weights of another experiment and name one of its heads")
     match = next((p for p in plans if p.label == name), None)
     if match is None:
-        raise ValueError(f"predict.model {name!r}: no such head; heads: {', '.join(known) or 'none'} or "
+        raise ValueError(f"{field_name} {name!r}: no such head; heads: {', '.join(known) or 'none'} or "
                          f"{RECOMMENDED} (add it to heads: and run transferpipe heads CONFIG)")
     fit = next(((shot, key) for shot, _, key in fits(match) if shot == "all"), None) or fits(match)[0][::2]
     return fit[1], name
@@ -135,7 +135,7 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
         _outside_the_cache(wanted.ood_data.root, config.cache_dir)
         ood = plan_extraction(wanted.ood_data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0}),
                               config.backbone, config.extract, config.cache_dir)["train"]
-    head, name = _model(config, graph, wanted.model)
+    head, name = resolve_head(graph, wanted.model)
     evaluation = graph["evaluate"].works[0].plan.key if head is None else None
     settings = wanted.settings() | ({"ood_data": ood.key} if ood else {})
     spec = keys.predict_spec({"head": head} if head else {"recommended_by": evaluation}, new.key, split["val"].key,

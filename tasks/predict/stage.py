@@ -42,7 +42,7 @@ def predict(plan: PredictPlan) -> PredictResult:
         return PredictResult.model_validate({**saved, "path": plan.files.table(plan.settings.format),
                                              "cache_hit": True, "seconds": 0.0})
     extracted = extract_split(plan.data)  # cached by pieces: only images never extracted go through the backbone
-    key, name = _model(plan)
+    key, name = chosen_model(plan)
     head = load_head(plan.cache_dir, key)
     meta_layer = _layer(plan.cache_dir, key)
     store = FeatureStore(plan.cache_dir)
@@ -61,7 +61,7 @@ def predict(plan: PredictPlan) -> PredictResult:
     return result.model_copy(update={"seconds": time.perf_counter() - started})
 
 
-def _model(plan: PredictPlan) -> tuple[str, str]:
+def chosen_model(plan: Any) -> tuple[str, str]:
     """The fit key and name of the model: the named head's, or the evaluation's recommendation among the heads
     (the first artifact of the model chosen on val)."""
     if plan.head is not None:
