@@ -182,7 +182,7 @@ class PredictionFiles(StageFiles, folder="predictions", kind="predict"):
         return self.folder / "bad_images.csv"
 
 
-class ModelFiles(StageFiles, folder="models", kind="model"):
+class ModelFiles(StageFiles, folder="models", kind="export-model"):
     """An exported model's folder: ``model.onnx``, ``model.pt2``, ``model.safetensors``, ``config.json`` and
     ``README.md`` (the model card), beside its spec and result."""
 

@@ -57,7 +57,7 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config, imagefold
     """Every stage of the graph (flows/nodes.py: NODES), planned on an empty cache, then run."""
     pytest.importorskip("faiss")
     cfg = tiny_config(**EVERY_STAGE, predict={"data": {"source": "files", "root": str(imagefolder)}, "coverage": 0.5,
-                                              "model": "knn"})
+                                              "model": "knn"}, export_model={"model": "logistic", "formats": ["pt2"]})
     planned = explain(cfg)
     assert planned and not any(step.cached for step in planned)
     assert all(step.key for step in planned), [s for s in planned if not s.key]  # every key known on an empty cache
@@ -70,6 +70,7 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config, imagefold
         select_flow(cfg)
         pipeline_flow(cfg, stop_after="export")
         pipeline_flow(cfg, stop_after="index")
+        pipeline_flow(cfg, stop_after="export-model")
 
     assert set(written(cfg.cache_dir)) == {node.name for node in NODES}, "a stage this test does not cover"
     assert written(cfg.cache_dir) == announced

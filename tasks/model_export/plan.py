@@ -109,7 +109,7 @@ def _show(config: Any, results: list[ModelExportResult]) -> tuple[str, list[str]
 STAGE = Stage("export-model", _plan, "tasks.model_export.stage:export_model", "export-model",
               lambda c, w: f"export-model-{c.name}", after=("extract", "quality", "heads", "finetune", "evaluate"),
               units=lambda w: [Unit(f"{w.what} {w.plan.name}", w.plan.key, w.stored, w.plan.spec)],
-              why=against("model"), stored=is_stored,
+              why=against("export-model"), stored=is_stored, side_goal=True,
               section=Section("export_model", ModelExportConfig | None, Field(
                   None, description="transferpipe export-model: the chosen model as ONNX / torch.export with its "
                                     "preprocessing, temperature, conformal threshold and OOD detector inside")),

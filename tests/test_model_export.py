@@ -1,0 +1,130 @@
+"""``transferpipe export-model``: the exported folder loads in onnxruntime and torch at any batch size and
+predicts what transferpipe predicts (probabilities, sets, OOD flags), from decoded images; bad input is one
+line and leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_imagefolder
+
+from flows.local import local_run_settings
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def exported(tmp_path, tiny_config):
+    """A tiny experiment with a logistic head (l2 features) and a kNN head, exported once (onnx and pt2)."""
+    from flows.pipeline import pipeline_flow
+
+    images = make_imagefolder(tmp_path / "labelled", n_per_class=20)
+    make = lambda **over: tiny_config(  # noqa: E731
+        data={"root": str(images)}, heads=[{"kind": "logistic", "C": [1.0], "preprocess": "l2"}, {"kind": "knn", "k": [3]}],
+        predict={"coverage": 0.8}, export_model={"model": "logistic", **over})
+    with local_run_settings():
+        result = pipeline_flow(make(), stop_after="export-model").outputs["export-model"][0]
+    return result, make
+
+
+@pytest.mark.slow
+def test_the_exported_model_runs_at_any_batch_size_and_matches_transferpipe(exported):
+    import onnxruntime as ort
+    import torch
+
+    from tasks.backbones.config import resolve
+    from tasks.data.manifest import Manifest
+
+    result, make = exported
+    cfg = make()
+    assert result.parity["onnx"]["top1_agreement"] == 1.0 and result.parity["onnx"]["max_abs_prob_diff"] <= 1e-4
+    assert result.parity["pt2"]["set_agreement"] == 1.0 and result.parity["onnx"]["ood_agreement"] == 1.0
+    folder = result.folder
+    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["label_names"] == ["class0", "class1", "class2"]
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0 and config["trust"]["method"] == "lac"
+    card = (folder / "README.md").read_text()
+    assert "ort.InferenceSession" in card and "torch.export.load" in card and "| onnx |" in card
+
+    pre = resolve(cfg.backbone, cfg.cache_dir).preprocess
+    manifest = Manifest.load(_test_manifest(cfg))
+    images = torch.stack([pre(manifest.image(item)) for item, _ in manifest.splits["test"]])
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(str(folder / "model.pt2")).module()
+    whole = session.run(None, {"images": images.numpy()})
+    for n in (1, 2, 7, 64):
+        batch = images[:n] if n <= len(images) else images[torch.arange(n) % len(images)]
+        probs, mask, ood = session.run(None, {"images": batch.numpy()})
+        assert probs.shape == (n, 3) and mask.shape == (n, 3) and ood.shape == (n,)
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
+        torch_probs = program(batch)[0].numpy()
+        assert np.abs(torch_probs - probs).max() < 1e-4
+    assert np.abs(whole[0][:1] - session.run(None, {"images": images[:1].numpy()})[0]).max() < 1e-5
+
+
+def _test_manifest(cfg) -> Path:
+    from tasks.extract.plan import plan_extraction
+
+    return plan_extraction(cfg.data, cfg.backbone, cfg.extract, cfg.cache_dir)["test"].manifest
+
+
+@pytest.mark.slow
+def test_a_second_export_is_a_hit_and_bad_input_is_one_line(exported, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    result, make = exported
+    with local_run_settings():
+        again = pipeline_flow(make(), stop_after="export-model").outputs["export-model"][0]
+        assert again.cache_hit and again.exported == 0 and again.folder == result.folder
+        with pytest.raises(ValueError, match=r"a knn head is not one linear layer and cannot be exported yet; kinds "
+                                             r"that export: .*logistic"):
+            pipeline_flow(make(model="knn"), stop_after="export-model")
+        with pytest.raises(ValueError, match=r"export_model.model 'nope': no such head; heads: logistic, knn"):
+            pipeline_flow(make(model="nope"), stop_after="export-model")
+    assert not list((make().cache_dir / "models").glob("*.tmp-*"))  # nothing half-written
+
+
+def test_the_export_extra_missing_is_named(monkeypatch):
+    from tasks.model_export.stage import _require_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the extra were not installed
+    with pytest.raises(ValueError, match=r"needs the export extra \(onnxscript is missing\): pip install "
+                                         r"'transferpipe\[export\]'"):
+        _require_onnx()
+
+
+def test_the_kinds_that_export_are_the_linear_ones():
+    from tasks.model_export.network import exportable_kinds
+
+    kinds = exportable_kinds()
+    assert {"logistic", "linear", "ridge"} <= set(kinds) and "knn" not in kinds
+
+
+@pytest.mark.slow
+def test_the_command_refuses_an_existing_out_and_copies_the_folder(exported, tmp_path):
+    import yaml
+
+    result, make = exported
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(json.loads(make().model_dump_json())))
+    env = {"PREFECT_HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "1", "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    out = tmp_path / "shipped"
+    out.mkdir()
+    refused = cli("export-model", str(path), "--out", str(out))
+    assert refused.returncode == 2 and "exists; choose a new folder or pass --force" in refused.stderr
+    bad = cli("export-model", str(path), "--formats", "onnx,tflite")
+    assert bad.returncode == 2 and "--formats 'tflite': use one or more of onnx, pt2" in bad.stderr
+    done = cli("export-model", str(path), "--out", str(out), "--force")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(cached)" in done.stdout and (out / "model.onnx").is_file() and not (out / "spec.json").exists()
