@@ -31,6 +31,8 @@ class ModelExportConfig(BaseModel):
     formats: list[Format] = Field(default_factory=lambda: ["onnx", "pt2"],
                                   description="onnx (opset 18, dynamic batch) and/or pt2 (torch.export)")
     parity_images: int = Field(1000, ge=1, le=100_000, description="test images the exported model is checked on")
+    bench: bool = Field(False, description="also measure images/s of each runtime here and recommend the fastest "
+                                           "(not in the key)")
 
 
 class ModelExportPlan(BaseModel):
@@ -82,7 +84,7 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     trust = config.predict or PredictConfig()
     spec = keys.model_export_spec({"head": head} if head else {"recommended_by": evaluation}, backbone.weights_id,
                                   split["val"].key, split["train"].key, split["test"].key,
-                                  trust.settings() | wanted.model_dump(mode="json", exclude={"model"}))
+                                  trust.settings() | wanted.model_dump(mode="json", exclude={"model", "bench"}))
     plan = ModelExportPlan(key=keys.key(spec), spec=spec, experiment=config.name, head=head, name=name,
                            evaluation=evaluation, backbone=backbone, train=split["train"].key,
                            val=split["val"].key, test=split["test"].key, test_manifest=split["test"].manifest,
@@ -101,9 +103,15 @@ def _show(config: Any, results: list[ModelExportResult]) -> tuple[str, list[str]
     r = results[0]
     rows = [[fmt, f"{p['images']}", f"{p['top1_agreement']:.4f}", f"{p['max_abs_prob_diff']:.2e}",
              f"{p['set_agreement']:.4f}", f"{p['ood_agreement']:.4f}"] for fmt, p in r.parity.items()]
+    lines = [f"model: {r.folder}", *(f"  {name} ({size / 2**20:.1f} MiB)" for name, size in sorted(r.files.items()))]
+    if config.export_model is not None and config.export_model.bench:
+        from tasks.model_export import speed
+
+        rates = speed.measure(r.folder)
+        lines += ["images/s here (ratio to torch eager): runtime, batch 1, batch 32",
+                  *("  " + ", ".join(row) for row in speed.rows(rates)), f"fastest here: {speed.recommend(rates)}"]
     return (f"{r.model} ({r.kind}) exported{' (cached)' if r.cache_hit else ''}: parity with transferpipe on test",
-            ["format", "images", "top-1 agreement", "max |dp|", "sets equal", "OOD flags equal"], rows,
-            [f"model: {r.folder}", *(f"  {name} ({size / 2**20:.1f} MiB)" for name, size in sorted(r.files.items()))])
+            ["format", "images", "top-1 agreement", "max |dp|", "sets equal", "OOD flags equal"], rows, lines)
 
 
 STAGE = Stage("export-model", _plan, "tasks.model_export.stage:export_model", "export-model",
@@ -116,5 +124,5 @@ STAGE = Stage("export-model", _plan, "tasks.model_export.stage:export_model", "e
               command=Command("The chosen model (backbone + head, with its temperature, conformal threshold and OOD "
                               "detector inside) as one folder other runtimes load: ONNX, torch.export, safetensors, "
                               "config.json and a model card; checked against transferpipe's own predictions.",
-                              flags=("model", "formats"), out_flag=True, out_folder=True, show=_show),
+                              flags=("model", "formats", "bench"), out_flag=True, out_folder=True, show=_show),
               imports=frozenset({"data", "backbones", "extract", "heads", "evaluate", "predict"}))
