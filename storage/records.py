@@ -189,6 +189,18 @@ class ModelFiles(StageFiles, folder="models", kind="export-model"):
     def file(self, name: str) -> Path:
         return self.folder / name
 
+    @property
+    def onnx(self) -> Path:
+        return self.folder / "model.onnx"
+
+    @property
+    def program(self) -> Path:
+        return self.folder / "model.pt2"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config.json"
+
 
 @dataclass(frozen=True)
 class ReportFiles(StageFiles):

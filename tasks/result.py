@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+
+class StagePlan(BaseModel):
+    """Base of stage plans: small and frozen (they cross task boundaries), with the stage's ``key`` and the
+    ``spec`` it hashes (what ``plan`` compares with stored specs to say why a key is not cached)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    spec: dict[str, Any]
 
 
 class StageResult(BaseModel):

@@ -128,3 +128,13 @@ def test_the_command_refuses_an_existing_out_and_copies_the_folder(exported, tmp
     done = cli("export-model", str(path), "--out", str(out), "--force")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(cached)" in done.stdout and (out / "model.onnx").is_file() and not (out / "spec.json").exists()
+
+
+def test_bench_never_recommends_a_runtime_slower_than_eager():
+    from tasks.model_export.speed import recommend, rows
+
+    rates = {"torch eager": {1: 100.0, 32: 600.0}, "onnxruntime": {1: 90.0, 32: 2000.0},
+             "torch.compile": {1: 120.0, 32: 700.0}}
+    assert recommend(rates) == "torch.compile"  # onnxruntime is faster at 32 but slower at batch 1
+    assert recommend({"torch eager": {1: 1.0, 32: 1.0}, "onnxruntime": {1: 0.5, 32: 0.5}}) == "torch eager"
+    assert rows(rates)[1] == ["onnxruntime", "90 (0.90x)", "2,000 (3.33x)"]

@@ -18,7 +18,7 @@ from tasks.evaluate.projection import MapConfig
 from tasks.index.retrieval import RetrievalConfig
 from tasks.finetune import plan as finetune
 from tasks.heads.plan import fits
-from tasks.result import StageResult, summarize
+from tasks.result import StagePlan, StageResult, summarize
 
 
 class EvaluateConfig(BaseModel):
@@ -47,13 +47,9 @@ class ModelToEvaluate(BaseModel):
                                                                "report lists them)")
 
 
-class EvalPlan(BaseModel):
+class EvalPlan(StagePlan):
     """Every model to score on the test split, and what the experiment's report says besides the scores."""
 
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
     experiment: str
     test_key: str
     manifest: Path

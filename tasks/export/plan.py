@@ -12,7 +12,7 @@ from storage import keys
 from storage.layout import CacheLayout
 from storage.records import ExportFiles
 from tasks.declare import Graph, Section, Stage, Unit, Work, against, check_layer, features
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 
 class ExportConfig(BaseModel):
@@ -28,11 +28,7 @@ class ExportConfig(BaseModel):
     row_group_rows: int = Field(16384, ge=1, le=1 << 20, description="rows per Parquet row group (and per read)")
 
 
-class ExportPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class ExportPlan(StagePlan):
     split: str
     features: str  # the split's feature key
     layer: str

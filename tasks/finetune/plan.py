@@ -17,7 +17,7 @@ from tasks.backbones.config import BackboneSpec, resolve
 from tasks.declare import Graph, Section, Stage, Work, against, features
 from tasks.heads.plan import probe_candidates
 from tasks.machine import forward_precision
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 
 class EarlyStopping(BaseModel):
@@ -100,11 +100,7 @@ class FinetuneConfig(BaseModel):
         return v
 
 
-class FinetunePlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class FinetunePlan(StagePlan):
     backbone: BackboneSpec
     manifest: Path
     cache_dir: Path

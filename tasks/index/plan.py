@@ -26,7 +26,7 @@ from storage import keys
 from storage.layout import CacheLayout
 from storage.records import IndexFiles
 from tasks.declare import Graph, Section, Stage, Unit, Work, against, check_layer, features, held_out
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 HNSW_MAX_ROWS = 2_000_000
 
@@ -45,11 +45,7 @@ class IndexConfig(BaseModel):
     k: int = Field(10, ge=1, le=1000, description="recall@k of the measurement")
 
 
-class IndexPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class IndexPlan(StagePlan):
     split: str
     features: str
     queries_from: str | None  # another split's feature key (held-out queries), or None: the split itself

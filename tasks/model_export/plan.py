@@ -17,7 +17,7 @@ from storage.records import ModelFiles
 from tasks.backbones.config import BackboneSpec, resolve
 from tasks.declare import Command, Graph, Section, Stage, Unit, Work, against, features
 from tasks.predict.plan import RECOMMENDED, PredictConfig, resolve_head
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 Format = Literal["onnx", "pt2"]
 
@@ -35,11 +35,7 @@ class ModelExportConfig(BaseModel):
                                            "(not in the key)")
 
 
-class ModelExportPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class ModelExportPlan(StagePlan):
     experiment: str
     head: str | None
     name: str

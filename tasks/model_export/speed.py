@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from storage.records import ModelFiles
+
 BATCHES = (1, 32)
 
 
@@ -26,9 +28,9 @@ def runtimes(folder: Path) -> dict[str, Callable[[Any], Any]]:
     onnxruntime (with ``model.onnx``) and torch.compile (where it compiles)."""
     import torch
 
-    found: dict[str, Callable[[Any], Any]] = {}
-    if (folder / "model.pt2").is_file():
-        program = torch.export.load(str(folder / "model.pt2")).module()
+    files, found = ModelFiles(folder), {}
+    if files.program.is_file():
+        program = torch.export.load(str(files.program)).module()
         found["torch eager"] = lambda x: program(x)
         try:
             compiled = torch.compile(program)
@@ -36,10 +38,10 @@ def runtimes(folder: Path) -> dict[str, Callable[[Any], Any]]:
             found["torch.compile"] = lambda x: compiled(x)
         except Exception:  # noqa: BLE001 - no compiler on this machine: not offered
             pass
-    if (folder / "model.onnx").is_file():
+    if files.onnx.is_file():
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(files.onnx), providers=["CPUExecutionProvider"])
         found["onnxruntime"] = lambda x: session.run(None, {"images": x.numpy()})
     return found
 
@@ -47,7 +49,7 @@ def runtimes(folder: Path) -> dict[str, Callable[[Any], Any]]:
 def _shape(folder: Path) -> tuple[int, int, int]:
     import json
 
-    return tuple(json.loads((folder / "config.json").read_text())["input_size"])  # type: ignore[return-value]
+    return tuple(json.loads(ModelFiles(folder).config.read_text())["input_size"])  # type: ignore[return-value]
 
 
 def measure(folder: Path, seconds: float = 2.0) -> dict[str, dict[int, float]]:

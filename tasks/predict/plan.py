@@ -22,7 +22,7 @@ from tasks.extract.plan import SplitPlan, plan_extraction
 from tasks.extract.plan import is_stored as extract_stored
 from tasks.extract.why import why_features
 from tasks.heads.plan import fits
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 RECOMMENDED = "recommended"
 
@@ -49,11 +49,7 @@ class PredictConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"data", "model", "ood_data"})
 
 
-class PredictPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class PredictPlan(StagePlan):
     experiment: str
     data: SplitPlan  # the new images' extraction
     ood: SplitPlan | None = None  # the OOD set's extraction (predict.ood_data)

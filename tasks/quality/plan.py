@@ -13,7 +13,7 @@ from storage import keys
 from storage.layout import CacheLayout
 from storage.records import QualityFiles
 from tasks.declare import Graph, Section, Stage, Work, against, check_layer, features
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 #: the near-duplicate threshold (centred cosine of penultimate features) when the config names none: measured
 #: on MNIST-5k with planted copies (benchmarks/quality.py): copies and re-encoded copies sit above it, every
@@ -47,11 +47,7 @@ class QualityConfig(BaseModel):
 NOT_IN_KEY = {"exclude"}
 
 
-class QualityPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class QualityPlan(StagePlan):
     experiment: str
     features: dict[str, str]  # split -> feature key
     manifest: Path

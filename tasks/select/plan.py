@@ -13,7 +13,7 @@ from storage.layout import CacheLayout
 from storage.records import Records
 from tasks.backbones.config import BackboneConfig, BackboneSpec, resolve
 from tasks.declare import Graph, Section, Stage, Work, against, features
-from tasks.result import StageResult
+from tasks.result import StagePlan, StageResult
 
 
 class Candidate(BaseModel):
@@ -46,11 +46,7 @@ def is_stored(plan: ScorePlan) -> bool:
     return _scores(plan.cache_dir).read(plan.key) is not None
 
 
-class ScorePlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    spec: dict[str, Any]
+class ScorePlan(StagePlan):
     label: str
     train_key: str
     layer: str
