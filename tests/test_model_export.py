@@ -25,7 +25,8 @@ def exported(tmp_path, tiny_config):
 
     images = make_imagefolder(tmp_path / "labelled", n_per_class=20)
     make = lambda **over: tiny_config(  # noqa: E731
-        data={"root": str(images)}, heads=[{"kind": "logistic", "C": [1.0], "preprocess": "l2"}, {"kind": "knn", "k": [3]}],
+        data={"root": str(images)}, heads=[{"kind": "logistic", "C": [1.0], "preprocess": "l2"}, {"kind": "knn", "k": [3]},
+                                         {"kind": "prototype"}],
         predict={"coverage": 0.8}, export_model={"model": "logistic", **over})
     with local_run_settings():
         result = pipeline_flow(make(), stop_after="export-model").outputs["export-model"][0]
@@ -82,10 +83,12 @@ def test_a_second_export_is_a_hit_and_bad_input_is_one_line(exported, tmp_path):
     with local_run_settings():
         again = pipeline_flow(make(), stop_after="export-model").outputs["export-model"][0]
         assert again.cache_hit and again.exported == 0 and again.folder == result.folder
-        with pytest.raises(ValueError, match=r"a knn head is not one linear layer and cannot be exported yet; kinds "
-                                             r"that export: .*logistic"):
-            pipeline_flow(make(model="knn"), stop_after="export-model")
-        with pytest.raises(ValueError, match=r"export_model.model 'nope': no such head; heads: logistic, knn"):
+        knn = pipeline_flow(make(model="knn"), stop_after="export-model").outputs["export-model"][0]
+        assert knn.kind == "knn" and knn.parity["onnx"]["top1_agreement"] == 1.0
+        assert knn.parity["onnx"]["max_abs_prob_diff"] <= 1e-4 and knn.parity["pt2"]["set_agreement"] == 1.0
+        proto = pipeline_flow(make(model="prototype"), stop_after="export-model").outputs["export-model"][0]
+        assert proto.kind == "prototype" and proto.parity["onnx"]["ood_agreement"] == 1.0
+        with pytest.raises(ValueError, match=r"export_model.model 'nope': no such head; heads: logistic, knn, prototype"):
             pipeline_flow(make(model="nope"), stop_after="export-model")
     assert not list((make().cache_dir / "models").glob("*.tmp-*"))  # nothing half-written
 
@@ -99,11 +102,22 @@ def test_the_export_extra_missing_is_named(monkeypatch):
         _require_onnx()
 
 
-def test_the_kinds_that_export_are_the_linear_ones():
-    from tasks.model_export.network import exportable_kinds
+def test_every_head_kind_exports_and_another_is_refused_by_name():
+    from tasks.heads.estimators import HEADS
+    from tasks.heads.grid import GridHead
+    from tasks.model_export.network import exportable_kinds, head_form
 
-    kinds = exportable_kinds()
-    assert {"logistic", "linear", "ridge"} <= set(kinds) and "knn" not in kinds
+    assert exportable_kinds() == sorted(HEADS)
+
+    class Quadratic(GridHead):
+        state_keys = ("w_",)
+
+        @staticmethod
+        def _scores_with(state, X):
+            return (X @ state["w_"]) ** 2
+
+    with pytest.raises(ValueError, match=r"a quadratic head cannot be exported yet; kinds that export: knn, linear"):
+        head_form(Quadratic(), "quadratic")
 
 
 @pytest.mark.slow

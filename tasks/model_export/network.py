@@ -20,25 +20,31 @@ from tasks.softmax import softmax
 
 
 def exportable_kinds() -> list[str]:
-    """Head kinds scored by one linear layer on their preprocessed features (the ones :func:`linear_layer` takes)."""
+    """Head kinds the exported network expresses: one linear layer on their preprocessed features, or kNN."""
     from tasks.heads.estimators import HEADS
 
-    return sorted(kind for kind, cls in HEADS.items() if _is_linear(cls))
+    return sorted(kind for kind, cls in HEADS.items() if _form(cls) is not None)
 
 
-def _is_linear(cls: type) -> bool:
-    own = getattr(cls, "_scores_with", None)
-    return own is GridHead.__dict__["_scores_with"].__func__ and set(cls.state_keys) >= {"coef_", "intercept_"} \
-        and (not cls.has_proba or cls._proba is GridHead._proba)
+def _form(cls: type) -> str | None:
+    """``linear`` (scores ``transform(x) @ coef_.T + intercept_``, probabilities their softmax; the transform the
+    base class's or the prototype's centring), ``knn`` (temperature-weighted votes of the k nearest), or None."""
+    from tasks.heads.neighbours import KNNHead, PrototypeHead
+
+    if issubclass(cls, KNNHead):
+        return "knn"
+    linear = getattr(cls, "_scores_with", None) is GridHead.__dict__["_scores_with"].__func__ \
+        and set(cls.state_keys) >= {"coef_", "intercept_"} and (not cls.has_proba or cls._proba is GridHead._proba)
+    return "linear" if linear and cls._transform in (GridHead._transform, PrototypeHead._transform) else None
 
 
-def linear_layer(head: Any, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """The head's ``coef_`` and ``intercept_`` (its class scores are ``transform(x) @ coef_.T + intercept_`` and its
-    probabilities their softmax); any other kind is refused by name, listing the kinds that export."""
-    if not _is_linear(type(head)):
-        raise ValueError(f"export-model: a {kind} head is not one linear layer and cannot be exported yet; kinds "
-                         f"that export: {', '.join(exportable_kinds())}")
-    return np.asarray(head.coef_, dtype=np.float32), np.asarray(head.intercept_, dtype=np.float32)
+def head_form(head: Any, kind: str) -> str:
+    """How the head is expressed in the graph; any other kind is refused by name, listing the kinds that export."""
+    form = _form(type(head))
+    if form is None:
+        raise ValueError(f"export-model: a {kind} head cannot be exported yet; kinds that export: "
+                         f"{', '.join(exportable_kinds())}")
+    return form
 
 
 class Exported(nn.Module):
@@ -48,15 +54,27 @@ class Exported(nn.Module):
                  kind: str, temperature: float, threshold: float, method: str, bank: np.ndarray) -> None:
         super().__init__()
         self.backbone, self.layer, self.method = backbone, layer, method
-        coef, intercept = linear_layer(head, kind)
+        self.form = head_form(head, kind)
         self.l2 = head.preprocess == "l2"
         tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
         self.register_buffer("mean", tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", tensor(std).view(1, 3, 1, 1))
         self.register_buffer("head_mean", tensor(head.mean_).view(1, -1))
         self.register_buffer("head_scale", tensor(head.scale_).view(1, -1))
-        self.register_buffer("weight", tensor(coef))
-        self.register_buffer("bias", tensor(intercept))
+        centre = getattr(head, "centre_", None)  # the prototype head centres and L2-normalises after
+        self.centred = centre is not None
+        self.register_buffer("centre", tensor(centre if self.centred else [0.0]).view(1, -1))
+        if self.form == "linear":
+            self.register_buffer("weight", tensor(head.coef_))
+            self.register_buffer("bias", tensor(head.intercept_))
+        else:  # kNN: the bank as the head searches it (transformed, unit rows), its labels, k and temperature
+            if getattr(head, "bank_", None) is None:
+                raise ValueError("export-model: this kNN head's bank stays in its feature file (a training split "
+                                 "above the memory budget) and is not exported; choose a linear head")
+            self.register_buffer("neighbours", tensor(head._transform(np.asarray(head.bank_, dtype=np.float32))))
+            self.register_buffer("neighbour_labels", torch.as_tensor(np.asarray(head.bank_labels_, dtype=np.int64)))
+            self.k, self.classes = min(int(head.k_[0]), len(head.bank_)), int(head.n_classes_[0])
+            self.vote_temperature = float(head.temperature_[0])
         self.register_buffer("temperature", tensor([temperature]))
         self.register_buffer("threshold", tensor([threshold]))
         self.register_buffer("bank", tensor(bank))
@@ -67,7 +85,18 @@ class Exported(nn.Module):
         z = (feats - self.head_mean) / self.head_scale
         if self.l2:
             z = z / torch.clamp(torch.linalg.vector_norm(z, dim=1, keepdim=True), min=1e-12)
-        probs = torch.softmax((z @ self.weight.T + self.bias) / self.temperature, dim=1)
+        if self.centred or self.form == "knn":
+            z = z - self.centre if self.centred else z
+            z = z / torch.clamp(torch.linalg.vector_norm(z, dim=1, keepdim=True), min=1e-12)
+        if self.form == "linear":
+            probs = torch.softmax((z @ self.weight.T + self.bias) / self.temperature, dim=1)
+        else:
+            sims, index = torch.topk(z @ self.neighbours.T, self.k, dim=1)
+            weights = torch.exp((sims.double() - 1.0) / self.vote_temperature)
+            votes = torch.zeros(z.shape[0], self.classes, dtype=torch.float64, device=z.device)
+            votes = votes.scatter_add(1, self.neighbour_labels[index], weights)
+            votes = votes / torch.clamp(votes.sum(dim=1, keepdim=True), min=1e-300)
+            probs = torch.softmax(torch.log(torch.clamp(votes, min=1e-12)) / self.temperature, dim=1).float()
         if self.method == "lac":
             set_mask = (1.0 - probs) <= self.threshold + 1e-12
         else:
