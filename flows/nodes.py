@@ -36,8 +36,9 @@ def path(goal: Goal) -> tuple[Stage, ...]:
 def nodes(config: ExperimentConfig, goal: Goal = "evaluate") -> list[Stage]:
     """The stages a run of ``config`` up to ``goal`` executes, in order: its path, then the stages that join a
     run to this goal when the config asks for them (``predict:`` after the evaluation)."""
-    chosen = [s for s in path(goal) if s.name == goal or s.when(config, goal)]
-    return chosen + [s for s in STAGES if goal in s.joins and s.when(config, goal) and s not in chosen]
+    names = frozenset(s.name for s in path(goal))
+    chosen = [s for s in path(goal) if s.name == goal or s.when(config, names)]
+    return chosen + [s for s in STAGES if goal in s.joins and s.when(config, names) and s not in chosen]
 
 
 def side_goals(config: ExperimentConfig) -> tuple[Goal, ...]:

@@ -80,7 +80,7 @@ class Command:
     show: Callable[[Any, list[Any]], tuple[str, list[str], list[list[Any]], list[str]]] | None = None
 
 
-def always(config: Any, goal: str) -> bool:
+def always(config: Any, path: frozenset[str]) -> bool:
     return True
 
 
@@ -97,8 +97,8 @@ class Stage:
     #: goals whose runs also end with this stage when its ``when`` holds (``predict:`` makes ``run`` predict)
     joins: tuple[str, ...] = ()
     section: Section | None = None  #: its config section
-    #: whether it runs on the way to ``goal`` (always when it is the goal itself)
-    when: Callable[[Any, str], bool] = always
+    #: whether it runs in a run whose path holds these stages (always when it is the goal itself)
+    when: Callable[[Any, frozenset[str]], bool] = always
     #: what ``plan`` lists for one task call (default: the call itself)
     units: Callable[[Work], list[Unit]] = lambda w: [Unit(w.what, w.plan.key, w.stored, w.plan.spec)]
     #: why each missing unit computes, in one call per stage (the stored specs are read once)

@@ -215,6 +215,11 @@ def test_predict_plans_after_the_evaluation_only_when_asked(tiny_config, tmp_pat
     assert [s.name for s in nodes(plain)] == ["extract", "heads", "evaluate"]
     assert [s.name for s in nodes(asked)] == ["extract", "heads", "evaluate", "predict"]
     assert [s.name for s in nodes(plain, "predict")][-2:] == ["evaluate", "predict"]
+    # with a quality: section, predict and export-model see the same evaluation as run (quality feeds it)
+    checked = tiny_config(heads=[{"kind": "knn", "k": [1]}], quality={"neighbours": 3})
+    assert "quality" in [s.name for s in nodes(checked, "predict")] and "quality" in [s.name for s in nodes(checked)]
+    assert "quality" in [s.name for s in nodes(checked, "export-model")]
+    assert "quality" not in [s.name for s in nodes(checked, "heads")]
 
 
 @pytest.mark.slow

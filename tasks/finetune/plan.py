@@ -186,7 +186,7 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
 
 STAGE = Stage("finetune", _plan, "tasks.finetune.stage:finetune", "finetune",
               lambda c, w: f"finetune-{c.backbone.name}" + ("" if w.what == c.backbone.name else f" {w.what}"),
-              after=("extract", "quality", "heads"), when=lambda c, goal: c.finetune.enabled,
+              after=("extract", "quality", "heads"), when=lambda c, path: c.finetune.enabled,
               why=against("finetune", lambda w, u: run_files(w.plan).problems()), device=lambda p: p.finetune.device,
               stored=is_stored, section=Section("finetune", FinetuneConfig, FinetuneConfig()),
               imports=frozenset({"data", "backbones", "heads"}))

@@ -153,7 +153,7 @@ def _damage(work: Work, unit: Unit) -> list[str]:
 
 STAGE = Stage("heads", _plan, "tasks.heads.stage:train_head", "train-head",
               lambda c, w: f"head-{w.plan.label}-{w.plan.head.layer}",
-              after=("extract", "quality"), when=lambda c, goal: bool(c.heads), units=_units,
+              after=("extract", "quality"), when=lambda c, path: bool(c.heads), units=_units,
               why=against("heads", _damage), concurrent=True, stored=is_stored,
               section=Section("heads", list[HeadConfig], Field(
                   default_factory=list, description="heads trained on the cached features")))

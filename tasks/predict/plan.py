@@ -188,7 +188,7 @@ def _show(config: Any, results: list[PredictResult]) -> tuple[str, list[str], li
 
 STAGE = Stage("predict", _plan, "tasks.predict.stage:predict", "predict", lambda c, w: f"predict-{c.name}",
               after=("extract", "quality", "heads", "finetune", "evaluate"), joins=("evaluate",),
-              when=lambda c, goal: c.predict is not None, units=_units, why=_why, stored=is_stored,
+              when=lambda c, path: c.predict is not None, units=_units, why=_why, stored=is_stored,
               device=lambda p: p.data.extract.device,
               section=Section("predict", PredictConfig | None, Field(
                   None, description="transferpipe predict: new images scored with the chosen model (a run too when set)")),

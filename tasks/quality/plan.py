@@ -97,10 +97,11 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     return [Work(config.name, plan, is_stored(plan))]
 
 
-def _runs(config: Any, goal: str) -> bool:
-    """With a ``quality:`` section, in a run to the evaluation; before the heads only with ``quality.exclude``
-    (it names the rows the cleaned heads leave out)."""
-    return config.quality is not None and (goal in ("evaluate", "quality") or config.quality.exclude)
+def _runs(config: Any, path: frozenset[str]) -> bool:
+    """With a ``quality:`` section, in a run through the evaluation (its report leaves leaked test images out, so
+    ``run``, ``predict`` and ``export-model`` see the same evaluation); before the heads only with
+    ``quality.exclude`` (it names the rows the cleaned heads leave out)."""
+    return config.quality is not None and ("evaluate" in path or config.quality.exclude)
 
 
 STAGE = Stage("quality", _plan, "tasks.quality.stage:assess", "quality", lambda c, w: f"quality-{c.name}",
