@@ -66,3 +66,22 @@ def test_developing_says_which_tests_cover_which_package():
     """Every test file is in docs/DEVELOPING.md's table of packages and their tests."""
     table = (REPO / "docs" / "DEVELOPING.md").read_text()
     assert [p.name for p in sorted((REPO / "tests").glob("test_*.py")) if f"`{p.name}`" not in table] == []
+
+
+def test_the_cache_tree_in_the_docs_names_every_folder_the_cache_has():
+    """docs/cache.md's tree against storage/: every folder storage/layout.py spells and every folder a files
+    class declares (storage/records.py): adding one without documenting it, or documenting one gone, fails."""
+    import ast
+
+    from storage.records import STAGE_FOLDERS
+
+    tree = (REPO / "docs" / "cache.md").read_text().split("<cache_dir>/", 1)[1].split("```", 1)[0]
+    documented = {line.split()[0].split("/")[0].split(".")[0] for line in tree.splitlines()
+                  if line.startswith("  ") and not line.startswith("   ")}
+    layout = ast.parse((REPO / "storage" / "layout.py").read_text())
+    spelled = {n.right.value for n in ast.walk(layout) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+               and isinstance(n.right, ast.Constant) and isinstance(n.right.value, str)}
+    top = {name.split(".")[0] for name in spelled if name not in ("pieces", "quarantine")}
+    top |= {files.cache_folder for files in STAGE_FOLDERS.values()}
+    assert top - documented == set(), "folders of the cache the docs' tree lacks"
+    assert documented - top == set(), "folders the docs' tree names that storage/ does not make"
