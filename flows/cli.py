@@ -8,14 +8,33 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows import cache_cli, server_cli, stage_commands, views
+from typer.core import TyperGroup
+
+from flows import cache_cli, server_cli, views
 from flows.defaults import default_cache_dir
 from flows.console import CacheDir, err, friendly_errors, out, print_table, styled
-from flows.stage_commands import with_flags
+
+
+class StageCommands(TyperGroup):
+    """The commands written here, and those the stages declare (flows/stage_commands.py), built only when asked
+    for: ``results`` or ``server start`` import no plan module; ``--help`` lists them all."""
+
+    def list_commands(self, ctx):
+        from flows.stage_commands import declared
+
+        return super().list_commands(ctx) + sorted(declared())
+
+    def get_command(self, ctx, name):
+        found = super().get_command(ctx, name)
+        if found is None:
+            from flows.stage_commands import click_command
+
+            found = click_command(name, _pipeline, _load)
+        return found
 
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=StageCommands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Batch transfer learning on images: run the frozen backbone once, cache features, train heads in seconds.",
 )
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
@@ -87,6 +106,8 @@ def run(config: ConfigArg, sweep: SweepFile = None, wide: views.Wide = False, ca
         return
     result = _pipeline(config, cache_dir, "evaluate", cfg)[1]
     views.run(result, wide)
+    from flows import stage_commands
+
     for stage in stage_commands.STAGES:  # a stage that joins a run (predict:) prints as its command does
         if "evaluate" in stage.joins and stage.command and result.outputs.get(stage.name):
             stage_commands.show(stage, cfg, result.outputs[stage.name])
@@ -236,6 +257,8 @@ def export(
 
     if out_dir is not None:
         check_out(out_dir)  # before the export runs
+    from flows.stage_commands import with_flags
+
     cfg = with_flags(_load(config, cache_dir), "export", ExportConfig,
                       {"splits": split, "layer": layer, "format": format, "dtype": dtype})
     wanted = cfg.export
@@ -259,6 +282,8 @@ def index_cmd(
     """Build a FAISS index over a cached split (pip install 'transferpipe[index]') and measure it against the
     exact search: recall@10 on held-out queries, build time, size, queries per second."""
     from tasks.index.plan import IndexConfig
+
+    from flows.stage_commands import with_flags
 
     cfg = with_flags(_load(config, cache_dir), "index", IndexConfig,
                       {"split": split, "kind": kind, "metric": metric, "layer": layer})
@@ -353,7 +378,6 @@ def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
               highlight=False)
 
 
-stage_commands.register(app, _pipeline, _load)
 app.add_typer(cache_cli.app, name="cache")
 app.add_typer(server_cli.app, name="server")
 

@@ -148,8 +148,17 @@ def show(stage: Stage, cfg: Any, results: list[Any]) -> None:
         out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
-def register(app: typer.Typer, pipeline: Any, load: Any) -> None:
-    """Add the command of every stage that declares one."""
-    for stage in STAGES:
-        if stage.command is not None and stage.section is not None:
-            app.command(stage.name, help=stage.command.help)(command(stage, pipeline, load))
+def declared() -> dict[str, Stage]:
+    """Every stage that declares a command, by command name."""
+    return {s.name: s for s in STAGES if s.command is not None and s.section is not None}
+
+
+def click_command(name: str, pipeline: Any, load: Any) -> Any:
+    """The click command of a declared stage (built when asked for: the CLI imports no plan module to run
+    ``results`` or ``server``), or None."""
+    stage = declared().get(name)
+    if stage is None:
+        return None
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(stage.name, help=stage.command.help)(command(stage, pipeline, load))
+    return typer.main.get_command(single)
