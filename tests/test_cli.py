@@ -25,7 +25,7 @@ print("heavy:", ",".join(heavy))
 @pytest.mark.parametrize("commands", [
     [["--help"]],
     [[cmd, "--help"] for cmd in ("extract", "heads", "finetune", "run", "serve", "results", "select", "demo",
-                                 "server", "cache")],
+                                 "server", "cache", "predict", "export-model")],
     [["cache", "ls", "--cache-dir", "{tmp}"], ["results", "--cache-dir", "{tmp}"], ["cache", "gc", "--cache-dir", "{tmp}"]],
 ], ids=["help", "help-of-every-command", "cache-and-results"])
 def test_fast_commands_import_neither_torch_nor_prefect(commands, tmp_path):
