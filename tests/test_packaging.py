@@ -39,7 +39,9 @@ def test_a_wheel_holds_every_module_and_imports_without_the_source_tree(tmp_path
               "from tasks.heads import load_head\n"
               "from tasks.data import DataConfig\n"
               "assert tasks.heads.stage.__file__.startswith(sys.argv[1]), tasks.heads.stage.__file__\n"
-              "assert sorted(tasks.data.SOURCES) == ['csv', 'digits', 'imagefolder', 'mnist5k', 'table', 'webdataset']\n")
+              "assert sorted(tasks.data.SOURCES) == ['csv', 'digits', 'files', 'imagefolder', 'mnist5k', 'table', "
+              "'webdataset']\n"
+              "import tasks.stages; assert 'predict' in {s.name for s in tasks.stages.STAGES}\n")
     ran = subprocess.run([sys.executable, "-c", script, str(target)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=1800)
     assert ran.returncode == 0, ran.stderr
