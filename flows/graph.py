@@ -21,7 +21,8 @@ from typing import Any
 
 from flows.checks import check_inputs
 from flows.config import ExperimentConfig
-from flows.nodes import Goal, Graph, Planned, Unit, Work, nodes
+from flows.nodes import Goal, nodes
+from tasks.declare import Graph, Planned, Unit, Work
 from tasks.declare import Stage as Node
 from tasks.backbones.source import CodeNotRun
 from tasks.data.errors import BadImageError

@@ -8,22 +8,18 @@ the config asks (``predict:`` after a run's evaluation).
 """
 from __future__ import annotations
 
-from typing import Any
-
 from flows.config import ExperimentConfig
-from tasks.declare import Graph, Planned, Stage, Unit, Work, features  # noqa: F401 - the graph's vocabulary
+from tasks.declare import Stage
 from tasks.heads.configs import KNNConfig, LogisticConfig
 from tasks.stages import BY_NAME, STAGES
 
 Goal = str  # a stage's name
-GOALS: tuple[str, ...] = tuple(s.name for s in STAGES)
-NODES = STAGES
 
 
 def stage(name: str) -> Stage:
     """The declared stage called ``name``; an unknown one lists the known."""
     if name not in BY_NAME:
-        raise ValueError(f"no stage {name!r}; stages: {', '.join(GOALS)}")
+        raise ValueError(f"no stage {name!r}; stages: {', '.join(BY_NAME)}")
     return BY_NAME[name]
 
 
@@ -55,8 +51,3 @@ def candidates(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     return [(c.label, config.model_copy(update={"name": f"{config.name}-{c.label}", "backbone": c.backbone,
                                                 "heads": probes})) for c in config.select.candidates]
 
-
-def results(graph: Graph, name: str) -> list[Any]:
-    """A stage's results in a graph that ran (empty when it did not run)."""
-    done = graph.get(name)
-    return list(done.results or []) if done else []

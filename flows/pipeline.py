@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows import graph, nodes
+from tasks.declare import features
 from flows.publish import publish_quality, publish_report
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name
@@ -70,7 +71,7 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     if results.get("quality"):
         publish_quality(config.name, results["quality"][0])
     first = {name: (results.get(name) or [None])[0] for name in ("index", "quality")}
-    return PipelineResult(experiment=config.name, features=nodes.features(ran), heads=results.get("heads", []),
+    return PipelineResult(experiment=config.name, features=features(ran), heads=results.get("heads", []),
                           finetune=_chosen(results.get("finetune")), evaluation=evaluation,
                           exports=results.get("export", []), **first, outputs=results,
                           stages={stage: summarize(r) for stage, r in results.items()})

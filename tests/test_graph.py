@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flows.explain import explain
-from flows.nodes import NODES, nodes
-from tasks.stages import EVALUATE, EXTRACT, FINETUNE, HEADS, QUALITY, SCORE
+from flows.nodes import nodes
+from tasks.stages import EVALUATE, EXTRACT, FINETUNE, HEADS, QUALITY, SCORE, STAGES
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from flows.selection import select_flow
@@ -54,7 +54,7 @@ def written(cache: Path) -> dict[str, set[str]]:
 
 @pytest.mark.slow
 def test_plan_announces_exactly_what_run_and_select_write(tiny_config, imagefolder):
-    """Every stage of the graph (flows/nodes.py: NODES), planned on an empty cache, then run."""
+    """Every stage of the graph (tasks/stages.py: STAGES), planned on an empty cache, then run."""
     pytest.importorskip("faiss")
     cfg = tiny_config(**EVERY_STAGE, predict={"data": {"source": "files", "root": str(imagefolder)}, "coverage": 0.5,
                                               "model": "knn"}, export_model={"model": "logistic", "formats": ["pt2"]})
@@ -72,7 +72,7 @@ def test_plan_announces_exactly_what_run_and_select_write(tiny_config, imagefold
         pipeline_flow(cfg, stop_after="index")
         pipeline_flow(cfg, stop_after="export-model")
 
-    assert set(written(cfg.cache_dir)) == {node.name for node in NODES}, "a stage this test does not cover"
+    assert set(written(cfg.cache_dir)) == {node.name for node in STAGES}, "a stage this test does not cover"
     assert written(cfg.cache_dir) == announced
     assert all(step.cached for step in explain(cfg))
 

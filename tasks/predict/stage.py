@@ -130,20 +130,20 @@ def fit_trust(cache_dir: Path, head: Any, layer: str, val: str, train: str, sett
 def _calibrate(plan: PredictPlan, head: Any, store: FeatureStore, layer: str) -> Calibrated:
     fitted = fit_trust(plan.cache_dir, head, layer, plan.val, plan.train, plan.settings)
     temperature, q, bank = fitted.temperature, fitted.threshold, fitted.bank
-    test = _test_figures(plan, head, store, layer, temperature, q) if plan.test else {}
-    if plan.ood is not None and plan.test:  # how well the OOD score separates the test split from a known OOD set
+    found = store.read(plan.test, [layer]) if plan.test else None  # read once: sets and OOD both score it
+    test = _test_figures(plan, head, found, layer, temperature, q) if found is not None else {}
+    if plan.ood is not None and found is not None:  # how well the OOD score separates test from a known OOD set
         extract_split(plan.ood)
-        inside = trust.ood_scores(trust.unit_rows(store.read(plan.test, [layer]).features[layer]), bank)
+        inside = trust.ood_scores(trust.unit_rows(found.features[layer]), bank)
         outside = trust.ood_scores(trust.unit_rows(store.read(plan.ood.key, [layer]).features[layer]), bank)
         test["ood"] = trust.ood_figures(inside, outside)
     fitted.test = test
     return fitted
 
 
-def _test_figures(plan: PredictPlan, head: Any, store: FeatureStore, layer: str, temperature: float, q: float
+def _test_figures(plan: PredictPlan, head: Any, test: Any, layer: str, temperature: float, q: float
                   ) -> dict[str, Any]:
     """Coverage of the sets on the (labelled) test split: marginal, per class, by the rank of the true class."""
-    test = store.read(plan.test or "", [layer])
     probs = trust.scaled(probabilities(head, test.features[layer].astype(np.float32)), temperature)
     labels = test.labels.astype(np.int64)
     mask = trust.sets(probs, q, plan.settings.method)
