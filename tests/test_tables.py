@@ -90,6 +90,36 @@ def test_parquet_ids_class_labels_and_a_split_column(tmp_path):
     assert manifest.image("hf.parquet#000000017").size == (20, 20)
 
 
+def test_an_id_never_repeats_and_where_the_image_is_travels_beside_it(tmp_path):
+    """Two Hugging Face tables whose struct paths repeat (the same images in both): ids stay ``<file>#<row>``
+    (unique), and :meth:`locations` (predictions' ``path`` column) gives each row's struct path; rows with bytes
+    and no struct name their table row; rows of a path list, shards and folders name their file or member."""
+    from tasks.data.config import get
+
+    folder = make_imagefolder(tmp_path / "images")
+    for name in ("a", "b"):
+        make_table(folder, tmp_path / "hf" / f"{name}.parquet", holds="struct")
+    hf = build_manifest(DataConfig(source="table", path=str(tmp_path / "hf" / "*.parquet"), **ALL_TRAIN),
+                        tmp_path / "cache")
+    ids = [i for i, _ in hf.splits["train"]]
+    where = get("table").locations(hf.root, ids, hf.options)
+    assert len(set(ids)) == 36 and ids[0] == "a.parquet#000000000"
+    assert where[0] == where[18] == "class0/000.png" and len(set(where)) == 18  # the struct's path, as the table holds it
+    raw = build_manifest(DataConfig(source="table", path=str(make_table(folder, tmp_path / "raw.parquet", holds="bytes")),
+                                    **ALL_TRAIN), tmp_path / "cache")
+    assert get("table").locations(raw.root, ["raw.parquet#000000003"], raw.options) == [f"{tmp_path}/raw.parquet#3"]
+    listed = build_manifest(DataConfig(source="table", path=str(make_table(folder, tmp_path / "l.csv", holds="path")),
+                                       root=str(folder), **ALL_TRAIN), tmp_path / "cache")
+    assert get("table").locations(listed.root, ["class1/002.png"], listed.options) == [str(folder / "class1" / "002.png")]
+    make_shards(folder, tmp_path / "shards")
+    wds = build_manifest(DataConfig(source="webdataset", shards=str(tmp_path / "shards" / "shard-{000..002}.tar"), **ALL_TRAIN),
+                         tmp_path / "cache")
+    first = wds.splits["train"][0][0]
+    shard, _, key = first.partition(".tar/")
+    assert get("webdataset").locations(wds.root, [first], wds.options) == [f"{wds.root / shard}.tar#{key}"]
+    assert get("imagefolder").locations(folder, ["class0/000.png"], {}) == [str(folder / "class0" / "000.png")]
+
+
 def test_json_lines_with_paths_relative_to_root_and_a_glob_of_tables(tmp_path):
     folder = make_imagefolder(tmp_path / "images")
     make_table(folder, tmp_path / "lists" / "a.jsonl", holds="path")

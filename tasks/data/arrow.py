@@ -158,7 +158,14 @@ def _referenced(table: str, row: int, name: str) -> bytes:
 
 
 def referenced_paths(path: str, column: Column) -> list[str | None] | None:
-    """Every row's struct ``path`` (None where there is none), or None when the column is not a struct with one."""
+    """Every row's struct ``path`` (None where there is none), or None when the column is not a struct with one
+    (remembered per process while the file is unchanged: predictions ask block by block)."""
+    st = os.stat(path)
+    return _referenced_paths(path, st.st_size, st.st_mtime_ns, column)
+
+
+@functools.lru_cache(maxsize=8)
+def _referenced_paths(path: str, size: int, mtime_ns: int, column: Column) -> list[str | None] | None:
     if not column.struct or "path" not in _schema(path).field(column.name).type.names:
         return None
     out: list[str | None] = []

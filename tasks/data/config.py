@@ -104,6 +104,11 @@ class DataSource:
         """One item's encoded bytes, as a binary file object."""
         return open(os.path.join(root, item), "rb")
 
+    def locations(self, root: Path, items: list[str], options: dict[str, str]) -> list[str]:
+        """Where each item is, for people and other tools (predictions' ``path`` column): its file under the
+        root; a source whose items are not files says what they are inside (a shard's member, a table's row)."""
+        return [os.path.join(root, item) for item in items]
+
     def piece_of(self, item: str) -> str | None:
         """The group an item's features are cached with when the source has one (a shard), else None: then
         content-defined cuts over the ids group them (:mod:`tasks.extract.pieces`)."""

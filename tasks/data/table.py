@@ -26,7 +26,9 @@ class Table(DataSource):
     in row batches. ``data.image`` holds the image bytes (binary, or the Hugging Face struct ``{bytes, path}``)
     or a path relative to ``data.root`` (default: the table's folder); ``data.label`` an integer or a class
     name; ``data.split`` (optional) train/val/test. A row's id: its image path, or ``<table file>#<row>`` (the
-    row number zero-padded to 9 digits) when the table holds the bytes."""
+    row number zero-padded to 9 digits) when the table holds the bytes. The id is not the Hugging Face struct's
+    ``path``: those are often bare file names that repeat across tables, and an id never repeats; predictions
+    carry that ``path`` beside the id (:meth:`locations`)."""
 
     name = "table"
     needs_root = False
@@ -118,6 +120,25 @@ class Table(DataSource):
                 if name and os.path.isfile(target := arrow.referenced_file(table, name)):
                     ref = os.stat(target)
                     out[-1] += [ref.st_size, ref.st_mtime_ns]
+        return out
+
+    def locations(self, root: Path, items: list[str], options: dict[str, str]) -> list[str]:
+        """A row holding a path: that file. A row holding bytes: the Hugging Face struct's ``path`` as the table
+        holds it (what the user's dataset calls the image: often a bare file name, so it is not the id), else
+        ``<table file>#<row>``."""
+        from tasks.data import arrow
+
+        out, named = [], {}
+        for item in items:
+            row = TABLE_ROW.match(item)
+            if row is None:
+                out.append(os.path.join(root, item))
+                continue
+            table = os.path.join(root, row["file"])
+            if table not in named:
+                named[table] = arrow.referenced_paths(table, arrow.image_column(table, options["image"]))
+            name = named[table] and named[table][int(row["row"])]
+            out.append(name or f"{table}#{int(row['row'])}")
         return out
 
     def open(self, root: Path, item: str, options: dict[str, str]) -> IO[bytes]:

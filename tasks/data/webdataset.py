@@ -98,6 +98,10 @@ class WebDataset(DataSource):
 
         return tar_index.open_member(*_wds_member(root, item))
 
+    def locations(self, root: Path, items: list[str], options: dict[str, str]) -> list[str]:
+        """``<shard file>#<__key__>``: the shard's path and the sample's key in it."""
+        return [os.path.join(root, shard + ".tar") + "#" + key for shard, _, key in (i.partition(".tar/") for i in items)]
+
     def piece_of(self, item: str) -> str | None:
         """Its shard (``train-000100.tar``): a shard's samples are cached together, a new shard is a new piece."""
         return item.partition(".tar/")[0] + ".tar"

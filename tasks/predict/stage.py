@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from tasks.softmax import softmax
 
 log = logging.getLogger("transferpipe.predict")
 BLOCK_ROWS = 8192
-FOLDER_SOURCES = ("imagefolder", "files", "digits", "mnist5k")
 
 
 def predict(plan: PredictPlan) -> PredictResult:
@@ -167,7 +166,7 @@ def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureSto
            name: str, fit: Calibrated) -> dict[str, int]:
     """The table, block by block: id, path, top-k labels and probabilities, the set, the OOD score and flag."""
     s, names = plan.settings, np.asarray(classes, dtype=object)
-    root = _data_root(plan)
+    where = _locations(plan)
     counts = {"rows": 0, "single": 0, "empty": 0, "ood": 0}
     with _Table(out.table(s.format), s.format) as table:
         for ids, X in _blocks(plan, store, layer):
@@ -179,7 +178,7 @@ def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureSto
             flagged = ood > fit.ood_threshold
             sizes = mask.sum(axis=1)
             table.write({
-                "id": ids, "path": [str(root / i) if root else i for i in ids],
+                "id": ids, "path": where(ids),
                 "label": [str(names[t[0]]) for t in top],
                 "probability": [float(probs[r, t[0]]) for r, t in enumerate(top)],
                 "top_labels": [[str(names[c]) for c in t] for t in top],
@@ -195,11 +194,14 @@ def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureSto
     return counts
 
 
-def _data_root(plan: PredictPlan) -> Path | None:
+def _locations(plan: PredictPlan) -> Callable[[list[str]], list[str]]:
+    """Ids to where the images are (a file, a shard's member, a table's row or its Hugging Face ``path``)."""
+    from tasks.data.config import get
     from tasks.data.manifest import Manifest
 
-    manifest = Manifest.load(plan.data.manifest)  # folder sources: an id is a path under the root
-    return Path(manifest.root) if manifest.source in FOLDER_SOURCES else None
+    manifest = Manifest.load(plan.data.manifest)
+    source = get(manifest.source)
+    return lambda ids: source.locations(Path(manifest.root), ids, manifest.options)
 
 
 def _bad_images(plan: PredictPlan, store: FeatureStore, out: PredictionFiles) -> int:
