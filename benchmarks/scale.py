@@ -148,7 +148,7 @@ def _shards(n: int, work: Path) -> str:
 
 def _plan(n: int, work: Path) -> str:
     from flows.config import load_config
-    from flows.explain import explain
+    from flows.planning.explain import explain
 
     steps = explain(load_config(plan_config(work, n)))
     pieces = [why for step in steps if step.stage == "extract" for why in step.why if why.startswith("pieces")]

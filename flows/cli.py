@@ -139,7 +139,7 @@ def plan(config: ConfigArg, sweep: SweepFile = None, cache_dir: CacheDir = None)
     """Dry run: what a run would compute and why (the key fields that changed); starts no flow, no backbone, and
     neither imports nor calls a python factory named in the config."""
     from flows.config import load_sweep
-    from flows.explain import explain, render
+    from flows.planning.explain import explain, render
     from tasks.backbones.source import without_user_code
 
     with without_user_code():

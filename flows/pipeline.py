@@ -1,4 +1,4 @@
-"""The pipeline flow: the experiment graph (flows/graph.py: extract → heads → finetune if enabled → evaluate) run
+"""The pipeline flow: the experiment graph (flows/planning/graph.py: extract → heads → finetune if enabled → evaluate) run
 as one Prefect flow, its results as one small model: every stage's results by name (``outputs``), and the
 classic stages' also as fields."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows import graph, nodes
+from flows.planning import graph, nodes
 from tasks.declare import features
 from flows.publish import publish_quality, publish_report
 from flows.config import ExperimentConfig, as_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows import graph, nodes
+from flows.planning import graph, nodes
 from flows.publish import publish_table
 from flows.config import ExperimentConfig, as_config
 from flows.local import experiment_run_name

@@ -75,7 +75,7 @@ def read_only_view(tmp_path):
 
 
 def test_a_complete_read_only_cache_is_planned_and_run_and_nothing_is_written(tiny_config, tmp_path, read_only_view):
-    from flows.explain import explain
+    from flows.planning.explain import explain
 
     first = run(tiny_config, tmp_path / "A")
     ro = read_only_view(tmp_path / "A")

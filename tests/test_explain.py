@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.explain import explain
+from flows.planning.explain import explain
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
 from helpers import write_config

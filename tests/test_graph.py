@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.explain import explain
-from flows.nodes import nodes
+from flows.planning.explain import explain
+from flows.planning.nodes import nodes
 from tasks.stages import EVALUATE, EXTRACT, FINETUNE, HEADS, QUALITY, SCORE, STAGES
 from flows.pipeline import pipeline_flow
 from flows.local import local_run_settings
@@ -102,7 +102,7 @@ def test_a_run_that_cannot_evaluate_fails_before_extracting(tiny_config):
 
 
 def test_only_the_graph_orders_stages():
-    """Stage tasks are called by flows/graph.py alone (scale_out runs the shards of one extraction)."""
+    """Stage tasks are called by flows/planning/graph.py alone (scale_out runs the shards of one extraction)."""
     callers = set()
     for path in (REPO / "flows").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows import graph
+from flows.planning import graph
 from helpers import make_imagefolder, split_plans
 from storage import atomic, inventory
 from storage.features import FeatureStore

@@ -35,7 +35,7 @@ def test_a_wheel_holds_every_module_and_imports_without_the_source_tree(tmp_path
                                 str(wheel)], capture_output=True, text=True, timeout=1800)
     assert installed.returncode == 0, installed.stderr
     script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-              "import tasks.heads.stage, tasks.data, flows.cli, flows.nodes\n"
+              "import tasks.heads.stage, tasks.data, flows.cli, flows.planning.nodes\n"
               "from tasks.heads import load_head\n"
               "from tasks.data import DataConfig\n"
               "assert tasks.heads.stage.__file__.startswith(sys.argv[1]), tasks.heads.stage.__file__\n"

@@ -201,14 +201,14 @@ def test_bad_images_are_listed_beside_the_table_and_bad_input_is_one_line(scored
 
 
 def test_a_config_without_predict_data_is_refused_before_any_compute(tiny_config):
-    from flows.graph import walk
+    from flows.planning.graph import walk
 
     steps = walk(tiny_config(heads=[{"kind": "knn", "k": [1]}], predict={"model": "knn"}), "predict")
     assert steps[-1].stage == "predict" and "predict.data: no images to score" in steps[-1].why[0]
 
 
 def test_predict_plans_after_the_evaluation_only_when_asked(tiny_config, tmp_path):
-    from flows.nodes import nodes
+    from flows.planning.nodes import nodes
 
     plain = tiny_config(heads=[{"kind": "knn", "k": [1]}])
     asked = tiny_config(heads=[{"kind": "knn", "k": [1]}], predict={"data": {"source": "files", "root": str(tmp_path)}})

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from flows.explain import explain
+from flows.planning.explain import explain
 from flows.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore

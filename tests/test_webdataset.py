@@ -158,7 +158,7 @@ def test_pax_and_long_names_are_read_by_tarfile_and_give_the_same_samples(tmp_pa
 
 
 def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_path):
-    from flows.explain import explain
+    from flows.planning.explain import explain
 
     folder = make_imagefolder(tmp_path / "images", n_per_class=8)
     shards = make_shards(folder, tmp_path / "s", per_shard=6)  # 24 samples: 4 shards

@@ -5,9 +5,9 @@ from the config and the plans of the stages before it (keys only: cheap,
 nothing computed), so ``transferpipe plan`` names every key a run writes, even
 on an empty cache. :func:`run` executes the graph (the pipeline flow, and
 through it sweeps, the demo and ``select``, which runs it up to the heads);
-:func:`walk` plans it and runs nothing (``transferpipe plan``, flows/explain.py).
+:func:`walk` plans it and runs nothing (``transferpipe plan``, flows/planning/explain.py).
 
-The stages themselves are declared by their packages (tasks/stages.py lists them, flows/nodes.py
+The stages themselves are declared by their packages (tasks/stages.py lists them, flows/planning/nodes.py
 derives each goal's path); this module is the engine that plans and runs them.
 
 """
@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flows.checks import check_inputs
+from flows.planning.checks import check_inputs
 from flows.config import ExperimentConfig
-from flows.nodes import Goal, nodes
+from flows.planning.nodes import Goal, nodes
 from tasks.declare import Graph, Planned, Unit, Work
 from tasks.declare import Stage as Node
 from tasks.backbones.source import CodeNotRun

@@ -4,13 +4,13 @@ Every unit a run would write (each split's features, each head fit, the
 fine-tune, the evaluation) with its key, whether the cache holds it and, if
 not, why: the key fields that differ from the closest cached entry (data
 changes as files added, removed or changed), or "never computed". The graph
-(flows/graph.py) is the same one ``run`` executes, so the two cannot disagree.
+(flows/planning/graph.py) is the same one ``run`` executes, so the two cannot disagree.
 """
 from __future__ import annotations
 
 from flows.config import ExperimentConfig
-from flows.graph import Step, walk
-from flows.nodes import candidates, side_goals
+from flows.planning.graph import Step, walk
+from flows.planning.nodes import candidates, side_goals
 from storage.keys import short
 
 
