@@ -99,7 +99,7 @@ def main() -> None:
     if args.quick:
         args.dups, args.flips = 6, 6
     from flows.config import parse_config
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +150,7 @@ def main() -> None:
 def _cleaning(cfg, flipped: set[str], found: dict) -> None:
     """quality.exclude on the planted set: a logistic probe on every row and one without the flagged rows."""
     from flows.config import parse_config
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
     from tasks.evaluate.report import cleaning
 

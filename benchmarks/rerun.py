@@ -17,7 +17,7 @@ from prefect import flow
 from benchmarks import QUICK_DIGITS, parse_args
 from flows.config import parse_config
 from flows.pipeline import pipeline_flow
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 
 
 @flow(name="trivial")

@@ -44,7 +44,7 @@ SweepFile = Annotated[Optional[Path], typer.Option(
 
 
 def _run_local(flow_fn, *args, **kwargs):
-    from flows.local import run_local, writable
+    from flows.execution.local import run_local, writable
 
     for arg in args:  # the cache folder a flow writes to, named before anything starts
         cache = arg if isinstance(arg, Path) else getattr(arg, "cache_dir", None)

@@ -13,9 +13,9 @@ from pydantic import BaseModel
 
 from flows.planning import graph, nodes
 from tasks.declare import features
-from flows.publish import publish_quality, publish_report
+from flows.execution.publish import publish_quality, publish_report
 from flows.config import ExperimentConfig, as_config
-from flows.local import experiment_run_name
+from flows.execution.local import experiment_run_name
 from tasks.evaluate.plan import EvalResult, ModelReport
 from tasks.export.plan import ExportResult
 from tasks.extract.plan import ExtractResult

@@ -5,9 +5,9 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.planning import graph, nodes
-from flows.publish import publish_table
+from flows.execution.publish import publish_table
 from flows.config import ExperimentConfig, as_config
-from flows.local import experiment_run_name
+from flows.execution.local import experiment_run_name
 from tasks.select import stage as select
 
 

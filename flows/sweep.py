@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.config import ExperimentConfig, SweepConfig
-from flows.publish import publish_table
+from flows.execution.publish import publish_table
 from flows.pipeline import PipelineResult, pipeline_flow
 
 

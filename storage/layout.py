@@ -16,7 +16,7 @@
   select/<experiment>/                         select.md/json      storage/records.py (SelectionFiles)
   runs/<experiment>/<key>/                     reports             storage/records.py (ReportFiles)
   results.sqlite                               results registry    storage/results.py
-  prefect-records/<task>-<key>-<cache id>      Prefect's records   flows/stage_tasks.py, flows/trusted_records.py
+  prefect-records/<task>-<key>-<cache id>      Prefect's records   flows/execution/stage_tasks.py, flows/execution/trusted_records.py
   watch/<experiment>.json                      last announced data flows/watch.py
 ```
 

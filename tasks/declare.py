@@ -106,7 +106,7 @@ class Stage:
     concurrent: bool = False  #: its task calls run at once (threads)
     #: a goal ``plan`` also walks when the config has this stage's section (``export:``, ``index:``)
     side_goal: bool = False
-    #: the device a plan computes on, for a stage that holds a GPU's slot while it runs (flows/device_slots.py)
+    #: the device a plan computes on, for a stage that holds a GPU's slot while it runs (flows/execution/device_slots.py)
     device: Callable[[Any], str] | None = None
     stored: Callable[[Any], bool] = lambda plan: False  #: whether the store holds a plan's output
     command: Command | None = None  #: a plain command derived from this record (None: flows/cli.py has its own)

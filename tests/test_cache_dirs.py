@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from flows.pipeline import pipeline_flow
 
 pytestmark = pytest.mark.slow

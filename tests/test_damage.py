@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from flows.planning.explain import explain
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage import checkpoints
 

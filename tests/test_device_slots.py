@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from helpers import write_config
 
-from flows import device_slots
+from flows.execution import device_slots
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import json, sys, time
-from flows.device_slots import device_slot
+from flows.execution.device_slots import device_slot
 with device_slot("cpu", "test") as name:
     print(json.dumps({"name": name, "entered": time.time()}), flush=True)
     time.sleep(float(sys.argv[1]))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.planning.explain import explain
 from flows.pipeline import pipeline_flow
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from helpers import write_config
 
 pytestmark = pytest.mark.slow

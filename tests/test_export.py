@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.planning.explain import explain
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
 from tasks.export.plan import ExportConfig, plan_export

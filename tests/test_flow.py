@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import pipeline_flow
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from helpers import split_plans, task_runs
 
 pytestmark = pytest.mark.slow
@@ -218,7 +218,7 @@ def test_a_failed_stage_is_named_and_the_rerun_recomputes_only_it_and_what_follo
     """A real failure (injected through the documented fault hook) in fine-tuning; then a clean rerun."""
     import json
 
-    from flows.stage_tasks import StageFailed
+    from flows.execution.stage_tasks import StageFailed
     from storage.faults import InjectedFault
     from tasks.finetune.plan import FinetuneResult
 

@@ -279,7 +279,7 @@ def test_the_notebook_reader_never_calls_a_factory_named_in_a_config(tiny_config
 def test_plan_imports_no_module_beside_the_config_even_after_a_run(tiny_config, tmp_path):
     import yaml
 
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
     from flows.config import load_config
 

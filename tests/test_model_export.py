@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import make_imagefolder
 
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("onnxruntime")

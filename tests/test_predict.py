@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import make_image, make_imagefolder
 
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from tasks.predict import trust
 
 REPO = Path(__file__).resolve().parents[1]

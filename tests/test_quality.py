@@ -155,7 +155,7 @@ def test_out_of_fold_probabilities_never_see_their_row():
 @pytest.mark.slow
 @pytest.mark.parametrize("search", ["exact", "approximate"])
 def test_a_planted_leak_label_flip_and_outlier_are_found_and_drawn(tiny_config, tmp_path, search):
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     root = make_imagefolder(tmp_path / "planted", n_per_class=8, splits=("train", "test"))
@@ -213,7 +213,7 @@ def test_a_cleaned_few_shot_subset_differs_only_where_a_flagged_row_was_drawn():
 
 @pytest.mark.slow
 def test_quality_exclude_trains_cleaned_heads_and_reports_the_paired_gain(tiny_config, tmp_path):
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
     from storage import results as registry
 
@@ -244,7 +244,7 @@ def test_quality_exclude_trains_cleaned_heads_and_reports_the_paired_gain(tiny_c
 
 
 def test_contact_sheets_are_inlined_in_the_artifact_up_to_a_size(tmp_path):
-    from flows import publish
+    from flows.execution import publish
 
     (tmp_path / "small.png").write_bytes(b"\x89PNG small")
     (tmp_path / "big.png").write_bytes(b"0" * (publish.INLINE_BYTES + 1))
@@ -278,7 +278,7 @@ def test_pixel_hashes_find_a_faint_copy_and_not_a_different_image():
 def test_byte_identical_images_are_found_even_when_every_image_is_the_same(tiny_config, tmp_path):
     """Issue 43: 200 byte-identical images reported 0 duplicates (every centred row is zero, so the centred
     cosine is undefined); bit-identical feature rows are found whatever the search makes of them."""
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     root = make_imagefolder(tmp_path / "same", n_per_class=6, splits=("train", "test"))
@@ -300,7 +300,7 @@ def test_byte_identical_images_are_found_even_when_every_image_is_the_same(tiny_
 def test_a_class_with_one_training_image_is_voted_on_and_never_excluded_away(tiny_config, tmp_path):
     """Issue 43: a class with one training image failed the out-of-fold probe with scikit-learn's message, and
     quality.exclude could take a class's last rows away (the run then died at the evaluation)."""
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
     from tasks.heads.stage import _keeping_every_class
 

@@ -12,7 +12,7 @@ import pytest
 from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer
 
-from flows.trusted_records import problem
+from flows.execution.trusted_records import problem
 from tasks.extract.plan import ExtractResult
 
 KEY = "extract-split-" + "a" * 64 + "-" + "b" * 16
@@ -120,7 +120,7 @@ def test_the_stage_storage_reads_a_hostile_record_as_a_miss_and_imports_nothing(
     """Prefect's own ``ResultStore.exists``/``read`` over the stages' storage: a miss, one warning, no import."""
     from prefect.results import ResultStore
 
-    from flows.trusted_records import StageRecords, UntrustedRecord
+    from flows.execution.trusted_records import StageRecords, UntrustedRecord
 
     monkeypatch.syspath_prepend(str(tmp_path))
     for module in ("tp_marker_picklelib", "tp_marker_class"):
@@ -147,7 +147,7 @@ def test_hostile_records_in_a_shared_cache_run_nothing_and_change_no_number(tiny
     """Issue 43's probes, end to end: pickle, picklelib and ``__class__`` records planted over a finished run's
     records leave no marker; an edited, well-formed evaluation record changes no number; the next run replaces
     every planted record with one of its own, and every stage is still a cache hit."""
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flows.planning.explain import explain
-from flows.local import local_run_settings
+from flows.execution.local import local_run_settings
 from flows.pipeline import pipeline_flow
 from storage.features import FeatureStore
 from storage.results import query

@@ -78,7 +78,7 @@ def test_select_flow_ranks_candidates_and_explains_skipped_scores(tiny_config, t
     from torchvision.models import get_model
 
     from flows.selection import select_flow
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
 
     torch.manual_seed(3)
     weights = tmp_path / "source.pt"

@@ -208,7 +208,7 @@ def test_full_disk_fails_clearly_keeps_the_partial_and_touches_nothing_complete(
 @pytest.mark.slow  # a subprocess killed, a full disk, or a second run: seconds each
 def test_a_full_disk_stops_a_checkpoint_before_it_is_written_and_says_so(tiny_config, tiny_disk):
     """torch.save on a full disk said only `unexpected pos …` and left a .tmp of up to 60 MB behind."""
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     cfg = tiny_config(cache_dir=str(tiny_disk / "cache"), heads=[{"kind": "logistic", "C": [1.0]}],

@@ -178,7 +178,7 @@ def test_a_new_shard_extracts_only_itself_and_plan_names_it(tiny_config, tmp_pat
 def test_what_skip_leaves_out_is_in_the_feature_file_and_the_report(tiny_config, tmp_path):
     import json
 
-    from flows.local import local_run_settings
+    from flows.execution.local import local_run_settings
     from flows.pipeline import pipeline_flow
 
     shards = make_shards(make_imagefolder(tmp_path / "images"), tmp_path / "s", per_shard=18)

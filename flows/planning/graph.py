@@ -34,7 +34,7 @@ def _run_extract(config: ExperimentConfig, node: Node, works: list[Work]) -> lis
     """One task per split, or shards on Dask workers (``dask:``) when a split is not cached."""
     if config.dask is None or all(w.stored for w in works):
         return _run_tasks(config, node, works)
-    from flows.scale_out import sharded_extract
+    from flows.execution.scale_out import sharded_extract
 
     done = sharded_extract(config, [w.plan for w in works])
     return [done[w.what] for w in works]
@@ -62,7 +62,7 @@ def run(config: ExperimentConfig, goal: Goal = "evaluate") -> Graph:
 
 
 def _run_tasks(config: ExperimentConfig, node: Node, works: list[Work]) -> list[Any]:
-    from flows import stage_tasks
+    from flows.execution import stage_tasks
 
     task = stage_tasks.TASKS[node.name]
     if node.concurrent:

@@ -17,7 +17,7 @@ parser, which imports nothing) before Prefect sees a byte of it. A record passes
 
 Anything else (pickle, another library, a class that moved or never was, damage) is named in one warning and read
 as a miss: the stage then checks its store, reuses or recomputes, and Prefect writes a fresh record over it. What
-a run reports for a cached stage never comes from a record at all (:func:`flows.stage_tasks.stage_result` asks the
+a run reports for a cached stage never comes from a record at all (:func:`flows.execution.stage_tasks.stage_result` asks the
 store), so a well-formed but edited record cannot change a number either.
 """
 from __future__ import annotations

@@ -19,8 +19,8 @@ import os
 from prefect import flow
 
 from flows.config import DaskConfig, ExperimentConfig
-from flows.local import experiment_run_name
-from flows.stage_tasks import TASKS, extract_pieces_task, join_pieces_task, run_stage, submit_stage
+from flows.execution.local import experiment_run_name
+from flows.execution.stage_tasks import TASKS, extract_pieces_task, join_pieces_task, run_stage, submit_stage
 from tasks.extract.plan import ExtractResult, SplitPlan
 from tasks.extract.plan import is_stored
 from tasks.extract.groups import plan_groups

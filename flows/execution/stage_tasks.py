@@ -6,7 +6,7 @@ Every stage task gets the same treatment:
   ``INPUTS`` policy lets two tasks with equal inputs return each other's results; and the
   cache folder's path, so one cache never receives another's result);
 * results are persisted as JSON and stay small (paths, keys, metrics); records are read only through
-  :class:`flows.trusted_records.StageRecords`, so one not in transferpipe's own shape (pickle, another
+  :class:`flows.execution.trusted_records.StageRecords`, so one not in transferpipe's own shape (pickle, another
   serializer, a ``__class__`` to import) is a miss, never code run;
 * when the store does not hold the stage's output, ``refresh_cache`` forces a
   recompute, so a Prefect cache hit never points at a deleted or corrupt file;
@@ -26,8 +26,8 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from flows.config import ExperimentConfig
-from flows.device_slots import guarded
-from flows.trusted_records import StageRecords
+from flows.execution.device_slots import guarded
+from flows.execution.trusted_records import StageRecords
 from storage import keys
 from storage.layout import CacheLayout
 from tasks.declare import Stage
@@ -71,7 +71,7 @@ def stage_task(name: str, stage: Callable[[Any], Any]) -> Task:
 
 def declared_task(stage: Stage) -> Task:
     """A declared stage's Prefect task: its run function (``module:function``) under its task name; a stage with
-    a device holds that GPU's slot while it computes (flows/device_slots.py: one job per GPU across runs)."""
+    a device holds that GPU's slot while it computes (flows/execution/device_slots.py: one job per GPU across runs)."""
     module, _, name = stage.run.partition(":")
     fn = getattr(importlib.import_module(module), name)
     if stage.device is not None:
@@ -81,7 +81,7 @@ def declared_task(stage: Stage) -> Task:
 
 #: every declared stage's task, by stage name
 TASKS: dict[str, Task] = {stage.name: declared_task(stage) for stage in STAGES}
-# a split's pieces on Dask workers (flows/scale_out.py): the extraction's own scale-out tasks
+# a split's pieces on Dask workers (flows/execution/scale_out.py): the extraction's own scale-out tasks
 extract_pieces_task = stage_task("extract-pieces", guarded(
     extract_group, lambda g: worker_device(g.split).extract.device, lambda g: False, "extract pieces"))
 join_pieces_task = stage_task("join-pieces", join_group)
