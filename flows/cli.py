@@ -171,7 +171,7 @@ def serve(
     Needs a server (PREFECT_API_URL); trigger a run by hand with
     `prefect deployment run pipeline-from-config/NAME`.
     """
-    from flows.serve import serve as serve_config
+    from flows.operations.serve import serve as serve_config
 
     serve_config(config, name=name, cron=cron, interval=interval, timezone=timezone, cache_dir=cache_dir,
                  paused=paused, on_data_change=on_data_change)
@@ -194,8 +194,8 @@ def watch(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.config import load_config
-    from flows.serve import require_server
-    from flows.watch import emit, watch as watch_data
+    from flows.operations.serve import require_server
+    from flows.operations.watch import emit, watch as watch_data
     from storage.layout import CacheLayout
 
     cfg = load_config(config)

@@ -17,7 +17,7 @@
   runs/<experiment>/<key>/                     reports             storage/records.py (ReportFiles)
   results.sqlite                               results registry    storage/results.py
   prefect-records/<task>-<key>-<cache id>      Prefect's records   flows/execution/stage_tasks.py, flows/execution/trusted_records.py
-  watch/<experiment>.json                      last announced data flows/watch.py
+  watch/<experiment>.json                      last announced data flows/operations/watch.py
 ```
 
 Inside a folder of feature files (the cache's ``features/`` or its ``pieces/``)

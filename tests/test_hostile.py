@@ -431,7 +431,7 @@ def test_a_served_deployment_runs_only_the_config_and_cache_it_was_served_with(t
     import json
 
     from flows.config import ConfigError
-    from flows.serve import SERVED_ENV, pipeline_from_config
+    from flows.operations.serve import SERVED_ENV, pipeline_from_config
 
     served, evil = tmp_path / "served.yaml", tmp_path / "evil.yaml"
     monkeypatch.setenv(SERVED_ENV, json.dumps({"config": str(served), "cache_dir": None}))

@@ -107,7 +107,7 @@ def test_prefect_yaml_deploys_the_same_pipeline_to_a_process_pool(prefect_server
     deployed = _cli(prefect_server, "prefect", "--no-prompt", "deploy", "--all", timeout=1800)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     dep = prefect_server.api("GET", "/deployments/name/pipeline-from-config/digits-nightly")
-    assert dep["entrypoint"] == "flows/serve.py:pipeline_from_config" and dep["work_pool_name"] == "transferpipe"
+    assert dep["entrypoint"] == "flows/operations/serve.py:pipeline_from_config" and dep["work_pool_name"] == "transferpipe"
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
     assert (REPO / dep["parameters"]["config"]).exists()
 
@@ -159,7 +159,7 @@ def test_a_run_killed_with_kill_9_is_marked_crashed_by_the_next_command(prefect_
 
 def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_config, tmp_path):
     """Prefect's client retried a lost server for ~6 minutes before `[Errno 111] Connection refused`."""
-    from flows.server import start_server, stop_server
+    from flows.operations.server import start_server, stop_server
 
     server, proc = start_server()
     path = write_config(tiny_config(name="lost", heads=HEADS), tmp_path / "lost.yaml")

@@ -19,13 +19,13 @@ from helpers import (
 )
 from helpers import wait as _wait
 
-from flows import watch
+from flows.operations import watch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Scripted:
-    """A clock and a sleep for :func:`flows.watch.watch`: each poll advances the clock and runs that poll's
+    """A clock and a sleep for :func:`flows.operations.watch.watch`: each poll advances the clock and runs that poll's
     action (a file dropped), so the debounce is checked without real waiting."""
 
     def __init__(self, actions: dict[int, callable]):

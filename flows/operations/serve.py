@@ -84,7 +84,7 @@ def require_server(why: str = "transferpipe serve needs a Prefect server (epheme
     """The Prefect API URL; schedules cannot live in ephemeral mode, so without one this says how to start one."""
     url = os.environ.get("PREFECT_API_URL") or _configured_url()
     if not url:  # the server `transferpipe server start` left running, as `run` finds it
-        from flows.server import remembered
+        from flows.operations.server import remembered
 
         server = remembered()
         if server:
@@ -108,7 +108,7 @@ def serve(
     timezone: str | None = None, cache_dir: Path | None = None, paused: bool = False, on_data_change: bool = False,
 ) -> None:
     """Register ``pipeline-from-config/<name>`` with its schedules (and with ``on_data_change`` a trigger on
-    ``transferpipe watch``'s events, flows/watch.py) and run its flow runs until interrupted."""
+    ``transferpipe watch``'s events, flows/operations/watch.py) and run its flow runs until interrupted."""
     from prefect.deployments.runner import EntrypointType
 
     cfg = load_config(config, cache_dir)  # fail fast on a bad config, before anything is registered
@@ -118,7 +118,7 @@ def serve(
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.watch import trigger
+    from flows.operations.watch import trigger
 
     parameters = {"config": str(Path(config).resolve())}
     if cache_dir is not None:
