@@ -26,7 +26,7 @@ def main() -> None:
     args = parse_args(parser, {"workers": 1})  # quick: one worker still shards, joins and compares
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        from flows.operations.server import start_server
+        from flows.execution.server import start_server
 
         server = start_server()
         os.environ.update(server[0].env())
@@ -37,7 +37,7 @@ def main() -> None:
             from prefect.events.worker import EventsWorker
             from prefect.logging.handlers import APILogWorker
 
-            from flows.operations.server import stop_server
+            from flows.execution.server import stop_server
 
             APILogWorker.drain_all(timeout=10)  # this run's logs and events, while the server can take them
             EventsWorker.drain_all(timeout=10)

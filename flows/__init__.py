@@ -1,5 +1,20 @@
 """Prefect flows, the CLI and the experiment config: wiring only, no maths, no file formats.
 
+By role:
+
+- ``config.py`` (and ``config_errors.py``): the experiment config, composed from the stages' sections;
+  ``defaults.py``: the cache folder and other defaults every entry point shares;
+- ``pipeline.py``: the pipeline flow (the entry point deployments name); ``notebook.py``: the Python API;
+- ``planning/``: the experiment graph: which stages a run executes, in which order, and ``plan``;
+- ``execution/``: the stages as Prefect tasks, their records, GPU slots, Dask workers, the server a run talks
+  to (ephemeral or ``server start``'s), artifacts;
+- ``experiments/``: flows made of pipeline runs: sweeps, the demo, backbone selection;
+- ``operations/``: served deployments and the data watcher;
+- ``cli/``: the ``transferpipe`` command and what it prints.
+
+The floors, each importing only those below it (tests/test_architecture.py checks it): defaults -> config ->
+execution -> planning -> pipeline, notebook -> experiments, operations -> cli.
+
 Prefect reads these settings from the environment, so they are set (as
 defaults a user can override) before Prefect is first imported.
 """

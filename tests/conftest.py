@@ -109,7 +109,7 @@ def _stop_ephemeral_prefect_server():
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real ``prefect server start`` on loopback (own home, SQLite), shared by the tests that need one."""
-    from flows.operations.server import start_server, stop_server
+    from flows.execution.server import start_server, stop_server
 
     server, proc = start_server()
     try:

@@ -91,6 +91,25 @@ def test_stage_packages_import_only_what_they_may():
     assert bad == []
 
 
+#: flows/ by role: each floor imports only the floors below it (a sub-package or a top-level module)
+FLOWS_FLOORS = [{"config_errors", "defaults"}, {"config"}, {"execution"}, {"planning"}, {"pipeline", "notebook"},
+                {"experiments", "operations"}, {"cli"}]
+
+
+def test_flows_sub_packages_import_downwards_and_stay_few():
+    """flows/ grouped by role: at most 9 top-level modules, none over 300 lines, and each part imports only the
+    parts on the floors below it (no circle between sub-packages, not only between modules)."""
+    floor = {part: n for n, parts in enumerate(FLOWS_FLOORS) for part in parts}
+    top = sorted(p.stem for p in (REPO / "flows").glob("*.py") if p.stem != "__init__")
+    assert set(top) | {p.name for p in (REPO / "flows").iterdir() if (p / "__init__.py").is_file()} == set(floor)
+    assert len(top) + 1 <= 9, top
+    assert [str(p) for p in (REPO / "flows").rglob("*.py") if len(p.read_text().splitlines()) > 300] == []
+    bad = [(name, imported) for name, imports in _modules().items() if name.startswith("flows.")
+           for imported in imports if imported.startswith("flows.")
+           and (a := name.split(".")[1]) != (b := imported.split(".")[1]) and floor[b] >= floor[a]]
+    assert bad == []
+
+
 def test_a_module_never_imports_its_own_package():
     """``tasks/heads/__init__.py`` imports the package's modules; a module importing ``tasks.heads`` back is a
     circle Python resolves only by import order."""

@@ -43,7 +43,7 @@ def test_the_local_server_starts_is_reused_by_later_commands_and_stops(tiny_conf
 
     from helpers import write_config
 
-    from flows.operations.server import PrefectServer
+    from flows.execution.server import PrefectServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from flows.planning.nodes import nodes
 from tasks.stages import EVALUATE, EXTRACT, FINETUNE, HEADS, QUALITY, SCORE, STAGES
 from flows.pipeline import pipeline_flow
 from flows.execution.local import local_run_settings
-from flows.selection import select_flow
+from flows.experiments.selection import select_flow
 from storage.keys import short
 from storage.records import STAGE_FOLDERS
 

@@ -36,8 +36,8 @@ def test_demo_prints_the_readme_table(tmp_path: Path):
 @pytest.mark.parametrize("wide, width", [(False, 80), (True, 200)])
 def test_the_demo_table_shows_whole_numbers_at_80_columns_and_everything_wide(wide, width, capsys):
     """Issue 46: at 80 columns the table cut intervals mid-number and folded each row over three lines."""
-    from flows import views
-    from flows.console import out
+    from flows.cli import views
+    from flows.cli.console import out
 
     table = readme.section(readme.README.read_text(), "demo").splitlines()
     columns = [c.strip() for c in table[0].strip("|").split("|")]

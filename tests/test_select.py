@@ -77,7 +77,7 @@ def test_select_flow_ranks_candidates_and_explains_skipped_scores(tiny_config, t
     import torch
     from torchvision.models import get_model
 
-    from flows.selection import select_flow
+    from flows.experiments.selection import select_flow
     from flows.execution.local import local_run_settings
 
     torch.manual_seed(3)

@@ -159,7 +159,7 @@ def test_a_run_killed_with_kill_9_is_marked_crashed_by_the_next_command(prefect_
 
 def test_a_server_lost_mid_run_ends_the_run_in_one_line_within_seconds(tiny_config, tmp_path):
     """Prefect's client retried a lost server for ~6 minutes before `[Errno 111] Connection refused`."""
-    from flows.operations.server import start_server, stop_server
+    from flows.execution.server import start_server, stop_server
 
     server, proc = start_server()
     path = write_config(tiny_config(name="lost", heads=HEADS), tmp_path / "lost.yaml")

@@ -72,7 +72,7 @@ def test_a_config_without_a_sweep_says_how_to_add_one(tiny_config, tmp_path):
 def test_concurrent_experiments_extract_each_feature_key_once_and_land_in_the_registry(tiny_config, tmp_path,
                                                                                        monkeypatch):
     from flows.execution.local import local_run_settings
-    from flows.sweep import run_sweep
+    from flows.experiments.sweep import run_sweep
     from storage.results import query
     from tasks.data.manifest import Manifest
 

@@ -22,7 +22,7 @@ def test_the_ui_shows_the_run_its_stage_lines_and_every_picture_of_the_report(ti
     binary = chromium()
     if binary is None:
         pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run installs it)")
-    from flows.operations.server import start_server, stop_server
+    from flows.execution.server import start_server, stop_server
     from helpers import write_config
 
     server, proc = start_server(tmp_path / "home")  # a free port: never Prefect's default 4200

@@ -47,7 +47,7 @@ def run_local(flow_fn, *args: Any, **kwargs: Any) -> Any:
     """Run a flow for a shell command in this process: on PREFECT_API_URL's server, else on the local server that
     ``transferpipe server start`` left running, else in Prefect's ephemeral mode. A server that stops answering
     ends the command (:func:`_exit_when_server_lost`)."""
-    from flows.operations.server import remembered
+    from flows.execution.server import remembered
 
     url = os.environ.get("PREFECT_API_URL")
     server = None if url else remembered()

@@ -84,7 +84,7 @@ def require_server(why: str = "transferpipe serve needs a Prefect server (epheme
     """The Prefect API URL; schedules cannot live in ephemeral mode, so without one this says how to start one."""
     url = os.environ.get("PREFECT_API_URL") or _configured_url()
     if not url:  # the server `transferpipe server start` left running, as `run` finds it
-        from flows.operations.server import remembered
+        from flows.execution.server import remembered
 
         server = remembered()
         if server:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from flows.config import load_config
 from flows.pipeline import PipelineResult, pipeline_flow
-from flows.selection import SelectResult, select_flow
+from flows.experiments.selection import SelectResult, select_flow
 from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig
 from tasks.data.config import DataConfig

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.console import out
+from flows.cli.console import out
 from storage.keys import short
 
 Wide = Annotated[bool, typer.Option("--wide", help="Every column (lines longer than the terminal).")]
@@ -210,7 +210,7 @@ def comparison(title: str, columns: list[str], rows: list[list[str]], *, wide: b
     """The demo's comparison: ``columns`` are model, labels per class, one top-1 column per backbone and the
     gain. At 80 columns each top-1 shows without its interval (the gain keeps its own: it says whether the
     difference is real), so no number is cut; ``--wide`` and ``--markdown`` (the README's) show everything."""
-    from flows.console import print_table
+    from flows.cli.console import print_table
 
     if markdown:
         print_table(title, columns, rows, markdown=True)

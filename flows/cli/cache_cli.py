@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from flows.defaults import default_cache_dir
-from flows import views
-from flows.console import CacheDir, friendly_errors, out, styled
+from flows.cli import views
+from flows.cli.console import CacheDir, friendly_errors, out, styled
 from storage import inventory
 from storage.features import FeatureStore
 from storage.keys import short

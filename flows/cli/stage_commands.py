@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from flows.console import CacheDir, friendly_errors, out, print_table
+from flows.cli.console import CacheDir, friendly_errors, out, print_table
 from tasks.declare import Stage
 from tasks.stages import STAGES
 

@@ -5,9 +5,9 @@ from typing import Annotated
 
 import typer
 
-from flows.console import friendly_errors, out
+from flows.cli.console import friendly_errors, out
 from flows.defaults import DEFAULT_PORT
-from flows.operations.server import RETENTION_DAYS
+from flows.execution.server import RETENTION_DAYS
 
 app = typer.Typer(no_args_is_help=True, help=(
     "A persistent local Prefect server (127.0.0.1, SQLite in $PREFECT_HOME) that later commands reuse: "
@@ -23,7 +23,7 @@ def server_start(
                                  "hourly by Prefect's database vacuum; results and the cache stay.")] = RETENTION_DAYS,
 ) -> None:
     """Start the local server in the background (or say where the running one is); commands then use it."""
-    from flows.operations.server import start_persistent
+    from flows.execution.server import start_persistent
 
     server, started = start_persistent(port, retention_days)
     out.print(f"{'started' if started else 'already running'}: {server.url} (log {server.log}); commands use it "
@@ -38,7 +38,7 @@ def server_start(
 @friendly_errors
 def server_status() -> None:
     """Whether the local server runs and where (exit 1 if it does not)."""
-    from flows.operations.server import remembered
+    from flows.execution.server import remembered
 
     server = remembered()
     if server is None:
@@ -51,7 +51,7 @@ def server_status() -> None:
 @friendly_errors
 def server_stop() -> None:
     """Stop the local server; commands go back to Prefect's ephemeral mode."""
-    from flows.operations.server import stop_persistent
+    from flows.execution.server import stop_persistent
 
     server = stop_persistent()
     out.print(f"stopped {server.url}" if server else "no local server was running", highlight=False)
