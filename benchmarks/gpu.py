@@ -157,13 +157,33 @@ def tensor_rows(name: str, device: torch.device, s: Sizes, compile_too: bool) ->
 # --------------------------------------------------------------------------- 2. extraction from JPEG files
 
 
-def jpeg_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[Row]:
-    """The same JPEGs three ways: PIL in DataLoader workers + a bare forward loop; the stage; decode on the device."""
+class _Files(torch.utils.data.Dataset):
+    """Image files decoded with PIL and preprocessed, one per item (the bare loop's dataset)."""
+
+    def __init__(self, paths: list[Path], pre) -> None:
+        self.paths, self.pre = paths, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from tasks.data.images import load_rgb
+
+        return self.pre(load_rgb(self.paths[i]))
+
+
+def _pil_loader(paths: list[Path], pre, batch: int, workers: int, device: torch.device):
     from torch.utils.data import DataLoader
 
+    return DataLoader(_Files(paths, pre), batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
+
+
+def jpeg_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[Row]:
+    """The same JPEGs three ways: PIL in DataLoader workers + a bare forward loop; the stage; decode on the device."""
     from tasks.data.config import DataConfig
     from tasks.data.manifest import Manifest
-    from tasks.data.images import load_rgb, num_workers_for
+    from tasks.data.images import num_workers_for
     from tasks.extract.gpu_decode import decode_jpegs, read_files, to_batch
     from tasks.extract.plan import ExtractConfig, plan_extraction
     from tasks.extract.stage import extract_split
@@ -192,15 +212,7 @@ def jpeg_rows(images: Path, tmp: Path, device: torch.device, s: Sizes) -> list[R
                 x = x.contiguous(memory_format=torch.channels_last)
             model(pre.normalize(x))
 
-    class Files(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(paths)
-
-        def __getitem__(self, i):
-            return pre(load_rgb(paths[i]))
-
-    loader = DataLoader(Files(), batch_size=s.batch, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)
+    loader = _pil_loader(paths, pre, s.batch, workers, device)
 
     def bare():
         for x in loader:

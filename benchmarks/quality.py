@@ -119,32 +119,38 @@ def main() -> None:
         with local_run_settings():
             ran = pipeline_flow(cfg, stop_after="quality")
         total = time.perf_counter() - started
-        import json
-
-        found = json.loads((ran.quality.folder / "findings.json").read_text())
-        leaks = {(p["a"], p["b"]) for p in found["duplicates"].get("train-test", [])}
-        by_pixels = {(p["a"], p["b"]) for p in found.get("pixel_duplicates", {}).get("train-test", [])}
-        if args.pixels:
-            print(f"by pixels: {len(by_pixels)} train-test pairs, {len(by_pixels & pairs)} planted; by features "
-                  f"{len(leaks & pairs)} planted; together {len((leaks | by_pixels) & pairs)} of {len(pairs)}")
-            leaks |= by_pixels
-        recall = len(leaks & pairs) / len(pairs)
-        precision = len(leaks & pairs) / len(leaks) if leaks else float("nan")
-        flags = [f["id"] for f in found["label_issues"]["train"]["flagged"]]
-        top = flags[: len(flipped)]
-        print(f"images: {found['splits']}  backbone: {'EfficientNet-Lite0 ImageNet' if args.imagenet else 'resnet18 random'}")
-        print(f"leaks: {len(pairs)} planted ({len(pairs) // 2 + len(pairs) % 2} byte-identical), "
-              f"{len(leaks)} train-test pairs found: recall {recall:.3f}, precision {precision:.3f}; "
-              f"byte-identical found {sum(p['exact'] for p in found['duplicates'].get('train-test', []))}")
-        hits = len(set(top) & flipped)
-        print(f"label flips: {len(flipped)} planted, {len(flags)} flagged; top-{len(flipped)}: precision "
-              f"{hits / max(len(top), 1):.3f}, recall {hits / len(flipped):.3f}; all flags: recall "
-              f"{len(set(flags) & flipped) / len(flipped):.3f}")
+        found = _planted_figures(ran, pairs, flipped, args.pixels, args.imagenet)
         _threshold(cfg, ran, pairs)
         print(f"seconds: quality stage {ran.quality.seconds:.1f}, whole run {total:.1f} "
               f"(quality / extraction = {ran.quality.seconds / max(ran.stages['extract']['seconds'], 1e-9):.2f})")
         if args.clean:
             _cleaning(cfg, flipped, found)
+
+
+def _planted_figures(ran, pairs: set, flipped: set[str], pixels: bool, imagenet: bool) -> dict:
+    """Recall and precision of the planted leaks and label flips in the stage's findings; returns the findings."""
+    import json
+
+    found = json.loads((ran.quality.folder / "findings.json").read_text())
+    leaks = {(p["a"], p["b"]) for p in found["duplicates"].get("train-test", [])}
+    by_pixels = {(p["a"], p["b"]) for p in found.get("pixel_duplicates", {}).get("train-test", [])}
+    if pixels:
+        print(f"by pixels: {len(by_pixels)} train-test pairs, {len(by_pixels & pairs)} planted; by features "
+              f"{len(leaks & pairs)} planted; together {len((leaks | by_pixels) & pairs)} of {len(pairs)}")
+        leaks |= by_pixels
+    recall = len(leaks & pairs) / len(pairs)
+    precision = len(leaks & pairs) / len(leaks) if leaks else float("nan")
+    flags = [f["id"] for f in found["label_issues"]["train"]["flagged"]]
+    top = flags[: len(flipped)]
+    print(f"images: {found['splits']}  backbone: {'EfficientNet-Lite0 ImageNet' if imagenet else 'resnet18 random'}")
+    print(f"leaks: {len(pairs)} planted ({len(pairs) // 2 + len(pairs) % 2} byte-identical), "
+          f"{len(leaks)} train-test pairs found: recall {recall:.3f}, precision {precision:.3f}; "
+          f"byte-identical found {sum(p['exact'] for p in found['duplicates'].get('train-test', []))}")
+    hits = len(set(top) & flipped)
+    print(f"label flips: {len(flipped)} planted, {len(flags)} flagged; top-{len(flipped)}: precision "
+          f"{hits / max(len(top), 1):.3f}, recall {hits / len(flipped):.3f}; all flags: recall "
+          f"{len(set(flags) & flipped) / len(flipped):.3f}")
+    return found
 
 
 def _cleaning(cfg, flipped: set[str], found: dict) -> None:

@@ -186,7 +186,8 @@ def _unused_pieces(store: FeatureStore, gone: set[Path], older_than_s: float, no
 
 def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:
     """Every artifact of the later stages by its key (reports by the 12 digits their folder is named by):
-    heads, fine-tuning runs, evaluations, scores, remembered metrics, exports, indexes and embedding maps."""
+    heads, fine-tuning runs, evaluations, scores, remembered metrics, embedding maps, and the entries of every
+    folder a files class declares (:func:`storage.records.stage_folders`)."""
     layout, found = CacheLayout(cache_dir), {}
     folders = [*layout.heads().glob("*"), *layout.finetune_runs().glob("*"), *layout.reports("_").parent.glob("*/*"),
                *layout.scores("*").parent.glob("*.json"), *layout.metrics("*").parent.glob("*.json"),

@@ -205,6 +205,11 @@ def export_spec(features: str, layer: str, format: str, dtype: str, row_group_ro
             "format": format, "dtype": dtype, "row_group_rows": row_group_rows}
 
 
+def index_spec(features: str, queries: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """A FAISS index over one split's features (tasks/index/), with the split its recall queries come from."""
+    return {"kind": "index", "version": CODE_VERSIONS["index"], "features": features, "queries": queries, **settings}
+
+
 def quality_spec(features: dict[str, str], settings: dict[str, Any]) -> dict[str, Any]:
     """The data-quality findings of one dataset's features (tasks/quality/): every split's feature key."""
     return {"kind": "quality", "version": CODE_VERSIONS["quality"], "features": features, "settings": settings}

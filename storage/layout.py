@@ -1,4 +1,5 @@
-"""The cache folder layout: one method per artifact. No other module spells a cache subfolder.
+"""The cache folder layout: one method per artifact. No other module spells a cache subfolder (a stage's folder
+may be declared by its files class in storage/records.py instead; docs/cache.md has the whole tree).
 
 ```
 <cache_dir>/
@@ -15,6 +16,10 @@
   scores/<key>.json                            selection scores    storage/records.py (Records)
   select/<experiment>/                         select.md/json      storage/records.py (SelectionFiles)
   runs/<experiment>/<key>/                     reports             storage/records.py (ReportFiles)
+  maps/<key>.png                               embedding maps      tasks/evaluate/stage.py
+  exports/<key>/                               features out        storage/records.py (ExportFiles)
+  indexes/<key>/                               FAISS indexes       storage/records.py (IndexFiles)
+  quality/<key>/                               data-quality findings  storage/records.py (QualityFiles)
   results.sqlite                               results registry    storage/results.py
   prefect-records/<task>-<key>-<cache id>      Prefect's records   flows/execution/stage_tasks.py, flows/execution/trusted_records.py
   watch/<experiment>.json                      last announced data flows/operations/watch.py

@@ -239,7 +239,8 @@ def _specs(values: Iterable[Any], field: str | None = None) -> list[dict[str, An
 
 
 def stored_specs(cache_dir: str | Path, kind: str, experiment: str = "*") -> list[dict[str, Any]]:
-    """The key spec of every stored artifact of ``kind`` (heads, finetune, evaluate, scores): what
+    """The key spec of every stored artifact of ``kind`` (heads, finetune, evaluate, scores, or a declared stage
+    folder's kind): what
     ``transferpipe plan`` compares a new key with to say why it is not cached."""
     layout = CacheLayout(cache_dir)
     files = {

@@ -1,6 +1,7 @@
 """The house rules: layers point downwards (flows -> tasks -> storage), the stage packages of tasks/ import
 only what the table below allows, no module imports itself back (also through ``TYPE_CHECKING``), modules
-stay under 400 lines and functions under 60, and no test imports another."""
+stay under 400 lines and functions under 60 (benchmarks too), no module-level name goes unused, flows/ is grouped
+in floors, and no test imports another."""
 from __future__ import annotations
 
 import ast
@@ -137,7 +138,7 @@ def test_no_import_cycles():
 
 def test_modules_and_functions_stay_small():
     big = []
-    for path in _paths():
+    for path in [*_paths(), *sorted((REPO / "benchmarks").glob("*.py"))]:
         text = path.read_text()
         rel = path.relative_to(REPO)
         if len(text.splitlines()) > MAX_MODULE_LINES:
@@ -148,6 +149,31 @@ def test_modules_and_functions_stay_small():
                 if lines > MAX_FUNCTION_LINES:
                     big.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
     assert big == []
+
+
+def test_every_module_level_name_is_used_somewhere():
+    """A cheap dead-code check: every function, class and constant defined at module level in flows/, tasks/ or
+    storage/ is named at least once more in the repository's Python (a use, an import, a string that names it),
+    except commands registered by a decorator."""
+    import re
+
+    texts = [p.read_text() for d in (*LAYERS, "tests", "benchmarks") for p in sorted((REPO / d).rglob("*.py"))]
+    counts: dict[str, int] = {}
+    for word in re.findall(r"\b[A-Za-z_]\w*\b", "\n".join(texts)):
+        counts[word] = counts.get(word, 0) + 1
+    unused = []
+    for path in _paths():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [] if node.decorator_list else [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                names = []
+            unused += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                       if counts.get(n, 0) <= 1 and not n.startswith("__")]
+    assert unused == []
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "tests").glob("test_*.py")) + sorted((REPO / "benchmarks").glob("*.py")),

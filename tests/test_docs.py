@@ -68,20 +68,66 @@ def test_developing_says_which_tests_cover_which_package():
     assert [p.name for p in sorted((REPO / "tests").glob("test_*.py")) if f"`{p.name}`" not in table] == []
 
 
-def test_the_cache_tree_in_the_docs_names_every_folder_the_cache_has():
-    """docs/cache.md's tree against storage/: every folder storage/layout.py spells and every folder a files
-    class declares (storage/records.py): adding one without documenting it, or documenting one gone, fails."""
+def _spelled_by_layout() -> set[str]:
+    """The top-level cache names storage/layout.py spells (``root / "name"``), pieces and quarantine aside."""
     import ast
 
-    from storage.records import STAGE_FOLDERS
-
-    tree = (REPO / "docs" / "cache.md").read_text().split("<cache_dir>/", 1)[1].split("```", 1)[0]
-    documented = {line.split()[0].split("/")[0].split(".")[0] for line in tree.splitlines()
-                  if line.startswith("  ") and not line.startswith("   ")}
     layout = ast.parse((REPO / "storage" / "layout.py").read_text())
     spelled = {n.right.value for n in ast.walk(layout) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
                and isinstance(n.right, ast.Constant) and isinstance(n.right.value, str)}
-    top = {name.split(".")[0] for name in spelled if name not in ("pieces", "quarantine")}
-    top |= {files.cache_folder for files in STAGE_FOLDERS.values()}
+    return {name.split(".")[0] for name in spelled if name not in ("pieces", "quarantine")}
+
+
+def _tree(text: str) -> set[str]:
+    """The top-level names of a ``<cache_dir>/`` tree (lines indented by two spaces)."""
+    tree = text.split("<cache_dir>/", 1)[1].split("```", 1)[0]
+    return {line.split()[0].split("/")[0].split(".")[0] for line in tree.splitlines()
+            if line.startswith("  ") and not line.startswith("   ")}
+
+
+def test_the_cache_tree_in_the_docs_names_every_folder_the_cache_has():
+    """docs/cache.md's tree against storage/: every folder storage/layout.py spells and every folder a files
+    class declares (storage/records.py): adding one without documenting it, or documenting one gone, fails.
+    storage/layout.py's own docstring lists exactly the names it spells."""
+    from storage.records import STAGE_FOLDERS
+
+    top = _spelled_by_layout() | {files.cache_folder for files in STAGE_FOLDERS.values()}
+    documented = _tree((REPO / "docs" / "cache.md").read_text())
     assert top - documented == set(), "folders of the cache the docs' tree lacks"
     assert documented - top == set(), "folders the docs' tree names that storage/ does not make"
+    import storage.layout
+
+    assert _tree(storage.layout.__doc__) == _spelled_by_layout()
+
+
+def test_the_architecture_stage_table_has_every_stage_and_its_folder():
+    """docs/ARCHITECTURE.md's table of what each stage writes: a row per declared stage (tasks/stages.py), and
+    every folder a files class declares is in it."""
+    from storage.records import STAGE_FOLDERS
+    from tasks.stages import STAGES
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("stage      writes under <cache_dir>/", 1)[1].split("keys of all of them", 1)[0]
+    rows = {line.split()[0] for line in table.splitlines() if line.startswith("     ") and line[5:6].strip()}
+    assert rows == {s.name for s in STAGES}
+    assert {f"{files.cache_folder}/" for files in STAGE_FOLDERS.values()} <= set(re.findall(r"[\w-]+/", table))
+
+
+def test_the_keys_table_names_every_key_and_version_storage_keys_makes():
+    """docs/ARCHITECTURE.md's keys table against storage/keys.py: a key function or a code version added without
+    a row, or a row naming a function gone, fails."""
+    import ast
+
+    from storage.keys import CODE_VERSIONS
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    rows = [line.split("|")[1:-1] for line in text.split("| key | built by | version | covers |", 1)[1].split("\n\n")[0]
+            .splitlines()[2:]]
+    named = {name for row in rows for name in re.findall(r"`(\w+)`", row[1])}
+    versions = {name for row in rows for name in re.findall(r"`(\w+)`", row[2])}
+    tree = ast.parse((REPO / "storage" / "keys.py").read_text())
+    helpers = {"canonical_json", "fingerprint", "file_sha256", "file_identities", "key", "short", "spec_diff", "closest"}
+    makers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")} - helpers
+    assert makers - named == set(), "key functions of storage/keys.py the table lacks"
+    assert named - makers == set(), "functions the table names that storage/keys.py does not define"
+    assert set(CODE_VERSIONS) == versions, "code versions the table lacks (or names that are none)"

@@ -105,8 +105,9 @@ def rm(
     cache_dir: CacheDir = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Remove what a key names: feature files (complete and partial), or a head, fine-tuning run, evaluation report,
-    scores or metrics; the next run that needs them recomputes them."""
+    """Remove what a key names: feature files (complete and partial), or any later stage's stored result (a head, a
+    fine-tuning run, a report, metrics, a map, a stage folder's entry); the next run that needs them recomputes
+    them."""
     store = _store(cache_dir)
     features = [k for k in keys if any(f.startswith(k.lower()) for f in store.all_keys())]
     paths = [p for key in _keys(store, features) for p in store.remove(key, dry_run=dry_run)]

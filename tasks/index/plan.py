@@ -94,8 +94,7 @@ def require_faiss() -> Any:
 
 def plan_index(config: IndexConfig, split: str, feature_key: str, cache_dir: Path,
                queries_from: str | None = None) -> IndexPlan:
-    spec = {"kind": "index", "version": keys.CODE_VERSIONS["index"], "features": feature_key,
-            "queries": queries_from, **config.model_dump(mode="json", exclude={"split"})}
+    spec = keys.index_spec(feature_key, queries_from, config.model_dump(mode="json", exclude={"split"}))
     return IndexPlan(key=keys.key(spec), spec=spec, split=split, features=feature_key, queries_from=queries_from,
                      config=config, cache_dir=cache_dir)
 

@@ -148,13 +148,3 @@ def _run_formats(out: ModelFiles, images: Any, formats: list[str]):
         program = torch.export.load(str(out.file("model.pt2"))).module()
         yield "pt2", batched(lambda x: [t.numpy() for t in program(x)])
 
-
-def copy_folder(source: Path, target: Path) -> Path:
-    """The exported folder at ``target`` (a sibling temporary name renamed into place)."""
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("spec.json", "result.json"))
-    tmp.replace(target)
-    return target
