@@ -131,3 +131,26 @@ def test_the_keys_table_names_every_key_and_version_storage_keys_makes():
     assert makers - named == set(), "key functions of storage/keys.py the table lacks"
     assert named - makers == set(), "functions the table names that storage/keys.py does not define"
     assert set(CODE_VERSIONS) == versions, "code versions the table lacks (or names that are none)"
+
+
+def test_the_goal_paths_in_the_architecture_say_what_the_declarations_say():
+    """docs/ARCHITECTURE.md's list of stages and the stages each comes after, against tasks/stages.py."""
+    from tasks.stages import STAGES
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    block = text.split("\n```\nextract   ()", 1)[1].split("```", 1)[0]
+    documented = dict(re.findall(r"(?:^|\|\s*)([\w-]+)\s+\(([^)]*)\)", "extract   ()" + block, re.M))
+    assert {name: tuple(a.strip() for a in after.split(",") if a.strip()) for name, after in documented.items()} \
+        == {s.name: s.after for s in STAGES}
+
+
+def test_the_configuration_page_lists_every_head_kind_and_data_source():
+    """The reference config's comments name every head kind (tasks/heads/configs.py) and data source."""
+    from tasks.data.config import SOURCES
+    from tasks.heads.configs import CONFIGS
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    kinds = re.search(r"- kind: \w+ +# ([\w |]+)", text).group(1)
+    assert {k.strip() for k in kinds.split("|")} == set(CONFIGS)
+    sources = re.search(r"\bsource: \w+ +# a dataset source: ([\w |]+)", text).group(1)
+    assert {k.strip() for k in sources.split("|")} == set(SOURCES)
