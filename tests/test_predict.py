@@ -121,9 +121,10 @@ def scored(tmp_path, tiny_config):
         for i in range(4):
             make_image(new / f"day{i % 2}" / f"{c}-{i // 2}.png", c, 500 + i)
     make_image(new / "day0" / "odd.png", 7, 1)  # a colour no class has
-    return new, lambda **over: tiny_config(
+    return new, lambda finetune=None, **over: tiny_config(
         data={"root": str(images)}, heads=[{"kind": "logistic", "C": [1.0]}, {"kind": "knn", "k": [3]}],
-        predict={"data": {"source": "files", "root": str(new)}, "coverage": 0.8, **over})
+        predict={"data": {"source": "files", "root": str(new)}, "coverage": 0.8, **over},
+        **({"finetune": finetune} if finetune else {}))
 
 
 def _table(path: Path):
@@ -157,6 +158,43 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     assert again.cache_hit and again.rows_scored == 0 and again.path == first.path
     assert first.model in ("logistic", "knn")  # the evaluation's pick on val
     assert first.test["ood"]["ood_rows"] == 5 and 0 <= first.test["ood"]["auroc"] <= 1
+
+
+@pytest.mark.slow
+def test_the_fine_tuned_model_scores_new_images_through_its_checkpoint(scored):
+    """``model: finetuned``: every split is extracted again through the best checkpoint (cached like any backbone)
+    and its own classifier scores them: the rows' labels and probabilities are the fine-tuned network's own,
+    run end to end on the decoded images, with the val temperature applied."""
+    import torch
+
+    from flows.pipeline import pipeline_flow
+    from storage import checkpoints
+    from tasks.backbones.config import resolve
+    from tasks.backbones.models import load_model
+    from tasks.data.images import load_rgb
+
+    new, config = scored
+    with local_run_settings(), pytest.raises(ValueError, match="predict.model finetuned: this config fine-tunes nothing"):
+        pipeline_flow(config(model="finetuned"), stop_after="predict")
+    tune = {"enabled": True, "epochs": 2, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0.5,
+            "early_stopping": None}
+    cfg = config(finetune=tune, model="finetuned")
+    with local_run_settings():
+        first = pipeline_flow(cfg)
+        again = pipeline_flow(cfg).outputs["predict"][0]
+    done = first.outputs["predict"][0]
+    assert done.model == "finetuned" and done.head.startswith("finetune:") and done.rows == 13
+    assert again.cache_hit and again.rows_scored == 0
+    model = load_model(resolve(cfg.backbone, cfg.cache_dir), num_classes=3)
+    model.load_state_dict(checkpoints.load(first.outputs["finetune"][0].best_checkpoint)["model"])
+    pre = resolve(cfg.backbone, cfg.cache_dir).preprocess
+    rows = _table(done.path)
+    with torch.inference_mode():
+        logits = model.eval()(pre.normalize(torch.stack([pre(load_rgb(Path(r["path"]))) for r in rows]))).double()
+    probs = torch.softmax(logits / done.temperature, dim=1).numpy()
+    classes = ["class0", "class1", "class2"]
+    assert [r["label"] for r in rows] == [classes[i] for i in probs.argmax(1)]
+    assert max(abs(r["probability"] - probs[i].max()) for i, r in enumerate(rows)) < 5e-3  # float16 features
 
 
 @pytest.mark.slow

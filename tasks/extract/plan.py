@@ -14,7 +14,7 @@ from storage.keys import feature_key, feature_spec
 from storage.layout import CacheLayout
 from tasks.backbones.config import BackboneConfig, BackboneSpec, resolve
 from tasks.data.config import SOURCES, DataConfig
-from tasks.data.manifest import build_manifest
+from tasks.data.manifest import Manifest, build_manifest
 from tasks.declare import Graph, Section, Stage, Unit, Work
 from tasks.extract.pieces import Piece, plan_pieces
 from tasks.extract.why import why_features
@@ -107,6 +107,16 @@ def plan_extraction(
             pieces=plan_pieces(manifest, split, fspec, extract.piece_size),
         )
     return plans
+
+
+def with_backbone(plan: SplitPlan, backbone: BackboneSpec) -> SplitPlan:
+    """The same split's images through another backbone (a fine-tuned checkpoint): its own feature key and
+    pieces, cached like any other."""
+    manifest = Manifest.load(plan.manifest)
+    fields = {k: plan.spec[k] for k in ("dtype", "precision")}
+    fspec = feature_spec(**backbone.key_fields(), dataset=manifest.fingerprints[plan.split], split=plan.split, **fields)
+    return plan.model_copy(update={"key": feature_key(fspec), "spec": fspec, "backbone": backbone,
+                                   "pieces": plan_pieces(manifest, plan.split, fspec, plan.extract.piece_size)})
 
 
 def store_of(plan: SplitPlan) -> FeatureStore:

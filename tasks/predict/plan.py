@@ -4,7 +4,9 @@ feature key, the calibration and training features, the settings) and the result
 The new images go through the extraction stage's own plan (content keys and pieces: images already extracted
 are read back, a folder that grew extracts only its new pieces). The model is a head's fit, named or the
 evaluation's recommendation (chosen on val; which one is known once the evaluation ran, so the key names the
-evaluation instead).
+evaluation instead), or the fine-tuned model (``finetuned``, or the recommendation when fine-tuning won): then
+every split goes through its checkpoint as a backbone, cached the same way (:func:`with_backbone`), and its
+own classifier scores the features.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tasks.heads.plan import fits
 from tasks.result import StagePlan, StageResult
 
 RECOMMENDED = "recommended"
+FINETUNED = "finetuned"
 
 
 class PredictConfig(BaseModel):
@@ -34,7 +37,8 @@ class PredictConfig(BaseModel):
 
     data: DataConfig | None = Field(None, description="the new images, any data source (labels not needed: "
                                                       "source: files reads every image under a folder)")
-    model: str = Field(RECOMMENDED, description="recommended (the evaluation's pick, chosen on val) or a head's name")
+    model: str = Field(RECOMMENDED, description="recommended (the evaluation's pick, chosen on val), finetuned "
+                                                "or a head's name")
     top_k: int = Field(3, ge=1, le=1000, description="labels and probabilities kept per image")
     coverage: float = Field(0.9, gt=0, lt=1, description="the prediction sets' target coverage (split conformal on val)")
     method: Literal["lac", "aps"] = Field("lac", description="conformal score: lac (smallest sets) or aps (adaptive)")
@@ -56,6 +60,8 @@ class PredictPlan(StagePlan):
     head: str | None = Field(None, description="a named head's fit key; None: the evaluation's recommendation")
     name: str
     evaluation: str | None = Field(None, description="the evaluation's key (whose recommendation is the model)")
+    splits: dict[str, SplitPlan] = Field(default_factory=dict, description="the experiment's splits' extraction: "
+                                         "a fine-tuned model extracts them again through its checkpoint")
     train: str
     val: str
     test: str | None
@@ -95,13 +101,16 @@ def resolve_head(graph: Graph, name: str, field_name: str = "predict.model") -> 
         return None, name
     plans = graph["heads"].plans() if "heads" in graph else []
     known = [p.label for p in plans]
-    if name == "finetuned":
-        raise ValueError(f"{field_name}: the fine-tuned model is not served yet; use its checkpoint as "
-                         "backbone.weights of another experiment and name one of its heads")
+    if name == FINETUNED:
+        if "finetune" not in graph or not graph["finetune"].plans():
+            raise ValueError(f"{field_name} {FINETUNED}: this config fine-tunes nothing; set finetune: {{enabled: "
+                             f"true}} (and run transferpipe run CONFIG), or name a head: {', '.join(known) or 'none'}")
+        return None, name
     match = next((p for p in plans if p.label == name), None)
     if match is None:
         raise ValueError(f"{field_name} {name!r}: no such head; heads: {', '.join(known) or 'none'} or "
-                         f"{RECOMMENDED} (add it to heads: and run transferpipe heads CONFIG)")
+                         f"{RECOMMENDED}{f' or {FINETUNED}' if 'finetune' in graph else ''} (add it to heads: "
+                         "and run transferpipe heads CONFIG)")
     fit = next(((shot, key) for shot, _, key in fits(match) if shot == "all"), None) or fits(match)[0][::2]
     return fit[1], name
 
@@ -134,12 +143,14 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     head, name = resolve_head(graph, wanted.model)
     evaluation = graph["evaluate"].works[0].plan.key if head is None else None
     settings = wanted.settings() | ({"ood_data": ood.key} if ood else {})
-    spec = keys.predict_spec({"head": head} if head else {"recommended_by": evaluation}, new.key, split["val"].key,
+    model = {"head": head} if head else {"finetuned_by" if name == FINETUNED else "recommended_by": evaluation}
+    spec = keys.predict_spec(model, new.key, split["val"].key,
                              split["train"].key, settings)
     plan = PredictPlan(key=keys.key(spec), spec=spec, experiment=config.name, data=new, ood=ood, head=head, name=name,
                        evaluation=evaluation, train=split["train"].key, val=split["val"].key,
                        test=split["test"].key if "test" in split else None, settings=wanted,
-                       cache_dir=Path(config.cache_dir))
+                       cache_dir=Path(config.cache_dir),
+                       splits={w.what: w.plan for w in graph["extract"].works})
     return [Work(config.name, plan, is_stored(plan))]
 
 

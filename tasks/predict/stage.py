@@ -9,6 +9,7 @@ a killed run leaves nothing half-written, and its features (the expensive part) 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -26,11 +27,12 @@ from tasks.evaluate.report import recommended
 from tasks.extract.stage import extract_split
 from tasks.heads.stage import load_head
 from tasks.predict import trust
-from tasks.predict.plan import PredictPlan, PredictResult, is_stored
+from tasks.predict.plan import FINETUNED, PredictPlan, PredictResult, is_stored
 from tasks.softmax import softmax
 
 log = logging.getLogger("transferpipe.predict")
 BLOCK_ROWS = 8192
+FINETUNE_PREFIX = "finetune:"  # the model key of the fine-tuned model: its run's key follows
 
 
 def predict(plan: PredictPlan) -> PredictResult:
@@ -40,10 +42,12 @@ def predict(plan: PredictPlan) -> PredictResult:
         saved = plan.files.read_result()
         return PredictResult.model_validate({**saved, "path": plan.files.table(plan.settings.format),
                                              "cache_hit": True, "seconds": 0.0})
-    extracted = extract_split(plan.data)  # cached by pieces: only images never extracted go through the backbone
     key, name = chosen_model(plan)
-    head = load_head(plan.cache_dir, key)
-    meta_layer = _layer(plan.cache_dir, key)
+    if key.startswith(FINETUNE_PREFIX):  # every split through the fine-tuned checkpoint, scored by its classifier
+        plan, head, meta_layer = through_finetuned(plan, key.removeprefix(FINETUNE_PREFIX))
+    else:
+        head, meta_layer = load_head(plan.cache_dir, key), _layer(plan.cache_dir, key)
+    extracted = extract_split(plan.data)  # cached by pieces: only images never extracted go through the backbone
     store = FeatureStore(plan.cache_dir)
     classes = store.rows(plan.train, meta_layer).classes
     calibrated = _calibrate(plan, head, store, meta_layer)
@@ -61,8 +65,8 @@ def predict(plan: PredictPlan) -> PredictResult:
 
 
 def chosen_model(plan: Any) -> tuple[str, str]:
-    """The fit key and name of the model: the named head's, or the evaluation's recommendation among the heads
-    (the first artifact of the model chosen on val)."""
+    """The fit key and name of the model: the named head's, or the evaluation's recommendation (the first artifact
+    of the model chosen on val); the fine-tuned model's is ``finetune:<run key>``."""
     if plan.head is not None:
         return plan.head, plan.name
     files = ReportFiles(CacheLayout(plan.cache_dir).report(plan.experiment, plan.evaluation or ""))
@@ -71,17 +75,67 @@ def chosen_model(plan: Any) -> tuple[str, str]:
         raise ValueError(f"predict: the evaluation {short(plan.evaluation or '')} of {plan.experiment} is not in the "
                          "cache; run transferpipe run CONFIG first (or name a head with --model)")
     models = EvalResult.model_validate({**saved, "cache_hit": True, "seconds": 0.0}).models
-    heads = [m for m in models if m.kind != "finetune" and m.artifacts]
-    pick = recommended(models)
+    if plan.name == FINETUNED:
+        pick = next((m for m in models if m.kind == "finetune" and m.artifacts), None)
+        if pick is None:
+            raise ValueError(f"predict: the evaluation of {plan.experiment} holds no fine-tuned model; set finetune: "
+                             "{enabled: true} and run transferpipe run CONFIG")
+    else:
+        pick = recommended(models)
     if pick is not None and pick.kind == "finetune":
-        best = recommended(heads)
-        log.warning("predict: the recommended model is the fine-tuned one, which predict does not serve yet; "
-                    "scoring with the best head on val instead: %s", best.name if best else "none")
-        pick = best
+        return FINETUNE_PREFIX + pick.artifacts[0], FINETUNED
     if pick is None or not pick.artifacts:
         raise ValueError(f"predict: the evaluation of {plan.experiment} recommends no head (no validation split "
                          "scores); name one with --model")
     return pick.artifacts[0], pick.name if str(pick.shot) == "all" else f"{pick.name} shot {pick.shot}"
+
+
+class FinetunedClassifier:
+    """The fine-tuned model's own classifier over its penultimate features: class scores (logits), which
+    :func:`probabilities` turns into probabilities with a softmax, as the model does."""
+
+    has_proba = False
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.weight, self.bias = np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+
+    def class_scores(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64) @ self.weight.T + self.bias
+
+
+def finetuned_backbone(plan: Any, run: str) -> Any:
+    """The experiment's backbone with the fine-tuning run's best checkpoint as its weights (keyed by the file's
+    sha256, like any weights file)."""
+    from storage.checkpoints import RunFiles
+    from storage.keys import file_sha256
+
+    best = RunFiles(CacheLayout(plan.cache_dir).finetune_run(run)).best
+    if not best.is_file():
+        raise ValueError(f"predict: the fine-tuning run {short(run)} has no best.pt ({best}); run transferpipe run "
+                         "CONFIG to fine-tune again")
+    return dataclasses.replace(plan.data.backbone, weights=str(best), weights_id="sha256:" + file_sha256(best))
+
+
+def through_finetuned(plan: PredictPlan, run: str) -> tuple[PredictPlan, FinetunedClassifier, str]:
+    """The plan with every split (the new images, the OOD set, train, val and test) extracted through the
+    fine-tuned checkpoint, its classifier, and the layer it reads (the penultimate one)."""
+    from tasks.backbones.config import PENULTIMATE
+    from tasks.backbones.models import source_classifier
+    from tasks.extract.plan import with_backbone
+
+    backbone = finetuned_backbone(plan, run)
+    found = source_classifier(backbone)
+    if isinstance(found, str):
+        raise ValueError(f"predict: the fine-tuned checkpoint {backbone.weights} has no classifier ({found})")
+    if PENULTIMATE not in backbone.layers:
+        backbone = dataclasses.replace(backbone, layers=(*backbone.layers, PENULTIMATE))
+    splits = {name: with_backbone(p, backbone) for name, p in plan.splits.items()}
+    for split in splits.values():
+        extract_split(split)
+    update = {"data": with_backbone(plan.data, backbone), "splits": splits, "train": splits["train"].key,
+              "val": splits["val"].key, "test": splits["test"].key if "test" in splits else None,
+              "ood": with_backbone(plan.ood, backbone) if plan.ood is not None else None}
+    return plan.model_copy(update=update), FinetunedClassifier(*found), PENULTIMATE
 
 
 def _layer(cache_dir: Path, key: str) -> str:
