@@ -69,6 +69,43 @@ def test_the_exported_model_runs_at_any_batch_size_and_matches_transferpipe(expo
     assert np.abs(whole[0][:1] - session.run(None, {"images": images[:1].numpy()})[0]).max() < 1e-5
 
 
+@pytest.mark.slow
+def test_the_fine_tuned_network_exports_and_predicts_what_it_predicts(tmp_path, tiny_config):
+    """``model: finetuned``: the best checkpoint is the exported backbone and its classifier the linear layer; the
+    ONNX model's probabilities on decoded test images equal the fine-tuned network run end to end (softmax of
+    its logits over the val temperature) within 1e-4."""
+    import onnxruntime as ort
+    import torch
+
+    from flows.pipeline import pipeline_flow
+    from storage import checkpoints
+    from tasks.backbones.config import resolve
+    from tasks.backbones.models import load_model
+    from tasks.data.manifest import Manifest
+
+    images = make_imagefolder(tmp_path / "labelled", n_per_class=20)
+    tune = {"enabled": True, "epochs": 2, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0.5,
+            "early_stopping": None}
+    cfg = tiny_config(data={"root": str(images)}, heads=[{"kind": "logistic", "C": [1.0]}], finetune=tune,
+                      predict={"coverage": 0.8}, export_model={"model": "finetuned", "formats": ["onnx"]})
+    with local_run_settings():
+        ran = pipeline_flow(cfg, stop_after="export-model")
+    result = ran.outputs["export-model"][0]
+    assert result.model == "finetuned" and result.kind == "finetuned" and result.head.startswith("finetune:")
+    assert result.parity["onnx"]["top1_agreement"] == 1.0 and result.parity["onnx"]["max_abs_prob_diff"] <= 1e-4
+    spec = resolve(cfg.backbone, cfg.cache_dir)
+    model = load_model(spec, num_classes=3)
+    model.load_state_dict(checkpoints.load(ran.outputs["finetune"][0].best_checkpoint)["model"])
+    manifest = Manifest.load(_test_manifest(cfg))
+    batch = torch.stack([spec.preprocess(manifest.image(item)) for item, _ in manifest.splits["test"]])
+    temperature = json.loads((result.folder / "config.json").read_text())["trust"]["temperature"]
+    with torch.inference_mode():
+        expected = torch.softmax(model.eval()(spec.preprocess.normalize(batch)).double() / temperature, 1).numpy()
+    session = ort.InferenceSession(str(result.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {"images": batch.numpy()})[0]
+    assert np.abs(probs - expected).max() < 1e-4
+
+
 def _test_manifest(cfg) -> Path:
     from tasks.extract.plan import plan_extraction
 

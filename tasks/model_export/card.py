@@ -3,6 +3,7 @@ carries) and ``README.md``, the model card."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from storage.keys import short
@@ -43,8 +44,7 @@ def model_card(plan: Any, spec: Any, facts: dict[str, Any]) -> str:
     lib = versions()
     return f"""# {facts['name']} on {spec.name} ({plan.experiment})
 
-A {facts['kind']} head on the frozen {spec.name} backbone's `{facts['layer']}` features, exported by transferpipe
-with its calibration inside: outputs `probs` (temperature-scaled probabilities), `set_mask` (the classes in
+{_what(spec, facts)}, exported by transferpipe with its calibration inside: outputs `probs` (temperature-scaled probabilities), `set_mask` (the classes in
 the conformal prediction set) and `ood_score` (flag above {fitted.ood_threshold:.6g}).
 
 ## Input
@@ -92,3 +92,10 @@ model = torch.export.load("model.pt2").module()
 probs, set_mask, ood_score = model(torch.zeros(2, 3, {pre.crop}, {pre.crop}, dtype=torch.uint8))
 ```
 """
+
+
+def _what(spec: Any, facts: dict[str, Any]) -> str:
+    if facts["kind"] == "finetuned":
+        return (f"The {spec.name} network fine-tuned by transferpipe (its best checkpoint, "
+                f"`{Path(spec.weights).parent.name[:12]}`) with its own classifier on its `{facts['layer']}` features")
+    return f"A {facts['kind']} head on the frozen {spec.name} backbone's `{facts['layer']}` features"

@@ -39,8 +39,9 @@ def _form(cls: type) -> str | None:
 
 
 def head_form(head: Any, kind: str) -> str:
-    """How the head is expressed in the graph; any other kind is refused by name, listing the kinds that export."""
-    form = _form(type(head))
+    """How the head is expressed in the graph (a head may say it: the fine-tuned classifier is ``linear``); any
+    other kind is refused by name, listing the kinds that export."""
+    form = getattr(head, "form", None) or _form(type(head))
     if form is None:
         raise ValueError(f"export-model: a {kind} head cannot be exported yet; kinds that export: "
                          f"{', '.join(exportable_kinds())}")

@@ -16,7 +16,8 @@ from storage import keys
 from storage.records import ModelFiles
 from tasks.backbones.config import BackboneSpec, resolve
 from tasks.declare import Command, Graph, Section, Stage, Unit, Work, against, features
-from tasks.predict.plan import RECOMMENDED, PredictConfig, resolve_head
+from tasks.extract.plan import SplitPlan
+from tasks.predict.plan import FINETUNED, RECOMMENDED, PredictConfig, resolve_head
 from tasks.result import StagePlan, StageResult
 
 Format = Literal["onnx", "pt2"]
@@ -27,7 +28,8 @@ class ModelExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(RECOMMENDED, description="recommended (the evaluation's pick, chosen on val) or a head's name")
+    model: str = Field(RECOMMENDED, description="recommended (the evaluation's pick, chosen on val), finetuned "
+                                                "or a head's name")
     formats: list[Format] = Field(default_factory=lambda: ["onnx", "pt2"],
                                   description="onnx (opset 18, dynamic batch) and/or pt2 (torch.export)")
     parity_images: int = Field(1000, ge=1, le=100_000, description="test images the exported model is checked on")
@@ -48,6 +50,8 @@ class ModelExportPlan(StagePlan):
     trust: PredictConfig
     settings: ModelExportConfig
     cache_dir: Path
+    splits: dict[str, SplitPlan] = Field(default_factory=dict, description="the experiment's splits' extraction: "
+                                         "the fine-tuned network extracts train and val again through its checkpoint")
 
     @property
     def files(self) -> ModelFiles:
@@ -78,13 +82,15 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     evaluation = graph["evaluate"].works[0].plan.key if head is None else None
     backbone = resolve(config.backbone, config.cache_dir)
     trust = config.predict or PredictConfig()
-    spec = keys.model_export_spec({"head": head} if head else {"recommended_by": evaluation}, backbone.weights_id,
+    model = {"head": head} if head else {"finetuned_by" if name == FINETUNED else "recommended_by": evaluation}
+    spec = keys.model_export_spec(model, backbone.weights_id,
                                   split["val"].key, split["train"].key, split["test"].key,
                                   trust.settings() | wanted.model_dump(mode="json", exclude={"model", "bench"}))
     plan = ModelExportPlan(key=keys.key(spec), spec=spec, experiment=config.name, head=head, name=name,
                            evaluation=evaluation, backbone=backbone, train=split["train"].key,
                            val=split["val"].key, test=split["test"].key, test_manifest=split["test"].manifest,
-                           trust=trust, settings=wanted, cache_dir=Path(config.cache_dir))
+                           trust=trust, settings=wanted, cache_dir=Path(config.cache_dir),
+                           splits={w.what: w.plan for w in graph["extract"].works if w.what in ("train", "val")})
     return [Work(config.name, plan, is_stored(plan))]
 
 

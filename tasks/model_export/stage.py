@@ -1,5 +1,6 @@
-"""The export-model stage: the chosen head on its frozen backbone, with its trust, as one folder other runtimes
-load, and proof that it predicts what transferpipe predicts.
+"""The export-model stage: the chosen head on its frozen backbone (or the fine-tuned network: its checkpoint as
+the backbone, its own classifier), with its trust, as one folder other runtimes load, and proof that it predicts
+what transferpipe predicts.
 
 Written into a temporary folder and renamed into ``models/<key>/`` only when every format passed its parity
 check on the test split (``StageFiles.staged``): a failed check leaves nothing behind and names the figures.
@@ -11,7 +12,6 @@ import json
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ from storage.records import ModelFiles
 from tasks.heads.stage import load_head
 from tasks.model_export.card import model_card, timm_config
 from tasks.model_export.plan import ModelExportPlan, ModelExportResult, is_stored
-from tasks.predict.stage import chosen_model, fit_trust
+from tasks.backbones.config import PENULTIMATE
+from tasks.predict.stage import FINETUNE_PREFIX, chosen_model, finetuned_model, fit_trust
 
 log = logging.getLogger("transferpipe.export_model")
 OUTPUTS = ["probs", "set_mask", "ood_score"]
@@ -39,10 +40,16 @@ def export_model(plan: ModelExportPlan) -> ModelExportResult:
     from tasks.model_export.network import Exported
 
     key, name = chosen_model(plan)
-    meta = read_meta(plan.cache_dir, key)
-    head, layer, kind = load_head(plan.cache_dir, key), meta["layer"], meta["kind"]
-    fitted = fit_trust(plan.cache_dir, head, layer, plan.val, plan.train, plan.trust)
-    spec = dataclasses.replace(plan.backbone, layers=(layer,))
+    if key.startswith(FINETUNE_PREFIX):  # the fine-tuned network: its checkpoint as the backbone, its classifier
+        backbone, splits, head = finetuned_model(plan.cache_dir, plan.backbone, plan.splits,
+                                                 key.removeprefix(FINETUNE_PREFIX))
+        layer, kind, val, train = PENULTIMATE, "finetuned", splits["val"].key, splits["train"].key
+    else:
+        meta = read_meta(plan.cache_dir, key)
+        head, layer, kind = load_head(plan.cache_dir, key), meta["layer"], meta["kind"]
+        backbone, val, train = plan.backbone, plan.val, plan.train
+    fitted = fit_trust(plan.cache_dir, head, layer, val, train, plan.trust)
+    spec = dataclasses.replace(backbone, layers=(layer,))
     backbone = build(spec)
     pre = spec.preprocess
     module = Exported(backbone, layer, pre.mean, pre.std, head, kind, fitted.temperature, fitted.threshold,

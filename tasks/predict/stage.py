@@ -92,50 +92,59 @@ def chosen_model(plan: Any) -> tuple[str, str]:
 
 class FinetunedClassifier:
     """The fine-tuned model's own classifier over its penultimate features: class scores (logits), which
-    :func:`probabilities` turns into probabilities with a softmax, as the model does."""
+    :func:`probabilities` turns into probabilities with a softmax, as the model does. It has the attributes of a
+    linear head on unscaled features, so export-model expresses it as one linear layer."""
 
     has_proba = False
+    form = "linear"
+    preprocess = "none"
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
-        self.weight, self.bias = np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+        self.coef_, self.intercept_ = np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+        self.mean_, self.scale_ = np.zeros(self.coef_.shape[1]), np.ones(self.coef_.shape[1])
 
     def class_scores(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X, dtype=np.float64) @ self.weight.T + self.bias
+        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
 
 
-def finetuned_backbone(plan: Any, run: str) -> Any:
-    """The experiment's backbone with the fine-tuning run's best checkpoint as its weights (keyed by the file's
-    sha256, like any weights file)."""
+def finetuned_model(cache_dir: Path, backbone: Any, splits: dict[str, Any], run: str
+                    ) -> tuple[Any, dict[str, Any], FinetunedClassifier]:
+    """The fine-tuning run's network: the backbone with its best checkpoint as weights (keyed by the file's
+    sha256, like any weights file; the penultimate layer added when the config stores another), the splits
+    extracted through it (cached in pieces like any backbone's), and its own classifier."""
     from storage.checkpoints import RunFiles
     from storage.keys import file_sha256
-
-    best = RunFiles(CacheLayout(plan.cache_dir).finetune_run(run)).best
-    if not best.is_file():
-        raise ValueError(f"predict: the fine-tuning run {short(run)} has no best.pt ({best}); run transferpipe run "
-                         "CONFIG to fine-tune again")
-    return dataclasses.replace(plan.data.backbone, weights=str(best), weights_id="sha256:" + file_sha256(best))
-
-
-def through_finetuned(plan: PredictPlan, run: str) -> tuple[PredictPlan, FinetunedClassifier, str]:
-    """The plan with every split (the new images, the OOD set, train, val and test) extracted through the
-    fine-tuned checkpoint, its classifier, and the layer it reads (the penultimate one)."""
     from tasks.backbones.config import PENULTIMATE
     from tasks.backbones.models import source_classifier
     from tasks.extract.plan import with_backbone
 
-    backbone = finetuned_backbone(plan, run)
+    best = RunFiles(CacheLayout(cache_dir).finetune_run(run)).best
+    if not best.is_file():
+        raise ValueError(f"the fine-tuning run {short(run)} has no best.pt ({best}); run transferpipe run CONFIG "
+                         "to fine-tune again")
+    layers = backbone.layers if PENULTIMATE in backbone.layers else (*backbone.layers, PENULTIMATE)
+    backbone = dataclasses.replace(backbone, weights=str(best), weights_id="sha256:" + file_sha256(best),
+                                   layers=layers)
     found = source_classifier(backbone)
     if isinstance(found, str):
-        raise ValueError(f"predict: the fine-tuned checkpoint {backbone.weights} has no classifier ({found})")
-    if PENULTIMATE not in backbone.layers:
-        backbone = dataclasses.replace(backbone, layers=(*backbone.layers, PENULTIMATE))
-    splits = {name: with_backbone(p, backbone) for name, p in plan.splits.items()}
-    for split in splits.values():
+        raise ValueError(f"the fine-tuned checkpoint {best} has no classifier ({found})")
+    through = {name: with_backbone(p, backbone) for name, p in splits.items()}
+    for split in through.values():
         extract_split(split)
+    return backbone, through, FinetunedClassifier(*found)
+
+
+def through_finetuned(plan: PredictPlan, run: str) -> tuple[PredictPlan, FinetunedClassifier, str]:
+    """The plan with every split (the new images, the OOD set, train, val and test) extracted through the
+    fine-tuned network, its classifier, and the layer it reads (the penultimate one)."""
+    from tasks.backbones.config import PENULTIMATE
+    from tasks.extract.plan import with_backbone
+
+    backbone, splits, head = finetuned_model(plan.cache_dir, plan.data.backbone, plan.splits, run)
     update = {"data": with_backbone(plan.data, backbone), "splits": splits, "train": splits["train"].key,
               "val": splits["val"].key, "test": splits["test"].key if "test" in splits else None,
               "ood": with_backbone(plan.ood, backbone) if plan.ood is not None else None}
-    return plan.model_copy(update=update), FinetunedClassifier(*found), PENULTIMATE
+    return plan.model_copy(update=update), head, PENULTIMATE
 
 
 def _layer(cache_dir: Path, key: str) -> str:
