@@ -171,11 +171,16 @@ class IndexFiles(StageFiles, folder="indexes", kind="index"):
 
 
 class PredictionFiles(StageFiles, folder="predictions", kind="predict"):
-    """A prediction run's folder: ``predictions.parquet`` (or ``.csv``), and ``bad_images.csv`` listing the
-    images that could not be decoded (with ``on_bad_image: skip``)."""
+    """A prediction run's folder: ``predictions.parquet`` (or ``.csv``), ``report.md`` (how far to trust them:
+    calibration, coverage on test, the OOD score) and ``bad_images.csv`` listing the images that could not be
+    decoded (with ``on_bad_image: skip``)."""
 
     def table(self, format: str) -> Path:
         return self.folder / f"predictions.{format}"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.md"
 
     @property
     def bad_images(self) -> Path:

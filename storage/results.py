@@ -39,7 +39,12 @@ COLUMNS = {
     # every row with the paired 95% interval (quality.exclude)
     "quality_key": "TEXT", "top1_without_leaks": "REAL", "leaked_test": "INTEGER", "label_issues": "INTEGER",
     "excluded_rows": "INTEGER", "cleaning_gain": "REAL", "cleaning_gain_lo": "REAL", "cleaning_gain_hi": "REAL",
+    # after 0.7: how far to trust the model predict serves, on the test split (tasks/predict/): the conformal
+    # sets' target and reached coverage and mean size, the OOD score's AUROC and FPR95 against predict.ood_data
+    "predict_key": "TEXT", "coverage_target": "REAL", "coverage": "REAL", "mean_set_size": "REAL",
+    "ood_auroc": "REAL", "ood_fpr95": "REAL",
 }
+TRUST = ("predict_key", "coverage_target", "coverage", "mean_set_size", "ood_auroc", "ood_fpr95")
 METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "nll", "ece", "map_at_r", "recall_at_1", "recall_at_5",
            "recall_at_10", "top1_without_leaks")
 UNIQUE = ("run_key", "model", "shots")  # one row per model of an evaluation
@@ -94,6 +99,18 @@ def append(cache_dir: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             f"ON CONFLICT ({', '.join(UNIQUE)}) DO UPDATE SET {updates}", rows
         )
     return len(rows)
+
+
+def add_trust(cache_dir: str | Path, run_key: str, model: str, figures: dict[str, Any]) -> int:
+    """Put a predict run's trust figures (:data:`TRUST`) on the registry row of the model it served (the
+    evaluation's row for that model on every label); returns how many rows took them (0: the evaluation's rows
+    are not in this registry)."""
+    values = {k: figures.get(k) for k in TRUST}
+    with closing(_connect(registry_path(cache_dir))) as conn, conn:
+        done = conn.execute(f"UPDATE results SET {', '.join(f'{k} = :{k}' for k in TRUST)} "
+                            "WHERE run_key = :run_key AND model = :model AND shots = 'all'",
+                            {**values, "run_key": run_key, "model": model})
+    return done.rowcount
 
 
 def query(cache_dir: str | Path, experiment: str | None = None, sort: str = "top1") -> list[dict[str, Any]]:

@@ -158,6 +158,13 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     assert again.cache_hit and again.rows_scored == 0 and again.path == first.path
     assert first.model in ("logistic", "knn")  # the evaluation's pick on val
     assert first.test["ood"]["ood_rows"] == 5 and 0 <= first.test["ood"]["auroc"] <= 1
+    report = (first.path.parent / "report.md").read_text()
+    assert f"Coverage {first.test['coverage']:.3f}" in report and "| rank of the true class |" in report
+    from storage.results import query
+
+    served = next(r for r in query(cfg.cache_dir) if r["model"] == first.model and r["shots"] == "all")
+    assert served["coverage"] == first.test["coverage"] and served["coverage_target"] == 0.8
+    assert served["ood_auroc"] == first.test["ood"]["auroc"] and served["predict_key"] == first.key
 
 
 @pytest.mark.slow

@@ -128,3 +128,17 @@ def test_results_reads_at_80_columns_and_gives_the_rest_wide_or_as_json(tmp_path
     assert [r["model"] for r in records] == ["logistic", "prototype"] and records[0]["features_key"] == "f" * 64
     bad = runner.invoke(app, ["results", "-o", "yaml", "--cache-dir", str(tmp_path)])
     assert bad.exit_code == 2 and "--output 'yaml': use table or json" in bad.output
+
+
+def test_predict_trust_lands_on_the_served_models_row_only(tmp_path):
+    """A predict run's coverage, set size and OOD figures go on the row of the model it served (every label), not
+    on its few-shot rows or other models; an evaluation this registry lacks takes none."""
+    registry.append(tmp_path, [ROW, {**ROW, "shots": "5"}, {**ROW, "model": "knn"}])
+    figures = {"predict_key": "p" * 64, "coverage_target": 0.9, "coverage": 0.912, "mean_set_size": 1.3,
+               "ood_auroc": 0.97, "ood_fpr95": 0.1, "other": 1}
+    assert registry.add_trust(tmp_path, ROW["run_key"], ROW["model"], figures) == 1
+    assert registry.add_trust(tmp_path, "nope", ROW["model"], figures) == 0
+    rows = {(r["model"], r["shots"]): r for r in registry.query(tmp_path)}
+    served = rows[(ROW["model"], "all")]
+    assert (served["coverage"], served["mean_set_size"], served["ood_fpr95"]) == (0.912, 1.3, 0.1)
+    assert rows[(ROW["model"], "5")]["coverage"] is None and rows[("knn", "all")]["coverage"] is None

@@ -59,7 +59,8 @@ class PredictPlan(StagePlan):
     ood: SplitPlan | None = None  # the OOD set's extraction (predict.ood_data)
     head: str | None = Field(None, description="a named head's fit key; None: the evaluation's recommendation")
     name: str
-    evaluation: str | None = Field(None, description="the evaluation's key (whose recommendation is the model)")
+    evaluation: str | None = Field(None, description="the evaluation's key: whose recommendation is the model, and "
+                                                     "whose registry row takes the trust figures")
     splits: dict[str, SplitPlan] = Field(default_factory=dict, description="the experiment's splits' extraction: "
                                          "a fine-tuned model extracts them again through its checkpoint")
     train: str
@@ -141,7 +142,7 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
         ood = plan_extraction(wanted.ood_data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0}),
                               config.backbone, config.extract, config.cache_dir)["train"]
     head, name = resolve_head(graph, wanted.model)
-    evaluation = graph["evaluate"].works[0].plan.key if head is None else None
+    evaluation = graph["evaluate"].works[0].plan.key  # whose recommendation, or whose registry row takes the trust
     settings = wanted.settings() | ({"ood_data": ood.key} if ood else {})
     model = {"head": head} if head else {"finetuned_by" if name == FINETUNED else "recommended_by": evaluation}
     spec = keys.predict_spec(model, new.key, split["val"].key,
@@ -194,7 +195,8 @@ def _show(config: Any, results: list[PredictResult]) -> tuple[str, list[str], li
     if r.test.get("ood"):
         rows.append([f"OOD score on {int(r.test['ood']['ood_rows'])} known-OOD images vs test",
                      f"AUROC {r.test['ood']['auroc']:.3f}, FPR95 {r.test['ood']['fpr95']:.3f}"])
-    return f"predictions of {r.model} ({r.layer}) for {config.name}", ["figure", "value"], rows, [f"predictions: {r.path}"]
+    where = [f"predictions: {r.path}", f"how far to trust them: {PredictionFiles(r.path.parent).report}"]
+    return f"predictions of {r.model} ({r.layer}) for {config.name}", ["figure", "value"], rows, where
 
 
 STAGE = Stage("predict", _plan, "tasks.predict.stage:predict", "predict", lambda c, w: f"predict-{c.name}",

@@ -54,11 +54,13 @@ def predict(plan: PredictPlan) -> PredictResult:
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged:
         counts = _write(plan, staged, head, store, meta_layer, classes, name, calibrated)
         bad = _bad_images(plan, store, staged)
+        staged.report.write_text(trust_report(plan, name, calibrated), encoding="utf-8")
         result = PredictResult(key=plan.key, model=name, head=key, layer=meta_layer, bad_images=bad,
                                path=plan.files.table(plan.settings.format), cache_hit=False, seconds=0.0,
                                rows_scored=counts["rows"], **counts, **calibrated.figures())
         staged.write_spec(plan.spec)
         staged.write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
+    _register(plan, result)
     log.info("predict: %d images scored with %s (features: %s)", counts["rows"], name,
              "cached" if extracted.cache_hit else f"{extracted.forward_batches} forward batches")
     return result.model_copy(update={"seconds": time.perf_counter() - started})
@@ -265,6 +267,43 @@ def _locations(plan: PredictPlan) -> Callable[[list[str]], list[str]]:
     manifest = Manifest.load(plan.data.manifest)
     source = get(manifest.source)
     return lambda ids: source.locations(Path(manifest.root), ids, manifest.options)
+
+
+def trust_report(plan: PredictPlan, name: str, fit: Calibrated) -> str:
+    """``report.md``: how far to trust the predictions, from val (calibration) and test (coverage, the OOD score)."""
+    cal, test, s = fit.calibration, fit.test, plan.settings
+    lines = [f"# Predictions of {name} ({plan.experiment}): how far to trust them", "",
+             f"Calibrated on {int(cal['val_rows'])} val images: temperature {fit.temperature:.3f}; NLL "
+             f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}, ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}.",
+             f"Prediction sets: split conformal ({s.method}), target coverage {s.coverage:g} (threshold "
+             f"{fit.threshold:.6g}). Out of distribution: the kNN distance to train above {fit.ood_threshold:.6g} "
+             f"({s.ood_pass:.0%} of val pass).", ""]
+    if test:
+        lines += [f"## On the test split ({test['rows']} images)", "",
+                  f"Coverage {test['coverage']:.3f}, mean set size {test['mean_set_size']:.2f}, top-1 {test['top1']:.3f}.",
+                  "", "| rank of the true class | coverage |", "|---|---|",
+                  *(f"| {r} | {c:.3f} |" for r, c in test["coverage_by_rank"].items()), "",
+                  "| class | coverage |", "|---|---|", *(f"| {k} | {c:.3f} |" for k, c in test["coverage_by_class"].items())]
+        if test.get("ood"):
+            o = test["ood"]
+            lines += ["", f"OOD score on {int(o['ood_rows'])} known out-of-distribution images against the test split: "
+                      f"AUROC {o['auroc']:.3f}, FPR95 {o['fpr95']:.3f}."]
+    else:
+        lines += ["No labelled test split: coverage was not measured."]
+    return "\n".join(lines) + "\n"
+
+
+def _register(plan: PredictPlan, result: PredictResult) -> None:
+    """The test split's trust figures on the served model's row of the results registry."""
+    from storage import results as registry
+
+    test, ood = result.test, result.test.get("ood", {})
+    figures = {"predict_key": plan.key, "coverage_target": plan.settings.coverage, "coverage": test.get("coverage"),
+               "mean_set_size": test.get("mean_set_size"), "ood_auroc": ood.get("auroc"), "ood_fpr95": ood.get("fpr95")}
+    name = result.model.split(" shot ")[0]
+    if plan.evaluation and test and not registry.add_trust(plan.cache_dir, plan.evaluation, name, figures):
+        log.info("predict: the results registry has no row of %s in evaluation %s: its trust figures stay in %s",
+                 name, short(plan.evaluation), plan.files.folder)
 
 
 def _bad_images(plan: PredictPlan, store: FeatureStore, out: PredictionFiles) -> int:
