@@ -30,6 +30,9 @@ for _name, _value in {
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages also run (and log) outside flows
     # a failed flow run's exception is stored in $PREFECT_HOME/storage: as JSON, never pickle
     "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
+    # a run's report artifact carries its plots inline (up to 1 MiB each): the server's event of it is bigger than
+    # Prefect's 1.5 MB default, which it refused with a WARNING in every demo (the artifact itself was kept)
+    "PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES": str(16 * 2**20),
 }.items():
     os.environ.setdefault(_name, _value)
 

@@ -322,3 +322,19 @@ def test_a_class_with_one_training_image_is_voted_on_and_never_excluded_away(tin
 
     kept = _keeping_every_class(np.array([True, False, True, True, True]), Rows(), "probe-cleaned")
     assert kept.tolist() == [True, False, False, False, False]
+
+
+def test_the_server_takes_the_event_of_a_report_with_its_pictures_inline():
+    """A report artifact with a few pictures inline (each up to INLINE_BYTES) is one server event: Prefect's
+    1.5 MB default refused the demo's (2.97 MB) with a WARNING; a process that imports transferpipe raises it."""
+    import subprocess
+    import sys
+
+    from flows.execution import publish
+
+    code = ("import flows; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.events.maximum_size_bytes)")
+    env = {"PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) >= 8 * publish.INLINE_BYTES * 4 // 3  # eight pictures, base64
