@@ -189,3 +189,28 @@ def test_bench_never_recommends_a_runtime_slower_than_eager():
     assert recommend(rates) == "torch.compile"  # onnxruntime is faster at 32 but slower at batch 1
     assert recommend({"torch eager": {1: 1.0, 32: 1.0}, "onnxruntime": {1: 0.5, 32: 0.5}}) == "torch eager"
     assert rows(rates)[1] == ["onnxruntime", "90 (0.90x)", "2,000 (3.33x)"]
+
+
+@pytest.mark.parametrize("method", ["lac", "aps", "raps"])
+def test_the_sets_inside_the_network_are_predicts_sets(method):
+    """The exported graph's ``set_mask`` is tasks.predict.trust's sets for every method (RAPS's rank penalty
+    inside the graph too), on a small linear model over random features."""
+    import torch
+
+    from tasks.model_export.network import Exported
+    from tasks.predict import trust
+    from tasks.predict.stage import FinetunedClassifier
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return {"penultimate": x.flatten(1)[:, :12]}
+
+    rng = np.random.default_rng(0)
+    head = FinetunedClassifier(rng.normal(size=(6, 12)), rng.normal(size=6))
+    penalty = (0.05, 1)
+    module = Exported(Flat(), "penultimate", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), head, "finetuned", 1.3, 0.8, method,
+                      rng.normal(size=(20, 12)), penalty).eval()
+    images = torch.as_tensor(rng.integers(0, 256, size=(64, 3, 2, 2)), dtype=torch.uint8)
+    probs, mask, _ = (t.numpy() for t in module(images))
+    expected = trust.sets(probs.astype(np.float64), 0.8, method, penalty)
+    assert (mask == expected).all() and 0 < expected.sum(1).mean() < 6

@@ -52,7 +52,8 @@ class Exported(nn.Module):
     """Backbone + head + trust, as one module with buffers only (no Python state at run time)."""
 
     def __init__(self, backbone: nn.Module, layer: str, mean: tuple[float, ...], std: tuple[float, ...], head: Any,
-                 kind: str, temperature: float, threshold: float, method: str, bank: np.ndarray) -> None:
+                 kind: str, temperature: float, threshold: float, method: str, bank: np.ndarray,
+                 penalty: tuple[float, int] = (0.0, 0)) -> None:
         super().__init__()
         self.backbone, self.layer, self.method = backbone, layer, method
         self.form = head_form(head, kind)
@@ -79,6 +80,7 @@ class Exported(nn.Module):
         self.register_buffer("temperature", tensor([temperature]))
         self.register_buffer("threshold", tensor([threshold]))
         self.register_buffer("bank", tensor(bank))
+        self.lam, self.k_reg = penalty if method == "raps" else (0.0, 0)  # RAPS: lambda * max(0, rank - k_reg)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (images.float() / 255.0 - self.mean) / self.std
@@ -102,7 +104,9 @@ class Exported(nn.Module):
             set_mask = (1.0 - probs) <= self.threshold + 1e-12
         else:
             ranked, order = torch.sort(probs, dim=1, descending=True, stable=True)
-            within = torch.cumsum(ranked, dim=1) <= self.threshold + 1e-12
+            ranks = torch.arange(1, probs.shape[1] + 1, device=probs.device, dtype=probs.dtype)
+            within = torch.cumsum(ranked, dim=1) + self.lam * torch.clamp(ranks - self.k_reg, min=0) \
+                <= self.threshold + 1e-12
             set_mask = torch.zeros_like(within).scatter(1, order, within)
         unit = feats / torch.clamp(torch.linalg.vector_norm(feats, dim=1, keepdim=True), min=1e-12)
         ood_score = 1.0 - torch.max(unit @ self.bank.T, dim=1).values
@@ -110,7 +114,8 @@ class Exported(nn.Module):
 
 
 def reference(backbone: nn.Module, layer: str, pre: Any, head: Any, temperature: float, threshold: float,
-              method: str, bank: np.ndarray, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              method: str, bank: np.ndarray, images: torch.Tensor, penalty: tuple[float, int] = (0.0, 0)
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """transferpipe's own path on the same uint8 images: the eager backbone, the head's numpy scores, the
     predict stage's temperature, sets and OOD score (tasks.predict.trust)."""
     from tasks.predict import trust
@@ -119,4 +124,4 @@ def reference(backbone: nn.Module, layer: str, pre: Any, head: Any, temperature:
         feats = backbone(pre.normalize(images))[layer].float().numpy()
     probs = head.predict_proba(feats) if head.has_proba else softmax(head.class_scores(feats))
     probs = trust.scaled(probs, temperature)
-    return probs, trust.sets(probs, threshold, method), trust.ood_scores(trust.unit_rows(feats), bank)
+    return probs, trust.sets(probs, threshold, method, penalty), trust.ood_scores(trust.unit_rows(feats), bank)

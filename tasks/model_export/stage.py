@@ -53,7 +53,7 @@ def export_model(plan: ModelExportPlan) -> ModelExportResult:
     backbone = build(spec)
     pre = spec.preprocess
     module = Exported(backbone, layer, pre.mean, pre.std, head, kind, fitted.temperature, fitted.threshold,
-                      plan.trust.method, fitted.bank).eval()
+                      plan.trust.method, fitted.bank, plan.trust.penalty()).eval()
     images = _test_images(plan, pre)
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged, torch.inference_mode():
         written = _write(module, staged, images[:2], plan.settings.formats)
@@ -121,7 +121,8 @@ def _parity(plan: ModelExportPlan, module: Any, out: ModelFiles, images: Any, fi
     from tasks.model_export.network import reference
 
     probs, sets, ood = reference(module.backbone, layer, spec.preprocess, head, fitted.temperature,
-                                 fitted.threshold, plan.trust.method, fitted.bank, images)
+                                 fitted.threshold, plan.trust.method, fitted.bank, images,
+                                 plan.trust.penalty())
     found = {}
     for fmt, outputs in _run_formats(out, images, plan.settings.formats):
         p, m, o = (np.asarray(x) for x in outputs)

@@ -41,7 +41,10 @@ class PredictConfig(BaseModel):
                                                 "or a head's name")
     top_k: int = Field(3, ge=1, le=1000, description="labels and probabilities kept per image")
     coverage: float = Field(0.9, gt=0, lt=1, description="the prediction sets' target coverage (split conformal on val)")
-    method: Literal["lac", "aps"] = Field("lac", description="conformal score: lac (smallest sets) or aps (adaptive)")
+    method: Literal["lac", "aps", "raps"] = Field("lac", description="conformal score: lac (smallest sets), aps "
+                                                                   "(adaptive) or raps (aps with a rank penalty)")
+    raps_lambda: float = Field(0.01, ge=0, le=10, description="raps: the penalty per rank beyond raps_k")
+    raps_k: int = Field(1, ge=0, description="raps: ranks free of the penalty")
     ood_pass: float = Field(0.95, gt=0, lt=1, description="share of val images under the out-of-distribution "
                                                            "threshold (kNN distance to the training features)")
     format: Literal["parquet", "csv"] = Field("parquet", description="the table: parquet or csv (lists joined by |)")
@@ -49,8 +52,14 @@ class PredictConfig(BaseModel):
                                                           "AUROC and FPR95 against the test split are measured on them")
 
     def settings(self) -> dict[str, Any]:
-        """What the key holds besides the model and the features."""
-        return self.model_dump(mode="json", exclude={"data", "model", "ood_data"})
+        """What the key holds besides the model and the features (RAPS's penalty only for raps: the keys of lac
+        and aps predictions are as before it existed)."""
+        raps = set() if self.method == "raps" else {"raps_lambda", "raps_k"}
+        return self.model_dump(mode="json", exclude={"data", "model", "ood_data", *raps})
+
+    def penalty(self) -> tuple[float, int]:
+        """RAPS's ``(lambda, k_reg)``; no penalty for the other methods."""
+        return (self.raps_lambda, self.raps_k) if self.method == "raps" else (0.0, 0)
 
 
 class PredictPlan(StagePlan):

@@ -181,7 +181,7 @@ def fit_trust(cache_dir: Path, head: Any, layer: str, val: str, train: str, sett
     probs, labels = probabilities(head, found.features[layer].astype(np.float32)), found.labels.astype(np.int64)
     temperature = trust.fit_temperature(probs, labels)
     calibrated = trust.scaled(probs, temperature)
-    q = trust.threshold(calibrated, labels, settings.coverage, settings.method)
+    q = trust.threshold(calibrated, labels, settings.coverage, settings.method, settings.penalty())
     bank = trust.unit_rows(store.read(train, [layer]).features[layer])
     val_ood = trust.ood_scores(trust.unit_rows(found.features[layer]), bank)
     ood_threshold = float(np.quantile(val_ood, settings.ood_pass, method="higher"))
@@ -210,7 +210,7 @@ def _test_figures(plan: PredictPlan, head: Any, test: Any, layer: str, temperatu
     """Coverage of the sets on the (labelled) test split: marginal, per class, by the rank of the true class."""
     probs = trust.scaled(probabilities(head, test.features[layer].astype(np.float32)), temperature)
     labels = test.labels.astype(np.int64)
-    mask = trust.sets(probs, q, plan.settings.method)
+    mask = trust.sets(probs, q, plan.settings.method, plan.settings.penalty())
     covered = mask[np.arange(len(labels)), labels]
     rank = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(axis=1)  # 0: the true class is top-1
     by_rank = {("1" if r == 0 else "2" if r == 1 else "3+"): float(covered[sel].mean())
@@ -238,7 +238,7 @@ def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureSto
             probs = trust.scaled(probabilities(head, X), fit.temperature)
             k = min(s.top_k, probs.shape[1])
             top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-            mask = trust.sets(probs, fit.threshold, s.method)
+            mask = trust.sets(probs, fit.threshold, s.method, s.penalty())
             ood = trust.ood_scores(trust.unit_rows(X), fit.bank)
             flagged = ood > fit.ood_threshold
             sizes = mask.sum(axis=1)

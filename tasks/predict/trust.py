@@ -21,7 +21,8 @@ from typing import Literal
 
 import numpy as np
 
-Method = Literal["lac", "aps"]
+Method = Literal["lac", "aps", "raps"]
+NO_PENALTY = (0.0, 0)  # RAPS's (lambda, k_reg): none for lac and aps
 EPS = 1e-12
 
 
@@ -68,18 +69,30 @@ def needed_rows(coverage: float) -> int:
     return max(1, math.ceil((1 - alpha) / alpha - 1e-9))
 
 
-def scores(probs: np.ndarray, labels: np.ndarray, method: Method) -> np.ndarray:
+def _ranked_mass(probs: np.ndarray, penalty: tuple[float, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The classes by falling probability and each one's score there: the mass ranked up to and including it
+    (APS), plus RAPS's ``lambda * max(0, rank - k_reg)`` (rank from 1) when ``penalty`` has a lambda."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    lam, k_reg = penalty
+    if lam:
+        cumulative = cumulative + lam * np.maximum(0, np.arange(1, probs.shape[1] + 1) - k_reg)
+    return order, cumulative
+
+
+def scores(probs: np.ndarray, labels: np.ndarray, method: Method, penalty: tuple[float, int] = NO_PENALTY
+           ) -> np.ndarray:
     """Each calibration row's nonconformity score (higher: the true label looks less likely)."""
     rows = np.arange(len(labels))
     if method == "lac":
         return 1.0 - probs[rows, labels]
-    order = np.argsort(-probs, axis=1, kind="stable")
-    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    order, cumulative = _ranked_mass(probs, penalty if method == "raps" else NO_PENALTY)
     rank = np.argmax(order == labels[:, None], axis=1)
     return cumulative[rows, rank]
 
 
-def threshold(probs: np.ndarray, labels: np.ndarray, coverage: float, method: Method) -> float:
+def threshold(probs: np.ndarray, labels: np.ndarray, coverage: float, method: Method,
+              penalty: tuple[float, int] = NO_PENALTY) -> float:
     """The split-conformal threshold on the calibration rows; a ValueError when there are too few of them."""
     n, alpha = len(labels), 1.0 - coverage
     rank = math.ceil((n + 1) * (1 - alpha))
@@ -87,15 +100,14 @@ def threshold(probs: np.ndarray, labels: np.ndarray, coverage: float, method: Me
         raise ValueError(f"predict.coverage {coverage}: the calibration split (val) has {n} labelled rows; "
                          f"split conformal needs at least {needed_rows(coverage)} for that coverage (add val images "
                          "with data.val_fraction, or lower predict.coverage)")
-    return float(np.sort(scores(probs, labels, method))[rank - 1])
+    return float(np.sort(scores(probs, labels, method, penalty))[rank - 1])
 
 
-def sets(probs: np.ndarray, q: float, method: Method) -> np.ndarray:
+def sets(probs: np.ndarray, q: float, method: Method, penalty: tuple[float, int] = NO_PENALTY) -> np.ndarray:
     """Each row's prediction set as a boolean mask over the classes."""
     if method == "lac":
         return (1.0 - probs) <= q + 1e-12
-    order = np.argsort(-probs, axis=1, kind="stable")
-    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    order, cumulative = _ranked_mass(probs, penalty if method == "raps" else NO_PENALTY)
     # a label is in when its score (the mass ranked up to and including it) is within q: the score's own
     # definition, so the coverage guarantee holds as it is (MAPIE's include_last_label=False)
     mask = np.zeros(probs.shape, dtype=bool)
