@@ -17,7 +17,7 @@ from typing import Any
 
 #: Bump a stage's version when a change alters what it computes from the same inputs
 #: (or, for features, the file layout): its old results then get new keys and are recomputed.
-CODE_VERSIONS = {"features": 1, "heads": 5, "finetune": 3, "evaluate": 6, "scores": 1, "export": 1, "index": 1,
+CODE_VERSIONS = {"features": 1, "heads": 5, "finetune": 3, "evaluate": 6, "scores": 1, "export": 2, "index": 1,
                  "quality": 2, "predict": 2, "model": 1,
                  # what a backbone source says of a model (names, modules, preprocessing, channels-last layers)
                  "backbones": 1, "manifest": 1}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -40,11 +41,13 @@ def test_parquet_holds_every_row_as_stored_in_row_groups_and_a_second_export_is_
         (path,) = r.paths
         table = pq.read_table(path)
         fs = stored(cfg, r.split)
-        assert table.column_names == ["id", "label", "class", "split", "embedding"]
+        assert table.column_names == ["id", "path", "label", "class", "split", "embedding"]
         assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[512]"
         X = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
         assert X.dtype == np.float16 and np.array_equal(X, fs.features["penultimate"])  # bit for bit
         assert table.column("id").to_pylist() == fs.paths
+        root = Path(cfg.data.root)  # a folder: where each image is, its file under the root
+        assert table.column("path").to_pylist() == [str(root / i) for i in fs.paths]
         assert table.column("label").to_pylist() == fs.labels.tolist()
         assert table.column("class").to_pylist() == [fs.classes[i] for i in fs.labels]
         assert set(table.column("split").to_pylist()) == {r.split}
@@ -79,7 +82,7 @@ def test_npy_is_memory_mappable_with_metadata_aligned_by_row(tiny_config):
     meta = pq.read_table(r.folder / "train.parquet")
     fs = stored(cfg, "train")
     assert X.dtype == np.float32 and np.array_equal(X, fs.features["penultimate"].astype(np.float32))
-    assert meta.column_names == ["id", "label", "class", "split"] and meta.column("id").to_pylist() == fs.paths
+    assert meta.column_names == ["id", "path", "label", "class", "split"] and meta.column("id").to_pylist() == fs.paths
 
 
 def test_a_feature_file_failing_its_checksum_is_not_exported(tiny_config):

@@ -36,6 +36,7 @@ class ExportPlan(StagePlan):
     dtype: Literal["stored", "float16", "float32"]
     row_group_rows: int
     cache_dir: Path
+    manifest: Path | None = None  # the split's manifest: where each row's image is (the ``path`` column)
 
     @property
     def files(self) -> ExportFiles:
@@ -59,11 +60,12 @@ class ExportResult(StageResult):
         return [self.folder / name for name in self.files]
 
 
-def plan_export(config: ExportConfig, split: str, feature_key: str, cache_dir: Path) -> ExportPlan:
+def plan_export(config: ExportConfig, split: str, feature_key: str, cache_dir: Path,
+                manifest: Path | None = None) -> ExportPlan:
     spec = keys.export_spec(feature_key, config.layer, config.format, config.dtype, config.row_group_rows)
     return ExportPlan(key=keys.key(spec), spec=spec, split=split, features=feature_key, layer=config.layer,
                       format=config.format, dtype=config.dtype, row_group_rows=config.row_group_rows,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, manifest=manifest)
 
 
 def _saved(plan: ExportPlan) -> dict[str, Any] | None:
@@ -87,7 +89,8 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
     if unknown:
         raise ValueError(f"export.splits: no split {unknown[0]!r} in this config; its splits: {', '.join(split)}")
     check_layer(config, "export.layer", wanted.layer)
-    plans = [plan_export(wanted, s, split[s].key, config.cache_dir) for s in wanted.splits or list(split)]
+    plans = [plan_export(wanted, s, split[s].key, config.cache_dir, split[s].manifest)
+             for s in wanted.splits or list(split)]
     return [Work(p.split, p, is_stored(p)) for p in plans]
 
 

@@ -1,7 +1,8 @@
 """Features out of the cache: one split's cached layer as Parquet, or as NumPy with aligned Parquet metadata.
 
 - ``parquet``: ``<split>.parquet``, one row per image: ``id`` (the image's path relative to the data root, or
-  ``shard/sample key`` for WebDataset, the row key for tables), ``label`` (int), ``class`` (string), ``split``
+  ``shard/sample key`` for WebDataset, the row key for tables), ``path`` (where the image is: its file, a shard's
+  ``file#key``, a Hugging Face table's struct ``path``), ``label`` (int), ``class`` (string), ``split``
   and ``embedding`` (``fixed_size_list<float16|float32>[D]``). Written in row groups of ``row_group_rows``
   from the HDF5 file's chunks, so memory stays at one row group whatever the split's size; pyarrow, pandas,
   polars and DuckDB read it as it is.
@@ -62,7 +63,9 @@ def _write(plan: ExportPlan, out: ExportFiles) -> tuple[int, int, str, dict[str,
     value_type = pa.float16() if dtype == np.float16 else pa.float32()
     meta = {"transferpipe": json.dumps({"split": plan.split, "layer": plan.layer, "features": plan.features,
                                         "classes": rows.classes, "export": plan.key})}
-    columns = [("id", pa.string()), ("label", pa.int64()), ("class", pa.string()), ("split", pa.string())]
+    columns = [("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("class", pa.string()),
+               ("split", pa.string())]
+    where = _locations(plan)
     if plan.format == "parquet":
         columns.append(("embedding", pa.list_(value_type, rows.dim)))
     schema = pa.schema(columns, metadata=meta)
@@ -75,7 +78,7 @@ def _write(plan: ExportPlan, out: ExportFiles) -> tuple[int, int, str, dict[str,
             for start, block in rows.chunks(plan.row_group_rows):
                 end = start + len(block)
                 labels = rows.labels[start:end]
-                data = {"id": ids[start:end], "label": labels, "class": classes[labels], "split": [plan.split] * len(block)}
+                data = {"id": ids[start:end], "path": where(ids[start:end]), "label": labels, "class": classes[labels], "split": [plan.split] * len(block)}
                 block = np.ascontiguousarray(block, dtype=dtype)
                 if array is not None:
                     array[start:end] = block
@@ -89,6 +92,18 @@ def _write(plan: ExportPlan, out: ExportFiles) -> tuple[int, int, str, dict[str,
         del array
     sizes = {p.name: p.stat().st_size for p in sorted(out.folder.iterdir())}
     return rows.rows, rows.dim, dtype.name, sizes
+
+
+def _locations(plan: ExportPlan):
+    """Ids to where the images are (:meth:`tasks.data.config.DataSource.locations`); the ids themselves when the
+    manifest is not known."""
+    if plan.manifest is None or not Path(plan.manifest).is_file():
+        return lambda ids: list(ids)
+    from tasks.data.config import get
+    from tasks.data.manifest import Manifest
+
+    manifest = Manifest.load(plan.manifest)
+    return lambda ids: get(manifest.source).locations(Path(manifest.root), list(ids), manifest.options)
 
 
 def _checked_ids(store: FeatureStore, plan: ExportPlan) -> list[str]:
