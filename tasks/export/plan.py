@@ -97,6 +97,6 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
 STAGE = Stage("export", _plan, "tasks.export.stage:export_split", "export",
               lambda c, w: f"export-{w.what}-{w.plan.format}", after=("extract",), side_goal=True,
               units=lambda w: [Unit(f"{w.what} {w.plan.format} {w.plan.layer}", w.plan.key, w.stored, w.plan.spec)],
-              why=against("export"), stored=is_stored,
+              why=against("export"), stored=is_stored, imports=frozenset({"data"}),
               section=Section("export", ExportConfig | None, Field(
                   None, description="transferpipe export: splits, layer, format (the command's flags override it)")))
