@@ -52,6 +52,7 @@ def test_the_exported_model_runs_at_any_batch_size_and_matches_transferpipe(expo
     assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0 and config["trust"]["method"] == "lac"
     card = (folder / "README.md").read_text()
     assert "ort.InferenceSession" in card and "torch.export.load" in card and "| onnx |" in card
+    assert "On the test split, as the evaluation measured it: top-1 " in card and "95% interval" in card
 
     pre = resolve(cfg.backbone, cfg.cache_dir).preprocess
     manifest = Manifest.load(_test_manifest(cfg))
@@ -93,6 +94,8 @@ def test_the_fine_tuned_network_exports_and_predicts_what_it_predicts(tmp_path, 
     result = ran.outputs["export-model"][0]
     assert result.model == "finetuned" and result.kind == "finetuned" and result.head.startswith("finetune:")
     assert result.parity["onnx"]["top1_agreement"] == 1.0 and result.parity["onnx"]["max_abs_prob_diff"] <= 1e-4
+    card = (result.folder / "README.md").read_text()
+    assert "network fine-tuned by transferpipe" in card and "fine-tuning run " in card and "top-1 " in card
     spec = resolve(cfg.backbone, cfg.cache_dir)
     model = load_model(spec, num_classes=3)
     model.load_state_dict(checkpoints.load(ran.outputs["finetune"][0].best_checkpoint)["model"])

@@ -62,6 +62,10 @@ scale to [0, 1], normalise with mean {list(pre.mean)} and std {list(pre.std)}.
 - OOD: one minus the largest cosine similarity to the {len(fitted.bank)} training images' features;
   {plan.trust.ood_pass:.0%} of val pass.
 
+## Test metrics
+
+{_metrics(facts['test'])}
+
 ## Parity with transferpipe
 
 On {next(iter(facts['parity'].values()))['images']} test images, decoded as above, against transferpipe's own
@@ -73,8 +77,9 @@ path (eager backbone, the head, the predict stage's temperature, sets and OOD sc
 
 ## Lineage
 
-head {short(facts['head'])}, features: train {short(plan.train)}, val {short(plan.val)}, test
-{short(plan.test)}; backbone weights {spec.weights_id}; export key {short(plan.key)}. Library versions:
+{_model_key(facts['head'])}, features: train {short(plan.train)}, val {short(plan.val)}, test
+{short(plan.test)}; dataset {short(Path(plan.test_manifest).stem)}; backbone weights {spec.weights_id}; evaluation
+{short(plan.evaluation or '')}; export key {short(plan.key)}. Library versions:
 {json.dumps(lib)}.
 
 ## Load it
@@ -99,3 +104,19 @@ def _what(spec: Any, facts: dict[str, Any]) -> str:
         return (f"The {spec.name} network fine-tuned by transferpipe (its best checkpoint, "
                 f"`{Path(spec.weights).parent.name[:12]}`) with its own classifier on its `{facts['layer']}` features")
     return f"A {facts['kind']} head on the frozen {spec.name} backbone's `{facts['layer']}` features"
+
+
+def _model_key(key: str) -> str:
+    run = key.removeprefix("finetune:")
+    return f"fine-tuning run {short(run)}" if run != key else f"head {short(key)}"
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    """Top-1 with its 95% bootstrap interval and the other test metrics the evaluation measured."""
+    if not metrics:
+        return "The evaluation of this experiment holds no test metrics for this model."
+    lo, hi = metrics.get("top1_ci") or (None, None)
+    interval = f" (95% interval {lo:.3f}-{hi:.3f})" if lo is not None else ""
+    rest = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("top5", "balanced_accuracy", "macro_f1", "nll", "ece")
+                     if isinstance(metrics.get(k), (int, float)))
+    return f"On the test split, as the evaluation measured it: top-1 {metrics['top1']:.3f}{interval}; {rest}."

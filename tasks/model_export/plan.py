@@ -79,7 +79,7 @@ def _plan(config: Any, graph: Graph) -> list[Work]:
         raise ValueError(f"export-model: fits its trust on val and checks parity on test; this config has no "
                          f"{', '.join(missing)} split (set data.val_fraction and data.test_fraction > 0)")
     head, name = resolve_head(graph, wanted.model, "export_model.model")
-    evaluation = graph["evaluate"].works[0].plan.key if head is None else None
+    evaluation = graph["evaluate"].works[0].plan.key  # whose pick it is, and whose test metrics the card gives
     backbone = resolve(config.backbone, config.cache_dir)
     trust = config.predict or PredictConfig()
     model = {"head": head} if head else {"finetuned_by" if name == FINETUNED else "recommended_by": evaluation}

@@ -58,7 +58,8 @@ def export_model(plan: ModelExportPlan) -> ModelExportResult:
     with plan.files.staged(sound=lambda: is_stored(plan)) as staged, torch.inference_mode():
         written = _write(module, staged, images[:2], plan.settings.formats)
         parity = _parity(plan, module, staged, images, fitted, head, spec, layer)
-        facts = {"name": name, "kind": kind, "layer": layer, "head": key, "fitted": fitted, "parity": parity}
+        facts = {"name": name, "kind": kind, "layer": layer, "head": key, "fitted": fitted, "parity": parity,
+                 "test": _test_metrics(plan, name)}
         (staged.file("config.json")).write_text(json.dumps(timm_config(plan, spec, facts), indent=2) + "\n")
         (staged.file("README.md")).write_text(model_card(plan, spec, facts))
         files = {p.name: p.stat().st_size for p in sorted(staged.folder.iterdir())
@@ -68,6 +69,17 @@ def export_model(plan: ModelExportPlan) -> ModelExportResult:
         staged.write_spec(plan.spec)
         staged.write_result(result.model_dump_json(exclude={"folder", "cache_hit", "seconds", "work_fields"}))
     return result.model_copy(update={"seconds": time.perf_counter() - started})
+
+
+def _test_metrics(plan: ModelExportPlan, name: str) -> dict[str, Any]:
+    """The model's test metrics as the evaluation measured them (top-1 with its 95% interval), or {} without one."""
+    from storage.layout import CacheLayout
+    from storage.records import ReportFiles
+
+    saved = ReportFiles(CacheLayout(plan.cache_dir).report(plan.experiment, plan.evaluation or "")).read_result()
+    found = [m for m in (saved or {}).get("models", []) if m.get("name") == name.split(" shot ")[0]
+             and str(m.get("shot")) == (name.split(" shot ")[1] if " shot " in name else "all")]
+    return found[0]["metrics"] if found else {}
 
 
 def _test_images(plan: ModelExportPlan, pre: Any) -> Any:
