@@ -38,9 +38,6 @@ def timm_config(plan: Any, spec: Any, facts: dict[str, Any]) -> dict[str, Any]:
 
 def model_card(plan: Any, spec: Any, facts: dict[str, Any]) -> str:
     pre, fitted, cal = spec.preprocess, facts["fitted"], facts["fitted"].calibration
-    parity = "\n".join(
-        f"| {fmt} | {p['images']} | {p['top1_agreement']:.4f} | {p['max_abs_prob_diff']:.2e} | "
-        f"{p['set_agreement']:.4f} | {p['ood_agreement']:.4f} |" for fmt, p in facts["parity"].items())
     lib = versions()
     return f"""# {facts['name']} on {spec.name} ({plan.experiment})
 
@@ -73,7 +70,7 @@ path (eager backbone, the head, the predict stage's temperature, sets and OOD sc
 
 | format | images | top-1 agreement | max abs probability difference | sets equal | OOD flags equal |
 |---|---|---|---|---|---|
-{parity}
+{_parity(facts['parity'])}
 
 ## Lineage
 
@@ -120,3 +117,8 @@ def _metrics(metrics: dict[str, Any]) -> str:
     rest = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("top5", "balanced_accuracy", "macro_f1", "nll", "ece")
                      if isinstance(metrics.get(k), (int, float)))
     return f"On the test split, as the evaluation measured it: top-1 {metrics['top1']:.3f}{interval}; {rest}."
+
+
+def _parity(parity: dict[str, Any]) -> str:
+    return "\n".join(f"| {fmt} | {p['images']} | {p['top1_agreement']:.4f} | {p['max_abs_prob_diff']:.2e} | "
+                     f"{p['set_agreement']:.4f} | {p['ood_agreement']:.4f} |" for fmt, p in parity.items())
