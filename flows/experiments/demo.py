@@ -25,7 +25,7 @@ from tasks.predict.plan import PredictConfig, PredictResult
 from tasks.quality.plan import QualityConfig, QualityResult
 from tasks.select.plan import SelectConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout's configs/ (flows/experiments/demo.py)
 
 
 class DemoResult(BaseModel):
