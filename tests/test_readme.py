@@ -54,3 +54,16 @@ def test_the_demo_table_shows_whole_numbers_at_80_columns_and_everything_wide(wi
     for row in rows:  # one line a row, every number whole
         cells = row if wide else [*row[:2], *(c.split(" (")[0] for c in row[2:-1]), row[-1]]
         assert any(all(c in line for c in cells) for line in lines), (cells, body)
+
+
+def test_the_demo_finds_every_config_it_reads():
+    """The demo reads its experiments from the checkout's configs/ (found from its own module's place, so a
+    module move that breaks it fails here in seconds, not only in the five-minute demo test)."""
+    import re
+
+    from flows.experiments import demo
+
+    text = Path(demo.__file__).read_text()
+    named = set(re.findall(r'"([\w-]+\.yaml)"', text))
+    assert {"demo-source.yaml", "demo-target.yaml"} <= named
+    assert [name for name in sorted(named) if not (demo.CONFIGS / name).is_file()] == []
