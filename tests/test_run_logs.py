@@ -50,7 +50,10 @@ def test_stage_lines_are_in_the_runs_logs_even_when_prefect_was_imported_first(f
     before transferpipe (a served deployment's runner, `prefect deploy`, a notebook) had only Prefect's lines in
     the run's logs in the UI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # Prefect imported first reads its settings before transferpipe's defaults: its 20 s wait for the ephemeral
+    # server is too short on a busy 2-core machine (CI timed out at 20.4 s), and this test is about logs
+    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
     done = subprocess.run([sys.executable, "-c", RUN.format(first=first)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
