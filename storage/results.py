@@ -101,15 +101,15 @@ def append(cache_dir: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(rows)
 
 
-def add_trust(cache_dir: str | Path, run_key: str, model: str, figures: dict[str, Any]) -> int:
+def add_trust(cache_dir: str | Path, run_key: str, model: str, figures: dict[str, Any], shots: str = "all") -> int:
     """Put a predict run's trust figures (:data:`TRUST`) on the registry row of the model it served (the
-    evaluation's row for that model on every label); returns how many rows took them (0: the evaluation's rows
+    evaluation's row for that model and label count); returns how many rows took them (0: the evaluation's rows
     are not in this registry)."""
     values = {k: figures.get(k) for k in TRUST}
     with closing(_connect(registry_path(cache_dir))) as conn, conn:
         done = conn.execute(f"UPDATE results SET {', '.join(f'{k} = :{k}' for k in TRUST)} "
-                            "WHERE run_key = :run_key AND model = :model AND shots = 'all'",
-                            {**values, "run_key": run_key, "model": model})
+                            "WHERE run_key = :run_key AND model = :model AND shots = :shots",
+                            {**values, "run_key": run_key, "model": model, "shots": shots})
     return done.rowcount
 
 

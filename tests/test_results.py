@@ -142,3 +142,6 @@ def test_predict_trust_lands_on_the_served_models_row_only(tmp_path):
     served = rows[(ROW["model"], "all")]
     assert (served["coverage"], served["mean_set_size"], served["ood_fpr95"]) == (0.912, 1.3, 0.1)
     assert rows[(ROW["model"], "5")]["coverage"] is None and rows[("knn", "all")]["coverage"] is None
+    assert registry.add_trust(tmp_path, ROW["run_key"], ROW["model"], {"coverage": 0.5}, shots="5") == 1
+    assert {(r["shots"], r["coverage"]) for r in registry.query(tmp_path) if r["model"] == ROW["model"]} \
+        == {("all", 0.912), ("5", 0.5)}

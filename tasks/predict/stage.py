@@ -300,8 +300,9 @@ def _register(plan: PredictPlan, result: PredictResult) -> None:
     test, ood = result.test, result.test.get("ood", {})
     figures = {"predict_key": plan.key, "coverage_target": plan.settings.coverage, "coverage": test.get("coverage"),
                "mean_set_size": test.get("mean_set_size"), "ood_auroc": ood.get("auroc"), "ood_fpr95": ood.get("fpr95")}
-    name = result.model.split(" shot ")[0]
-    if plan.evaluation and test and not registry.add_trust(plan.cache_dir, plan.evaluation, name, figures):
+    name, _, shots = result.model.partition(" shot ")  # a few-shot pick is named "<model> shot <k>"
+    if plan.evaluation and test and not registry.add_trust(plan.cache_dir, plan.evaluation, name, figures,
+                                                           shots or "all"):
         log.info("predict: the results registry has no row of %s in evaluation %s: its trust figures stay in %s",
                  name, short(plan.evaluation), plan.files.folder)
 
