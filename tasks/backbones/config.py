@@ -176,7 +176,8 @@ def _named_weights(src: Source, name: str, weights: str, cache_dir: Path | None)
     return resolved
 
 
-def _file_digest(path: Path, cache_dir: Path | None) -> str:
+def file_digest(path: Path, cache_dir: Path | None) -> str:
+    """A weights or factory file's sha256, remembered in the cache by its path, size and mtime."""
     st = path.stat()
     return _memo(cache_dir, {"what": "sha256", "path": str(path.resolve()), "size": st.st_size,
                              "mtime_ns": st.st_mtime_ns}, lambda: file_sha256(path))
@@ -281,11 +282,11 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
         path = Path(cfg.weights)
         if not path.is_file():
             raise BackboneError(f"backbone.weights file {path} does not exist")
-        weights, weights_id = str(path), "sha256:" + _file_digest(path, cache_dir)
+        weights, weights_id = str(path), "sha256:" + file_digest(path, cache_dir)
         base = _preprocessing(src, cfg, "DEFAULT", cache_dir)
     else:
         weights = _named_weights(src, cfg.name, cfg.weights, cache_dir)
-        weights_id = src.weights_id(weights, cfg.init_seed, lambda path: _file_digest(path, cache_dir))
+        weights_id = src.weights_id(weights, cfg.init_seed, lambda path: file_digest(path, cache_dir))
         base = _preprocessing(src, cfg, cfg.weights, cache_dir)
     over = cfg.preprocess
     chosen = {f: getattr(over, f) or base.get(f) for f in PREPROCESS_FIELDS}
@@ -298,7 +299,7 @@ def resolve(cfg: BackboneConfig, cache_dir: Path | None = None) -> BackboneSpec:
     preprocess = Preprocess(resize=int(chosen["resize"]), crop=int(chosen["crop"]),
                             interpolation=chosen["interpolation"], mean=tuple(chosen["mean"]), std=tuple(chosen["std"]))
     path = src.code_file(cfg.name)
-    code = _file_digest(path, cache_dir) if path is not None else None
+    code = file_digest(path, cache_dir) if path is not None else None
     spec = BackboneSpec(cfg.name, weights, weights_id, tuple(cfg.layers), preprocess, cfg.init_seed,
                         cfg.source, dict(cfg.kwargs), code, search)
     layout = {"what": "channels-last", "source": cfg.source, "name": cfg.name, "kwargs": cfg.kwargs,

@@ -22,7 +22,7 @@ from tasks.heads.stage import load_head
 from tasks.model_export.card import model_card, timm_config
 from tasks.model_export.plan import ModelExportPlan, ModelExportResult, is_stored
 from tasks.backbones.config import PENULTIMATE
-from tasks.predict.stage import FINETUNE_PREFIX, chosen_model, finetuned_model, fit_trust
+from tasks.predict.stage import FINETUNE_PREFIX, chosen_model, finetuned_model, fit_trust, model_and_shots
 
 log = logging.getLogger("transferpipe.export_model")
 OUTPUTS = ["probs", "set_mask", "ood_score"]
@@ -77,8 +77,8 @@ def _test_metrics(plan: ModelExportPlan, name: str) -> dict[str, Any]:
     from storage.records import ReportFiles
 
     saved = ReportFiles(CacheLayout(plan.cache_dir).report(plan.experiment, plan.evaluation or "")).read_result()
-    found = [m for m in (saved or {}).get("models", []) if m.get("name") == name.split(" shot ")[0]
-             and str(m.get("shot")) == (name.split(" shot ")[1] if " shot " in name else "all")]
+    model, shots = model_and_shots(name)
+    found = [m for m in (saved or {}).get("models", []) if m.get("name") == model and str(m.get("shot")) == shots]
     return found[0]["metrics"] if found else {}
 
 

@@ -115,8 +115,7 @@ def finetuned_model(cache_dir: Path, backbone: Any, splits: dict[str, Any], run:
     sha256, like any weights file; the penultimate layer added when the config stores another), the splits
     extracted through it (cached in pieces like any backbone's), and its own classifier."""
     from storage.checkpoints import RunFiles
-    from storage.keys import file_sha256
-    from tasks.backbones.config import PENULTIMATE
+    from tasks.backbones.config import PENULTIMATE, file_digest
     from tasks.backbones.models import source_classifier
     from tasks.extract.plan import with_backbone
 
@@ -125,7 +124,7 @@ def finetuned_model(cache_dir: Path, backbone: Any, splits: dict[str, Any], run:
         raise ValueError(f"the fine-tuning run {short(run)} has no best.pt ({best}); run transferpipe run CONFIG "
                          "to fine-tune again")
     layers = backbone.layers if PENULTIMATE in backbone.layers else (*backbone.layers, PENULTIMATE)
-    backbone = dataclasses.replace(backbone, weights=str(best), weights_id="sha256:" + file_sha256(best),
+    backbone = dataclasses.replace(backbone, weights=str(best), weights_id="sha256:" + file_digest(best, cache_dir),
                                    layers=layers)
     found = source_classifier(backbone)
     if isinstance(found, str):
@@ -147,6 +146,13 @@ def through_finetuned(plan: PredictPlan, run: str) -> tuple[PredictPlan, Finetun
               "val": splits["val"].key, "test": splits["test"].key if "test" in splits else None,
               "ood": with_backbone(plan.ood, backbone) if plan.ood is not None else None}
     return plan.model_copy(update=update), head, PENULTIMATE
+
+
+def model_and_shots(name: str) -> tuple[str, str]:
+    """A model name as :func:`chosen_model` gives it (``<model>``, or ``<model> shot <k>`` for a few-shot fit)
+    split into the report's model name and its label count (``all``)."""
+    model, _, shots = name.partition(" shot ")
+    return model, shots or "all"
 
 
 def _layer(cache_dir: Path, key: str) -> str:
@@ -300,9 +306,8 @@ def _register(plan: PredictPlan, result: PredictResult) -> None:
     test, ood = result.test, result.test.get("ood", {})
     figures = {"predict_key": plan.key, "coverage_target": plan.settings.coverage, "coverage": test.get("coverage"),
                "mean_set_size": test.get("mean_set_size"), "ood_auroc": ood.get("auroc"), "ood_fpr95": ood.get("fpr95")}
-    name, _, shots = result.model.partition(" shot ")  # a few-shot pick is named "<model> shot <k>"
-    if plan.evaluation and test and not registry.add_trust(plan.cache_dir, plan.evaluation, name, figures,
-                                                           shots or "all"):
+    name, shots = model_and_shots(result.model)
+    if plan.evaluation and test and not registry.add_trust(plan.cache_dir, plan.evaluation, name, figures, shots):
         log.info("predict: the results registry has no row of %s in evaluation %s: its trust figures stay in %s",
                  name, short(plan.evaluation), plan.files.folder)
 
