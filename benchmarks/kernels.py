@@ -21,9 +21,14 @@ import os
 import subprocess
 import sys
 
+from tasks.machine import KERNEL_PINS, KERNELS_ENV
+
+PINNED = {*KERNEL_PINS["reproducible"], KERNELS_ENV}  # none of this process's settings reach a configuration
 CONFIGS: dict[str, dict[str, str]] = {
+    "TRANSFERPIPE_KERNELS=reproducible": {"TRANSFERPIPE_KERNELS": "reproducible"},  # the demo's: AVX2, 2 threads
+    "the same again (a control)": {"TRANSFERPIPE_KERNELS": "reproducible"},
     "this CPU (defaults)": {},
-    "this CPU again (a control)": {},
+    "reproducible, 1 thread": {"TRANSFERPIPE_KERNELS": "reproducible", "OMP_NUM_THREADS": "1"},
     "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
     "DNNL_MAX_CPU_ISA=SSE41": {"DNNL_MAX_CPU_ISA": "SSE41"},
     "both": {"ATEN_CPU_CAPABILITY": "default", "DNNL_MAX_CPU_ISA": "SSE41"},
@@ -33,12 +38,14 @@ CONFIGS: dict[str, dict[str, str]] = {
 }
 
 CHILD = r"""
+from tasks.machine import pin_kernels
+pin_kernels()  # as flows/__init__.py does, before numpy and torch load
 import hashlib, json, os, sys, warnings
 import numpy as np, torch, torchvision
 warnings.filterwarnings("ignore")
 if os.environ.get("TRANSFERPIPE_NO_MKLDNN"):
     torch.backends.mkldnn.enabled = False
-torch.set_num_threads(int(sys.argv[2]))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", sys.argv[2])))
 steps = int(sys.argv[1])
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 gen = torch.Generator().manual_seed(0)
@@ -67,7 +74,7 @@ print(json.dumps(out))
 
 
 def run(env: dict[str, str], steps: int, threads: int) -> dict:
-    child_env = {**os.environ, **env}
+    child_env = {**{k: v for k, v in os.environ.items() if k not in PINNED}, **env}
     done = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(threads)], env=child_env, text=True,
                           capture_output=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -81,11 +88,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     steps = 3 if args.quick else 30
-    names = ["this CPU (defaults)", "both", "OPENBLAS_CORETYPE=Prescott"] if args.quick else list(CONFIGS)
+    names = [*list(CONFIGS)[:1], "this CPU (defaults)", "OPENBLAS_CORETYPE=Prescott"] if args.quick else list(CONFIGS)
     results = {name: run(CONFIGS[name], steps, args.threads) for name in names}
     base_name, base = next(iter(results.items()))
-    print(f"kernels: each stage against {base_name!r} (torch CPU capability {base['capability']}), "
-          f"{args.threads} threads, {steps} fine-tuning steps")
+    print(f"**kernels: each stage against {base_name} (torch CPU capability {base['capability']}), "
+          f"{args.threads} threads, {steps} fine-tuning steps**\n")
     print("| configuration | capability | extraction | heads | fine-tuning |")
     print("|---|---|---|---|---|")
     for name, got in results.items():

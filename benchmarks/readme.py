@@ -11,7 +11,7 @@ cache and Prefect home, whose markdown table replaces what the markers hold.
 After bumping a dependency: ``bash .ci/lock``, then this script, then commit
 both (``tests/test_readme.py`` checks the demo's table against a real run).
 
-    python -m benchmarks.readme [--only demo imagenet cli export heads] [--check]
+    python -m benchmarks.readme [--only demo imagenet cli export heads kernels demo-kernels] [--check]
 """
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ SECTIONS: dict[str, list[str]] = {
     "cli": [sys.executable, "-m", "benchmarks.cli", "--markdown"],
     "export": [sys.executable, "-m", "benchmarks.export"],
     "heads": [sys.executable, "-m", "benchmarks.heads", "--markdown"],
+    "kernels": [sys.executable, "-m", "benchmarks.kernels"],
+    "demo-kernels": [sys.executable, "-m", "benchmarks.demo_kernels"],
 }
 #: the page that holds each section's table
 PAGES: dict[str, Path] = {"demo": README, "imagenet": PERFORMANCE, "cli": PERFORMANCE, "export": PERFORMANCE,
-                          "heads": PERFORMANCE}
+                          "heads": PERFORMANCE, "kernels": PERFORMANCE, "demo-kernels": PERFORMANCE}
 
 
 def page(name: str) -> Path:
@@ -73,15 +75,21 @@ def table(stdout: str) -> str:
 
 def measure(name: str, workdir: Path) -> str:
     """Run the section's command in a fresh cache and Prefect home; its markdown table."""
+    return table(run(name, workdir))
+
+
+def run(name: str, workdir: Path) -> str:
+    """The section's command, run in a fresh cache and Prefect home (no PREFECT_ or TRANSFERPIPE_ setting of
+    this process's): its stdout, which holds a markdown table."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRANSFERPIPE_"))}
     env.update(PREFECT_HOME=str(workdir / "prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     args = [a.replace("{cache}", str(workdir / "cache")) for a in SECTIONS[name]]
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    if not (found := table(done.stdout)):
+    if not table(done.stdout):
         raise SystemExit(f"{' '.join(args)} printed no markdown table:\n{done.stdout[-2000:]}")
-    return found
+    return done.stdout
 
 
 def main() -> None:

@@ -16,9 +16,14 @@ The floors, each importing only those below it (tests/test_architecture.py check
 execution -> planning -> pipeline, notebook -> experiments, operations -> cli.
 
 Prefect reads these settings from the environment, so they are set (as
-defaults a user can override) before Prefect is first imported.
+defaults a user can override) before Prefect is first imported; so are the CPU kernels
+``$TRANSFERPIPE_KERNELS`` pins (``tasks.machine.pin_kernels``), before numpy and torch load.
 """
 import os
+
+from tasks.machine import pin_kernels
+
+pin_kernels()
 
 for _name, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no analytics heartbeat from the server

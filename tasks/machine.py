@@ -52,22 +52,40 @@ def cuda_possible() -> bool:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def forward_precision(device: str, amp: bool) -> str:
-    """The precision a stage with this ``device`` and ``amp`` setting computes in on this machine.
+def forward_precision(device: str, amp: bool, cpu_bf16: bool = False) -> str:
+    """The precision a stage with this ``device``, ``amp`` and ``cpu_bf16`` setting computes in on this machine.
 
-    It is part of the feature and fine-tune keys: AMP runs only on CUDA, in bf16
-    where the GPU supports it, else fp16; everything else is fp32. The device
-    type is not in the keys: fp32 on a GPU and on a CPU differ only by
-    floating-point rounding (and TF32 convolutions, PyTorch's default on
-    Ampere and newer GPUs). No torch import on a machine without an NVIDIA driver.
+    It is part of the feature and fine-tune keys: AMP runs on CUDA, in bf16
+    where the GPU supports it, else fp16; on the CPU, bf16 autocast only when
+    asked (``cpu_bf16``: fast on CPUs with AVX512-BF16 or AMX, emulated and
+    slower elsewhere); everything else is fp32. The device type is not in the
+    keys: fp32 (or bf16) on a GPU and on a CPU differ only by floating-point
+    rounding (and TF32 convolutions, PyTorch's default on Ampere and newer
+    GPUs). No torch import on a machine without an NVIDIA driver.
     """
-    if not amp or device == "cpu" or not cuda_possible():
+    on_cuda = device != "cpu" and cuda_possible()
+    if on_cuda:
+        import torch
+
+        on_cuda = device == "auto" or torch.device(device).type == "cuda"
+    if not on_cuda:
+        return "bf16" if cpu_bf16 else "fp32"
+    if not amp:
         return "fp32"
     import torch
 
-    if device == "auto" or torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): without, oneDNN emulates it, 5-25x slower
+    than fp32 (docs/performance.md#bf16-on-the-cpu)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -78,7 +96,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
-    if device.type != "cuda":
+    if device.type != "cuda" and precision != "bf16":
         raise ValueError(f"this run was planned in {precision} autocast (AMP on CUDA) but runs on {device}: "
                          f"its features would not match its key; set extract.amp/finetune.amp: false or use a GPU")
     return torch.bfloat16 if precision == "bf16" else torch.float16
@@ -95,3 +113,55 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[package] = "dev" if package == "transferpipe" else "absent"
     return found
+
+
+#: ``$TRANSFERPIPE_KERNELS``: which CPU kernels torch (ATen, oneDNN, MKL) and numpy's OpenBLAS may pick, and on how
+#: many threads. ``native`` (the default): the fastest this machine has. ``reproducible``: at most AVX2 in every
+#: library and 2 threads, so any x86-64 CPU with AVX2 computes the same bits; how `transferpipe demo` runs
+#: (docs/performance.md#reproducibility-across-cpus: what each knob changes, measured).
+KERNELS_ENV = "TRANSFERPIPE_KERNELS"
+KERNEL_PINS: dict[str, dict[str, str]] = {
+    "native": {},
+    "reproducible": {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                     "OPENBLAS_CORETYPE": "Haswell", "OMP_NUM_THREADS": "2"},
+}
+
+
+def pin_kernels(environ: dict[str, str] | None = None) -> str:
+    """Set the libraries' kernel variables that ``$TRANSFERPIPE_KERNELS`` names, as defaults a user's own setting
+    overrides; returns the choice. The libraries read them when they load (OpenBLAS with numpy, oneDNN and MKL
+    at their first call), so ``flows/__init__.py`` calls this before anything imports them."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get(KERNELS_ENV, "native")
+    if choice not in KERNEL_PINS:  # at import time: a warning, not an exception that no command could explain
+        import warnings
+
+        warnings.warn(f"{KERNELS_ENV}={choice!r} is not one of {', '.join(KERNEL_PINS)}: using native", stacklevel=2)
+        return "native"
+    for name, value in KERNEL_PINS[choice].items():
+        environ.setdefault(name, value)
+    return choice
+
+
+def kernels_pinned() -> bool:
+    """Whether this process computes with the ``reproducible`` kernels: set before the libraries loaded, and in effect."""
+    import torch
+
+    pins = KERNEL_PINS["reproducible"]
+    return (all(os.environ.get(name) == value for name, value in pins.items())
+            and torch.backends.cpu.get_cpu_capability() == "AVX2" and torch.get_num_threads() == 2)
+
+
+def cpu_description() -> str:
+    """The CPU as a person names it, torch's kernel level and its threads: ``AMD EPYC (x86_64), torch CPU
+    capability AVX2, 2 threads`` (printed under numbers that depend on it)."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{model} ({platform.machine()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads")

@@ -20,7 +20,8 @@ import benchmarks
 REPO = Path(__file__).resolve().parents[1]
 # readme.py is not a benchmark: it rewrites README.md from full runs (tests/test_readme.py checks its demo table)
 # gpu.py's quick run is tests/test_gpu.py's: it runs there with Prefect absent, as on a lent GPU machine
-NAMES = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name not in ("readme", "gpu"))
+# demo_kernels.py is four whole demos (no quick form): tests/test_readme.py checks how it reads a demo's output
+NAMES = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name not in ("readme", "gpu", "demo_kernels"))
 
 
 def test_every_benchmark_is_found():

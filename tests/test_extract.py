@@ -153,3 +153,24 @@ def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_process():
     assert queue.get(timeout=1800) == (0, 0)  # a daemonic process may not start DataLoader workers
     child.join(timeout=1800)
     assert num_workers_for(3, 100) == 3 and num_workers_for("auto", 2) == 0
+
+
+def test_cpu_bf16_extracts_in_bf16_autocast_under_its_own_key(tiny_config):
+    """Issue 47.3: bf16 on the CPU is opt-in (``extract.cpu_bf16``); its precision is in the feature key, so fp32
+    features stay cached beside it, and the stored features are the bf16 autocast forward pass's."""
+    fp32 = split_plans(tiny_config(extract={"dtype": "float32"}))["val"]
+    bf16 = split_plans(tiny_config(extract={"dtype": "float32", "cpu_bf16": True}))["val"]
+    assert (fp32.spec["precision"], bf16.spec["precision"]) == ("fp32", "bf16") and fp32.key != bf16.key
+    extract_split(bf16)
+    manifest = Manifest.load(bf16.manifest)
+    pre = bf16.backbone.preprocess
+    x = torch.stack([pre(load_rgb(manifest.root / p)) for p, _ in manifest.splits["val"]])
+    model = build(bf16.backbone).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        exact = model(pre.normalize(x).contiguous(memory_format=torch.channels_last))["penultimate"].numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(pre.normalize(x).contiguous(memory_format=torch.channels_last))["penultimate"].float().numpy()
+    stored = FeatureStore(bf16.cache_dir).read(bf16.key).features["penultimate"]
+    np.testing.assert_allclose(stored, half, rtol=1e-5, atol=1e-5)
+    assert np.abs(stored - exact).max() > 1e-4  # bf16 really ran: 8 bits of mantissa, not float32's 23
+    np.testing.assert_allclose(stored, exact, rtol=0.1, atol=0.05 * np.abs(exact).max())

@@ -111,14 +111,16 @@ def test_a_cpu_plan_says_fp32_whatever_amp_says(tiny_config):
 
 
 def test_amp_planned_but_run_on_a_cpu_is_refused():
-    """A plan made in bf16 (on a GPU) never computes into its key on a CPU: the run says why instead."""
+    """A plan made in fp16 (AMP on a GPU without bf16) never computes into its key on a CPU: the run says why
+    instead. bf16 runs on either (``extract.cpu_bf16``; the device type is not in the keys, as for fp32)."""
     import torch
 
     from tasks.machine import autocast_dtype
 
     assert autocast_dtype("fp32", torch.device("cpu")) is None
-    with pytest.raises(ValueError, match="planned in bf16 autocast .* runs on cpu"):
-        autocast_dtype("bf16", torch.device("cpu"))
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="planned in fp16 autocast .* runs on cpu"):
+        autocast_dtype("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision 'fp64' is not one of fp32, bf16, fp16"):
         autocast_dtype("fp64", torch.device("cpu"))
 

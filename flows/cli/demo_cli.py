@@ -2,6 +2,8 @@
 on real MNIST-5k)."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,16 +29,17 @@ def demo(
     """What transfer learning buys, offline: pretrain on clean digits, transfer to a second scanner with few labels."""
     from tasks.evaluate.report import compare_runs
 
+    _with_reproducible_kernels()
     if imagenet:
         return _imagenet_demo(cache_dir, markdown, wide)
     from flows.experiments.demo import demo_flow
 
     result = run_local(demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.pretrained.models, result.random.models)
+    columns = ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"]
+    cells = [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows]
     views.comparison("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
-                     ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"],
-                     [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows],
-                     wide=wide, markdown=markdown)
+                     columns, cells, wide=wide, markdown=markdown)
     if result.quality is not None:
         views.quality(result.quality)
     if result.predictions is not None:
@@ -52,6 +55,33 @@ def demo(
 
         ranked = run_local(selection_check_flow, default_cache_dir(cache_dir))
         views.select("second-scanner digits: which backbone to pick?", ranked)
+    _machine_and_check(columns, cells)
+
+
+def _with_reproducible_kernels() -> None:
+    """The demo computes with the reproducible kernels (AVX2 at most, 2 threads: tasks.machine.KERNEL_PINS), so its
+    numbers are the README's on any x86-64 CPU with AVX2. The libraries read the setting when they load, so
+    ``transferpipe demo`` started without $TRANSFERPIPE_KERNELS starts itself again with it (a second of start-up);
+    TRANSFERPIPE_KERNELS=native keeps this machine's fastest kernels. Called in-process (a test, a notebook), it
+    runs as it is and its last line says whether the kernels were reproducible."""
+    from tasks.machine import KERNELS_ENV
+
+    main = sys.modules.get("__main__")
+    as_command = (getattr(getattr(main, "__spec__", None), "name", None) == "flows.cli.__main__"
+                  or Path(sys.argv[0]).name == "transferpipe")
+    if as_command and KERNELS_ENV not in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, KERNELS_ENV: "reproducible"})
+
+
+def _machine_and_check(columns: list[str], cells: list[list[str]]) -> None:
+    from flows.experiments.demo_check import verdict
+    from tasks.machine import KERNELS_ENV, cpu_description, kernels_pinned
+
+    kernels = ("reproducible kernels" if kernels_pinned()
+               else f"kernels not reproducible: {KERNELS_ENV}={os.environ.get(KERNELS_ENV, 'native')}")
+    out.print(f"computed on {cpu_description()} ({kernels})\n{verdict(cells, columns)}", highlight=False)
 
 
 def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:

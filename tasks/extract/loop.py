@@ -26,7 +26,7 @@ from tasks.data.images import DECODE_ERRORS, num_workers_for, worker_init
 from tasks.data.manifest import Manifest, check_headers
 from tasks.extract.pieces import Piece
 from tasks.extract.plan import ExtractConfig, SplitPlan
-from tasks.machine import autocast_dtype, pick_device, versions
+from tasks.machine import autocast_dtype, cpu_has_fast_bf16, pick_device, versions
 
 log = logging.getLogger("transferpipe.extract")
 
@@ -76,6 +76,9 @@ class _Runner:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.amp_dtype = autocast_dtype(precision, self.device)  # as planned: the precision is in the key
+        if self.amp_dtype is not None and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            log.warning("extract.cpu_bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); oneDNN emulates "
+                        "bf16, 5-25x slower than fp32: set extract.cpu_bf16: false here")
         self.dtype = getattr(torch, cfg.dtype)
         self.batches = 0
 

@@ -1,0 +1,70 @@
+"""Whether ``transferpipe demo`` printed the README's numbers: each top-1 equal, or within the spread measured
+across CPU kernels (docs/performance.md#reproducibility-across-cpus). The demo ends with this verdict, and tests/test_readme.py applies
+the same rule to a real run, so the check passes on any CPU and fails when a change moves a number beyond it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[2].joinpath("README.md")  # the checkout's, not the cache's
+
+#: how far a top-1 figure may move, in points, on kernels other than the reproducible ones: the largest move measured
+#: (8.7, knn at 1 label per class, AVX-512 kernels; docs/performance.md#reproducibility-across-cpus) rounded up
+SPREAD_POINTS = 10.0
+
+
+def readme_table(text: str) -> str | None:
+    """The demo's table the README holds (between its ``readme:demo`` markers), or None without one."""
+    found = re.search(r"<!-- readme:demo -->\n(.*?)<!-- /readme:demo -->", text, re.S)
+    return found.group(1) if found else None
+
+
+def markdown_rows(table: str) -> list[list[str]]:
+    """A markdown table's rows (header and separator left out), each a list of stripped cells."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[2:]]
+
+
+def _top1(cell: str) -> float | None:
+    found = re.match(r"\s*(\d+\.\d+)", cell)
+    return float(found.group(1)) if found else None
+
+
+def figures(rows: list[list[str]], columns: list[str]) -> dict[str, float]:
+    """Each top-1 figure of the table by name (``knn 1-shot, random init``): every column but the model, the
+    labels per class and the gain."""
+    named = {}
+    for row in rows:
+        for column, cell in zip(columns[2:-1], row[2:-1]):
+            value = _top1(cell)
+            if value is not None:
+                named[f"{row[0]} {row[1]} labels/class, {column}"] = value
+    return named
+
+
+def beyond(printed: dict[str, float], expected: dict[str, float], spread: float = SPREAD_POINTS) -> list[str]:
+    """The figures further than ``spread`` points from the README's, or missing from either side, one line each."""
+    lines = [f"{name}: not printed" for name in expected if name not in printed]
+    lines += [f"{name}: printed, not in the README" for name in printed if name not in expected]
+    lines += [f"{name}: {printed[name]:.3f} (README {value:.3f})" for name, value in expected.items()
+              if name in printed and abs(printed[name] - value) * 100 > spread + 1e-9]
+    return lines
+
+
+def verdict(rows: list[list[str]], columns: list[str], readme: Path = README) -> str:
+    """One line: the demo's figures against the README's."""
+    table = readme_table(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    if table is None:
+        return f"README check: no README with the demo's table at {readme} (an installed package): nothing to compare"
+    printed, expected = figures(rows, columns), figures(markdown_rows(table), columns)
+    off = beyond(printed, expected)
+    if off:
+        return (f"README check: {len(off)} of {len(expected)} top-1 figures beyond the README's ±{SPREAD_POINTS:g} "
+                f"points: " + "; ".join(off) + " (docs/performance.md#reproducibility-across-cpus)")
+    same = sum(printed[name] == value for name, value in expected.items())
+    if same == len(expected):
+        return f"README check: all {len(expected)} top-1 figures equal the README's"
+    return (f"README check: all {len(expected)} top-1 figures within the README's ±{SPREAD_POINTS:g} points, "
+            f"{len(expected) - same} not equal: this machine's kernels differ from the README's "
+            f"(docs/performance.md#reproducibility-across-cpus)")
