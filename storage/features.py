@@ -8,6 +8,7 @@ split's pieces :mod:`storage.piece_join`, listing and gc :mod:`storage.inventory
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from storage.h5file import (
     CorruptFeatureFile, FeatureStoreError, LayerNotStored, bytes_view, check_invariants, file_checksums, json_attr,
     mark_used, open_h5, quarantine, transient, values_checksum,
 )
+from storage.atomic import write_json
 from storage.keys import short
 from storage.layout import CacheLayout, FeatureFiles
 from storage.writer import FeatureWriter
@@ -113,6 +115,19 @@ class FeatureStore:
 
     def path(self, key: str) -> Path:
         return self.files.complete(key)
+
+    def remember_tail(self, tail: str, key: str, items: int) -> None:
+        """Piece ``key`` (``items`` manifest items) was the last of its split: a piece that grows from it (a
+        folder that gained files after it) copies its rows instead of extracting them again."""
+        write_json(self.files.tail(tail), {"piece": key, "items": items})
+
+    def tail(self, tail: str) -> tuple[str, int] | None:
+        """The piece remembered under a tail key and its item count, or None (never remembered, unreadable)."""
+        try:
+            found = json.loads(self.files.tail(tail).read_text(encoding="utf-8"))
+            return str(found["piece"]), int(found["items"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def partial_path(self, key: str) -> Path:
         return self.files.partial(key)

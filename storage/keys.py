@@ -95,6 +95,15 @@ def piece_key(spec: dict[str, Any], ids: list[str], identities: list[Any], sourc
                         "items": ids, "files": identities})
 
 
+def tail_key(spec: dict[str, Any], first_id: str, identity: Any, source: str, options: dict[str, str] | None = None
+             ) -> str:
+    """Where a split's last piece is remembered (``FeatureStore.remember_tail``): the feature spec without dataset
+    and split, the source and its options, and the piece's first item. A later piece that starts with the same
+    item finds it and, when its first items give the remembered piece's key again, copies those rows."""
+    return fingerprint({"kind": "tail", "spec": piece_spec(spec), "source": source, "options": options or {},
+                        "first": first_id, "identity": identity})
+
+
 def piece_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """What a piece file holds of a split's feature spec (stored in its attrs): all but dataset and split."""
     return {k: v for k, v in spec.items() if k not in ("dataset", "split")}

@@ -55,6 +55,10 @@ class FeatureFiles:
     def used_marker(self, key: str) -> Path:
         return self.folder / f"{key}.used"
 
+    def tail(self, key: str) -> Path:
+        """Which piece ended a split whose first item a tail key names (``storage.keys.tail_key``)."""
+        return self.folder / f"{key}.tail.json"
+
     def quarantine(self) -> Path:
         return self.folder / "quarantine"
 

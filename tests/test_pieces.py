@@ -76,6 +76,32 @@ def test_a_folder_that_grows_extracts_only_the_pieces_with_new_images(tiny_confi
     assert np.array_equal(x.labels, y.labels)
 
 
+def test_images_appended_after_the_last_piece_extract_alone(tiny_config, tmp_path):
+    """Issue 44.7: the split's open last piece grows when images land after it; its old rows are copied (their key,
+    recomputed, proves them unchanged) and only the new images go through the backbone: the same bytes as a
+    cold extraction of the grown folder. A changed old image is extracted again instead."""
+    over = {"extract": {"piece_size": 10**6, "batch_size": 4}, "data": {"val_fraction": 0, "test_fraction": 0}}
+    cfg = tiny_config(**over)
+    before = split_plans(cfg)["train"]
+    assert len(before.pieces) == 1 and extract_split(before).forward_batches == 5  # 18 images in batches of 4
+    for i in (6, 7):
+        make_image(cfg.data.root / "class2" / f"{i:03d}.png", 2, 50 + i)  # sorted after every image there
+    after = split_plans(cfg)["train"]
+    assert after.pieces[0].key != before.pieces[0].key
+    grown = extract_split(after)
+    assert grown.rows == 20 and grown.forward_batches == 1  # the two new images only
+    fresh_cfg = tiny_config(cache_dir=str(tmp_path / "fresh"), **over)
+    fresh = split_plans(fresh_cfg)["train"]
+    extract_split(fresh)
+    x, y = FeatureStore(cfg.cache_dir).read(after.key), FeatureStore(fresh_cfg.cache_dir).read(fresh.key)
+    assert np.array_equal(x.features["penultimate"], y.features["penultimate"]) and x.paths == y.paths
+    assert np.array_equal(x.labels, y.labels)
+    make_image(cfg.data.root / "class0" / "000.png", 0, 99)  # an old image changed: no copy of stale rows
+    make_image(cfg.data.root / "class2" / "008.png", 2, 58)
+    changed = split_plans(cfg)["train"]
+    assert extract_split(changed).forward_batches == 6  # 21 images, all extracted
+
+
 @pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
 def test_a_new_class_renumbers_labels_without_recomputing_features(tiny_config):
     cfg = tiny_config(extract={"piece_size": 4}, data={"val_fraction": 0, "test_fraction": 0})

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from storage.faults import fault_point
 from storage.features import FeatureStore
-from storage.keys import piece_spec
+from storage.keys import piece_key, piece_spec, tail_key
 from tasks.backbones.config import BackboneSpec, Preprocess
 from tasks.backbones.models import FeatureExtractor, build
 from tasks.data.errors import BadImageError
@@ -163,6 +163,8 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
                     piece.key, spec=piece_spec(plan.spec), classes=manifest.classes, dims=dims, total=len(span),
                     batch_size=plan.extract.batch_size, versions=made_by, attrs={"piece": piece.name},
                 ) as writer:
+                    if writer.position == 0:
+                        _copy_from_tail(plan, manifest, store, piece, writer)
                     first = writer.position
                     undecodable += loader.run(piece.start, piece.start + first, piece.stop, writer)
                     if undecodable:
@@ -170,6 +172,8 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
                     dropped = {s["path"] for s in writer.skipped}
                     kept = [(p, y) for p, y in span if p not in dropped]
                     writer.complete(np.array([y for _, y in kept], dtype=np.int64), [p for p, _ in kept])
+                if piece.stop == len(items):  # the split's open end: the next scan may append to it
+                    store.remember_tail(_tail_key(plan, manifest, piece.start), piece.key, len(span))
                 rows, skipped, computed = rows + len(kept), skipped + len(dropped), computed + len(span) - first
                 for s in writer.skipped:
                     log.warning("skipped %s: %s", s["path"], s["error"])
@@ -181,6 +185,31 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
              f", {skipped} skipped" if skipped else "", store.root)
     return Computed(rows=rows, dims=dims, skipped=skipped, forward_batches=runner.batches)
 
+
+def _tail_key(plan: SplitPlan, manifest: Manifest, start: int) -> str:
+    files = manifest.files.get(plan.split) or [None] * len(manifest.splits[plan.split])
+    return tail_key(plan.spec, manifest.splits[plan.split][start][0], files[start], manifest.source, manifest.options)
+
+
+def _copy_from_tail(plan: SplitPlan, manifest: Manifest, store: FeatureStore, piece: Piece, writer) -> None:
+    """A piece that begins where a split's last piece began (a folder that gained files after it): the last
+    piece's rows, copied, when its items are this piece's first ones, unchanged (its key, recomputed from them,
+    says so). Features do not depend on what shares their batch, so the copy is the bytes extraction would write;
+    only the new items go through the backbone (before: the whole piece did, about half a piece of old images)."""
+    found = store.tail(_tail_key(plan, manifest, piece.start))
+    if found is None or not 0 < found[1] < piece.rows:
+        return
+    key, count = found
+    items = manifest.splits[plan.split][piece.start : piece.start + count]
+    files = (manifest.files.get(plan.split) or [None] * len(manifest.splits[plan.split]))[piece.start : piece.start + count]
+    if piece_key(plan.spec, [p for p, _ in items], files, manifest.source, manifest.options) != key:
+        return  # an item changed, or the split was cut differently
+    if store.lookup(key, mark=False) is None:
+        return
+    old = store.read(key)
+    writer.append(old.features, old.skipped)
+    log.info("%s: %d rows copied from the split's former last piece, %d to extract", piece.name, count,
+             piece.rows - count)
 
 
 @contextlib.contextmanager
