@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tasks.machine import pin_kernels
+
+pin_kernels()  # $TRANSFERPIPE_KERNELS, as for the transferpipe command: before numpy and torch load
+
 #: ``data:`` of the quick runs that read the digits: three classes (~540 images) instead of ten
 QUICK_DIGITS: dict[str, Any] = {"source": "digits", "digits": {"classes": [0, 1, 2]}}
 

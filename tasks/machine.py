@@ -78,8 +78,12 @@ def forward_precision(device: str, amp: bool, cpu_bf16: bool = False) -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): without, oneDNN emulates it, 5-25x slower
-    than fp32 (docs/performance.md#bf16-on-the-cpu)."""
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it (``DNNL_MAX_CPU_ISA``
+    does not cap it below, as the reproducible kernels do): without, oneDNN emulates bf16, 2-25x slower than fp32
+    (docs/performance.md#bf16-on-the-cpu)."""
+    cap = os.environ.get("DNNL_MAX_CPU_ISA", "ALL").upper()
+    if not any(level in cap for level in ("BF16", "AMX", "FP16", "AVX10", "ALL")):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])

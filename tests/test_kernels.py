@@ -60,3 +60,13 @@ def test_bf16_on_the_cpu_is_asked_for_not_automatic():
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="planned in fp16 autocast"):
         autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_bf16_is_not_fast_where_onednn_is_capped_below_it(monkeypatch):
+    from tasks.machine import cpu_has_fast_bf16
+
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # the reproducible kernels: bf16 emulated even on a CPU with it
+    assert cpu_has_fast_bf16() is False
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    flags = Path("/proc/cpuinfo").read_text()
+    assert cpu_has_fast_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags)

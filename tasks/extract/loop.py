@@ -77,8 +77,9 @@ class _Runner:
         self.model = model
         self.amp_dtype = autocast_dtype(precision, self.device)  # as planned: the precision is in the key
         if self.amp_dtype is not None and self.device.type == "cpu" and not cpu_has_fast_bf16():
-            log.warning("extract.cpu_bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); oneDNN emulates "
-                        "bf16, 5-25x slower than fp32: set extract.cpu_bf16: false here")
+            log.warning("extract.cpu_bf16: no bf16 instructions (AVX512-BF16 or AMX) that oneDNN may use here (the CPU "
+                        "lacks them, or DNNL_MAX_CPU_ISA caps them): bf16 is emulated, 2-25x slower than fp32 "
+                        "(measured); set extract.cpu_bf16: false here")
         self.dtype = getattr(torch, cfg.dtype)
         self.batches = 0
 

@@ -41,8 +41,8 @@ class ExtractConfig(BaseModel):
     num_workers: int | Literal["auto"] = "auto"
     amp: bool = Field(True, description="autocast (bf16 where supported, else fp16) on CUDA")
     cpu_bf16: bool = Field(False, description=(
-        "bf16 autocast when extraction runs on the CPU: 2.4x fp32 with channels_last on an AVX-512 EPYC with "
-        "AVX512-BF16 (measured), 5-25x slower on a CPU without bf16 instructions; precision bf16 in the key"))
+        "bf16 autocast when extraction runs on the CPU: 1.3-1.9x fp32 through the stage on an AVX-512 EPYC with "
+        "AVX512-BF16 (measured), 2-25x slower without bf16 instructions; precision bf16 in the key"))
     channels_last: bool = Field(True, description="the model and batches in channels_last memory format, on any "
                                                    "device (the CPU too: 1.3-1.5x for ResNets)")
     piece_size: int = Field(1024, ge=1, le=1 << 24, description=(
