@@ -116,6 +116,13 @@ class FeatureWriter:
         """How many manifest items are done: written rows plus skipped items."""
         return self.rows_done + len(self.skipped)
 
+    def copy(self, features: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> None:
+        """:meth:`append` of rows another file already holds (a grown piece's old rows), counted in the file's
+        ``rows_copied`` attribute: what went through the backbone is its rows less those."""
+        self.append(features, skipped)
+        self.fh.attrs["rows_copied"] = int(self.fh.attrs.get("rows_copied", 0)) + len(next(iter(features.values())))
+        self.fh.flush()
+
     def append(self, features: dict[str, np.ndarray], skipped: list[dict[str, str]] = ()) -> None:
         """Write one batch of rows (and the items skipped in it), then flush."""
         n = len(next(iter(features.values()))) if features else 0

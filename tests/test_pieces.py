@@ -90,6 +90,8 @@ def test_images_appended_after_the_last_piece_extract_alone(tiny_config, tmp_pat
     assert after.pieces[0].key != before.pieces[0].key
     grown = extract_split(after)
     assert grown.rows == 20 and grown.forward_batches == 1  # the two new images only
+    with h5py.File(FeatureStore(cfg.cache_dir).pieces().path(after.pieces[0].key)) as fh:
+        assert fh.attrs["rows_copied"] == 18
     fresh_cfg = tiny_config(cache_dir=str(tmp_path / "fresh"), **over)
     fresh = split_plans(fresh_cfg)["train"]
     extract_split(fresh)

@@ -37,7 +37,7 @@ def test_demo_prints_the_readme_table(tmp_path: Path):
     off = demo_check.beyond(*(demo_check.figures(demo_check.markdown_rows(t), COLUMNS) for t in (printed, expected)))
     assert off == [], (
         "transferpipe demo moved numbers beyond the README's spread: python -m benchmarks.readme --only demo, "
-        f"then commit README.md with constraints.txt\n" + "\n".join(off) + f"\nprinted:\n{printed}")
+        "then commit README.md with constraints.txt\n" + "\n".join(off) + f"\nprinted:\n{printed}")
     words = " ".join(stdout.split())  # the console folds long lines at 80 columns
     assert "README check: all 26 top-1 figures" in words, stdout[-3000:]
     if "avx2" in Path("/proc/cpuinfo").read_text():  # the demo started itself again with the pinned kernels
@@ -115,3 +115,15 @@ def test_the_kernel_benchmark_reads_a_demos_output():
     assert summary(stdout, expected) == ["26 of 26", "0", "13, 3", "140 at 0.89"]
     moved = stdout.replace("| knn | 1 | 0.597", "| knn | 1 | 0.684")
     assert summary(moved, expected)[:2] == ["25 of 26", "8.7 points (knn 1 labels/class)"]
+
+
+def test_the_readme_check_compares_the_quality_and_new_batch_counts_for_equality():
+    text = readme.README.read_text()
+    stated = demo_check.readme_counts(text)
+    assert stated == {"near-duplicate pairs": 13, "leaked test images": 3, "single-label sets": 140,
+                      "test coverage": 0.89, "new digits flagged": 5}
+    rows = demo_check.markdown_rows(demo_check.readme_table(text))
+    line = demo_check.verdict(rows, COLUMNS, counts=dict(stated))
+    assert line.endswith("the quality and new-batch counts: all 5 equal"), line
+    line = demo_check.verdict(rows, COLUMNS, counts={**stated, "near-duplicate pairs": 31})
+    assert "1 of 5 differ: near-duplicate pairs 31 (README 13)" in line

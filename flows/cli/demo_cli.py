@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,7 +55,7 @@ def demo(
 
         ranked = run_local(selection_check_flow, default_cache_dir(cache_dir))
         views.select("second-scanner digits: which backbone to pick?", ranked)
-    _machine_and_check(columns, cells)
+    _machine_and_check(columns, cells, result)
 
 
 def _with_reproducible_kernels() -> None:
@@ -75,13 +75,14 @@ def _with_reproducible_kernels() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, KERNELS_ENV: "reproducible"})
 
 
-def _machine_and_check(columns: list[str], cells: list[list[str]]) -> None:
-    from flows.experiments.demo_check import verdict
+def _machine_and_check(columns: list[str], cells: list[list[str]], result: Any) -> None:
+    from flows.experiments.demo_check import demo_counts, verdict
     from tasks.machine import KERNELS_ENV, cpu_description, kernels_pinned
 
     kernels = ("reproducible kernels" if kernels_pinned()
                else f"kernels not reproducible: {KERNELS_ENV}={os.environ.get(KERNELS_ENV, 'native')}")
-    out.print(f"computed on {cpu_description()} ({kernels})\n{verdict(cells, columns)}", highlight=False)
+    counts = demo_counts(result.quality, result.predictions, result.flagged)
+    out.print(f"computed on {cpu_description()} ({kernels})\n{verdict(cells, columns, counts=counts)}", highlight=False)
 
 
 def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:

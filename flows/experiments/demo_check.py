@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 README = Path(__file__).resolve().parents[2].joinpath("README.md")  # the checkout's, not the cache's
 
@@ -52,19 +53,54 @@ def beyond(printed: dict[str, float], expected: dict[str, float], spread: float 
     return lines
 
 
-def verdict(rows: list[list[str]], columns: list[str], readme: Path = README) -> str:
-    """One line: the demo's figures against the README's."""
-    table = readme_table(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+#: the counts the README's prose gives for the quality line and the new batch, and how to find each there
+COUNTS = {"near-duplicate pairs": r"(\d+) near-duplicate pairs", "leaked test images": r"(\d+) test images have a near-twin",
+          "single-label sets": r"(\d+) single-label sets", "test coverage": r"at (\d\.\d+) test coverage",
+          "new digits flagged": r"(\d+) of \d+ digits flagged"}
+
+
+def readme_counts(text: str) -> dict[str, float]:
+    """The quality line's and the new batch's counts as the README's prose states them."""
+    found = {name: re.search(pattern, text) for name, pattern in COUNTS.items()}
+    return {name: float(match.group(1)) for name, match in found.items() if match}
+
+
+def demo_counts(quality: Any, predictions: Any, flagged: dict[str, list[int]]) -> dict[str, float]:
+    """The same counts from a demo's results (as its quality and new-batch lines print them)."""
+    counts: dict[str, float] = {}
+    if quality is not None:
+        counts.update({"near-duplicate pairs": float(sum(quality.duplicates.values())),
+                       "leaked test images": float(quality.leaked_test)})
+    if predictions is not None:
+        counts.update({"single-label sets": float(predictions.single),
+                       "test coverage": round(float(predictions.test.get("coverage", float("nan"))), 2),
+                       "new digits flagged": float(flagged.get("scanner2", [0, 0])[0])})
+    return counts
+
+
+def verdict(rows: list[list[str]], columns: list[str], readme: Path = README,
+            counts: dict[str, float] | None = None) -> str:
+    """One line: the demo's figures against the README's (and, given ``counts``, its quality and new-batch
+    counts, which are compared for equality only: they move with the kernels, by no stated spread)."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    table = readme_table(text)
     if table is None:
         return f"README check: no README with the demo's table at {readme} (an installed package): nothing to compare"
     printed, expected = figures(rows, columns), figures(markdown_rows(table), columns)
     off = beyond(printed, expected)
+    same = sum(printed.get(name) == value for name, value in expected.items())
     if off:
-        return (f"README check: {len(off)} of {len(expected)} top-1 figures beyond the README's ±{SPREAD_POINTS:g} "
-                f"points: " + "; ".join(off) + " (docs/performance.md#reproducibility-across-cpus)")
-    same = sum(printed[name] == value for name, value in expected.items())
-    if same == len(expected):
-        return f"README check: all {len(expected)} top-1 figures equal the README's"
-    return (f"README check: all {len(expected)} top-1 figures within the README's ±{SPREAD_POINTS:g} points, "
-            f"{len(expected) - same} not equal: this machine's kernels differ from the README's "
-            f"(docs/performance.md#reproducibility-across-cpus)")
+        line = (f"README check: {len(off)} of {len(expected)} top-1 figures beyond the README's ±{SPREAD_POINTS:g} "
+                f"points: " + "; ".join(off))
+    elif same == len(expected):
+        line = f"README check: all {len(expected)} top-1 figures equal the README's"
+    else:
+        line = (f"README check: all {len(expected)} top-1 figures within the README's ±{SPREAD_POINTS:g} points, "
+                f"{len(expected) - same} not equal: this machine's kernels differ from the README's")
+    if counts:
+        stated = readme_counts(text)
+        differ = [f"{name} {counts[name]:g} (README {value:g})" for name, value in stated.items()
+                  if name in counts and counts[name] != value]
+        line += ("; the quality and new-batch counts: " + (f"all {len(stated)} equal" if not differ else
+                 f"{len(differ)} of {len(stated)} differ: " + ", ".join(differ)))
+    return line + ("" if same == len(expected) and not off else " (docs/performance.md#reproducibility-across-cpus)")

@@ -208,7 +208,7 @@ def _copy_from_tail(plan: SplitPlan, manifest: Manifest, store: FeatureStore, pi
     if store.lookup(key, mark=False) is None:
         return
     old = store.read(key)
-    writer.append(old.features, old.skipped)
+    writer.copy(old.features, old.skipped)
     log.info("%s: %d rows copied from the split's former last piece, %d to extract", piece.name, count,
              piece.rows - count)
 
