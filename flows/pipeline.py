@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from flows.planning import graph, nodes
 from tasks.declare import features
 from flows.execution.publish import publish_quality, publish_report
+from storage.records import PredictionFiles
 from flows.config import ExperimentConfig, as_config
 from flows.execution.local import experiment_run_name
 from tasks.evaluate.plan import EvalResult, ModelReport
@@ -66,8 +67,8 @@ def pipeline_flow(config: ExperimentConfig, stop_after: Stop = "evaluate") -> Pi
     ran = graph.run(config, stop_after)
     results = {stage: done.results for stage, done in ran.items()}
     evaluation = results["evaluate"][0] if "evaluate" in results else None
-    if evaluation is not None:
-        publish_report(config.name, evaluation)
+    if evaluation is not None:  # with the trust report of each prediction this run made
+        publish_report(config.name, evaluation, [PredictionFiles(r.path.parent).report for r in results.get("predict", [])])
     if results.get("quality"):
         publish_quality(config.name, results["quality"][0])
     first = {name: (results.get(name) or [None])[0] for name in ("index", "quality")}

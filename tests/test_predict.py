@@ -164,6 +164,9 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     with local_run_settings():
         first = pipeline_flow(cfg).outputs["predict"][0]
         again = pipeline_flow(cfg).outputs["predict"][0]
+        from prefect.artifacts import Artifact
+
+        published = Artifact.get("tiny-report")  # the run's report on its page, the served model's trust after it
     rows = _table(first.path)
     assert first.rows == len(rows) == 13 and not first.cache_hit
     assert {"day0/0-0.png", "day1/0-0.png"} <= {r["id"] for r in rows}  # relative paths: one basename, two rows
@@ -179,6 +182,7 @@ def test_run_with_a_predict_section_scores_new_images_and_a_second_run_is_a_hit(
     assert first.test["ood"]["ood_rows"] == 5 and 0 <= first.test["ood"]["auroc"] <= 1
     report = (first.path.parent / "report.md").read_text()
     assert f"Coverage {first.test['coverage']:.3f}" in report and "| rank of the true class |" in report
+    assert published is not None and published.data.endswith(report) and "how far to trust them" in published.data
     from storage.results import query
 
     served = next(r for r in query(cfg.cache_dir) if r["model"] == first.model and r["shots"] == "all")

@@ -17,11 +17,17 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
 
 
-def publish_report(experiment: str, evaluation: EvalResult) -> None:
+def publish_report(experiment: str, evaluation: EvalResult, trust: list[Path] = ()) -> None:
+    """The evaluation's report on the run's page, followed by ``trust``: the reports of the predictions the run
+    made (how far to trust the served model: calibration, coverage on test, the OOD score), each where its stage
+    wrote it."""
     key = artifact_key(experiment)
     report = evaluation.report
-    create_markdown_artifact(markdown=with_pictures_inline(report.read_text(), report.parent), key=f"{key}-report",
-                             description=f"{experiment}: test results")
+    markdown = "\n\n".join([with_pictures_inline(report.read_text(), report.parent),
+                             *(path.read_text() for path in trust if path.is_file())])
+    create_markdown_artifact(markdown=markdown, key=f"{key}-report",
+                             description=f"{experiment}: test results" + (", and how far to trust the served model"
+                                                                          if trust else ""))
     create_table_artifact(table=summary_rows(evaluation.models), key=f"{key}-models",
                           description=f"{experiment}: models ranked by top-1")
 
