@@ -13,7 +13,8 @@ Points: ``extract.batch`` (after a batch is computed, before it is written),
 ``store.append`` (features written, ``rows_done`` not yet), ``store.complete``
 (labels, paths and checksums written, ``complete`` not yet, no rename),
 ``heads.fit`` (before each few-shot fit of a head), ``finetune.batch`` (after an
-optimiser step), ``finetune.epoch`` (after the epoch's checkpoint is written).
+optimiser step), ``finetune.epoch`` (after the epoch's checkpoint is written), ``predict.block`` (after a
+block of predictions is scored and kept as a part, before it joins the table).
 """
 from __future__ import annotations
 

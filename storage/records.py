@@ -186,6 +186,16 @@ class PredictionFiles(StageFiles, folder="predictions", kind="predict"):
     def bad_images(self) -> Path:
         return self.folder / "bad_images.csv"
 
+    @property
+    def parts(self) -> Path:
+        """The scored blocks of a run not yet published (``<key>.tmp-parts/``, one Parquet file per block): a
+        killed run's next try scores only the blocks it lacks. Removed when the table is published; ``cache gc``
+        removes an abandoned one with the other leftovers of interrupted writes."""
+        return self.folder.with_name(f"{self.folder.name}.tmp-parts")
+
+    def part(self, block: int) -> Path:
+        return self.parts / f"{block:06d}.parquet"
+
 
 class ModelFiles(StageFiles, folder="models", kind="export-model"):
     """An exported model's folder: ``model.onnx``, ``model.pt2``, ``model.safetensors``, ``config.json`` and

@@ -315,3 +315,28 @@ def test_the_predict_command_writes_parquet_and_copies_it_out(scored, tmp_path):
     assert len(_table(out)) == 13
     bad = cli("predict", str(path), "--data", str(new), "--method", "thr")
     assert bad.returncode == 2 and "--method 'thr': use one of lac, aps, raps" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_scoring_scores_only_the_blocks_it_lacks(scored, monkeypatch):
+    """Issue 44.2: each scored block is kept as a part until the table is published; the retry reads them."""
+    from flows.execution.stage_tasks import StageFailed
+    from flows.pipeline import pipeline_flow
+    from storage.records import PredictionFiles
+    from tasks.predict import stage
+
+    new, config = scored
+    cfg = config(model="knn")
+    monkeypatch.setattr(stage, "BLOCK_ROWS", 4)  # 13 new images: blocks of 4, 4, 4, 1
+    monkeypatch.setenv("TRANSFERPIPE_FAULTS", "predict.block:2")  # dies after the second block is kept
+    with local_run_settings():
+        with pytest.raises(StageFailed, match="injected fault at predict.block"):
+            pipeline_flow(cfg, stop_after="predict")
+        parts = sorted(PredictionFiles.of(cfg.cache_dir, "x").parts.parent.glob("*.tmp-parts/*.parquet"))
+        assert len(parts) == 2
+        monkeypatch.delenv("TRANSFERPIPE_FAULTS")
+        done = pipeline_flow(cfg, stop_after="predict").outputs["predict"][0]
+    assert done.rows == 13 and done.rows_scored == 5  # the two kept blocks are read, not scored again
+    rows = _table(done.path)
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows) and len({r["id"] for r in rows}) == 13
+    assert not PredictionFiles(done.path.parent).parts.exists()  # published: the parts are gone

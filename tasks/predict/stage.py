@@ -2,15 +2,20 @@
 temperature, conformal sets and OOD scores, written as one Parquet (or CSV) table.
 
 Rows stream: the new images' features are read in blocks and written in row groups, so memory holds one
-block whatever the number of images (only the training bank, for the OOD score, is read whole). The table is
-written into a temporary folder and renamed into ``predictions/<key>/`` when complete (``StageFiles.staged``):
-a killed run leaves nothing half-written, and its features (the expensive part) are kept as pieces.
+block whatever the number of images (only the training bank, for the OOD score, is read whole). Each block, once
+scored, is kept as a part (``PredictionFiles.part``) until the table is published, so a killed run's next try
+scores only the blocks it lacks; its features (the expensive part) are kept as pieces. The table is written
+into a temporary folder and renamed into ``predictions/<key>/`` when complete (``StageFiles.staged``): a
+killed run leaves nothing half-written.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import logging
+import os
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.faults import fault_point
 from storage.features import FeatureStore
 from storage.keys import short
 from storage.records import PredictionFiles, ReportFiles
@@ -55,11 +61,13 @@ def predict(plan: PredictPlan) -> PredictResult:
         counts = _write(plan, staged, head, store, meta_layer, classes, name, calibrated)
         bad = _bad_images(plan, store, staged)
         staged.report.write_text(trust_report(plan, name, calibrated), encoding="utf-8")
+        scored = counts.pop("scored")
         result = PredictResult(key=plan.key, model=name, head=key, layer=meta_layer, bad_images=bad,
                                path=plan.files.table(plan.settings.format), cache_hit=False, seconds=0.0,
-                               rows_scored=counts["rows"], **counts, **calibrated.figures())
+                               rows_scored=scored, **counts, **calibrated.figures())
         staged.write_spec(plan.spec)
         staged.write_result(result.model_dump_json(exclude={"path", "cache_hit", "seconds", "work_fields"}))
+    shutil.rmtree(plan.files.parts, ignore_errors=True)  # published: the parts were for a retry
     _register(plan, result)
     log.info("predict: %d images scored with %s (features: %s)", counts["rows"], name,
              "cached" if extracted.cache_hit else f"{extracted.forward_batches} forward batches")
@@ -238,31 +246,61 @@ def _write(plan: PredictPlan, out: PredictionFiles, head: Any, store: FeatureSto
     """The table, block by block: id, path, top-k labels and probabilities, the set, the OOD score and flag."""
     s, names = plan.settings, np.asarray(classes, dtype=object)
     where = _locations(plan)
-    counts = {"rows": 0, "single": 0, "empty": 0, "ood": 0}
+    counts = {"rows": 0, "single": 0, "empty": 0, "ood": 0, "scored": 0}
     with _Table(out.table(s.format), s.format) as table:
-        for ids, X in _blocks(plan, store, layer):
-            probs = trust.scaled(probabilities(head, X), fit.temperature)
-            k = min(s.top_k, probs.shape[1])
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-            mask = trust.sets(probs, fit.threshold, s.method, s.penalty())
-            ood = trust.ood_scores(trust.unit_rows(X), fit.bank)
-            flagged = ood > fit.ood_threshold
-            sizes = mask.sum(axis=1)
-            table.write({
-                "id": ids, "path": where(ids),
-                "label": [str(names[t[0]]) for t in top],
-                "probability": [float(probs[r, t[0]]) for r, t in enumerate(top)],
-                "top_labels": [[str(names[c]) for c in t] for t in top],
-                "top_probabilities": [[float(probs[r, c]) for c in t] for r, t in enumerate(top)],
-                "prediction_set": [[str(names[c]) for c in np.flatnonzero(m)] for m in mask],
-                "set_size": sizes.astype(np.int64).tolist(), "ood_score": ood.tolist(), "ood": flagged.tolist(),
-                "model": [name] * len(ids),
-            })
+        for block, (ids, X) in enumerate(_blocks(plan, store, layer)):
+            columns = _read_part(plan.files.part(block), ids)
+            if columns is None:
+                probs = trust.scaled(probabilities(head, X), fit.temperature)
+                k = min(s.top_k, probs.shape[1])
+                top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                mask = trust.sets(probs, fit.threshold, s.method, s.penalty())
+                ood = trust.ood_scores(trust.unit_rows(X), fit.bank)
+                columns = {
+                    "id": ids, "path": where(ids),
+                    "label": [str(names[t[0]]) for t in top],
+                    "probability": [float(probs[r, t[0]]) for r, t in enumerate(top)],
+                    "top_labels": [[str(names[c]) for c in t] for t in top],
+                    "top_probabilities": [[float(probs[r, c]) for c in t] for r, t in enumerate(top)],
+                    "prediction_set": [[str(names[c]) for c in np.flatnonzero(m)] for m in mask],
+                    "set_size": mask.sum(axis=1).astype(np.int64).tolist(), "ood_score": ood.tolist(),
+                    "ood": (ood > fit.ood_threshold).tolist(), "model": [name] * len(ids),
+                }
+                _write_part(plan.files.part(block), columns)
+                counts["scored"] += len(ids)
+                fault_point("predict.block")
+            table.write(columns)
+            sizes = np.asarray(columns["set_size"])
             counts["rows"] += len(ids)
             counts["single"] += int((sizes == 1).sum())
             counts["empty"] += int((sizes == 0).sum())
-            counts["ood"] += int(flagged.sum())
+            counts["ood"] += int(np.sum(columns["ood"]))
     return counts
+
+
+def _read_part(path: Path, ids: list[str]) -> dict[str, list[Any]] | None:
+    """A block a killed try scored, if it is there, readable and of these rows (else None: score it again)."""
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_table(path).to_pydict()
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        log.warning("predict: %s is unreadable (%s); scoring its block again", path, exc)
+        return None
+    return columns if columns.get("id") == list(ids) else None
+
+
+def _write_part(path: Path, columns: dict[str, list[Any]]) -> None:
+    """One scored block, written whole or not at all (a temporary file renamed into place)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
 
 
 def _locations(plan: PredictPlan) -> Callable[[list[str]], list[str]]:
