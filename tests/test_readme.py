@@ -127,3 +127,15 @@ def test_the_readme_check_compares_the_quality_and_new_batch_counts_for_equality
     assert line.endswith("the quality and new-batch counts: all 5 equal"), line
     line = demo_check.verdict(rows, COLUMNS, counts={**stated, "near-duplicate pairs": 31})
     assert "1 of 5 differ: near-duplicate pairs 31 (README 13)" in line
+
+
+def test_the_imagenet_demo_is_checked_against_the_performance_page():
+    """Issue 46.4: ``demo --imagenet`` ends with the same check, against docs/performance.md's table."""
+    columns = ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"]
+    table = demo_check.readme_table(demo_check.PERFORMANCE.read_text(), "imagenet")
+    rows = demo_check.markdown_rows(table)
+    n = len(demo_check.figures(rows, columns))
+    assert n >= 30  # LP-FT's cells for random init and pixels are "-": not figures
+    line = demo_check.verdict(rows, columns, readme=demo_check.PERFORMANCE, section="imagenet",
+                              spread=demo_check.IMAGENET_SPREAD_POINTS)
+    assert line == f"README check: all {n} top-1 figures equal the README's"

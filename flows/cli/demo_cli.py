@@ -76,13 +76,18 @@ def _with_reproducible_kernels() -> None:
 
 
 def _machine_and_check(columns: list[str], cells: list[list[str]], result: Any) -> None:
-    from flows.experiments.demo_check import demo_counts, verdict
+    """The CPU and its kernels, and the README check: the digits demo's (``result``, with its counts), or without
+    one the ``--imagenet`` demo's against docs/performance.md's table."""
+    from flows.experiments.demo_check import IMAGENET_SPREAD_POINTS, PERFORMANCE, demo_counts, verdict
     from tasks.machine import KERNELS_ENV, cpu_description, kernels_pinned
 
     kernels = ("reproducible kernels" if kernels_pinned()
                else f"kernels not reproducible: {KERNELS_ENV}={os.environ.get(KERNELS_ENV, 'native')}")
-    counts = demo_counts(result.quality, result.predictions, result.flagged)
-    out.print(f"computed on {cpu_description()} ({kernels})\n{verdict(cells, columns, counts=counts)}", highlight=False)
+    if result is None:
+        check = verdict(cells, columns, readme=PERFORMANCE, section="imagenet", spread=IMAGENET_SPREAD_POINTS)
+    else:
+        check = verdict(cells, columns, counts=demo_counts(result.quality, result.predictions, result.flagged))
+    out.print(f"computed on {cpu_description()} ({kernels})\n{check}", highlight=False)
 
 
 def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
@@ -91,9 +96,10 @@ def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
 
     result = run_local(imagenet_demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.imagenet.models, result.random.models, {"pixels": result.pixels.models})
+    columns = ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"]
+    cells = [[r["model"], r["shots"], r["pretrained"], r["random"], r["pixels"], r["gain"]] for r in rows]
     views.comparison("MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels",
-                     ["model", "labels per class", "ImageNet", "random init", "raw pixels", "gain over random"],
-                     [[r["model"], r["shots"], r["pretrained"], r["random"], r["pixels"], r["gain"]] for r in rows],
-                     wide=wide, markdown=markdown)
+                     columns, cells, wide=wide, markdown=markdown)
     out.print(f"reports: {result.imagenet.report}\n         {result.random.report}\n         {result.pixels.report}",
               highlight=False)
+    _machine_and_check(columns, cells, None)
