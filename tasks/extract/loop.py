@@ -187,9 +187,14 @@ def compute_pieces(plan: SplitPlan, store: FeatureStore, pieces: list[Piece]) ->
     return Computed(rows=rows, dims=dims, skipped=skipped, forward_batches=runner.batches)
 
 
+def _identities(manifest: Manifest, split: str) -> list:
+    """Each item's identity as the scan recorded it (size and mtime, or sha256; None where the source keeps none)."""
+    return manifest.files.get(split) or [None] * len(manifest.splits[split])
+
+
 def _tail_key(plan: SplitPlan, manifest: Manifest, start: int) -> str:
-    files = manifest.files.get(plan.split) or [None] * len(manifest.splits[plan.split])
-    return tail_key(plan.spec, manifest.splits[plan.split][start][0], files[start], manifest.source, manifest.options)
+    return tail_key(plan.spec, manifest.splits[plan.split][start][0], _identities(manifest, plan.split)[start],
+                    manifest.source, manifest.options)
 
 
 def _copy_from_tail(plan: SplitPlan, manifest: Manifest, store: FeatureStore, piece: Piece, writer) -> None:
@@ -202,7 +207,7 @@ def _copy_from_tail(plan: SplitPlan, manifest: Manifest, store: FeatureStore, pi
         return
     key, count = found
     items = manifest.splits[plan.split][piece.start : piece.start + count]
-    files = (manifest.files.get(plan.split) or [None] * len(manifest.splits[plan.split]))[piece.start : piece.start + count]
+    files = _identities(manifest, plan.split)[piece.start : piece.start + count]
     if piece_key(plan.spec, [p for p, _ in items], files, manifest.source, manifest.options) != key:
         return  # an item changed, or the split was cut differently
     if store.lookup(key, mark=False) is None:
