@@ -81,8 +81,8 @@ def _machine_and_check(columns: list[str], cells: list[list[str]], result: Any) 
     from flows.experiments.demo_check import IMAGENET_SPREAD_POINTS, PERFORMANCE, demo_counts, verdict
     from tasks.machine import KERNELS_ENV, cpu_description, kernels_pinned
 
-    kernels = ("reproducible kernels" if kernels_pinned()
-               else f"kernels not reproducible: {KERNELS_ENV}={os.environ.get(KERNELS_ENV, 'native')}")
+    kernels = ("reproducible kernels" if kernels_pinned() else "not the README's kernels, AVX2 on 2 threads: "
+               f"{KERNELS_ENV}={os.environ.get(KERNELS_ENV, 'native')}")
     if result is None:
         check = verdict(cells, columns, readme=PERFORMANCE, section="imagenet", spread=IMAGENET_SPREAD_POINTS)
     else:
