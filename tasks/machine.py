@@ -121,8 +121,8 @@ def versions() -> dict[str, str]:
 
 #: ``$TRANSFERPIPE_KERNELS``: which CPU kernels torch (ATen, oneDNN, MKL) and numpy's OpenBLAS may pick, and on how
 #: many threads. ``native`` (the default): the fastest this machine has. ``reproducible``: at most AVX2 in every
-#: library and 2 threads, so any x86-64 CPU with AVX2 computes the same bits; how `transferpipe demo` runs
-#: (docs/performance.md#reproducibility-across-cpus: what each knob changes, measured).
+#: library and 2 threads, so another CPU with AVX2 computes the same bits (measured: AVX2 and AVX-512 EPYCs); how
+#: `transferpipe demo` runs (docs/performance.md#reproducibility-across-cpus: what each knob changes, measured).
 KERNELS_ENV = "TRANSFERPIPE_KERNELS"
 KERNEL_PINS: dict[str, dict[str, str]] = {
     "native": {},
@@ -148,7 +148,8 @@ def pin_kernels(environ: dict[str, str] | None = None) -> str:
 
 
 def kernels_pinned() -> bool:
-    """Whether this process computes with the ``reproducible`` kernels: set before the libraries loaded, and in effect."""
+    """Whether this process computes with the ``reproducible`` kernels: set before the libraries loaded, and in
+    effect."""
     import torch
 
     pins = KERNEL_PINS["reproducible"]

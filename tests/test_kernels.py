@@ -1,5 +1,5 @@
 """Issue 46: $TRANSFERPIPE_KERNELS pins the CPU kernels of torch and numpy before they load, so the demo's numbers
-are the same bits on any x86-64 CPU with AVX2."""
+are the same bits on another CPU with AVX2."""
 from __future__ import annotations
 
 import json

@@ -60,8 +60,8 @@ def demo(
 
 def _with_reproducible_kernels() -> None:
     """The demo computes with the reproducible kernels (AVX2 at most, 2 threads: tasks.machine.KERNEL_PINS), so its
-    numbers are the README's on any x86-64 CPU with AVX2. The libraries read the setting when they load, so
-    ``transferpipe demo`` started without $TRANSFERPIPE_KERNELS starts itself again with it (a second of start-up);
+    numbers are the README's on another CPU with AVX2 (measured: two AMD EPYCs). The libraries read the setting
+    when they load, so ``transferpipe demo`` started without $TRANSFERPIPE_KERNELS starts itself again with it;
     TRANSFERPIPE_KERNELS=native keeps this machine's fastest kernels. Called in-process (a test, a notebook), it
     runs as it is and its last line says whether the kernels were reproducible."""
     from tasks.machine import KERNELS_ENV
