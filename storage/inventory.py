@@ -181,7 +181,19 @@ def _unused_pieces(store: FeatureStore, gone: set[Path], older_than_s: float, no
                 removed.append((path, f"a piece no feature file joins, {age / 3600:.1f} h old"))
         except FeatureStoreError:
             continue
-    return removed
+    return removed + _forgotten_tails(pieces, {p for p, _ in removed}, dry_run)
+
+
+def _forgotten_tails(pieces: FeatureStore, gone: set[Path], dry_run: bool) -> list[tuple[Path, str]]:
+    """The records of a split's last piece (``FeatureStore.remember_tail``) whose piece is gone (or going)."""
+    forgotten = []
+    for record in sorted(pieces.root.glob("*.tail.json")):
+        found = pieces.tail(FeatureFiles.key_of(record))
+        if found is None or pieces.path(found[0]) in gone or not pieces.path(found[0]).exists():
+            if not dry_run:
+                record.unlink(missing_ok=True)
+            forgotten.append((record, "remembers a split's last piece that is gone"))
+    return forgotten
 
 
 def stage_artifacts(cache_dir: Path) -> dict[str, list[Path]]:

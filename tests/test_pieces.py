@@ -102,6 +102,17 @@ def test_images_appended_after_the_last_piece_extract_alone(tiny_config, tmp_pat
     make_image(cfg.data.root / "class2" / "008.png", 2, 58)
     changed = split_plans(cfg)["train"]
     assert extract_split(changed).forward_batches == 6  # 21 images, all extracted
+    store = FeatureStore(cfg.cache_dir)
+    tails = sorted(store.pieces().root.glob("*.tail.json"))
+    assert len(tails) == 2  # the first image's two identities: before and after it changed
+    for key in (before.key, after.key):  # the split files that joined the old pieces, gone
+        store.remove(key)
+    old = time.time() - 2 * 3600
+    for path in store.pieces().root.glob("*.h5"):
+        os.utime(path, (old, old))
+    removed = {p for p, _ in inventory.collect(store, partial_older_than_s=3600)}
+    assert tails[0] in removed or tails[1] in removed  # the record of a removed piece goes with it
+    assert [t for t in tails if t.exists()] == [t for t in tails if t not in removed] != []
 
 
 @pytest.mark.slow  # seconds of extraction or subprocesses: the full suite runs it
@@ -163,12 +174,13 @@ def test_gc_removes_stale_partial_pieces_and_pieces_no_file_joins(tiny_config, m
     old = time.time() - 2 * 3600
     for path in [*partial, *done, *pieces.root.glob("*.h5")]:
         os.utime(path, (old, old))
-    removed = {p for p, _ in inventory.collect(store, partial_older_than_s=3600)}
+    removed = {p for p, _ in inventory.collect(store, partial_older_than_s=3600) if not p.name.endswith(".tail.json")}
     assert removed == {*partial, *done}  # the train split's pieces: no file joins them yet
     assert all(pieces.lookup(p.key) is not None for p in val.pieces)  # val's file joins these
     store.remove(val.key)
     removed = {p for p, _ in inventory.collect(store, partial_older_than_s=3600)}
-    assert removed == {pieces.path(p.key) for p in val.pieces}
+    assert {p for p in removed if p.suffix == ".h5"} == {pieces.path(p.key) for p in val.pieces}
+    assert {p for p in removed if p.suffix == ".json"} and not list(pieces.root.glob("*.tail.json"))  # theirs too
 
 
 @pytest.mark.slow  # seconds of training or subprocesses: the full suite runs it
