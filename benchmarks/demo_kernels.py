@@ -23,7 +23,7 @@ from flows.experiments import demo_check
 from tasks.machine import KERNEL_PINS, KERNELS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"]
+COLUMNS = demo_check.COLUMNS
 #: name -> environment; each what another CPU or another thread count would pick
 SETTINGS: dict[str, dict[str, str]] = {
     "reproducible (AVX2, 2 threads; the default)": {},

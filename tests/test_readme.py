@@ -16,7 +16,7 @@ import pytest
 from benchmarks import readme
 from flows.experiments import demo_check
 
-COLUMNS = ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"]
+COLUMNS = demo_check.COLUMNS
 
 
 def test_every_section_has_its_markers():

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli import views
+from flows.experiments import demo_check
 from flows.cli.console import CacheDir, friendly_errors, out
 from flows.cli.running import run_local
 from flows.defaults import default_cache_dir
@@ -36,7 +37,7 @@ def demo(
 
     result = run_local(demo_flow, default_cache_dir(cache_dir))
     rows = compare_runs(result.pretrained.models, result.random.models)
-    columns = ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"]
+    columns = demo_check.COLUMNS
     cells = [[r["model"], r["shots"], r["pretrained"], r["random"], r["gain"]] for r in rows]
     views.comparison("second-scanner digits, test top-1: backbone pretrained on scanner 1 vs random init",
                      columns, cells, wide=wide, markdown=markdown)

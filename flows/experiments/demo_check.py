@@ -10,6 +10,8 @@ from typing import Any
 
 README = Path(__file__).resolve().parents[2].joinpath("README.md")  # the checkout's, not the cache's
 PERFORMANCE = README.parent.joinpath("docs", "performance.md")  # where --imagenet's table is
+#: the columns of the demo's table (the README's)
+COLUMNS = ["model", "labels per class", "pretrained on scanner 1", "random init", "gain"]
 
 #: how far a top-1 figure may move, in points, on kernels other than the reproducible ones: the largest move measured
 #: (8.7, knn at 1 label per class, AVX-512 kernels; docs/performance.md#reproducibility-across-cpus) rounded up
