@@ -123,10 +123,12 @@ def test_every_cache_command_has_help():
 
 def test_rm_takes_every_kind_of_key(tmp_path):
     """A head, a fine-tuning run, a report, scores, an export, an index or an embedding map named by an error
-    message can be removed by its key."""
+    message can be removed by its key; the path it prints is one line however long (a copy-paste works)."""
     import numpy as np
 
     from storage.head_store import save_head
+
+    tmp_path = tmp_path / ("a-long-cache-folder-name" * 4)
 
     head = save_head(tmp_path, "a" * 64, {"w": np.ones(2)}, {"kind": "ridge"})
     run = tmp_path / "finetune" / ("b" * 64)
@@ -144,7 +146,7 @@ def test_rm_takes_every_kind_of_key(tmp_path):
     runner = CliRunner()
     for prefix, path in (("aaaa", head), ("b" * 64, run), ("c" * 64, report), ("dddd", scores), ("1111", export),
                          ("2222", index), ("3333", drawn)):
-        result = runner.invoke(app, ["cache", "rm", prefix, "--cache-dir", str(tmp_path)], env={"COLUMNS": "400"})
+        result = runner.invoke(app, ["cache", "rm", prefix, "--cache-dir", str(tmp_path)])
         assert result.exit_code == 0 and f"removed {path}" in result.output, result.output
         assert not path.exists()
     missing = runner.invoke(app, ["cache", "rm", "eeee", "--cache-dir", str(tmp_path)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from flows.config import ConfigError, load_config
 from storage.keys import feature_key, feature_spec
@@ -130,6 +131,7 @@ def test_a_source_whose_package_is_missing_names_the_extra(monkeypatch):
 FACTORY = '''
 import torch
 from torch import nn
+from torch import nn
 
 
 def build(width=8):
@@ -140,6 +142,39 @@ def build(width=8):
 
 def no_preprocess():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+class Buffered(nn.Module):  # a buffer computed at init that no weights file holds
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("gain", torch.arange(1.0, 5.0).view(1, 4, 1, 1), persistent=False)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc((self.conv(x) * self.gain).mean(dim=(2, 3)))
+
+
+class Tied(nn.Module):  # one parameter in two places
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean(dim=(2, 3)))
+
+
+PRE = {"resize": 16, "crop": 16, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def buffered():
+    return Buffered(), PRE
+
+
+def tied():
+    return Tied(), PRE
 
 
 def tiny(scale=1e-9):
@@ -177,6 +212,38 @@ def test_python_factory_key_follows_its_code_kwargs_and_weights(tmp_path):
     assert key_of(wider) != first
     (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY) + "\n# a changed comment is changed code\n")
     assert key_of(load_config(path).backbone) != first
+
+
+@pytest.mark.parametrize("factory", ["build", "buffered", "tied"])
+def test_weights_load_into_a_model_built_without_random_init_only_where_that_is_the_same_model(tmp_path, factory):
+    """Loaded weights replace the random init, so the architecture is built on the meta device (no memory, no
+    init: ViT-B/16 1.4 s a build); a buffer computed at init or a parameter in two places keeps the normal build."""
+    from tasks.backbones.models import _on_meta
+
+    path = _factory_config(tmp_path, f"{{source: python, name: 'my_models:{factory}', weights: none}}")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_models
+
+        torch.manual_seed(11)
+        net = getattr(my_models, factory)()
+        net = net[0] if isinstance(net, tuple) else net
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, tmp_path / "net.pt")  # float16 on disk
+    spec = resolve(load_config(path).backbone.model_copy(update={"weights": str(tmp_path / "net.pt")}))
+    assert (_on_meta(spec) is None) == (factory != "build")
+    extractor = build(spec)
+    assert {t.dtype for t in extractor.state_dict().values()} == {torch.float32}
+    assert not any(t.is_meta for t in [*extractor.parameters(), *extractor.buffers()])
+    net.load_state_dict({k: v.half() for k, v in net.state_dict().items()})  # the same rounding, copied
+    net = net[:-1] if isinstance(net, nn.Sequential) else net
+    if not isinstance(net, nn.Sequential):
+        net.fc = nn.Identity()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = net.eval()(x)
+    torch.testing.assert_close(features(extractor, x)["penultimate"], expected, rtol=0, atol=0)
 
 
 def test_python_factory_weights_file_is_loaded_and_hashed(tmp_path):

@@ -89,11 +89,12 @@ def verify(
             continue
         problems = store.verify(key)
         if not problems:
-            out.print(f"{short(key)}  ok  {store.path(key)}", highlight=False)
+            out.print(f"{short(key)}  ok  {store.path(key)}", highlight=False, soft_wrap=True)
             continue
         bad += 1
         moved = store.quarantine(store.path(key), "corrupt", "; ".join(problems))
-        out.print(styled(f"{short(key)}  CORRUPT", "red", f"  {'; '.join(problems)} -> moved to {moved}"), highlight=False)
+        out.print(styled(f"{short(key)}  CORRUPT", "red", f"  {'; '.join(problems)} -> moved to {moved}"),
+                  highlight=False, soft_wrap=True)
     out.print(f"{len(chosen)} checked, {bad} corrupt")
     if bad:
         raise typer.Exit(1)
@@ -117,7 +118,7 @@ def rm(
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
     for path in paths:
-        out.print(f"{'would remove' if dry_run else 'removed'} {path}", highlight=False)
+        out.print(f"{'would remove' if dry_run else 'removed'} {path}", highlight=False, soft_wrap=True)
 
 @app.command()
 @friendly_errors
@@ -138,5 +139,5 @@ def gc(
     removed += inventory.collect_temporary(default_cache_dir(cache_dir), partial_hours * 3600, dry_run=dry_run)
     removed += inventory.collect_scans(default_cache_dir(cache_dir), dry_run=dry_run)
     for path, why in removed:
-        out.print(f"{'would remove' if dry_run else 'removed'} {path} ({why})", highlight=False)
+        out.print(f"{'would remove' if dry_run else 'removed'} {path} ({why})", highlight=False, soft_wrap=True)
     out.print(f"{len(removed)} file(s) {'would be ' if dry_run else ''}removed")

@@ -102,5 +102,5 @@ def _imagenet_demo(cache_dir: Path | None, markdown: bool, wide: bool) -> None:
     views.comparison("MNIST-5k, test top-1: EfficientNet-Lite0 with ImageNet weights vs random init vs raw pixels",
                      columns, cells, wide=wide, markdown=markdown)
     out.print(f"reports: {result.imagenet.report}\n         {result.random.report}\n         {result.pixels.report}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     _machine_and_check(columns, cells, None)

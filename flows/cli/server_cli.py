@@ -27,7 +27,7 @@ def server_start(
 
     server, started = start_persistent(port, retention_days)
     out.print(f"{'started' if started else 'already running'}: {server.url} (log {server.log}); commands use it "
-              "until `transferpipe server stop`", highlight=False)
+              "until `transferpipe server stop`", highlight=False, soft_wrap=True)
     out.print(f"UI: {server.url.removesuffix('/api')} (runs, their logs, the report artifacts)", highlight=False)
     if started:
         out.print(f"database vacuum: flow runs that ended over {retention_days:g} days ago are deleted hourly with "
@@ -44,7 +44,7 @@ def server_status() -> None:
     if server is None:
         out.print("no local server running: commands use Prefect's ephemeral mode (start one: transferpipe server start)")
         raise typer.Exit(1)
-    out.print(f"running: {server.url} (pid {server.pid}, log {server.log})", highlight=False)
+    out.print(f"running: {server.url} (pid {server.pid}, log {server.log})", highlight=False, soft_wrap=True)
 
 
 @app.command("stop")

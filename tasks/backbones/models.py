@@ -117,7 +117,9 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
     state = _state_dict(spec)
     with torch.random.fork_rng(devices=[]):  # random init is part of the key: make it reproducible
         torch.manual_seed(spec.init_seed)
-        model = _architecture(spec)
+        # features from loaded weights: no random init to overwrite (ViT-B/16 1.4 s, resnet50 0.4 s per build)
+        model = _on_meta(spec) if state is not None and num_classes is None else None
+        model = model if model is not None else _architecture(spec)
         head = classifier(spec, model)
         if head is None and (num_classes or (PENULTIMATE in spec.layers and not spec.origin().output_is_feature)):
             raise BackboneError(f"{spec.label} has no final Linear layer, so {PENULTIMATE!r} is undefined; name a module")
@@ -129,13 +131,37 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
             model.set_submodule(head, nn.Identity())
         if state is not None:
             state = {k: v for k, v in state.items() if not (head and k.startswith(head + "."))}
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise BackboneError(f"weights {spec.weights} do not fit {spec.label}: {exc}") from exc
+            _load(spec, model, state)
         if num_classes is not None:
             model.set_submodule(head, nn.Linear(module.in_features, num_classes))
     return model
+
+
+def _load(spec: BackboneSpec, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``state`` into ``model`` (strict); a model on the meta device takes the tensors, cast to its dtypes."""
+    meta = [t for t in model.state_dict().values() if t.is_meta]
+    if meta:
+        own = model.state_dict()
+        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=bool(meta))
+    except RuntimeError as exc:
+        raise BackboneError(f"weights {spec.weights} do not fit {spec.label}: {exc}") from exc
+
+
+def _on_meta(spec: BackboneSpec) -> nn.Module | None:
+    """The architecture on the meta device (no memory, no random init) for weights to be loaded into, or None
+    where loading would not give the model a normal build gives: a builder that touches data, buffers the
+    weights do not hold (non-persistent ones, computed at init), parameters shared between modules."""
+    try:
+        with torch.device("meta"):
+            model = _architecture(spec)
+    except (BackboneError, RuntimeError, NotImplementedError, TypeError, ValueError):  # the normal build says why
+        return None
+    shared = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+    persistent = set(model.state_dict())
+    computed = any(name not in persistent for name, _ in model.named_buffers())
+    return None if shared or computed else model
 
 
 def build(spec: BackboneSpec) -> FeatureExtractor:
