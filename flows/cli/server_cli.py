@@ -27,7 +27,7 @@ def server_start(
 
     server, started = start_persistent(port, retention_days)
     out.print(f"{'started' if started else 'already running'}: {server.url} (log {server.log}); commands use it "
-              "until `transferpipe server stop`", highlight=False, soft_wrap=True)
+              "until `transferpipe server stop`", highlight=False)
     out.print(f"UI: {server.url.removesuffix('/api')} (runs, their logs, the report artifacts)", highlight=False)
     if started:
         out.print(f"database vacuum: flow runs that ended over {retention_days:g} days ago are deleted hourly with "

@@ -126,7 +126,8 @@ def run(result: Any, wide: bool = False) -> None:
         out.print(f"cleaning: {c['model']} ({c['shots']} shots, {c['excluded_rows']} flagged rows left out) top-1 "
                   f"{fmt(c['top1'])} vs {fmt(c['base_top1'])}: {100 * c['gain']:+.1f} pts{spread}", highlight=False)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s ({'hit' if v['cache_hit'] else 'computed'})" for k, v in result.stages.items())
-    out.print(f"stages: {stages}\nreport: {result.report}", highlight=False, soft_wrap=True)
+    out.print(f"stages: {stages}", highlight=False)
+    out.print(f"report: {result.report}", highlight=False, soft_wrap=True)
 
 
 def results(rows: list[dict[str, Any]], title: str, wide: bool) -> None:
@@ -154,7 +155,8 @@ def select(title: str, result: Any) -> None:
              fmt(r["logistic_val_acc"], ".4g"), f"{r['logme_s']:.3f}", f"{r['logistic_s']:.2f}"] for r in result.rows]
     show(title, cols, rows)
     taus = ", ".join(f"{k} {fmt(v, '.4g')}" for k, v in result.kendall_tau.items())
-    out.print(f"Kendall tau vs probe accuracy: {taus}\nreport: {result.report}", highlight=False, soft_wrap=True)
+    out.print(f"Kendall tau vs probe accuracy: {taus}", highlight=False)
+    out.print(f"report: {result.report}", highlight=False, soft_wrap=True)
 
 
 def exports(title: str, results: list[Any]) -> None:
