@@ -14,6 +14,12 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("TRANSFERPIPE_CACHE_DIR", None)
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# pytest-xdist's workers (pyproject's -n 2) share the cores: one thread each for torch, OpenMP and BLAS, in the
+# worker and the commands it starts. Two workers of two threads each fought over 2 cores: the fast loop took
+# 1:48 and 198 CPU-s, with one thread 1:04 and 109 (one worker, two threads: 1:34 and 101). A test whose
+# numbers depend on the thread count (the README's demo, the pinned kernels) sets or drops it itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -31,7 +31,8 @@ def test_a_missing_marker_is_named():
 
 
 @pytest.mark.slow
-def test_demo_prints_the_readme_table(tmp_path: Path):
+def test_demo_prints_the_readme_table(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the README's numbers: the pinned kernels' 2 threads
     stdout = readme.run("demo", tmp_path)
     printed, expected = readme.table(stdout), readme.section(readme.README.read_text(), "demo")
     off = demo_check.beyond(*(demo_check.figures(demo_check.markdown_rows(t), COLUMNS) for t in (printed, expected)))
