@@ -139,12 +139,12 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
 
 def _load(spec: BackboneSpec, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """``state`` into ``model`` (strict); a model on the meta device takes the tensors, cast to its dtypes."""
-    meta = [t for t in model.state_dict().values() if t.is_meta]
-    if meta:
-        own = model.state_dict()
+    own = model.state_dict()
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta:
         state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True, assign=bool(meta))
+        model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as exc:
         raise BackboneError(f"weights {spec.weights} do not fit {spec.label}: {exc}") from exc
 
