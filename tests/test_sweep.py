@@ -97,9 +97,10 @@ def test_concurrent_experiments_extract_each_feature_key_once_and_land_in_the_re
 
     manifest = Manifest.load(next((cfg.cache_dir / "manifests").glob("*.json")))
     per_key = sum(math.ceil(len(items) / 4) for items in manifest.splits.values())
-    batches = sorted(r["forward batches"] for r in rows.values())
-    assert batches == [0, per_key, per_key]  # two distinct feature keys, each extracted once
+    # two distinct feature keys, each batch of each extracted once: the two experiments that share a key split its
+    # splits between them as their locks fell (one of them all, or each some: timing decides, not the test)
     assert rows["cmp-small-crop"]["forward batches"] == per_key
+    assert rows["cmp-logistic"]["forward batches"] + rows["cmp-knn"]["forward batches"] == per_key
     registry = query(cfg.cache_dir, experiment="cmp-*")
     assert {r["experiment"] for r in registry} == {"cmp-logistic", "cmp-knn", "cmp-small-crop"}
 
