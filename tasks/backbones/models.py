@@ -117,7 +117,7 @@ def load_model(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
     state = _state_dict(spec)
     with torch.random.fork_rng(devices=[]):  # random init is part of the key: make it reproducible
         torch.manual_seed(spec.init_seed)
-        # features from loaded weights: no random init to overwrite (ViT-B/16 1.4 s, resnet50 0.4 s per build)
+        # features from loaded weights: no random init to overwrite (benchmarks/model_load: ViT-B/16 8.7x faster)
         model = _on_meta(spec) if state is not None and num_classes is None else None
         model = model if model is not None else _architecture(spec)
         head = classifier(spec, model)
